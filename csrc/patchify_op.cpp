@@ -1,0 +1,47 @@
+// vitkern_cuda::patchify, CUDA implementation: argument checks, output allocation and the launch
+// on the current stream. The kernel itself is in patchify.cu.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "ops.h"
+#include "patchify.h"
+
+namespace vitkern {
+
+at::Tensor patchify_cuda(const at::Tensor& images, int64_t patch_size) {
+  TORCH_CHECK(images.dim() == 4, "patchify: images must be a 4-D (B, C, H, W) tensor, got ",
+              images.dim(), "-D with shape ", images.sizes());
+  TORCH_CHECK(images.is_cuda(), "patchify: images must be a CUDA tensor, got device ",
+              images.device());
+  const auto dtype = images.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "patchify: images must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(patch_size > 0, "patchify: patch_size must be > 0, got ", patch_size);
+  const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  TORCH_CHECK(H % patch_size == 0 && W % patch_size == 0,
+              "patchify: images height and width must be multiples of patch_size=", patch_size,
+              ", got H=", H, ", W=", W);
+  TORCH_CHECK(images.is_contiguous(),
+              "patchify: images must be contiguous (NCHW), got strides ", images.strides(),
+              " for shape ", images.sizes(), "; call .contiguous() first");
+
+  const int64_t N = (H / patch_size) * (W / patch_size);
+  at::Tensor out = at::empty({B * N, C * patch_size * patch_size}, images.options());
+  if (out.numel() == 0) return out;
+
+  const c10::cuda::CUDAGuard device_guard(images.device());
+  const PatchifyShape shape{B, C, H, W, patch_size, static_cast<int64_t>(images.element_size())};
+  const void* in_ptr = images.const_data_ptr();
+  void* out_ptr = out.mutable_data_ptr();
+  const int vector_bytes = patchify_vector_bytes(in_ptr, out_ptr, shape);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(images.device().index()).stream();
+  C10_CUDA_CHECK(launch_patchify(in_ptr, out_ptr, shape, vector_bytes, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace vitkern

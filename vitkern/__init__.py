@@ -1,0 +1,30 @@
+"""vitkern: fused Triton and CUDA kernels for Vision Transformers.
+
+Public API (re-exports only; see the op modules under ``vitkern.ops`` for each op's layers).
+"""
+
+from vitkern._version import __version__
+from vitkern._backend import BackendUnavailableError, get_backend, use_backend
+from vitkern._extension import cuda_extension_available
+from vitkern.ops.layer_norm import add_layer_norm, layer_norm
+from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
+from vitkern.ops.linear import linear
+from vitkern.ops.mlp import mlp
+from vitkern.ops.patch_embed import patch_embed, resample_pos_embed
+
+__all__ = [
+    "__version__",
+    "BackendUnavailableError",
+    "get_backend",
+    "use_backend",
+    "cuda_extension_available",
+    "layer_norm",
+    "add_layer_norm",
+    "attention",
+    "attention_qkvpacked",
+    "scaled_dot_product_attention",
+    "linear",
+    "mlp",
+    "patch_embed",
+    "resample_pos_embed",
+]
