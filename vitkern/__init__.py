@@ -11,6 +11,19 @@ from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_pro
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
 from vitkern.ops.patch_embed import patch_embed, resample_pos_embed
+from vitkern import nn
+from vitkern.models.vit import (
+    ViT,
+    create_model,
+    list_models,
+    vit_base_patch16_224,
+    vit_base_patch16_384,
+    vit_base_patch32_224,
+    vit_huge_patch14_224,
+    vit_large_patch16_224,
+    vit_small_patch16_224,
+    vit_tiny_patch16_224,
+)
 
 __all__ = [
     "__version__",
@@ -27,4 +40,15 @@ __all__ = [
     "mlp",
     "patch_embed",
     "resample_pos_embed",
+    "nn",
+    "ViT",
+    "create_model",
+    "list_models",
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "vit_base_patch32_224",
+    "vit_large_patch16_224",
+    "vit_huge_patch14_224",
+    "vit_base_patch16_384",
 ]

@@ -1,0 +1,52 @@
+"""LayerNorm over the embedding dim, as in every ViT block (timm eps 1e-6).
+
+Reference: ``F.layer_norm`` (what ``nn.LayerNorm`` calls). Memory bound: judged by GB/s against
+:func:`benchmarks.flops.layer_norm_cost` (x read, weight/bias read, y written).
+"""
+
+import torch.nn.functional as F
+
+from benchmarks.flops import layer_norm_cost
+from benchmarks.setups import Case, Setup, randn
+
+EPS = 1e-6
+
+
+def build(shape, dtype, device):
+    b, t, d = shape["batch"], shape["tokens"], shape["dim"]
+    x = randn((b, t, d), dtype, device, requires_grad=True)
+    w = randn((d,), dtype, device, scale=0.1, shift=1.0, requires_grad=True)
+    bias = randn((d,), dtype, device, scale=0.1, requires_grad=True)
+
+    def torch_fn(x, w, bias):
+        return F.layer_norm(x, (d,), w, bias, EPS)
+
+    def vitkern_fn(vk):
+        return lambda x, w, bias: vk.layer_norm(x, w, bias, eps=EPS)
+
+    return Case(
+        args=(x, w, bias),
+        torch_fn=torch_fn,
+        vitkern_fn=vitkern_fn,
+        cost=layer_norm_cost(b * t, d, dtype),
+        grad_inputs=(x, w, bias),
+        torch_label="F.layer_norm",
+    )
+
+
+SETUP = Setup(
+    name="layer_norm",
+    description="LayerNorm(x) with weight and bias",
+    build=build,
+    gpu_shapes=(
+        dict(name="ViT-B/16", batch=128, tokens=197, dim=768),
+        dict(name="ViT-L/16", batch=128, tokens=197, dim=1024),
+        dict(name="ViT-H/14", batch=64, tokens=257, dim=1280),
+    ),
+    cpu_shapes=(
+        dict(name="ViT-Ti/16", batch=2, tokens=197, dim=192),
+        dict(name="ViT-S/16", batch=2, tokens=197, dim=384),
+    ),
+    order=10,
+    formula="layer_norm_cost: bytes only (x + w + b read, y written; bwd: dy, x, w, mean/rstd read, dx, dw, db written)",
+)

@@ -1,0 +1,61 @@
+"""pytest-benchmark tests over the benchmark setups (see benchmarks/conftest.py).
+
+``pytest benchmarks/ --benchmark-only`` times every op's quick shape for each provider and mode;
+``--benchmark-compare`` / ``--benchmark-autosave`` work as usual. The full report with FLOP/s,
+% of ceiling and ratios is ``python -m benchmarks``.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+from benchmarks.runner import DTYPES, PROVIDERS, ProviderSkipped, load_vitkern, prepare, reference_result
+
+# The CPU path only checks that the suite runs (its times say nothing about kernels): keep it short.
+# On a GPU pytest-benchmark's own defaults (and --benchmark-max-time etc.) apply.
+pytestmark = [] if torch.cuda.is_available() else [pytest.mark.benchmark(max_time=0.1, min_rounds=3, warmup=False)]
+
+
+def _is_backend_unavailable(exc):
+    return type(exc).__name__ == "BackendUnavailableError"
+
+
+@pytest.fixture(scope="module")
+def bench_case(bench_setup, bench_device, bench_dtype):
+    torch.manual_seed(0)
+    shape = bench_setup.shapes(bench_device.type, quick=True)[0]
+    return shape, bench_setup.build(shape, DTYPES[bench_dtype], bench_device)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_bench(benchmark, bench_setup, bench_case, bench_device, provider, mode):
+    shape, case = bench_case
+    if mode not in bench_setup.modes:
+        pytest.skip(f"{bench_setup.name} has no {mode} mode")
+    if provider.startswith("vitkern") and load_vitkern()[0] is None:
+        pytest.fail(f"import vitkern failed: {load_vitkern()[1]}")
+    _, grad_outputs = reference_result(case, mode)
+    try:
+        prepared = prepare(case, provider, mode, bench_device, grad_outputs)
+    except ProviderSkipped as exc:
+        pytest.skip(str(exc))
+    if prepared.note and prepared.note.startswith("Triton interpreter"):
+        pytest.skip("Triton interpreter: no meaningful timing")
+    sync = torch.cuda.synchronize if bench_device.type == "cuda" else (lambda: None)
+
+    def step():
+        prepared.call()
+        sync()
+
+    with prepared.context():
+        try:
+            step()  # compile / autotune outside the timing
+        except Exception as exc:
+            if _is_backend_unavailable(exc):
+                pytest.skip(str(exc))
+            raise
+        benchmark.group = f"{bench_setup.name} {mode}"
+        benchmark.extra_info.update(shape=shape, provider=provider, mode=mode, flops=case.cost.flops_for(mode), bytes=case.cost.bytes_for(mode))
+        benchmark(step)

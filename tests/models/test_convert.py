@@ -1,0 +1,316 @@
+"""Weight conversion: timm, torchvision, Hugging Face (5.x and 4.x names), JAX .npz, safetensors.
+
+Every reference model is built with random weights (nothing is downloaded).
+"""
+
+import functools
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import vitkern
+from vitkern.models.convert import convert_hf_state_dict, npz_config
+from vitkern.models.vit import ViT, create_model
+
+timm_vit = pytest.importorskip("timm.models.vision_transformer")
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    with vitkern.use_backend("reference"):
+        yield
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if ("norm" in name or name.split(".")[-2].startswith("ln")) and name.endswith("weight") else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p.shape[-1] if p.dim() == 3 else p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * fan_in**-0.5)
+
+
+def _images(b=2, size=32, seed=0):
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision
+# ------------------------------------------------------------------------------------------------
+
+
+def _torchvision_model(num_classes=7):
+    tvm = pytest.importorskip("torchvision.models")
+    m = tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=num_classes)
+    _randomize(m)
+    return m.eval()
+
+
+def test_from_torchvision_logits_match():
+    tv = _torchvision_model()
+    ours = ViT.from_torchvision(tv).eval()
+    assert ours.config["norm_eps"] == 1e-6 and ours.config["num_classes"] == 7
+    x = _images(3)
+    with torch.no_grad():
+        want = tv(x)
+        torch.testing.assert_close(ours(x), want, atol=ATOL, rtol=1e-5)
+        got = ours.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    assert (got - want).abs().max() <= 0.08 * want.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# ------------------------------------------------------------------------------------------------
+
+
+def _hf_config(**kw):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
+    cfg.update(kw)
+    return transformers.ViTConfig(**cfg)
+
+
+def _hf_classifier(**kw):
+    from transformers import ViTForImageClassification
+
+    m = ViTForImageClassification(_hf_config(num_labels=5, **kw))
+    _randomize(m, seed=1)
+    return m.eval()
+
+
+@pytest.mark.parametrize("act,expected", [("gelu", "gelu"), ("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh")])
+def test_from_hf_classifier_logits_match(act, expected):
+    hf = _hf_classifier(hidden_act=act)
+    ours = ViT.from_hf(hf).eval()
+    assert ours.config["act"] == expected and ours.config["norm_eps"] == 1e-12
+    x = _images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, atol=ATOL, rtol=1e-5)
+
+
+def test_from_hf_model_features_and_bf16():
+    from transformers import ViTModel
+
+    hf = ViTModel(_hf_config(qkv_bias=False, layer_norm_eps=1e-6), add_pooling_layer=True)
+    _randomize(hf, seed=2)
+    hf.eval()
+    ours = ViT.from_hf(hf).eval()
+    assert ours.num_classes == 0 and not ours.config["qkv_bias"]
+    x = _images(2)
+    with torch.no_grad():
+        want = hf(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(ours.forward_features(x), want, atol=ATOL, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours.forward_features(x).float()
+    assert (got - want).abs().max() <= 0.08 * want.abs().max()
+
+
+def _to_hf4_names(sd):
+    """transformers 5.x ViT state_dict keys -> the 4.x names (encoder.layer.N.attention.attention.query ...)."""
+    renames = [
+        (".attention.q_proj.", ".attention.attention.query."),
+        (".attention.k_proj.", ".attention.attention.key."),
+        (".attention.v_proj.", ".attention.attention.value."),
+        (".attention.o_proj.", ".attention.output.dense."),
+        (".mlp.fc1.", ".intermediate.dense."),
+        (".mlp.fc2.", ".output.dense."),
+    ]
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("vit.layers.", "vit.encoder.layer.")
+        for a, b in renames:
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+def test_from_hf_v4_state_dict_names():
+    hf = _hf_classifier()
+    old = _to_hf4_names(hf.state_dict())
+    assert "vit.encoder.layer.1.attention.attention.query.weight" in old
+    assert "vit.encoder.layer.0.intermediate.dense.weight" in old
+    ours = ViT.from_hf(hf.config, state_dict=old).eval()
+    x = _images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, atol=ATOL, rtol=1e-5)
+    assert set(convert_hf_state_dict(old)) == set(convert_hf_state_dict(hf.state_dict()))
+    with pytest.raises(ValueError, match="unexpected"):
+        convert_hf_state_dict({"vit.encoder.layer.0.attention.weird.weight": torch.zeros(1)})
+
+
+# ------------------------------------------------------------------------------------------------
+# timm
+# ------------------------------------------------------------------------------------------------
+
+
+def test_from_timm_rejects_unsupported():
+    m = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, global_pool="map")
+    with pytest.raises(ValueError, match="attention pooling"):
+        ViT.from_timm(m)
+    m = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, act_layer="quick_gelu")
+    with pytest.raises(ValueError):
+        ViT.from_timm(m)
+
+
+def test_from_timm_keeps_dtype_and_training_mode():
+    m = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=3).to(torch.bfloat16)
+    ours = ViT.from_timm(m)
+    assert ours.training and ours.cls_token.dtype == torch.bfloat16
+    assert ours.config["num_classes"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Original JAX .npz checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_jax_npz(path, model, prefix=""):
+    """Write a timm ViT's weights in the google-research/vision_transformer .npz layout."""
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    dim = model.embed_dim
+    heads = model.blocks[0].attn.num_heads
+    d = dim // heads
+    w = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),  # OIHW -> HWIO
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "cls": sd["cls_token"],
+        "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+        "head/kernel": sd["head.weight"].T,
+        "head/bias": sd["head.bias"],
+        "pre_logits/kernel": np.zeros((dim, dim), np.float32),  # present in some checkpoints, unused
+    }
+    for i in range(len(model.blocks)):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
+        w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
+        qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
+        for j, n in enumerate(("query", "key", "value")):
+            w[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = qkv_w[j * dim : (j + 1) * dim].T.reshape(dim, heads, d)
+            w[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j * dim : (j + 1) * dim].reshape(heads, d)
+        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(heads, d, dim)
+        w[p + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
+        for r in range(2):
+            w[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            w[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    np.savez(path, **{prefix + k: np.ascontiguousarray(v) for k, v in w.items()})
+
+
+def _timm(**kw):
+    cfg = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    cfg.update(kw)
+    return timm_vit.VisionTransformer(**cfg)
+
+
+@pytest.mark.parametrize("prefix", ["", "opt/target/"])
+def test_npz_agrees_with_timm_loader(tmp_path, prefix):
+    src = _timm()
+    _randomize(src, seed=3)
+    path = tmp_path / "vit.npz"
+    _write_jax_npz(path, src, prefix=prefix)
+
+    ref = _timm().eval()
+    timm_vit._load_weights(ref, str(path))
+    x = _images(2)
+    with torch.no_grad():
+        want = ref(x)
+        torch.testing.assert_close(want, src.eval()(x), atol=ATOL, rtol=1e-5)  # the writer is right
+
+        ours = ViT.from_npz(path, act="gelu").eval()  # timm runs these with the erf GELU
+        torch.testing.assert_close(ours(x), want, atol=ATOL, rtol=1e-5)
+
+        into = ViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+        assert into.load_npz(path) is into
+        torch.testing.assert_close(into.eval()(x), want, atol=ATOL, rtol=1e-5)
+
+    cfg = npz_config(path)
+    assert cfg["act"] == "gelu_tanh"  # what the JAX checkpoints were trained with
+    assert (cfg["img_size"], cfg["patch_size"], cfg["embed_dim"], cfg["depth"], cfg["num_heads"]) == (32, 8, 64, 2, 2)
+    assert cfg["num_classes"] == 10 and cfg["mlp_ratio"] * 64 == pytest.approx(256, abs=1)
+
+
+def test_npz_resampled_pos_embed_and_other_head(tmp_path):
+    src = _timm()
+    _randomize(src, seed=4)
+    path = tmp_path / "vit.npz"
+    _write_jax_npz(path, src)
+    ref = _timm(img_size=48, num_classes=10).eval()
+    timm_vit._load_weights(ref, str(path))  # 4x4 grid -> 6x6, bilinear
+    ours = ViT.from_npz(path, act="gelu", img_size=48).eval()
+    x = _images(2, size=48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=1e-5)
+    other = ViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=4)
+    head = other.head.weight.clone()
+    with pytest.warns(UserWarning, match="head"):
+        other.load_npz(path)
+    assert torch.equal(other.head.weight, head)
+
+
+def test_npz_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, something=np.zeros(3))
+    with pytest.raises(ValueError, match="embedding/kernel"):
+        ViT.from_npz(bad)
+    pickled = tmp_path / "obj.npz"
+    np.savez(pickled, **{"embedding/kernel": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(ValueError):
+        ViT.from_npz(pickled)  # object arrays need pickle, which is never allowed
+
+
+# ------------------------------------------------------------------------------------------------
+# safetensors and torch checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def test_safetensors_round_trip_and_timm_compatibility(tmp_path):
+    from safetensors.torch import load_file
+
+    ours = ViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, reg_tokens=2, init_values=0.1, norm_eps=1e-5)
+    _randomize(ours, seed=5)
+    ours.eval()
+    path = tmp_path / "vit.safetensors"
+    ours.save_safetensors(path)
+    back = ViT.load_safetensors(path).eval()
+    assert back.config == ours.config
+    x = _images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours(x), atol=0, rtol=0)
+    ref = _timm(reg_tokens=2, init_values=0.1, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-5)).eval()
+    ref.load_state_dict(load_file(path))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), ours(x), atol=ATOL, rtol=1e-5)
+    bf16 = ViT.load_safetensors(path, dtype=torch.bfloat16)
+    assert bf16.pos_embed.dtype == torch.bfloat16
+
+
+def test_torch_checkpoint_and_create_model(tmp_path):
+    src = ViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    _randomize(src, seed=6)
+    pt = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 3}, pt)
+    dst = ViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    assert dst.load_checkpoint(pt) is dst
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v)
+    st = tmp_path / "w.safetensors"
+    src.save_safetensors(st)
+    made = create_model("vit_tiny_patch16_224", checkpoint_path=st, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    assert torch.equal(made.pos_embed, src.pos_embed)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": src.state_dict(), "obj": Evil()}, evil)
+    with pytest.raises(pickle.UnpicklingError):
+        dst.load_checkpoint(evil)  # weights_only=True refuses arbitrary objects

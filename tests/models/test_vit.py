@@ -1,0 +1,282 @@
+"""vitkern.models.vit.ViT against timm's VisionTransformer with the same config and weights.
+
+CPU, reference backend, tiny configs (32 px images, patch 8, depth 2).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkern
+from vitkern.models.vit import ViT, create_model, list_models, model_config
+
+timm_vit = pytest.importorskip("timm.models.vision_transformer")
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    with vitkern.use_backend("reference"):
+        yield
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Non-trivial weights everywhere (norm scales, biases, tokens, LayerScale), unit-scale activations."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")) else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+            else:
+                fan_in = p[0].numel() if p.shape[0] > 1 else p.shape[-1]
+                p.copy_(torch.randn(p.shape, generator=g) * fan_in**-0.5)
+
+
+def _pair(**kw):
+    """(timm model, our model) with identical random weights, in eval mode."""
+    cfg = dict(TINY, **kw)
+    ref = timm_vit.VisionTransformer(**cfg)
+    _randomize(ref)
+    ours = ViT(**cfg)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert ours.state_dict()[k].shape == v.shape, k
+    ours.load_state_dict(ref.state_dict())
+    return ref.eval(), ours.eval()
+
+
+def _images(b=2, size=32, seed=0):
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+CONFIGS = {
+    "token": dict(),
+    "avg": dict(global_pool="avg"),
+    "avgmax-no-class-token": dict(global_pool="avgmax", class_token=False),
+    "registers-no-embed-class": dict(reg_tokens=3, no_embed_class=True),
+    "registers-embed-class": dict(reg_tokens=2),
+    "layerscale": dict(init_values=0.1),
+    "head-dim-80": dict(embed_dim=160, num_heads=2),
+    "qk-norm": dict(qk_norm=True),
+    "pre-norm-no-qkv-bias": dict(pre_norm=True, qkv_bias=False),
+    "max-fc-norm-off": dict(global_pool="max", fc_norm=False),
+    "gelu-tanh-mlp-ratio-3": dict(act_layer="gelu_tanh", mlp_ratio=3.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_timm_fp32(name):
+    kw = dict(CONFIGS[name])
+    ours_kw = dict(kw)
+    if "act_layer" in kw:
+        ours_kw["act"] = ours_kw.pop("act_layer")
+    cfg = dict(TINY, **kw)
+    ref = timm_vit.VisionTransformer(**cfg)
+    _randomize(ref)
+    ours = ViT(**dict(TINY, **ours_kw))
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    ref.eval(), ours.eval()
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=1e-5)
+        feats = ours.forward_features(x)
+        torch.testing.assert_close(ours.forward_head(feats, pre_logits=True), ref.forward_head(feats, pre_logits=True), atol=ATOL, rtol=1e-5)
+    assert ours.num_features == ref.num_features and ours.num_prefix_tokens == ref.num_prefix_tokens
+
+
+def test_from_timm_infers_config():
+    ref, _ = _pair(global_pool="avg", reg_tokens=1, init_values=0.2, qk_norm=True, no_embed_class=True)
+    ours = ViT.from_timm(ref).eval()
+    assert ours.config["reg_tokens"] == 1 and ours.config["qk_norm"] and ours.config["init_values"] == 0.2
+    assert ours.config["norm_eps"] == 1e-6 and ours.config["act"] == "gelu"
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=1e-5)
+
+
+def test_bf16_weights_and_autocast_loose():
+    ref, ours = _pair(init_values=0.5)
+    x = _images(4)
+    with torch.no_grad():
+        want = ref(x)
+        scale = want.abs().max()
+        ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+        got = ours_bf16(x.to(torch.bfloat16))
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).abs().max() <= 0.08 * scale
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_ac = ours(x)
+            want_ac = ref(x)
+        assert got_ac.dtype == want_ac.dtype == torch.bfloat16
+        assert (got_ac.float() - want_ac.float()).abs().max() <= 0.05 * scale
+        assert (got_ac.float() - want).abs().max() <= 0.08 * scale
+        # the residual stream stays float32 under autocast, as in timm
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ours.forward_features(x).dtype == ref.forward_features(x).dtype == torch.float32
+
+
+def test_fp16_weights_loose():
+    ref, ours = _pair()
+    x = _images(2)
+    with torch.no_grad():
+        want = ref(x)
+        got = copy.deepcopy(ours).half()(x.half())
+    assert got.dtype == torch.float16
+    assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_dynamic_img_size_non_native_input():
+    ref, ours = _pair(dynamic_img_size=True, reg_tokens=1)
+    with torch.no_grad():
+        for h, w in ((48, 40), (16, 24), (32, 32)):
+            x = torch.randn(2, 3, h, w)
+            torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=1e-5)
+    ref2, ours2 = _pair(dynamic_img_size=True, no_embed_class=True, global_pool="avg")
+    with torch.no_grad():
+        x = torch.randn(1, 3, 56, 24)
+        torch.testing.assert_close(ours2(x), ref2(x), atol=ATOL, rtol=1e-5)
+    static = ViT(**TINY)
+    with pytest.raises(ValueError, match="img_size"):
+        static(torch.randn(1, 3, 48, 48))
+
+
+def test_training_decreases_loss_and_grads_match_timm():
+    ref, ours = _pair(init_values=0.3, qk_norm=True)
+    ref.train(), ours.train()
+    x, y = _images(4), torch.tensor([1, 3, 5, 7])
+    F.cross_entropy(ref(x), y).backward()
+    F.cross_entropy(ours(x), y).backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    for n, p in ours.named_parameters():
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=2e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+    opt = torch.optim.AdamW(ours.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = F.cross_entropy(ours(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_drop_path_training_matches_timm_per_sample():
+    ref, ours = _pair(drop_path_rate=0.5, init_values=0.5, depth=3)
+    ref.train(), ours.train()
+    x = _images(8)
+    torch.manual_seed(11)
+    a = ours(x)
+    torch.manual_seed(11)
+    b = ref(x)  # same Bernoulli draws, same order: per sample, per branch
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5)
+    a.sum().backward()
+    # linear drop-path schedule as timm: 0 for the first block
+    rates = [getattr(blk.drop_path1, "drop_prob", 0.0) for blk in ours.blocks]
+    assert rates == pytest.approx([0.0, 0.25, 0.5])
+    # stochastic in training, deterministic in eval
+    torch.manual_seed(12)
+    assert not torch.allclose(ours(x), a)
+    ours.eval()
+    torch.testing.assert_close(ours(x), ours(x))
+
+
+def test_grad_checkpointing_same_grads():
+    _, ours = _pair(init_values=0.2)
+    ours.train()
+    x, y = _images(2), torch.tensor([0, 1])
+    F.cross_entropy(ours(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    ours.set_grad_checkpointing(True)
+    F.cross_entropy(ours(x), y).backward()
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    _, ours = _pair(reg_tokens=1, init_values=0.1)
+    x = _images(2)
+    compiled = torch.compile(ours, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+def test_reset_classifier_and_head_api():
+    _, ours = _pair()
+    ours.reset_classifier(5)
+    assert ours.head.out_features == 5 and ours(_images(1)).shape == (1, 5)
+    ours.reset_classifier(0, global_pool="avg")
+    assert isinstance(ours.head, torch.nn.Identity)
+    assert ours(_images(1)).shape == (1, 64)
+    assert ours.get_classifier() is ours.head
+    assert ours.no_weight_decay() == {"pos_embed", "cls_token", "reg_token"}
+    with pytest.raises(ValueError, match="global_pool"):
+        ours.reset_classifier(3, global_pool="map")
+
+
+def test_constructor_errors_and_init():
+    with pytest.raises(ValueError, match="global_pool"):
+        ViT(**dict(TINY, global_pool="map"))
+    with pytest.raises(ValueError, match="class_token"):
+        ViT(**dict(TINY, class_token=False))
+    with pytest.raises(ValueError, match="act"):
+        ViT(**dict(TINY, act="relu"))
+    m = ViT(**TINY)
+    assert m.cls_token.abs().max() < 1e-4  # timm's init: N(0, 1e-6) tokens
+    assert m.blocks[0].attn.qkv.bias.abs().max() == 0
+    assert 0.01 < m.blocks[0].mlp.fc1.weight.std() < 0.03
+    jax = ViT(**TINY, weight_init="jax")
+    assert jax.head.weight.abs().max() == 0
+
+
+def test_factories_match_timm_shapes():
+    assert list_models() == sorted(
+        [
+            "vit_tiny_patch16_224",
+            "vit_small_patch16_224",
+            "vit_base_patch16_224",
+            "vit_base_patch32_224",
+            "vit_large_patch16_224",
+            "vit_huge_patch14_224",
+            "vit_base_patch16_384",
+        ]
+    )
+    for name in list_models():
+        ours = create_model(name, device="meta")
+        ref_fn = getattr(timm_vit, name)
+        with torch.device("meta"):
+            ref = ref_fn(pretrained=False)
+        ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+        assert list(ours_sd) == list(ref_sd), name
+        assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd), name
+    huge = model_config("vit_huge_patch14_224")
+    assert huge["embed_dim"] // huge["num_heads"] == 80
+    assert getattr(vitkern.models.vit, "vit_tiny_patch16_224")(num_classes=3, device="meta").head.out_features == 3
+    with pytest.raises(ValueError, match="download"):
+        create_model("vit_tiny_patch16_224", pretrained=True)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("vit_gigantic")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_matches_timm(device):
+    ref, ours = _pair(init_values=0.1, embed_dim=160)
+    ref, ours = ref.to(device), ours.to(device)
+    x = _images(4).to(device)
+    with vitkern.use_backend("auto"), torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-3, rtol=1e-3)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            got, want = ours(x).float(), ref(x).float()
+        assert (got - want).abs().max() <= 0.05 * want.abs().max()

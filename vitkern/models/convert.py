@@ -1,0 +1,666 @@
+"""Weight conversion into :class:`vitkern.models.vit.ViT`.
+
+Sources: timm ``VisionTransformer`` models, ``torchvision.models.VisionTransformer``, Hugging Face
+``ViTModel`` / ``ViTForImageClassification`` (transformers 5.x names, and the 4.x names
+``encoder.layer.N.attention.attention.query`` ...), the original google-research/vision_transformer
+``.npz`` checkpoints (JAX layout), and safetensors files. Nothing here unpickles data:
+``np.load(allow_pickle=False)``, safetensors, ``torch.load(weights_only=True)``.
+
+The ViT's state_dict keys are timm's, so every converter produces a timm-format state_dict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from vitkern.models.vit import ViT
+from vitkern.nn.linear import resolve_activation
+
+__all__ = [
+    "timm_config",
+    "from_timm",
+    "torchvision_config",
+    "convert_torchvision_state_dict",
+    "from_torchvision",
+    "hf_config",
+    "convert_hf_state_dict",
+    "from_hf",
+    "npz_config",
+    "load_npz",
+    "from_npz",
+    "save_safetensors",
+    "load_safetensors",
+    "load_checkpoint",
+]
+
+
+def _mlp_ratio(dim: int, hidden: int) -> float:
+    """A ratio r with ``int(dim * r) == hidden`` (how the blocks size their MLP)."""
+    r = hidden / dim
+    if int(dim * r) != hidden:
+        r = (hidden + 0.5) / dim
+    return r
+
+
+def _img_size(size) -> Any:
+    if isinstance(size, (tuple, list)):
+        h, w = int(size[0]), int(size[1])
+        return h if h == w else (h, w)
+    return int(size)
+
+
+def _param_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    p = next(iter(model.parameters()))
+    return p.device, p.dtype
+
+
+def _build(config: Dict[str, Any], state_dict: Mapping[str, torch.Tensor], device, dtype) -> ViT:
+    model = ViT(**config, weight_init="skip", device=device, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"converted weights do not fit the inferred ViT config {config}: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# timm
+# ----------------------------------------------------------------------------------------------
+
+
+def timm_config(model: nn.Module) -> Dict[str, Any]:
+    """ViT constructor keywords equivalent to a timm ``VisionTransformer``.
+
+    Raises ``ValueError`` for features this ViT does not implement (attention pooling, custom block
+    or MLP types, non-LayerNorm norms, patch-embed norms, non-GELU activations, a head-dim override).
+    """
+    from timm.layers import Attention as TimmAttention, LayerScale as TimmLayerScale, Mlp as TimmMlp
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    def unsupported(what: str):
+        return ValueError(f"ViT.from_timm: {what} is not supported")
+
+    if getattr(model, "attn_pool", None) is not None:
+        raise unsupported(f"global_pool={model.global_pool!r} (attention pooling)")
+    pe = model.patch_embed
+    if not isinstance(getattr(pe, "norm", nn.Identity()), nn.Identity):
+        raise unsupported("a norm layer in the patch embedding")
+    if not isinstance(getattr(pe, "proj", None), nn.Conv2d) or hasattr(pe, "backbone"):
+        raise unsupported("a hybrid or non-conv patch embedding")
+    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+        warnings.warn("ViT.from_timm: patch dropout (patch_drop_rate) is not supported and is dropped", stacklevel=3)
+    blocks = list(model.blocks)
+    depth = len(blocks)
+    dim = model.embed_dim
+    cfg: Dict[str, Any] = dict(
+        img_size=_img_size(pe.img_size),
+        patch_size=_img_size(pe.patch_size),
+        in_chans=pe.proj.in_channels,
+        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
+        global_pool=model.global_pool,
+        embed_dim=dim,
+        depth=depth,
+        class_token=model.cls_token is not None,
+        pos_embed="learn" if model.pos_embed is not None else "none",
+        no_embed_class=bool(model.no_embed_class),
+        reg_tokens=int(model.num_reg_tokens),
+        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
+        dynamic_img_size=bool(model.dynamic_img_size),
+        dynamic_img_pad=bool(getattr(pe, "dynamic_img_pad", False)),
+        drop_rate=float(model.head_drop.p),
+        pos_drop_rate=float(model.pos_drop.p),
+    )
+    cfg["final_norm"] = cfg["fc_norm"] or not isinstance(model.norm, nn.Identity)
+    norms = [m for m in (model.norm, model.fc_norm, model.norm_pre) if not isinstance(m, nn.Identity)]
+    if depth:
+        b = blocks[0]
+        if type(b) is not TimmBlock:
+            raise unsupported(f"block type {type(b).__name__}")
+        if type(b.attn) is not TimmAttention or getattr(b.attn, "gate", None) is not None:
+            raise unsupported(f"attention type {type(b.attn).__name__}")
+        if b.attn.head_dim * b.attn.num_heads != dim or b.attn.proj.out_features != dim:
+            raise unsupported("an attention head dim or output dim other than embed_dim / num_heads")
+        if type(b.mlp) is not TimmMlp:
+            raise unsupported(f"MLP type {type(b.mlp).__name__}")
+        if (b.mlp.fc1.bias is None) != (b.attn.proj.bias is None) or (b.mlp.fc2.bias is None) != (b.attn.proj.bias is None):
+            raise unsupported("MLP biases that differ from the attention projection's")
+        cfg.update(
+            num_heads=b.attn.num_heads,
+            mlp_ratio=_mlp_ratio(dim, b.mlp.fc1.out_features),
+            qkv_bias=b.attn.qkv.bias is not None,
+            qk_norm=not isinstance(b.attn.q_norm, nn.Identity),
+            scale_attn_norm=not isinstance(b.attn.norm, nn.Identity),
+            scale_mlp_norm=not isinstance(b.mlp.norm, nn.Identity),
+            proj_bias=b.attn.proj.bias is not None,
+            init_values=float(b.ls1.init_values) if isinstance(b.ls1, TimmLayerScale) else None,
+            proj_drop_rate=float(b.attn.proj_drop.p),
+            attn_drop_rate=float(b.attn.attn_drop.p),
+            act=resolve_activation(b.mlp.act),
+        )
+        last = blocks[-1].drop_path1
+        cfg["drop_path_rate"] = float(getattr(last, "drop_prob", 0.0))
+        for blk in blocks:
+            norms += [blk.norm1, blk.norm2]
+            norms += [m for m in (blk.attn.q_norm, blk.attn.k_norm, blk.attn.norm, blk.mlp.norm) if not isinstance(m, nn.Identity)]
+    else:
+        cfg.update(num_heads=1)
+    for m in norms:
+        if not isinstance(m, nn.LayerNorm):
+            raise unsupported(f"norm layer {type(m).__name__} (LayerNorm only)")
+    if norms:
+        eps = {float(m.eps) for m in norms}
+        if len(eps) > 1:
+            raise unsupported(f"LayerNorms with different eps {sorted(eps)}")
+        cfg["norm_eps"] = eps.pop()
+    return cfg
+
+
+def from_timm(model: nn.Module, **overrides) -> ViT:
+    """A ViT with the config and weights of a timm ``VisionTransformer`` (same device and dtype)."""
+    cfg = timm_config(model)
+    cfg.update(overrides)
+    device, dtype = _param_device_dtype(model)
+    out = _build(cfg, model.state_dict(), device, dtype)
+    out.train(model.training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision
+# ----------------------------------------------------------------------------------------------
+
+
+def torchvision_config(model: nn.Module) -> Dict[str, Any]:
+    """ViT constructor keywords equivalent to a ``torchvision.models.VisionTransformer``."""
+    if not isinstance(getattr(model, "conv_proj", None), nn.Conv2d):
+        raise ValueError("ViT.from_torchvision: conv-stem patch embeddings (conv_stem_configs) are not supported")
+    if "pre_logits" in dict(model.heads.named_children()):
+        raise ValueError("ViT.from_torchvision: a representation layer (representation_size) is not supported")
+    layers = list(model.encoder.layers)
+    head = model.heads.head
+    cfg: Dict[str, Any] = dict(
+        img_size=int(model.image_size),
+        patch_size=int(model.patch_size),
+        in_chans=model.conv_proj.in_channels,
+        num_classes=head.out_features,
+        global_pool="token",
+        embed_dim=int(model.hidden_dim),
+        depth=len(layers),
+        num_heads=int(layers[0].num_heads) if layers else 1,
+        mlp_ratio=_mlp_ratio(int(model.hidden_dim), int(model.mlp_dim)),
+        qkv_bias=True,
+        class_token=True,
+        attn_drop_rate=float(getattr(model, "attention_dropout", 0.0)),
+        norm_eps=float(model.encoder.ln.eps),
+        act="gelu",
+    )
+    return cfg
+
+
+_TV_BLOCK = {
+    "ln_1": "norm1",
+    "self_attention.in_proj_weight": "attn.qkv.weight",
+    "self_attention.in_proj_bias": "attn.qkv.bias",
+    "self_attention.out_proj": "attn.proj",
+    "ln_2": "norm2",
+    "mlp.0": "mlp.fc1",
+    "mlp.3": "mlp.fc2",
+    "mlp.linear_1": "mlp.fc1",  # torchvision's old MLPBlock names
+    "mlp.linear_2": "mlp.fc2",
+}
+
+
+def convert_torchvision_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """torchvision ``VisionTransformer`` state_dict -> timm/vitkern keys."""
+    out: Dict[str, torch.Tensor] = {}
+    block_re = re.compile(r"^encoder\.layers\.encoder_layer_(\d+)\.(.+)$")
+    for key, value in state_dict.items():
+        if key == "class_token":
+            out["cls_token"] = value
+        elif key == "encoder.pos_embedding":
+            out["pos_embed"] = value
+        elif key.startswith("conv_proj."):
+            out["patch_embed.proj." + key[len("conv_proj.") :]] = value
+        elif key.startswith("encoder.ln."):
+            out["norm." + key[len("encoder.ln.") :]] = value
+        elif key.startswith("heads.head."):
+            out["head." + key[len("heads.head.") :]] = value
+        else:
+            m = block_re.match(key)
+            if m is None:
+                raise ValueError(f"unexpected torchvision ViT key {key!r}")
+            i, rest = m.groups()
+            for src, dst in _TV_BLOCK.items():
+                if rest == src or rest.startswith(src + "."):
+                    out[f"blocks.{i}.{dst}{rest[len(src):]}"] = value
+                    break
+            else:
+                raise ValueError(f"unexpected torchvision ViT key {key!r}")
+    return out
+
+
+def from_torchvision(model: nn.Module, **overrides) -> ViT:
+    """A ViT with the config and weights of a ``torchvision.models.VisionTransformer``."""
+    cfg = torchvision_config(model)
+    cfg.update(overrides)
+    device, dtype = _param_device_dtype(model)
+    out = _build(cfg, convert_torchvision_state_dict(model.state_dict()), device, dtype)
+    out.train(model.training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# ----------------------------------------------------------------------------------------------
+
+_HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
+    """ViT constructor keywords for a Hugging Face ``ViTConfig`` (object or dict).
+
+    ``hidden_act`` "gelu" is the erf GELU; "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" the tanh
+    approximation. ``num_classes`` defaults to ``num_labels`` (pass 0 for a ``ViTModel``).
+    ``attention_probs_dropout_prob`` becomes ``attn_drop_rate``; ``hidden_dropout_prob`` (applied
+    after each branch in HF) has no exact counterpart and is not carried over.
+    """
+    get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
+    act = get("hidden_act", "gelu")
+    if act not in _HF_ACTS:
+        raise ValueError(f"ViT.from_hf: hidden_act {act!r} is not supported (one of {sorted(_HF_ACTS)})")
+    dim = int(get("hidden_size"))
+    heads = int(get("num_attention_heads"))
+    if get("head_dim") is not None and int(get("head_dim")) * heads != dim:
+        raise ValueError("ViT.from_hf: head_dim * num_attention_heads must equal hidden_size")
+    if num_classes is None:
+        labels = get("num_labels")
+        if labels is None:
+            id2label = get("id2label")
+            labels = len(id2label) if id2label else 0
+        num_classes = int(labels)
+    patch = _img_size(get("patch_size"))
+    return dict(
+        img_size=_img_size(get("image_size")),
+        patch_size=patch,
+        in_chans=int(get("num_channels", 3)),
+        num_classes=num_classes,
+        global_pool="token",
+        embed_dim=dim,
+        depth=int(get("num_hidden_layers")),
+        num_heads=heads,
+        mlp_ratio=_mlp_ratio(dim, int(get("intermediate_size"))),
+        qkv_bias=bool(get("qkv_bias", True)),
+        class_token=True,
+        attn_drop_rate=float(get("attention_probs_dropout_prob", 0.0) or 0.0),
+        norm_eps=float(get("layer_norm_eps", 1e-12)),
+        act=_HF_ACTS[act],
+    )
+
+
+# (regex on the key after the "vit." / "layers.N." prefixes are split off) -> timm name
+_HF_EMBED = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+_HF_LAYER = {
+    # transformers 5.x
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+    "attention.o_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    # transformers 4.x
+    "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_QKV = {
+    "attention.q_proj": 0,
+    "attention.k_proj": 1,
+    "attention.v_proj": 2,
+    "attention.attention.query": 0,
+    "attention.attention.key": 1,
+    "attention.attention.value": 2,
+}
+_HF_IGNORED = ("pooler.", "embeddings.mask_token")
+
+
+def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Hugging Face ViT state_dict (``ViTModel`` or ``ViTForImageClassification``; transformers
+    5.x ``layers.N.attention.q_proj`` or 4.x ``encoder.layer.N.attention.attention.query`` names)
+    -> timm/vitkern keys. The separate q/k/v projections are concatenated into ``qkv``; the
+    ``ViTModel`` pooler (dense + tanh) and the mask token are dropped."""
+    out: Dict[str, torch.Tensor] = {}
+    qkv: Dict[Tuple[str, str], Dict[int, torch.Tensor]] = {}
+    layer_re = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+    for key, value in state_dict.items():
+        k = key[len("vit.") :] if key.startswith("vit.") else key
+        if k in _HF_EMBED:
+            out[_HF_EMBED[k]] = value
+            continue
+        if k.startswith(_HF_IGNORED):
+            continue
+        m = layer_re.match(k)
+        if m is None:
+            raise ValueError(f"unexpected Hugging Face ViT key {key!r}")
+        i, name, kind = m.groups()
+        if name in _HF_QKV:
+            qkv.setdefault((i, kind), {})[_HF_QKV[name]] = value
+        elif name in _HF_LAYER:
+            out[f"blocks.{i}.{_HF_LAYER[name]}.{kind}"] = value
+        else:
+            raise ValueError(f"unexpected Hugging Face ViT key {key!r}")
+    for (i, kind), parts in qkv.items():
+        if sorted(parts) != [0, 1, 2]:
+            raise ValueError(f"Hugging Face ViT layer {i}: query/key/value {kind} incomplete")
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
+    return out
+
+
+def from_hf(model, state_dict: Optional[Mapping[str, torch.Tensor]] = None, **overrides) -> ViT:
+    """A ViT from a Hugging Face ``ViTModel`` / ``ViTForImageClassification``.
+
+    ``model`` may also be a ``ViTConfig`` (or its dict) when ``state_dict`` is given. A ``ViTModel``
+    has no classifier (``num_classes=0``; ``forward_features`` equals its ``last_hidden_state``);
+    its pooler is dropped.
+    """
+    if isinstance(model, nn.Module):
+        config = model.config
+        sd = model.state_dict() if state_dict is None else state_dict
+        device, dtype = _param_device_dtype(model)
+        training = model.training
+    else:
+        if state_dict is None:
+            raise ValueError("ViT.from_hf: pass a model, or a config together with state_dict=")
+        config, sd = model, state_dict
+        first = next(iter(sd.values()))
+        device, dtype, training = first.device, first.dtype, False
+    converted = convert_hf_state_dict(sd)
+    num_classes = converted["head.weight"].shape[0] if "head.weight" in converted else 0
+    cfg = hf_config(config, num_classes=num_classes)
+    cfg.update(overrides)
+    out = _build(cfg, converted, device, dtype)
+    out.train(training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Original JAX checkpoints (.npz)
+# ----------------------------------------------------------------------------------------------
+
+_NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")
+
+
+def _open_npz(path):
+    import numpy as np
+
+    try:
+        w = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable .npz checkpoint: {e}") from e
+    if not isinstance(w, np.lib.npyio.NpzFile):
+        raise ValueError(f"{os.fspath(path)!r} is not an .npz archive")
+    return w
+
+
+def _npz_prefix(w, prefix: Optional[str]) -> str:
+    if prefix is not None:
+        if f"{prefix}embedding/kernel" not in w.files:
+            raise ValueError(f"no '{prefix}embedding/kernel' in the checkpoint")
+        return prefix
+    for p in _NPZ_PREFIXES:
+        if f"{p}embedding/kernel" in w.files:
+            return p
+    raise ValueError("not a ViT .npz checkpoint: no 'embedding/kernel' array (JAX layout expected)")
+
+
+class _NpzLayout:
+    """Key names of the original (google-research/vision_transformer) and big_vision layouts."""
+
+    def __init__(self, w, prefix: str):
+        self.w, self.p = w, prefix
+        self.big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in w.files or (
+            f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w.files
+        )
+        self.stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w.files
+        self.mha, self.mlp, self.ln2 = (0, 0, 1) if self.big_vision else (1, 3, 2)
+        self.pos_key = f"{prefix}pos_embedding" if self.big_vision else f"{prefix}Transformer/posembed_input/pos_embedding"
+
+    def has(self, key: str) -> bool:
+        return f"{self.p}{key}" in self.w.files
+
+    def get(self, key: str):
+        return self.w[f"{self.p}{key}"]
+
+    def depth(self) -> int:
+        if self.stacked:
+            return int(self.get("Transformer/encoderblock/LayerNorm_0/scale").shape[0])
+        pat = re.compile(re.escape(self.p) + r"Transformer/encoderblock_(\d+)/")
+        idx = {int(m.group(1)) for k in self.w.files for m in [pat.match(k)] if m}
+        return max(idx) + 1 if idx else 0
+
+    def block(self, i: int, key: str):
+        if self.stacked:
+            return self.get(f"Transformer/encoderblock/{key}")[i]
+        return self.get(f"Transformer/encoderblock_{i}/{key}")
+
+
+def _t(a, transpose: bool = True) -> torch.Tensor:
+    """timm's _n2p: numpy -> torch, HWIO -> OIHW / (in, out) -> (out, in) when ``transpose``."""
+    import numpy as np
+
+    a = np.asarray(a)
+    if a.ndim == 4 and a.shape[0] == a.shape[1] == a.shape[2] == 1:
+        a = a.flatten()
+    if transpose:
+        if a.ndim == 4:
+            a = a.transpose([3, 2, 0, 1])
+        elif a.ndim == 3:
+            a = a.transpose([2, 0, 1])
+        elif a.ndim == 2:
+            a = a.transpose([1, 0])
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def npz_config(path, prefix: Optional[str] = None) -> Dict[str, Any]:
+    """ViT constructor keywords inferred from a JAX ``.npz`` checkpoint's arrays.
+
+    The MLP activation defaults to "gelu_tanh" (``flax.linen.gelu``, what these checkpoints were
+    trained with) and ``norm_eps`` to 1e-6 (flax's LayerNorm).
+    """
+    with _open_npz(path) as w:
+        lay = _NpzLayout(w, _npz_prefix(w, prefix))
+        kernel = lay.get("embedding/kernel")
+        if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
+            raise ValueError(f"embedding/kernel must be (P, P, C, D), got {kernel.shape}")
+        patch, _, in_chans, dim = (int(s) for s in kernel.shape)
+        depth = lay.depth()
+        class_token = lay.has("cls")
+        cfg: Dict[str, Any] = dict(patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth, class_token=class_token)
+        if depth:
+            q = lay.block(0, f"MultiHeadDotProductAttention_{lay.mha}/query/kernel")
+            cfg["num_heads"] = int(q.shape[1])
+            cfg["qkv_bias"] = lay.has(
+                f"Transformer/encoderblock/MultiHeadDotProductAttention_{lay.mha}/query/bias"
+                if lay.stacked
+                else f"Transformer/encoderblock_0/MultiHeadDotProductAttention_{lay.mha}/query/bias"
+            )
+            hidden = lay.block(0, f"MlpBlock_{lay.mlp}/Dense_0/kernel").shape[-1]
+            cfg["mlp_ratio"] = _mlp_ratio(dim, int(hidden))
+        if w.files and lay.pos_key in w.files:
+            n = int(w[lay.pos_key].reshape(-1, dim).shape[0])
+            n_grid = n - (1 if class_token and n != int(math.isqrt(n)) ** 2 else 0)
+            g = math.isqrt(n_grid)
+            if g * g != n_grid:
+                raise ValueError(f"cannot infer a square position grid from {n} position embeddings; pass img_size=")
+            cfg["img_size"] = g * patch
+            cfg["no_embed_class"] = class_token and n_grid == n
+        else:
+            cfg["pos_embed"] = "none"
+        cfg["num_classes"] = int(lay.get("head/kernel").shape[-1]) if lay.has("head/kernel") else 0
+        cfg["global_pool"] = "token" if class_token else "avg"
+        cfg["fc_norm"] = False
+        cfg["final_norm"] = lay.has("Transformer/encoder_norm/scale")
+        cfg["act"] = "gelu_tanh"
+        cfg["norm_eps"] = 1e-6
+    return cfg
+
+
+@torch.no_grad()
+def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
+    """Load an original JAX ``.npz`` checkpoint into ``model`` (``np.load(allow_pickle=False)``).
+
+    Follows timm's loader: q/k/v kernels concatenated into ``qkv``, a position embedding of another
+    grid resampled (bilinear), the head loaded only when its class count matches (a warning
+    otherwise). Returns the model.
+    """
+    from vitkern.ops.patch_embed import resample_pos_embed
+
+    with _open_npz(path) as w:
+        lay = _NpzLayout(w, _npz_prefix(w, prefix))
+
+        def copy(param: Optional[torch.Tensor], value: torch.Tensor, name: str) -> None:
+            if param is None:
+                raise ValueError(f"load_npz: the checkpoint has {name} but the model has no such parameter")
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(f"load_npz: {name} has shape {tuple(value.shape)} in the checkpoint, {tuple(param.shape)} in the model")
+            param.copy_(value.to(param.dtype))
+
+        pe = model.patch_embed.proj
+        copy(pe.weight, _t(lay.get("embedding/kernel")), "embedding/kernel")
+        if pe.bias is not None:
+            copy(pe.bias, _t(lay.get("embedding/bias")), "embedding/bias")
+        if model.cls_token is not None:
+            copy(model.cls_token, _t(lay.get("cls"), False), "cls")
+        if model.pos_embed is not None:
+            pos = _t(w[lay.pos_key], False)
+            if pos.dim() == 2:
+                pos = pos.unsqueeze(0)
+            if tuple(pos.shape) != tuple(model.pos_embed.shape):
+                pos = resample_pos_embed(
+                    pos,
+                    new_size=model.patch_embed.grid_size,
+                    num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens,
+                    interpolation="bilinear",
+                )
+            copy(model.pos_embed, pos, "pos_embedding")
+        if not isinstance(model.norm, nn.Identity):
+            copy(model.norm.weight, _t(lay.get("Transformer/encoder_norm/scale")), "encoder_norm/scale")
+            copy(model.norm.bias, _t(lay.get("Transformer/encoder_norm/bias")), "encoder_norm/bias")
+        if isinstance(model.head, nn.Linear) and lay.has("head/bias"):
+            if model.head.bias.shape[0] == lay.get("head/bias").shape[-1]:
+                copy(model.head.weight, _t(lay.get("head/kernel")), "head/kernel")
+                copy(model.head.bias, _t(lay.get("head/bias")), "head/bias")
+            else:
+                warnings.warn(
+                    f"load_npz: the checkpoint's head has {lay.get('head/bias').shape[-1]} classes, the model "
+                    f"{model.head.bias.shape[0]}; the head is left as initialised",
+                    stacklevel=3,
+                )
+        if lay.depth() != len(model.blocks):
+            raise ValueError(f"load_npz: the checkpoint has {lay.depth()} blocks, the model {len(model.blocks)}")
+        mha = f"MultiHeadDotProductAttention_{lay.mha}"
+        for i, blk in enumerate(model.blocks):
+            copy(blk.norm1.weight, _t(lay.block(i, "LayerNorm_0/scale")), f"block {i} LayerNorm_0/scale")
+            copy(blk.norm1.bias, _t(lay.block(i, "LayerNorm_0/bias")), f"block {i} LayerNorm_0/bias")
+            qkv_w = torch.cat([_t(lay.block(i, f"{mha}/{n}/kernel"), False).flatten(1).T for n in ("query", "key", "value")])
+            copy(blk.attn.qkv.weight, qkv_w, f"block {i} query/key/value kernels")
+            if blk.attn.qkv.bias is not None:
+                qkv_b = torch.cat([_t(lay.block(i, f"{mha}/{n}/bias"), False).reshape(-1) for n in ("query", "key", "value")])
+                copy(blk.attn.qkv.bias, qkv_b, f"block {i} query/key/value biases")
+            copy(blk.attn.proj.weight, _t(lay.block(i, f"{mha}/out/kernel")).flatten(1), f"block {i} out/kernel")
+            if blk.attn.proj.bias is not None:
+                copy(blk.attn.proj.bias, _t(lay.block(i, f"{mha}/out/bias")), f"block {i} out/bias")
+            copy(blk.norm2.weight, _t(lay.block(i, f"LayerNorm_{lay.ln2}/scale")), f"block {i} LayerNorm_{lay.ln2}/scale")
+            copy(blk.norm2.bias, _t(lay.block(i, f"LayerNorm_{lay.ln2}/bias")), f"block {i} LayerNorm_{lay.ln2}/bias")
+            for r, fc in enumerate((blk.mlp.fc1, blk.mlp.fc2)):
+                copy(fc.weight, _t(lay.block(i, f"MlpBlock_{lay.mlp}/Dense_{r}/kernel")), f"block {i} Dense_{r}/kernel")
+                if fc.bias is not None:
+                    copy(fc.bias, _t(lay.block(i, f"MlpBlock_{lay.mlp}/Dense_{r}/bias")), f"block {i} Dense_{r}/bias")
+    return model
+
+
+def from_npz(path, prefix: Optional[str] = None, device=None, dtype=None, **config) -> ViT:
+    """Build a ViT from a JAX ``.npz`` checkpoint: config from :func:`npz_config`, updated by
+    ``config`` (e.g. ``act="gelu"`` to match timm, which loads these with the erf GELU)."""
+    cfg = npz_config(path, prefix=prefix)
+    cfg.update(config)
+    model = ViT(**cfg, weight_init="skip", device=device, dtype=dtype)
+    return load_npz(model, path, prefix=prefix)
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors and generic checkpoints
+# ----------------------------------------------------------------------------------------------
+
+_CONFIG_KEY = "vitkern_config"
+
+
+def save_safetensors(model: ViT, path, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write the state_dict (timm's keys, loadable by timm too) and the config (JSON metadata)."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt", _CONFIG_KEY: json.dumps(model.config)}
+    meta.update(metadata or {})
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.fspath(path), metadata=meta)
+
+
+def load_safetensors(path, device=None, dtype=None, strict: bool = True, **config) -> ViT:
+    """Build a ViT from a safetensors file: the stored config updated by ``config`` (a file without
+    one, e.g. a timm export, needs the full config as keywords)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    cfg: Dict[str, Any] = json.loads(meta[_CONFIG_KEY]) if _CONFIG_KEY in meta else {}
+    cfg.update(config)
+    state = load_file(os.fspath(path), device=str(device) if device is not None else "cpu")
+    if dtype is None:
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    model = ViT(**cfg, weight_init="skip", device=device, dtype=dtype)
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def load_checkpoint(model: ViT, path, strict: bool = True) -> ViT:
+    """Load weights into ``model`` from ``.safetensors``, a JAX ``.npz`` or a torch file
+    (``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is
+    unwrapped). Keys are timm's. Returns the model."""
+    p = os.fspath(path)
+    if p.endswith(".npz"):
+        return load_npz(model, p)
+    if p.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(p)
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+        state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    model.load_state_dict(state, strict=strict)
+    return model

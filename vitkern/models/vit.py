@@ -1,0 +1,545 @@
+"""Vision Transformer built from the vitkern ops, with timm's ``VisionTransformer`` constructor
+keywords, methods and state_dict keys, factory functions for the standard configs and
+``create_model``.
+
+The forward is DESIGN.md's: one ``patch_embed`` call (patchify GEMM + bias + position embedding +
+class/register tokens), ``depth`` blocks of LN -> qkv GEMM -> flash attention -> proj GEMM with the
+residual/LayerScale/drop-path epilogue -> LN -> fused MLP with the same epilogue, then pooling, norm
+and head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Set, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitkern.ops.patch_embed import resample_pos_embed
+from vitkern.nn.block import Block
+from vitkern.nn.layer_norm import LayerNorm, apply_norm
+from vitkern.nn.linear import Linear, resolve_activation
+from vitkern.nn.patch_embed import PatchEmbed
+
+__all__ = [
+    "ViT",
+    "create_model",
+    "list_models",
+    "model_config",
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "vit_base_patch32_224",
+    "vit_large_patch16_224",
+    "vit_huge_patch14_224",
+    "vit_base_patch16_384",
+]
+
+GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max")
+
+
+def global_pool_nlc(x: torch.Tensor, pool_type: str, num_prefix_tokens: int, include_prefix: bool = False) -> torch.Tensor:
+    """timm's pooling of (B, T, D) tokens: class token, mean / max / avgmax over the patch tokens."""
+    if not pool_type:
+        return x
+    if pool_type == "token":
+        return x[:, 0]
+    x = x if include_prefix else x[:, num_prefix_tokens:]
+    if pool_type == "avg":
+        return x.mean(dim=1)
+    if pool_type == "avgmax":
+        return 0.5 * (x.amax(dim=1) + x.mean(dim=1))
+    if pool_type == "max":
+        return x.amax(dim=1)
+    raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {pool_type!r}")
+
+
+def _trunc_normal_(t: torch.Tensor, std: float) -> None:
+    # Through fp32: truncated normal sampling is not implemented for every low-precision CPU dtype.
+    with torch.no_grad():
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t.copy_(nn.init.trunc_normal_(torch.empty_like(t, dtype=torch.float32), std=std))
+        else:
+            nn.init.trunc_normal_(t, std=std)
+
+
+class ViT(nn.Module):
+    """Vision Transformer (Dosovitskiy et al., 2020) on vitkern's fused ops.
+
+    Constructor keywords, attributes, methods (``forward_features``, ``forward_head``,
+    ``reset_classifier``, ``set_grad_checkpointing``, ``num_features``, ...) and state_dict keys
+    follow timm's ``VisionTransformer`` for the same configuration, so a timm checkpoint loads with
+    ``load_state_dict`` and ``ViT.from_timm(model)`` converts a timm model. Extra keywords:
+
+    - ``norm_eps``: the eps of every LayerNorm (timm 1e-6, Hugging Face ViT 1e-12).
+    - ``act``: the MLP activation, "gelu" (erf, timm/torchvision) or "gelu_tanh" (the tanh
+      approximation the original JAX checkpoints were trained with; Hugging Face "gelu_new").
+
+    ``dynamic_img_size=True`` accepts any input size divisible by the patch size (or any size with
+    ``dynamic_img_pad``) and resamples the position embedding at run time (bicubic, as timm).
+    Drop path (``drop_path_rate``, linear over depth) is a per-sample row scale in the proj / fc2
+    epilogues. Weight conversion: :meth:`from_timm`, :meth:`from_torchvision`, :meth:`from_hf`,
+    :meth:`from_npz` / :meth:`load_npz`, :meth:`save_safetensors` / :meth:`load_safetensors`.
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        patch_size: Union[int, Tuple[int, int]] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        scale_attn_norm: bool = False,
+        scale_mlp_norm: bool = False,
+        proj_bias: bool = True,
+        init_values: Optional[float] = None,
+        class_token: bool = True,
+        pos_embed: str = "learn",
+        no_embed_class: bool = False,
+        reg_tokens: int = 0,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: Optional[bool] = None,
+        pool_include_prefix: bool = False,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+        act: Any = "gelu",
+        weight_init: str = "",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if pos_embed not in ("", "none", "learn"):
+            raise ValueError(f"pos_embed must be 'learn', 'none' or '', got {pos_embed!r}")
+        if weight_init not in ("", "jax", "jax_nlhb", "skip", "reset"):
+            raise ValueError(f"weight_init must be '', 'jax', 'jax_nlhb', 'reset' or 'skip', got {weight_init!r}")
+        act_name = resolve_activation(act)
+        if act_name is None:
+            raise ValueError("act must be 'gelu' or 'gelu_tanh'")
+        use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
+
+        # The constructor arguments (JSON-friendly), stored with safetensors checkpoints.
+        self.config: Dict[str, Any] = dict(
+            img_size=list(img_size) if isinstance(img_size, (tuple, list)) else img_size,
+            patch_size=list(patch_size) if isinstance(patch_size, (tuple, list)) else patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            global_pool=global_pool,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            scale_attn_norm=scale_attn_norm,
+            scale_mlp_norm=scale_mlp_norm,
+            proj_bias=proj_bias,
+            init_values=init_values,
+            class_token=class_token,
+            pos_embed=pos_embed,
+            no_embed_class=no_embed_class,
+            reg_tokens=reg_tokens,
+            pre_norm=pre_norm,
+            final_norm=final_norm,
+            fc_norm=fc_norm,
+            pool_include_prefix=pool_include_prefix,
+            dynamic_img_size=dynamic_img_size,
+            dynamic_img_pad=dynamic_img_pad,
+            drop_rate=drop_rate,
+            pos_drop_rate=pos_drop_rate,
+            proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm_eps=norm_eps,
+            act=act_name,
+        )
+
+        def norm_layer(dim: int, **kw) -> LayerNorm:
+            return LayerNorm(dim, eps=norm_eps, **kw)
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.num_reg_tokens = reg_tokens
+        self.has_class_token = class_token
+        self.no_embed_class = no_embed_class
+        self.pool_include_prefix = pool_include_prefix
+        self.dynamic_img_size = dynamic_img_size
+        self.norm_eps = norm_eps
+        self.act = act_name
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            bias=not pre_norm,  # as timm: no patch bias when a pre-norm follows (CLIP)
+            strict_img_size=not dynamic_img_size,
+            dynamic_img_pad=dynamic_img_pad,
+            **dd,
+        )
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd)) if class_token else None
+        self.reg_token = nn.Parameter(torch.empty(1, reg_tokens, embed_dim, **dd)) if reg_tokens else None
+        embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+        if pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.empty(1, embed_len, embed_dim, **dd))
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(p=pos_drop_rate)
+        self.norm_pre = norm_layer(embed_dim, **dd) if pre_norm else nn.Identity()
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")] if depth > 0 else []
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_norm=qk_norm,
+                    scale_attn_norm=scale_attn_norm,
+                    scale_mlp_norm=scale_mlp_norm,
+                    proj_bias=proj_bias,
+                    init_values=init_values,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    norm_layer=norm_layer,
+                    act_layer=act_name,
+                    **dd,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.norm = norm_layer(embed_dim, **dd) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim, **dd) if final_norm and use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+        self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
+        if weight_init != "skip":
+            self.init_weights(needs_reset=False)
+
+    # ------------------------------------------------------------------------------------------
+    # Initialisation (timm's schemes)
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        """timm's ViT init: trunc-normal(0.02) position embedding and Linear weights, zero biases,
+        N(0, 1e-6) class/register tokens; ``mode="jax"`` uses the JAX scheme (xavier Linear, lecun
+        patch projection, zero head; "jax_nlhb" sets the head bias to -log(num_classes))."""
+        mode = mode or self.weight_init_mode
+        if mode not in ("", "jax", "jax_nlhb", "reset"):
+            raise ValueError(f"init mode must be '', 'jax', 'jax_nlhb' or 'reset', got {mode!r}")
+        if self.pos_embed is not None:
+            _trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        head_bias = -math.log(self.num_classes) if "nlhb" in mode and self.num_classes > 0 else 0.0
+        for name, m in self.named_modules():
+            if m is self:
+                continue
+            if mode == "reset":
+                if needs_reset and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            elif isinstance(m, nn.Linear):
+                if mode.startswith("jax"):
+                    if name.startswith("head"):
+                        nn.init.zeros_(m.weight)
+                        nn.init.constant_(m.bias, head_bias)
+                    else:
+                        nn.init.xavier_uniform_(m.weight)
+                        if m.bias is not None:
+                            if "mlp" in name:
+                                nn.init.normal_(m.bias, std=1e-6)
+                            else:
+                                nn.init.zeros_(m.bias)
+                else:
+                    _trunc_normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d) and mode.startswith("jax"):
+                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+                _trunc_normal_(m.weight, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif needs_reset and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------
+    # timm's utility API
+    # ------------------------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {"pos_embed", "cls_token", "reg_token"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: none)."""
+        ref = self.patch_embed.proj.weight
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+            if global_pool == "token" and not self.has_class_token:
+                raise ValueError("global_pool='token' needs the class token")
+            self.global_pool = global_pool
+            self.config["global_pool"] = global_pool
+            self.config["fc_norm"] = not isinstance(self.fc_norm, nn.Identity)
+        self.head = Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        """Change the nominal input size, resampling the learned position embedding (bicubic)."""
+        prev = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size)
+        self.config["img_size"] = list(self.patch_embed.img_size)
+        if self.pos_embed is not None and self.patch_embed.grid_size != prev:
+            with torch.no_grad():
+                new = resample_pos_embed(
+                    self.pos_embed,
+                    new_size=self.patch_embed.grid_size,
+                    old_size=prev,
+                    num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+                    antialias=True,
+                )
+            self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------
+
+    def _prefix_tokens(self) -> Optional[torch.Tensor]:
+        if self.cls_token is not None and self.reg_token is not None:
+            return torch.cat([self.cls_token, self.reg_token], dim=1)
+        if self.cls_token is not None:
+            return self.cls_token
+        return self.reg_token
+
+    def _pos_embed_for(self, height: int, width: int) -> Optional[torch.Tensor]:
+        pos = self.pos_embed
+        if pos is None or not self.dynamic_img_size:
+            return pos
+        grid = self.patch_embed.dynamic_feat_size((height, width))
+        if tuple(grid) == tuple(self.patch_embed.grid_size):
+            return pos
+        return resample_pos_embed(
+            pos,
+            new_size=grid,
+            old_size=self.patch_embed.grid_size,
+            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+            antialias=True,  # timm's resample_abs_pos_embed default
+        )
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, K + N, D): one ``patch_embed`` call (patch GEMM, bias,
+        position embedding, class/register tokens), then position dropout and the pre-norm."""
+        if x.dim() != 4:
+            raise ValueError(f"ViT: images must have shape (B, C, H, W), got {tuple(x.shape)}")
+        pos = self._pos_embed_for(x.shape[-2], x.shape[-1])
+        x = self.patch_embed(x, pos_embed=pos, prefix_tokens=self._prefix_tokens())
+        if self.training and self.pos_drop.p > 0:
+            x = self.pos_drop(x)
+        return apply_norm(self.norm_pre, x)
+
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """All tokens (B, K + N, D) after the blocks and the final norm."""
+        x = self.embed(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask, is_causal)
+        return apply_norm(self.norm, x)
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        return global_pool_nlc(x, pool_type, self.num_prefix_tokens, self.pool_include_prefix)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, fc_norm, head dropout and the classifier (skipped with ``pre_logits``)."""
+        x = self.pool(x)
+        x = apply_norm(self.fc_norm, x)
+        if self.training and self.head_drop.p > 0:
+            x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, attn_mask, is_causal))
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}, norm_eps={self.norm_eps}"
+
+    # ------------------------------------------------------------------------------------------
+    # Weights (see vitkern.models.convert)
+    # ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_timm(cls, model: nn.Module, **overrides) -> "ViT":
+        """Build from a ``timm`` ``VisionTransformer`` (config inferred, weights copied)."""
+        from vitkern.models.convert import from_timm
+
+        return from_timm(model, **overrides)
+
+    @classmethod
+    def from_torchvision(cls, model: nn.Module, **overrides) -> "ViT":
+        """Build from a ``torchvision.models.VisionTransformer``."""
+        from vitkern.models.convert import from_torchvision
+
+        return from_torchvision(model, **overrides)
+
+    @classmethod
+    def from_hf(cls, model, state_dict: Optional[Dict[str, torch.Tensor]] = None, **overrides) -> "ViT":
+        """Build from a Hugging Face ``ViTModel`` / ``ViTForImageClassification`` (or a ``ViTConfig``
+        plus a state_dict in the 4.x or 5.x naming)."""
+        from vitkern.models.convert import from_hf
+
+        return from_hf(model, state_dict=state_dict, **overrides)
+
+    @classmethod
+    def from_npz(cls, path, **config) -> "ViT":
+        """Build from an original google-research/vision_transformer ``.npz`` checkpoint; the
+        config is inferred from the arrays, ``config`` keywords override it."""
+        from vitkern.models.convert import from_npz
+
+        return from_npz(path, **config)
+
+    def load_npz(self, path, prefix: Optional[str] = None) -> "ViT":
+        """Load an original JAX ``.npz`` checkpoint into this model (``np.load(allow_pickle=False)``);
+        returns the model."""
+        from vitkern.models.convert import load_npz
+
+        return load_npz(self, path, prefix=prefix)
+
+    def save_safetensors(self, path, metadata: Optional[Dict[str, str]] = None) -> None:
+        """Save the state_dict (timm's keys) and the constructor config to a safetensors file."""
+        from vitkern.models.convert import save_safetensors
+
+        save_safetensors(self, path, metadata=metadata)
+
+    @classmethod
+    def load_safetensors(cls, path, device=None, dtype=None, **config) -> "ViT":
+        """Build a model from a safetensors file written by :meth:`save_safetensors` (the stored
+        config, updated by ``config``; a file without one needs the full config)."""
+        from vitkern.models.convert import load_safetensors
+
+        return load_safetensors(path, device=device, dtype=dtype, **config)
+
+    def load_checkpoint(self, path, strict: bool = True) -> "ViT":
+        """Load weights into this model from ``.safetensors``, ``.npz`` (JAX layout) or a torch
+        file (``torch.load(weights_only=True)``, timm-format keys); returns the model."""
+        from vitkern.models.convert import load_checkpoint
+
+        return load_checkpoint(self, path, strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Factories
+# ----------------------------------------------------------------------------------------------
+
+_MODEL_ARGS: Dict[str, Dict[str, Any]] = {
+    "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_base_patch32_224": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    # head dim 80; no classifier by default, as timm (its only checkpoint is the in21k feature extractor)
+    "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, num_classes=0),
+    "vit_base_patch16_384": dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def list_models() -> list:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_MODEL_ARGS)
+
+
+def model_config(name: str, **kwargs) -> Dict[str, Any]:
+    """The constructor keywords of a named model, updated by ``kwargs``."""
+    if name not in _MODEL_ARGS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return dict(_MODEL_ARGS[name], **kwargs)
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint_path=None, **kwargs) -> ViT:
+    """Build a named ViT (``list_models()``); keywords override the config (e.g. ``num_classes``,
+    ``drop_path_rate``, ``dtype``). Nothing is downloaded: pass ``checkpoint_path`` (a
+    ``.safetensors``, JAX ``.npz`` or torch state_dict file) to load weights."""
+    if pretrained:
+        raise ValueError(
+            "vitkern does not download weights; pass checkpoint_path=... or convert a loaded model "
+            "with ViT.from_timm / from_torchvision / from_hf / from_npz"
+        )
+    model = ViT(**model_config(name, **kwargs))
+    if checkpoint_path is not None:
+        model.load_checkpoint(checkpoint_path)
+    return model
+
+
+def _factory(name: str):
+    def make(pretrained: bool = False, **kwargs) -> ViT:
+        return create_model(name, pretrained=pretrained, **kwargs)
+
+    make.__name__ = make.__qualname__ = name
+    a = _MODEL_ARGS[name]
+    make.__doc__ = (
+        f"{name}: patch {a['patch_size']}, width {a['embed_dim']}, depth {a['depth']}, "
+        f"{a['num_heads']} heads (head dim {a['embed_dim'] // a['num_heads']}), "
+        f"{a.get('img_size', 224)} px. Keywords override the config."
+    )
+    return make
+
+
+vit_tiny_patch16_224 = _factory("vit_tiny_patch16_224")
+vit_small_patch16_224 = _factory("vit_small_patch16_224")
+vit_base_patch16_224 = _factory("vit_base_patch16_224")
+vit_base_patch32_224 = _factory("vit_base_patch32_224")
+vit_large_patch16_224 = _factory("vit_large_patch16_224")
+vit_huge_patch14_224 = _factory("vit_huge_patch14_224")
+vit_base_patch16_384 = _factory("vit_base_patch16_384")

@@ -1,0 +1,20 @@
+"""``nn.Module`` s over the vitkern ops, with the parameters, defaults and state_dict keys of their
+torch / timm counterparts."""
+
+from vitkern.nn.layer_norm import LayerNorm
+from vitkern.nn.linear import Linear, Mlp, resolve_activation
+from vitkern.nn.attention import Attention
+from vitkern.nn.patch_embed import PatchEmbed
+from vitkern.nn.block import Block, DropPath, LayerScale
+
+__all__ = [
+    "LayerNorm",
+    "Linear",
+    "Mlp",
+    "Attention",
+    "PatchEmbed",
+    "Block",
+    "LayerScale",
+    "DropPath",
+    "resolve_activation",
+]

@@ -1,0 +1,150 @@
+"""``Attention``: timm's multi-head self-attention over the fused qkv GEMM, flash attention and
+proj GEMM (with the block's residual, LayerScale and drop path in the proj epilogue)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
+from vitkern.ops.linear import linear
+from vitkern.nn.layer_norm import LayerNorm, apply_norm
+from vitkern.nn.linear import Linear, add_scaled_residual
+
+__all__ = ["Attention"]
+
+_warned_attn_drop = False
+
+
+def _warn_attn_drop_once() -> None:
+    global _warned_attn_drop
+    if _warned_attn_drop or torch.compiler.is_compiling():
+        return
+    _warned_attn_drop = True
+    warnings.warn(
+        "vitkern.nn.Attention: attn_drop > 0 in training runs the unfused reference attention "
+        "(torch scaled_dot_product_attention with dropout_p), which materialises the attention "
+        "probabilities; the flash kernel has no dropout.",
+        stacklevel=3,
+    )
+
+
+def _default_norm_layer(dim: int, **dd) -> nn.Module:
+    # timm's LayerNorm default (eps=1e-6), which timm's ViT blocks pass as norm_layer.
+    return LayerNorm(dim, eps=1e-6, **dd)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with the parameters and state_dict keys of timm 1.0's
+    ``timm.layers.Attention``: ``qkv``, ``q_norm``/``k_norm`` (with ``qk_norm``), ``norm``
+    (with ``scale_norm``) and ``proj``.
+
+    Fast path (eval, or ``attn_drop == 0``): ``qkv = x @ Wqkv^T + b`` is viewed as
+    ``(B, T, 3, H, d)`` without a permute and fed to ``attention_qkvpacked``, which writes
+    ``(B, T, H, d)``; reshaped to ``(B, T, C)`` it goes through the proj GEMM. With ``qk_norm``
+    the q and k views are normalised by ``layer_norm`` over the head dim and passed to
+    ``attention`` as strided ``(B, H, T, d)`` views.
+
+    ``forward(x, residual=r, residual_scale=g, row_scale=s)`` returns
+    ``r + s[:, None] * g * proj(attn(x))`` with that epilogue fused into the proj GEMM (how
+    :class:`vitkern.nn.Block` adds the residual, LayerScale and drop path).
+
+    Unfused paths:
+
+    - ``attn_drop > 0`` in training: dropout on the attention probabilities like timm, through
+      ``torch.nn.functional.scaled_dot_product_attention(..., dropout_p=attn_drop)`` (the flash
+      kernel has no dropout); a warning is issued once.
+    - ``attn_mask`` given: ``vitkern.scaled_dot_product_attention`` on permuted q/k/v views.
+    - ``proj_drop > 0`` in training: element-wise dropout after the proj GEMM, then the residual
+      add in PyTorch.
+
+    ``norm_layer`` (for ``qk_norm`` / ``scale_norm``) defaults to LayerNorm with eps=1e-6 (timm's
+    ``LayerNorm``); any ``nn.LayerNorm`` runs the fused op with its own eps.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer=None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if num_heads <= 0 or dim % num_heads != 0:
+            raise ValueError(f"Attention: dim ({dim}) must be divisible by num_heads ({num_heads})")
+        norm_layer = norm_layer or _default_norm_layer
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_dim = dim
+        self.scale = self.head_dim**-0.5
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+        self.proj = Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        *,
+        residual: Optional[torch.Tensor] = None,
+        residual_scale: Optional[torch.Tensor] = None,
+        row_scale: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"Attention: x must have shape (B, T, {self.attn_dim}), got {tuple(x.shape)}")
+        B, T, C = x.shape
+        H, d = self.num_heads, self.head_dim
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(B, T, 3, H, d)
+        has_qk_norm = not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
+        drop_p = self.attn_drop.p if self.training else 0.0
+
+        if drop_p > 0 or attn_mask is not None:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d) views
+            q, k = apply_norm(self.q_norm, q), apply_norm(self.k_norm, k)
+            if drop_p > 0:
+                _warn_attn_drop_once()
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop_p, is_causal=is_causal)
+            else:
+                o = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+            o = o.transpose(1, 2).reshape(B, T, C)
+        elif has_qk_norm:
+            q = apply_norm(self.q_norm, qkv[:, :, 0])  # (B, T, H, d)
+            k = apply_norm(self.k_norm, qkv[:, :, 1])
+            v = qkv[:, :, 2]
+            o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal)
+            o = o.transpose(1, 2).reshape(B, T, C)
+        else:
+            o = attention_qkvpacked(qkv, causal=is_causal).reshape(B, T, C)
+
+        o = apply_norm(self.norm, o)
+        if self.training and self.proj_drop.p > 0:
+            out = self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
+            return add_scaled_residual(out, residual, residual_scale, row_scale)
+        return linear(
+            o,
+            self.proj.weight,
+            self.proj.bias,
+            residual=residual,
+            residual_scale=residual_scale,
+            row_scale=row_scale,
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}"

@@ -1,0 +1,180 @@
+"""``Block``: the pre-norm ViT block (timm's ``Block``), with the residual add, LayerScale and drop
+path riding in the proj and fc2 GEMM epilogues."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vitkern.nn.attention import Attention
+from vitkern.nn.layer_norm import LayerNorm, apply_norm
+from vitkern.nn.linear import Mlp
+
+__all__ = ["Block", "LayerScale", "DropPath"]
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale ``x * gamma`` (timm's ``LayerScale``; key ``gamma``, init ``init_values``).
+
+    Inside :class:`Block` the scale is not applied by this module's forward but passed as
+    ``residual_scale`` to the proj / fc2 epilogue.
+    """
+
+    def __init__(self, dim: int, init_values: float = 1e-5, inplace: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.init_values = init_values
+        self.inplace = inplace
+        self.gamma = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(self.gamma) if self.inplace else x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's ``DropPath``): in training each sample's branch is
+    kept with probability ``1 - drop_prob`` and scaled by ``1 / keep`` (``scale_by_keep``).
+
+    :meth:`row_scale` gives the same per-sample multiplier as a ``(B * T,)`` vector over the
+    flattened tokens, the ``row_scale`` argument of the fused ``linear`` / ``mlp`` epilogues.
+    """
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob <= 1.0:
+            raise ValueError(f"DropPath: drop_prob must be in [0, 1], got {drop_prob}")
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def sample_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``(B,)`` multipliers (0 or ``1/keep``) for the samples of ``x``, or None when inactive."""
+        if self.drop_prob == 0.0 or not self.training:
+            return None
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],)).bernoulli_(keep)
+        if keep > 0.0 and self.scale_by_keep:
+            mask.div_(keep)
+        return mask
+
+    def row_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-token multipliers ``(B * T,)`` for ``x`` of shape ``(B, T, ...)``, or None."""
+        mask = self.sample_scale(x)
+        if mask is None:
+            return None
+        tokens = x.numel() // (x.shape[0] * x.shape[-1]) if x.dim() > 2 else 1
+        return mask.repeat_interleave(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.sample_scale(x)
+        if mask is None:
+            return x
+        return x * mask.reshape((x.shape[0],) + (1,) * (x.dim() - 1))
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+
+
+def _default_norm_layer(dim: int, **dd) -> nn.Module:
+    return LayerNorm(dim, eps=1e-6, **dd)  # timm's LayerNorm default
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with timm's constructor and state_dict keys (``norm1``, ``attn``,
+    ``ls1.gamma``, ``norm2``, ``mlp``, ``ls2.gamma``)::
+
+        h = LN1(x)
+        x = x + s1 * g1 * (attention(h) @ Wo^T + bo)      # residual, LayerScale, drop path: proj epilogue
+        h = LN2(x)
+        x = x + s2 * g2 * (GELU(h @ W1^T + b1) @ W2^T + b2)  # the same in fc2's epilogue
+
+    ``g1``/``g2`` are the LayerScale gammas (``init_values``; absent when None) and ``s1``/``s2``
+    the drop-path row scales (training only; 0 or ``1/keep`` per sample). ``norm_layer`` defaults
+    to LayerNorm with eps=1e-6 (timm's); ``act_layer`` to the erf GELU.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_attn_norm: bool = False,
+        scale_mlp_norm: bool = False,
+        proj_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: Optional[float] = None,
+        drop_path: float = 0.0,
+        act_layer=nn.GELU,
+        norm_layer=None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        norm_layer = norm_layer or _default_norm_layer
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = Attention(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            scale_norm=scale_attn_norm,
+            proj_bias=proj_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
+            **dd,
+        )
+        self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(
+            in_features=dim,
+            hidden_features=int(dim * mlp_ratio),
+            act_layer=act_layer,
+            norm_layer=norm_layer if scale_mlp_norm else None,
+            bias=proj_bias,
+            drop=proj_drop,
+            **dd,
+        )
+        self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    @staticmethod
+    def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:
+        return ls.gamma if isinstance(ls, LayerScale) else None
+
+    @staticmethod
+    def _row_scale(dp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return dp.row_scale(x) if isinstance(dp, DropPath) else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        h = apply_norm(self.norm1, x)
+        x = self.attn(
+            h,
+            attn_mask,
+            is_causal,
+            residual=x,
+            residual_scale=self._gamma(self.ls1),
+            row_scale=self._row_scale(self.drop_path1, x),
+        )
+        h = apply_norm(self.norm2, x)
+        x = self.mlp(
+            h,
+            residual=x,
+            residual_scale=self._gamma(self.ls2),
+            row_scale=self._row_scale(self.drop_path2, x),
+        )
+        return x

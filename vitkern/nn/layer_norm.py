@@ -1,0 +1,78 @@
+"""``LayerNorm``: a drop-in ``torch.nn.LayerNorm`` that runs :func:`vitkern.ops.layer_norm.layer_norm`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vitkern.ops.layer_norm import add_layer_norm, layer_norm
+
+__all__ = ["LayerNorm", "apply_norm"]
+
+
+class LayerNorm(nn.LayerNorm):
+    """Layer normalization over the trailing ``normalized_shape`` dimensions.
+
+    Same constructor, parameters (``weight``, ``bias``; ``bias`` registered as None when
+    ``bias=False``), defaults (``eps=1e-5``), initialisation and state_dict keys as
+    :class:`torch.nn.LayerNorm`, of which it is a subclass, so code that checks
+    ``isinstance(m, nn.LayerNorm)`` (weight-decay grouping, initialisers) keeps working. The forward
+    runs the fused ``layer_norm`` op (fp32 statistics; under autocast the output is fp32, as torch's).
+    A multi-dimensional ``normalized_shape`` is handled by flattening those dimensions.
+    """
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype)
+
+    def _flat(self, x: torch.Tensor):
+        nd = len(self.normalized_shape)
+        if tuple(x.shape[x.dim() - nd :]) != tuple(self.normalized_shape) or x.dim() < nd:
+            raise ValueError(
+                f"LayerNorm: input must end with normalized_shape {tuple(self.normalized_shape)}, got shape {tuple(x.shape)}"
+            )
+        if nd == 1:
+            return x, self.weight, self.bias, None
+        n = math.prod(self.normalized_shape)
+        lead = x.shape[: x.dim() - nd]
+        w = self.weight.reshape(n) if self.weight is not None else None
+        b = self.bias.reshape(n) if self.bias is not None else None
+        return x.reshape(*lead, n), w, b, x.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf, w, b, shape = self._flat(x)
+        y = layer_norm(xf, w, b, self.eps)
+        return y if shape is None else y.reshape(shape)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(LayerNorm(x + residual), x + residual)`` in one fused pass (``add_layer_norm``).
+
+        For patching models whose GEMMs cannot carry the residual add in their epilogue.
+        """
+        xf, w, b, shape = self._flat(x)
+        if shape is not None:
+            residual = residual.reshape(xf.shape)
+        y, s = add_layer_norm(xf, residual, w, b, self.eps)
+        if shape is not None:
+            y, s = y.reshape(shape), s.reshape(shape)
+        return y, s
+
+
+def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run ``norm`` on ``x``: any last-dimension ``nn.LayerNorm`` (torch's, timm's or ours) goes
+    through the fused ``layer_norm`` op with that module's parameters and eps; ``nn.Identity`` is
+    skipped; any other norm module runs its own forward."""
+    if isinstance(norm, nn.Identity):
+        return x
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
+        return layer_norm(x, norm.weight, norm.bias, norm.eps)
+    return norm(x)

@@ -1,0 +1,229 @@
+"""``Linear`` (``torch.nn.Linear`` with an optional fused activation and residual epilogue) and
+``Mlp`` (``timm.layers.Mlp``: fc1 -> GELU -> fc2 in one ``mlp`` op)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from vitkern.ops.linear import linear
+from vitkern.ops.mlp import mlp
+from vitkern.nn.layer_norm import apply_norm
+
+__all__ = ["Linear", "Mlp", "resolve_activation", "ACTIVATIONS"]
+
+# Activation names the GEMM epilogues compute. "gelu" is the erf GELU (torch.nn.GELU's default),
+# "gelu_tanh" the tanh approximation.
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
+
+_NAME_ALIASES = {
+    "none": None,
+    "identity": None,
+    "linear": None,
+    "gelu": "gelu",
+    "gelu_erf": "gelu",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",  # Hugging Face names of the tanh approximation
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+}
+
+
+def resolve_activation(act) -> Optional[str]:
+    """Map an activation spec to the op's ``activation`` argument (None, "gelu" or "gelu_tanh").
+
+    Accepts None, a name ("gelu", "gelu_tanh", and the Hugging Face names "gelu_new",
+    "gelu_pytorch_tanh"), ``nn.GELU`` (class or instance, ``approximate="tanh"`` honoured),
+    ``functools.partial(nn.GELU, approximate="tanh")``, ``nn.Identity``, timm's ``GELU`` /
+    ``GELUTanh`` classes and ``F.gelu``. Anything else raises ``ValueError``: the fused epilogues
+    compute only these activations.
+    """
+    if act is None:
+        return None
+    if isinstance(act, str):
+        key = act.strip().lower()
+        if key in _NAME_ALIASES:
+            return _NAME_ALIASES[key]
+        raise ValueError(f"activation must be one of 'gelu', 'gelu_tanh' (or None), got {act!r}")
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if isinstance(act, nn.Identity):
+        return None
+    if isinstance(act, nn.Module):
+        name = type(act).__name__
+        if name == "GELUTanh":
+            return "gelu_tanh"
+        if name == "GELU":
+            return "gelu"
+        raise ValueError(f"activation module {name} is not supported; use nn.GELU (erf or approximate='tanh')")
+    if isinstance(act, type) and issubclass(act, nn.Module):
+        return resolve_activation(act())
+    if isinstance(act, functools.partial):
+        return resolve_activation(act())
+    if act is F.gelu:
+        return "gelu"
+    if callable(act) and getattr(act, "__name__", "") in ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh"):
+        return "gelu_tanh"
+    raise ValueError(f"unsupported activation {act!r}; use 'gelu', 'gelu_tanh', nn.GELU or None")
+
+
+def _act_module(name: Optional[str]) -> nn.Module:
+    if name is None:
+        return nn.Identity()
+    return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+def _to_2tuple(v):
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected a value or a pair, got {v!r}")
+        return tuple(v)
+    return (v, v)
+
+
+def add_scaled_residual(
+    out: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    residual_scale: Optional[torch.Tensor],
+    row_scale: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``residual + row_scale[:, None] * residual_scale * out`` in plain PyTorch: the unfused
+    epilogue, used only where element-wise dropout must sit between the GEMM and the residual."""
+    if residual is None:
+        if residual_scale is not None or row_scale is not None:
+            raise ValueError("residual_scale and row_scale need a residual")
+        return out
+    if residual_scale is not None:
+        out = out * residual_scale
+    if row_scale is not None:
+        out = (out.reshape(-1, out.shape[-1]) * row_scale.reshape(-1, 1).to(out.dtype)).reshape(out.shape)
+    return residual + out.to(residual.dtype)
+
+
+class Linear(nn.Linear):
+    """``torch.nn.Linear`` with an optional fused activation and residual epilogue.
+
+    Same constructor, parameters, initialisation and state_dict keys as :class:`torch.nn.Linear`
+    (a subclass of it), plus ``activation`` (None, "gelu" or "gelu_tanh", or ``nn.GELU``) applied
+    in the GEMM epilogue: ``y = act(x W^T + b)``. ``forward(x, residual=..., residual_scale=...,
+    row_scale=...)`` returns ``residual + row_scale[:, None] * residual_scale * act(x W^T + b)``
+    (LayerScale and drop path in the same epilogue).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        activation=None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = resolve_activation(activation)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: Optional[torch.Tensor] = None,
+        residual_scale: Optional[torch.Tensor] = None,
+        row_scale: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return linear(
+            x,
+            self.weight,
+            self.bias,
+            activation=self.activation,
+            residual=residual,
+            residual_scale=residual_scale,
+            row_scale=row_scale,
+        )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.activation is None else f"{s}, activation={self.activation}"
+
+
+class Mlp(nn.Module):
+    """timm's ``Mlp`` (fc1 -> act -> drop -> norm -> fc2 -> drop) over the fused ``mlp`` op.
+
+    Same constructor keywords, defaults (``act_layer=nn.GELU``) and state_dict keys (``fc1``,
+    ``fc2``, and ``norm`` when ``norm_layer`` is given) as ``timm.layers.Mlp``. ``act_layer`` may
+    be "gelu", "gelu_tanh", ``nn.GELU``, ``partial(nn.GELU, approximate="tanh")`` or an instance
+    (see :func:`resolve_activation`).
+
+    ``forward(x, residual=..., residual_scale=..., row_scale=...)`` returns
+    ``residual + row_scale[:, None] * residual_scale * Mlp(x)`` with the residual add in fc2's
+    epilogue. Without a hidden norm and without active dropout the whole MLP is one ``mlp`` call;
+    a hidden ``norm_layer`` or element-wise dropout in training (``drop > 0``) runs fc1 and fc2 as
+    two fused ``linear`` calls with the norm / dropout between them (and, for the output dropout,
+    an unfused residual add).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer=nn.GELU,
+        norm_layer=None,
+        bias: Union[bool, Tuple[bool, bool]] = True,
+        drop: Union[float, Tuple[float, float]] = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        bias = _to_2tuple(bias)
+        drop_probs = _to_2tuple(drop)
+        self.activation = resolve_activation(act_layer)
+
+        self.fc1 = Linear(in_features, hidden_features, bias=bias[0], **dd)
+        self.act = _act_module(self.activation)
+        self.drop1 = nn.Dropout(drop_probs[0])
+        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = Linear(hidden_features, out_features, bias=bias[1], **dd)
+        self.drop2 = nn.Dropout(drop_probs[1])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: Optional[torch.Tensor] = None,
+        residual_scale: Optional[torch.Tensor] = None,
+        row_scale: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        drop1 = self.training and self.drop1.p > 0
+        drop2 = self.training and self.drop2.p > 0
+        if not drop1 and not drop2 and isinstance(self.norm, nn.Identity):
+            return mlp(
+                x,
+                self.fc1.weight,
+                self.fc1.bias,
+                self.fc2.weight,
+                self.fc2.bias,
+                activation=self.activation,
+                residual=residual,
+                residual_scale=residual_scale,
+                row_scale=row_scale,
+            )
+        h = linear(x, self.fc1.weight, self.fc1.bias, activation=self.activation)
+        if drop1:
+            h = self.drop1(h)
+        h = apply_norm(self.norm, h)
+        if not drop2:
+            return linear(
+                h,
+                self.fc2.weight,
+                self.fc2.bias,
+                residual=residual,
+                residual_scale=residual_scale,
+                row_scale=row_scale,
+            )
+        out = self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
+        return add_scaled_residual(out, residual, residual_scale, row_scale)
