@@ -41,8 +41,8 @@ SETUP = Setup(
     description="(LayerNorm(x + residual), x + residual)",
     build=build,
     gpu_shapes=(
-        dict(name="ViT-B/16", batch=128, tokens=197, dim=768),
-        dict(name="ViT-L/16", batch=128, tokens=197, dim=1024),
+        dict(name="ViT-B/16", batch=256, tokens=197, dim=768),
+        dict(name="ViT-L/16", batch=256, tokens=197, dim=1024),
     ),
     cpu_shapes=(dict(name="ViT-Ti/16", batch=2, tokens=197, dim=192),),
     order=20,

@@ -39,9 +39,9 @@ SETUP = Setup(
     description="LayerNorm(x) with weight and bias",
     build=build,
     gpu_shapes=(
-        dict(name="ViT-B/16", batch=128, tokens=197, dim=768),
-        dict(name="ViT-L/16", batch=128, tokens=197, dim=1024),
-        dict(name="ViT-H/14", batch=64, tokens=257, dim=1280),
+        dict(name="ViT-B/16", batch=256, tokens=197, dim=768),
+        dict(name="ViT-L/16", batch=256, tokens=197, dim=1024),
+        dict(name="ViT-H/14", batch=200, tokens=257, dim=1280),
     ),
     cpu_shapes=(
         dict(name="ViT-Ti/16", batch=2, tokens=197, dim=192),

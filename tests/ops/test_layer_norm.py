@@ -1,0 +1,439 @@
+"""The Triton LayerNorm / add+LayerNorm backend (``vitkern.ops.layer_norm``).
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter (conftest sets
+``TRITON_INTERPRET=1``). Every result is compared with the float64 reference: the kernel's error
+must stay within twice torch's own error in the same dtype, plus a small atol (the flash-attention
+rule). Every kernel output, the dW / dB partial buffers included, is allocated NaN-filled, so an
+element a kernel fails to write shows up as NaN.
+
+The default run covers each width (192, 384, 768, 1000, 1024, 4096, 16384), dtype and feature at
+least once at leading shape (B, 197), and every kernel config of the GPU tables unchanged (under
+the interpreter blocks otherwise take more rows, for speed); the full cross product is marked
+``slow``. The static sm_80 / sm_90 compile of every config is tests/test_static_compile.py's.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkern
+from vitkern.ops import layer_norm as ln
+from vitkern.ops._config import KernelConfig
+
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+T = 197  # ViT-B/16 tokens at 224 px: an awkward row count
+WIDTHS = (192, 384, 768, 1000, 1024, 4096, 16384)
+
+# atol, relative to the magnitude of the reference, on top of twice torch's error
+ATOL = {F32: 2e-6, F16: 2e-3, BF16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _triton_poisoned(monkeypatch):
+    """Run the Triton backend, with every kernel output allocated full of NaN."""
+    vitkern.use_backend("triton")  # conftest restores the previous choice
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ln, "_empty", nan_empty)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _rand(shape, dtype, device, scale=1.0, shift=0.0):
+    return (torch.randn(shape, dtype=F32, device=device) * scale + shift).to(dtype)
+
+
+def _params(n, dtype, device, affine):
+    """affine: "wb" (weight and bias), "w", "b" or "" (neither)."""
+    w = _rand(n, dtype, device, scale=0.5, shift=1.0) if "w" in affine else None
+    b = _rand(n, dtype, device, scale=0.5) if "b" in affine else None
+    return w, b
+
+
+def _assert_close(name, actual, ref64, torch_same, dtype):
+    """max |actual - ref| <= 2 max |torch_same - ref| + atol * max(1, max |ref|)."""
+    assert actual is not None, f"{name}: no gradient"
+    assert actual.shape == ref64.shape, (name, actual.shape, ref64.shape)
+    assert actual.dtype == torch_same.dtype, (name, actual.dtype, torch_same.dtype)
+    assert not torch.isnan(actual).any(), f"{name}: NaN (an element the kernel never wrote)"
+    err = (actual.double() - ref64).abs().max().item()
+    torch_err = (torch_same.double() - ref64).abs().max().item()
+    scale = max(1.0, ref64.abs().max().item())
+    bound = 2 * torch_err + ATOL[dtype] * scale
+    assert err <= bound, f"{name}: error {err:.3g} > 2 x torch's {torch_err:.3g} + atol ({bound:.3g})"
+
+
+def _leaves(tensors, dtype=None):
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+        else:
+            t = t.detach().clone() if dtype is None else t.detach().to(dtype)
+            out.append(t.requires_grad_(True))
+    return out
+
+
+def _grads(outputs, inputs, cotangents):
+    wanted = [t for t in inputs if t is not None]
+    got = iter(torch.autograd.grad(outputs, wanted, cotangents))
+    return [next(got) if t is not None else None for t in inputs]
+
+
+def _check_layer_norm(x, w, b, eps=1e-5, dy=None):
+    """vitkern.layer_norm (Triton) forward and every gradient against fp64 and torch."""
+    dtype = x.dtype
+    n = x.shape[-1]
+    inputs = _leaves([x, w, b])
+    y = vitkern.layer_norm(*inputs, eps=eps)
+    ref_in = _leaves([x, w, b], F64)
+    ref = F.layer_norm(ref_in[0], (n,), ref_in[1], ref_in[2], eps)
+    same_in = _leaves([x, w, b])
+    same = F.layer_norm(same_in[0], (n,), same_in[1], same_in[2], eps)
+    _assert_close("y", y.detach(), ref.detach(), same.detach(), dtype)
+    assert y.is_contiguous()
+
+    dy = _rand(x.shape, dtype, x.device) if dy is None else dy
+    got = _grads(y, inputs, dy)
+    want = _grads(ref, ref_in, dy.double())
+    same_g = _grads(same, same_in, dy)
+    for name, g, r, s in zip(("dx", "dw", "db"), got, want, same_g):
+        if r is not None:
+            _assert_close(name, g, r, s, dtype)
+
+
+def _check_add_layer_norm(x, r, w, b, eps=1e-5):
+    dtype = torch.promote_types(x.dtype, r.dtype)
+    inputs = _leaves([x, r, w, b])
+    y, s = vitkern.add_layer_norm(*inputs, eps=eps)
+    ref_in = _leaves([x, r, w, b], F64)
+    ref_y, ref_s = ln.add_layer_norm_ref(*ref_in, eps=eps)
+    same_in = _leaves([x, r, w, b])
+    same_y, same_s = ln.add_layer_norm_ref(*same_in, eps=eps)
+    assert y.dtype == s.dtype == dtype
+    _assert_close("y", y.detach(), ref_y.detach(), same_y.detach(), dtype)
+    # s is one rounding of the sum: bit for bit torch's
+    torch.testing.assert_close(s.detach(), same_s.detach(), rtol=0, atol=0)
+
+    dy = _rand(x.shape, dtype, x.device)
+    ds = _rand(x.shape, dtype, x.device)
+    got = _grads((y, s), inputs, (dy, ds))
+    want = _grads((ref_y, ref_s), ref_in, (dy.double(), ds.double()))
+    same_g = _grads((same_y, same_s), same_in, (dy, ds))
+    for name, g, rf, sm, t in zip(("dx", "dresidual", "dw", "db"), got, want, same_g, (x, r, w, b)):
+        if rf is not None:
+            assert g.dtype == t.dtype, (name, g.dtype, t.dtype)
+            _assert_close(name, g, rf, sm, sm.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# forward and gradients: every width, dtype and affine variant at least once
+# --------------------------------------------------------------------------------------------
+
+LN_CASES = [
+    # (dtype, width, batch, affine)
+    (F32, 192, 2, "wb"),
+    (BF16, 192, 1, ""),
+    (F16, 384, 1, "w"),
+    (BF16, 768, 2, "wb"),
+    (F32, 768, 1, "b"),
+    (BF16, 1000, 1, "wb"),
+    (F16, 1024, 1, "wb"),
+    (F32, 1024, 1, ""),
+    (BF16, 4096, 1, "wb"),
+    (F32, 16384, 1, "wb"),
+    (BF16, 16384, 1, "b"),
+    (F16, 16384, 1, ""),
+]
+
+
+@pytest.mark.parametrize("dtype,n,batch,affine", LN_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_layer_norm(device, dtype, n, batch, affine):
+    x = _rand((batch, T, n), dtype, device, scale=2.0, shift=1.0)
+    w, b = _params(n, dtype, device, affine)
+    _check_layer_norm(x, w, b, eps=1e-6)
+
+
+ADD_CASES = [
+    # (x dtype, residual dtype, width, affine)
+    (BF16, BF16, 768, "wb"),
+    (BF16, F32, 384, "wb"),  # timm's fp32 residual stream with bf16 branches
+    (F16, F32, 1000, "w"),
+    (F32, F32, 192, ""),
+    (F16, F16, 4096, "b"),
+    (BF16, BF16, 16384, "b"),
+]
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype,n,affine", ADD_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_add_layer_norm(device, x_dtype, r_dtype, n, affine):
+    x = _rand((1, T, n), x_dtype, device, scale=2.0)
+    r = _rand((1, T, n), r_dtype, device, scale=3.0, shift=1.0)
+    w, b = _params(n, x_dtype, device, affine)
+    _check_add_layer_norm(x, r, w, b)
+
+
+def test_statistics_saved_in_fp32(device):
+    x = _rand((3, T, 384), BF16, device, scale=4.0, shift=-2.0)
+    y, mean, rstd = torch.ops.vitkern.layer_norm_fwd(x, None, None, 1e-5)
+    assert mean.dtype == rstd.dtype == F32 and mean.shape == rstd.shape == (3, T)
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean(-1), rtol=1e-6, atol=1e-6)
+    var = xd.var(-1, unbiased=False)
+    torch.testing.assert_close(rstd.double(), (var + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# layouts: strided rows, non-collapsible leading dims, column strides, expanded gradients
+# --------------------------------------------------------------------------------------------
+
+
+def test_strided_rows(device):
+    # rows of a wider buffer (row stride 1040 != width 1000, and misaligned for 16-byte vectors)
+    base = _rand((2, T, 1040), BF16, device, scale=2.0)
+    x = base[..., 7:1007]
+    assert x.stride(-2) == 1040
+    _check_layer_norm(x, *_params(1000, BF16, device, "wb"))
+    # leading dims that do not collapse to one stride (the launcher copies), fp32
+    x = _rand((T, 3, 192), F32, device).transpose(0, 1)
+    _check_layer_norm(x, *_params(192, F32, device, "wb"))
+    # a non-unit column stride
+    x = _rand((2, 384, 50), F16, device).transpose(-1, -2)
+    assert x.stride(-1) == 50
+    _check_layer_norm(x, *_params(384, F16, device, "w"))
+    # a single row, 1-D
+    _check_layer_norm(_rand((768,), BF16, device), *_params(768, BF16, device, "wb"))
+
+
+def test_strided_add_inputs(device):
+    x = _rand((2, T, 800), F16, device)[..., :768]
+    r = _rand((T, 2, 768), F32, device).transpose(0, 1)
+    _check_add_layer_norm(x, r, *_params(768, F16, device, "wb"))
+
+
+def test_expanded_gradients(device):
+    # y.sum().backward() hands backward an expanded gradient (stride 0 everywhere)
+    for dtype, n in ((BF16, 768), (F32, 16384)):
+        x = _rand((1, T, n), dtype, device, scale=2.0)
+        dy = torch.ones((), dtype=dtype, device=device).expand(x.shape)
+        _check_layer_norm(x, *_params(n, dtype, device, "wb"), dy=dy)
+    # the add variant, both cotangents expanded
+    x = _rand((1, T, 384), BF16, device)
+    r = _rand((1, T, 384), BF16, device)
+    w, b = _params(384, BF16, device, "wb")
+    inputs = _leaves([x, r, w, b])
+    y, s = vitkern.add_layer_norm(*inputs)
+    got = torch.autograd.grad(y.sum() + s.sum(), inputs)
+    ref_in = _leaves([x, r, w, b], F64)
+    ry, rs = ln.add_layer_norm_ref(*ref_in)
+    want = torch.autograd.grad(ry.sum() + rs.sum(), ref_in)
+    same_in = _leaves([x, r, w, b])
+    sy, ss = ln.add_layer_norm_ref(*same_in)
+    same = torch.autograd.grad(sy.sum() + ss.sum(), same_in)
+    for name, g, rf, sm in zip(("dx", "dresidual", "dw", "db"), got, want, same):
+        _assert_close(name, g, rf, sm, BF16)
+
+
+def test_expanded_gradient_in_launcher(device):
+    # the backward launcher reads dy with stride 0 (no copy)
+    x = _rand((5, 256), F32, device)
+    _, _, mean, rstd = ln._layer_norm_fwd(x, None, None, None, 1e-5)
+    dy = torch.full((), 0.5, device=device).expand(5, 256)
+    dx, dw, db = ln._layer_norm_bwd(dy, x, None, mean, rstd, None, False, F32)
+    assert dw is None
+    torch.testing.assert_close(dx, torch.zeros_like(dx), atol=1e-5, rtol=0)  # d(sum y)/dx = 0
+    torch.testing.assert_close(db, torch.full((256,), 2.5, device=device))
+
+
+# --------------------------------------------------------------------------------------------
+# the GPU configs unchanged, the looped (wide-row) kernels, the persistent backward grid
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_looped_kernels_many_chunks(device, monkeypatch, residual):
+    # The looped kernels with small chunks: 1000 = 7 * 128 + 104 (a masked tail chunk); 4 rows per
+    # block over 30 rows (a partial last block); 4 backward programs, two row blocks each.
+    monkeypatch.setattr(ln, "_WIDE_INTERPRETER_BLOCKS", False)
+    monkeypatch.setattr(ln, "_MAX_FUSED_N", 256)
+    config = KernelConfig({"BLOCK_M": 4, "BLOCK_N": 128}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(ln, "_FWD_LOOPED_CONFIG", config)
+    monkeypatch.setattr(ln, "_BWD_LOOPED_CONFIG", (config, 1))
+    x = _rand((2, 15, 1000), BF16, device, scale=3.0, shift=100.0)  # large mean: merge accuracy
+    w, b = _params(1000, BF16, device, "wb")
+    if residual:
+        _check_add_layer_norm(x, _rand(x.shape, F32, device), w, b)
+    else:
+        _check_layer_norm(x, w, b)
+
+
+GPU_CONFIG_WIDTHS = [(100, False), (192, True), (384, False), (768, True), (1536, False), (3000, True),
+                     (6000, False), (9000, True)]
+
+
+@pytest.mark.parametrize("n,residual", GPU_CONFIG_WIDTHS)
+def test_gpu_configs_unchanged(device, monkeypatch, n, residual):
+    # Under the interpreter blocks normally take more rows (speed); here every config runs exactly
+    # as on the GPU (each BLOCK_N of the tables, and the looped kernels), with T = 50 rows, so the
+    # persistent backward loops several times per program.
+    monkeypatch.setattr(ln, "_WIDE_INTERPRETER_BLOCKS", False)
+    rows = 50 if n <= ln._MAX_FUSED_N else 20  # one row per step of the looped kernels: fewer
+    x = _rand((1, rows, n), BF16, device, scale=2.0)
+    w, b = _params(n, BF16, device, "wb")
+    if residual:
+        _check_add_layer_norm(x, _rand(x.shape, BF16, device), w, b)
+    else:
+        _check_layer_norm(x, w, b)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 64])
+def test_persistent_grid_row_counts(device, rows):
+    # fewer rows than programs, rows not a multiple of BLOCK_M x programs
+    x = _rand((rows, 192), F16, device)
+    _check_layer_norm(x, *_params(192, F16, device, "wb"))
+
+
+def test_empty_leading_dims(device):
+    x = torch.randn(0, 5, 64, device=device, requires_grad=True)
+    w = torch.randn(64, device=device, requires_grad=True)
+    b = torch.randn(64, device=device, requires_grad=True)
+    y = vitkern.layer_norm(x, w, b)
+    assert y.shape == x.shape
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(gw)) and torch.equal(gb, torch.zeros_like(gb))
+
+
+def test_no_parameter_grads_requested(device):
+    # weight / bias that do not require grad: no dW / dB partials are computed
+    x = _rand((2, T, 768), BF16, device).requires_grad_(True)
+    w, b = _params(768, BF16, device, "wb")
+    y = vitkern.layer_norm(x, w, b)
+    (gx,) = torch.autograd.grad(y, (x,), torch.ones_like(y))
+    xr = x.detach().double().requires_grad_(True)
+    (want,) = torch.autograd.grad(F.layer_norm(xr, (768,), w.double(), b.double()), (xr,), torch.ones_like(xr))
+    xs = x.detach().clone().requires_grad_(True)
+    (same,) = torch.autograd.grad(F.layer_norm(xs, (768,), w, b), (xs,), torch.ones_like(y))
+    _assert_close("dx", gx, want, same, BF16)
+
+
+# --------------------------------------------------------------------------------------------
+# autocast, errors, registration, torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def test_autocast_fp32_out(device):
+    x = _rand((1, T, 384), F32, device)
+    w, b = _params(384, F32, device, "wb")
+    with torch.autocast(device.type, dtype=BF16):
+        y = vitkern.layer_norm(x.to(BF16), w, b)
+        y2, s2 = vitkern.add_layer_norm(x.to(BF16), x, w, b)
+    assert y.dtype == y2.dtype == s2.dtype == F32
+    torch.testing.assert_close(y, F.layer_norm(x.to(BF16).float(), (384,), w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y2, F.layer_norm(x.to(BF16).float() + x, (384,), w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_rejected(device):
+    x = torch.randn(4, 8, device=device)
+    with pytest.raises(TypeError, match="dtype"):
+        vitkern.layer_norm(x.double())
+    with pytest.raises(TypeError, match="dtype"):
+        vitkern.layer_norm(torch.ones(4, 8, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="weight"):
+        vitkern.layer_norm(x, torch.ones(7, device=device))
+    with pytest.raises(vitkern.BackendUnavailableError, match="width"):
+        vitkern.layer_norm(torch.randn(4, 0, device=device))
+    with pytest.raises(vitkern.BackendUnavailableError, match="width"):
+        vitkern.add_layer_norm(torch.randn(1, 0, device=device), torch.randn(1, 0, device=device))
+    wide = torch.empty(1, ln.MAX_WIDTH + 1, device=device)
+    with pytest.raises(vitkern.BackendUnavailableError, match=str(ln.MAX_WIDTH)):
+        vitkern.layer_norm(wide)
+    # the launchers check for themselves too
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        ln._layer_norm_fwd(x.double(), None, None, None, 1e-5)
+    with pytest.raises(ValueError, match="width"):
+        ln._layer_norm_fwd(torch.randn(3, 0, device=device), None, None, None, 1e-5)
+    with pytest.raises(ValueError, match="bias"):
+        ln._layer_norm_fwd(x, None, None, torch.ones(9, device=device), 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        ln._layer_norm_fwd(x, torch.randn(4, 9, device=device), None, None, 1e-5)
+
+
+def test_backends_registered():
+    from vitkern import _backend
+
+    assert "triton" in _backend.registered_backends("layer_norm")
+    assert "triton" in _backend.registered_backends("add_layer_norm")
+
+
+def test_opcheck(device):
+    x = _rand((2, 7, 192), BF16, device)
+    r = _rand((2, 7, 192), F32, device)
+    w, b = _params(192, BF16, device, "wb")
+    wg, bg = _leaves([w, b])
+    xg = x.detach().clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_fwd.default, (xg, wg, bg, 1e-5))
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_fwd.default, (xg, None, None, 1e-6))
+    torch.library.opcheck(torch.ops.vitkern.add_layer_norm_fwd.default, (xg, r.requires_grad_(True), wg, None, 1e-5))
+    _, mean, rstd = torch.ops.vitkern.layer_norm_fwd(x, w, b, 1e-5)
+    dy = _rand(x.shape, BF16, device)
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, w, mean, rstd, None, True, BF16))
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, None, mean, rstd, dy, False, None))
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def block(x, r, w, b):
+        y, s = vitkern.add_layer_norm(x, r, w, b, eps=1e-6)
+        return vitkern.layer_norm(y * 2.0, w, b), s
+
+    compiled = torch.compile(block, fullgraph=True)  # fullgraph: a graph break raises
+    x, r = _rand((2, 9, 192), F32, device), _rand((2, 9, 192), F32, device)
+    w, b = _params(192, F32, device, "wb")
+    args = _leaves([x, r, w, b])
+    out = compiled(*args)
+    ref_args = _leaves([x, r, w, b])
+    with vitkern.use_backend("reference"):
+        ref = block(*ref_args)
+    for o, rf in zip(out, ref):
+        torch.testing.assert_close(o, rf, atol=1e-5, rtol=1e-5)
+    cot = [torch.randn_like(o) for o in out]
+    got = torch.autograd.grad(out, args, cot)
+    want = torch.autograd.grad(ref, ref_args, cot)
+    for g, wt in zip(got, want):
+        torch.testing.assert_close(g, wt, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# the full cross product (run with --run-slow, and on a GPU)
+# --------------------------------------------------------------------------------------------
+
+SLOW_LN = list(itertools.product((F32, F16, BF16), WIDTHS, ("wb", "w", "b", "")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,n,affine", SLOW_LN, ids=lambda v: str(v).replace("torch.", ""))
+def test_layer_norm_full(device, dtype, n, affine):
+    x = _rand((2, T, n), dtype, device, scale=2.0, shift=1.0)
+    _check_layer_norm(x, *_params(n, dtype, device, affine))
+
+
+SLOW_ADD = [(xd, rd, n, a) for xd, rd in ((F32, F32), (F16, F16), (BF16, BF16), (F16, F32), (BF16, F32))
+            for n in WIDTHS for a in ("wb", "")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("x_dtype,r_dtype,n,affine", SLOW_ADD, ids=lambda v: str(v).replace("torch.", ""))
+def test_add_layer_norm_full(device, x_dtype, r_dtype, n, affine):
+    x = _rand((2, T, n), x_dtype, device, scale=2.0)
+    r = _rand((2, T, n), r_dtype, device, scale=3.0, shift=1.0)
+    _check_add_layer_norm(x, r, *_params(n, x_dtype, device, affine))
