@@ -32,6 +32,8 @@ from typing import Any, Mapping, Optional, Union
 
 __all__ = [
     "MODES",
+    "TRAIN_MODE",
+    "ALL_MODES",
     "Cost",
     "dtype_size",
     "gemm_flops",
@@ -48,9 +50,14 @@ __all__ = [
     "vit_mac_breakdown",
     "vit_macs",
     "vit_flops",
+    "vit_params",
+    "vit_cost",
 ]
 
 MODES = ("fwd", "fwd+bwd")
+# A model-level setup's training step: forward, loss, backward and an optimizer step.
+TRAIN_MODE = "train"
+ALL_MODES = MODES + (TRAIN_MODE,)
 
 _DTYPE_SIZES = {
     "fp64": 8, "float64": 8, "torch.float64": 8,
@@ -383,3 +390,57 @@ def vit_macs(config, img_size: Union[int, tuple[int, int]] = 224, batch: int = 1
 def vit_flops(config, img_size: Union[int, tuple[int, int]] = 224, batch: int = 1) -> int:
     """FLOPs of a ViT forward: 2 x :func:`vit_macs`. ViT-B/16 at 224: 35.13 GFLOP per image."""
     return 2 * vit_macs(config, img_size, batch)
+
+
+def vit_params(config, img_size: Union[int, tuple[int, int]] = 224) -> int:
+    """Parameter count of a ViT (timm's layout: patch projection with bias, class/register tokens,
+    a learned position embedding over the patches and the class token, two LayerNorms per block,
+    qkv/proj/fc1/fc2 with biases, the final norm and the head)."""
+    cfg = vit_config(config)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    n = (h // cfg.patch_size) * (w // cfg.patch_size)
+    d, hid = cfg.embed_dim, cfg.mlp_hidden
+    k = cfg.in_chans * cfg.patch_size * cfg.patch_size
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (hid * d + hid) + (d * hid + d)
+    head = d * cfg.num_classes + cfg.num_classes if cfg.num_classes else 0
+    return d * k + d + cfg.num_prefix_tokens * d + (n + int(cfg.class_token)) * d + cfg.depth * block + 2 * d + head
+
+
+def vit_cost(
+    config,
+    img_size: Union[int, tuple[int, int]] = 224,
+    batch: int = 1,
+    dtype: Any = "bf16",
+    *,
+    param_dtype: Any = None,
+    num_params: Optional[int] = None,
+) -> Cost:
+    """A whole ViT on ``batch`` images, per mode: "fwd" (inference), "fwd+bwd", and "train"
+    (forward, backward and an AdamW step).
+
+    FLOPs: "fwd" is :func:`vit_flops`. The backward is 2x every GEMM (data and weight gradients)
+    except the patch embedding (weight gradient only: the images need none) and 2.5x attention.
+    "train" adds nothing for the optimizer (O(params) elementwise work).
+    Bytes, a floor that leaves the activations out (the model is compute bound at these shapes):
+    the forward reads the weights (``param_dtype``, default ``dtype``) and the images
+    (``param_dtype``) and writes the logits (``dtype``); the backward reads the logits' gradient
+    and the weights and writes the weights' gradients; the AdamW step reads weights, gradients and
+    both moments and writes weights and moments (7 tensors of ``num_params``, default
+    :func:`vit_params`).
+    """
+    cfg = vit_config(config)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    parts = vit_mac_breakdown(cfg, (h, w), batch)
+    fwd_flops = 2 * sum(parts.values())
+    bwd_flops = 2 * (2 * (sum(parts.values()) - parts["patch_embed"] - parts["attention"]) + parts["patch_embed"]) + int(
+        2 * 2.5 * parts["attention"]
+    )
+    s, ps = dtype_size(dtype), dtype_size(param_dtype if param_dtype is not None else dtype)
+    p = vit_params(cfg, (h, w)) if num_params is None else num_params
+    logits = batch * (cfg.num_classes or cfg.embed_dim)  # pooled features when there is no head
+    fwd_bytes = p * ps + batch * cfg.in_chans * h * w * ps + logits * s
+    bwd_bytes = logits * s + 2 * p * ps
+    return Cost(
+        flops={"fwd": fwd_flops, "fwd+bwd": fwd_flops + bwd_flops, TRAIN_MODE: fwd_flops + bwd_flops},
+        bytes={"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes, TRAIN_MODE: fwd_bytes + bwd_bytes + 7 * p * ps},
+    )

@@ -6,10 +6,14 @@ provider and mode, and writes ``results.json`` and ``summary.md``:
 - providers: ``vitkern`` (the public function, backend "auto"), ``vitkern-triton``
   (``use_backend("triton")``), ``vitkern-reference`` (``use_backend("reference")``), ``torch`` (the
   plain PyTorch / timm module) and ``torch.compile`` (of that same reference; GPU only unless
-  ``--compile-on-cpu``). A provider that cannot serve a call (``BackendUnavailableError``) becomes a
-  "skipped" row with the reason; any other exception an "error" row.
+  ``--compile-on-cpu``). Model-level setups add reference implementations of their own
+  (``torchvision``, from ``Case.references``; no rows for the setups without one). A provider
+  that cannot serve a call (``BackendUnavailableError``) becomes a "skipped" row with the reason;
+  any other exception an "error" row.
 - modes: ``fwd`` (forward under ``torch.no_grad()``) and ``fwd+bwd`` (forward, then
-  ``torch.autograd.grad`` of every output against every input that requires a gradient).
+  ``torch.autograd.grad`` of every output against every input that requires a gradient); model
+  setups also ``train`` (one training step: forward, loss, backward and optimizer step, as
+  ``Case.train_step`` defines it). A case runs its modes in that order.
 - timing (:func:`measure`): on CUDA, CUDA events around each repetition after a time-based warmup,
   with the L2 cache flushed (a 256 MB buffer zeroed) before each repetition unless
   ``--no-flush-l2``; on the CPU, ``time.perf_counter`` around each call. Median and the 20th/80th
@@ -17,9 +21,9 @@ provider and mode, and writes ``results.json`` and ``summary.md``:
 - ceilings (GPU only): a large GEMM in the run's dtype and a 1 GiB device-to-device copy, measured
   at the start of the run; ``pct_of_ceiling`` is the roofline floor ``max(flops / gemm_peak,
   bytes / copy_bandwidth)`` as a percentage of the measured median.
-- correctness: each provider's outputs (fwd) or gradients (fwd+bwd) are compared with the ``torch``
-  provider's, computed in the same run and dtype: ``max_abs_err``, and ``err_ok`` against a
-  dtype tolerance scaled by the reference's magnitude.
+- correctness: each provider's outputs (fwd), gradients (fwd+bwd) or step results (train: the loss
+  and a gradient) are compared with the ``torch`` provider's, computed in the same run and dtype:
+  ``max_abs_err``, and ``err_ok`` against a dtype tolerance scaled by the reference's magnitude.
 - order and budget: every op's first shape (the ``--quick`` set) runs first, then every op's second
   shape, and so on; past ``--budget-s`` the remaining cases become "skipped" rows, so a cut-short
   run still covers every op. results.json is rewritten after each case.
@@ -55,7 +59,7 @@ Results schema (``results.json``, version :data:`SCHEMA_VERSION`; :func:`validat
     }
 
     row = {
-      "op": str, "provider": str, "mode": "fwd" | "fwd+bwd",
+      "op": str, "provider": str, "mode": "fwd" | "fwd+bwd" | "train",
       "shape": {param: int | float | str | bool | null},  "label": str, "dtype": "bf16" | "fp16" | "fp32",
       "device": "cuda" | "cpu", "status": "ok" | "skipped" | "error", "note": str | null,
       "median_ms": float | null, "p20_ms": float | null, "p80_ms": float | null,
@@ -93,12 +97,14 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from benchmarks.flops import MODES
+from benchmarks.flops import ALL_MODES, TRAIN_MODE
 from benchmarks.setups import Case, Setup, discover, shape_label
 
 __all__ = [
     "SCHEMA_VERSION",
     "PROVIDERS",
+    "EXTRA_PROVIDERS",
+    "ALL_PROVIDERS",
     "REFERENCE_PROVIDERS",
     "ROW_FIELDS",
     "Timing",
@@ -122,7 +128,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Report order. The torch provider always runs first: its results are the correctness reference.
 PROVIDERS = ("vitkern", "vitkern-triton", "vitkern-reference", "torch", "torch.compile")
-REFERENCE_PROVIDERS = ("torch", "torch.compile")
+# References that only some (model-level) cases supply, through Case.references.
+EXTRA_PROVIDERS = ("torchvision",)
+ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
+REFERENCE_PROVIDERS = ("torch", "torch.compile", "torchvision")
 _VITKERN_BACKENDS = {"vitkern": "auto", "vitkern-triton": "triton", "vitkern-reference": "reference"}
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -328,8 +337,14 @@ def _grad_call(fn, args, leaves, grad_outputs):
 
 
 def reference_result(case: Case, mode: str):
-    """The torch provider's result for ``mode`` (outputs for "fwd", input gradients for "fwd+bwd")
-    and the output gradients that every provider's backward uses: ``(result, grad_outputs)``."""
+    """The torch provider's result for ``mode`` (outputs for "fwd", input gradients for "fwd+bwd",
+    the step's result for "train") and the output gradients that every provider's backward uses:
+    ``(result, grad_outputs)``."""
+    if mode == TRAIN_MODE:
+        if case.train_step is None:
+            raise ValueError("this case has no training step (Case.train_step)")
+        out = case.train_step("torch", _unchanged)(*case.args)
+        return [t.detach() if t is not None else None for t in _flat(out)], []
     with torch.no_grad():
         outs = _tensors(case.torch_fn(*case.args))
     gen = torch.Generator(device=outs[0].device).manual_seed(1234) if outs else None
@@ -358,12 +373,15 @@ def prepare(
     Raises :class:`ProviderSkipped` when the provider does not apply; other exceptions (a failed
     vitkern import) propagate.
     """
-    if provider not in PROVIDERS:
-        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if provider not in ALL_PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {ALL_PROVIDERS}")
+    if mode not in ALL_MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {ALL_MODES}")
+    if mode == TRAIN_MODE and case.train_step is None:
+        raise ProviderSkipped("this case has no training step")
     note = None
     backend_ctx: Callable[[], ContextManager] = contextlib.nullcontext
+    model, wrap = provider, _unchanged  # (train mode) whose training step, and how its forward is wrapped
     if provider == "torch":
         fn = case.torch_fn
         note = case.torch_label
@@ -373,13 +391,20 @@ def prepare(
         import torch._dynamo as dynamo  # (not "import torch._dynamo": that would make torch a local name here)
 
         dynamo.reset()  # a fresh compile per case: no recompile limit, no automatic dynamic shapes
-        fn = torch.compile(case.torch_fn, dynamic=False)
+        model, wrap = "torch", lambda f: torch.compile(f, dynamic=False)
+        fn = wrap(case.torch_fn) if mode != TRAIN_MODE else None
         note = f"torch.compile({case.torch_label})"
+    elif provider in EXTRA_PROVIDERS:
+        ref = case.references.get(provider)
+        if ref is None or ref.fn is None:
+            raise ProviderSkipped(ref.label if ref is not None else f"no {provider} reference for this case")
+        fn, note = ref.fn, ref.label
     else:
         vk, err = load_vitkern()
         if vk is None:
             raise RuntimeError(f"import vitkern failed: {err}")
         fn = case.vitkern_fn(vk)
+        model = "vitkern"
         backend = _VITKERN_BACKENDS[provider]
         backend_ctx = lambda: vk.use_backend(backend)  # noqa: E731 (use_backend switches on construction)
         if device.type == "cpu" and provider != "vitkern-reference":
@@ -398,7 +423,11 @@ def prepare(
                 note = "auto -> reference: no kernel backend registered for this op"
 
     args = case.args
-    if mode == "fwd":
+    if mode == TRAIN_MODE:
+        step = case.train_step(model, wrap)
+        call = lambda: step(*args)  # noqa: E731
+        context = backend_ctx
+    elif mode == "fwd":
         call = lambda: fn(*args)  # noqa: E731
 
         def context():
@@ -411,6 +440,10 @@ def prepare(
         call = _grad_call(fn, args, case.grad_inputs, list(grad_outputs))
         context = backend_ctx
     return Prepared(call=call, context=context, note=note)
+
+
+def _unchanged(fn):
+    return fn
 
 
 def _flat(out) -> list:
@@ -707,8 +740,8 @@ def validate_row(row: Any) -> None:
             problems.append(f"{key} must be {'/'.join(t.__name__ for t in types)}, got bool")
         elif not isinstance(value, types):
             problems.append(f"{key} must be {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}")
-    if row.get("mode") not in MODES:
-        problems.append(f"mode must be one of {MODES}, got {row.get('mode')!r}")
+    if row.get("mode") not in ALL_MODES:
+        problems.append(f"mode must be one of {ALL_MODES}, got {row.get('mode')!r}")
     if row.get("status") not in _STATUSES:
         problems.append(f"status must be one of {_STATUSES}, got {row.get('status')!r}")
     if row.get("dtype") not in DTYPES:
@@ -820,7 +853,7 @@ def run(
     device = torch.device(config.device)
     dtype = DTYPES[config.dtype]
     start = time.perf_counter()
-    order = list(dict.fromkeys(p for p in ("torch",) + PROVIDERS if p in config.providers))
+    order = list(dict.fromkeys(p for p in ("torch",) + ALL_PROVIDERS if p in config.providers))
     per_setup = [(si, s, s.shapes(device.type, quick=config.quick, batch=config.batch)) for si, s in enumerate(setups.values())]
     plan = sorted(
         ((shi, si, s, shape) for si, s, shapes in per_setup for shi, shape in enumerate(shapes)),
@@ -833,14 +866,14 @@ def run(
 
     for index, (shi, si, setup, shape) in enumerate(plan, 1):
         label = shape_label(shape)
-        modes = [m for m in config.modes if m in setup.modes]
+        modes = [m for m in ALL_MODES if m in config.modes and m in setup.shape_modes(shape)]
         rows = results.setdefault((shi, si), [])
         over_budget = config.budget_s is not None and time.perf_counter() - start > config.budget_s
         if verbose:
             _log(f"[{index}/{len(plan)}] {setup.name} {label}" + (" (skipped: time budget)" if over_budget else ""))
         if over_budget:
             for mode in modes:
-                for provider in order:
+                for provider in _core(order):
                     row = _new_row(setup, shape, provider, mode, config.dtype, device, None)
                     row.update(status="skipped", note=f"time budget of {config.budget_s:g} s exhausted")
                     rows.append(row)
@@ -850,7 +883,7 @@ def run(
             case = setup.build(shape, dtype, device)
         except Exception as exc:
             for mode in modes:
-                for provider in order:
+                for provider in _core(order):
                     row = _new_row(setup, shape, provider, mode, config.dtype, device, None)
                     row.update(status="error", note=f"building the case failed: {_short(exc)}")
                     rows.append(row)
@@ -866,6 +899,11 @@ def run(
     return ordered_rows()
 
 
+def _core(order: list) -> list:
+    """The providers every case has (the extra references come from a built case)."""
+    return [p for p in order if p not in EXTRA_PROVIDERS]
+
+
 def _run_mode(setup, shape, case, mode, order, config, device, ceilings) -> list[dict]:
     group = []
     reference, grad_outputs = None, []
@@ -877,6 +915,8 @@ def _run_mode(setup, shape, case, mode, order, config, device, ceilings) -> list
     else:
         reference_error = None
     for provider in order:
+        if provider in EXTRA_PROVIDERS and provider not in case.references:
+            continue  # a reference this case does not have at all (every op setup): no row
         row = _new_row(setup, shape, provider, mode, config.dtype, device, case)
         group.append(row)
         if provider == "torch" and reference_error is not None:
@@ -999,13 +1039,13 @@ def _layout(rows: list[dict]) -> tuple[list[str], bool, bool]:
 
 def _groups(rows: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
     """Rows grouped by (op, shape, dtype) in run order, each group sorted by mode then provider."""
-    rank = {p: i for i, p in enumerate(PROVIDERS)}
+    rank = {p: i for i, p in enumerate(ALL_PROVIDERS)}
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["op"], r["label"], r["dtype"]), []).append(r)
     out = []
     for (op, label, dtype), members in groups.items():
-        members = sorted(members, key=lambda r: (MODES.index(r["mode"]) if r["mode"] in MODES else 9, rank.get(r["provider"], 99)))
+        members = sorted(members, key=lambda r: (ALL_MODES.index(r["mode"]) if r["mode"] in ALL_MODES else 9, rank.get(r["provider"], 99)))
         out.append((op, label, dtype, members))
     return out
 
@@ -1047,11 +1087,12 @@ def _cells(r: dict, refs, on_gpu, show_items, notes: _Notes, *, full: bool) -> l
 
 def render_text(rows: list[dict]) -> str:
     """The console table as plain text (used when rich is not installed)."""
-    refs, on_gpu, show_items = _layout(rows)
+    _, on_gpu, _ = _layout(rows)
     notes = _Notes()
-    header = _header(refs, on_gpu, show_items, full=False)
     lines = []
     for op, label, dtype, members in _groups(rows):
+        refs, _, show_items = _layout(members)  # the reference and img/s columns this table needs
+        header = _header(refs, on_gpu, show_items, full=False)
         body = [_cells(r, refs, on_gpu, show_items, notes, full=False) for r in members]
         widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(header)]
         lines += ["", f"{op}  {label}  {dtype}", "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
@@ -1073,10 +1114,11 @@ def print_table(rows: list[dict]) -> None:
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # a log file has no width to fit
-    refs, on_gpu, show_items = _layout(rows)
+    _, on_gpu, _ = _layout(rows)
     notes = _Notes()
-    header = _header(refs, on_gpu, show_items, full=False)
     for op, label, dtype, members in _groups(rows):
+        refs, _, show_items = _layout(members)  # the reference and img/s columns this table needs
+        header = _header(refs, on_gpu, show_items, full=False)
         table = Table(
             title=f"[bold]{op}[/]  {label}  {dtype}",
             title_justify="left",
@@ -1151,11 +1193,12 @@ def render_markdown(doc: dict) -> str:
         "",
     ]
     rows = doc["rows"]
-    refs, on_gpu, show_items = _layout(rows)
+    _, on_gpu, _ = _layout(rows)
     notes = _Notes()
-    header = _header(refs, on_gpu, show_items, full=True)
     current_op = None
     for op, label, dtype, members in _groups(rows):
+        refs, _, show_items = _layout(members)  # the reference and img/s columns this table needs
+        header = _header(refs, on_gpu, show_items, full=True)
         if op != current_op:
             lines += [f"## {op}", ""]
             current_op = op
@@ -1206,8 +1249,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark vitkern's ops against PyTorch / timm / torch.compile in one run.",
     )
     p.add_argument("--ops", help="comma-separated ops (default: all; see --list)")
-    p.add_argument("--providers", help=f"comma-separated providers (default: all of {', '.join(PROVIDERS)})")
-    p.add_argument("--modes", default=",".join(MODES), help="fwd, fwd+bwd or both (default: %(default)s)")
+    p.add_argument("--providers", help=f"comma-separated providers (default: all of {', '.join(ALL_PROVIDERS)})")
+    p.add_argument(
+        "--modes",
+        default=",".join(ALL_MODES),
+        help="comma-separated modes; each setup runs those it has (train: model setups only; default: %(default)s)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="element type (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--batch", type=int, help="override every shape's batch size")
     p.add_argument("--quick", action="store_true", help="one shape per op and shorter timing loops")
@@ -1238,7 +1285,10 @@ def _list(setups: dict[str, Setup]) -> None:
         for kind, shapes in (("gpu", s.gpu_shapes), ("cpu", s.cpu_shapes)):
             for i, shape in enumerate(shapes):
                 print(f"  {kind}{' (quick)' if i == 0 else ''}: {shape_label(shape)}")
-    print(f"providers: {', '.join(PROVIDERS)} (references for speedups: {', '.join(REFERENCE_PROVIDERS)})")
+    print(
+        f"providers: {', '.join(PROVIDERS)}, and where a setup has one: {', '.join(EXTRA_PROVIDERS)} "
+        f"(references for speedups: {', '.join(REFERENCE_PROVIDERS)})"
+    )
 
 
 def _finite(value):
@@ -1275,12 +1325,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.list:
         _list(setups)
         return 0
-    providers = _split(args.providers) or list(PROVIDERS)
-    bad = [p for p in providers if p not in PROVIDERS]
-    modes = _split(args.modes) or list(MODES)
-    bad_modes = [m for m in modes if m not in MODES]
+    providers = _split(args.providers) or list(ALL_PROVIDERS)
+    bad = [p for p in providers if p not in ALL_PROVIDERS]
+    modes = _split(args.modes) or list(ALL_MODES)
+    bad_modes = [m for m in modes if m not in ALL_MODES]
     if bad or bad_modes:
-        print(f"error: unknown providers {bad} / modes {bad_modes}; providers: {PROVIDERS}, modes: {MODES}", file=sys.stderr)
+        print(f"error: unknown providers {bad} / modes {bad_modes}; providers: {ALL_PROVIDERS}, modes: {ALL_MODES}", file=sys.stderr)
         return 2
 
     if args.device == "auto":

@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from benchmarks.runner import DTYPES, PROVIDERS, ProviderSkipped, load_vitkern, prepare, reference_result
+from benchmarks.flops import ALL_MODES
+from benchmarks.runner import ALL_PROVIDERS, DTYPES, ProviderSkipped, load_vitkern, prepare, reference_result
 
 # The CPU path only checks that the suite runs (its times say nothing about kernels): keep it short.
 # On a GPU pytest-benchmark's own defaults (and --benchmark-max-time etc.) apply.
@@ -28,12 +29,12 @@ def bench_case(bench_setup, bench_device, bench_dtype):
     return shape, bench_setup.build(shape, DTYPES[bench_dtype], bench_device)
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("provider", ALL_PROVIDERS)
 def test_bench(benchmark, bench_setup, bench_case, bench_device, provider, mode):
     shape, case = bench_case
-    if mode not in bench_setup.modes:
-        pytest.skip(f"{bench_setup.name} has no {mode} mode")
+    if mode not in bench_setup.shape_modes(shape):
+        pytest.skip(f"{bench_setup.name} has no {mode} mode at this shape")
     if provider.startswith("vitkern") and load_vitkern()[0] is None:
         pytest.fail(f"import vitkern failed: {load_vitkern()[1]}")
     _, grad_outputs = reference_result(case, mode)

@@ -17,13 +17,26 @@ Rules for ``build``:
   with respect to ``grad_inputs`` (so nothing accumulates between repetitions).
 - Inputs are random with a fixed seed (the runner seeds before ``build``), scaled like a ViT's
   activations so that bf16 is meaningful.
+
+Model-level setups (a whole network rather than one op) use two more things:
+
+- ``Case.references``: other reference implementations beside ``torch_fn``, each run as a provider
+  of its own name (e.g. "torchvision"); a :class:`Reference` without ``fn`` becomes a "skipped"
+  row whose note says why (the library has no such config). Op setups leave it empty and get no
+  such rows.
+- the "train" mode (``Setup.modes`` lists it): ``Case.train_step(model, wrap)`` returns a callable
+  of ``args`` that runs one training step (forward, loss, backward, optimizer step) of ``model``
+  ("torch" for ``torch_fn``'s model, "vitkern", or a reference's name), with its forward passed
+  through ``wrap`` (``torch.compile`` for the torch.compile provider, otherwise unchanged). It
+  returns what the providers' results are compared on (the loss, a gradient). ``Setup.modes_for``
+  says which modes a shape runs, e.g. training only at a model's training batch.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -31,9 +44,17 @@ import torch
 
 from benchmarks.flops import MODES, Cost
 
-__all__ = ["Case", "Setup", "discover", "randn", "shape_label"]
+__all__ = ["Case", "Reference", "Setup", "discover", "randn", "shape_label"]
 
 ShapeParams = Mapping[str, Any]
+
+
+@dataclass
+class Reference:
+    """Another reference implementation of a case, run as the provider of that name."""
+
+    fn: Optional[Callable[..., Any]]  # a callable of the case's args, like torch_fn; None: not available
+    label: str  # the row's note: what runs, or why nothing does
 
 
 @dataclass
@@ -47,6 +68,8 @@ class Case:
     grad_inputs: tuple = ()
     torch_label: str = "torch"
     items: Optional[int] = None  # images per call, for items/s (model-level setups)
+    references: Mapping[str, Reference] = field(default_factory=dict)  # model-level setups
+    train_step: Optional[Callable[[str, Callable[[Callable], Callable]], Callable[..., Any]]] = None  # "train" mode
 
 
 @dataclass(frozen=True)
@@ -61,9 +84,18 @@ class Setup:
     modes: Sequence[str] = MODES
     order: int = 100  # position in the default run and the report
     formula: str = ""  # one line: which benchmarks.flops function counts it, and how
+    modes_for: Optional[Callable[[ShapeParams], Sequence[str]]] = None  # a shape's modes (default: all)
+
+    def shape_modes(self, shape: ShapeParams) -> list[str]:
+        """The modes ``shape`` runs in: ``modes``, narrowed by ``modes_for`` when given."""
+        if self.modes_for is None:
+            return list(self.modes)
+        allowed = set(self.modes_for(shape))
+        return [m for m in self.modes if m in allowed]
 
     def shapes(self, device_type: str, *, quick: bool = False, batch: Optional[int] = None) -> list[dict]:
-        """The shapes to run: the GPU sweep (its first entry only with ``quick``) or the CPU shapes."""
+        """The shapes to run: the GPU sweep (its first entry only with ``quick``) or the CPU shapes,
+        with ``batch`` (when given) replacing every shape's batch."""
         shapes = list(self.gpu_shapes if device_type == "cuda" else self.cpu_shapes)
         if quick:
             shapes = shapes[:1]
@@ -72,7 +104,8 @@ class Setup:
             s = dict(s)
             if batch is not None and "batch" in s:
                 s["batch"] = int(batch)
-            out.append(s)
+            if s not in out:  # shapes that differed only in their batch
+                out.append(s)
         return out
 
 

@@ -68,6 +68,12 @@ CONFIGS = {
     "pre-norm-no-qkv-bias": dict(pre_norm=True, qkv_bias=False),
     "max-fc-norm-off": dict(global_pool="max", fc_norm=False),
     "gelu-tanh-mlp-ratio-3": dict(act_layer="gelu_tanh", mlp_ratio=3.0),
+    "no-pool-all-tokens": dict(global_pool=""),
+    "final-norm-off-avg": dict(final_norm=False, global_pool="avg"),
+    "no-pos-embed-no-class-token": dict(pos_embed="none", class_token=False, global_pool="avg"),
+    "avg-with-prefix-tokens": dict(global_pool="avg", reg_tokens=2, pool_include_prefix=True),
+    "scale-norms-no-proj-bias": dict(scale_attn_norm=True, scale_mlp_norm=True, proj_bias=False),
+    "no-head": dict(num_classes=0),
 }
 
 
@@ -124,14 +130,29 @@ def test_bf16_weights_and_autocast_loose():
             assert ours.forward_features(x).dtype == ref.forward_features(x).dtype == torch.float32
 
 
-def test_fp16_weights_loose():
-    ref, ours = _pair()
-    x = _images(2)
+def test_fp16_weights_autocast_and_training_loose():
+    ref, ours = _pair(init_values=0.5)
+    x, y = _images(2), torch.tensor([1, 2])
     with torch.no_grad():
         want = ref(x)
+        scale = want.abs().max()
         got = copy.deepcopy(ours).half()(x.half())
-    assert got.dtype == torch.float16
-    assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()
+        assert got.dtype == torch.float16
+        assert (got.float() - want).abs().max() <= 0.02 * scale
+        with torch.autocast("cpu", dtype=torch.float16):
+            got_ac, want_ac = ours(x), ref(x)
+        assert got_ac.dtype == want_ac.dtype == torch.float16
+        assert (got_ac.float() - want_ac.float()).abs().max() <= 0.01 * scale
+        assert (got_ac.float() - want).abs().max() <= 0.02 * scale
+    # a training step in fp16 weights: finite gradients close to fp32's
+    F.cross_entropy(ours(x), y).backward()
+    half = copy.deepcopy(ours).half()
+    half.zero_grad()
+    F.cross_entropy(half(x.half()).float(), y).backward()
+    for (n, p32), p16 in zip(ours.named_parameters(), half.parameters()):
+        assert p16.grad is not None and p16.grad.dtype == torch.float16, n
+        assert torch.isfinite(p16.grad).all(), n
+        assert (p16.grad.float() - p32.grad).abs().max() <= 0.05 * p32.grad.abs().max() + 1e-3, n
 
 
 def test_dynamic_img_size_non_native_input():
@@ -144,9 +165,23 @@ def test_dynamic_img_size_non_native_input():
     with torch.no_grad():
         x = torch.randn(1, 3, 56, 24)
         torch.testing.assert_close(ours2(x), ref2(x), atol=ATOL, rtol=1e-5)
+    ref3, ours3 = _pair(dynamic_img_size=True, dynamic_img_pad=True)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 30, 37)  # padded up to whole patches
+        torch.testing.assert_close(ours3(x), ref3(x), atol=ATOL, rtol=1e-5)
     static = ViT(**TINY)
     with pytest.raises(ValueError, match="img_size"):
         static(torch.randn(1, 3, 48, 48))
+
+
+def test_set_input_size_resamples_like_timm():
+    ref, ours = _pair(reg_tokens=1)
+    ref.set_input_size(img_size=48)
+    ours.set_input_size(48)
+    assert ours.pos_embed.shape == ref.pos_embed.shape and ours.config["img_size"] == [48, 48]
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=1e-5)
 
 
 def test_training_decreases_loss_and_grads_match_timm():
@@ -268,6 +303,84 @@ def test_factories_match_timm_shapes():
         create_model("vit_tiny_patch16_224", pretrained=True)
     with pytest.raises(ValueError, match="unknown model"):
         create_model("vit_gigantic")
+
+
+def test_kernel_path_matches_timm(device):
+    """The default backend on the test device: the Triton kernels where they exist (on the CPU
+    through the interpreter; ops without one take the reference), forward and backward."""
+    ref, ours = _pair(init_values=0.3, reg_tokens=1)
+    ref, ours = ref.to(device).train(), ours.to(device).train()
+    x, y = _images(2).to(device), torch.tensor([3, 8], device=device)
+    with vitkern.use_backend("auto"):
+        got = ours(x)
+        F.cross_entropy(got, y).backward()
+    want = ref(x)
+    F.cross_entropy(want, y).backward()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    ref_grads = dict(ref.named_parameters())
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n].grad, atol=1e-4, rtol=1e-3, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_training_matches_eager():
+    torch._dynamo.reset()
+    _, ours = _pair(init_values=0.2, drop_path_rate=0.0)
+    ours.train()
+    x, y = _images(2), torch.tensor([0, 1])
+    F.cross_entropy(ours(x), y).backward()
+    eager = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    F.cross_entropy(torch.compile(ours, fullgraph=True)(x), y).backward()
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, eager[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture(device):
+    """The inference forward (bf16 weights, default backend) captured in a CUDA graph and replayed
+    on new images gives the eager result."""
+    _, ours = _pair(init_values=0.1, reg_tokens=1, embed_dim=160)
+    ours = ours.to(device=device, dtype=torch.bfloat16)
+    static_x = _images(4).to(device=device, dtype=torch.bfloat16)
+    with vitkern.use_backend("auto"), torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (compile, autotune) outside the capture
+            for _ in range(3):
+                ours(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = ours(static_x)
+        new_x = _images(4, seed=7).to(device=device, dtype=torch.bfloat16)
+        static_x.copy_(new_x)
+        graph.replay()
+        want = ours(new_x)
+    torch.testing.assert_close(static_y, want, atol=1e-2, rtol=1e-2)
+    assert not torch.equal(static_y, ours(_images(4).to(device=device, dtype=torch.bfloat16)))
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_autocast(device):
+    """torch.compile(fullgraph=True) over the kernel ops (custom ops, autocast applied inside the
+    public functions): no graph break, the eager results, inference and a training backward."""
+    torch._dynamo.reset()
+    _, ours = _pair(init_values=0.1, embed_dim=160)
+    ours = ours.to(device)
+    x, y = _images(4).to(device), torch.tensor([0, 1, 2, 3], device=device)
+    compiled = torch.compile(ours, fullgraph=True)
+    with vitkern.use_backend("auto"), torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.no_grad():
+            want, got = ours(x).float(), compiled(x).float()
+        assert (got - want).abs().max() <= 0.02 * want.abs().max()
+        ours.train()
+        F.cross_entropy(ours(x).float(), y).backward()
+        eager = {n: p.grad.clone() for n, p in ours.named_parameters()}
+        ours.zero_grad()
+        F.cross_entropy(compiled(x).float(), y).backward()
+    for n, p in ours.named_parameters():
+        assert (p.grad - eager[n]).abs().max() <= 0.05 * eager[n].abs().max() + 1e-4, n
 
 
 @pytest.mark.gpu
