@@ -6,6 +6,11 @@ set before triton is first imported, which is why it happens here, at conftest i
 
 import os
 
+# The interpreter runs tl.dot through numpy; a multithreaded BLAS fighting pytest-xdist workers for
+# two cores makes small matmuls ~1000x slower. Set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 

@@ -259,3 +259,210 @@ def linear(
 
 
 register_impl("linear", "reference", linear_ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton backend: the GEMM core of vitkern.ops._gemm with the epilogue fused, forward and backward
+# --------------------------------------------------------------------------------------------
+#
+# Forward: one GEMM, ``y = residual + row_scale * gamma * act(x @ W^T + b)``; with an activation
+# and autograd recording, the epilogue also stores the pre-activation ``x @ W^T + b`` (one extra
+# write of the output's size, cheaper than recomputing the GEMM in backward).
+#
+# Backward, with g = dY (any strides; the residual's grad is g itself, returned without a copy):
+#   no activation (proj / fc2 style; gamma and row_scale are folded into the GEMMs):
+#     dX = row_scale * (g @ (gamma * W))                 epilogue row scale; gamma * W is (N, K)
+#     dW = gamma * (g^T @ (row_scale * x))               reduction-axis scale in the A load,
+#                                                        epilogue row scale (rows of dW are n)
+#     db = gamma * S,  S[n] = sum_m row_scale * g        row sums of the dW GEMM's A operand
+#     dgamma = rowdot(g^T @ (row_scale * x), W) + b * S  ROW_DOT in the dW epilogue: no pass
+#                                                        over the branch output, which is not kept
+#     drow_scale = rowdot(g @ (gamma * W), x) + g @ (gamma * b)   (only when it requires grad)
+#   with an activation: dPre = g * row_scale * gamma * act'(pre) in one elementwise pass (which
+#     also reduces dgamma), then dX = dPre @ W, dW = dPre^T @ x with db from the row sums. (The
+#     MLP fuses act' into the epilogue of its dU GEMM instead; see vitkern.ops.mlp.)
+# The dW GEMMs split K (the token count) when the weight-sized output has too few tiles.
+
+from vitkern.ops import _gemm  # noqa: E402
+from vitkern.ops._common import kernel_op  # noqa: E402
+
+
+def _placeholder(ref: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An empty tensor standing for an output that was not computed (custom ops return tensors)."""
+    return torch.empty(0, device=ref.device, dtype=dtype or ref.dtype)
+
+
+def _linear_fwd_fake(x, weight, bias, residual, residual_scale, row_scale, activation, save_pre):
+    m, n = x.shape[0], weight.shape[0]
+    y = x.new_empty((m, n), dtype=residual.dtype if residual is not None else x.dtype)
+    pre = x.new_empty((m, n) if save_pre else (0,))
+    return y, pre
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, residual, residual_scale, row_scale, activation, save_pre = inputs
+    ctx.activation = activation
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, weight, bias, residual_scale, row_scale, output[1])
+
+
+def _linear_backward(ctx, grad, _grad_pre):
+    x, weight, bias, residual_scale, row_scale, pre = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db, dgamma, drs = torch.ops.vitkern.linear_bwd(
+        grad, x, weight, bias, residual_scale, row_scale, pre, ctx.activation,
+        need[0], need[1], bool(need[2] and bias is not None),
+        bool(need[4] and residual_scale is not None), bool(need[5] and row_scale is not None),
+    )
+    return (
+        dx if need[0] else None,
+        dw if need[1] else None,
+        db if need[2] and bias is not None else None,
+        grad if need[3] and ctx.has_residual else None,
+        dgamma if need[4] and residual_scale is not None else None,
+        drs if need[5] and row_scale is not None else None,
+        None,
+        None,
+    )
+
+
+@kernel_op("vitkern::linear_fwd", fake=_linear_fwd_fake, setup_context=_linear_setup, backward=_linear_backward)
+def _linear_fwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    residual_scale: Optional[torch.Tensor],
+    row_scale: Optional[torch.Tensor],
+    activation: Optional[str],
+    save_pre: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    m, n = x.shape[0], weight.shape[0]
+    y = torch.empty((m, n), device=x.device, dtype=residual.dtype if residual is not None else x.dtype)
+    pre = torch.empty((m, n) if save_pre else (0,), device=x.device, dtype=x.dtype)
+    _gemm.gemm(
+        x, weight, y, bias=bias, activation=_gemm.ACTIVATION_IDS[activation], col_scale=residual_scale,
+        row_scale=row_scale, residual=residual, pre=pre if save_pre else None,
+    )
+    return y, pre
+
+
+def _linear_bwd_fake(grad, x, weight, bias, residual_scale, row_scale, pre, activation,
+                     need_dx, need_dw, need_db, need_dscale, need_drs):
+    m, k = x.shape
+    n = weight.shape[0]
+    return (
+        x.new_empty((m, k) if need_dx else (0,)),
+        weight.new_empty((n, k) if need_dw else (0,)),
+        x.new_empty((n,) if need_db else (0,), dtype=bias.dtype if bias is not None else x.dtype),
+        x.new_empty((n,) if need_dscale else (0,),
+                    dtype=residual_scale.dtype if residual_scale is not None else x.dtype),
+        x.new_empty((m,) if need_drs else (0,), dtype=row_scale.dtype if row_scale is not None else x.dtype),
+    )
+
+
+def linear_backward(grad, x, weight, bias, residual_scale, row_scale, pre, activation,
+                    need_dx=True, need_dw=True, need_db=True, need_dscale=True, need_drs=False,
+                    split_k=None):
+    """The gradients of :func:`linear`'s branch, on the GEMM core (see the section comment).
+
+    ``grad`` is dY ``(M, N)`` of the output's dtype (the residual's grad is ``grad`` itself).
+    Returns ``(dx, dw, db, dgamma, drow_scale)``, None for those not asked for.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    dev, cdt = x.device, x.dtype
+    act = _gemm.ACTIVATION_IDS[activation]
+    gamma = residual_scale
+    dx = dw = db = dgamma = drs = None
+    if act != _gemm.ACT_NONE:
+        a, dgamma32 = _gemm.act_bwd(grad, pre, act, cdt, col_scale=gamma, row_scale=row_scale,
+                                    want_dscale=need_dscale)
+        w_eff, dx_rs, red, dw_rs = weight, None, None, None
+        if need_dscale:
+            dgamma = dgamma32.to(gamma.dtype)
+        if need_drs:
+            z = apply_activation(pre.float(), activation)
+            gs = grad.float() * (gamma.float() if gamma is not None else 1.0)
+            drs = (gs * z).sum(1).to(row_scale.dtype)
+    else:
+        a = grad
+        w_eff = weight if gamma is None else (weight.float() * gamma.float()[:, None]).to(cdt)
+        dx_rs, red, dw_rs = row_scale, row_scale, gamma
+    if need_dx or (need_drs and act == _gemm.ACT_NONE):
+        dx = torch.empty((m, k), device=dev, dtype=cdt)
+        _, _, rdot = _gemm.gemm(a, w_eff.t(), dx, row_scale=dx_rs,
+                                row_dot=x if need_drs and act == _gemm.ACT_NONE else None)
+        if need_drs and act == _gemm.ACT_NONE:
+            if bias is not None:
+                gb = bias.float() * (gamma.float() if gamma is not None else 1.0)
+                rdot = rdot + grad.float() @ gb
+            drs = rdot.to(row_scale.dtype)
+    need_gemm_dw = need_dw or (need_dscale and act == _gemm.ACT_NONE)
+    s = None
+    if need_gemm_dw:
+        dw = torch.empty((n, k), device=dev, dtype=weight.dtype)
+        want_sum = need_db or (need_dscale and bias is not None and act == _gemm.ACT_NONE)
+        _, s, rdot = _gemm.gemm(a.t(), x.t(), dw, red_scale=red, row_scale=dw_rs, row_sum=want_sum,
+                                row_dot=weight if need_dscale and act == _gemm.ACT_NONE else None,
+                                split_k=split_k)
+        if need_dscale and act == _gemm.ACT_NONE:
+            dg = rdot if bias is None else rdot + bias.float() * s
+            dgamma = dg.to(gamma.dtype)
+    elif need_db:  # a frozen weight with a trainable bias: the column sums alone
+        a32 = a.float() if red is None else a.float() * red.float()[:, None]
+        s = a32.sum(0)
+    if need_db:
+        db = (s if dw_rs is None else s * dw_rs.float()).to(bias.dtype)
+    return dx if need_dx else None, dw if need_dw else None, db, dgamma, drs
+
+
+@kernel_op("vitkern::linear_bwd", fake=_linear_bwd_fake)
+def _linear_bwd_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual_scale: Optional[torch.Tensor],
+    row_scale: Optional[torch.Tensor],
+    pre: torch.Tensor,
+    activation: Optional[str],
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    need_dscale: bool,
+    need_drs: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    outs = linear_backward(grad, x, weight, bias, residual_scale, row_scale, pre, activation,
+                           need_dx, need_dw, need_db, need_dscale, need_drs)
+    fakes = _linear_bwd_fake(grad, x, weight, bias, residual_scale, row_scale, pre, activation,
+                             need_dx, need_dw, need_db, need_dscale, need_drs)
+    return tuple(o if o is not None else torch.empty_like(f) for o, f in zip(outs, fakes))
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+    residual_scale: Optional[torch.Tensor] = None,
+    row_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The "triton" backend of :func:`linear` (arguments already checked and cast)."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    res2 = residual.reshape(-1, n) if residual is not None else None
+    save_pre = activation is not None and _needs_grad(x, weight, bias, residual_scale, row_scale)
+    y, _ = torch.ops.vitkern.linear_fwd(x2, weight, bias, res2, residual_scale, row_scale, activation, save_pre)
+    return y.reshape(*lead, n)
+
+
+register_impl("linear", "triton", linear_triton)
