@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from benchmarks.flops import ALL_MODES
-from benchmarks.runner import ALL_PROVIDERS, DTYPES, ProviderSkipped, load_vitkern, prepare, reference_result
+from benchmarks.runner import ALL_PROVIDERS, DTYPES, EXTRA_PROVIDERS, load_vitkern, prepare, reference_result
+from benchmarks.setups import Unavailable
 
 # The CPU path only checks that the suite runs (its times say nothing about kernels): keep it short.
 # On a GPU pytest-benchmark's own defaults (and --benchmark-max-time etc.) apply.
@@ -37,10 +38,12 @@ def test_bench(benchmark, bench_setup, bench_case, bench_device, provider, mode)
         pytest.skip(f"{bench_setup.name} has no {mode} mode at this shape")
     if provider.startswith("vitkern") and load_vitkern()[0] is None:
         pytest.fail(f"import vitkern failed: {load_vitkern()[1]}")
+    if provider in EXTRA_PROVIDERS and provider not in case.references:
+        pytest.skip(f"{bench_setup.name} has no {provider} reference")
     _, grad_outputs = reference_result(case, mode)
     try:
-        prepared = prepare(case, provider, mode, bench_device, grad_outputs)
-    except ProviderSkipped as exc:
+        prepared = prepare(case, provider, mode, bench_device, grad_outputs, op=bench_setup.name, whole_model=bench_setup.kind == "model")
+    except Unavailable as exc:
         pytest.skip(str(exc))
     if prepared.note and prepared.note.startswith("Triton interpreter"):
         pytest.skip("Triton interpreter: no meaningful timing")
@@ -53,6 +56,8 @@ def test_bench(benchmark, bench_setup, bench_case, bench_device, provider, mode)
     with prepared.context():
         try:
             step()  # compile / autotune outside the timing
+        except Unavailable as exc:  # e.g. an SDPA backend that refuses this shape
+            pytest.skip(str(exc))
         except Exception as exc:
             if _is_backend_unavailable(exc):
                 pytest.skip(str(exc))

@@ -6,7 +6,8 @@
 # env:   PYTHON               interpreter to use (default: python, else python3, on PATH)
 #        GPU_CHECK_BUDGET_S   total wall-clock budget in seconds (default 570: under 10 minutes)
 #        VITKERN_CUDA_ARCHS   extension archs (default here: this GPU's arch only, e.g. 9.0a)
-#        BENCH_ARGS           extra arguments for `python -m benchmarks`
+#        BENCH_ARGS           extra arguments for `python -m benchmarks` (the main benchmark step)
+#        GRAPHS_RESERVE_S     seconds kept for the CUDA-graph benchmark step (default 80; 0 skips it)
 #
 # Made for a machine with torch, triton, pybind11, ninja and timm preinstalled and no package
 # registry: the install is `pip install -e . --no-build-isolation --no-deps`. Every step runs under
@@ -15,8 +16,11 @@
 # step's exit code and time, writes them to OUT_DIR/steps.tsv, and exits 1 if any step failed.
 #
 # OUT_DIR afterwards: install.log, env.log, import.log, pytest_gpu.log, pytest.log,
-# compile_check.log (+ compile_check.json), bench.log, bench/results.json, bench/summary.md,
-# steps.tsv. Commit bench/ under benchmarks/results/<date>-<gpu>/.
+# compile_check.log (+ compile_check.json), bench.log, bench/ (results.json, summary.md and the
+# plots speedup_headline.png, speedup_vs_batch.png, speedup_vs_seqlen.png), bench_graphs.log,
+# bench-graphs/ (the same for ViT-B/16 inference as CUDA graph replays), steps.tsv.
+# To publish: copy bench/ to benchmarks/results/<date>-<gpu>/, commit it, and run
+# `python -m benchmarks.readme benchmarks/results/<date>-<gpu>` to update the README's results.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -145,11 +149,24 @@ run_step pytest 240 210 "$python" -m pytest tests -q --durations=30 -p no:cachep
 # 5. The static compile report (registers, spills, shared memory, MMA per kernel config).
 run_step compile_check 150 180 "$python" -m vitkern.ops._compile_check --full --json "$out/compile_check.json"
 
-# 6. The benchmark suite: everything left of the budget, and it stops starting new cases in time
-#    to write its results (rows it could not reach are recorded as skipped).
-left=$(( budget - $(elapsed) - 10 ))
+# 6. The benchmark suite: everything left of the budget but the CUDA-graph step's reserve; it stops
+#    starting new cases in time to write its results and plots (rows it could not reach are recorded
+#    as skipped).
+graphs_reserve="${GRAPHS_RESERVE_S:-80}"
+left=$(( budget - $(elapsed) - 10 - graphs_reserve ))
 bench_budget=$(( left > 150 ? left - 75 : left / 2 ))
-TAIL_LINES=400 run_step bench "$left" 0 "$python" -m benchmarks --out "$out/bench" --budget-s "$bench_budget" --quiet ${BENCH_ARGS:-}
+TAIL_LINES=400 run_step bench "$left" "$graphs_reserve" "$python" -m benchmarks --out "$out/bench" --budget-s "$bench_budget" --quiet ${BENCH_ARGS:-}
+
+# 7. Launch overhead: ViT-B/16 inference timed as CUDA graph replays (vitkern vs timm eager and
+#    torchvision; a provider that cannot be captured is timed eagerly, with a note), batch 256 then
+#    1, 8, 64 as the budget allows (batch 1 and 8 are the launch-bound ones).
+if (( graphs_reserve > 0 )); then
+  left=$(( budget - $(elapsed) - 5 ))
+  graphs_budget=$(( left > 40 ? left - 30 : left / 2 ))
+  TAIL_LINES=60 run_step bench_graphs "$left" 0 "$python" -m benchmarks --models ViT-B/16 --modes fwd \
+    --providers vitkern,vitkern-triton,torch,torchvision --cuda-graphs --out "$out/bench-graphs" \
+    --budget-s "$graphs_budget" --quiet
+fi
 
 echo
 echo "=== gpu_check finished in $(elapsed) s (budget ${budget} s); results in $out"
@@ -163,4 +180,6 @@ if (( failed )); then
   exit 1
 fi
 echo "gpu_check: all steps passed"
+echo "To publish the results: cp -r $out/bench benchmarks/results/<date>-<gpu> (see bench/results.json for the"
+echo "GPU and date), commit it, then: $python -m benchmarks.readme benchmarks/results/<date>-<gpu>"
 exit 0

@@ -4,8 +4,10 @@ A setup module defines ``SETUP`` (or ``SETUPS``, a sequence) of type :class:`Set
 its shapes (a GPU sweep of real ViT shapes and tiny CPU shapes), and ``build(shape, dtype, device)``
 returning a :class:`Case`: the inputs, the plain-PyTorch reference, the vitkern call and the op's
 FLOP/byte :class:`~benchmarks.flops.Cost`. The runner turns one case into every provider
-("vitkern", "vitkern-reference", "vitkern-triton", "torch", "torch.compile") and mode ("fwd",
-"fwd+bwd"). Adding an op to the suite means adding one such module here; nothing else changes.
+("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-reference", "torch", "torch.compile", and
+the case's own ``references``) and mode ("fwd", "fwd+bwd"). Adding an op to the suite means adding
+one such module here; nothing else changes. Modules whose name starts with an underscore hold
+shared helpers (``_attention_refs``: the SDPA-backend, flash-attn and xformers references).
 
 Rules for ``build``:
 
@@ -21,9 +23,12 @@ Rules for ``build``:
 Model-level setups (a whole network rather than one op) use two more things:
 
 - ``Case.references``: other reference implementations beside ``torch_fn``, each run as a provider
-  of its own name (e.g. "torchvision"); a :class:`Reference` without ``fn`` becomes a "skipped"
-  row whose note says why (the library has no such config). Op setups leave it empty and get no
-  such rows.
+  of its own name (e.g. "torchvision"; the attention setups use it too, for "sdpa-*",
+  "flash-attn" and "xformers"); a :class:`Reference` without ``fn`` becomes a "skipped" row whose
+  note says why (the library has no such config, or is not installed). A reference's ``fn`` may
+  raise :class:`Unavailable` on its first call (a backend that refuses the shape): a "skipped" row
+  too. Setups without such references get no rows for them.
+- ``Setup.kind = "model"`` marks a whole-network setup (the CLI's ``--models`` selects those).
 - the "train" mode (``Setup.modes`` lists it): ``Case.train_step(model, wrap)`` returns a callable
   of ``args`` that runs one training step (forward, loss, backward, optimizer step) of ``model``
   ("torch" for ``torch_fn``'s model, "vitkern", or a reference's name), with its forward passed
@@ -38,15 +43,21 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from benchmarks.flops import MODES, Cost
 
-__all__ = ["Case", "Reference", "Setup", "discover", "randn", "shape_label"]
+__all__ = ["Case", "Reference", "Setup", "Unavailable", "discover", "randn", "shape_label"]
 
 ShapeParams = Mapping[str, Any]
+
+
+class Unavailable(Exception):
+    """A provider that cannot serve this case here (a missing library, a backend that refuses the
+    shape or dtype). Raised while preparing or by the first call; the runner turns it into a
+    "skipped" row whose note is the message."""
 
 
 @dataclass
@@ -85,6 +96,7 @@ class Setup:
     order: int = 100  # position in the default run and the report
     formula: str = ""  # one line: which benchmarks.flops function counts it, and how
     modes_for: Optional[Callable[[ShapeParams], Sequence[str]]] = None  # a shape's modes (default: all)
+    kind: str = "op"  # "op", or "model" for a whole network (selected by the CLI's --models)
 
     def shape_modes(self, shape: ShapeParams) -> list[str]:
         """The modes ``shape`` runs in: ``modes``, narrowed by ``modes_for`` when given."""
@@ -93,19 +105,34 @@ class Setup:
         allowed = set(self.modes_for(shape))
         return [m for m in self.modes if m in allowed]
 
-    def shapes(self, device_type: str, *, quick: bool = False, batch: Optional[int] = None) -> list[dict]:
-        """The shapes to run: the GPU sweep (its first entry only with ``quick``) or the CPU shapes,
-        with ``batch`` (when given) replacing every shape's batch."""
+    def shapes(
+        self,
+        device_type: str,
+        *,
+        quick: bool = False,
+        batch: Union[int, Sequence[int], None] = None,
+        names: Optional[Sequence[str]] = None,
+    ) -> list[dict]:
+        """The shapes to run: the GPU sweep (its first entry only with ``quick``) or the CPU shapes.
+
+        ``batch`` (an int, or a sequence for a sweep) replaces every shape's batch: each shape runs
+        once per value. ``names`` keeps only the shapes whose ``name`` is listed (the CLI's
+        ``--models ViT-B/16``), before ``quick`` picks the first.
+        """
         shapes = list(self.gpu_shapes if device_type == "cuda" else self.cpu_shapes)
+        if names is not None:
+            shapes = [s for s in shapes if s.get("name") in names]
         if quick:
             shapes = shapes[:1]
+        batches = [None] if batch is None else [batch] if isinstance(batch, int) else list(batch)
         out = []
         for s in shapes:
-            s = dict(s)
-            if batch is not None and "batch" in s:
-                s["batch"] = int(batch)
-            if s not in out:  # shapes that differed only in their batch
-                out.append(s)
+            for b in batches:
+                s2 = dict(s)
+                if b is not None and "batch" in s2:
+                    s2["batch"] = int(b)
+                if s2 not in out:  # shapes that differed only in their batch
+                    out.append(s2)
         return out
 
 

@@ -1,7 +1,10 @@
 """Flash attention on (B, H, T, d) tensors, non-causal as in a ViT (causal as a shape option).
 
 Reference: ``F.scaled_dot_product_attention`` (PyTorch picks its fastest backend: flash / cuDNN /
-memory-efficient on CUDA). Counted by :func:`benchmarks.flops.attention_cost`: 4*B*H*T*T*d FLOPs
+memory-efficient on CUDA), and beside it SDPA with one backend at a time (``sdpa-flash``,
+``sdpa-cudnn``, ``sdpa-efficient``, ``sdpa-math``) and flash-attn / xformers when installed (see
+``_attention_refs``). The GPU shapes end with a sequence-length sweep at ViT-B's heads (224, 384, 448
+and 512 px: T = 197, 577, 785, 1025) for the speedup-vs-sequence-length plot. Counted by :func:`benchmarks.flops.attention_cost`: 4*B*H*T*T*d FLOPs
 forward (halved when causal), 2.5x that backward; bytes q, k, v read and o written.
 """
 
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 
 from benchmarks.flops import attention_cost
 from benchmarks.setups import Case, Setup, randn
+from benchmarks.setups._attention_refs import bhtd_library_references, sdpa_references
 
 
 def build(shape, dtype, device):
@@ -29,6 +33,7 @@ def build(shape, dtype, device):
         cost=attention_cost(b, h, t, t, d, dtype, causal=causal),
         grad_inputs=(q, k, v),
         torch_label="F.scaled_dot_product_attention",
+        references={**sdpa_references(torch_fn, device), **bhtd_library_references(device, dtype, causal=causal)},
     )
 
 
@@ -41,6 +46,8 @@ SETUP = Setup(
         dict(name="ViT-L/14", batch=64, heads=16, tokens=257, head_dim=64),
         dict(name="ViT-H/14", batch=32, heads=16, tokens=257, head_dim=80),
         dict(name="ViT-B/16@448", batch=16, heads=12, tokens=785, head_dim=64),
+        dict(name="ViT-B/16@384", batch=32, heads=12, tokens=577, head_dim=64),
+        dict(name="ViT-B/16@512", batch=16, heads=12, tokens=1025, head_dim=64),
     ),
     cpu_shapes=(
         dict(name="ViT-Ti/16", batch=1, heads=3, tokens=197, head_dim=64),

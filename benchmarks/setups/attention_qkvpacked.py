@@ -2,13 +2,15 @@
 
 The input is the (B, T, 3*H*d) qkv projection viewed as (B, T, 3, H, d); the output is (B, T, H*d),
 ready for the proj GEMM. Reference: timm's ``Attention.forward`` (permute + unbind, SDPA, then
-transpose + reshape, which copies). vitkern reads q/k/v strided and writes (B, T, H, d) directly.
+transpose + reshape, which copies), also with SDPA held to one backend (``sdpa-*``), and
+flash-attn's ``flash_attn_qkvpacked_func`` / xformers when installed. vitkern reads q/k/v strided and writes (B, T, H, d) directly.
 """
 
 import torch.nn.functional as F
 
 from benchmarks.flops import attention_cost
 from benchmarks.setups import Case, Setup, randn
+from benchmarks.setups._attention_refs import packed_library_references, sdpa_references
 
 
 def build(shape, dtype, device):
@@ -30,6 +32,7 @@ def build(shape, dtype, device):
         cost=attention_cost(b, h, t, t, d, dtype),
         grad_inputs=(qkv,),
         torch_label="timm Attention core (permute, SDPA, reshape)",
+        references={**sdpa_references(torch_fn, device), **packed_library_references(device, dtype, b, t, h, d)},
     )
 
 

@@ -223,6 +223,7 @@ SETUP = Setup(
     modes=("fwd", "train"),
     modes_for=lambda shape: ("fwd", "train") if shape.get("train") else ("fwd",),
     order=200,
+    kind="model",
     formula="vit_cost: vit_flops fwd (2 x MACs of patch embed, qkv, attention, proj, fc1, fc2, head); train adds the "
     "backward (2x GEMMs, 1x patch embed, 2.5x attention); bytes: weights, images, logits (+ grads, AdamW state)",
 )

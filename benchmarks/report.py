@@ -1,0 +1,174 @@
+"""Summaries of a results document that need nothing but the JSON (no torch): which provider is a
+reference, the best reference of a case, and the compact headline table that ``summary.md``, the
+README section (:mod:`benchmarks.readme`) and the plots (:mod:`benchmarks.plot`) share.
+
+A *case* is one (op, shape, dtype, mode). Its *reference* rows are every provider that is not
+vitkern's (``torch``, ``torch.compile``, ``torchvision``, ``sdpa-*``, ``flash-attn``, ``xformers``);
+its *best reference* is the fastest of those that ran. The vitkern row of a case is the first of
+:data:`VITKERN_HEADLINE` that ran: ``vitkern`` (backend "auto", what a user gets) when present.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+VITKERN_HEADLINE = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-reference")
+
+
+def is_reference(provider: str) -> bool:
+    """Every provider that is not one of vitkern's backends is a reference to compare against."""
+    return not provider.startswith("vitkern")
+
+
+def case_key(row: dict) -> tuple:
+    return (row["op"], row["label"], row["dtype"], row["mode"])
+
+
+def cases(rows: Iterable[dict]) -> dict[tuple, list[dict]]:
+    """Rows grouped by case, in first-seen order."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(case_key(r), []).append(r)
+    return out
+
+
+def _ok(row: dict) -> bool:
+    return row.get("status") == "ok" and bool(row.get("median_ms"))
+
+
+def best_reference(members: Iterable[dict]) -> Optional[dict]:
+    """The fastest reference row that ran in one case, or None."""
+    refs = [r for r in members if is_reference(r["provider"]) and _ok(r)]
+    return min(refs, key=lambda r: r["median_ms"]) if refs else None
+
+
+def vitkern_row(members: Iterable[dict]) -> Optional[dict]:
+    """The case's vitkern row: the first of :data:`VITKERN_HEADLINE` that ran, else the first present."""
+    by = {r["provider"]: r for r in members}
+    for p in VITKERN_HEADLINE:
+        if p in by and _ok(by[p]):
+            return by[p]
+    for p in VITKERN_HEADLINE:
+        if p in by:
+            return by[p]
+    return None
+
+
+def speedup_vs_best(members: list[dict]) -> tuple[Optional[dict], Optional[dict], Optional[float]]:
+    """``(vitkern row, best reference row, best reference ms / vitkern ms)`` of one case."""
+    vk, ref = vitkern_row(members), best_reference(members)
+    if vk is None or ref is None or not _ok(vk):
+        return vk, ref, None
+    return vk, ref, ref["median_ms"] / vk["median_ms"]
+
+
+def _is_model(doc: dict, op: str) -> bool:
+    """Whether ``op`` is a whole-model setup: the run's config says so (``model_ops``); older
+    documents without it: the op has a training-step mode."""
+    model_ops = doc.get("config", {}).get("model_ops")
+    if model_ops is not None:
+        return op in model_ops
+    return any(r["op"] == op and r["mode"] == "train" for r in doc["rows"])
+
+
+def headline_cases(doc: dict) -> list[tuple[tuple, list[dict]]]:
+    """The cases of the headline table: each op's first shape (its ``--quick`` shape) in every mode;
+    for a whole-model setup, every batch of its first model in the run."""
+    rows = doc["rows"]
+    grouped = cases(rows)
+    first: dict[str, dict] = {}
+    for r in rows:
+        first.setdefault(r["op"], r)
+    picked = []
+    for key, members in grouped.items():
+        op, label = key[0], key[1]
+        head = first[op]
+        if label == head["label"]:
+            picked.append((key, members))
+        elif _is_model(doc, op) and members[0]["shape"].get("name") and members[0]["shape"].get("name") == head["shape"].get("name"):
+            picked.append((key, members))
+    # a model's batch sweep reads best in mode then batch order (the run order is by interest)
+    op_rank = {op: i for i, op in enumerate(first)}
+    mode_rank = {"fwd": 0, "fwd+bwd": 1, "train": 2}
+
+    def order(item):
+        (op, _label, _dtype, mode), members = item
+        if not _is_model(doc, op):
+            return (op_rank[op], 0, 0)
+        return (op_rank[op], mode_rank.get(mode, 9), members[0]["shape"].get("batch") or 0)
+
+    return sorted(picked, key=order)
+
+
+def _ms(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def headline_table(doc: dict) -> list[dict]:
+    """One dict per headline case: op, shape, mode, vitkern_provider, vitkern_ms, best_reference,
+    reference_ms, speedup, pct_of_ceiling, items_per_s, status (the vitkern row's, or why none)."""
+    out = []
+    for (op, label, dtype, mode), members in headline_cases(doc):
+        vk, ref, speedup = speedup_vs_best(members)
+        ok = vk is not None and _ok(vk)
+        out.append(
+            {
+                "op": op,
+                "shape": label,
+                "dtype": dtype,
+                "mode": mode,
+                "vitkern_provider": vk["provider"] if vk else None,
+                "vitkern_ms": vk["median_ms"] if ok else None,
+                "best_reference": ref["provider"] if ref else None,
+                "reference_ms": ref["median_ms"] if ref else None,
+                "speedup": speedup,
+                "pct_of_ceiling": vk.get("pct_of_ceiling") if ok else None,
+                "items_per_s": vk.get("items_per_s") if ok else None,
+                "status": (vk["status"] if vk else "no vitkern row") if not ok else "ok",
+            }
+        )
+    return out
+
+
+def render_headline(doc: dict) -> str:
+    """The headline as a Markdown table (README-ready)."""
+    table = headline_table(doc)
+    if not table:
+        return "_No results._\n"
+    on_gpu = doc.get("environment", {}).get("device_type") == "cuda"
+    header = ["op / model", "shape", "mode", "vitkern ms", "best reference", "reference ms", "speedup"]
+    if on_gpu:
+        header.append("% of ceiling")
+    show_items = any(t["items_per_s"] is not None for t in table)
+    if show_items:
+        header.append("vitkern img/s")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for t in table:
+        vk_ms = _ms(t["vitkern_ms"]) if t["status"] == "ok" else t["status"]
+        if t["vitkern_provider"] not in (None, "vitkern") and t["status"] == "ok":
+            vk_ms += f" ({t['vitkern_provider']})"
+        cells = [
+            t["op"],
+            t["shape"],
+            t["mode"],
+            vk_ms,
+            t["best_reference"] or "-",
+            _ms(t["reference_ms"]),
+            f"**{t['speedup']:.2f}x**" if t["speedup"] is not None else "-",
+        ]
+        if on_gpu:
+            cells.append(f"{t['pct_of_ceiling']:.0f}%" if t["pct_of_ceiling"] is not None else "-")
+        if show_items:
+            cells.append(f"{t['items_per_s']:.0f}" if t["items_per_s"] is not None else "-")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_title(doc: dict) -> str:
+    """"NVIDIA H100 80GB HBM3, 2025-01-31, bf16" and so on: the device, the date and the dtype."""
+    env, cfg = doc.get("environment", {}), doc.get("config", {})
+    date = (env.get("date") or "")[:10]
+    parts = [env.get("device_name") or "unknown device", date, cfg.get("dtype")]
+    return ", ".join(p for p in parts if p)
