@@ -1,6 +1,6 @@
-// Launcher for the patchify kernel. Plain C++ interface (no torch types) so that the .cu file
+// Launcher for the patchify kernels. Plain C++ interface (no torch types) so that the .cu file
 // compiles without the ATen headers; argument checking, allocation and the stream live in
-// patchify_op.cpp.
+// patchify_op.cpp and patch_embed.cpp.
 #pragma once
 
 #include <cstdint>
@@ -13,25 +13,34 @@ namespace vitkern {
 struct PatchifyShape {
   int64_t batch;       // B
   int64_t channels;    // C
-  int64_t height;      // H (a multiple of patch)
-  int64_t width;       // W (a multiple of patch)
-  int64_t patch;       // P
+  int64_t height;      // H (a multiple of patch_h)
+  int64_t width;       // W (a multiple of patch_w)
+  int64_t patch_h;     // Ph
+  int64_t patch_w;     // Pw
   int64_t elem_size;   // bytes per element (2 or 4)
+  bool channels_last;  // input memory layout: false = NCHW contiguous, true = NHWC (channels_last)
 };
 
-// Copies a contiguous NCHW image batch `in` into the contiguous patch matrix `out` of shape
-// (B * (H/P) * (W/P), C * P * P), rows ordered (b, ph, pw) and columns (c, py, px).
-// The copy is dtype-agnostic: it moves `vector_bytes`-wide units, where vector_bytes is one of
-// 16, 8, 4 or 2, divides P * elem_size and matches the alignment of both pointers
-// (patchify_vector_bytes picks it). Enqueues on `stream`; returns cudaErrorInvalidValue for an
-// unsupported vector_bytes, else cudaSuccess without reading the launch status, which the caller
-// checks (C10_CUDA_KERNEL_LAUNCH_CHECK).
-cudaError_t launch_patchify(const void* in, void* out, const PatchifyShape& shape, int vector_bytes,
-                            cudaStream_t stream);
+// Copies a dense image batch `in` (NCHW or NHWC as `shape.channels_last` says) into the
+// contiguous patch matrix `out` of shape (B * (H/Ph) * (W/Pw), C * Ph * Pw), rows ordered
+// (b, patch row, patch column) and columns (c, py, px): the layout of a Conv2d weight
+// (D, C, Ph, Pw) flattened to (D, C * Ph * Pw).
+//
+// The copy is dtype-agnostic and moves the widest units (16, 8, 4 or 2 bytes) that the patch
+// geometry and the pointers' alignment allow:
+//   NCHW: every input row segment of Pw pixels is contiguous in the output (direct copy);
+//   NHWC: each patch (Ph rows of Pw * C contiguous elements) is staged in shared memory with
+//         wide loads, then written out transposed to (c, py, px) with wide stores; patches too
+//         large for the staging buffer take an element-wise gather kernel.
+// Enqueues on `stream`; returns cudaErrorInvalidValue for an unsupported element size, else
+// cudaSuccess without reading the launch status, which the caller checks
+// (C10_CUDA_KERNEL_LAUNCH_CHECK).
+cudaError_t launch_patchify(const void* in, void* out, const PatchifyShape& shape, cudaStream_t stream);
 
-// Widest unit (16, 8, 4 or 2 bytes, never narrower than one element) that divides one patch row
-// segment (P * elem_size bytes) and to which both pointers are aligned.
-int patchify_vector_bytes(const void* in, const void* out, const PatchifyShape& shape);
+// The unit widths (bytes) launch_patchify would use for these pointers: {load, store}. For the
+// tests and the documentation of the vectorisation; host-only.
+void patchify_unit_bytes(const void* in, const void* out, const PatchifyShape& shape, int* load_bytes,
+                         int* store_bytes);
 
 // The __CUDA_ARCH_LIST__ the kernels were compiled for, e.g. "800,900".
 const char* patchify_compiled_arch_list();

@@ -1,5 +1,7 @@
 """The optional CUDA extension vitkern._C: loading, op registration, fake/autograd, patchify.
 
+(The cuBLASLt ops of the "cuda" backend are tested in tests/ops/test_cuda_backend.py.)
+
 Without the extension built, the tests that need it skip with the reason from
 ``extension_error()``. Loading needs no GPU, so registration, build_info and the fake (meta)
 implementation are checked on any machine; numerics run only on a CUDA device (``gpu`` marker).
@@ -161,10 +163,12 @@ def test_fake_impl_rejects_bad_input(shape, dtype, P, match):
 
 
 @needs_extension
-def test_fake_impl_rejects_non_contiguous():
-    images = torch.empty(1, 32, 32, 3, device="meta").permute(0, 3, 1, 2)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.vitkern_cuda.patchify(images, 16)
+def test_fake_impl_accepts_channels_last_and_rejects_other_layouts():
+    images = torch.empty(1, 32, 32, 3, device="meta").permute(0, 3, 1, 2)  # channels_last
+    assert torch.ops.vitkern_cuda.patchify(images, 16).shape == (4, 3 * 16 * 16)
+    strided = torch.empty(1, 3, 32, 64, device="meta")[..., ::2]
+    with pytest.raises(RuntimeError, match="contiguous \\(NCHW\\) or channels_last"):
+        torch.ops.vitkern_cuda.patchify(strided, 16)
 
 
 @needs_extension
@@ -198,6 +202,30 @@ def test_patchify_matches_reference(dtype, B, C, H, W, P):
     out = ext.patchify(images, P)
     assert out.dtype == dtype and out.is_contiguous()
     torch.testing.assert_close(out, ext.patchify_ref(images, P).contiguous(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, C, H, W, P", PATCHIFY_CASES)
+def test_patchify_channels_last_matches_reference(dtype, B, C, H, W, P):
+    _needs_cuda()
+    images = torch.randn(B, C, H, W, device="cuda").to(dtype).to(memory_format=torch.channels_last)
+    assert not images.is_contiguous() or C == 1
+    out = ext.patchify(images, P)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ext.patchify_ref(images, P).contiguous(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_patchify_channels_last_large_patch_uses_the_gather_kernel():
+    _needs_cuda()
+    # 64 channels x 32 x 32 fp32 = 256 KB per patch: beyond the 48 KB shared-memory stage.
+    images = torch.randn(2, 64, 64, 32, device="cuda").to(memory_format=torch.channels_last)
+    info = ext.load()._patchify_unit_bytes(2, 64, 64, 32, 32, 32, 4, True, images.data_ptr(), 0)
+    assert info == (4, 4)
+    torch.testing.assert_close(ext.patchify(images, 32), ext.patchify_ref(images, 32).contiguous(), rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -248,7 +276,7 @@ def test_patchify_errors_on_gpu():
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         ext.patchify(torch.zeros(1, 3, 32, 32, device="cuda", dtype=torch.float64), 16)
     with pytest.raises(RuntimeError, match="contiguous"):
-        ext.patchify(torch.zeros(1, 32, 32, 3, device="cuda").permute(0, 3, 1, 2), 16)
+        ext.patchify(torch.zeros(1, 3, 32, 64, device="cuda")[..., ::2], 16)
     with pytest.raises(RuntimeError, match="patch_size must be > 0"):
         ext.patchify(torch.zeros(1, 3, 32, 32, device="cuda"), -16)
 

@@ -1,0 +1,366 @@
+// Elementwise kernels of the cuBLASLt backend (interfaces and semantics in dense_epilogue.h):
+//   - the forward epilogue pass: bias (when cuBLASLt did not add it), the exact erf GELU (cuBLASLt's
+//     GELU epilogue is the tanh approximation) or the tanh form, and the residual / LayerScale /
+//     drop-path row-scale add that cuBLASLt's C matrix cannot express;
+//   - the backward epilogue pass: dt = grad * row_scale * gamma * act'(pre);
+//   - the token-row writer of the patch embedding (class / register tokens + position embedding).
+// Memory-bound; the epilogue passes move 16-byte vectors per thread when the layout allows.
+// fp32 math, one rounding per store. Only CUDA headers here (no ATen) to keep the compile short.
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "dense_epilogue.h"
+
+namespace vitkern {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename U, int V>
+struct alignas(V * sizeof(U) < 16 ? V * sizeof(U) : 16) Pack {
+  U v[V];
+};
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename U, int V>
+__device__ __forceinline__ Pack<U, V> load_pack(const U* p) {
+  return *reinterpret_cast<const Pack<U, V>*>(p);
+}
+template <typename U, int V>
+__device__ __forceinline__ void store_pack(U* p, const Pack<U, V>& v) {
+  *reinterpret_cast<Pack<U, V>*>(p) = v;
+}
+
+// ------------------------------------------------------------------------------ activations
+
+constexpr float kSqrtHalf = 0.70710678118654752440f;   // 1 / sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f; // 1 / sqrt(2 pi)
+constexpr float kSqrt2OverPi = 0.79788456080286535588f;
+constexpr float kTanhCoef = 0.044715f;
+
+__device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * kSqrtHalf)); }
+
+__device__ __forceinline__ float gelu_erf_grad(float x) {
+  const float cdf = 0.5f * (1.0f + erff(x * kSqrtHalf));
+  const float pdf = expf(-0.5f * x * x) * kInvSqrt2Pi;
+  return cdf + x * pdf;
+}
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+  const float u = kSqrt2OverPi * (x + kTanhCoef * x * x * x);
+  return 0.5f * x * (1.0f + tanhf(u));
+}
+
+__device__ __forceinline__ float gelu_tanh_grad(float x) {
+  const float x2 = x * x;
+  const float u = kSqrt2OverPi * (x + kTanhCoef * x2 * x);
+  const float t = tanhf(u);
+  return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCoef * x2);
+}
+
+__device__ __forceinline__ float act_fwd(float x, int act) {
+  if (act == kActGelu) return gelu_erf(x);
+  if (act == kActGeluTanh) return gelu_tanh(x);
+  return x;
+}
+
+__device__ __forceinline__ float act_grad(float x, int act) {
+  if (act == kActGelu) return gelu_erf_grad(x);
+  if (act == kActGeluTanh) return gelu_tanh_grad(x);
+  return 1.0f;
+}
+
+template <typename T>
+__device__ __forceinline__ float load_row_scale(const void* p, int dtype, int64_t r) {
+  return dtype == kDTypeF32 ? static_cast<const float*>(p)[r] : to_f(static_cast<const T*>(p)[r]);
+}
+
+// ----------------------------------------------------------------------- forward epilogue
+
+// threadIdx.x / blockIdx.x walk vectors of V columns; threadIdx.y / blockIdx.y stride over rows.
+// No __restrict__: pre and out may alias t (each element is read before it is written, by the
+// same thread).
+template <typename T, typename R, int V>
+__global__ void __launch_bounds__(kThreads) dense_fwd_epilogue_kernel(const DenseFwdEpilogue e) {
+  const int64_t nvec = e.cols / V;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (cv >= nvec) return;
+  const int64_t c0 = cv * V;
+  float bias[V], gamma[V];
+  if (e.bias != nullptr) {
+    const auto b = load_pack<T, V>(static_cast<const T*>(e.bias) + c0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) bias[i] = to_f(b.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) bias[i] = 0.0f;
+  }
+  if (e.gamma != nullptr) {
+    const auto g = load_pack<T, V>(static_cast<const T*>(e.gamma) + c0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) gamma[i] = to_f(g.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) gamma[i] = 1.0f;
+  }
+  const T* t = static_cast<const T*>(e.t);
+  T* pre = static_cast<T*>(e.pre);
+  const R* residual = static_cast<const R*>(e.residual);
+  R* out = static_cast<R*>(e.out);
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < e.rows; r += row_step) {
+    const auto tv = load_pack<T, V>(t + r * e.ld_t + c0);
+    float v[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = to_f(from_f<T>(to_f(tv.v[i]) + bias[i]));  // rounded like F.linear
+    if (pre != nullptr) {
+      Pack<T, V> pv;
+#pragma unroll
+      for (int i = 0; i < V; ++i) pv.v[i] = from_f<T>(v[i]);
+      store_pack<T, V>(pre + r * e.ld_pre + c0, pv);
+    }
+    Pack<R, V> ov;
+    if (residual != nullptr) {
+      const float scale = e.row_scale != nullptr ? load_row_scale<T>(e.row_scale, e.row_scale_dtype, r) : 1.0f;
+      const auto rv = load_pack<R, V>(residual + r * e.ld_residual + c0);
+#pragma unroll
+      for (int i = 0; i < V; ++i) ov.v[i] = from_f<R>(to_f(rv.v[i]) + act_fwd(v[i], e.act) * gamma[i] * scale);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) ov.v[i] = from_f<R>(act_fwd(v[i], e.act));
+    }
+    store_pack<R, V>(out + r * e.ld_out + c0, ov);
+  }
+}
+
+// ---------------------------------------------------------------------- backward epilogue
+
+template <typename T, typename G, int V>
+__global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const DenseBwdEpilogue e) {
+  const int64_t nvec = e.cols / V;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (cv >= nvec) return;
+  const int64_t c0 = cv * V;
+  float gamma[V];
+  if (e.gamma != nullptr) {
+    const auto g = load_pack<T, V>(static_cast<const T*>(e.gamma) + c0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) gamma[i] = to_f(g.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) gamma[i] = 1.0f;
+  }
+  const G* grad = static_cast<const G*>(e.grad);
+  const T* pre = static_cast<const T*>(e.pre);
+  T* dt = static_cast<T*>(e.dt);
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < e.rows; r += row_step) {
+    float g[V];
+    if constexpr (V == 1) {
+      g[0] = to_f(grad[r * e.grad_stride_row + c0 * e.grad_stride_col]);
+    } else {  // the vector path has a unit column stride
+      const auto gv = load_pack<G, V>(grad + r * e.grad_stride_row + c0);
+#pragma unroll
+      for (int i = 0; i < V; ++i) g[i] = to_f(gv.v[i]);
+    }
+    const float scale = e.row_scale != nullptr ? load_row_scale<T>(e.row_scale, e.row_scale_dtype, r) : 1.0f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) g[i] = g[i] * scale * gamma[i];
+    if (e.act != kActNone) {
+      const auto pv = load_pack<T, V>(pre + r * e.ld_pre + c0);
+#pragma unroll
+      for (int i = 0; i < V; ++i) g[i] *= act_grad(to_f(pv.v[i]), e.act);
+    }
+    Pack<T, V> ov;
+#pragma unroll
+    for (int i = 0; i < V; ++i) ov.v[i] = from_f<T>(g[i]);
+    store_pack<T, V>(dt + r * e.ld_dt + c0, ov);
+  }
+}
+
+// ----------------------------------------------------------------------------- token rows
+
+__device__ __forceinline__ float load_any(const void* p, int dtype, int64_t i) {
+  switch (dtype) {
+    case kDTypeF16: return __half2float(static_cast<const __half*>(p)[i]);
+    case kDTypeBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_any(void* p, int dtype, int64_t i, float v) {
+  switch (dtype) {
+    case kDTypeF16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case kDTypeBF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(p)[i] = v; break;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) token_rows_kernel(const TokenRows t) {
+  const int64_t total = t.batch * t.rows * t.dim;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
+    const int64_t c = idx % t.dim;
+    const int64_t rest = idx / t.dim;
+    const int64_t r = rest % t.rows;
+    const int64_t b = rest / t.rows;
+    const int64_t o = b * t.batch_stride + (t.row0 + r) * t.dim + c;
+    float v = t.accumulate ? load_any(t.out, t.out_dtype, o) : 0.0f;
+    if (t.src_a != nullptr) v += load_any(t.src_a, t.a_dtype, (t.a_row0 + r) * t.dim + c);
+    if (t.src_b != nullptr) v += load_any(t.src_b, t.b_dtype, (t.b_row0 + r) * t.dim + c);
+    if (t.vec != nullptr) v += load_any(t.vec, t.vec_dtype, c);
+    store_any(t.out, t.out_dtype, o, v);
+  }
+}
+
+// ---------------------------------------------------------------------------------- launch
+
+int elem_size(int dtype) { return dtype == kDTypeF32 ? 4 : 2; }
+
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % static_cast<uint64_t>(bytes) == 0; }
+
+// A V-wide access of an operand with `esize`-byte elements needs min(16, V * esize) alignment of
+// the pointer and of the row pitch.
+bool vector_ok(const void* p, int64_t ld, int esize, int v) {
+  if (p == nullptr) return true;
+  const int64_t a = v * esize < 16 ? v * esize : 16;
+  return aligned(p, a) && (ld * esize) % a == 0;
+}
+
+dim3 block_for(int64_t nvec) {
+  int64_t bx = ((nvec < kThreads ? nvec : kThreads) + 31) / 32 * 32;
+  if (bx < 32) bx = 32;
+  return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(kThreads / bx));
+}
+
+dim3 grid_for(int64_t nvec, int64_t rows, dim3 block) {
+  const int64_t gx = (nvec + block.x - 1) / block.x;
+  int64_t gy = (rows + block.y - 1) / block.y;
+  if (gy > 65535) gy = 65535;
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy < 1 ? 1 : gy));
+}
+
+template <typename T, typename R, int V>
+void run_fwd(const DenseFwdEpilogue& e, cudaStream_t stream) {
+  const int64_t nvec = e.cols / V;
+  const dim3 block = block_for(nvec);
+  dense_fwd_epilogue_kernel<T, R, V><<<grid_for(nvec, e.rows, block), block, 0, stream>>>(e);
+}
+
+template <typename T, typename R>
+void dispatch_fwd(const DenseFwdEpilogue& e, cudaStream_t stream) {
+  if (dense_fwd_epilogue_vector(e) > 1) {
+    run_fwd<T, R, static_cast<int>(16 / sizeof(T))>(e, stream);
+  } else {
+    run_fwd<T, R, 1>(e, stream);
+  }
+}
+
+template <typename T, typename G, int V>
+void run_bwd(const DenseBwdEpilogue& e, cudaStream_t stream) {
+  const int64_t nvec = e.cols / V;
+  const dim3 block = block_for(nvec);
+  dense_bwd_epilogue_kernel<T, G, V><<<grid_for(nvec, e.rows, block), block, 0, stream>>>(e);
+}
+
+template <typename T, typename G>
+void dispatch_bwd(const DenseBwdEpilogue& e, cudaStream_t stream) {
+  if (dense_bwd_epilogue_vector(e) > 1) {
+    run_bwd<T, G, static_cast<int>(16 / sizeof(T))>(e, stream);
+  } else {
+    run_bwd<T, G, 1>(e, stream);
+  }
+}
+
+bool valid_dtype(int d) { return d == kDTypeF32 || d == kDTypeF16 || d == kDTypeBF16; }
+bool valid_act(int a) { return a == kActNone || a == kActGelu || a == kActGeluTanh; }
+
+}  // namespace
+
+int dense_fwd_epilogue_vector(const DenseFwdEpilogue& e) {
+  const int es = elem_size(e.dtype), os = elem_size(e.out_dtype);
+  const int v = 16 / es;
+  if (e.cols % v != 0) return 1;
+  const bool ok = vector_ok(e.t, e.ld_t, es, v) && vector_ok(e.pre, e.ld_pre, es, v) &&
+                  vector_ok(e.out, e.ld_out, os, v) && vector_ok(e.residual, e.ld_residual, os, v) &&
+                  vector_ok(e.bias, 0, es, v) && vector_ok(e.gamma, 0, es, v);
+  return ok ? v : 1;
+}
+
+int dense_bwd_epilogue_vector(const DenseBwdEpilogue& e) {
+  const int es = elem_size(e.dtype), gs = elem_size(e.grad_dtype);
+  const int v = 16 / es;
+  if (e.cols % v != 0 || e.grad_stride_col != 1) return 1;
+  const bool ok = vector_ok(e.grad, e.grad_stride_row, gs, v) && vector_ok(e.pre, e.ld_pre, es, v) &&
+                  vector_ok(e.dt, e.ld_dt, es, v) && vector_ok(e.gamma, 0, es, v);
+  return ok ? v : 1;
+}
+
+cudaError_t launch_dense_fwd_epilogue(const DenseFwdEpilogue& e, cudaStream_t stream) {
+  if (!valid_dtype(e.dtype) || !valid_act(e.act)) return cudaErrorInvalidValue;
+  if (e.out_dtype != e.dtype && e.out_dtype != kDTypeF32) return cudaErrorInvalidValue;
+  if (e.out_dtype != e.dtype && e.residual == nullptr) return cudaErrorInvalidValue;
+  if (e.t == nullptr || e.out == nullptr) return cudaErrorInvalidValue;
+  if (e.rows == 0 || e.cols == 0) return cudaSuccess;
+  const bool same = e.out_dtype == e.dtype;
+  switch (e.dtype) {
+    case kDTypeF32: dispatch_fwd<float, float>(e, stream); break;
+    case kDTypeF16:
+      same ? dispatch_fwd<__half, __half>(e, stream) : dispatch_fwd<__half, float>(e, stream);
+      break;
+    default:
+      same ? dispatch_fwd<__nv_bfloat16, __nv_bfloat16>(e, stream) : dispatch_fwd<__nv_bfloat16, float>(e, stream);
+      break;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_dense_bwd_epilogue(const DenseBwdEpilogue& e, cudaStream_t stream) {
+  if (!valid_dtype(e.dtype) || !valid_act(e.act)) return cudaErrorInvalidValue;
+  if (e.grad_dtype != e.dtype && e.grad_dtype != kDTypeF32) return cudaErrorInvalidValue;
+  if (e.grad == nullptr || e.dt == nullptr || (e.act != kActNone && e.pre == nullptr)) return cudaErrorInvalidValue;
+  if (e.rows == 0 || e.cols == 0) return cudaSuccess;
+  const bool same = e.grad_dtype == e.dtype;
+  switch (e.dtype) {
+    case kDTypeF32: dispatch_bwd<float, float>(e, stream); break;
+    case kDTypeF16:
+      same ? dispatch_bwd<__half, __half>(e, stream) : dispatch_bwd<__half, float>(e, stream);
+      break;
+    default:
+      same ? dispatch_bwd<__nv_bfloat16, __nv_bfloat16>(e, stream) : dispatch_bwd<__nv_bfloat16, float>(e, stream);
+      break;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_token_rows(const TokenRows& t, cudaStream_t stream) {
+  for (int d : {t.out_dtype, t.a_dtype, t.b_dtype, t.vec_dtype}) {
+    if (!valid_dtype(d)) return cudaErrorInvalidValue;
+  }
+  if (t.out == nullptr) return cudaErrorInvalidValue;
+  const int64_t total = t.batch * t.rows * t.dim;
+  if (total == 0) return cudaSuccess;
+  int64_t blocks = (total + kThreads - 1) / kThreads;
+  const int64_t max_blocks = 1 << 20;  // the kernel strides over the rest
+  if (blocks > max_blocks) blocks = max_blocks;
+  token_rows_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t);
+  return cudaSuccess;
+}
+
+}  // namespace vitkern
