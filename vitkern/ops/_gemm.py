@@ -39,8 +39,12 @@ function ``(a_ptr, offs_m, offs_k, M, K, a_args) -> [BLOCK_M, BLOCK_K] tile`` (z
 ``M`` / ``K``; ``a_args`` is a tuple the op defines: an implicit-im2col gather of image pixels);
 ``ROW_MAP`` maps output rows, ``(offs_m, c_args) -> (c_rows, res_rows)``, for the C store and the
 residual load (tokens written after the prefix tokens, pos_embed added as a residual indexed by
-patch). Both default to None (plain A, identity rows); :func:`gemm` takes them as ``a_gather`` /
-``a_args`` / ``a_shape`` and ``row_map`` / ``c_args``.
+patch); with it ``COL_MAP``, ``(offs_n, c_args) -> c_cols``, maps output columns (the image
+gradient scattered to pixels). ``PROLOGUE``, ``(pid, num_progs, c_ptr, stride_cm, stride_cn,
+c_args, BLOCK_M, BLOCK_N)``, runs once per program before its tiles (the prefix tokens written by
+the GEMM's own programs). All default to None (plain A, identity rows and columns, no prologue);
+:func:`gemm` takes them as ``a_gather`` / ``a_args`` / ``a_shape``, ``row_map`` / ``col_map`` /
+``c_args`` and ``prologue``.
 
 Under the interpreter, bf16 dot operands are upcast (``dot_operand``), stores round to nearest
 even (``round_to``), and transposed tiles are copied row-major before the dot (numpy's matmul is
@@ -175,7 +179,7 @@ def _gemm_kernel(
     FLATTEN: tl.constexpr,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr, R_MODE: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    A_GATHER: tl.constexpr, ROW_MAP: tl.constexpr,
+    A_GATHER: tl.constexpr, ROW_MAP: tl.constexpr, COL_MAP: tl.constexpr, PROLOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, HAS_RED_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT_GRAD: tl.constexpr, ROW_SUM: tl.constexpr, ROW_DOT: tl.constexpr,
@@ -201,6 +205,9 @@ def _gemm_kernel(
             rowsum_ptr += pid_s.to(tl.int64) * M
         if ROW_DOT:
             dotpart_ptr += pid_s.to(tl.int64) * num_pid_n * M
+
+    if PROLOGUE is not None:
+        PROLOGUE(start_pid, num_progs, c_ptr, stride_cm, stride_cn, c_args, BLOCK_M, BLOCK_N)
 
     if A_MODE == 1:
         a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
@@ -322,7 +329,11 @@ def _gemm_kernel(
                 r = tl.load(res_ptr + r_rows.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn,
                             mask=mask, other=0.0)
                 acc = acc + r.to(tl.float32)
-            tl.store(c_ptr + c_rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+            if COL_MAP is not None:
+                c_cols = COL_MAP(offs_n, c_args)
+            else:
+                c_cols = offs_n
+            tl.store(c_ptr + c_rows.to(tl.int64)[:, None] * stride_cm + c_cols[None, :] * stride_cn,
                      round_to(acc, c_ptr.dtype.element_ty), mask=mask)
         else:
             if HAS_RESIDUAL:
@@ -562,7 +573,9 @@ def gemm(
     a_args: tuple = (0,),
     a_shape: Optional[tuple[int, int]] = None,
     row_map=None,
+    col_map=None,
     c_args: tuple = (0,),
+    prologue=None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``out[M, N] = epilogue(a[M, K] @ b[N, K]^T)``; see the module docstring for the epilogue.
 
@@ -577,10 +590,18 @@ def gemm(
     ``a`` is only the base pointer's tensor and ``a_shape = (M, K)`` gives the logical shape.
     ``row_map`` is a ``@triton.jit`` function ``(offs_m, c_args) -> (c_rows, residual_rows)``:
     ``out`` (and ``residual``) are then 2-D buffers indexed by the mapped rows (any row count).
+    ``col_map`` (with ``row_map``) is a ``@triton.jit`` function ``(offs_n, c_args) -> c_cols``:
+    element ``(m, n)`` is stored at ``c_rows[m] * out.stride(0) + c_cols[n] * out.stride(1)``
+    (``out`` then only carries the base pointer, dtype and those two strides; any shape).
+    ``prologue`` is a ``@triton.jit`` function ``(pid, num_progs, c_ptr, stride_cm, stride_cn,
+    c_args, BLOCK_M, BLOCK_N)`` that every program runs once before its tiles (no split-K).
     """
     M, K = a_shape if a_gather is not None else a.shape
     N = b.shape[0]
-    if b.shape[1] != K or (row_map is None and tuple(out.shape) != (M, N)) or out.shape[-1] != N:
+    if col_map is not None and row_map is None:
+        raise ValueError("gemm: col_map needs row_map")
+    if b.shape[1] != K or (row_map is None and tuple(out.shape) != (M, N)) or (
+            col_map is None and out.shape[-1] != N):
         raise ValueError(f"gemm: shapes a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)} do not match")
     if (a_gather is not None or row_map is not None) and K == 0:
         raise ValueError("gemm: K = 0 with a gather / row map")
@@ -601,7 +622,7 @@ def gemm(
     num_tiles = triton.cdiv(M, cfg.block_m) * num_pid_n
     k_tiles = triton.cdiv(K, cfg.block_k)
     split_safe = (bias is None and activation == ACT_NONE and residual is None and pre is None
-                  and act_grad == ACT_NONE and row_map is None)
+                  and act_grad == ACT_NONE and row_map is None and prologue is None)
     if split_k is None:
         split_k = 1
         if split_safe and cfg.split_k > 1 and k_tiles >= 16:
@@ -650,7 +671,7 @@ def gemm(
         progs, per_split,
         A_MODE=a_mode, B_MODE=b_mode, C_MODE=c_mode, R_MODE=r_mode,
         EVEN_K=K % cfg.block_k == 0, SPLIT_K=split_k > 1,
-        A_GATHER=a_gather, ROW_MAP=row_map,
+        A_GATHER=a_gather, ROW_MAP=row_map, COL_MAP=col_map, PROLOGUE=prologue,
         HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_COL_SCALE=col_scale is not None,
         HAS_ROW_SCALE=row_scale is not None, HAS_RED_SCALE=red_scale is not None,
         HAS_RESIDUAL=residual is not None, STORE_PRE=pre is not None, ACT_GRAD=act_grad,
