@@ -1,0 +1,550 @@
+"""The Triton attention kernels (vitkern.ops.attention), forward and backward.
+
+On a machine without a GPU the kernels run on CPU tensors through the Triton interpreter (the
+conftest sets TRITON_INTERPRET=1). Accuracy follows the flash-attention rule: the kernel's error
+against the float64 reference is at most twice the error of PyTorch's own SDPA in the same dtype,
+plus the rounding noise of that dtype at the result's magnitude. Kernel outputs are poisoned
+(NaN-filled) before the launch, so an element a kernel fails to write fails the test.
+
+The default run covers every feature once at awkward shapes (T = 1, 17, 197, 257, ragged
+Tq != Tk, head dims 32 / 64 / 72 / 80 / 96 / 128 / 256, causal, GQA and MQA, packed qkv views,
+key-padding masks); the full cross product is marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vitkern
+from vitkern.ops import attention as A
+from vitkern.ops._config import INTERPRETING, KernelConfig
+
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or INTERPRETING), reason="Triton kernels need a GPU or TRITON_INTERPRET=1"
+)
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    vitkern.use_backend("triton")  # the conftest restores the previous choice
+
+
+@contextlib.contextmanager
+def _fp32_precision(value: str):
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = value
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def _rand(shape, dtype, device, scale=1.0, gen=None):
+    return (torch.randn(shape, generator=gen, dtype=F32) * scale).to(device=device, dtype=dtype)
+
+
+def _rounding_atol(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Twice the error of just rounding ``ref`` to ``dtype`` (as the flash-attention tests do)."""
+    finite = ref[torch.isfinite(ref)]
+    if finite.numel() == 0:
+        return 0.0
+    r = finite.to(dtype)
+    return 2.0 * ((r + 0.3 - 0.3).double() - finite).abs().max().item() + 1e-7
+
+
+def _assert_fa_rule(name: str, got: torch.Tensor, ref64: torch.Tensor, torch_lp: torch.Tensor, dtype,
+                    scale: float = 0.0) -> None:
+    """|got - ref64| <= 2 |torch_lp - ref64| + atol, and the same non-finite pattern. atol: the
+    rounding noise of ``dtype`` at the reference's magnitude, at least one ulp at ``scale`` (the
+    magnitude of the problem: a gradient that is exactly 0, as dK for a single key, still carries
+    the rounding of the terms that cancel in it)."""
+    fin = torch.isfinite(ref64)
+    got_fin = torch.isfinite(got)
+    assert torch.equal(got_fin, fin), f"{name}: {(got_fin != fin).sum().item()} elements differ in finiteness"
+    if not fin.any():
+        return
+    assert torch.equal(got[~fin], ref64[~fin].to(got.dtype)), f"{name}: non-finite values differ"
+    err = (got.double() - ref64)[fin].abs().max().item()
+    err_torch = (torch_lp.double() - ref64)[fin].abs().max().item()
+    atol = max(_rounding_atol(ref64, dtype), torch.finfo(dtype).eps * scale)
+    assert err <= 2 * err_torch + atol, f"{name}: kernel error {err:.3e} > 2 x torch error {err_torch:.3e} + {atol:.1e}"
+
+
+def _sdpa(q, k, v, causal, scale, bias):
+    """PyTorch's SDPA (with GQA expanded by hand, bias as an additive key-padding mask)."""
+    h, hkv = q.shape[1], k.shape[1]
+    if hkv != h:
+        k, v = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    mask = bias.to(q.dtype)[:, :, None, :]
+    if causal:  # SDPA takes one or the other: fold the (top-left) causal mask into the float mask
+        tq, tk = q.shape[2], k.shape[2]
+        visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
+        mask = mask.masked_fill(~visible, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _references(q, k, v, dout, causal, scale, bias):
+    """fp64 reference (out, lse, dq, dk, dv) and PyTorch's SDPA in the inputs' dtype (out, dq, dk, dv)."""
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = A.attention_ref(*leaves64, causal=causal, scale=scale, return_lse=True,
+                                   key_padding_bias=None if bias is None else bias.double())
+    grads64 = torch.autograd.grad(out64, leaves64, dout.double())
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_lp = _sdpa(*leaves, causal, scale, bias)
+    out_lp = torch.nan_to_num(out_lp)  # torch's CPU kernels may give NaN rows for empty masks
+    grads_lp = torch.autograd.grad(out_lp, leaves, dout)
+    return (out64, lse64, *grads64), (out_lp.detach(), *grads_lp)
+
+
+def _make_inputs(b, h, hkv, tq, tk, d, dtype, device, packed=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if packed:
+        assert tq == tk and hkv == h
+        qkv = _rand((b, tq, 3, h, d), dtype, device, gen=gen)
+        q, k, v = A._packed_views(qkv)
+    else:
+        q = _rand((b, h, tq, d), dtype, device, gen=gen)
+        k = _rand((b, hkv, tk, d), dtype, device, gen=gen)
+        v = _rand((b, hkv, tk, d), dtype, device, gen=gen)
+    dout = _rand((b, h, tq, d), dtype, device, gen=gen)
+    return q, k, v, dout
+
+
+def _run_kernels(q, k, v, dout, causal, scale, bias, deterministic):
+    """The launchers straight, into NaN-poisoned outputs (packed inputs get (B, T, H, D) outputs
+    and one packed gradient buffer, as the packed op uses them)."""
+    b, h, tq, d = q.shape
+    nan = float("nan")
+    packed = q._base is not None and q._base is k._base and q._base.dim() == 5
+    if packed:
+        out = torch.full((b, tq, h, d), nan, dtype=q.dtype, device=q.device).transpose(1, 2)
+        dq, dk, dv = A._packed_views(torch.full(q._base.shape, nan, dtype=q.dtype, device=q.device))
+    else:
+        out = torch.full_like(q, nan)
+        dq, dk, dv = torch.full_like(q, nan), torch.full_like(k, nan), torch.full_like(v, nan)
+    lse = torch.full((b, h, tq), nan, dtype=F32, device=q.device)
+    A._attention_fwd(q, k, v, bias, causal, scale, out, lse)
+    A._attention_bwd(dout, q, k, v, out, lse, None, bias, causal, scale, deterministic, dq, dk, dv)
+    return out, lse, dq, dk, dv
+
+
+def _check_case(b, h, hkv, tq, tk, d, dtype, device, causal=False, packed=False, bias_kind=None,
+                deterministic=False, scale=None, seed=0):
+    q, k, v, dout = _make_inputs(b, h, hkv, tq, tk, d, dtype, device, packed, seed)
+    bias = None
+    if bias_kind is not None:
+        gen = torch.Generator().manual_seed(seed + 1)
+        shape = {"batch": (b, 1, tk), "head": (b, h, tk), "shared": (1, 1, tk)}[bias_kind]
+        bias = torch.zeros(shape)
+        bias.masked_fill_(torch.rand(shape, generator=gen) < 0.3, float("-inf"))
+        bias += torch.where(torch.rand(shape, generator=gen) < 0.5, torch.randn(shape, generator=gen), 0.0)
+        if b > 1 and shape[0] > 1:
+            bias[-1] = float("-inf")  # one sequence with every key masked: out 0, lse -inf
+        bias = bias.to(device)
+    scale_value = d ** -0.5 if scale is None else scale
+    got = _run_kernels(q, k, v, dout, causal, scale_value, bias, deterministic)
+    ref64, ref_lp = _references(q, k, v, dout, causal, scale, bias)
+    out, lse, dq, dk, dv = got
+    scale_ref = max((r[torch.isfinite(r)].abs().max().item() if torch.isfinite(r).any() else 0.0)
+                    for r in (ref64[0], *ref64[2:]))
+    _assert_fa_rule("out", out, ref64[0], ref_lp[0], dtype)
+    lse_ref = ref64[1]
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)) and torch.isfinite(lse[fin]).all()
+    assert (lse[fin].double() - lse_ref[fin]).abs().max().item() <= 1e-4 * max(1.0, lse_ref[fin].abs().max().item())
+    for name, g, r64, rlp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref64[2:], ref_lp[1:]):
+        _assert_fa_rule(name, g, r64, rlp, dtype, scale_ref)
+    return got
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels against the fp64 reference (default: every feature once, at awkward shapes)
+# --------------------------------------------------------------------------------------------
+
+CASES = [
+    # dtype, b, h, hkv, tq, tk, d, causal, packed, bias, deterministic
+    (BF16, 2, 3, 3, 197, 197, 64, False, True, None, False),   # ViT-B/16: packed qkv, atomic dQ
+    (F16, 1, 2, 2, 257, 257, 80, True, True, None, True),      # ViT-H/14 head dim 80 = 64 + 16
+    (BF16, 2, 4, 2, 17, 17, 72, False, False, None, False),    # 72 = 64 + 16 (8 masked), GQA
+    (F16, 1, 4, 1, 50, 197, 96, True, False, None, False),     # 96 = 64 + 32, MQA, Tq < Tk causal
+    (BF16, 1, 2, 2, 197, 50, 128, True, False, None, True),    # Tq > Tk causal (top-left)
+    (F16, 1, 2, 2, 1, 17, 32, False, False, None, False),      # a single query
+    (BF16, 1, 2, 1, 17, 1, 256, True, False, None, True),      # a single key, head dim 256
+    (F32, 1, 2, 2, 17, 33, 64, False, False, None, True),      # fp32, IEEE dots
+    (F16, 2, 2, 2, 33, 70, 64, False, False, "batch", False),  # key padding, fully masked batch
+    (BF16, 2, 4, 2, 40, 70, 80, True, False, "head", True),    # per-head padding bias, causal, GQA
+]
+
+
+@pytest.mark.parametrize("dtype,b,h,hkv,tq,tk,d,causal,packed,bias,deterministic", CASES)
+def test_kernels_match_fp64_reference(device, dtype, b, h, hkv, tq, tk, d, causal, packed, bias, deterministic):
+    _check_case(b, h, hkv, tq, tk, d, dtype, device, causal=causal, packed=packed, bias_kind=bias,
+                deterministic=deterministic)
+
+
+def test_kernels_fp32_tf32_configs(device):
+    # TF32 selects other configs (and TF32 dots on a GPU; the interpreter computes them exactly)
+    with _fp32_precision("tf32"):
+        _check_case(1, 2, 2, 33, 47, 80, F32, device, causal=True, bias_kind="shared")
+
+
+def test_kernels_custom_scale(device):
+    _check_case(1, 2, 2, 20, 30, 64, F16, device, scale=0.3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+@pytest.mark.parametrize("d", [32, 64, 72, 80, 128, 256])
+@pytest.mark.parametrize("tq,tk", [(1, 1), (17, 17), (197, 197), (257, 257), (1, 197), (197, 17), (50, 257)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernels_full_matrix(device, dtype, d, tq, tk, causal):
+    _check_case(1, 4, 2, tq, tk, d, dtype, device, causal=causal, deterministic=(tq + d) % 2 == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d", [16, 24, 40, 48, 56, 88, 104, 112, 120, 136, 144, 152, 160, 168, 176, 184, 192,
+                               200, 208, 216, 224, 232, 240, 248])
+def test_kernels_every_head_dim(device, d):
+    _check_case(1, 2, 1, 33, 40, d, BF16, device, causal=True, bias_kind="batch")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("h,hkv", [(4, 4), (4, 2), (6, 3), (8, 1)])
+@pytest.mark.parametrize("bias", [None, "batch", "head", "shared"])
+def test_kernels_gqa_and_masks(device, h, hkv, bias):
+    _check_case(2, h, hkv, 70, 129, 64, F16, device, causal=hkv == 2, bias_kind=bias, deterministic=h == 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions on the Triton backend: autograd, layouts, lse, determinism
+# --------------------------------------------------------------------------------------------
+
+
+def _ref_grads(fn, inputs, dout):
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return out.detach(), torch.autograd.grad(out, leaves, dout.double())
+
+
+def test_attention_autograd_strided_gqa(device):
+    """vitkern.attention on non-contiguous views (a transposed layout, a sliced head dim with a
+    non-unit last stride, which is copied), GQA, causal, against the fp64 reference."""
+    b, h, hkv, tq, tk, d = 2, 4, 2, 30, 45, 64
+    base_q = _rand((b, tq, h, d), BF16, device).transpose(1, 2)         # (B, H, T, D) view
+    k = _rand((b, hkv, tk, 2 * d), BF16, device)[..., ::2]             # last stride 2
+    v = _rand((b, tk, hkv, d), BF16, device).permute(0, 2, 1, 3)
+    q, k, v = (t.requires_grad_() for t in (base_q, k, v))
+    dout = _rand((b, h, tq, d), BF16, device)
+    out = vitkern.attention(q, k, v, causal=True)
+    assert out.shape == (b, h, tq, d) and out.dtype == BF16
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_out, ref_grads = _ref_grads(lambda *t: A.attention_ref(*t, causal=True), (q, k, v), dout)
+    _, lp_grads = _ref_grads(lambda *t: A.attention_ref(*t, causal=True), (q, k, v), dout)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        assert g.shape == r.shape and g.dtype == BF16
+        torch.testing.assert_close(g.double(), r, atol=5e-2, rtol=5e-2)
+
+
+def test_attention_qkvpacked_layout_and_grads(device):
+    b, t, h, d = 1, 197, 2, 80
+    x = _rand((b, t, 3 * h * d), F16, device).requires_grad_()
+    qkv = x.view(b, t, 3, h, d)
+    out, lse = vitkern.attention_qkvpacked(qkv, return_lse=True)
+    assert out.shape == (b, t, h, d) and out.is_contiguous() and lse.shape == (b, h, t)
+    dout = _rand((b, t, h, d), F16, device)
+    (gx,) = torch.autograd.grad(out, (x,), dout)
+    assert gx.shape == x.shape
+    q, k, v = (u.transpose(1, 2) for u in qkv.unbind(2))
+    want = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=4e-3, rtol=4e-3)
+    xr = x.detach().double().requires_grad_()
+    ref = A.attention_qkvpacked_ref(xr.view(b, t, 3, h, d))
+    (gref,) = torch.autograd.grad(ref, (xr,), dout.double())
+    torch.testing.assert_close(gx.double(), gref, atol=1e-2, rtol=1e-2)
+
+
+def test_lse_and_its_gradient(device):
+    """return_lse: natural-log lse in fp32; a loss that uses lse gets its gradient too."""
+    b, h, tq, tk, d = 1, 2, 33, 50, 64
+    q, k, v, _ = _make_inputs(b, h, h, tq, tk, d, F32, device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = vitkern.attention(q, k, v, causal=True, return_lse=True)
+    assert lse.dtype == F32 and lse.shape == (b, h, tq)
+    grads = torch.autograd.grad(out.square().sum() + (lse * torch.linspace(-1, 1, tq)).sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64, lse64 = A.attention_ref(*leaves, causal=True, return_lse=True)
+    ref = torch.autograd.grad(out64.square().sum() + (lse64 * torch.linspace(-1, 1, tq).double()).sum(), leaves)
+    torch.testing.assert_close(lse.double(), lse64, atol=1e-5, rtol=1e-6)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+def test_deterministic_backward_is_bit_reproducible(device):
+    b, h, hkv, t, d = 1, 4, 2, 70, 64
+    q, k, v, dout = _make_inputs(b, h, hkv, t, t, d, BF16, device)
+
+    def grads(deterministic):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = vitkern.attention(*leaves, deterministic=deterministic)
+        return torch.autograd.grad(out, leaves, dout)
+
+    first, second = grads(True), grads(True)
+    assert all(torch.equal(a, b_) for a, b_ in zip(first, second))
+    # the atomic dQ path agrees up to summation order
+    for a, b_ in zip(first, grads(False)):
+        torch.testing.assert_close(a, b_, atol=2e-2, rtol=2e-2)
+
+
+def test_deterministic_algorithms_flag_selects_dq_kernel(device, monkeypatch):
+    seen = []
+    real = A._attention_bwd
+
+    def spy(*args):
+        seen.append(args[10])  # the deterministic argument
+        return real(*args)
+
+    monkeypatch.setattr(A, "_attention_bwd", spy)
+    q, k, v, dout = _make_inputs(1, 2, 2, 17, 17, 64, F16, device)
+    q.requires_grad_()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.autograd.grad(vitkern.attention(q, k, v), (q,), dout)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    torch.autograd.grad(vitkern.attention(q, k, v), (q,), dout)
+    assert seen == [True, False]
+
+
+def test_auto_backend_runs_the_kernels(device, monkeypatch):
+    calls = []
+    real = A._attention_fwd
+    monkeypatch.setattr(A, "_attention_fwd", lambda *a: calls.append(1) or real(*a))
+    q, k, v, _ = _make_inputs(1, 2, 2, 17, 17, 32, F16, device)
+    vitkern.use_backend("auto")
+    vitkern.attention(q, k, v)
+    assert calls == [1]
+
+
+def test_memory_is_linear_in_sequence_length(device):
+    """No launcher (forward or backward, either dQ path) allocates anything of size Tq x Tk."""
+    sizes = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    sizes.append(t.numel())
+            return out
+
+    b, h, t, d = 1, 1, 257, 16
+    q, k, v, dout = _make_inputs(b, h, h, t, t, d, F16, device)
+    for deterministic in (False, True):
+        with Allocations():
+            out, lse = A._attention_fwd_op(q, k, v, None, False, 0.25, deterministic)
+            A._attention_bwd_op(dout, q, k, v, out, lse, None, None, False, 0.25, deterministic)
+    assert sizes and max(sizes) < t * t
+
+
+# --------------------------------------------------------------------------------------------
+# The drop-in SDPA on the kernels
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype,mask_kind,mask_shape",
+    [(BF16, "bool", (2, 1, 1, 197)), (F16, "additive", (2, 3, 1, 197)), (F32, "bool", (1, 197)),
+     (BF16, "additive", (1, 1, 1, 197))],
+)
+def test_sdpa_key_padding_on_kernels(device, monkeypatch, dtype, mask_kind, mask_shape):
+    monkeypatch.setattr(A, "_torch_sdpa", lambda *a, **kw: pytest.fail("fell back to torch's SDPA"))
+    kernel_calls = []
+    real = A._attention_fwd
+    monkeypatch.setattr(A, "_attention_fwd", lambda *a: kernel_calls.append(a[3] is not None) or real(*a))
+    t = 197 if dtype != F32 else 61  # fp32 (IEEE) runs small tiles: slow under the interpreter
+    mask_shape = mask_shape[:-1] + (t,)
+    q, k, v, dout = _make_inputs(2, 3, 3, t, t, 64, dtype, device)
+    if mask_kind == "bool":
+        mask = torch.rand(mask_shape) > 0.3
+        mask[..., 0] = True
+        if mask_shape[0] == 2:
+            mask[1] = False  # a fully masked sequence: zeros, as torch's SDPA
+    else:
+        mask = _rand(mask_shape, dtype, "cpu")
+    mask = mask.to(device)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = vitkern.scaled_dot_product_attention(*leaves, attn_mask=mask)
+    grads = torch.autograd.grad(out, leaves, dout)
+    assert kernel_calls == [True]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = torch.nan_to_num(F.scaled_dot_product_attention(*ref_leaves, attn_mask=mask))
+    want_grads = torch.autograd.grad(want, ref_leaves, dout)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == F32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, want, **tol)
+    for g, w in zip(grads, want_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, **tol)
+
+
+def test_sdpa_causal_gqa_on_kernels(device, monkeypatch):
+    monkeypatch.setattr(A, "_torch_sdpa", lambda *a, **kw: pytest.fail("fell back to torch's SDPA"))
+    q, k, v, _ = _make_inputs(1, 4, 2, 50, 70, 72, F16, device)
+    got = vitkern.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2, enable_gqa=True)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2, enable_gqa=True)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_sdpa_fallbacks_warn_once(device, monkeypatch):
+    monkeypatch.setattr(A, "_warned_reasons", set())
+    q, k, v, _ = _make_inputs(1, 2, 2, 17, 17, 20, F16, device)  # head dim 20: not a kernel head dim
+    with pytest.warns(UserWarning, match="head dim 20"):
+        got = vitkern.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vitkern.scaled_dot_product_attention(q, k, v)  # once per reason
+    q, k, v, _ = _make_inputs(1, 2, 2, 17, 17, 32, F16, device)
+    dense = torch.randn(17, 17).to(device=device, dtype=F16)
+    with pytest.warns(UserWarning, match="not a key-padding mask"):
+        got = vitkern.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=dense))
+
+
+# --------------------------------------------------------------------------------------------
+# Errors, registered ops, torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def test_unsupported_head_dim_raises(device):
+    for d in (12, 20, 264):
+        q, k, v, _ = _make_inputs(1, 1, 1, 5, 5, d, F16, device)
+        with pytest.raises(ValueError, match=f"q: unsupported head dim {d}"):
+            vitkern.attention(q, k, v)
+    qkv = _rand((1, 5, 3, 2, 36), F16, device)
+    with pytest.raises(ValueError, match="qkv: unsupported head dim 36"):
+        vitkern.attention_qkvpacked(qkv)
+
+
+def test_backend_supports_predicates(device):
+    q, k, v, _ = _make_inputs(1, 1, 1, 5, 5, 16, F64, device)
+    flags = dict(causal=False, scale=None, return_lse=False, deterministic=False)
+    assert "float64" in A._attention_triton_supports(q, k, v, **flags, key_padding_bias=None)
+    assert "float64" in A._attention_qkvpacked_triton_supports(torch.stack([q, k, v], 2), **flags)
+    q, k, v = (t.float() for t in (q, k, v))
+    assert A._attention_triton_supports(q, k, v, **flags, key_padding_bias=None) is None
+    bias = torch.zeros(1, 1, 5, device=device, requires_grad=True)
+    assert "requires grad" in A._attention_triton_supports(q, k, v, **flags, key_padding_bias=bias)
+
+
+def test_head_dim_pieces():
+    for d in A.ATTENTION_HEAD_DIMS:
+        da, db = A._attn_pieces(d)
+        assert da & (da - 1) == 0 and (db == 0 or (db & (db - 1) == 0 and db >= 16))
+        assert d <= da + db <= triton_next_pow2(d)
+        if db:
+            assert da >= d // 2 and da + db < triton_next_pow2(d)  # a split beats padding
+    assert A._attn_pieces(80) == (64, 16) and A._attn_pieces(96) == (64, 32) and A._attn_pieces(72) == (64, 16)
+    assert A._attn_pieces(64) == (64, 0) and A._attn_pieces(112) == (128, 0)
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+def test_config_tables_cover_every_head_dim():
+    for kernel, arch, precision in itertools.product(("fwd", "dkdv", "dq"), (80, 90), ("16bit", "tf32", "ieee")):
+        table = A._ATTN_CONFIGS[(kernel, arch, precision)]
+        assert table[-1][0] == 256 and [w for w, _ in table] == sorted(w for w, _ in table)
+        for _, config in table:
+            assert isinstance(config, KernelConfig) and config.archs == (arch,)
+            assert set(config.meta) == {"BLOCK_M", "BLOCK_N"}
+        for d in A.ATTENTION_HEAD_DIMS:
+            da, db = A._attn_pieces(d)
+            assert A._attn_config(kernel, arch, precision, da + db) is not None
+
+
+def _opcheck_inputs(device, dtype=F16):
+    return _make_inputs(1, 2, 1, 9, 13, 48, dtype, device)  # 48 = 32 + 16: both head-dim tiles
+
+
+def test_opcheck_attention_ops(device):
+    q, k, v, dout = _opcheck_inputs(device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    bias = torch.zeros(1, 1, 13, device=device)
+    bias[..., 5] = float("-inf")
+    torch.library.opcheck(torch.ops.vitkern.attention_fwd.default, (q, k, v, bias, True, 0.125, False))
+    torch.library.opcheck(torch.ops.vitkern.attention_fwd.default, (q, k, v, None, False, 0.125, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    out, lse = A._attention_fwd_op(q.detach(), k.detach(), v.detach(), None, False, 0.125, True)
+    torch.library.opcheck(torch.ops.vitkern.attention_bwd.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out, lse, None, None, False, 0.125, True))
+    qkv = _rand((1, 9, 3, 2, 32), BF16, device).requires_grad_()
+    torch.library.opcheck(torch.ops.vitkern.attention_qkvpacked_fwd.default, (qkv, True, 0.125, True))
+    out, lse = A._attention_qkvpacked_fwd_op(qkv.detach(), False, 0.125, True)
+    torch.library.opcheck(torch.ops.vitkern.attention_qkvpacked_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), out, lse, None, False, 0.125, True))
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    q, k, v, dout = _make_inputs(1, 2, 2, 17, 17, 64, BF16, device)
+    qkv = _rand((1, 17, 3, 2, 64), BF16, device)
+
+    def step(q, k, v, qkv):
+        out = vitkern.attention(q, k, v, causal=True)
+        packed = vitkern.attention_qkvpacked(qkv)
+        return (out.float().square().sum() + packed.float().sum())
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, qkv)]
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    eager_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, qkv)]
+    eager_loss = step(*eager_leaves)
+    eager_grads = torch.autograd.grad(eager_loss, eager_leaves)
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_empty_inputs(device):
+    q = torch.zeros(0, 2, 5, 32, device=device, dtype=F16, requires_grad=True)
+    k = torch.zeros(0, 2, 7, 32, device=device, dtype=F16, requires_grad=True)
+    out = vitkern.attention(q, k, k)
+    assert out.shape == (0, 2, 5, 32)
+    q = torch.zeros(1, 2, 0, 32, device=device, dtype=F16, requires_grad=True)
+    k = torch.randn(1, 2, 7, 32, device=device, dtype=F16, requires_grad=True)
+    out, lse = vitkern.attention(q, k, k, return_lse=True)
+    assert out.shape == (1, 2, 0, 32) and lse.shape == (1, 2, 0)
+    (gk,) = torch.autograd.grad(out.sum(), (k,))
+    assert torch.equal(gk, torch.zeros_like(k))
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor(device):
+    torch._dynamo.reset()
+    q, k, v, dout = _make_inputs(1, 2, 2, 17, 17, 64, F16, device)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    fn = torch.compile(lambda q, k, v: vitkern.attention(q, k, v, causal=True) * 2, fullgraph=True)
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, dout)
+    eager = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = vitkern.attention(*eager, causal=True) * 2
+    torch.testing.assert_close(out, want)
+    for g, w in zip(grads, torch.autograd.grad(want, eager, dout)):
+        torch.testing.assert_close(g, w)
