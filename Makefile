@@ -1,6 +1,8 @@
 # vitkern: set up a virtual environment, run the benchmark suite (the main job) or the tests.
 #   make bench   create .venv, install vitkern (building the CUDA extension when nvcc is found), run the benchmarks
 #   make test    create .venv, install vitkern with its test extras, run the test suite
+#   make compat  the GPU machines' stack (Python 3.12, torch 2.11, triton 3.6) in .venv-compat: full
+#                static compile check and the ops' interpreter tests under it (scripts/compat_check.sh)
 # Variables: PYTHON (interpreter that creates the venv), VENV, PYTEST_ARGS, BENCH_ARGS.
 
 PYTHON ?= python3
@@ -10,7 +12,7 @@ PYTEST_ARGS ?= -n 2 --durations=20
 BENCH_ARGS ?=
 STAMP := $(VENV)/.vitkern-installed
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench compat clean
 
 setup: $(STAMP)
 
@@ -28,6 +30,9 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+compat:
+	bash scripts/compat_check.sh
 
 clean:
 	rm -rf build build-cmake *.egg-info vitkern/*.so

@@ -7,8 +7,10 @@ message, and vitkern runs without it.
 
 Environment switches:
   VITKERN_SKIP_CUDA_BUILD=1   never build the extension
-  VITKERN_FORCE_CUDA_BUILD=1  fail the install instead of skipping the extension
-  VITKERN_CUDA_ARCHS          archs to compile for, default "8.0;9.0a" (passed on as
+  VITKERN_FORCE_CUDA_BUILD=1  fail the install instead of skipping the extension (without it, any
+                              failure, including a compile error, skips the extension with a
+                              one-line reason and the package still installs)
+  VITKERN_CUDA_ARCHS          archs to compile for, default "8.0+PTX;9.0a" (passed on as
                               TORCH_CUDA_ARCH_LIST, so no GPU is needed to build)
   MAX_JOBS                    parallel compile jobs (default: min(cores, memory GiB // 4))
   CUDA_HOME / CUDA_PATH       the CUDA toolkit root (default: found from `nvcc --dryrun`)
@@ -64,7 +66,7 @@ def _ensure_ninja_on_path():
     return False
 
 
-def _cuda_extension():
+def _cuda_extension(force):
     """The CUDAExtension and BuildExtension for vitkern._C, or raise _SkipExtension(reason)."""
     try:
         import torch
@@ -108,6 +110,9 @@ def _cuda_extension():
         _log("warning: ninja not found (pip install ninja); torch falls back to a slow serial build")
 
     toolkit_version = helpers.cuda_toolkit_version(home.path)
+    mismatch = helpers.cuda_mismatch(toolkit_version, torch.version.cuda)
+    if mismatch:
+        raise _SkipExtension(f"{mismatch} ({home.how})")
     _log(
         f"building vitkern._C: CUDA {toolkit_version} at {home.path} ({home.how}); torch "
         f"{torch.__version__} (CUDA {torch.version.cuda}); TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}; "
@@ -149,8 +154,18 @@ def _cuda_extension():
         # and an rpath to them; torch has usually loaded these very libraries already.
         extra_link_args=[*cublas.libraries, f"-Wl,-rpath,{cublas.lib_dir}"],
     )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=has_ninja)
+    build_ext = helpers.guard_build(
+        cpp_extension.BuildExtension.with_options(use_ninja=has_ninja), force, _log, _in_tree_modules
+    )
     return extension, build_ext
+
+
+def _in_tree_modules():
+    """The vitkern/_C module an earlier (editable) build left for this interpreter (other Pythons'
+    builds, with other suffixes, are theirs to keep)."""
+    import sysconfig
+
+    return [os.path.join(ROOT, "vitkern", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))]
 
 
 def _extensions():
@@ -164,7 +179,7 @@ def _extensions():
         _log("VITKERN_SKIP_CUDA_BUILD is set: not building the CUDA extension vitkern._C")
         return [], {}
     try:
-        extension, build_ext = _cuda_extension()
+        extension, build_ext = _cuda_extension(force)
     except ValueError as exc:  # a malformed setting, e.g. VITKERN_CUDA_ARCHS: always an error
         raise SystemExit(f"vitkern setup: {exc}")
     except _SkipExtension as exc:

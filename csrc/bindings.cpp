@@ -1,7 +1,7 @@
-// vitkern._C: registers the vitkern_cuda:: ops with the dispatcher and exposes build_info() (and
-// the cuBLASLt backend's test hooks) through pybind11. Fake (meta) implementations are registered
-// from Python (vitkern/_extension.py) once this module is loaded, autograd from
-// vitkern/ops/cuda_backend.py (patchify's in vitkern/_extension.py).
+// vitkern._C: registers the CUDA implementations of the vitkern_cuda:: ops with the dispatcher
+// and exposes build_info() (and the cuBLASLt backend's test hooks) through pybind11. The ops'
+// schemas, fake (meta) implementations and patchify's autograd are declared in Python
+// (vitkern/_extension.py), the other ops' autograd in vitkern/ops/cuda_backend.py.
 
 #include <string>
 #include <vector>
@@ -95,7 +95,8 @@ py::dict to_dict(const std::map<std::string, int64_t>& m) {
 }
 
 py::dict cublaslt_describe(const std::string& kind, const std::string& dtype, int64_t m, int64_t n, int64_t k,
-                           const std::string& epilogue, bool query_heuristic) {
+                           const std::string& epilogue, bool query_heuristic, bool allow_tf32) {
+  const vitkern::Tf32Scope tf32(allow_tf32);
   std::string status;
   py::dict d = to_dict(vitkern::lt_describe(kind, dtype, m, n, k, epilogue, query_heuristic, &status));
   d["heuristic_status"] = query_heuristic ? py::object(py::str(status)) : py::object(py::none());
@@ -114,36 +115,10 @@ py::tuple patchify_unit_bytes(int64_t batch, int64_t channels, int64_t height, i
 
 }  // namespace
 
-TORCH_LIBRARY(vitkern_cuda, m) {
-  // Fake implementations live in Python; tell torch where, so a missing import is reported clearly.
-  m.set_python_module("vitkern._extension");
-  m.def("patchify(Tensor images, int patch_size) -> Tensor");
-  // activation: 0 none, 1 "gelu" (erf), 2 "gelu_tanh". "pre" / "branch" are opaque buffers for
-  // the backward ops: (M, round_up(width, 8)) when saved, else empty.
-  m.def(
-      "fused_dense_fwd(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual, "
-      "Tensor? residual_scale, Tensor? row_scale, bool save_pre) -> (Tensor, Tensor)");
-  m.def(
-      "fused_dense_bwd(Tensor grad, Tensor x, Tensor weight, Tensor? residual_scale, Tensor? row_scale, "
-      "Tensor pre, int activation, bool need_dx, bool need_dweight, bool need_dbias, bool need_dscale, "
-      "bool need_drow_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "mlp_fwd(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
-      "int activation, Tensor? residual, Tensor? residual_scale, Tensor? row_scale, bool save_pre, "
-      "bool save_branch) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "mlp_bwd(Tensor grad, Tensor x, Tensor fc1_weight, Tensor fc2_weight, Tensor? residual_scale, "
-      "Tensor? row_scale, Tensor pre, Tensor h, Tensor branch, int activation, bool need_dx, "
-      "bool need_dfc1_weight, bool need_dfc1_bias, bool need_dfc2_weight, bool need_dfc2_bias, "
-      "bool need_dscale, bool need_drow_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? prefix_tokens) "
-      "-> Tensor");
-  m.def(
-      "patch_embed_bwd(Tensor grad, Tensor images, Tensor weight, int num_prefix_tokens, bool need_dimages, "
-      "bool need_dweight, bool need_dbias) -> (Tensor, Tensor, Tensor)");
-}
-
+// The schemas of the vitkern_cuda:: ops are declared once, in Python (vitkern/_extension.py,
+// _SCHEMAS), together with their fake implementations and autograd, when the vitkern package is
+// imported; this library registers only their CUDA implementations. Importing vitkern._C by any
+// route imports the vitkern package first, so the ops are always traceable once they run.
 TORCH_LIBRARY_IMPL(vitkern_cuda, CUDA, m) {
   m.impl("patchify", &vitkern::patchify_cuda);
   m.impl("fused_dense_fwd", &vitkern::fused_dense_fwd_cuda);
@@ -161,10 +136,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "versions. Host-only; needs no GPU.");
   // Debugging and test hooks of the cuBLASLt backend (csrc/fused_dense.h).
   m.def("_cublaslt_describe", &cublaslt_describe, py::arg("kind"), py::arg("dtype"), py::arg("m"), py::arg("n"),
-        py::arg("k"), py::arg("epilogue"), py::arg("query_heuristic") = false,
+        py::arg("k"), py::arg("epilogue"), py::arg("query_heuristic") = false, py::arg("allow_tf32") = false,
         "Build the descriptors of one of the backend's GEMMs (kind forward / input_grad / weight_grad, row-major "
         "M, N, K as the op sees them) and read every attribute back; host-only. With query_heuristic, also ask "
-        "cuBLASLt's heuristics (needs a GPU) and report the status.");
+        "cuBLASLt's heuristics (needs a GPU) and report the status; allow_tf32 as the ops take it.");
   m.def("_cublaslt_stats", []() { return to_dict(vitkern::lt_stats()); },
         "Counters of the cuBLASLt wrapper: fused / plain matmuls, unfused fallbacks, heuristic queries, cached "
         "algorithms.");

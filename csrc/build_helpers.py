@@ -29,7 +29,11 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+# sm_80 code with its PTX (the PTX lets the driver JIT the kernels for GPUs newer than the list:
+# sm_100, sm_120; it costs no extra compile pass, since the sm_80 code is built from that PTX)
+# and sm_90a (wgmma / setmaxnreg). Never "9.0a+PTX": PTX of an arch-specific target only runs
+# on that very arch.
+DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0a"
 GIB = 1024**3
 MEM_PER_JOB_GIB = 4
 
@@ -167,6 +171,12 @@ def parse_arch_list(text: Optional[str]) -> list[str]:
             if len(major) < 2:
                 raise ValueError(f"invalid CUDA arch {item!r} in {text!r}: write 8.0 or 80, not {item}")
             major, minor = major[:-1], major[-1]
+        if ptx and suffix:
+            raise ValueError(
+                f"invalid CUDA arch {item!r} in {text!r}: the PTX of an arch-specific target "
+                f"({major}.{minor}{suffix.lower()}) only runs on that arch, so it cannot serve newer "
+                f"GPUs; add a generic PTX target instead, e.g. {major}.{minor}+PTX or 8.0+PTX"
+            )
         arch = f"{int(major)}.{minor}{suffix.lower()}{'+PTX' if ptx else ''}"
         if arch not in archs:
             archs.append(arch)
@@ -331,6 +341,63 @@ def cuda_major_of(version: Optional[str]) -> Optional[int]:
         return None
     m = re.match(r"^(\d+)", version)
     return int(m.group(1)) if m else None
+
+
+def cuda_mismatch(toolkit_version: Optional[str], torch_cuda: Optional[str]) -> Optional[str]:
+    """Why a toolkit cannot build against a torch CUDA build, or None when it can.
+
+    torch's cpp_extension refuses a toolkit whose CUDA major differs from ``torch.version.cuda``
+    (it raises in the middle of the build; a minor difference is only a warning), so the check
+    runs before the build starts. An unreadable toolkit version is left to torch to judge.
+    """
+    toolkit_major, torch_major = cuda_major_of(toolkit_version), cuda_major_of(torch_cuda)
+    if toolkit_major is None or torch_major is None or toolkit_major == torch_major:
+        return None
+    return (
+        f"the CUDA toolkit is {toolkit_version} but torch was built with CUDA {torch_cuda}: "
+        f"the extension needs a CUDA {torch_major}.x toolkit (set CUDA_HOME to one)"
+    )
+
+
+def guard_build(build_ext_class: type, force: bool, log: Callable[[str], None], outputs: Callable[[], Sequence[str]] = lambda: ()):
+    """``build_ext_class`` whose failures become a skip with a one-line reason, unless ``force``.
+
+    The extension is optional (the Triton backend runs without it), so a compile error, a
+    toolkit torch refuses, or a linker failure must not abort ``pip install``. On a skipped build
+    the module files of a previous build (``outputs()``) are removed, so that a stale
+    ``vitkern._C`` built from other sources is never loaded. With ``force`` the error propagates.
+    """
+
+    class GuardedBuildExt(build_ext_class):
+        def run(self):
+            try:
+                super().run()
+            except (Exception, SystemExit) as exc:  # noqa: BLE001  (any build failure)
+                if force:
+                    raise
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                removed = []
+                for path in outputs():
+                    if path and os.path.exists(path):
+                        os.remove(path)
+                        removed.append(path)
+                for ext in getattr(self, "extensions", None) or ():
+                    try:
+                        path = self.get_ext_fullpath(ext.name)
+                    except Exception:  # noqa: BLE001
+                        continue
+                    if path and os.path.exists(path):
+                        os.remove(path)
+                        removed.append(path)
+                note = f" (removed the previous build: {', '.join(removed)})" if removed else ""
+                log(
+                    f"not building the CUDA extension vitkern._C: the build failed: {type(exc).__name__}: "
+                    f"{reason[:400]}{note}; vitkern installs without it (set VITKERN_FORCE_CUDA_BUILD=1 to "
+                    "make this an error)"
+                )
+
+    GuardedBuildExt.__name__ = f"Guarded{build_ext_class.__name__}"
+    return GuardedBuildExt
 
 
 def cuda_toolkit_version(cuda_home: str) -> Optional[str]:

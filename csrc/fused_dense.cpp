@@ -428,20 +428,11 @@ int dtype_code(at::ScalarType t) {
 
 namespace {
 
-// fp32 operands follow torch's matmul precision (torch.backends.cuda.matmul.fp32_precision, or the
-// legacy allow_tf32 flag), as torch's own cuBLAS calls do; NoTF32Guard turns TF32 off.
-bool tf32_allowed() {
-  if (at::NoTF32Guard::should_disable_tf32()) return false;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
-         at::Float32Precision::TF32;
-#else
-  return at::globalContext().allowTF32CuBLAS();
-#endif
-}
+// fp32 operands follow torch's matmul precision as the caller read it (see Tf32Scope).
+thread_local bool t_allow_tf32 = false;
 
 cublasComputeType_t compute_type(at::ScalarType ab) {
-  if (ab == at::kFloat && tf32_allowed()) return CUBLAS_COMPUTE_32F_FAST_TF32;
+  if (ab == at::kFloat && t_allow_tf32) return CUBLAS_COMPUTE_32F_FAST_TF32;
   return CUBLAS_COMPUTE_32F;
 }
 
@@ -850,12 +841,17 @@ std::tuple<at::Tensor, at::Tensor> dense_weight_grad(const char* op, const at::T
 
 // ==================================================================================== the ops
 
+Tf32Scope::Tf32Scope(bool allow) : previous_(t_allow_tf32) { t_allow_tf32 = allow; }
+Tf32Scope::~Tf32Scope() { t_allow_tf32 = previous_; }
+
 std::tuple<at::Tensor, at::Tensor> fused_dense_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias, int64_t activation,
                                                         const std::optional<at::Tensor>& residual,
                                                         const std::optional<at::Tensor>& residual_scale,
-                                                        const std::optional<at::Tensor>& row_scale, bool save_pre) {
+                                                        const std::optional<at::Tensor>& row_scale, bool save_pre,
+                                                        bool allow_tf32) {
   constexpr const char* op = "vitkern_cuda::fused_dense_fwd";
+  const Tf32Scope tf32(allow_tf32);
   check_act(op, activation);
   check_dense_args(op, check_input(op, "x", x), weight, bias, residual, residual_scale, row_scale);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -866,8 +862,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_den
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& residual_scale, const std::optional<at::Tensor>& row_scale,
     const at::Tensor& pre, int64_t activation, bool need_dx, bool need_dweight, bool need_dbias, bool need_dscale,
-    bool need_drow_scale) {
+    bool need_drow_scale, bool allow_tf32) {
   constexpr const char* op = "vitkern_cuda::fused_dense_bwd";
+  const Tf32Scope tf32(allow_tf32);
   check_act(op, activation);
   // grad stands in for the residual: (M, N), the compute dtype or fp32.
   check_dense_args(op, check_input(op, "x", x), weight, std::nullopt, grad, residual_scale, row_scale, "weight",
@@ -896,8 +893,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_fwd_cuda(
     const at::Tensor& x, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, int64_t activation,
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_scale,
-    const std::optional<at::Tensor>& row_scale, bool save_pre, bool save_branch) {
+    const std::optional<at::Tensor>& row_scale, bool save_pre, bool save_branch, bool allow_tf32) {
   constexpr const char* op = "vitkern_cuda::mlp_fwd";
+  const Tf32Scope tf32(allow_tf32);
   check_act(op, activation);
   const DenseInput in = check_input(op, "x", x);
   check_dense_args(op, in, fc1_weight, fc1_bias, std::nullopt, std::nullopt, std::nullopt, "fc1_weight", "fc1_bias");
@@ -916,8 +914,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& residual_scale, const std::optional<at::Tensor>& row_scale,
     const at::Tensor& pre, const at::Tensor& h, const at::Tensor& branch, int64_t activation, bool need_dx,
     bool need_dfc1_weight, bool need_dfc1_bias, bool need_dfc2_weight, bool need_dfc2_bias, bool need_dscale,
-    bool need_drow_scale) {
+    bool need_drow_scale, bool allow_tf32) {
   constexpr const char* op = "vitkern_cuda::mlp_bwd";
+  const Tf32Scope tf32(allow_tf32);
   check_act(op, activation);
   const DenseInput in = check_input(op, "x", x);
   check_dense_args(op, in, fc1_weight, std::nullopt, std::nullopt, std::nullopt, std::nullopt, "fc1_weight");

@@ -22,6 +22,22 @@
 
 namespace vitkern {
 
+// fp32 GEMMs built on this thread use TF32 (CUBLAS_COMPUTE_32F_FAST_TF32) while a Tf32Scope(true)
+// lives. Each op takes torch's matmul precision as an argument (`allow_tf32`), read in Python from
+// torch.backends.cuda.matmul.fp32_precision: the C++ accessor for it changed form across torch
+// versions, so one source builds against torch 2.9 through 2.14. The ops run on the calling
+// thread, which makes a thread-local scope exact.
+class Tf32Scope {
+ public:
+  explicit Tf32Scope(bool allow);
+  ~Tf32Scope();
+  Tf32Scope(const Tf32Scope&) = delete;
+  Tf32Scope& operator=(const Tf32Scope&) = delete;
+
+ private:
+  bool previous_;
+};
+
 // One cuBLASLt matmul: D = op(A) op(B) + (C ? C : 0) with an epilogue, fp32 accumulation.
 struct LtGemm {
   const char* op = "vitkern_cuda";  // the calling op, for error messages

@@ -60,8 +60,9 @@ PatchGeometry check_patch_embed(const char* op, const at::Tensor& images, const 
 
 at::Tensor patch_embed_fwd_cuda(const at::Tensor& images, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pos_embed,
-                                const std::optional<at::Tensor>& prefix_tokens) {
+                                const std::optional<at::Tensor>& prefix_tokens, bool allow_tf32) {
   constexpr const char* op = "vitkern_cuda::patch_embed_fwd";
+  const Tf32Scope tf32(allow_tf32);
   PatchGeometry g = check_patch_embed(op, images, weight);
   const auto T = images.scalar_type();
   auto O = T;
@@ -186,8 +187,9 @@ at::Tensor patch_embed_fwd_cuda(const at::Tensor& images, const at::Tensor& weig
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd_cuda(const at::Tensor& grad, const at::Tensor& images,
                                                                     const at::Tensor& weight,
                                                                     int64_t num_prefix_tokens, bool need_dimages,
-                                                                    bool need_dweight, bool need_dbias) {
+                                                                    bool need_dweight, bool need_dbias, bool allow_tf32) {
   constexpr const char* op = "vitkern_cuda::patch_embed_bwd";
+  const Tf32Scope tf32(allow_tf32);
   PatchGeometry g = check_patch_embed(op, images, weight);
   g.K = num_prefix_tokens;
   const int64_t B = g.B, D = g.D, N = g.N, K = g.K, CPP = g.C * g.Ph * g.Pw;

@@ -7,9 +7,10 @@
 #        CUDA_HOME/CUDA_PATH  toolkit root (default: found from `nvcc --dryrun`)
 #        MAX_JOBS             parallel compile jobs (default: min(cores, memory GiB // 4))
 #
-# The check imports the built file by path under another module name, and never imports
-# vitkern._C in the same process: two libraries registering TORCH_LIBRARY(vitkern_cuda) in one
-# process would clash. Exits non-zero on any failure.
+# The check imports vitkern._extension (which declares the vitkern_cuda:: schemas), then the built
+# file by path under another module name, and never imports vitkern._C in the same process: two
+# libraries registering CUDA kernels for the same vitkern_cuda:: ops in one process would clash.
+# Exits non-zero on any failure.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -68,6 +69,8 @@ import sys
 
 import torch
 
+import vitkern._extension  # noqa: F401  (declares the vitkern_cuda:: schemas; the module adds kernels)
+
 path, archs = sys.argv[1], sys.argv[2].split(";")
 # Python looks up PyInit_<last part of the name>, so the name must end in "_C"; "vitkern_cmake"
 # keeps it apart from vitkern._C (its parent package need not exist).
@@ -78,6 +81,8 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 assert "vitkern._C" not in sys.modules, "vitkern._C must not be loaded in this process"
 assert hasattr(torch.ops.vitkern_cuda, "patchify"), "torch.ops.vitkern_cuda.patchify is not registered"
+for name in vitkern._extension._SCHEMAS:
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"vitkern_cuda::{name}", "CUDA"), f"no CUDA kernel for {name}"
 schema = str(torch.ops.vitkern_cuda.patchify.default._schema)
 info = module.build_info()
 print("cmake_check: schema", schema)

@@ -155,13 +155,14 @@ def test_cuda_toolkit_version(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        (None, ["8.0", "9.0a"]),
-        ("", ["8.0", "9.0a"]),
+        (None, ["8.0+PTX", "9.0a"]),
+        ("", ["8.0+PTX", "9.0a"]),
         ("8.0;9.0a", ["8.0", "9.0a"]),
         ("9.0a", ["9.0a"]),
         ("80 90a", ["8.0", "9.0a"]),
         ("sm_80, sm_90a", ["8.0", "9.0a"]),
         ("8.6+PTX;12.0a;10.0f", ["8.6+PTX", "12.0a", "10.0f"]),
+        ("9.0+PTX;9.0a", ["9.0+PTX", "9.0a"]),
         ("100a", ["10.0a"]),
         ("8.0;8.0;80", ["8.0"]),
         (" 9.0A ", ["9.0a"]),
@@ -171,14 +172,75 @@ def test_parse_arch_list(text, expected):
     assert bh.parse_arch_list(text) == expected
 
 
-@pytest.mark.parametrize("text", ["9", "sm90x", "ampere", "8.0;foo", "8.0-PTX", ";"])
+@pytest.mark.parametrize("text", ["9", "sm90x", "ampere", "8.0;foo", "8.0-PTX", ";", "9.0a+PTX", "10.0f+PTX"])
 def test_parse_arch_list_rejects(text):
     with pytest.raises(ValueError, match="arch"):
         bh.parse_arch_list(text)
 
 
 def test_default_arch_list_is_what_design_asks():
-    assert bh.DEFAULT_CUDA_ARCHS == "8.0;9.0a"
+    # sm_80 with its (generic) PTX, so newer GPUs (sm_100, sm_120) JIT the kernels; sm_90a code
+    assert bh.DEFAULT_CUDA_ARCHS == "8.0+PTX;9.0a"
+    archs = bh.parse_arch_list(None)
+    assert any(a.endswith("+PTX") and a.split("+")[0][-1].isdigit() for a in archs)
+
+
+def test_arch_specific_ptx_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match=r"9\.0\+PTX or 8\.0\+PTX"):
+        bh.parse_arch_list("8.0;9.0a+PTX")
+
+
+@pytest.mark.parametrize(
+    "toolkit, torch_cuda, ok",
+    [("13.0", "13.0", True), ("13.1", "13.0", True), ("12.8", "13.0", False), ("13.0", "12.8", False),
+     (None, "13.0", True), ("13.0", None, True)],
+)
+def test_cuda_mismatch(toolkit, torch_cuda, ok):
+    reason = bh.cuda_mismatch(toolkit, torch_cuda)
+    assert (reason is None) == ok
+    if not ok:
+        assert toolkit in reason and torch_cuda in reason and "CUDA_HOME" in reason
+
+
+class _FailingBuild:
+    """Stands in for torch's BuildExtension: run() fails as a broken .cu compile would."""
+
+    def __init__(self, error, out_path=None):
+        self.error = error
+        self.extensions = [type("Ext", (), {"name": "vitkern._C"})()]
+        self.out_path = out_path
+
+    def get_ext_fullpath(self, name):
+        return self.out_path
+
+    def run(self):
+        if self.error is not None:
+            raise self.error
+
+
+def test_guard_build_turns_a_failed_build_into_a_skip(tmp_path):
+    stale = _touch(tmp_path / "_C.cpython-311-x86_64-linux-gnu.so", "old build")
+    built = _touch(tmp_path / "build_C.so", "partial")
+    messages = []
+    guarded = bh.guard_build(_FailingBuild, force=False, log=messages.append, outputs=lambda: [str(stale)])
+    guarded(RuntimeError("error: ninja: build stopped: subcommand failed.\n  dense_epilogue.cu(12): error"), str(built)).run()
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert "the build failed: RuntimeError" in messages[0] and "dense_epilogue.cu" in messages[0]
+    assert "VITKERN_FORCE_CUDA_BUILD=1" in messages[0]
+    assert not stale.exists() and not built.exists(), "a stale vitkern._C must not survive a failed build"
+    # a SystemExit (distutils' way of failing) is a failed build too
+    guarded(SystemExit("error: command '/usr/bin/nvcc' failed with exit code 1")).run()
+    assert len(messages) == 2
+
+
+def test_guard_build_forced_raises_and_success_is_silent(tmp_path):
+    messages = []
+    forced = bh.guard_build(_FailingBuild, force=True, log=messages.append)
+    with pytest.raises(RuntimeError, match="boom"):
+        forced(RuntimeError("boom")).run()
+    keep = _touch(tmp_path / "_C.so", "fresh build")
+    bh.guard_build(_FailingBuild, force=False, log=messages.append, outputs=lambda: [str(keep)])(None, str(keep)).run()
+    assert messages == [] and keep.exists()
 
 
 def test_arch_to_sm():
@@ -334,6 +396,8 @@ def test_cli_archs_and_max_jobs():
     script = str(ROOT / "csrc" / "build_helpers.py")
     out = subprocess.run([sys.executable, script, "archs", "80,90a"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "8.0;9.0a"
+    out = subprocess.run([sys.executable, script, "archs", ""], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "8.0+PTX;9.0a"
     out = subprocess.run([sys.executable, script, "max-jobs"], capture_output=True, text=True, check=True)
     assert int(out.stdout) >= 1
     bad = subprocess.run([sys.executable, script, "nope"], capture_output=True, text=True)

@@ -106,6 +106,55 @@ def test_op_is_registered():
     assert ext.load() is ext.load()  # loaded once
 
 
+_TRACE_IN_FRESH_PROCESS = r"""
+import importlib, sys
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+how = sys.argv[1]
+if how == "import-C":            # the built module imported directly, never through load()
+    importlib.import_module("vitkern._C")
+    assert "vitkern._extension" in sys.modules
+else:                            # the package only: the ops are declared whether or not _C exists
+    import vitkern  # noqa: F401
+with FakeTensorMode(allow_non_fake_inputs=True):
+    x = torch.empty(6, 8, device="cuda")
+    w = torch.empty(16, 8, device="cuda")
+    out, pre = torch.ops.vitkern_cuda.fused_dense_fwd(x, w, None, 1, None, None, None, True, False)
+    tokens = torch.ops.vitkern_cuda.patch_embed_fwd(
+        torch.empty(2, 3, 32, 32, device="cuda"), torch.empty(8, 3, 16, 16, device="cuda"), None, None,
+        torch.empty(1, 1, 8, device="cuda"), False)
+print(tuple(out.shape), tuple(pre.shape), tuple(tokens.shape))
+"""
+
+
+def _trace_in_fresh_process(how: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TRACE_IN_FRESH_PROCESS, how], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
+def test_ops_are_traceable_without_loading_the_extension():
+    """Schemas and fakes are declared at import, not inside load(): FakeTensor tracing works in a
+    process that never loaded (or cannot load) vitkern._C."""
+    assert _trace_in_fresh_process("package") == "(6, 16) (6, 16) (2, 5, 8)"
+
+
+@needs_extension
+def test_ops_are_traceable_when_vitkern_C_is_imported_directly():
+    assert _trace_in_fresh_process("import-C") == "(6, 16) (6, 16) (2, 5, 8)"
+
+
+def test_every_fake_has_a_schema():
+    assert set(ext._FAKES) == {f"vitkern_cuda::{name}" for name in ext._SCHEMAS}
+    for name, schema in ext._SCHEMAS.items():
+        assert schema.startswith(name + "(")
+        assert str(getattr(torch.ops.vitkern_cuda, name).default._schema) == f"vitkern_cuda::{schema}"
+
+
 @needs_extension
 def test_build_info():
     info = ext.build_info()

@@ -6,13 +6,16 @@ a CUDA build and nvcc is found. It registers its ops in the ``vitkern_cuda::`` n
 GPU. Importing vitkern never fails because the extension is missing: :func:`load` tries the import
 once and remembers the module or the reason it failed (:func:`extension_error`).
 
-When the extension loads, this module registers the ops' fake (meta) implementations. The C++
-library names this module as the home of those (``m.set_python_module``), so the fake
-implementation of every ``vitkern_cuda::`` op is registered here, in :func:`_register_python_impls`;
-``patchify``'s autograd too. The other ops' autograd lives with their Python wrappers
+The ops are declared here, once: their schemas (:data:`_SCHEMAS`), fake (meta) implementations
+and ``patchify``'s autograd are registered when this module is imported (``import vitkern`` does
+it), whether or not the extension is built; ``vitkern._C`` registers only their CUDA kernels
+(``TORCH_LIBRARY_IMPL`` in ``csrc/bindings.cpp``). Importing ``vitkern._C`` by any route imports
+the ``vitkern`` package first, so the ops can always be traced (FakeTensor, torch.compile) once
+they can run. The other ops' autograd lives with their Python wrappers
 (``vitkern.ops.cuda_backend``), registered through :func:`_on_load` once the library is loaded.
 
-Ops (schemas in ``csrc/bindings.cpp``; activation ids 0 none, 1 "gelu" (erf), 2 "gelu_tanh"):
+Ops (activation ids 0 none, 1 "gelu" (erf), 2 "gelu_tanh"; ``allow_tf32``: fp32 GEMMs may use
+TF32, the caller's ``torch.backends.cuda.matmul.fp32_precision == "tf32"``, see :func:`allow_tf32`):
 
 - ``patchify(images, patch_size)``: NCHW or channels_last images -> (B * N, C * P * P) patches.
 - ``fused_dense_fwd`` / ``fused_dense_bwd``: ``linear`` on cuBLASLt (bias / GELU epilogues, the
@@ -75,7 +78,6 @@ def load() -> Optional[ModuleType]:
             _error = f"importing vitkern._C failed: {type(exc).__name__}: {exc}"
         else:
             try:
-                _register_python_impls()
                 for hook in _load_hooks:
                     hook()
             except Exception as exc:  # noqa: BLE001
@@ -270,7 +272,7 @@ def _check_dense_fake(op, x, weight, bias=None, residual=None, residual_scale=No
     return m, k, n
 
 
-def _fused_dense_fwd_fake(x, weight, bias, activation, residual, residual_scale, row_scale, save_pre):
+def _fused_dense_fwd_fake(x, weight, bias, activation, residual, residual_scale, row_scale, save_pre, allow_tf32):
     _check_activation_id("fused_dense_fwd", activation)
     m, _, n = _check_dense_fake("fused_dense_fwd", x, weight, bias, residual, residual_scale, row_scale)
     out = x.new_empty((m, n), dtype=residual.dtype if residual is not None else x.dtype)
@@ -279,7 +281,7 @@ def _fused_dense_fwd_fake(x, weight, bias, activation, residual, residual_scale,
 
 
 def _fused_dense_bwd_fake(grad, x, weight, residual_scale, row_scale, pre, activation, need_dx, need_dweight,
-                          need_dbias, need_dscale, need_drow_scale):
+                          need_dbias, need_dscale, need_drow_scale, allow_tf32):
     op = "fused_dense_bwd"
     _check_activation_id(op, activation)
     m, k, n = _check_dense_fake(op, x, weight, None, grad, residual_scale, row_scale, r_name="grad")
@@ -294,7 +296,7 @@ def _fused_dense_bwd_fake(grad, x, weight, residual_scale, row_scale, pre, activ
 
 
 def _mlp_fwd_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, residual, residual_scale, row_scale,
-                  save_pre, save_branch):
+                  save_pre, save_branch, allow_tf32):
     op = "mlp_fwd"
     _check_activation_id(op, activation)
     m, _, hidden = _check_dense_fake(op, x, fc1_weight, fc1_bias, w_name="fc1_weight", b_name="fc1_bias")
@@ -308,7 +310,8 @@ def _mlp_fwd_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, res
 
 
 def _mlp_bwd_fake(grad, x, fc1_weight, fc2_weight, residual_scale, row_scale, pre, h, branch, activation, need_dx,
-                  need_dfc1_weight, need_dfc1_bias, need_dfc2_weight, need_dfc2_bias, need_dscale, need_drow_scale):
+                  need_dfc1_weight, need_dfc1_bias, need_dfc2_weight, need_dfc2_bias, need_dscale, need_drow_scale,
+                  allow_tf32):
     op = "mlp_bwd"
     _check_activation_id(op, activation)
     m, k, hidden = _check_dense_fake(op, x, fc1_weight, w_name="fc1_weight")
@@ -344,7 +347,7 @@ def _patch_geometry(op, images, weight):
     return b, c, h, w, d, (h // ph) * (w // pw)
 
 
-def _patch_embed_fwd_fake(images, weight, bias, pos_embed, prefix_tokens):
+def _patch_embed_fwd_fake(images, weight, bias, pos_embed, prefix_tokens, allow_tf32):
     op = "patch_embed_fwd"
     b, _, _, _, d, n = _patch_geometry(op, images, weight)
     dtype = images.dtype
@@ -370,7 +373,8 @@ def _patch_embed_fwd_fake(images, weight, bias, pos_embed, prefix_tokens):
     return images.new_empty((b, k + n, d), dtype=dtype)
 
 
-def _patch_embed_bwd_fake(grad, images, weight, num_prefix_tokens, need_dimages, need_dweight, need_dbias):
+def _patch_embed_bwd_fake(grad, images, weight, num_prefix_tokens, need_dimages, need_dweight, need_dbias,
+                          allow_tf32):
     op = "patch_embed_bwd"
     b, c, h, w, d, n = _patch_geometry(op, images, weight)
     if tuple(grad.shape) != (b, num_prefix_tokens + n, d):
@@ -400,13 +404,64 @@ _FAKES = {
 }
 
 
-def _register_python_impls() -> None:
-    """Fake (meta) implementations of every op vitkern._C defines, and patchify's autograd.
+# The schemas, declared once (vitkern._C registers CUDA kernels for exactly these signatures).
+# "pre" / "branch" are opaque buffers for the backward ops: (M, round_up(width, 8)) when saved,
+# else empty.
+_SCHEMAS = {
+    "patchify": "patchify(Tensor images, int patch_size) -> Tensor",
+    "fused_dense_fwd": (
+        "fused_dense_fwd(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual, "
+        "Tensor? residual_scale, Tensor? row_scale, bool save_pre, bool allow_tf32) -> (Tensor, Tensor)"
+    ),
+    "fused_dense_bwd": (
+        "fused_dense_bwd(Tensor grad, Tensor x, Tensor weight, Tensor? residual_scale, Tensor? row_scale, "
+        "Tensor pre, int activation, bool need_dx, bool need_dweight, bool need_dbias, bool need_dscale, "
+        "bool need_drow_scale, bool allow_tf32) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "mlp_fwd": (
+        "mlp_fwd(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+        "int activation, Tensor? residual, Tensor? residual_scale, Tensor? row_scale, bool save_pre, "
+        "bool save_branch, bool allow_tf32) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "mlp_bwd": (
+        "mlp_bwd(Tensor grad, Tensor x, Tensor fc1_weight, Tensor fc2_weight, Tensor? residual_scale, "
+        "Tensor? row_scale, Tensor pre, Tensor h, Tensor branch, int activation, bool need_dx, "
+        "bool need_dfc1_weight, bool need_dfc1_bias, bool need_dfc2_weight, bool need_dfc2_bias, "
+        "bool need_dscale, bool need_drow_scale, bool allow_tf32) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "patch_embed_fwd": (
+        "patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? prefix_tokens, "
+        "bool allow_tf32) -> Tensor"
+    ),
+    "patch_embed_bwd": (
+        "patch_embed_bwd(Tensor grad, Tensor images, Tensor weight, int num_prefix_tokens, bool need_dimages, "
+        "bool need_dweight, bool need_dbias, bool allow_tf32) -> (Tensor, Tensor, Tensor)"
+    ),
+}
 
-    The other ops' autograd is registered by vitkern.ops.cuda_backend (see :func:`_on_load`).
+_LIBRARY = torch.library.Library("vitkern_cuda", "DEF")
+
+
+def _declare_ops() -> None:
+    """Schemas, fake (meta) implementations and patchify's autograd of every vitkern_cuda:: op.
+
+    Runs once, at import. The other ops' autograd is registered by vitkern.ops.cuda_backend
+    (see :func:`_on_load`).
     """
+    for schema in _SCHEMAS.values():
+        _LIBRARY.define(schema)
     for qualname, fake in _FAKES.items():
-        torch.library.register_fake(qualname, fake)
+        torch.library.register_fake(qualname, fake, lib=_LIBRARY)
     torch.library.register_autograd(
-        "vitkern_cuda::patchify", _patchify_backward, setup_context=_patchify_setup_context
+        "vitkern_cuda::patchify", _patchify_backward, setup_context=_patchify_setup_context, lib=_LIBRARY
     )
+
+
+def allow_tf32() -> bool:
+    """Whether fp32 GEMMs may use TF32: torch's matmul precision, as torch's own cuBLAS calls read
+    it (``torch.backends.cuda.matmul.fp32_precision``; "tf32" allows it, "ieee" does not)."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+_declare_ops()

@@ -43,21 +43,22 @@ FAKE_CUDA = torch.device("cuda")
 
 SCHEMAS = {
     "fused_dense_fwd": "vitkern_cuda::fused_dense_fwd(Tensor x, Tensor weight, Tensor? bias, int activation, "
-    "Tensor? residual, Tensor? residual_scale, Tensor? row_scale, bool save_pre) -> (Tensor, Tensor)",
+    "Tensor? residual, Tensor? residual_scale, Tensor? row_scale, bool save_pre, bool allow_tf32) -> (Tensor, Tensor)",
     "fused_dense_bwd": "vitkern_cuda::fused_dense_bwd(Tensor grad, Tensor x, Tensor weight, Tensor? residual_scale, "
     "Tensor? row_scale, Tensor pre, int activation, bool need_dx, bool need_dweight, bool need_dbias, "
-    "bool need_dscale, bool need_drow_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bool need_dscale, bool need_drow_scale, bool allow_tf32) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "mlp_fwd": "vitkern_cuda::mlp_fwd(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
     "Tensor? fc2_bias, int activation, Tensor? residual, Tensor? residual_scale, Tensor? row_scale, "
-    "bool save_pre, bool save_branch) -> (Tensor, Tensor, Tensor, Tensor)",
+    "bool save_pre, bool save_branch, bool allow_tf32) -> (Tensor, Tensor, Tensor, Tensor)",
     "mlp_bwd": "vitkern_cuda::mlp_bwd(Tensor grad, Tensor x, Tensor fc1_weight, Tensor fc2_weight, "
     "Tensor? residual_scale, Tensor? row_scale, Tensor pre, Tensor h, Tensor branch, int activation, "
     "bool need_dx, bool need_dfc1_weight, bool need_dfc1_bias, bool need_dfc2_weight, bool need_dfc2_bias, "
-    "bool need_dscale, bool need_drow_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bool need_dscale, bool need_drow_scale, bool allow_tf32) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "patch_embed_fwd": "vitkern_cuda::patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, "
-    "Tensor? pos_embed, Tensor? prefix_tokens) -> Tensor",
+    "Tensor? pos_embed, Tensor? prefix_tokens, bool allow_tf32) -> Tensor",
     "patch_embed_bwd": "vitkern_cuda::patch_embed_bwd(Tensor grad, Tensor images, Tensor weight, "
-    "int num_prefix_tokens, bool need_dimages, bool need_dweight, bool need_dbias) -> (Tensor, Tensor, Tensor)",
+    "int num_prefix_tokens, bool need_dimages, bool need_dweight, bool need_dbias, bool allow_tf32) "
+    "-> (Tensor, Tensor, Tensor)",
 }
 
 # cublasLt.h values the descriptor tests read back.
@@ -201,11 +202,11 @@ def test_fused_dense_fake_on_meta(dtype, activation, residual, save_pre):
     w = torch.empty(n, k, dtype=dtype, device="meta")
     b = torch.empty(n, dtype=dtype, device="meta")
     r = None if residual is None else torch.empty(m, n, dtype=dtype if residual == "same" else F32, device="meta")
-    out, pre = torch.ops.vitkern_cuda.fused_dense_fwd(x, w, b, activation, r, None, None, save_pre)
+    out, pre = torch.ops.vitkern_cuda.fused_dense_fwd(x, w, b, activation, r, None, None, save_pre, False)
     assert out.shape == (m, n) and out.dtype == (r.dtype if r is not None else dtype)
     assert pre.shape == ((m, 136) if save_pre else (0,)) and pre.dtype == dtype  # ld rounded up to 8
     grads = torch.ops.vitkern_cuda.fused_dense_bwd(
-        out, x, w, None, None, pre, activation, True, True, True, False, False
+        out, x, w, None, None, pre, activation, True, True, True, False, False, False
     )
     assert [tuple(g.shape) for g in grads] == [(m, k), (n, k), (n,), (0,), (0,)]
     assert all(g.dtype == dtype for g in grads)
@@ -215,17 +216,17 @@ def test_fused_dense_fake_on_meta(dtype, activation, residual, save_pre):
 def test_fused_dense_fake_rejects_bad_input():
     x = torch.empty(4, 8, device="meta")
     with pytest.raises(RuntimeError, match="weight must have shape \\(N, 8\\)"):
-        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.empty(5, 7, device="meta"), None, 0, None, None, None, False)
+        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.empty(5, 7, device="meta"), None, 0, None, None, None, False, False)
     with pytest.raises(RuntimeError, match="activation must be 0"):
-        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.empty(5, 8, device="meta"), None, 3, None, None, None, False)
+        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.empty(5, 8, device="meta"), None, 3, None, None, None, False, False)
     with pytest.raises(RuntimeError, match="residual_scale needs residual"):
         torch.ops.vitkern_cuda.fused_dense_fwd(
-            x, torch.empty(5, 8, device="meta"), None, 0, None, torch.empty(5, device="meta"), None, False
+            x, torch.empty(5, 8, device="meta"), None, 0, None, torch.empty(5, device="meta"), None, False, False
         )
     with pytest.raises(RuntimeError, match="row_scale must have shape \\(4,\\)"):
         torch.ops.vitkern_cuda.fused_dense_fwd(
             x, torch.empty(5, 8, device="meta"), None, 0, torch.empty(4, 5, device="meta"), None,
-            torch.empty(3, device="meta"), False,
+            torch.empty(3, device="meta"), False, False,
         )
 
 
@@ -239,12 +240,12 @@ def test_mlp_fake_on_meta(activation):
     r = torch.empty(m, n, dtype=F32, device="meta")
     g = torch.empty(n, dtype=BF16, device="meta")
     rs = torch.empty(m, dtype=F32, device="meta")
-    out, pre, h, branch = torch.ops.vitkern_cuda.mlp_fwd(x, w1, b1, w2, b2, activation, r, g, rs, True, True)
+    out, pre, h, branch = torch.ops.vitkern_cuda.mlp_fwd(x, w1, b1, w2, b2, activation, r, g, rs, True, True, False)
     assert out.shape == (m, n) and out.dtype == F32
     assert pre.shape == ((m, 304) if activation else (0,))
     assert h.shape == (m, hidden) and h.dtype == BF16
     assert branch.shape == (m, 96)
-    grads = torch.ops.vitkern_cuda.mlp_bwd(out, x, w1, w2, g, rs, pre, h, branch, activation, *([True] * 7))
+    grads = torch.ops.vitkern_cuda.mlp_bwd(out, x, w1, w2, g, rs, pre, h, branch, activation, *([True] * 7), False)
     assert [tuple(t.shape) for t in grads] == [(m, k), (hidden, k), (hidden,), (n, hidden), (n,), (n,), (m,)]
     assert [t.dtype for t in grads] == [BF16] * 6 + [F32]
 
@@ -263,10 +264,10 @@ def test_patch_embed_fake_on_meta(channels_last, pos, prefix):
     bias = torch.empty(d, dtype=BF16, device="meta")
     pos_embed = None if pos is None else torch.empty(1, n + (prefix if pos == "all" else 0), d, device="meta")
     prefix_tokens = torch.empty(1, prefix, d, dtype=BF16, device="meta") if prefix else None
-    out = torch.ops.vitkern_cuda.patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens)
+    out = torch.ops.vitkern_cuda.patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens, False)
     assert out.shape == (b, prefix + n, d)
     assert out.dtype == (F32 if pos_embed is not None else BF16)  # fp32 pos_embed promotes, as in timm
-    dimages, dw, db = torch.ops.vitkern_cuda.patch_embed_bwd(out, images, weight, prefix, True, True, True)
+    dimages, dw, db = torch.ops.vitkern_cuda.patch_embed_bwd(out, images, weight, prefix, True, True, True, False)
     assert dimages.shape == images.shape and dimages.dtype == BF16
     assert dimages.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert dw.shape == weight.shape and db.shape == (d,)
@@ -277,11 +278,11 @@ def test_patch_embed_fake_rejects_bad_input():
     images = torch.empty(1, 3, 32, 32, device="meta")
     weight = torch.empty(8, 3, 16, 16, device="meta")
     with pytest.raises(RuntimeError, match="pos_embed has length 5 but must have length 4"):
-        torch.ops.vitkern_cuda.patch_embed_fwd(images, weight, None, torch.empty(1, 5, 8, device="meta"), None)
+        torch.ops.vitkern_cuda.patch_embed_fwd(images, weight, None, torch.empty(1, 5, 8, device="meta"), None, False)
     with pytest.raises(RuntimeError, match="images has 3 channels but weight expects 4"):
-        torch.ops.vitkern_cuda.patch_embed_fwd(images, torch.empty(8, 4, 16, 16, device="meta"), None, None, None)
+        torch.ops.vitkern_cuda.patch_embed_fwd(images, torch.empty(8, 4, 16, 16, device="meta"), None, None, None, False)
     with pytest.raises(RuntimeError, match="multiples of the patch size"):
-        torch.ops.vitkern_cuda.patch_embed_fwd(images, torch.empty(8, 3, 12, 16, device="meta"), None, None, None)
+        torch.ops.vitkern_cuda.patch_embed_fwd(images, torch.empty(8, 3, 12, 16, device="meta"), None, None, None, False)
 
 
 # ---------------------------------------------------------------- autograd wiring (meta)
@@ -294,7 +295,7 @@ def test_fused_dense_autograd_on_meta():
 
     x, w, b = leaf(10, 64), leaf(96, 64), leaf(96)
     r, g, rs = leaf(10, 96, dtype=F32), leaf(96), leaf(10, dtype=F32)
-    out, pre = torch.ops.vitkern_cuda.fused_dense_fwd(x, w, b, 1, r, g, rs, True)
+    out, pre = torch.ops.vitkern_cuda.fused_dense_fwd(x, w, b, 1, r, g, rs, True, False)
     out.sum().backward()
     for t in (x, w, b, r, g, rs):
         assert t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype
@@ -307,7 +308,7 @@ def test_mlp_autograd_on_meta():
 
     x, w1, b1, w2, b2 = leaf(10, 32), leaf(64, 32), leaf(64), leaf(32, 64), leaf(32)
     r, g, rs = leaf(10, 32), leaf(32), leaf(10)
-    out, *_ = torch.ops.vitkern_cuda.mlp_fwd(x, w1, b1, w2, b2, 2, r, g, rs, True, True)
+    out, *_ = torch.ops.vitkern_cuda.mlp_fwd(x, w1, b1, w2, b2, 2, r, g, rs, True, True, False)
     out.sum().backward()
     for t in (x, w1, b1, w2, b2, r, g, rs):
         assert t.grad is not None and t.grad.shape == t.shape
@@ -321,7 +322,7 @@ def test_patch_embed_autograd_on_meta(pos_all):
     bias = torch.empty(16, dtype=BF16, device="meta", requires_grad=True)
     pos = torch.empty(1, 4 + (2 if pos_all else 0), 16, device="meta", requires_grad=True)
     prefix = torch.empty(1, 2, 16, device="meta", requires_grad=True)
-    out = torch.ops.vitkern_cuda.patch_embed_fwd(images, weight, bias, pos, prefix)
+    out = torch.ops.vitkern_cuda.patch_embed_fwd(images, weight, bias, pos, prefix, False)
     assert out.shape == (2, 6, 16) and out.dtype == F32
     out.sum().backward()
     for t in (images, weight, bias, pos, prefix):
@@ -353,7 +354,7 @@ def test_public_functions_trace_to_the_extension_ops():
     for op in ("fused_dense_fwd", "patch_embed_fwd", "mlp_fwd"):
         assert f"torch.ops.vitkern_cuda.{op}.default" in code, code
     # Inference: nothing saved for backward (save_pre / save_branch False).
-    assert "fused_dense_fwd.default(view, w_1, b_1, 1, view_1, None, None, False)" in code
+    assert "fused_dense_fwd.default(view, w_1, b_1, 1, view_1, None, None, False, False)" in code
 
 
 # ----------------------------------------------------------------- host-side cuBLASLt set-up
@@ -401,17 +402,54 @@ def test_cublaslt_backward_descriptors():
 
 
 @needs_extension
-def test_cublaslt_fp32_follows_torch_matmul_precision():
+def test_cublaslt_fp32_follows_the_allow_tf32_argument():
     C = ext.load()
+    assert C._cublaslt_describe("forward", "float32", 8, 8, 8, "BIAS", allow_tf32=True)["compute_type"] == CUBLAS_COMPUTE_32F_FAST_TF32
+    assert C._cublaslt_describe("forward", "bfloat16", 8, 8, 8, "BIAS", allow_tf32=True)["compute_type"] == CUBLAS_COMPUTE_32F
+    assert C._cublaslt_describe("forward", "float32", 8, 8, 8, "BIAS")["compute_type"] == CUBLAS_COMPUTE_32F
+    # the scope ends with the call: nothing leaks into the next GEMM built on this thread
+    assert C._cublaslt_describe("weight_grad", "float32", 8, 8, 8, "BGRADB")["compute_type"] == CUBLAS_COMPUTE_32F
+
+
+def test_ops_pass_torch_matmul_precision(monkeypatch):
+    """The backend reads torch's fp32 matmul precision in Python and passes it to every op (the C++
+    accessor differs across torch versions); backward runs at the forward's precision."""
+    seen = []
+
+    def recorder(name):
+        def op(*args):
+            seen.append((name, args[-1]))
+            raise _Stop
+
+        return op
+
+    class _Stop(Exception):
+        pass
+
+    from vitkern.ops import cuda_backend as cb
+
+    for name in ("fused_dense_fwd", "mlp_fwd", "patch_embed_fwd"):
+        monkeypatch.setattr(torch.ops.vitkern_cuda, name, recorder(name), raising=False)
     previous = torch.backends.cuda.matmul.fp32_precision
     try:
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        assert C._cublaslt_describe("forward", "float32", 8, 8, 8, "BIAS")["compute_type"] == CUBLAS_COMPUTE_32F_FAST_TF32
-        assert C._cublaslt_describe("forward", "bfloat16", 8, 8, 8, "BIAS")["compute_type"] == CUBLAS_COMPUTE_32F
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        assert C._cublaslt_describe("forward", "float32", 8, 8, 8, "BIAS")["compute_type"] == CUBLAS_COMPUTE_32F
+        for precision, expected in (("tf32", True), ("ieee", False)):
+            torch.backends.cuda.matmul.fp32_precision = precision
+            x, w = torch.empty(4, 8, device="meta"), torch.empty(16, 8, device="meta")
+            for call in (lambda: cb.linear_cuda(x, w, None), lambda: cb.mlp_cuda(x, w, None, w.t(), None),
+                         lambda: cb.patch_embed_cuda(torch.empty(1, 3, 16, 16, device="meta"),
+                                                     torch.empty(8, 3, 16, 16, device="meta"))):
+                with pytest.raises(_Stop):
+                    call()
+            assert [flag for _, flag in seen[-3:]] == [expected] * 3, seen
     finally:
         torch.backends.cuda.matmul.fp32_precision = previous
+    for setup, n_inputs in ((cb._dense_setup, 9), (cb._mlp_setup, 12), (cb._patch_embed_setup, 6)):
+        ctx = type("Ctx", (), {"save_for_backward": lambda self, *t: None})()
+        inputs = [None] * (n_inputs - 1) + [True]
+        inputs[0] = torch.empty(1, 3, 16, 16)
+        inputs[1] = torch.empty(8, 3, 16, 16)
+        setup(ctx, tuple(inputs), (None, None, None, None))
+        assert ctx.allow_tf32 is True
 
 
 @needs_extension
@@ -743,19 +781,19 @@ def test_expanded_gradient_and_side_stream(device):
 def test_op_errors_on_gpu(device):
     x = torch.randn(4, 8, device=device)
     with pytest.raises(RuntimeError, match="fused_dense_fwd: weight must have shape \\(N, 8\\)"):
-        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.randn(5, 7, device=device), None, 0, None, None, None, False)
+        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.randn(5, 7, device=device), None, 0, None, None, None, False, False)
     with pytest.raises(RuntimeError, match="weight has dtype"):
         torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.randn(5, 8, device=device, dtype=BF16), None, 0, None, None,
-                                               None, False)
+                                               None, False, False)
     out, pre = torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.randn(5, 8, device=device), None, 1, None, None, None,
-                                                      False)
+                                                      False, False)
     with pytest.raises(RuntimeError, match="call the forward with save_pre=True"):
         torch.ops.vitkern_cuda.fused_dense_bwd(out, x, torch.randn(5, 8, device=device), None, None, pre, 1, True,
-                                               False, False, False, False)
+                                               False, False, False, False, False)
     with pytest.raises(RuntimeError, match="pos_embed has length"):
         torch.ops.vitkern_cuda.patch_embed_fwd(torch.randn(1, 3, 32, 32, device=device),
                                                torch.randn(8, 3, 16, 16, device=device), None,
-                                               torch.randn(1, 7, 8, device=device), None)
+                                               torch.randn(1, 7, 8, device=device), None, False)
 
 
 @pytest.mark.gpu

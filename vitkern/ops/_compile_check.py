@@ -782,7 +782,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failures = [r for r in rows if r["problems"]]
     if not args.quiet:
         print(format_rows(rows))
-        print(f"\n{len(rows)} rows, {len(failures)} with problems, {wall:.1f} s")
+    elif failures:
+        print(format_rows(failures))
+    import triton
+
+    print(f"\n{len(rows)} rows, {len(failures)} with problems, {wall:.1f} s (triton {triton.__version__} from "
+          f"{os.path.dirname(triton.__file__)}, archs {','.join(map(str, archs))}, {'full' if args.full else 'default'} set)")
     return 1 if failures and not args.no_fail else 0
 
 

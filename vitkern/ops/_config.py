@@ -93,6 +93,7 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
+from triton.runtime import _allocation as _triton_allocation
 from triton.runtime.jit import JITFunction
 
 try:  # the interpreter's kernel class (what @triton.jit returns under TRITON_INTERPRET=1)
@@ -123,6 +124,8 @@ __all__ = [
     "base_kernel",
     "wgmma_expected",
     "launch",
+    "launch_device",
+    "ensure_scratch_allocator",
     "capture",
     "CapturedLaunch",
     "capturing",
@@ -679,10 +682,50 @@ def _check_launch_args(entry: KernelEntry, args: tuple, kwargs: dict) -> None:
 
 
 def _first_device(args: tuple, kwargs: dict) -> Optional[torch.device]:
-    for a in (*args, *kwargs.values()):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    for a in kwargs.values():
         if isinstance(a, torch.Tensor):
             return a.device
     return None
+
+
+def launch_device(args: tuple, kwargs: dict) -> Optional[int]:
+    """The CUDA device index a launch must make current, or None when the current one is right.
+
+    Triton launches on ``torch.cuda.current_device()`` and that device's current stream, whatever
+    device the tensors are on: a tensor on cuda:1 with device 0 current would run the kernel on
+    the wrong GPU (an illegal address, or a race with peer access). The launching tensors' device
+    is the first tensor argument's (launchers allocate every output on the inputs' device).
+    Switching costs a few microseconds, so it happens only when the index differs.
+    """
+    device = _first_device(args, kwargs)
+    if device is None or device.type != "cuda" or device.index is None:
+        return None
+    return None if device.index == torch.cuda.current_device() else device.index
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Scratch for device-side tensor descriptors, from torch's caching allocator on the current
+    device (launch() has made it the launching tensors' device) and its current stream, the
+    stream Triton launches on. Caching-allocator blocks are 512-byte aligned (alignment <= 128)."""
+    device = torch.device("cpu") if INTERPRETING else torch.device("cuda", torch.cuda.current_device())
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def ensure_scratch_allocator() -> None:
+    """Give this thread Triton's scratch allocator, needed by kernels that build tensor descriptors
+    on the device (``tl.make_tensor_descriptor``).
+
+    ``triton.set_allocator`` stores the allocator in a ``ContextVar``: every other thread (autograd
+    runs backward on its own device thread on CUDA; a user's serving or DataLoader workers) starts
+    with Triton's null allocator, which fails the launch ("no allocator was set"). So the check
+    runs at every launch that needs it, in the launching thread (a ContextVar read: ~0.1 us). An
+    allocator the user set in this context is kept.
+    """
+    if isinstance(_triton_allocation._allocator.get(), _triton_allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
 
 
 def launch(kernel, grid, *args, config: Optional[Union[KernelConfig, Mapping]] = None, **kwargs):
@@ -715,6 +758,15 @@ def launch(kernel, grid, *args, config: Optional[Union[KernelConfig, Mapping]] =
     if state is not None:
         state.launches.append(CapturedLaunch(entry, grid, args, dict(kwargs), forced, state.arch, state.case))
         return None
+    index = launch_device(args, kwargs)
+    if index is not None:
+        with torch.cuda.device(index):
+            return _run(entry, grid, args, kwargs, forced)
+    return _run(entry, grid, args, kwargs, forced)
+
+
+def _run(entry: KernelEntry, grid, args: tuple, kwargs: dict, forced: Optional[KernelConfig]):
+    """The launch itself, on the current device (see :func:`launch_device`)."""
     if forced is not None:
         return entry.kernel[grid](*args, **kwargs, **forced.all_kwargs())
     if entry.autotuned:

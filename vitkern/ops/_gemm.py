@@ -67,6 +67,7 @@ from vitkern.ops._config import (
     compile_cases,
     device_arch,
     dot_operand,
+    ensure_scratch_allocator,
     launch,
     num_sms,
     register_helper,
@@ -459,8 +460,11 @@ GEMM_CONFIGS: dict[str, GemmConfig] = {
     "h100_fp32": GemmConfig(64, 64, 16, 8, num_warps=8, num_stages=3, tma=True, split_k=8),
     # sm_80 family: mma.sync, cp.async-pipelined plain loads
     "a100_16_large": GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=4, split_k=8),
-    "a100_16_small": GemmConfig(64, 128, 32, 8, num_warps=4, num_stages=4, split_k=8),
-    "a100_tf32": GemmConfig(128, 128, 16, 8, num_warps=8, num_stages=4, split_k=8),
+    # 8 warps: with 4, the bias + tanh-GELU epilogue spilled 68 bytes under Triton 3.6 (M = 1)
+    "a100_16_small": GemmConfig(64, 128, 32, 8, num_warps=8, num_stages=4, split_k=8),
+    # 128 x 64: the 128 x 128 tile's dW epilogue (row scale, row sums, row dots) spilled 4 bytes
+    # under Triton 3.6 (255 registers); 128 x 64 compiles to 206 / 182 (3.6 / 3.8)
+    "a100_tf32": GemmConfig(128, 64, 16, 8, num_warps=8, num_stages=4, split_k=8),
     "a100_fp32": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=3, split_k=8),
 }
 
@@ -509,22 +513,6 @@ def select_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-
-_allocator_installed = False
-
-
-def _install_tma_allocator() -> None:
-    """Device-side tensor descriptors need a global scratch allocator (``triton.set_allocator``)."""
-    global _allocator_installed
-    if _allocator_installed:
-        return
-
-    def _alloc(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRETING else "cuda")
-
-    triton.set_allocator(_alloc)
-    _allocator_installed = True
-
 
 def _tma_ok(t: torch.Tensor, inner: int) -> bool:
     """2-D ``t`` addressable by a TMA descriptor with ``inner`` as its unit-stride dim."""
@@ -651,7 +639,7 @@ def gemm(
     c_mode = LOAD_TMA if use_tma and split_k == 1 and not mapped and _tma_ok(c_view, 1) else LOAD_PLAIN
     r_mode = LOAD_TMA if use_tma and residual is not None and not mapped and _tma_ok(residual, 1) else LOAD_PLAIN
     if LOAD_TMA in (a_mode, b_mode, c_mode, r_mode) or LOAD_TMA_T in (a_mode, b_mode):
-        _install_tma_allocator()
+        ensure_scratch_allocator()  # per thread: see its docstring
     # Persistent (flattened) tile loops do not compile with the in-loop row sums (Triton 3.8's
     # loop fusion fails); those GEMMs (dW) launch one program per tile.
     persistent = cfg.persistent and not row_sum

@@ -1025,6 +1025,9 @@ def _attention_bwd_dq_kernel(
 # spill and shared-memory figures are in the static compile check's rows). Precision classes:
 # "16bit" (fp16 / bf16), "tf32" and "ieee" (fp32 following torch's matmul precision; IEEE fp32
 # dots run on FMA units and need small tiles). Padded head width = the two pieces' sum.
+# Both Triton versions the project runs on (3.8 here, 3.6 on the GPU machines) allocate registers
+# differently; the entries marked "3.6" replace tiles that spilled there (figures: registers under
+# 3.6 / 3.8 for the causal, key-padding variant, the heaviest).
 
 
 def _attn_cfg(arch: int, block_m: int, block_n: int, warps: int, stages: int) -> KernelConfig:
@@ -1033,10 +1036,12 @@ def _attn_cfg(arch: int, block_m: int, block_n: int, warps: int, stages: int) ->
 
 _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] = {
     # ---- sm_90 (H100 / H200): wgmma for 16-bit and TF32 dots with 64+ rows per warp group
-    ("fwd", 90, "16bit"): ((64, _attn_cfg(90, 128, 128, 8, 3)), (128, _attn_cfg(90, 128, 64, 8, 3)),
-                           (256, _attn_cfg(90, 128, 64, 8, 2))),
-    ("dkdv", 90, "16bit"): ((64, _attn_cfg(90, 64, 128, 8, 2)), (128, _attn_cfg(90, 32, 128, 8, 2)),
-                            (256, _attn_cfg(90, 16, 16, 8, 1))),
+    # 3.6: 48 (40 = 32 + 16) spilled 16 bytes with 128 x 128 tiles, 256 spilled 8 with 128 x 64
+    ("fwd", 90, "16bit"): ((48, _attn_cfg(90, 128, 64, 8, 3)), (64, _attn_cfg(90, 128, 128, 8, 3)),
+                           (128, _attn_cfg(90, 128, 64, 8, 3)), (256, _attn_cfg(90, 128, 32, 8, 2))),
+    # 3.6: 48 spilled 12 bytes with 64 x 128 tiles
+    ("dkdv", 90, "16bit"): ((48, _attn_cfg(90, 64, 64, 8, 2)), (64, _attn_cfg(90, 64, 128, 8, 2)),
+                            (128, _attn_cfg(90, 32, 128, 8, 2)), (256, _attn_cfg(90, 16, 16, 8, 1))),
     ("dq", 90, "16bit"): ((64, _attn_cfg(90, 128, 64, 8, 2)), (128, _attn_cfg(90, 128, 64, 8, 2)),
                           (256, _attn_cfg(90, 128, 32, 8, 2))),
     ("fwd", 90, "tf32"): ((64, _attn_cfg(90, 64, 64, 4, 2)), (128, _attn_cfg(90, 64, 32, 4, 2)),
@@ -1046,24 +1051,28 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     ("dq", 90, "tf32"): ((64, _attn_cfg(90, 64, 32, 4, 1)), (128, _attn_cfg(90, 32, 32, 4, 1)),
                          (256, _attn_cfg(90, 32, 16, 4, 1))),
     ("fwd", 90, "ieee"): ((64, _attn_cfg(90, 16, 32, 4, 1)), (256, _attn_cfg(90, 16, 16, 4, 1))),
-    ("dkdv", 90, "ieee"): ((256, _attn_cfg(90, 16, 16, 16, 1)),),
+    # 3.6: 16 warps (128 registers a thread) spilled 4 bytes at 128; 4 warps spill on both
+    ("dkdv", 90, "ieee"): ((256, _attn_cfg(90, 16, 16, 8, 1)),),
     ("dq", 90, "ieee"): ((64, _attn_cfg(90, 32, 16, 4, 1)), (256, _attn_cfg(90, 16, 16, 4, 1))),
     # ---- sm_80 (A100) and the other non-sm_90 parts: mma.sync, operands in registers
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 64, 8, 3)), (128, _attn_cfg(80, 128, 32, 8, 2)),
                            (256, _attn_cfg(80, 32, 16, 8, 2))),
+    # 3.6: 256 spilled 12 bytes with 8 warps (128 registers a thread at 16 x 16)
     ("dkdv", 80, "16bit"): ((64, _attn_cfg(80, 32, 128, 8, 2)), (128, _attn_cfg(80, 16, 64, 8, 2)),
-                            (256, _attn_cfg(80, 16, 16, 8, 1))),
+                            (256, _attn_cfg(80, 16, 16, 4, 1))),
     ("dq", 80, "16bit"): ((64, _attn_cfg(80, 128, 64, 8, 2)), (128, _attn_cfg(80, 128, 32, 8, 2)),
                           (256, _attn_cfg(80, 32, 32, 8, 2))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 32, 32, 4, 1)),
                           (256, _attn_cfg(80, 16, 32, 4, 1))),
-    ("dkdv", 80, "tf32"): ((64, _attn_cfg(80, 32, 32, 4, 1)), (128, _attn_cfg(80, 16, 32, 4, 1)),
+    # 3.6: 64 spilled 16 bytes with 4 warps
+    ("dkdv", 80, "tf32"): ((64, _attn_cfg(80, 32, 32, 8, 1)), (128, _attn_cfg(80, 16, 32, 4, 1)),
                            (256, _attn_cfg(80, 16, 16, 8, 1))),
     ("dq", 80, "tf32"): ((64, _attn_cfg(80, 64, 32, 4, 1)), (128, _attn_cfg(80, 32, 16, 4, 1)),
                          (256, _attn_cfg(80, 16, 16, 4, 1))),
     ("fwd", 80, "ieee"): ((64, _attn_cfg(80, 16, 32, 4, 1)), (128, _attn_cfg(80, 16, 16, 4, 1)),
                           (256, _attn_cfg(80, 16, 16, 8, 1))),
-    ("dkdv", 80, "ieee"): ((256, _attn_cfg(80, 16, 16, 16, 1)),),
+    # 3.6: 16 warps spilled 12-24 bytes (72, 256); 4 warps spill 4 bytes at 64 under 3.8
+    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8, 1)), (256, _attn_cfg(80, 16, 16, 4, 1))),
     ("dq", 80, "ieee"): ((64, _attn_cfg(80, 32, 16, 4, 1)), (256, _attn_cfg(80, 16, 16, 4, 1))),
 }
 
@@ -1071,15 +1080,17 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
 # 168..184, 200..248) need more registers for the same tiles: where a table is given here it
 # replaces the one above for them (every width listed).
 _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] = {
+    # 3.6: 256 (200) spilled 140 bytes with 64 x 16 tiles
     ("fwd", 90, "16bit"): ((64, _attn_cfg(90, 128, 128, 8, 3)), (128, _attn_cfg(90, 128, 64, 8, 3)),
-                           (256, _attn_cfg(90, 64, 16, 8, 2))),
+                           (256, _attn_cfg(90, 32, 16, 8, 2))),
     ("dkdv", 90, "16bit"): ((64, _attn_cfg(90, 64, 128, 8, 2)), (96, _attn_cfg(90, 16, 64, 8, 2)),
                             (128, _attn_cfg(90, 32, 32, 8, 2)), (256, _attn_cfg(90, 16, 16, 8, 1))),
     ("dq", 90, "16bit"): ((64, _attn_cfg(90, 128, 64, 8, 2)), (128, _attn_cfg(90, 64, 32, 8, 2)),
                           (160, _attn_cfg(90, 16, 32, 8, 1)), (256, _attn_cfg(90, 32, 32, 8, 2))),
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 32, 8, 2)), (128, _attn_cfg(80, 64, 32, 8, 2)),
                            (256, _attn_cfg(80, 32, 16, 8, 2))),
-    ("dkdv", 80, "16bit"): ((64, _attn_cfg(80, 16, 64, 8, 2)), (128, _attn_cfg(80, 16, 64, 8, 2)),
+    # 3.6: 128 (72 = 64 + 16) spilled 24 bytes with 2 stages
+    ("dkdv", 80, "16bit"): ((64, _attn_cfg(80, 16, 64, 8, 2)), (128, _attn_cfg(80, 16, 64, 8, 1)),
                             (256, _attn_cfg(80, 16, 16, 8, 1))),
     ("dq", 80, "16bit"): ((64, _attn_cfg(80, 64, 32, 8, 2)), (128, _attn_cfg(80, 64, 32, 8, 2)),
                           (160, _attn_cfg(80, 16, 16, 8, 1)), (256, _attn_cfg(80, 32, 32, 8, 2))),

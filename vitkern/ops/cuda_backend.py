@@ -1,7 +1,7 @@
 """The "cuda" backend of ``linear``, ``mlp`` and ``patch_embed``: the C++/CUDA extension ``vitkern._C``.
 
-The ops (``torch.ops.vitkern_cuda.*``, schemas in ``csrc/bindings.cpp``, fakes in
-``vitkern._extension``) run their GEMMs on cuBLASLt with fused epilogues and add what cuBLASLt
+The ops (``torch.ops.vitkern_cuda.*``, schemas and fakes in ``vitkern._extension``, CUDA kernels
+in ``vitkern._C``) run their GEMMs on cuBLASLt with fused epilogues and add what cuBLASLt
 cannot express in one small elementwise pass (``csrc/dense_epilogue.cu``):
 
 - ``linear`` -> ``fused_dense_fwd``: bias and the tanh GELU in the GEMM's epilogue (GELU_AUX_BIAS
@@ -40,6 +40,7 @@ from typing import Iterator, Optional
 import torch
 
 from vitkern import _extension
+from vitkern._extension import allow_tf32
 from vitkern._backend import register_impl
 from vitkern.ops._common import FLOAT_DTYPES
 
@@ -132,7 +133,7 @@ def linear_cuda(
         _requires_grad(residual_scale, row_scale)
     )
     out, _ = torch.ops.vitkern_cuda.fused_dense_fwd(
-        x2, weight, bias, ACTIVATION_IDS[activation], res2, residual_scale, row_scale, save_pre
+        x2, weight, bias, ACTIVATION_IDS[activation], res2, residual_scale, row_scale, save_pre, allow_tf32()
     )
     return out.reshape(*lead, n)
 
@@ -160,7 +161,7 @@ def mlp_cuda(
     save_branch = _requires_grad(residual_scale, row_scale)
     out, _, _, _ = torch.ops.vitkern_cuda.mlp_fwd(
         x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ACTIVATION_IDS[activation], res2, residual_scale,
-        row_scale, save_pre, save_branch,
+        row_scale, save_pre, save_branch, allow_tf32(),
     )
     return out.reshape(*lead, n)
 
@@ -174,7 +175,7 @@ def patch_embed_cuda(
     prefix_tokens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The "cuda" backend of :func:`vitkern.patch_embed` (``vitkern_cuda::patch_embed_fwd``)."""
-    return torch.ops.vitkern_cuda.patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens)
+    return torch.ops.vitkern_cuda.patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens, allow_tf32())
 
 
 register_impl("linear", "cuda", linear_cuda, _linear_supports)
@@ -188,8 +189,9 @@ register_impl("patch_embed", "cuda", patch_embed_cuda, _patch_embed_supports)
 
 
 def _dense_setup(ctx, inputs, output) -> None:
-    x, weight, bias, activation, residual, residual_scale, row_scale, _save_pre = inputs
+    x, weight, bias, activation, residual, residual_scale, row_scale, _save_pre, tf32 = inputs
     ctx.activation = activation
+    ctx.allow_tf32 = tf32  # backward GEMMs at the forward's precision
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
     ctx.save_for_backward(x, weight, residual_scale, row_scale, output[1])
@@ -206,7 +208,7 @@ def _dense_backward(ctx, grad, _grad_pre):
     if need_dx or need_dw or need_db or need_dscale or need_drs:
         dx, dw, db, dscale, drs = torch.ops.vitkern_cuda.fused_dense_bwd(
             grad, x, weight, residual_scale, row_scale, pre, ctx.activation,
-            need_dx, need_dw, need_db, need_dscale, need_drs,
+            need_dx, need_dw, need_db, need_dscale, need_drs, ctx.allow_tf32,
         )
     return (
         dx if need_dx else None,
@@ -217,13 +219,15 @@ def _dense_backward(ctx, grad, _grad_pre):
         dscale if need_dscale else None,
         drs if need_drs else None,
         None,
+        None,
     )
 
 
 def _mlp_setup(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, activation, residual, residual_scale, row_scale, _save_pre, _save_branch = inputs
+    x, w1, b1, w2, b2, activation, residual, residual_scale, row_scale, _save_pre, _save_branch, tf32 = inputs
     _, pre, h, branch = output
     ctx.activation = activation
+    ctx.allow_tf32 = tf32
     ctx.has_b1 = b1 is not None
     ctx.has_b2 = b2 is not None
     ctx.has_residual = residual is not None
@@ -245,18 +249,19 @@ def _mlp_backward(ctx, grad, _grad_pre, _grad_h, _grad_branch):
     outs = (None,) * 7
     if any(flags):
         outs = torch.ops.vitkern_cuda.mlp_bwd(
-            grad, x, w1, w2, residual_scale, row_scale, pre, h, branch, ctx.activation, *flags
+            grad, x, w1, w2, residual_scale, row_scale, pre, h, branch, ctx.activation, *flags, ctx.allow_tf32
         )
     dx, dw1, db1, dw2, db2, dscale, drs = (o if f else None for o, f in zip(outs, flags))
     return (
         dx, dw1, db1, dw2, db2, None,
         grad if need[6] and ctx.has_residual else None,
-        dscale, drs, None, None,
+        dscale, drs, None, None, None,
     )
 
 
 def _patch_embed_setup(ctx, inputs, output) -> None:
-    images, weight, bias, pos_embed, prefix_tokens = inputs
+    images, weight, bias, pos_embed, prefix_tokens, tf32 = inputs
+    ctx.allow_tf32 = tf32
     ctx.num_prefix = prefix_tokens.shape[1] if prefix_tokens is not None else 0
     ctx.prefix_dtype = prefix_tokens.dtype if prefix_tokens is not None else None
     ctx.pos_len = pos_embed.shape[1] if pos_embed is not None else 0
@@ -274,7 +279,7 @@ def _patch_embed_backward(ctx, grad):
     dimages = dw = db = dpos = dprefix = None
     if need_dimages or need_dw or need_db:
         dimages, dw, db = torch.ops.vitkern_cuda.patch_embed_bwd(
-            grad, images, weight, k, need_dimages, need_dw, need_db
+            grad, images, weight, k, need_dimages, need_dw, need_db, ctx.allow_tf32
         )
     if need[3] and ctx.pos_dtype is not None:
         g = grad if ctx.pos_len == grad.shape[1] else grad[:, k:]
@@ -287,6 +292,7 @@ def _patch_embed_backward(ctx, grad):
         db if need_db else None,
         dpos,
         dprefix,
+        None,
     )
 
 

@@ -73,6 +73,7 @@ from vitkern.ops._config import (
     INTERPRETING,
     KernelConfig,
     compile_cases,
+    device_arch,
     launch,
     num_sms,
     register_kernel,
@@ -426,6 +427,12 @@ _BWD_CONFIGS: dict[int, tuple[KernelConfig, int]] = {
     4096: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 4096, "NUM_STAGES": 1}, num_warps=16, num_stages=1), 1),  # 64 / 72
     8192: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 8192, "NUM_STAGES": 1}, num_warps=16, num_stages=1), 1),  # 128 / 128
 }
+# The sm_90 family at 8192: 16 warps cap a thread at 128 registers, where Triton 3.6 spills 8 bytes
+# (3.8 fits in 125); 8 warps compile to 254 / 255 registers (3.8 / 3.6) without spills, still one
+# program per SM. On sm_80, 16 warps hold on both versions and 8 warps spill under 3.6.
+_BWD_CONFIGS_SM90 = {
+    8192: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 8192, "NUM_STAGES": 1}, num_warps=8, num_stages=1), 1),
+}
 # Wide rows: 4 rows per step, so each program's read-modify-write of its partial row (L2
 # resident: 2 x programs x N x 4 bytes) is amortised over 4 rows.
 _BWD_LOOPED_CONFIG = (KernelConfig({"BLOCK_M": 4, "BLOCK_N": 1024}, num_warps=8, num_stages=1), 2)  # 102 / 128
@@ -461,11 +468,13 @@ def _fwd_config(n: int) -> tuple[object, KernelConfig]:
     return _layer_norm_fwd_kernel, _for_interpreter(_FWD_CONFIGS[_block_n(n)])
 
 
-def _bwd_config(n: int) -> tuple[object, KernelConfig, int]:
+def _bwd_config(n: int, device=None) -> tuple[object, KernelConfig, int]:
     if n > _MAX_FUSED_N:
         config, per_sm = _BWD_LOOPED_CONFIG
         return _layer_norm_bwd_looped_kernel, _for_interpreter(config), per_sm
-    config, per_sm = _BWD_CONFIGS[_block_n(n)]
+    block_n = _block_n(n)
+    table = _BWD_CONFIGS_SM90 if block_n in _BWD_CONFIGS_SM90 and device_arch(device) == 90 else _BWD_CONFIGS
+    config, per_sm = table[block_n]
     return _layer_norm_bwd_kernel, _for_interpreter(config), per_sm
 
 
@@ -594,7 +603,7 @@ def _layer_norm_bwd(
             if t is not None:
                 t.zero_()
         return dx, dw, db
-    kernel, config, per_sm = _bwd_config(n)
+    kernel, config, per_sm = _bwd_config(n, x.device if x.device.type == "cuda" else None)
     programs = num_sms(x.device) * per_sm
     programs = min(programs, triton.cdiv(m, config.meta["BLOCK_M"]), max(1, _PARTIAL_BYTES_CAP // (8 * n)))
     dw_partial = _empty((programs, n), torch.float32, x.device) if compute_dw else None

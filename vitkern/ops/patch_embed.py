@@ -147,12 +147,19 @@ def patch_embed_ref(
 # r = b * T + t of the (B * T, D) output.
 
 
+# The gathers' argument tuples are flat: the image geometry ``img`` (see :func:`_image_args`) takes
+# their first ten fields, the gather's own fields follow from index 10. Triton 3.6 drops the
+# constexprs of a tuple nested in a tuple argument when it is used inside a loop (the GEMM's K
+# loop) and a field before it was specialised as a constexpr (any int equal to 1, such as one
+# prefix token): the compile then fails on None values. Flat tuples hold on 3.6 and 3.8.
+
+
 @register_helper
 @triton.jit
 def _pixel_offsets(offs_k, img):
     """Element offset (int32) of pixel ``k`` of a patch from the patch's top-left pixel.
 
-    ``img`` = (grid_w, s_b / G, s_c / G, s_h / G, s_w, C, PH, PW, CL_K, G), the last five constexpr
+    ``img`` starts with (grid_w, s_b / G, s_c / G, s_h / G, s_w, C, PH, PW, CL_K, G), the last five constexpr
     (see :func:`_image_args`). With CL_K (channels-last, s_c = 1 and s_w = C) a patch row is one run
     of PW * C elements, written as such so that Triton sees it (vectorised loads)."""
     C: tl.constexpr = img[5]
@@ -186,13 +193,12 @@ def _fwd_gather(a_ptr, offs_m, offs_k, M, K, a_args):
     are masked on store); pixels past K are zero, masked against the constexpr C * PH * PW so
     that the mask stays uniform over the contiguous runs (vectorised, cp.async-pipelined loads).
 
-    a_args = (n_patch, img) (img: see :func:`_pixel_offsets`).
+    a_args = (*img, n_patch) (img: see :func:`_pixel_offsets`).
     """
-    img = a_args[1]
-    KC: tl.constexpr = img[5] * img[6] * img[7]
+    KC: tl.constexpr = a_args[5] * a_args[6] * a_args[7]
     m = tl.minimum(offs_m, M - 1)
-    rows = _patch_origin(m // a_args[0], m % a_args[0], img)
-    cols = _pixel_offsets(offs_k, img)
+    rows = _patch_origin(m // a_args[10], m % a_args[10], a_args)
+    cols = _pixel_offsets(offs_k, a_args)
     return tl.load(a_ptr + rows[:, None] + cols[None, :], mask=(offs_k < KC)[None, :], other=0.0)
 
 
@@ -249,16 +255,15 @@ def _dw_gather(a_ptr, offs_m, offs_k, M, K, a_args):
     """A[k, r] = pixel k of the patch at token row r (zero for prefix rows, r >= K and k >= M):
     the transposed im2col, reduced over token rows in the weight-gradient GEMM dW^T = A @ dY.
 
-    a_args = (n_tok, n_prefix, n_patch, img).
+    a_args = (*img, n_tok, n_prefix, n_patch).
     """
-    n_tok = a_args[0]
-    img = a_args[3]
-    KC: tl.constexpr = img[5] * img[6] * img[7]
+    n_tok = a_args[10]
+    KC: tl.constexpr = a_args[5] * a_args[6] * a_args[7]
     b = offs_k // n_tok
-    p = offs_k % n_tok - a_args[1]
+    p = offs_k % n_tok - a_args[11]
     valid = (p >= 0) & (offs_k < K)
-    cols = _patch_origin(b, tl.maximum(p, 0), img)
-    rows = _pixel_offsets(offs_m, img)
+    cols = _patch_origin(b, tl.maximum(p, 0), a_args)
+    rows = _pixel_offsets(offs_m, a_args)
     return tl.load(a_ptr + rows[:, None] + cols[None, :], mask=(offs_m < KC)[:, None] & valid[None, :], other=0.0)
 
 
@@ -281,16 +286,16 @@ def _dx_gather(a_ptr, offs_m, offs_k, M, K, a_args):
 def _dx_rows(offs_m, c_args):
     """Top-left pixel offset of patch m in the image gradient (its 'row'); no residual.
 
-    c_args = (n_patch, img).
+    c_args = (*img, n_patch).
     """
-    return _patch_origin(offs_m // c_args[0], offs_m % c_args[0], c_args[1]), offs_m
+    return _patch_origin(offs_m // c_args[10], offs_m % c_args[10], c_args), offs_m
 
 
 @register_helper
 @triton.jit
 def _dx_cols(offs_n, c_args):
     """Offset of pixel k within its patch in the image gradient (its 'column')."""
-    return _pixel_offsets(offs_n, c_args[1])
+    return _pixel_offsets(offs_n, c_args)
 
 
 @register_kernel
@@ -341,11 +346,13 @@ _K_ALIGN = 16
 # - the weight gradient on the sm_90 family with narrow runs: the core's 128 x 128 x 64 reached 255
 #   registers (no spill, no margin) at P = 14; 32-deep K steps: 172..215.
 # - IEEE fp32 on the sm_90 family (all three GEMMs): the core's 64 x 64 x 16 compiled to 128
-#   registers and spilled 4 bytes in the channels-last forward; 64 x 64 x 32: 193..249.
+#   registers and spilled 4 bytes in the channels-last forward; 64 x 64 x 32 with 3 stages:
+#   193..249 under 3.8 but up to 12 bytes of spills in the dW / dX gathers under 3.6; 2 stages:
+#   184..255 without spills on both.
 _DW_NARROW_16_SM80 = _gemm.GemmConfig(128, 128, 16, 8, num_warps=8, num_stages=4, split_k=8)
 _DW_FP32_SM80 = _gemm.GemmConfig(64, 64, 16, 8, num_warps=8, num_stages=3, split_k=8)
 _DW_NARROW_16_SM90 = _gemm.GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=3, tma=True, split_k=8)
-_FP32_SM90 = _gemm.GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=3, tma=True, split_k=8)
+_FP32_SM90 = _gemm.GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=2, tma=True, split_k=8)
 _COLSUM_CONFIG = KernelConfig({"BLOCK": 1024, "NUM_STAGES": 3}, num_warps=4, num_stages=1)
 _COLSUM_PROGRAMS_PER_SM = 4
 _COLSUM_MAX_SPLIT = 16
@@ -497,7 +504,7 @@ def _patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens, config=None
     cfg = _select_config("fwd", config, b * n, d, wmat.shape[1], wmat.dtype, img)
     _gemm.gemm(
         images, wmat, out.view(b * t, d), bias=bias, residual=pos2,
-        a_gather=_fwd_gather, a_args=(n, img), a_shape=(b * n, wmat.shape[1]),
+        a_gather=_fwd_gather, a_args=(*img, n), a_shape=(b * n, wmat.shape[1]),
         row_map=_fwd_rows, c_args=c_args, prologue=_fwd_prefix if n_prefix else None, config=cfg,
     )
     return out
@@ -563,7 +570,7 @@ def _patch_embed_bwd(grad, images, weight, need_dx, need_dw, bias_dtype, n_prefi
             gy2 = gy.reshape(b * t, d)
             img = _image_args(images, ph, pw)
             cfg = _select_config("dw", config, kdim, d, b * t, weight.dtype, img)
-            _gemm.gemm(images, gy2.t(), dw2.t(), a_gather=_dw_gather, a_args=(t, n_prefix, n, img),
+            _gemm.gemm(images, gy2.t(), dw2.t(), a_gather=_dw_gather, a_args=(*img, t, n_prefix, n),
                        a_shape=(kdim, b * t), config=cfg)
     if need_dx:
         dx = _empty_like(images)
@@ -575,7 +582,7 @@ def _patch_embed_bwd(grad, images, weight, need_dx, need_dw, bias_dtype, n_prefi
             wmat = _weight_matrix(weight, img[8].value)
             cfg = _select_config("dx", config, b * n, kdim, d, weight.dtype, img)
             _gemm.gemm(grad, wmat.t(), dx.as_strided((1, 1), (1, 1)), a_gather=_dx_gather, a_args=a_args,
-                       a_shape=(b * n, d), row_map=_dx_rows, col_map=_dx_cols, c_args=(n, img), config=cfg)
+                       a_shape=(b * n, d), row_map=_dx_rows, col_map=_dx_cols, c_args=(*img, n), config=cfg)
     return dx, dw, db, dpos, dprefix
 
 

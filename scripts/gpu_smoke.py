@@ -1,0 +1,224 @@
+"""The first minute of a GPU session: every public op, forward and backward, on the GPU.
+
+One ViT-B/16 shape (batch 4, 197 tokens, width 768, 12 heads of 64, 224 px images, patch 16), in
+bfloat16 and float32, for each backend that implements the op (triton, cuda, reference), checked
+against the reference backend in float32 with IEEE dots. Also: a forward and backward driven from
+a worker thread (Triton's scratch allocator is per thread; on CUDA every backward runs on
+autograd's own device thread), and, on a machine with two GPUs, ops on the second device while
+the first is current (the launch device guard). Prints a one-screen pass/fail table with the max
+errors and a closing "N passed, N failed" line; exits 1 when a row failed, so that
+scripts/gpu_check.sh reports it and goes on with the long steps.
+
+usage: python scripts/gpu_smoke.py [--json PATH] [--ops linear,mlp,...] [--dtypes bf16,fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+import traceback
+from typing import Callable, Optional
+
+import torch
+
+import vitkern
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# max |got - ref| / max(1, max |ref|): loose enough for bf16 rounding and fp32 accumulation-order
+# differences, tight enough that a wrong kernel (a missed tile, a wrong stride) fails.
+TOLERANCE = {torch.bfloat16: 4e-2, torch.float32: 2e-3}
+
+B, T, D, H, P, IMG = 4, 197, 768, 12, 16, 224
+
+# The backends each op has (the reference is every op's; cuda only where the extension has it).
+BACKENDS = {
+    "layer_norm": ("triton", "reference"),
+    "add_layer_norm": ("triton", "reference"),
+    "attention": ("triton", "reference"),
+    "attention_qkvpacked": ("triton", "reference"),
+    "scaled_dot_product_attention": ("triton", "reference"),
+    "linear": ("triton", "cuda", "reference"),
+    "mlp": ("triton", "cuda", "reference"),
+    "patch_embed": ("triton", "cuda", "reference"),
+    "resample_pos_embed": ("reference",),
+}
+
+
+def _rand(*shape, dtype, device, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+
+
+def _cases(device) -> dict[str, Callable]:
+    """op name -> make(dtype) returning (fn(*tensors) -> output, tensors)."""
+    hd = D // H
+
+    def r(*shape, dtype, scale=1.0):
+        return _rand(*shape, dtype=dtype, device=device, scale=scale)
+
+    def layer_norm(dt):
+        return (lambda x, w, b: vitkern.layer_norm(x, w, b, eps=1e-6), [r(B, T, D, dtype=dt), r(D, dtype=dt), r(D, dtype=dt)])
+
+    def add_layer_norm(dt):
+        def fn(x, res, w, b):
+            y, s = vitkern.add_layer_norm(x, res, w, b, eps=1e-6)
+            return y.float() + s.float()
+        return fn, [r(B, T, D, dtype=dt), r(B, T, D, dtype=torch.float32), r(D, dtype=dt), r(D, dtype=dt)]
+
+    def attention(dt):
+        return (lambda q, k, v: vitkern.attention(q, k, v), [r(B, H, T, hd, dtype=dt) for _ in range(3)])
+
+    def attention_qkvpacked(dt):
+        return (lambda qkv: vitkern.attention_qkvpacked(qkv), [r(B, T, 3, H, hd, dtype=dt)])
+
+    def sdpa_key_padding(dt):
+        mask = torch.ones(B, 1, 1, T, dtype=torch.bool, device=device)
+        mask[0, ..., T // 2:] = False
+        return (lambda q, k, v: vitkern.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                [r(B, H, T, hd, dtype=dt) for _ in range(3)])
+
+    def linear(dt):
+        return (lambda x, w, b, res, g: vitkern.linear(x, w, b, activation="gelu", residual=res, residual_scale=g),
+                [r(B, T, D, dtype=dt), r(D, D, dtype=dt, scale=D ** -0.5), r(D, dtype=dt),
+                 r(B, T, D, dtype=torch.float32), r(D, dtype=dt, scale=0.1)])
+
+    def mlp(dt):
+        return (lambda x, w1, b1, w2, b2, res: vitkern.mlp(x, w1, b1, w2, b2, residual=res),
+                [r(B, T, D, dtype=dt), r(4 * D, D, dtype=dt, scale=D ** -0.5), r(4 * D, dtype=dt),
+                 r(D, 4 * D, dtype=dt, scale=(4 * D) ** -0.5), r(D, dtype=dt), r(B, T, D, dtype=torch.float32)])
+
+    def patch_embed(dt):
+        n = (IMG // P) ** 2
+        return (lambda im, w, b, pos, cls: vitkern.patch_embed(im, w, b, pos_embed=pos, prefix_tokens=cls),
+                [r(B, 3, IMG, IMG, dtype=dt), r(D, 3, P, P, dtype=dt, scale=0.05), r(D, dtype=dt),
+                 r(1, n + 1, D, dtype=dt, scale=0.02), r(1, 1, D, dtype=dt)])
+
+    def resample_pos_embed(dt):
+        return (lambda pos: vitkern.resample_pos_embed(pos, (16, 16), num_prefix_tokens=1), [r(1, 1 + 14 * 14, D, dtype=dt)])
+
+    return {
+        "layer_norm": layer_norm, "add_layer_norm": add_layer_norm, "attention": attention,
+        "attention_qkvpacked": attention_qkvpacked, "scaled_dot_product_attention": sdpa_key_padding,
+        "linear": linear, "mlp": mlp, "patch_embed": patch_embed, "resample_pos_embed": resample_pos_embed,
+    }
+
+
+def _run(fn, tensors, backend: str, seed_grad: Optional[torch.Tensor] = None):
+    """(output, input grads, the output grad used) of ``fn`` under ``backend``."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    with vitkern.use_backend(backend):
+        out = fn(*leaves)
+        g = torch.randn(out.shape, device=out.device) if seed_grad is None else seed_grad
+        (out.float() * g).sum().backward()
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    return out.detach(), [t.grad for t in leaves], g
+
+
+def _max_rel_err(got, ref) -> float:
+    if got is None or ref is None:
+        return math.inf if (got is None) != (ref is None) else 0.0
+    if got.shape != ref.shape or not torch.isfinite(got).all():
+        return math.inf
+    if got.numel() == 0:
+        return 0.0
+    got, ref = got.double(), ref.double()
+    return ((got - ref).abs().max() / max(1.0, ref.abs().max().item())).item()
+
+
+def _in_thread(work):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = work()
+        except BaseException as exc:  # noqa: BLE001  (re-raised below)
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def check(op: str, make: Callable, backend: str, dtype, where: str = "main thread") -> dict:
+    row = {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "where": where}
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        fn, tensors = make(dtype)
+        previous = torch.backends.cuda.matmul.fp32_precision
+        torch.backends.cuda.matmul.fp32_precision = "ieee"   # the reference: fp32, IEEE dots
+        try:
+            ref_out, ref_grads, g = _run(fn, [t.detach().float() for t in tensors], "reference")
+        finally:
+            torch.backends.cuda.matmul.fp32_precision = previous
+        if where == "worker thread":
+            out, grads, _ = _in_thread(lambda: _run(fn, tensors, backend, g))
+        else:
+            out, grads, _ = _run(fn, tensors, backend, g)
+        row["fwd_err"] = _max_rel_err(out, ref_out)
+        row["bwd_err"] = max((_max_rel_err(a, b) for a, b in zip(grads, ref_grads)), default=0.0)
+        tol = TOLERANCE[dtype]
+        row["ok"] = row["fwd_err"] <= tol and row["bwd_err"] <= tol
+        row["error"] = None if row["ok"] else f"error above {tol:g}"
+    except Exception as exc:  # noqa: BLE001  (this row fails; the others still run)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        row.update(ok=False, fwd_err=None, bwd_err=None, error=f"{type(exc).__name__}: {first}"[:160],
+                   traceback=traceback.format_exc())
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="every public op, forward and backward, on the GPU")
+    parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--ops", help="comma-separated subset of: " + ", ".join(BACKENDS))
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_smoke: no CUDA device", file=sys.stderr)
+        return 1
+    device = torch.device("cuda", torch.cuda.current_device())
+    print(f"gpu_smoke: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, vitkern {vitkern.__version__}, "
+          f"extension {'loaded' if vitkern.cuda_extension_available() else 'NOT loaded'}")
+    cases = _cases(device)
+    ops = args.ops.split(",") if args.ops else list(cases)
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    rows = [check(op, cases[op], backend, dtype) for op in ops for backend in BACKENDS[op] for dtype in dtypes]
+    for op in ("linear", "attention", "layer_norm"):           # the scratch allocator per thread
+        rows.append(check(op, cases[op], "triton", torch.bfloat16, where="worker thread"))
+    if torch.cuda.device_count() > 1:                          # the launch device guard
+        other = torch.device("cuda", 1 if device.index != 1 else 0)
+        other_cases = _cases(other)
+        for op in ("linear", "attention", "layer_norm", "patch_embed"):
+            rows.append(check(op, other_cases[op], "triton", torch.bfloat16, where=f"{other} (current {device})"))
+    else:
+        print("gpu_smoke: one GPU here: the second-device rows do not run")
+
+    def fmt(v):
+        return "-" if v is None else ("inf" if v == math.inf else f"{v:.1e}")
+
+    print(f"\n{'op':28s} {'backend':9s} {'dtype':8s} {'where':22s} {'fwd err':>8s} {'bwd err':>8s} {'s':>6s}  result")
+    for r in rows:
+        result = "ok" if r["ok"] else "FAIL: " + (r["error"] or "")
+        print(f"{r['op']:28s} {r['backend']:9s} {r['dtype']:8s} {r['where'][:22]:22s} {fmt(r['fwd_err']):>8s} "
+              f"{fmt(r['bwd_err']):>8s} {r['seconds']:6.1f}  {result}")
+    failed = [r for r in rows if not r["ok"]]
+    for r in failed:
+        if r.get("traceback"):
+            print(f"\n--- {r['op']} / {r['backend']} / {r['dtype']} / {r['where']}:\n{r['traceback']}")
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""scripts/gpu_smoke.py, the first stage of gpu_check: its rows' logic on the CPU (Triton through
+the interpreter), so that a GPU session's first minute is not spent on a broken script."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitkern
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "scripts" / "gpu_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_public_op_has_a_row(smoke):
+    public = {"layer_norm", "add_layer_norm", "attention", "attention_qkvpacked", "scaled_dot_product_attention",
+              "linear", "mlp", "patch_embed", "resample_pos_embed"}
+    assert set(smoke.BACKENDS) == public == set(smoke._cases(torch.device("cpu")))
+    assert all(getattr(vitkern, op) for op in public)
+
+
+def test_rows_pass_and_fail_as_they_should(smoke, device, monkeypatch):
+    cases = smoke._cases(device)
+    row = smoke.check("layer_norm", cases["layer_norm"], "triton", torch.bfloat16)
+    assert row["ok"], row
+    assert 0 < row["fwd_err"] <= smoke.TOLERANCE[torch.bfloat16] and row["bwd_err"] > 0
+    row = smoke.check("layer_norm", cases["layer_norm"], "triton", torch.bfloat16, where="worker thread")
+    assert row["ok"], row
+    # a wrong result fails its row, an exception fails its row with the reason; neither stops the run
+    real = vitkern.layer_norm
+    wrong_on_triton = lambda x, w, b, eps: real(x, w, b, eps) * (1.5 if vitkern.get_backend() == "triton" else 1.0)  # noqa: E731
+    monkeypatch.setattr(vitkern, "layer_norm", wrong_on_triton)
+    row = smoke.check("layer_norm", cases["layer_norm"], "triton", torch.float32)
+    assert not row["ok"] and "error above" in row["error"]
+    monkeypatch.setattr(vitkern, "layer_norm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no kernel")))
+    row = smoke.check("layer_norm", cases["layer_norm"], "reference", torch.float32, where="worker thread")
+    assert not row["ok"] and row["error"] == "RuntimeError: no kernel" and "Traceback" in row["traceback"]
