@@ -445,8 +445,10 @@ def scaled_dot_product_attention(
     additive float mask broadcastable as ``(B or 1, H or 1, 1, Tk)``; it is recognised from its
     shape and turned into a ``(B, H, Tk)`` float32 bias, never a ``T x T`` mask. Everything else
     (dropout, general masks, non-4-D or nested inputs, float64, a value head dim different from the
-    query's, ...) calls torch's SDPA, with a warning once per distinct reason; invalid calls
-    therefore raise torch's own errors.
+    query's, a mask that requires grad when the Triton kernels would run, ...) calls torch's SDPA,
+    with a warning once per distinct reason; invalid calls therefore raise torch's own errors,
+    except a mask on another device than ``query``: a ValueError (torch's SDPA does not always
+    check it).
 
     Under the "reference" backend the result equals torch's SDPA up to floating-point rounding
     (the reference computes in fp32). Under autocast, query/key/value are cast to the autocast
