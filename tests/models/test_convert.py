@@ -314,3 +314,121 @@ def test_torch_checkpoint_and_create_model(tmp_path):
     torch.save({"state_dict": src.state_dict(), "obj": Evil()}, evil)
     with pytest.raises(pickle.UnpicklingError):
         dst.load_checkpoint(evil)  # weights_only=True refuses arbitrary objects
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile or broken checkpoints: clear errors naming the file, and a failed load changes nothing
+# ------------------------------------------------------------------------------------------------
+
+
+def _small_vit(**kw):
+    cfg = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    cfg.update(kw)
+    return ViT(**cfg)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, snap):
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_npz_failed_load_leaves_the_model_unchanged(tmp_path):
+    """The depth check once ran after the embedding, class token, pos_embed, norm and head were
+    copied: a failed load left the model half-loaded."""
+    src = _timm(depth=3)
+    _randomize(src, seed=7)
+    path = tmp_path / "deep.npz"
+    _write_jax_npz(path, src)
+    dst = _small_vit()  # depth 2: the checkpoint's 3 blocks do not fit
+    snap = _snapshot(dst)
+    with pytest.raises(ValueError, match="3 blocks"):
+        dst.load_npz(path)
+    assert _unchanged(dst, snap)
+    # a shape mismatch in the last block is found before anything is copied too
+    src2 = _timm(mlp_ratio=2.0)
+    _write_jax_npz(path, src2)
+    with pytest.raises(ValueError, match="Dense_0/kernel"):
+        dst.load_npz(path)
+    assert _unchanged(dst, snap)
+
+
+@pytest.mark.parametrize("obj, match", [
+    (torch.zeros(3), "does not hold a state_dict"),
+    ([torch.zeros(3)], "does not hold a state_dict"),
+    ({1: torch.zeros(3)}, "not strings"),
+    ({"pos_embed": 3}, "not tensors"),
+])
+def test_load_checkpoint_rejects_non_state_dicts(tmp_path, obj, match):
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    with pytest.raises(ValueError, match=match) as info:
+        _small_vit().load_checkpoint(path)
+    assert "ckpt.pth" in str(info.value)
+
+
+def test_load_checkpoint_failure_leaves_the_model_unchanged(tmp_path):
+    src = _small_vit()
+    _randomize(src, seed=8)
+    state = src.state_dict()
+    state["head.weight"] = torch.zeros(3, 64)  # the wrong class count
+    path = tmp_path / "ckpt.pth"
+    torch.save(state, path)
+    dst = _small_vit()
+    snap = _snapshot(dst)
+    with pytest.raises(ValueError, match="head.weight"):
+        dst.load_checkpoint(path)
+    assert _unchanged(dst, snap)
+
+
+def _write_safetensors(path, model, config_json):
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "pt"}
+    if config_json is not None:
+        meta["vitkern_config"] = config_json
+    save_file(state, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("config_json, match", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"depth": 1000000000}', "depth must be an int"),
+    ('{"embed_dim": -3}', "embed_dim must be an int"),
+    ('{"img_size": [32, 32, 32]}', "img_size"),
+    ('{"no_such_option": 1}', "does not take"),
+    ('{"global_pool": "bogus"}', "does not build a ViT"),
+])
+def test_load_safetensors_bad_config(tmp_path, config_json, match):
+    path = tmp_path / "bad.safetensors"
+    _write_safetensors(path, _small_vit(), config_json)
+    with pytest.raises(ValueError, match=match) as info:
+        ViT.load_safetensors(path)
+    assert "bad.safetensors" in str(info.value)
+
+
+def test_load_safetensors_checks_config_against_tensors_before_allocating(tmp_path, monkeypatch):
+    """A config that does not match the stored tensors fails on the meta device: no real model
+    (and no tensor) is built."""
+    import json
+
+    from vitkern.models import convert
+
+    path = tmp_path / "w.safetensors"
+    cfg = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    wrong = dict(cfg, depth=24, embed_dim=4096, num_heads=32)
+    _write_safetensors(path, _small_vit(), json.dumps(wrong))
+    built = []
+    real_vit = convert.ViT
+
+    def spy(*args, **kwargs):
+        built.append(kwargs.get("device"))
+        return real_vit(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "ViT", spy)
+    with pytest.raises(ValueError, match="does not fit the model|shapes differ"):
+        convert.load_safetensors(path)
+    assert built == ["meta"]

@@ -496,13 +496,22 @@ def test_sdpa_fallbacks_warn_once(device, monkeypatch):
 
 
 def test_unsupported_head_dim_raises(device):
+    """Head dims outside the kernels' set: an explicit "triton" raises naming the head dim, "auto"
+    runs the reference (as timm runs such a model)."""
+    vitkern.use_backend("triton")
     for d in (12, 20, 264):
         q, k, v, _ = _make_inputs(1, 1, 1, 5, 5, d, F16, device)
-        with pytest.raises(ValueError, match=f"q: unsupported head dim {d}"):
+        with pytest.raises(vitkern.BackendUnavailableError, match=f"head dim {d}"):
             vitkern.attention(q, k, v)
+        with pytest.raises(ValueError, match=f"q: unsupported head dim {d}"):
+            A._attention_triton(q, k, v)  # the launcher's own guard
     qkv = _rand((1, 5, 3, 2, 36), F16, device)
-    with pytest.raises(ValueError, match="qkv: unsupported head dim 36"):
+    with pytest.raises(vitkern.BackendUnavailableError, match="head dim 36"):
         vitkern.attention_qkvpacked(qkv)
+    vitkern.use_backend("auto")
+    q, k, v, _ = _make_inputs(1, 1, 1, 5, 5, 20, F16, device)
+    torch.testing.assert_close(vitkern.attention(q, k, v), A.attention_ref(q, k, v))
+    torch.testing.assert_close(vitkern.attention_qkvpacked(qkv), A.attention_qkvpacked_ref(qkv))
 
 
 def test_backend_supports_predicates(device):

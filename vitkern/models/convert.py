@@ -11,6 +11,7 @@ The ViT's state_dict keys are timm's, so every converter produces a timm-format 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -538,13 +539,19 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
 
     with _open_npz(path) as w:
         lay = _NpzLayout(w, _npz_prefix(w, prefix))
+        # Every array is read and checked first, and copied only when all of them fit: a failed
+        # load leaves the model unchanged.
+        staged: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def copy(param: Optional[torch.Tensor], value: torch.Tensor, name: str) -> None:
             if param is None:
                 raise ValueError(f"load_npz: the checkpoint has {name} but the model has no such parameter")
             if tuple(param.shape) != tuple(value.shape):
                 raise ValueError(f"load_npz: {name} has shape {tuple(value.shape)} in the checkpoint, {tuple(param.shape)} in the model")
-            param.copy_(value.to(param.dtype))
+            staged.append((param, value))
+
+        if lay.depth() != len(model.blocks):
+            raise ValueError(f"load_npz: the checkpoint has {lay.depth()} blocks, the model {len(model.blocks)}")
 
         pe = model.patch_embed.proj
         copy(pe.weight, _t(lay.get("embedding/kernel")), "embedding/kernel")
@@ -577,8 +584,6 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
                     f"{model.head.bias.shape[0]}; the head is left as initialised",
                     stacklevel=3,
                 )
-        if lay.depth() != len(model.blocks):
-            raise ValueError(f"load_npz: the checkpoint has {lay.depth()} blocks, the model {len(model.blocks)}")
         mha = f"MultiHeadDotProductAttention_{lay.mha}"
         for i, blk in enumerate(model.blocks):
             copy(blk.norm1.weight, _t(lay.block(i, "LayerNorm_0/scale")), f"block {i} LayerNorm_0/scale")
@@ -597,6 +602,8 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
                 copy(fc.weight, _t(lay.block(i, f"MlpBlock_{lay.mlp}/Dense_{r}/kernel")), f"block {i} Dense_{r}/kernel")
                 if fc.bias is not None:
                     copy(fc.bias, _t(lay.block(i, f"MlpBlock_{lay.mlp}/Dense_{r}/bias")), f"block {i} Dense_{r}/bias")
+    for param, value in staged:
+        param.copy_(value.to(param.dtype))
     return model
 
 
@@ -626,17 +633,108 @@ def save_safetensors(model: ViT, path, metadata: Optional[Dict[str, str]] = None
     save_file(state, os.fspath(path), metadata=meta)
 
 
+# Bounds on a config read from a file (checked before anything is allocated): generous for any
+# real ViT, small enough that a hostile file cannot make the constructor loop or allocate for long.
+_CONFIG_INT_BOUNDS = {
+    "in_chans": (1, 4096),
+    "num_classes": (0, 1 << 22),
+    "embed_dim": (1, 1 << 16),
+    "depth": (0, 1024),
+    "num_heads": (1, 4096),
+    "reg_tokens": (0, 4096),
+}
+_CONFIG_SIZE_BOUND = 1 << 16  # img_size / patch_size, per side
+_CONFIG_MLP_RATIO_BOUND = 64.0
+
+
+# The keywords a stored config may set.
+_VIT_KEYWORDS = frozenset(inspect.signature(ViT.__init__).parameters) - {"self", "device", "dtype", "weight_init"}
+
+
+def _file_error(path: str, what: str) -> ValueError:
+    return ValueError(f"{path!r}: {what}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _safetensors_config(meta: Mapping[str, str], path: str) -> Dict[str, Any]:
+    """The ViT keywords stored in a safetensors file's metadata, parsed and bounded."""
+    raw = meta.get(_CONFIG_KEY)
+    if raw is None:
+        return {}
+    try:
+        cfg = json.loads(raw)
+    except (TypeError, ValueError) as e:
+        raise _file_error(path, f"the {_CONFIG_KEY!r} metadata is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise _file_error(path, f"the {_CONFIG_KEY!r} metadata must be a JSON object of ViT keywords, got "
+                                f"{type(cfg).__name__}")
+    unknown = sorted(set(cfg) - _VIT_KEYWORDS)
+    if unknown:
+        raise _file_error(path, f"the stored config has keywords ViT does not take: {unknown}")
+    return cfg
+
+
+def _check_config_bounds(cfg: Mapping[str, Any], path: str) -> None:
+    for key, (lo, hi) in _CONFIG_INT_BOUNDS.items():
+        if key in cfg and not (_is_int(cfg[key]) and lo <= cfg[key] <= hi):
+            raise _file_error(path, f"config {key} must be an int in [{lo}, {hi}], got {cfg[key]!r}")
+    for key in ("img_size", "patch_size"):
+        if key not in cfg:
+            continue
+        v = cfg[key]
+        sides = v if isinstance(v, (list, tuple)) else [v]
+        if len(sides) not in (1, 2) or not all(_is_int(x) and 1 <= x <= _CONFIG_SIZE_BOUND for x in sides):
+            raise _file_error(path, f"config {key} must be an int or a pair of ints in [1, {_CONFIG_SIZE_BOUND}], "
+                                    f"got {v!r}")
+    if "mlp_ratio" in cfg:
+        r = cfg["mlp_ratio"]
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= _CONFIG_MLP_RATIO_BOUND:
+            raise _file_error(path, f"config mlp_ratio must be a number in (0, {_CONFIG_MLP_RATIO_BOUND}], got {r!r}")
+
+
+def _check_state_against(model: nn.Module, shapes: Mapping[str, Tuple[int, ...]], strict: bool, path: str) -> None:
+    """Keys and shapes of a checkpoint (``shapes``) against ``model``'s state_dict, before any copy:
+    ``load_state_dict`` copies every matching entry before it reports the others."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
+    if strict and (missing or unexpected):
+        raise _file_error(path, f"the checkpoint does not fit the model: missing {missing[:8]}"
+                                f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                                f"{' ...' if len(unexpected) > 8 else ''}")
+    wrong = [f"{k}: {shapes[k]} in the checkpoint, {own[k]} in the model"
+             for k in sorted(set(own) & set(shapes)) if tuple(shapes[k]) != own[k]]
+    if wrong:
+        raise _file_error(path, "shapes differ: " + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
+
+
 def load_safetensors(path, device=None, dtype=None, strict: bool = True, **config) -> ViT:
     """Build a ViT from a safetensors file: the stored config updated by ``config`` (a file without
-    one, e.g. a timm export, needs the full config as keywords)."""
+    one, e.g. a timm export, needs the full config as keywords).
+
+    The stored config is parsed, bounded (sizes, depth) and checked against the file's tensor
+    shapes on the meta device before anything is allocated; errors name the file.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(os.fspath(path), framework="pt") as f:
+    p = os.fspath(path)
+    with safe_open(p, framework="pt") as f:
         meta = f.metadata() or {}
-    cfg: Dict[str, Any] = json.loads(meta[_CONFIG_KEY]) if _CONFIG_KEY in meta else {}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    cfg = _safetensors_config(meta, p)
     cfg.update(config)
-    state = load_file(os.fspath(path), device=str(device) if device is not None else "cpu")
+    _check_config_bounds(cfg, p)
+    try:
+        skeleton = ViT(**cfg, weight_init="skip", device="meta")
+    except (TypeError, ValueError) as e:
+        raise _file_error(p, f"the config {cfg} does not build a ViT: {e}") from None
+    _check_state_against(skeleton, shapes, strict, p)
+    del skeleton
+    state = load_file(p, device=str(device) if device is not None else "cpu")
     if dtype is None:
         dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
     model = ViT(**cfg, weight_init="skip", device=device, dtype=dtype)
@@ -644,10 +742,27 @@ def load_safetensors(path, device=None, dtype=None, strict: bool = True, **confi
     return model
 
 
+def _as_state_dict(state, path: str) -> Dict[str, torch.Tensor]:
+    """A loaded object as a state_dict (a mapping of string keys to tensors), or a clear error."""
+    if not isinstance(state, Mapping):
+        raise _file_error(path, f"does not hold a state_dict (a mapping of parameter names to tensors) but a "
+                                f"{type(state).__name__}")
+    keys = [k for k in state if not isinstance(k, str)]
+    if keys:
+        raise _file_error(path, f"the state_dict has keys that are not strings: {keys[:5]!r}")
+    values = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if values:
+        raise _file_error(path, f"the state_dict has entries that are not tensors: {values[:5]!r}")
+    return dict(state)
+
+
 def load_checkpoint(model: ViT, path, strict: bool = True) -> ViT:
     """Load weights into ``model`` from ``.safetensors``, a JAX ``.npz`` or a torch file
     (``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is
-    unwrapped). Keys are timm's. Returns the model."""
+    unwrapped). Keys are timm's. Returns the model.
+
+    Keys and shapes are checked before any copy, so a failed load leaves the model unchanged.
+    """
     p = os.fspath(path)
     if p.endswith(".npz"):
         return load_npz(model, p)
@@ -658,9 +773,11 @@ def load_checkpoint(model: ViT, path, strict: bool = True) -> ViT:
     else:
         state = torch.load(p, map_location="cpu", weights_only=True)
         for key in ("state_dict", "model", "state_dict_ema"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
                 state = state[key]
                 break
+        state = _as_state_dict(state, p)
         state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    _check_state_against(model, {k: tuple(v.shape) for k, v in state.items()}, strict, p)
     model.load_state_dict(state, strict=strict)
     return model

@@ -3,6 +3,7 @@ path riding in the proj and fc2 GEMM epilogues."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -66,7 +67,7 @@ class DropPath(nn.Module):
         mask = self.sample_scale(x)
         if mask is None:
             return None
-        tokens = x.numel() // (x.shape[0] * x.shape[-1]) if x.dim() > 2 else 1
+        tokens = math.prod(x.shape[1:-1])  # 1 for (B, D); any count, 0 included, for B = 0
         return mask.repeat_interleave(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

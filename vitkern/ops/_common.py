@@ -19,6 +19,7 @@ __all__ = [
     "check_same_device",
     "check_same_dtype",
     "check_last_dim",
+    "contiguous_vectors",
     "autocast_dtype",
     "cast_floating",
     "autocast_disabled",
@@ -79,6 +80,19 @@ def check_last_dim(name: str, value: torch.Tensor, size: int, what: str = "") ->
     if value.shape[-1] != size:
         extra = f" ({what})" if what else ""
         raise ValueError(f"{name} must have last dimension {size}{extra}, got shape {tuple(value.shape)}")
+
+
+def contiguous_vectors(*tensors: Optional[torch.Tensor]):
+    """Each 1-D tensor with a stride other than 1 (an expanded ``(N,)`` with stride 0, a ``[::2]``
+    slice) copied to a contiguous one; None and everything else unchanged.
+
+    Kernels read bias / scale vectors as contiguous: the copy (N elements, differentiable) is
+    cheap next to the op, and it spares every kernel a stride argument per vector.
+    """
+    return tuple(
+        t.contiguous() if t is not None and t.dim() == 1 and t.shape[0] > 1 and t.stride(0) != 1 else t
+        for t in tensors
+    )
 
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:

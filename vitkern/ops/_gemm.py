@@ -60,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vitkern.ops._common import contiguous_vectors
+from vitkern.ops._index import INT32_MAX, check_int32, fits_int32
 from vitkern.ops._config import (
     INTERPRETING,
     KernelConfig,
@@ -535,6 +537,39 @@ def _operand_mode(t: torch.Tensor, use_tma: bool) -> int:
     return LOAD_PLAIN
 
 
+def _tile_int32_ok(t: torch.Tensor, block_rows: int, block_k: int) -> bool:
+    """The plain-load offsets of a (rows, K) operand fit in int32: ``r * stride_r + k * stride_k``
+    inside a tile, and the per-step pointer increment ``BLOCK_K * stride_k``."""
+    rows, k = t.shape
+    s_k = t.stride(1)
+    step_ok = not (abs(s_k) <= INT32_MAX and block_k * abs(s_k) > INT32_MAX)
+    return step_ok and fits_int32((min(block_rows, rows), t.stride(0)), (min(block_k, k), s_k))
+
+
+def _int32_views(a, b, residual, row_dot, cfg: "GemmConfig", a_base):
+    """The kernel's in-tile offsets are int32 (row bases are int64; vitkern.ops._index): a view
+    whose layout would wrap them (a transposed operand past 2^31 elements) is copied to a
+    contiguous one; raises where that is not enough."""
+    n = b.shape[0]
+
+    def fix(name, t, block_rows):
+        if t is None or _tile_int32_ok(t, block_rows, cfg.block_k):
+            return t
+        for copy in (t.contiguous(), t.t().contiguous().t()):  # row-major, then column-major
+            if _tile_int32_ok(copy, block_rows, cfg.block_k):
+                return copy
+        raise ValueError(f"gemm: operand {name} of shape {tuple(t.shape)} needs in-tile offsets past the "
+                         f"kernels' int32 range (2^31 - 1) in any layout")
+
+    a = fix("a", a, cfg.block_m)
+    b = fix("b", b, cfg.block_n)
+    if residual is not None and not fits_int32((n, residual.stride(1))):
+        residual = residual.contiguous()
+    if row_dot is not None and not fits_int32((n, row_dot.stride(1))):
+        row_dot = row_dot.contiguous()
+    return (a if a is not None else a_base), b, residual, row_dot
+
+
 def _strides(t: Optional[torch.Tensor]) -> tuple[int, int]:
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
@@ -597,11 +632,17 @@ def gemm(
     row_sums = torch.zeros(M, device=dev, dtype=torch.float32) if row_sum else None
     row_dots = torch.zeros(M, device=dev, dtype=torch.float32) if row_dot is not None else None
     if M == 0 or N == 0:
+        if row_sum and M and K and a_gather is None:  # no output columns, but A' still has rows
+            a32 = a.float() if red_scale is None else a.float() * red_scale.float()[None, :]
+            row_sums = a32.to(b.dtype).float().sum(1)
         return out, row_sums, row_dots
+    # the epilogue reads its vectors with unit stride
+    bias, col_scale, row_scale, red_scale = contiguous_vectors(bias, col_scale, row_scale, red_scale)
     if K == 0:  # an empty reduction: the epilogue of a zero accumulator
         a = torch.zeros((M, 1), device=dev, dtype=a.dtype)
         b = torch.zeros((N, 1), device=dev, dtype=b.dtype)
         K = 1
+        red_scale = None  # K-indexed, empty: the zero operands need no scale
     arch = device_arch(dev if dev.type == "cuda" else None)
     cfg = config if config is not None else select_config(M, N, K, b.dtype, arch)
     use_tma = cfg.tma and arch >= 90
@@ -633,6 +674,10 @@ def gemm(
     dp_buf = (torch.empty((split_k, num_pid_n, M), device=dev, dtype=torch.float32)
               if row_dot is not None else None)
 
+    a, b, residual, row_dot = _int32_views(a if a_gather is None else None, b, residual, row_dot, cfg, a)
+    for name, t in (("out", None if col_map is not None else c_view), ("pre", pre), ("aux", aux)):
+        if t is not None:
+            check_int32("gemm", f"{name} (column offsets)", (N, t.stride(1)))
     a_mode = _operand_mode(a, use_tma) if a_gather is None else LOAD_PLAIN
     b_mode = _operand_mode(b, use_tma)
     mapped = row_map is not None
@@ -693,6 +738,10 @@ def act_bwd(
     """``dPre = grad * row_scale * col_scale * act'(pre)`` (M, N) in ``out_dtype``, and with
     ``want_dscale`` the fp32 (N,) LayerScale grad ``sum_m grad * row_scale * act(pre)``."""
     M, N = grad.shape
+    col_scale, row_scale = contiguous_vectors(col_scale, row_scale)
+    if not fits_int32((N, grad.stride(1))):  # column offsets are int32 in the kernel
+        grad = grad.contiguous()
+    check_int32("act_bwd", "pre (column offsets)", (N, pre.stride(1)))
     out = torch.empty((M, N), device=grad.device, dtype=out_dtype)
     bm, bn = _ACT_BWD_BLOCK
     grid_m = triton.cdiv(M, bm)

@@ -33,8 +33,9 @@ key-padding masks become. An implementation that cannot take it yet says so thro
 Backend "triton" (the second half of this module): flash-attention forward and backward kernels,
 their launchers, the registered ops ``vitkern::attention_fwd`` / ``attention_bwd`` /
 ``attention_qkvpacked_fwd`` / ``attention_qkvpacked_bwd`` with autograd, and the config tables.
-It takes head dims that are multiples of 8 from 16 to 256 (others raise ValueError; the drop-in
-SDPA sends them to torch's SDPA) and float32 / float16 / bfloat16. ``deterministic=True`` (or
+It takes head dims that are multiples of 8 from 16 to 256 and float32 / float16 / bfloat16 (its
+``supports`` predicate names any other: "auto" then runs the reference, an explicit "triton"
+raises BackendUnavailableError, and the drop-in SDPA sends such calls to torch's SDPA). ``deterministic=True`` (or
 ``torch.use_deterministic_algorithms(True)``) computes dQ in its own kernel, bit-reproducibly;
 otherwise dQ is accumulated with fp32 atomics where that variant compiles without spills.
 """
@@ -71,6 +72,7 @@ from vitkern.ops._config import (
     register_kernel,
     round_to,
 )
+from vitkern.ops._index import check_int32, fits_int32
 
 __all__ = [
     "attention",
@@ -215,7 +217,7 @@ def attention(
     Raises:
         TypeError: a non-tensor argument, an unsupported or mismatched dtype, a non-bool flag.
         ValueError: wrong ranks or shapes (the message names the argument), ``H % Hkv != 0``, no
-            keys, a non-finite scale, tensors on different devices.
+            keys, a head dim of 0, a non-finite scale, tensors on different devices.
         vitkern.BackendUnavailableError: the explicitly selected backend cannot run this call.
     """
     check_tensor("q", q, ndim=4)
@@ -230,6 +232,8 @@ def attention(
         raise ValueError(f"k has {hkv} heads, which must divide q's {h} heads (grouped-query attention)")
     if tk == 0:
         raise ValueError(f"k must have at least one key (Tk >= 1), got shape {tuple(k.shape)}")
+    if d == 0:
+        raise ValueError(f"q must have a head dim D >= 1, got shape {tuple(q.shape)}")
     check_tensor("v", v, shape=tuple(k.shape))
     causal = _check_flag("causal", causal)
     return_lse = _check_flag("return_lse", return_lse)
@@ -281,6 +285,8 @@ def attention_qkvpacked(
         raise ValueError(f"qkv must have shape (B, T, 3, H, D), got {tuple(qkv.shape)} (dim 2 must be 3)")
     if qkv.shape[1] == 0:
         raise ValueError(f"qkv must have at least one token (T >= 1), got shape {tuple(qkv.shape)}")
+    if qkv.shape[4] == 0:
+        raise ValueError(f"qkv must have a head dim D >= 1, got shape {tuple(qkv.shape)}")
     causal = _check_flag("causal", causal)
     return_lse = _check_flag("return_lse", return_lse)
     deterministic = _check_flag("deterministic", deterministic)
@@ -403,8 +409,10 @@ def _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     if attn_mask is not None:
         if is_causal:
             return "attn_mask together with is_causal"
-        if not isinstance(attn_mask, torch.Tensor) or attn_mask.device != query.device:
-            return "an attn_mask that is not a tensor on the inputs' device"
+        if not isinstance(attn_mask, torch.Tensor):
+            return "an attn_mask that is not a tensor"
+        if attn_mask.requires_grad and torch.is_grad_enabled() and _triton_would_run(query.device):
+            return "an attn_mask that requires grad (the Triton kernels do not differentiate the mask)"
         if attn_mask.dtype != torch.bool and (
             attn_mask.dtype not in FLOAT_DTYPES or (ac is None and attn_mask.dtype != query.dtype)
         ):
@@ -437,13 +445,22 @@ def scaled_dot_product_attention(
     additive float mask broadcastable as ``(B or 1, H or 1, 1, Tk)``; it is recognised from its
     shape and turned into a ``(B, H, Tk)`` float32 bias, never a ``T x T`` mask. Everything else
     (dropout, general masks, non-4-D or nested inputs, float64, a value head dim different from the
-    query's, ...) calls torch's SDPA, with a warning once per distinct reason; invalid calls
-    therefore raise torch's own errors.
+    query's, a mask that requires grad when the Triton kernels would run, ...) calls torch's SDPA,
+    with a warning once per distinct reason; invalid calls therefore raise torch's own errors,
+    except a mask on another device than ``query``: a ValueError (torch's SDPA does not always
+    check it).
 
     Under the "reference" backend the result equals torch's SDPA up to floating-point rounding
     (the reference computes in fp32). Under autocast, query/key/value are cast to the autocast
     dtype as torch does.
     """
+    if (isinstance(attn_mask, torch.Tensor) and isinstance(query, torch.Tensor)
+            and attn_mask.device != query.device):
+        # torch's SDPA does not always check this (a meta mask with CPU inputs reads garbage)
+        raise ValueError(
+            f"attn_mask is on {attn_mask.device} but query is on {query.device}; the mask must be on the "
+            "inputs' device"
+        )
     reason = _sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reason is not None:
         _warn_fallback(reason)
@@ -1158,9 +1175,22 @@ def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """Kernels read rows with unit stride: a last dim with another stride is copied."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+def _unit_last(t: torch.Tensor, t_dim: Optional[int] = -2) -> torch.Tensor:
+    """Kernels read rows with unit stride: a last dim with another stride is copied. So is a view
+    whose token offsets ``(T - 1) * stride_t`` (int32 in the kernels) pass 2^31 - 1 when a copy
+    fixes that (``t_dim``: the token dim; None for packed qkv, whose contiguous layout it is)."""
+    if (t.stride(-1) == 1 or t.shape[-1] == 1) and (t_dim is None or fits_int32((t.shape[t_dim], t.stride(t_dim)))):
+        return t
+    return t.contiguous()
+
+
+def _check_index_range(**tensors: Optional[torch.Tensor]) -> None:
+    """Within one (batch, head) slice the kernels offset tokens in int32 (``offs * stride_t``; the
+    batch and head offsets are int64): raise before launch where that would wrap."""
+    for name, t in tensors.items():
+        if t is not None:
+            check_int32("attention (triton)", f"{name} (token offsets within one (batch, head) slice)",
+                        (t.shape[2], t.stride(2)))
 
 
 def _bias_args(bias: Optional[torch.Tensor], b: int, h: int, tk: int, dummy: torch.Tensor) -> tuple:
@@ -1183,6 +1213,7 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
     hkv, tk = k.shape[1], k.shape[2]
     if b * h * tq == 0:
         return
+    _check_index_range(q=q, k=k, v=v, out=out, key_padding_bias=None if bias is None else bias.expand(b, h, tk))
     da, db = _attn_pieces(d, split=q.dtype != torch.float32)
     precision = _attn_precision(q.dtype)
     config = _attn_config("fwd", device_arch(q.device if q.is_cuda else None), precision, da + db, d != da + db)
@@ -1208,6 +1239,8 @@ def _attention_bwd(dout, q, k, v, out, lse, dlse, bias, causal: bool, scale: flo
         dk.zero_()
         dv.zero_()
         return
+    _check_index_range(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk, dv=dv,
+                       key_padding_bias=None if bias is None else bias.expand(b, h, tk))
     da, db = _attn_pieces(d, split=q.dtype != torch.float32)
     precision = _attn_precision(q.dtype)
     arch = device_arch(q.device if q.is_cuda else None)
@@ -1333,11 +1366,11 @@ def _attention_qkvpacked_bwd_op(
     causal: bool, scale: float, deterministic: bool,
 ) -> torch.Tensor:
     """dqkv (B, T, 3, H, D) contiguous; dq, dk, dv are written straight into its slices."""
-    qkv = _unit_last(qkv)
+    qkv = _unit_last(qkv, None)
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     q, k, v = _packed_views(qkv)
     dq, dk, dv = _packed_views(dqkv)
-    _attention_bwd(_unit_last(dout).transpose(1, 2), q, k, v, out.transpose(1, 2), lse, dlse, None, causal,
+    _attention_bwd(_unit_last(dout, 1).transpose(1, 2), q, k, v, out.transpose(1, 2), lse, dlse, None, causal,
                    scale, deterministic, dq, dk, dv)
     return dqkv
 
@@ -1366,7 +1399,7 @@ def _attention_qkvpacked_fwd_op(
     qkv: torch.Tensor, causal: bool, scale: float, deterministic: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, T, H, D) contiguous (ready for the output projection), lse fp32 (B, H, T)."""
-    qkv = _unit_last(qkv)
+    qkv = _unit_last(qkv, None)
     b, t, _, h, d = qkv.shape
     out = torch.empty((b, t, h, d), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((b, h, t), device=qkv.device, dtype=torch.float32)
@@ -1387,14 +1420,15 @@ def _triton_dtype_reason(dtype: torch.dtype) -> Optional[str]:
 
 
 def _attention_triton_supports(q, k, v, *, causal, scale, return_lse, deterministic, key_padding_bias=None):
-    reason = _triton_dtype_reason(q.dtype)
-    if reason is None and key_padding_bias is not None and key_padding_bias.requires_grad:
+    reason = _triton_dtype_reason(q.dtype) or _attn_head_dim_reason(q.shape[-1])
+    if (reason is None and key_padding_bias is not None and key_padding_bias.requires_grad
+            and torch.is_grad_enabled()):
         reason = "a key-padding mask that requires grad (the kernels do not differentiate the mask)"
     return reason
 
 
 def _attention_qkvpacked_triton_supports(qkv, *, causal, scale, return_lse, deterministic):
-    return _triton_dtype_reason(qkv.dtype)
+    return _triton_dtype_reason(qkv.dtype) or _attn_head_dim_reason(qkv.shape[-1])
 
 
 def _check_triton_head_dim(name: str, d: int) -> None:

@@ -79,6 +79,7 @@ from vitkern.ops._config import (
     register_kernel,
     round_to,
 )
+from vitkern.ops._index import rows_int32_safe
 
 __all__ = ["layer_norm", "add_layer_norm", "layer_norm_ref", "add_layer_norm_ref"]
 
@@ -499,11 +500,15 @@ def _check_launch(x: torch.Tensor, **others: Optional[torch.Tensor]) -> int:
 
 
 def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t`` as a (rows, n) view when its leading dims collapse to one row stride, else a copy."""
+    """``t`` as a (rows, n) view when its leading dims collapse to one row stride, else a copy.
+
+    Row offsets are int64 in the kernels, column offsets (``cols * stride_n``) int32: a view whose
+    ``(n - 1) * stride_n`` passes 2^31 - 1 (a transposed input) is copied to unit column stride."""
     try:
-        return t.view(-1, n)
+        v = t.view(-1, n)
     except RuntimeError:
         return t.reshape(-1, n).contiguous()
+    return rows_int32_safe(v)
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

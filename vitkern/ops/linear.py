@@ -33,6 +33,7 @@ from vitkern.ops._common import (
     check_same_device,
     check_same_dtype,
     check_tensor,
+    contiguous_vectors,
 )
 
 __all__ = [
@@ -253,6 +254,8 @@ def linear(
     else:
         check_same_dtype(x=x, weight=weight, bias=bias, residual_scale=residual_scale)
     check_epilogue_dtypes(x.dtype, residual, row_scale)
+    # every backend reads the vectors as contiguous
+    bias, residual_scale, row_scale = contiguous_vectors(bias, residual_scale, row_scale)
     kwargs = dict(activation=activation, residual=residual, residual_scale=residual_scale, row_scale=row_scale)
     impl = select_impl("linear", device, x, weight, bias, **kwargs)
     return impl(x, weight, bias, **kwargs)
@@ -458,8 +461,9 @@ def linear_triton(
     k = x.shape[-1]
     n = weight.shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    res2 = residual.reshape(-1, n) if residual is not None else None
+    m = math.prod(lead)  # not reshape(-1, k): that is ambiguous for k = 0
+    x2 = x.reshape(m, k)
+    res2 = residual.reshape(m, n) if residual is not None else None
     save_pre = activation is not None and _needs_grad(x, weight, bias, residual_scale, row_scale)
     y, _ = torch.ops.vitkern.linear_fwd(x2, weight, bias, res2, residual_scale, row_scale, activation, save_pre)
     return y.reshape(*lead, n)

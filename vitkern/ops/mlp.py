@@ -14,6 +14,7 @@ residual_scale=..., row_scale=...)`` after the public function's checks and auto
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -27,6 +28,7 @@ from vitkern.ops._common import (
     check_same_device,
     check_same_dtype,
     check_tensor,
+    contiguous_vectors,
 )
 from vitkern.ops.linear import (
     apply_activation,
@@ -143,6 +145,8 @@ def mlp(
             residual_scale=residual_scale,
         )
     check_epilogue_dtypes(x.dtype, residual, row_scale)
+    # every backend reads the vectors as contiguous
+    fc1_bias, fc2_bias, residual_scale, row_scale = contiguous_vectors(fc1_bias, fc2_bias, residual_scale, row_scale)
     args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     kwargs = dict(activation=activation, residual=residual, residual_scale=residual_scale, row_scale=row_scale)
     impl = select_impl("mlp", device, *args, **kwargs)
@@ -345,8 +349,9 @@ def mlp_triton(
     k = x.shape[-1]
     n = fc2_weight.shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    res2 = residual.reshape(-1, n) if residual is not None else None
+    m = math.prod(lead)  # not reshape(-1, k): that is ambiguous for k = 0
+    x2 = x.reshape(m, k)
+    res2 = residual.reshape(m, n) if residual is not None else None
     needs = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual_scale, row_scale))

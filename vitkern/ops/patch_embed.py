@@ -66,6 +66,7 @@ from vitkern.ops._common import (
     check_same_device,
     check_same_dtype,
     check_tensor,
+    contiguous_vectors,
     kernel_op,
 )
 from vitkern.ops._config import (
@@ -80,6 +81,7 @@ from vitkern.ops._config import (
     register_kernel,
     round_to,
 )
+from vitkern.ops._index import check_int32
 
 __all__ = ["patch_embed", "patch_embed_ref", "resample_pos_embed"]
 
@@ -111,8 +113,19 @@ def patch_embed_ref(
     the position embedding added in fp32 (fp64 for fp64) with one cast to the output dtype (the
     promoted dtype of the conv output, ``pos_embed`` and ``prefix_tokens``).
     """
-    ph, pw = weight.shape[-2:]
-    x = F.conv2d(images, weight, bias, stride=(ph, pw)).flatten(2).transpose(1, 2)  # (B, N, D)
+    d, c, ph, pw = weight.shape
+    n_patch = (images.shape[2] // ph) * (images.shape[3] // pw)
+    if n_patch == 0 or d == 0 or c * ph * pw == 0:
+        # no patches, no output features or an empty reduction (conv2d refuses the first and gets
+        # the shape of the last wrong): the same GEMM on the im2col patches, (B, N, K) @ (K, D)
+        kc = c * ph * pw
+        if images.numel() == 0:
+            patches = images.reshape(images.shape[0], n_patch, kc)
+        else:
+            patches = F.unfold(images, (ph, pw), stride=(ph, pw)).transpose(1, 2)
+        x = F.linear(patches, weight.reshape(d, kc), bias)
+    else:
+        x = F.conv2d(images, weight, bias, stride=(ph, pw)).flatten(2).transpose(1, 2)  # (B, N, D)
     out_dtype = _out_dtype(x.dtype, pos_embed, prefix_tokens)
     if pos_embed is None and prefix_tokens is None:
         return x
@@ -470,6 +483,22 @@ def _check_launch(images, weight, bias, pos_embed, prefix_tokens) -> tuple[int, 
     return n, n_prefix
 
 
+def _check_index_range(images, ph: int, pw: int, t: int, d: int, **others: Optional[torch.Tensor]) -> None:
+    """The gathers' int32 arithmetic (vitkern.ops._index): pixel offsets within a patch, patch
+    origins within an image (the image offset is int64), the GEMM's token rows; ``others`` are
+    2-D (rows, D) views read with int32 offsets (prefix tokens, pos_embed, dY's feature stride)."""
+    op = "patch_embed (triton)"
+    b, c, h, w = images.shape
+    sb, sc, sh, sw = images.stride()
+    check_int32(op, "images (pixel offsets within a patch)", (c, sc), (ph, sh), (pw, sw))
+    check_int32(op, "images (patch offsets within an image)", (h - ph + 1, sh))
+    check_int32(op, "images (patch offsets within an image row)", (w - pw + 1, sw))
+    check_int32(op, "the token rows (B * T)", (b * t + 1, 1))
+    for name, v in others.items():
+        if v is not None:
+            check_int32(op, name, (v.shape[0], v.stride(0)), (v.shape[1], v.stride(1)))
+
+
 def _patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens, config=None) -> torch.Tensor:
     """Forward launcher: the (B, NP + N, D) tokens in one GEMM launch (prefix rows written by its
     programs' prologue). ``config`` forces a GEMM config (tests, compile cases)."""
@@ -495,6 +524,7 @@ def _patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens, config=None
             out.copy_(v.expand(b, -1, -1))
         return out
     pre2 = prefix_tokens[0] if prefix_tokens is not None else None
+    _check_index_range(images, ph, pw, t, d, prefix_tokens=pre2, pos_embed=pos2)
     dummy = pre2 if pre2 is not None else wmat
     q = pos2 if pos2 is not None else dummy
     c_args = (n, n_prefix, pos_off, b, d,
@@ -550,6 +580,10 @@ def _patch_embed_bwd(grad, images, weight, need_dx, need_dw, bias_dtype, n_prefi
         raise ValueError(f"patch_embed (triton): pos_len must be {n} or {t}, got {pos_len}")
     dev = images.device
     dx = dw = db = dpos = dprefix = None
+    if b * n and d:
+        # dY is read with int32 offsets along D (dX gather, column sums) and T * D (column sums)
+        _check_index_range(images, ph, pw, t, d, grad=grad[0])
+        check_int32("patch_embed (triton)", "grad (the (T, D) plane of one image)", (t * d + 1, 1))
     cl_k = _channels_last_k(images)
     kdim = weight.shape[1] * ph * pw
     if bias_dtype is not None or pos_dtype is not None or prefix_dtype is not None:
@@ -774,6 +808,7 @@ def patch_embed(
                 f"{name} must have the compute dtype ({str(compute).replace('torch.', '')}) or float32, "
                 f"got {str(t.dtype).replace('torch.', '')}"
             )
+    (bias,) = contiguous_vectors(bias)  # every backend reads it as contiguous
     kwargs = dict(pos_embed=pos_embed, prefix_tokens=prefix_tokens)
     impl = select_impl("patch_embed", device, images, weight, bias, **kwargs)
     return impl(images, weight, bias, **kwargs)
@@ -828,8 +863,9 @@ def resample_pos_embed(
         ``(B, num_prefix_tokens + new_h * new_w, D)`` in ``pos_embed``'s dtype.
 
     Raises:
-        TypeError / ValueError naming the argument: a non-tensor or non-3-D ``pos_embed``, bad
-        sizes, a grid that does not match the token count, an unknown interpolation mode.
+        TypeError / ValueError naming the argument: a non-tensor or non-3-D ``pos_embed``, an empty
+        one (B = 0, D = 0 or no grid tokens), bad sizes, a grid that does not match the token
+        count, an unknown interpolation mode.
     """
     check_tensor("pos_embed", pos_embed, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
     new_size = _check_size("new_size", new_size)
@@ -848,7 +884,17 @@ def resample_pos_embed(
     if not isinstance(antialias, bool):
         raise TypeError(f"antialias must be a bool, got {type(antialias).__name__}")
 
+    batch, dim = pos_embed.shape[0], pos_embed.shape[2]
+    if batch == 0 or dim == 0:
+        raise ValueError(
+            f"pos_embed must be non-empty (B >= 1 and D >= 1 in (B, L, D)), got shape {tuple(pos_embed.shape)}"
+        )
     num_grid = length - num_prefix_tokens
+    if num_grid == 0:
+        raise ValueError(
+            f"pos_embed has no grid tokens to resample: L = {length} with num_prefix_tokens={num_prefix_tokens} "
+            f"(shape {tuple(pos_embed.shape)})"
+        )
     if num_prefix_tokens + new_size[0] * new_size[1] == length:
         if old_size is not None and old_size == new_size:
             return pos_embed
@@ -868,12 +914,11 @@ def resample_pos_embed(
             f"tokens ({length} minus num_prefix_tokens={num_prefix_tokens})"
         )
 
-    batch, dim = pos_embed.shape[0], pos_embed.shape[2]
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     orig_dtype = grid.dtype
     grid = grid.float().reshape(batch, old_size[0], old_size[1], dim).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=new_size, mode=interpolation, align_corners=align_corners, antialias=antialias)
-    grid = grid.permute(0, 2, 3, 1).reshape(batch, -1, dim).to(orig_dtype)
+    grid = grid.permute(0, 2, 3, 1).reshape(batch, new_size[0] * new_size[1], dim).to(orig_dtype)
     if num_prefix_tokens:
         grid = torch.cat([prefix, grid], dim=1)
     return grid
