@@ -13,7 +13,12 @@ set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 started=$(date +%s)
-python="${PYTHON_COMPAT:-$(command -v python3.12 || command -v python3)}"
+python="${PYTHON_COMPAT:-}"
+if [[ -z "$python" ]]; then
+  for candidate in python3.12 python3; do   # the first that runs (a version manager's shim may not)
+    if "$candidate" -c "import sys" >/dev/null 2>&1; then python="$candidate"; break; fi
+  done
+fi
 venv="${VENV_COMPAT:-.venv-compat}"
 py="$venv/bin/python"
 out="$venv/compat-results"
