@@ -1097,10 +1097,12 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
 # 168..184, 200..248) need more registers for the same tiles: where a table is given here it
 # replaces the one above for them (every width listed).
 _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] = {
-    # 3.6: 256 (200) spilled 140 bytes with 64 x 16 tiles
-    ("fwd", 90, "16bit"): ((64, _attn_cfg(90, 128, 128, 8, 3)), (128, _attn_cfg(90, 128, 64, 8, 3)),
+    # 3.6: 256 (200) spilled 140 bytes with 64 x 16 tiles; 48 (40 = 32 + 16, 8 masked) 16 with 128 x 128
+    ("fwd", 90, "16bit"): ((48, _attn_cfg(90, 128, 64, 8, 3)), (64, _attn_cfg(90, 128, 128, 8, 3)), (128, _attn_cfg(90, 128, 64, 8, 3)),
                            (256, _attn_cfg(90, 32, 16, 8, 2))),
-    ("dkdv", 90, "16bit"): ((64, _attn_cfg(90, 64, 128, 8, 2)), (96, _attn_cfg(90, 16, 64, 8, 2)),
+    # 3.6: 48 (40) spilled 12 bytes with 64 x 128 tiles
+    ("dkdv", 90, "16bit"): ((48, _attn_cfg(90, 64, 64, 8, 2)), (64, _attn_cfg(90, 64, 128, 8, 2)),
+                            (96, _attn_cfg(90, 16, 64, 8, 2)),
                             (128, _attn_cfg(90, 32, 32, 8, 2)), (256, _attn_cfg(90, 16, 16, 8, 1))),
     ("dq", 90, "16bit"): ((64, _attn_cfg(90, 128, 64, 8, 2)), (128, _attn_cfg(90, 64, 32, 8, 2)),
                           (160, _attn_cfg(90, 16, 32, 8, 1)), (256, _attn_cfg(90, 32, 32, 8, 2))),
