@@ -116,6 +116,7 @@ if how == "import-C":            # the built module imported directly, never thr
     assert "vitkern._extension" in sys.modules
 else:                            # the package only: the ops are declared whether or not _C exists
     import vitkern  # noqa: F401
+# Fake tensors: "cuda" here allocates nothing and needs no GPU (CPU-only machines run this).
 with FakeTensorMode(allow_non_fake_inputs=True):
     x = torch.empty(6, 8, device="cuda")
     w = torch.empty(16, 8, device="cuda")

@@ -1047,6 +1047,10 @@ def _attention_bwd_dq_kernel(
 # 3.6 / 3.8 for the causal, key-padding variant, the heaviest).
 
 
+# Where no tile holds on both Triton versions, the entry picks by version (IEEE fp32 dK/dV on sm_80).
+_TRITON_36 = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
+
+
 def _attn_cfg(arch: int, block_m: int, block_n: int, warps: int, stages: int) -> KernelConfig:
     return KernelConfig({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages, archs=(arch,))
 
@@ -1068,8 +1072,9 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     ("dq", 90, "tf32"): ((64, _attn_cfg(90, 64, 32, 4, 1)), (128, _attn_cfg(90, 32, 32, 4, 1)),
                          (256, _attn_cfg(90, 32, 16, 4, 1))),
     ("fwd", 90, "ieee"): ((64, _attn_cfg(90, 16, 32, 4, 1)), (256, _attn_cfg(90, 16, 16, 4, 1))),
-    # 3.6: 16 warps (128 registers a thread) spilled 4 bytes at 128; 4 warps spill on both
-    ("dkdv", 90, "ieee"): ((256, _attn_cfg(90, 16, 16, 8, 1)),),
+    # 3.6: 16 warps (128 registers a thread) spilled 4 bytes at 128, 8 warps 8 bytes at 256 (a
+    # causal, key-padding variant, where 16 warps hold: 84..106); 4 warps spill on both
+    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 8, 1)), (256, _attn_cfg(90, 16, 16, 16, 1))),
     ("dq", 90, "ieee"): ((64, _attn_cfg(90, 32, 16, 4, 1)), (256, _attn_cfg(90, 16, 16, 4, 1))),
     # ---- sm_80 (A100) and the other non-sm_90 parts: mma.sync, operands in registers
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 64, 8, 3)), (128, _attn_cfg(80, 128, 32, 8, 2)),
@@ -1088,8 +1093,11 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
                          (256, _attn_cfg(80, 16, 16, 4, 1))),
     ("fwd", 80, "ieee"): ((64, _attn_cfg(80, 16, 32, 4, 1)), (128, _attn_cfg(80, 16, 16, 4, 1)),
                           (256, _attn_cfg(80, 16, 16, 8, 1))),
-    # 3.6: 16 warps spilled 12-24 bytes (72, 256); 4 warps spill 4 bytes at 64 under 3.8
-    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8, 1)), (256, _attn_cfg(80, 16, 16, 4, 1))),
+    # Up to 128 no 16 x 16 tile holds on both versions: 16 warps spill 12 bytes at 72 under 3.6, 8
+    # warps 8-16 bytes at 72 / 128 under 3.8, 4 warps 4 bytes at 64 under 3.8. At 256, 32 x 16
+    # tiles with 8 warps hold on both (128..176 / 128..255 registers).
+    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8 if _TRITON_36 else 16, 1)),
+                           (256, _attn_cfg(80, 32, 16, 8, 1))),
     ("dq", 80, "ieee"): ((64, _attn_cfg(80, 32, 16, 4, 1)), (256, _attn_cfg(80, 16, 16, 4, 1))),
 }
 
@@ -1098,8 +1106,8 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
 # replaces the one above for them (every width listed).
 _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] = {
     # 3.6: 256 (200) spilled 140 bytes with 64 x 16 tiles; 48 (40 = 32 + 16, 8 masked) 16 with 128 x 128
-    ("fwd", 90, "16bit"): ((48, _attn_cfg(90, 128, 64, 8, 3)), (64, _attn_cfg(90, 128, 128, 8, 3)), (128, _attn_cfg(90, 128, 64, 8, 3)),
-                           (256, _attn_cfg(90, 32, 16, 8, 2))),
+    ("fwd", 90, "16bit"): ((48, _attn_cfg(90, 128, 64, 8, 3)), (64, _attn_cfg(90, 128, 128, 8, 3)),
+                           (128, _attn_cfg(90, 128, 64, 8, 3)), (256, _attn_cfg(90, 32, 16, 8, 2))),
     # 3.6: 48 (40) spilled 12 bytes with 64 x 128 tiles
     ("dkdv", 90, "16bit"): ((48, _attn_cfg(90, 64, 64, 8, 2)), (64, _attn_cfg(90, 64, 128, 8, 2)),
                             (96, _attn_cfg(90, 16, 64, 8, 2)),
@@ -1113,7 +1121,11 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
                             (256, _attn_cfg(80, 16, 16, 8, 1))),
     ("dq", 80, "16bit"): ((64, _attn_cfg(80, 64, 32, 8, 2)), (128, _attn_cfg(80, 64, 32, 8, 2)),
                           (160, _attn_cfg(80, 16, 16, 8, 1)), (256, _attn_cfg(80, 32, 32, 8, 2))),
-    # fp32 pads the head dim to one masked tile (no split): 72 -> 128, 200 -> 256
+    # fp32 pads the head dim to one masked tile (no split): 72 -> 128, 200 -> 256. IEEE dK/dV at
+    # 200..248: the unmasked table's 32 x 16 tiles spilled 48 bytes under 3.6; 16 x 16 tiles with
+    # 4 warps (3.6) / 16 warps (3.8) hold
+    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8 if _TRITON_36 else 16, 1)),
+                           (256, _attn_cfg(80, 16, 16, 4 if _TRITON_36 else 16, 1))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 64, 32, 4, 2)),
                           (256, _attn_cfg(80, 16, 16, 4, 1))),
 }
