@@ -103,6 +103,7 @@ except ImportError:  # pragma: no cover - very old Triton
 
 __all__ = [
     "INTERPRETING",
+    "TRITON_36",
     "INTERPRET_NUM_SMS",
     "CHECK_ARCHS",
     "dot_operand",
@@ -145,6 +146,10 @@ INTERPRETING: bool = bool(knobs.runtime.interpret)
 # The same flag as a constexpr global, so that @triton.jit code can branch on it: the compiler
 # folds the branch away, the interpreter evaluates it.
 _INTERPRETING = tl.constexpr(INTERPRETING)
+
+#: Triton before 3.7 (the GPU machines run 3.6): its register allocation differs from 3.8's, and
+#: the few config entries where no tile compiles without spills on both pick by it.
+TRITON_36: bool = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
 
 #: Program count that :func:`num_sms` reports under the interpreter (persistent grids stay small).
 INTERPRET_NUM_SMS = 4

@@ -64,6 +64,7 @@ from vitkern.ops._common import contiguous_vectors
 from vitkern.ops._index import INT32_MAX, check_int32, fits_int32
 from vitkern.ops._config import (
     INTERPRETING,
+    TRITON_36,
     KernelConfig,
     capturing,
     compile_cases,
@@ -464,9 +465,10 @@ GEMM_CONFIGS: dict[str, GemmConfig] = {
     "a100_16_large": GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=4, split_k=8),
     # 8 warps: with 4, the bias + tanh-GELU epilogue spilled 68 bytes under Triton 3.6 (M = 1)
     "a100_16_small": GemmConfig(64, 128, 32, 8, num_warps=8, num_stages=4, split_k=8),
-    # 128 x 64: the 128 x 128 tile's dW epilogue (row scale, row sums, row dots) spilled 4 bytes
-    # under Triton 3.6 (255 registers); 128 x 64 compiles to 206 / 182 (3.6 / 3.8)
-    "a100_tf32": GemmConfig(128, 64, 16, 8, num_warps=8, num_stages=4, split_k=8),
+    # Triton 3.6: the 128 x 128 tile's dW epilogue (row scale, row sums, row dots) spilled 4 bytes
+    # (255 registers), 128 x 64 holds (206); under 3.8 128 x 64 spills 12 bytes in the fc1 epilogue
+    # and 128 x 128 holds
+    "a100_tf32": GemmConfig(128, 64 if TRITON_36 else 128, 16, 8, num_warps=8, num_stages=4, split_k=8),
     "a100_fp32": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=3, split_k=8),
 }
 

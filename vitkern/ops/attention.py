@@ -63,6 +63,7 @@ from vitkern.ops._common import (
     kernel_op,
 )
 from vitkern.ops._config import (
+    TRITON_36,
     KernelConfig,
     compile_cases,
     device_arch,
@@ -1047,10 +1048,6 @@ def _attention_bwd_dq_kernel(
 # 3.6 / 3.8 for the causal, key-padding variant, the heaviest).
 
 
-# Where no tile holds on both Triton versions, the entry picks by version (IEEE fp32 dK/dV on sm_80).
-_TRITON_36 = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
-
-
 def _attn_cfg(arch: int, block_m: int, block_n: int, warps: int, stages: int) -> KernelConfig:
     return KernelConfig({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages, archs=(arch,))
 
@@ -1096,7 +1093,7 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     # Up to 128 no 16 x 16 tile holds on both versions: 16 warps spill 12 bytes at 72 under 3.6, 8
     # warps 8-16 bytes at 72 / 128 under 3.8, 4 warps 4 bytes at 64 under 3.8. At 256, 32 x 16
     # tiles with 8 warps hold on both (128..176 / 128..255 registers).
-    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8 if _TRITON_36 else 16, 1)),
+    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8 if TRITON_36 else 16, 1)),
                            (256, _attn_cfg(80, 32, 16, 8, 1))),
     ("dq", 80, "ieee"): ((64, _attn_cfg(80, 32, 16, 4, 1)), (256, _attn_cfg(80, 16, 16, 4, 1))),
 }
@@ -1124,8 +1121,8 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
     # fp32 pads the head dim to one masked tile (no split): 72 -> 128, 200 -> 256. IEEE dK/dV at
     # 200..248: the unmasked table's 32 x 16 tiles spilled 48 bytes under 3.6; 16 x 16 tiles with
     # 4 warps (3.6) / 16 warps (3.8) hold
-    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8 if _TRITON_36 else 16, 1)),
-                           (256, _attn_cfg(80, 16, 16, 4 if _TRITON_36 else 16, 1))),
+    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8 if TRITON_36 else 16, 1)),
+                           (256, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 16, 1))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 64, 32, 4, 2)),
                           (256, _attn_cfg(80, 16, 16, 4, 1))),
 }
