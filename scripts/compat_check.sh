@@ -45,7 +45,7 @@ PY
 "$py" -c "import vitkern, sys; sys.exit(0 if vitkern.cuda_extension_available() else 1)"
 ext_rc=$?
 
-env -u TRITON_INTERPRET "$py" -m vitkern.ops._compile_check --full --quiet --json "$out/compile_check.json"
+env -u TRITON_INTERPRET "$py" -m vitkern.testing.compile_check --full --quiet --json "$out/compile_check.json"
 TRITON_INTERPRET=1 "$py" -m pytest tests/ops tests/test_launch.py -q -p no:cacheprovider ${COMPAT_PYTEST_ARGS:--n 2} \
   --junitxml "$out/pytest.xml"
 

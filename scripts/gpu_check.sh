@@ -162,7 +162,7 @@ run_step pytest_gpu 150 240 bash -c '"$1" -m pytest tests -q -m gpu --durations=
 run_step pytest 240 210 "$python" -m pytest tests -q --durations=30 -p no:cacheprovider
 
 # 5. The static compile report (registers, spills, shared memory, MMA per kernel config).
-run_step compile_check 150 180 "$python" -m vitkern.ops._compile_check --full --json "$out/compile_check.json"
+run_step compile_check 150 180 "$python" -m vitkern.testing.compile_check --full --json "$out/compile_check.json"
 
 # 6. The benchmark suite: everything left of the budget but the CUDA-graph step's reserve; it stops
 #    starting new cases in time to write its results and plots (rows it could not reach are recorded

@@ -13,16 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.ops._config import (
-    KernelConfig,
-    compile_cases,
-    device_arch,
-    dot_operand,
-    launch,
-    register_kernel,
-    round_to,
-    wgmma_expected,
-)
+from vitkern.ops._config import device_arch, KernelConfig
+from vitkern.ops._triton import dot_operand, launch, register_kernel, round_to, wgmma_expected
+from vitkern.testing.compile_check import compile_cases
 
 # --------------------------------------------------------------------------------------------
 # (a) Row-wise: y = (x - mean(x)) * w over the last dim, autotuned over rows per program

@@ -1,6 +1,6 @@
 """Index range: no in-tile offset of any kernel wraps in int32, for shapes past 2^31 elements.
 
-Nothing is allocated: the launchers run on meta tensors under ``vitkern.ops._config.capture``,
+Nothing is allocated: the launchers run on meta tensors under ``vitkern.ops.compile_check.capture``,
 which records each launch instead of running it. For every captured launch the test evaluates the
 kernel's int32 offset expressions (the ``offs * stride`` products inside a tile; per-program bases
 are int64) on the captured arguments with Triton's typing rule (an integer argument is int32 when
@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from vitkern.ops import _gemm, attention as A, layer_norm as LN, linear as L, patch_embed as PE
-from vitkern.ops._config import _param_names, capture
+from vitkern.ops._triton import param_names
+from vitkern.testing.compile_check import capture
 from vitkern.ops._index import INT32_MAX, int32_overflow
 
 META = torch.device("meta")
@@ -29,7 +30,7 @@ def _empty(*shape, dtype=BF16):
 
 
 def _bind(launch):
-    names = _param_names(launch.entry.kernel)
+    names = param_names(launch.entry.kernel)
     values = dict(zip(names, launch.args))
     values.update(launch.kwargs)
     if launch.config is not None:

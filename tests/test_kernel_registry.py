@@ -18,26 +18,21 @@ import triton.language as tl
 
 import _compile_fixture_kernels as fx
 import vitkern.ops
-from vitkern.ops import _config
-from vitkern.ops._config import (
-    CHECK_ARCHS,
-    KernelConfig,
+from vitkern.ops import _config, _triton
+from vitkern.ops._config import CHECK_ARCHS, device_arch, KernelConfig, num_sms
+from vitkern.ops._triton import (
     autotune,
     base_kernel,
-    capture,
-    device_arch,
     is_kernel_object,
     is_registered_helper,
     kernel_entry,
     launch,
-    num_sms,
     register_kernel,
-    registered_cases,
     registered_kernels,
     round_to,
-    run_cases,
     wgmma_expected,
 )
+from vitkern.testing.compile_check import capture, registered_cases, run_cases
 
 
 def _ops_modules():
@@ -74,7 +69,7 @@ def test_every_ops_jit_function_is_registered():
     missing = _unregistered(modules)
     assert not missing, (
         "@triton.jit functions in vitkern.ops missing from the kernel config registry (decorate "
-        "kernels with vitkern.ops._config.register_kernel, device helpers with register_helper): "
+        "kernels with vitkern.ops._triton.register_kernel, device helpers with register_helper): "
         + ", ".join(missing))
     if not _config.INTERPRETING:  # JITFunctions also record themselves, nested ones included
         from triton.runtime.jit import _triton_jit_function_registry
@@ -84,8 +79,8 @@ def test_every_ops_jit_function_is_registered():
                   and not is_registered_helper(fn)]
         assert not nested, "unregistered @triton.jit functions in vitkern.ops: " + ", ".join(nested)
     # dot_operand is a registered helper, found by the same walk
-    assert ("dot_operand", _config.dot_operand) in list(_jit_functions(_config))
-    assert is_registered_helper(_config.dot_operand)
+    assert ("dot_operand", _triton.dot_operand) in list(_jit_functions(_triton))
+    assert is_registered_helper(_triton.dot_operand)
 
 
 def test_every_ops_kernel_is_launched_by_a_compile_case():
@@ -183,7 +178,7 @@ def test_capture_records_launches_and_runs_nothing():
         assert rw.entry is kernel_entry(fx._rowwise_center_kernel) and rw.arch == arch and rw.config is None
         assert rw.kwargs == {"HAS_W": False, "BLOCK_N": 256} and rw.args[0] is x and rw.args[1] is None
         assert gm.kwargs["num_stages"] == (4 if arch == 90 else 3)  # the launcher's per-arch choice
-    assert not _config.capturing()
+    assert not _triton.capturing()
 
 
 def test_capture_checks_launch_arguments():

@@ -17,7 +17,7 @@ import torch
 from triton.runtime import _allocation
 
 import vitkern
-from vitkern.ops import _config, _gemm
+from vitkern.ops import _config, _triton, _gemm
 from vitkern.ops._config import device_arch
 
 
@@ -77,7 +77,7 @@ def test_scratch_allocator_keeps_a_users_own():
         import triton
 
         triton.set_allocator(users_allocator)
-        _config.ensure_scratch_allocator()
+        _triton.ensure_scratch_allocator()
         return _allocation._allocator.get()
 
     assert _in_thread(worker) is users_allocator
@@ -118,12 +118,12 @@ def _fake_cuda(index):
 def test_launch_device_only_when_the_index_differs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     t0, t1 = _fake_cuda(0), _fake_cuda(1)
-    assert _config.launch_device((t0, 3), {}) is None
-    assert _config.launch_device((t1, t0), {}) == 1
-    assert _config.launch_device((4, t1), {}) == 1          # the first tensor argument decides
-    assert _config.launch_device((), {"X": t1}) == 1
-    assert _config.launch_device((torch.empty(2), 1), {}) is None   # CPU tensors: nothing to do
-    assert _config.launch_device((None, 1), {}) is None
+    assert _triton.launch_device((t0, 3), {}) is None
+    assert _triton.launch_device((t1, t0), {}) == 1
+    assert _triton.launch_device((4, t1), {}) == 1          # the first tensor argument decides
+    assert _triton.launch_device((), {"X": t1}) == 1
+    assert _triton.launch_device((torch.empty(2), 1), {}) is None   # CPU tensors: nothing to do
+    assert _triton.launch_device((None, 1), {}) is None
 
 
 def test_launch_runs_on_the_tensors_device(monkeypatch):
@@ -144,14 +144,14 @@ def test_launch_runs_on_the_tensors_device(monkeypatch):
     ran_on = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
     monkeypatch.setattr(torch.cuda, "device", fake_device)
-    monkeypatch.setattr(_config, "_run", lambda *a, **k: ran_on.append(current["index"]))
+    monkeypatch.setattr(_triton, "_run", lambda *a, **k: ran_on.append(current["index"]))
     a = _fake_cuda(1)
     kernel = _gemm._act_bwd_kernel
     args = (a, a, a, None, None, None, 8, 2, 2, 1, 2, 1, 2, 1)
     meta = dict(BLOCK_M=64, BLOCK_N=64, ACTIVATION=1, HAS_COL_SCALE=False, HAS_ROW_SCALE=False,
                 WRITE_DSCALE=False, num_warps=4, num_stages=1)
-    _config.launch(kernel, (1, 1), *args, **meta)
+    _triton.launch(kernel, (1, 1), *args, **meta)
     assert entered == [1] and ran_on == [1] and current["index"] == 0
     current["index"] = 1
-    _config.launch(kernel, (1, 1), *args, **meta)
+    _triton.launch(kernel, (1, 1), *args, **meta)
     assert entered == [1] and ran_on == [1, 1], "no device switch when the tensors' device is current"

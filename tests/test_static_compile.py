@@ -1,4 +1,4 @@
-"""The static GPU compile check (vitkern.ops._compile_check): kernels compile for sm_80 and sm_90
+"""The static GPU compile check (vitkern.testing.compile_check): kernels compile for sm_80 and sm_90
 without a GPU, with no spills, shared memory under the limit, and wgmma where the dots need it,
 from the specialisation Triton's JIT derives for the launcher's own arguments.
 
@@ -18,7 +18,7 @@ import torch
 import triton
 
 from vitkern.ops import _config
-from vitkern.ops._compile_check import SHARED_LIMITS, evaluate, parse_ptxas_log, run_compile_check
+from vitkern.testing.compile_check import SHARED_LIMITS, evaluate, parse_ptxas_log, run_compile_check
 
 TESTS_DIR = Path(__file__).resolve().parent
 FIXTURE = "_compile_fixture_kernels"
@@ -183,7 +183,7 @@ def test_static_compile_matches_the_jit(device):
     if arch not in (80, 90):
         pytest.skip(f"the check targets sm_80 and sm_90, this device is sm_{arch}")
     import _compile_fixture_kernels as fx
-    from vitkern.ops._compile_check import plan
+    from vitkern.testing.compile_check.plan import plan
 
     with torch.cuda.device(device):
         fx.fixture_calls(lambda shape, dtype: torch.randn(shape, dtype=dtype, device=device))

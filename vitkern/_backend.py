@@ -12,15 +12,21 @@ Every public op (``vitkern.layer_norm``, ``vitkern.attention``, ...) has up to t
 ``"auto"`` (the default) picks per call: CUDA tensors go to the fastest backend measured for that
 op (:data:`AUTO_CUDA_PREFERENCE`), CPU tensors to Triton when the interpreter is on, else to the
 reference. An explicitly chosen backend that cannot serve a call raises, naming the reason; it never
-falls back silently to a slower path.
+falls back silently to a slower path. ``VITKERN_LOG_BACKEND=1`` logs "auto"'s pick (and why it
+skipped the backends before it) once per op and shape class, on the ``vitkern.backend`` logger.
+
+Each backend of an op is a :class:`BackendImpl`: the implementation plus what it serves, as data
+(``dtypes``; the device rule of its kind) and a predicate for the rest (shapes, options).
 
 The choice is a module global, so ``torch.compile`` guards on it and recompiles when it changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -28,7 +34,10 @@ __all__ = [
     "BACKENDS",
     "CUDA_EXTENSION_OPS",
     "AUTO_CUDA_PREFERENCE",
+    "BackendImpl",
     "BackendUnavailableError",
+    "backend_impl",
+    "shape_class",
     "use_backend",
     "get_backend",
     "register_impl",
@@ -49,14 +58,46 @@ CUDA_EXTENSION_OPS = frozenset({"linear", "mlp", "patch_embed"})
 _DEFAULT_CUDA_PREFERENCE = ("triton", "reference")
 AUTO_CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {}
 
-# A "supports" predicate returns None when the backend can serve the call, else the reason.
-SupportsFn = Callable[..., Optional[str]]
+# A "supports" predicate returns None (or an empty list) when the backend can serve the call,
+# else the reason (or every reason, as a list of strings).
+SupportsFn = Callable[..., Union[None, str, Sequence[str]]]
 
-_impls: dict[str, dict[str, tuple[Callable, Optional[SupportsFn]]]] = {}
+
+@dataclasses.dataclass(frozen=True)
+class BackendImpl:
+    """One backend of one op: its implementation and what it serves, as data plus a predicate.
+
+    ``dtypes``: the floating-point dtypes its tensor arguments may have (None: any). The device
+    rule comes with the backend's kind (:func:`_device_reasons`); ``supports`` covers the rest
+    (shapes, options). :meth:`reasons` lists every reason the call cannot run here.
+    """
+
+    op: str
+    backend: str
+    fn: Callable
+    dtypes: Optional[frozenset] = None
+    supports: Optional[SupportsFn] = None
+
+    def reasons(self, device: torch.device, args: tuple, kwargs: dict, first_only: bool = False) -> list[str]:
+        reasons = _device_reasons(self.backend, device)
+        if reasons and first_only:
+            return reasons
+        if self.dtypes is not None:
+            reasons += _dtype_reasons(self.dtypes, args, kwargs)
+            if reasons and first_only:
+                return reasons
+        if self.supports is not None:
+            got = self.supports(*args, **kwargs)
+            if got:
+                reasons += [got] if isinstance(got, str) else list(got)
+        return reasons
+
+
+_impls: dict[str, dict[str, BackendImpl]] = {}
 
 
 class BackendUnavailableError(RuntimeError):
-    """An explicitly selected backend cannot serve this call."""
+    """An explicitly selected backend cannot serve this call (the message lists every reason)."""
 
 
 def _validate(name: str) -> str:
@@ -110,45 +151,119 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def register_impl(op: str, backend: str, fn: Callable, supports: Optional[SupportsFn] = None) -> None:
+def register_impl(
+    op: str,
+    backend: str,
+    fn: Callable,
+    supports: Optional[SupportsFn] = None,
+    *,
+    dtypes: Optional[Iterable[torch.dtype]] = None,
+) -> None:
     """Register ``fn`` as ``backend``'s implementation of ``op``.
 
     ``fn`` takes exactly the arguments of the public function (after its argument checks and
-    autocast casts). ``supports(*args, **kwargs)`` returns None when ``fn`` can serve the call and
-    otherwise a short reason, which becomes the error of an explicit selection.
+    autocast casts). ``dtypes`` lists the floating-point dtypes it takes (checked on every
+    floating tensor argument); ``supports(*args, **kwargs)`` returns None when ``fn`` can serve the
+    rest of the call and otherwise a short reason (or a list of them), which become the error of
+    an explicit selection.
     """
     if backend not in ("reference", "triton", "cuda"):
         raise ValueError(f"cannot register backend {backend!r} for op {op!r}")
-    _impls.setdefault(op, {})[backend] = (fn, supports)
+    _impls.setdefault(op, {})[backend] = BackendImpl(
+        op, backend, fn, frozenset(dtypes) if dtypes is not None else None, supports)
 
 
 def registered_backends(op: str) -> tuple[str, ...]:
     return tuple(_impls.get(op, {}))
 
 
-def _device_reason(backend: str, device: torch.device) -> Optional[str]:
+def backend_impl(op: str, backend: str) -> Optional[BackendImpl]:
+    """The registered :class:`BackendImpl` of ``op`` on ``backend``, or None."""
+    return _impls.get(op, {}).get(backend)
+
+
+def _device_reasons(backend: str, device: torch.device) -> list[str]:
     if backend == "triton":
+        from vitkern.ops._config import triton_available
+
+        if not triton_available():
+            return ["Triton is not installed"]
         if device.type == "cuda" or triton_interpreting():
-            return None
-        return f"Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run them on the CPU)"
+            return []
+        return [f"Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run them on the CPU)"]
     if backend == "cuda":
         if device.type != "cuda":
-            return f"the CUDA extension needs CUDA tensors (got {device.type})"
+            return [f"the CUDA extension needs CUDA tensors (got {device.type})"]
         from vitkern._extension import cuda_extension_available, extension_error
 
         if not cuda_extension_available():
-            return f"the CUDA extension vitkern._C is not available ({extension_error()})"
-    return None
+            return [f"the CUDA extension vitkern._C is not available ({extension_error()})"]
+    return []
 
 
-def _reason(op: str, backend: str, device: torch.device, args, kwargs) -> Optional[str]:
-    entry = _impls.get(op, {}).get(backend)
-    if entry is None:
-        return f"op {op!r} has no {backend!r} implementation"
-    reason = _device_reason(backend, device)
-    if reason is None and entry[1] is not None:
-        reason = entry[1](*args, **kwargs)
-    return reason
+def _tensors(args: tuple, kwargs: dict):
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            yield f"argument {i}", a
+    for name, a in kwargs.items():
+        if isinstance(a, torch.Tensor):
+            yield name, a
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _dtype_reasons(dtypes: frozenset, args: tuple, kwargs: dict) -> list[str]:
+    bad = sorted({_dtype_name(t.dtype) for _, t in _tensors(args, kwargs)
+                  if t.is_floating_point() and t.dtype not in dtypes})
+    if not bad:
+        return []
+    allowed = ", ".join(sorted(_dtype_name(d) for d in dtypes))
+    return [f"dtype {', '.join(bad)} (it takes {allowed})"]
+
+
+def _reasons(op: str, backend: str, device: torch.device, args, kwargs, first_only: bool = False) -> list[str]:
+    impl = backend_impl(op, backend)
+    if impl is None:
+        return [f"op {op!r} has no {backend!r} implementation"]
+    return impl.reasons(device, args, kwargs, first_only)
+
+
+# --------------------------------------------------------------------------------------------
+# VITKERN_LOG_BACKEND=1: "auto"'s pick, once per op and shape class
+# --------------------------------------------------------------------------------------------
+
+_LOG_PICKS = os.environ.get("VITKERN_LOG_BACKEND", "0").strip().lower() in ("1", "true", "on", "yes")
+_logged: set = set()
+_logger = logging.getLogger("vitkern.backend")
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length() if n > 0 else 0
+
+
+def shape_class(args: tuple, kwargs: dict) -> tuple:
+    """The shape class of a call: each tensor argument's dtype and its sizes rounded up to a power
+    of two (so a 197-token and a 257-token batch of the same model fall in different classes,
+    and 197 / 200 in one)."""
+    return tuple((name, _dtype_name(t.dtype), tuple(_bucket(d) for d in t.shape)) for name, t in _tensors(args, kwargs))
+
+
+def _log_pick(op: str, device: torch.device, picked: str, skipped: list[tuple[str, list[str]]], args, kwargs) -> None:
+    key = (op, device.type, shape_class(args, kwargs))
+    if key in _logged:
+        return
+    _logged.add(key)
+    if not _logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        _logger.addHandler(handler)
+    _logger.setLevel(logging.INFO)
+    shapes = ", ".join(f"{name} {dtype}{list(t)}" for name, dtype, t in key[2])
+    why = "; ".join(f"{b}: {' / '.join(r)}" for b, r in skipped)
+    _logger.info("auto picked %r for %s on %s (%s)%s", picked, op, device.type, shapes,
+                 f", skipping {why}" if why else "")
 
 
 def select_impl(op: str, device: torch.device, *args, **kwargs) -> Callable:
@@ -157,15 +272,23 @@ def select_impl(op: str, device: torch.device, *args, **kwargs) -> Callable:
     if name == "cuda" and op not in CUDA_EXTENSION_OPS:
         name = "auto"
     if name != "auto":
-        reason = _reason(op, name, device, args, kwargs)
-        if reason is not None:
-            raise BackendUnavailableError(f"vitkern.{op}: backend {name!r} cannot run this call: {reason}")
-        return _impls[op][name][0]
+        reasons = _reasons(op, name, device, args, kwargs)
+        if reasons:
+            raise BackendUnavailableError(
+                f"vitkern.{op}: backend {name!r} cannot run this call: " + "; ".join(reasons))
+        return _impls[op][name].fn
     if device.type == "cuda":
         order = AUTO_CUDA_PREFERENCE.get(op, _DEFAULT_CUDA_PREFERENCE)
     else:
         order = ("triton", "reference") if triton_interpreting() else ("reference",)
+    skipped: list[tuple[str, list[str]]] = []
+    picked = "reference"
     for candidate in order:
-        if _reason(op, candidate, device, args, kwargs) is None:
-            return _impls[op][candidate][0]
-    return _impls[op]["reference"][0]
+        reasons = _reasons(op, candidate, device, args, kwargs, first_only=not _LOG_PICKS)
+        if not reasons:
+            picked = candidate
+            break
+        skipped.append((candidate, reasons))
+    if _LOG_PICKS and not torch.compiler.is_compiling():
+        _log_pick(op, device, picked, skipped, args, kwargs)
+    return _impls[op][picked].fn

@@ -182,7 +182,7 @@ def test_config_selection_covers_every_key():
 
 
 def _compile_rows(full: bool):
-    from vitkern.ops._compile_check import run_compile_check
+    from vitkern.testing.compile_check import run_compile_check
 
     report = run_compile_check(["vitkern.ops._gemm"], full=full, timeout=3000)
     print(report.format())

@@ -331,7 +331,7 @@ def test_module_matches_timm_layout(device):
 
 
 def _compile_rows(full: bool):
-    from vitkern.ops._compile_check import run_compile_check
+    from vitkern.testing.compile_check import run_compile_check
 
     report = run_compile_check(["vitkern.ops.patch_embed"], full=full, timeout=3000)
     print(report.format())

@@ -62,22 +62,18 @@ import triton.language as tl
 
 from vitkern.ops._common import contiguous_vectors
 from vitkern.ops._index import INT32_MAX, check_int32, fits_int32
-from vitkern.ops._config import (
-    INTERPRETING,
-    TRITON_36,
-    KernelConfig,
+from vitkern.ops._config import device_arch, INTERPRETING, KernelConfig, num_sms, TRITON_36
+from vitkern.ops._triton import (
     capturing,
-    compile_cases,
-    device_arch,
     dot_operand,
     ensure_scratch_allocator,
     launch,
-    num_sms,
     register_helper,
     register_kernel,
     round_to,
     wgmma_expected,
 )
+from vitkern.testing.compile_check import compile_cases
 
 __all__ = [
     "ACTIVATION_IDS",

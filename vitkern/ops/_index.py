@@ -12,7 +12,7 @@ An in-tile offset is ``sum_i idx_i * stride_i`` over index ranges ``0 <= idx_i <
 :func:`int32_overflow` gives its largest value when int32 arithmetic would wrap, else None (the
 whole sum is int64 as soon as one stride is an int64 argument, but every int32 product on its own
 must still fit). ``tests/test_index_range.py`` replays the launchers on meta tensors past 2^31
-elements under :func:`vitkern.ops._config.capture` and checks each captured launch's in-tile
+elements under :func:`vitkern.testing.compile_check.capture` and checks each captured launch's in-tile
 offsets with the same rule.
 """
 

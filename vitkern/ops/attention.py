@@ -62,17 +62,9 @@ from vitkern.ops._common import (
     check_tensor,
     kernel_op,
 )
-from vitkern.ops._config import (
-    TRITON_36,
-    KernelConfig,
-    compile_cases,
-    device_arch,
-    dot_operand,
-    launch,
-    register_helper,
-    register_kernel,
-    round_to,
-)
+from vitkern.ops._config import device_arch, KernelConfig, TRITON_36
+from vitkern.ops._triton import dot_operand, launch, register_helper, register_kernel, round_to
+from vitkern.testing.compile_check import compile_cases
 from vitkern.ops._index import check_int32, fits_int32
 
 __all__ = [
@@ -512,7 +504,7 @@ def scaled_dot_product_attention(
 #
 # Configs are data (_ATTN_CONFIGS, _ATTN_MASKED_CONFIGS), per kernel, arch family, precision class
 # and padded head width; each entry compiles for its arch without spills (the static check,
-# vitkern.ops._compile_check, compiles every entry through the slow compile cases).
+# vitkern.testing.compile_check, compiles every entry through the slow compile cases).
 
 _LOG2E = 1.4426950408889634
 
@@ -1474,7 +1466,7 @@ def _attention_qkvpacked_triton(qkv, *, causal=False, scale=None, return_lse=Fal
 
 
 # --------------------------------------------------------------------------------------------
-# Static compile cases (vitkern.ops._compile_check): CPU tensors, nothing runs under capture
+# Static compile cases (vitkern.testing.compile_check): CPU tensors, nothing runs under capture
 # --------------------------------------------------------------------------------------------
 
 

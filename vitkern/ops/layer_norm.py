@@ -69,16 +69,9 @@ from vitkern.ops._common import (
     check_tensor,
     kernel_op,
 )
-from vitkern.ops._config import (
-    INTERPRETING,
-    KernelConfig,
-    compile_cases,
-    device_arch,
-    launch,
-    num_sms,
-    register_kernel,
-    round_to,
-)
+from vitkern.ops._config import device_arch, INTERPRETING, KernelConfig, num_sms
+from vitkern.ops._triton import launch, register_kernel, round_to
+from vitkern.testing.compile_check import compile_cases
 from vitkern.ops._index import rows_int32_safe
 
 __all__ = ["layer_norm", "add_layer_norm", "layer_norm_ref", "add_layer_norm_ref"]
@@ -395,7 +388,7 @@ def _layer_norm_bwd_dwdb_kernel(
 # Rows up to _MAX_FUSED_N wide live in registers, BLOCK_N = next power of two >= max(N, 128);
 # wider rows take the looped kernels. The tables give each BLOCK_N about 16 elements per thread
 # (two 16-byte vectors of 16-bit data). Next to each entry: registers per thread from ptxas,
-# sm_80 / sm_90, the maximum over dtypes and flags (vitkern.ops._compile_check --full); every
+# sm_80 / sm_90, the maximum over dtypes and flags (vitkern.testing.compile_check --full); every
 # entry compiles without spills on both.
 
 _MAX_FUSED_N = 8192
@@ -911,7 +904,7 @@ register_impl("add_layer_norm", "triton", _add_layer_norm_triton, supports=_add_
 
 
 # --------------------------------------------------------------------------------------------
-# Static compile cases (vitkern.ops._compile_check): CPU tensors, nothing runs
+# Static compile cases (vitkern.testing.compile_check): CPU tensors, nothing runs
 # --------------------------------------------------------------------------------------------
 
 

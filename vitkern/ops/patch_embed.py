@@ -69,18 +69,9 @@ from vitkern.ops._common import (
     contiguous_vectors,
     kernel_op,
 )
-from vitkern.ops._config import (
-    INTERPRETING,
-    KernelConfig,
-    capturing,
-    compile_cases,
-    device_arch,
-    launch,
-    num_sms,
-    register_helper,
-    register_kernel,
-    round_to,
-)
+from vitkern.ops._config import device_arch, INTERPRETING, KernelConfig, num_sms
+from vitkern.ops._triton import capturing, launch, register_helper, register_kernel, round_to
+from vitkern.testing.compile_check import compile_cases
 from vitkern.ops._index import check_int32
 
 __all__ = ["patch_embed", "patch_embed_ref", "resample_pos_embed"]
@@ -933,7 +924,7 @@ register_impl("patch_embed", "triton", _patch_embed_triton, supports=_patch_embe
 
 
 # --------------------------------------------------------------------------------------------
-# Static compile cases (vitkern.ops._compile_check): CPU tensors, nothing runs
+# Static compile cases (vitkern.testing.compile_check): CPU tensors, nothing runs
 # --------------------------------------------------------------------------------------------
 
 
