@@ -480,9 +480,13 @@ def plan(modules: Sequence[str], archs: Sequence[int] = (80, 90), full: bool = F
 
     if cfg.INTERPRETING:
         raise RuntimeError("the compile check needs TRITON_INTERPRET unset (see the module docstring)")
-    for m in modules:
-        importlib.import_module(m)
     wanted = set(modules)
+    for m in modules:
+        module = importlib.import_module(m)
+        # an op package keeps its kernels and compile cases in submodules: take them all
+        for sub in pkgutil.walk_packages(getattr(module, "__path__", ()), m + "."):
+            importlib.import_module(sub.name)
+            wanted.add(sub.name)
     entries = [e for e in cfg.registered_kernels() if e.module in wanted]
     cases = [c for c in cfg.registered_cases() if c.module in wanted and (full or not c.slow)]
 
