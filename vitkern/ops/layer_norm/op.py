@@ -3,8 +3,9 @@
 implementations with their ``supports`` predicate.
 
 The forward ops save (x or s, weight, mean, rstd); backward is the registered
-``vitkern::layer_norm_bwd``. The launchers are imported where the ops run, so that importing this
-module needs no Triton.
+``vitkern::layer_norm_bwd``. Outputs never alias inputs and no output is Optional: the backward
+op returns empty (0,) tensors for the parameter gradients it was not asked for. The launchers are
+imported where the ops run, so that importing this module needs no Triton.
 """
 
 from __future__ import annotations
@@ -15,10 +16,6 @@ import torch
 
 from vitkern.ops._common import kernel_op
 from vitkern.ops.layer_norm.configs import MAX_WIDTH
-
-
-# Outputs never alias inputs and no output is Optional: the backward op returns empty (0,)
-# tensors for the parameter gradients it was not asked for.
 
 
 def _stats_fake(x: torch.Tensor) -> torch.Tensor:

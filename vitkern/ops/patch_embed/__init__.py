@@ -6,7 +6,7 @@ Public functions (re-exported from ``vitkern``):
   ``(B, C, H, W) -> (B, K + N, D)``: timm's ``PatchEmbed`` (a stride-P conv) followed by
   ``VisionTransformer._pos_embed`` (class / register tokens and the absolute position embedding).
 - ``resample_pos_embed(pos_embed, new_size, ...)``: interpolate an absolute position embedding to a
-  new patch grid (``timm.layers.resample_abs_pos_embed`` semantics, plain torch; ``pos_embed``).
+  new patch grid (``timm.layers.resample_abs_pos_embed`` semantics, plain torch).
 
 Backends are registered at the bottom of this module. Implementations of op ``"patch_embed"`` are
 called as ``impl(images, weight, bias, pos_embed=..., prefix_tokens=...)`` after the public
@@ -19,8 +19,8 @@ epilogue, the prefix rows in its prologue. Backward: the weight gradient and the
 are GEMMs of the same core (a transposed im2col, and a col2im scatter), the bias, pos_embed and
 prefix-token gradients column sums of dY. The package, one file per layer:
 
-- ``reference``: ``patch_embed_ref``, the "reference" backend; ``pos_embed``:
-  ``resample_pos_embed``.
+- ``reference``: ``patch_embed_ref``, the "reference" backend.
+- ``pos_embed``: ``resample_pos_embed`` (reference only: no kernel, no backend).
 - ``kernels``: the device functions plugged into the GEMM core, and the column-sum kernel.
 - ``configs``: the GEMM config overrides and the rule that picks each GEMM's config.
 - ``layout``: the pixel order (images, weight and weight gradient).
