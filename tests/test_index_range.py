@@ -16,8 +16,10 @@ import inspect
 import pytest
 import torch
 
-from vitkern.ops import _gemm, attention as A, layer_norm as LN, linear as L, patch_embed as PE
+from vitkern.ops import _gemm, attention as A, linear as L
 from vitkern.ops._triton import param_names
+from vitkern.ops.layer_norm import kernels as LN_kernels, launch as LN
+from vitkern.ops.patch_embed import kernels as PE_kernels, launch as PE
 from vitkern.testing.compile_check import capture
 from vitkern.ops._index import INT32_MAX, int32_overflow
 
@@ -260,9 +262,10 @@ def test_int32_overflow_rule():
     assert int32_overflow((0, 2**40), (1, 2**40)) is None
 
 
-@pytest.mark.parametrize("kernel", [LN._layer_norm_fwd_kernel, LN._layer_norm_bwd_kernel, _gemm._gemm_kernel,
-                                    _gemm._act_bwd_kernel, A._attention_fwd_kernel, A._attention_bwd_dkdv_kernel,
-                                    A._attention_bwd_dq_kernel, PE._patch_embed_colsum_kernel])
+@pytest.mark.parametrize("kernel", [LN_kernels._layer_norm_fwd_kernel, LN_kernels._layer_norm_bwd_kernel,
+                                    _gemm._gemm_kernel, _gemm._act_bwd_kernel, A._attention_fwd_kernel,
+                                    A._attention_bwd_dkdv_kernel, A._attention_bwd_dq_kernel,
+                                    PE_kernels._patch_embed_colsum_kernel])
 def test_kernels_take_int64_program_bases(kernel):
     """The per-program bases (rows, batch x head) are int64 in each kernel the table above
     treats as int64."""

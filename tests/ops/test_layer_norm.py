@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import vitkern
 from vitkern.ops import layer_norm as ln
+from vitkern.ops.layer_norm import configs as ln_configs, launch as ln_launch
 from vitkern.ops._config import KernelConfig
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -40,7 +41,7 @@ def _triton_poisoned(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ln, "_empty", nan_empty)
+    monkeypatch.setattr(ln_launch, "_empty", nan_empty)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,9 +247,9 @@ def test_expanded_gradients(device):
 def test_expanded_gradient_in_launcher(device):
     # the backward launcher reads dy with stride 0 (no copy)
     x = _rand((5, 256), F32, device)
-    _, _, mean, rstd = ln._layer_norm_fwd(x, None, None, None, 1e-5)
+    _, _, mean, rstd = ln_launch._layer_norm_fwd(x, None, None, None, 1e-5)
     dy = torch.full((), 0.5, device=device).expand(5, 256)
-    dx, dw, db = ln._layer_norm_bwd(dy, x, None, mean, rstd, None, False, F32)
+    dx, dw, db = ln_launch._layer_norm_bwd(dy, x, None, mean, rstd, None, False, F32)
     assert dw is None
     torch.testing.assert_close(dx, torch.zeros_like(dx), atol=1e-5, rtol=0)  # d(sum y)/dx = 0
     torch.testing.assert_close(db, torch.full((256,), 2.5, device=device))
@@ -263,11 +264,11 @@ def test_expanded_gradient_in_launcher(device):
 def test_looped_kernels_many_chunks(device, monkeypatch, residual):
     # The looped kernels with small chunks: 1000 = 7 * 128 + 104 (a masked tail chunk); 4 rows per
     # block over 30 rows (a partial last block); 4 backward programs, two row blocks each.
-    monkeypatch.setattr(ln, "_WIDE_INTERPRETER_BLOCKS", False)
-    monkeypatch.setattr(ln, "_MAX_FUSED_N", 256)
+    monkeypatch.setattr(ln_configs, "_WIDE_INTERPRETER_BLOCKS", False)
+    monkeypatch.setattr(ln_configs, "_MAX_FUSED_N", 256)
     config = KernelConfig({"BLOCK_M": 4, "BLOCK_N": 128}, num_warps=4, num_stages=1)
-    monkeypatch.setattr(ln, "_FWD_LOOPED_CONFIG", config)
-    monkeypatch.setattr(ln, "_BWD_LOOPED_CONFIG", (config, 1))
+    monkeypatch.setattr(ln_configs, "_FWD_LOOPED_CONFIG", config)
+    monkeypatch.setattr(ln_configs, "_BWD_LOOPED_CONFIG", (config, 1))
     x = _rand((2, 15, 1000), BF16, device, scale=3.0, shift=100.0)  # large mean: merge accuracy
     w, b = _params(1000, BF16, device, "wb")
     if residual:
@@ -285,8 +286,8 @@ def test_gpu_configs_unchanged(device, monkeypatch, n, residual):
     # Under the interpreter blocks normally take more rows (speed); here every config runs exactly
     # as on the GPU (each BLOCK_N of the tables, and the looped kernels), with T = 50 rows, so the
     # persistent backward loops several times per program.
-    monkeypatch.setattr(ln, "_WIDE_INTERPRETER_BLOCKS", False)
-    rows = 50 if n <= ln._MAX_FUSED_N else 20  # one row per step of the looped kernels: fewer
+    monkeypatch.setattr(ln_configs, "_WIDE_INTERPRETER_BLOCKS", False)
+    rows = 50 if n <= ln_configs._MAX_FUSED_N else 20  # one row per step of the looped kernels: fewer
     x = _rand((1, rows, n), BF16, device, scale=2.0)
     w, b = _params(n, BF16, device, "wb")
     if residual:
@@ -358,13 +359,13 @@ def test_bad_inputs_rejected(device):
         vitkern.layer_norm(wide)
     # the launchers check for themselves too
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        ln._layer_norm_fwd(x.double(), None, None, None, 1e-5)
+        ln_launch._layer_norm_fwd(x.double(), None, None, None, 1e-5)
     with pytest.raises(ValueError, match="width"):
-        ln._layer_norm_fwd(torch.randn(3, 0, device=device), None, None, None, 1e-5)
+        ln_launch._layer_norm_fwd(torch.randn(3, 0, device=device), None, None, None, 1e-5)
     with pytest.raises(ValueError, match="bias"):
-        ln._layer_norm_fwd(x, None, None, torch.ones(9, device=device), 1e-5)
+        ln_launch._layer_norm_fwd(x, None, None, torch.ones(9, device=device), 1e-5)
     with pytest.raises(ValueError, match="residual"):
-        ln._layer_norm_fwd(x, torch.randn(4, 9, device=device), None, None, 1e-5)
+        ln_launch._layer_norm_fwd(x, torch.randn(4, 9, device=device), None, None, 1e-5)
 
 
 def test_backends_registered():

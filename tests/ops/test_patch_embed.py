@@ -27,7 +27,7 @@ import torch
 
 import vitkern
 from vitkern.ops import _gemm
-from vitkern.ops import patch_embed as pe
+from vitkern.ops.patch_embed import launch as pe_launch
 from vitkern.ops.patch_embed import patch_embed_ref
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -47,8 +47,8 @@ def _triton_poisoned(monkeypatch):
     def nan_empty_like(t):
         return torch.empty_like(t).fill_(float("nan"))
 
-    monkeypatch.setattr(pe, "_empty", nan_empty)
-    monkeypatch.setattr(pe, "_empty_like", nan_empty_like)
+    monkeypatch.setattr(pe_launch, "_empty", nan_empty)
+    monkeypatch.setattr(pe_launch, "_empty_like", nan_empty_like)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +207,9 @@ def test_every_gemm_config(device, monkeypatch, name):
     cfg = _gemm.GEMM_CONFIGS[name]
     dtype = F32 if ("tf32" in name or "fp32" in name) else BF16
     images, weight, bias, pos, prefix = _inputs(device, 3, 3, 28, 42, 14, 192, dtype, n_prefix=2)
-    real_fwd, real_bwd = pe._patch_embed_fwd, pe._patch_embed_bwd
-    monkeypatch.setattr(pe, "_patch_embed_fwd", lambda *a, **k: real_fwd(*a, **k, config=cfg))
-    monkeypatch.setattr(pe, "_patch_embed_bwd", lambda *a, **k: real_bwd(*a, **k, config=cfg))
+    real_fwd, real_bwd = pe_launch._patch_embed_fwd, pe_launch._patch_embed_bwd
+    monkeypatch.setattr(pe_launch, "_patch_embed_fwd", lambda *a, **k: real_fwd(*a, **k, config=cfg))
+    monkeypatch.setattr(pe_launch, "_patch_embed_bwd", lambda *a, **k: real_bwd(*a, **k, config=cfg))
     prev = torch.backends.cuda.matmul.fp32_precision
     torch.backends.cuda.matmul.fp32_precision = "tf32" if "tf32" in name else "ieee"
     try:
@@ -227,7 +227,7 @@ def test_sm80_launch_path(device, monkeypatch):
 
 def test_split_column_sums(device, monkeypatch):
     """The pos_embed / prefix / bias gradients with the batch split over programs (the GPU path)."""
-    monkeypatch.setattr(pe, "INTERPRETING", False)  # num_sms() still answers the interpreter's count
+    monkeypatch.setattr(pe_launch, "INTERPRETING", False)  # num_sms() still answers the interpreter's count
     images, weight, bias, pos, prefix = _inputs(device, 7, 1, 16, 16, 8, 64, F32, n_prefix=1)
     _check(images, weight, bias, pos, prefix, need=[False, False, True, True, True])
 
@@ -274,7 +274,7 @@ def test_errors(device):
     with pytest.raises(ValueError, match="pos_embed must be"):
         fwd(images, weight, bias, pos[:, :5], prefix)
     with pytest.raises(ValueError, match="grad must have shape"):
-        pe._patch_embed_bwd(torch.zeros(1, 3, 64, device=device), images, weight, True, True, None, 1, 0, None, None)
+        pe_launch._patch_embed_bwd(torch.zeros(1, 3, 64, device=device), images, weight, True, True, None, 1, 0, None, None)
 
 
 def test_backend_registered():

@@ -1,0 +1,32 @@
+"""The pixel order of the patch GEMMs, shared by the launchers and the backward op's fake (torch
+only): pixel k of a patch is taken in the images' own order, (i, j, c) for channels-last images
+and (c, i, j) otherwise, and the weight and its gradient are laid out to match."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _channels_last_k(images: torch.Tensor) -> bool:
+    """Whether pixels are taken in (i, j, c) order: channels-last images (s_c = 1, s_w = C)."""
+    c = images.shape[1]
+    return c > 1 and images.stride(1) == 1 and images.stride(3) == c
+
+
+def _weight_matrix(weight: torch.Tensor, cl_k: bool) -> torch.Tensor:
+    """The weight as a (D, K) matrix in the pixel order: a view when its layout matches (contiguous
+    for (c, i, j), channels-last for (i, j, c)), else a copy (D x K elements)."""
+    d = weight.shape[0]
+    if cl_k:
+        return weight.permute(0, 2, 3, 1).reshape(d, -1)
+    return weight.reshape(d, -1)
+
+
+def _dw_layout(weight: torch.Tensor, cl_k: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The weight gradient's storage in the pixel order: the shape to allocate ((D, PH, PW, C) for
+    (i, j, c), the weight's (D, C, PH, PW) otherwise) and the permutation that views it with the
+    weight's dims (channels-last strides for (i, j, c))."""
+    d, c, ph, pw = weight.shape
+    if cl_k:
+        return (d, ph, pw, c), (0, 3, 1, 2)
+    return (d, c, ph, pw), (0, 1, 2, 3)
