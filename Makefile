@@ -18,7 +18,7 @@ setup: $(STAMP)
 
 # The build needs torch (and pybind11, ninja) importable before vitkern's setup.py runs, so they
 # are installed first; --no-build-isolation keeps pip from fetching a second torch to build with.
-$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/* tools/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -c constraints.txt torch torchvision triton numpy pybind11 ninja

@@ -1,9 +1,10 @@
 """Packaging for vitkern, with the optional CUDA extension vitkern._C.
 
 Install with ``pip install -e . --no-build-isolation`` (an isolated build would fetch a second
-torch to build against). The Python package always installs. The extension (sources in csrc/) is
-built with ninja when torch is a CUDA build and nvcc is found; otherwise it is skipped with a
-message, and vitkern runs without it.
+torch to build against). The Python package always installs. The extension (sources in csrc/,
+listed in tools/extension_sources.txt; toolkit discovery in tools/cuda_build.py) is built with
+ninja when torch is a CUDA build and nvcc is found; otherwise it is skipped with a message, and
+vitkern runs without it.
 
 Environment switches:
   VITKERN_SKIP_CUDA_BUILD=1   never build the extension
@@ -27,8 +28,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_build_helpers():
-    path = os.path.join(ROOT, "csrc", "build_helpers.py")
-    spec = importlib.util.spec_from_file_location("vitkern_build_helpers", path)
+    # By path: the build runs before vitkern is installed, and tools/ is not a package.
+    path = os.path.join(ROOT, "tools", "cuda_build.py")
+    spec = importlib.util.spec_from_file_location("vitkern_cuda_build", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
@@ -119,23 +121,10 @@ def _cuda_extension(force):
         f"MAX_JOBS={os.environ['MAX_JOBS']}; cuBLASLt from {cublas.source}: {', '.join(cublas.libraries)}"
     )
 
-    csrc = os.path.join("csrc")
-    # Host code in .cpp files (one compile each), device code in the two .cu files (one compile
-    # per arch each): keep it that way, the .cu compiles dominate the build.
-    sources = [
-        os.path.join(csrc, name)
-        for name in (
-            "bindings.cpp",
-            "patchify_op.cpp",
-            "fused_dense.cpp",
-            "patch_embed.cpp",
-            "patchify.cu",
-            "dense_epilogue.cu",
-        )
-    ]
+    sources = helpers.read_sources()
     # The toolkit's own include dir goes before the wheel's (which also carries CUDA runtime
     # headers); cpp_extension appends the toolkit dir again, a harmless duplicate.
-    include_dirs = [os.path.join(ROOT, csrc), os.path.join(home.path, "include"), cublas.include_dir]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(home.path, "include"), cublas.include_dir]
     # Archs are passed as "8.0,9.0a": only shell-safe characters, since torch's ninja file does not
     # quote the C++ flags. Never pass nvcc a flag containing "arch": torch then drops its own
     # -gencode flags.

@@ -33,7 +33,7 @@ try:
     import vitkern  # noqa: F401
 except ImportError:  # running from a source checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from vitkern.models.vit import ViT, create_model, list_models
+from vitkern.models import ViT, create_model, list_models
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 

@@ -24,7 +24,7 @@ fi
 [[ -n "$python" ]] || { echo "cmake_check: no python on PATH (set PYTHON)" >&2; exit 1; }
 command -v cmake >/dev/null || { echo "cmake_check: cmake not found" >&2; exit 1; }
 
-helpers="$root/csrc/build_helpers.py"
+helpers="$root/tools/cuda_build.py"
 archs="$("$python" "$helpers" archs "${VITKERN_CUDA_ARCHS:-9.0a}")"
 # VK_CUDA_HOME, VK_CUBLAS_*, VK_NVRTC_LIBRARY, VK_PYBIND11_CMAKE_DIR, VK_MAX_JOBS, ...
 env_lines="$("$python" "$helpers" cmake-env)"

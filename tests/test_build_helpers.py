@@ -1,4 +1,5 @@
-"""Unit tests of csrc/build_helpers.py (toolkit, cuBLAS and arch discovery for the CUDA build).
+"""Unit tests of tools/cuda_build.py (toolkit, cuBLAS and arch discovery for the CUDA build, and the
+extension's source list that setup.py and CMakeLists.txt share).
 
 Nothing here compiles: the helpers are exercised on fake nvcc output and fake folder layouts,
 plus a few read-only checks against this machine's toolkit and torch install when present.
@@ -18,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _load_helpers():
     # Loaded from its path, exactly as setup.py does (it runs before vitkern is installed).
-    name = "vitkern_build_helpers"
+    name = "vitkern_cuda_build"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "csrc" / "build_helpers.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "cuda_build.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -393,7 +394,7 @@ def test_read_version(tmp_path):
 
 
 def test_cli_archs_and_max_jobs():
-    script = str(ROOT / "csrc" / "build_helpers.py")
+    script = str(ROOT / "tools" / "cuda_build.py")
     out = subprocess.run([sys.executable, script, "archs", "80,90a"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "8.0;9.0a"
     out = subprocess.run([sys.executable, script, "archs", ""], capture_output=True, text=True, check=True)
@@ -402,3 +403,34 @@ def test_cli_archs_and_max_jobs():
     assert int(out.stdout) >= 1
     bad = subprocess.run([sys.executable, script, "nope"], capture_output=True, text=True)
     assert bad.returncode == 2
+
+
+# -------------------------------------------------------------------------------- sources
+
+
+def test_sources_are_every_extension_source_in_csrc():
+    sources = bh.read_sources()
+    assert len(sources) == len(set(sources))
+    files = [p for p in (ROOT / "csrc").iterdir() if p.is_file()]
+    assert sorted(sources) == sorted(p.relative_to(ROOT).as_posix() for p in files if p.suffix in (".cpp", ".cu"))
+    # csrc/ holds the C++/CUDA sources and headers only.
+    assert {p.suffix for p in files} <= {".cpp", ".cu", ".h", ".cuh"}
+
+
+def test_read_sources_skips_comments_blank_and_indented_lines(tmp_path):
+    path = _touch(tmp_path / "sources.txt", "# host\na.cpp\n\n  # note\n\tb.cpp\n   \nc.cu\n#d.cu\n")
+    assert bh.read_sources(str(path)) == ["a.cpp", "c.cu"]
+    with pytest.raises(ValueError, match="no source files"):
+        bh.read_sources(str(_touch(tmp_path / "empty.txt", "# nothing\n\n")))
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+def test_cmake_reads_the_same_source_list(tmp_path):
+    # The file(STRINGS) line of CMakeLists.txt, run by `cmake -P` on the real list.
+    line = next(l for l in (ROOT / "CMakeLists.txt").read_text().splitlines() if l.startswith("file(STRINGS"))
+    script = _touch(
+        tmp_path / "sources.cmake",
+        f'set(VITKERN_SOURCES_FILE "{bh.SOURCES_FILE}")\n{line}\nforeach(s ${{VITKERN_SOURCES}})\n  message("${{s}}")\nendforeach()\n',
+    )
+    out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, check=True)
+    assert out.stderr.splitlines() == bh.read_sources()

@@ -13,18 +13,11 @@ from vitkern.ops.mlp import mlp
 from vitkern.ops.patch_embed import patch_embed, resample_pos_embed
 from vitkern.ops import cuda_backend as _cuda_backend  # noqa: F401  (registers the "cuda" backend of linear, mlp, patch_embed)
 from vitkern import nn
-from vitkern.models.vit import (
-    ViT,
-    create_model,
-    list_models,
-    vit_base_patch16_224,
-    vit_base_patch16_384,
-    vit_base_patch32_224,
-    vit_huge_patch14_224,
-    vit_large_patch16_224,
-    vit_small_patch16_224,
-    vit_tiny_patch16_224,
-)
+from vitkern import models
+from vitkern.models import ViT, create_model, list_models
+
+# The model factories (vit_base_patch16_224, ...), one per registered name.
+globals().update({name: getattr(models, name) for name in list_models()})
 
 __all__ = [
     "__version__",
@@ -45,11 +38,5 @@ __all__ = [
     "ViT",
     "create_model",
     "list_models",
-    "vit_tiny_patch16_224",
-    "vit_small_patch16_224",
-    "vit_base_patch16_224",
-    "vit_base_patch32_224",
-    "vit_large_patch16_224",
-    "vit_huge_patch14_224",
-    "vit_base_patch16_384",
+    *list_models(),
 ]

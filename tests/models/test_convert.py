@@ -12,7 +12,7 @@ import torch
 
 import vitkern
 from vitkern.models.convert import convert_hf_state_dict, npz_config
-from vitkern.models.vit import ViT, create_model
+from vitkern.models import ViT, create_model
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import vitkern
-from vitkern.models.vit import ViT, create_model, list_models, model_config
+from vitkern.models import ViT, create_model, list_models, model_config
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
@@ -298,7 +298,11 @@ def test_factories_match_timm_shapes():
         assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd), name
     huge = model_config("vit_huge_patch14_224")
     assert huge["embed_dim"] // huge["num_heads"] == 80
-    assert getattr(vitkern.models.vit, "vit_tiny_patch16_224")(num_classes=3, device="meta").head.out_features == 3
+    assert vitkern.models.vit_tiny_patch16_224(num_classes=3, device="meta").head.out_features == 3
+    for name in list_models():  # every registered factory is exported, under its name, with a docstring
+        factory = getattr(vitkern.models, name)
+        assert factory is getattr(vitkern, name) and factory.__name__ == name and factory.__doc__, name
+        assert name in vitkern.__all__ and name in vitkern.models.__all__ and name in dir(vitkern), name
     with pytest.raises(ValueError, match="download"):
         create_model("vit_tiny_patch16_224", pretrained=True)
     with pytest.raises(ValueError, match="unknown model"):

@@ -1,29 +1,11 @@
-"""Models built from the vitkern ops: the Vision Transformer, its factories and weight conversion."""
+"""Models built from the vitkern ops: the Vision Transformer, the registry of named configurations
+with their factories, and weight conversion (``vitkern.models.convert``).
 
-from vitkern.models.vit import (
-    ViT,
-    create_model,
-    list_models,
-    model_config,
-    vit_base_patch16_224,
-    vit_base_patch16_384,
-    vit_base_patch32_224,
-    vit_huge_patch14_224,
-    vit_large_patch16_224,
-    vit_small_patch16_224,
-    vit_tiny_patch16_224,
-)
+Every factory in the registry (``vit_base_patch16_224``, ...) is exported here under its name."""
 
-__all__ = [
-    "ViT",
-    "create_model",
-    "list_models",
-    "model_config",
-    "vit_tiny_patch16_224",
-    "vit_small_patch16_224",
-    "vit_base_patch16_224",
-    "vit_base_patch32_224",
-    "vit_large_patch16_224",
-    "vit_huge_patch14_224",
-    "vit_base_patch16_384",
-]
+from vitkern.models.vit import ViT
+from vitkern.models.registry import create_model, list_models, model_config, model_entrypoint, register_model
+
+globals().update({name: model_entrypoint(name) for name in list_models()})
+
+__all__ = ["ViT", "create_model", "list_models", "model_config", "model_entrypoint", "register_model", *list_models()]

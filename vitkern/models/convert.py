@@ -11,7 +11,6 @@ The ViT's state_dict keys are timm's, so every converter produces a timm-format 
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from vitkern.models.vit import ViT
+from vitkern.models.vit import CONFIG_KEYS, ViT
 from vitkern.nn.linear import resolve_activation
 
 __all__ = [
@@ -647,10 +646,6 @@ _CONFIG_SIZE_BOUND = 1 << 16  # img_size / patch_size, per side
 _CONFIG_MLP_RATIO_BOUND = 64.0
 
 
-# The keywords a stored config may set.
-_VIT_KEYWORDS = frozenset(inspect.signature(ViT.__init__).parameters) - {"self", "device", "dtype", "weight_init"}
-
-
 def _file_error(path: str, what: str) -> ValueError:
     return ValueError(f"{path!r}: {what}")
 
@@ -671,7 +666,7 @@ def _safetensors_config(meta: Mapping[str, str], path: str) -> Dict[str, Any]:
     if not isinstance(cfg, dict):
         raise _file_error(path, f"the {_CONFIG_KEY!r} metadata must be a JSON object of ViT keywords, got "
                                 f"{type(cfg).__name__}")
-    unknown = sorted(set(cfg) - _VIT_KEYWORDS)
+    unknown = sorted(set(cfg) - set(CONFIG_KEYS))
     if unknown:
         raise _file_error(path, f"the stored config has keywords ViT does not take: {unknown}")
     return cfg

@@ -1,6 +1,7 @@
 """Vision Transformer built from the vitkern ops, with timm's ``VisionTransformer`` constructor
-keywords, methods and state_dict keys, factory functions for the standard configs and
-``create_model``.
+keywords, methods and state_dict keys. The named configurations and ``create_model`` are in
+``vitkern.models.registry``; weight conversion is in ``vitkern.models.convert``, imported by the
+conversion methods when they run (convert builds on this module, not the other way round).
 
 The forward is DESIGN.md's: one ``patch_embed`` call (patchify GEMM + bias + position embedding +
 class/register tokens), ``depth`` blocks of LN -> qkv GEMM -> flash attention -> proj GEMM with the
@@ -10,6 +11,7 @@ and head.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Dict, Optional, Set, Tuple, Union
 
@@ -23,19 +25,7 @@ from vitkern.nn.layer_norm import LayerNorm, apply_norm
 from vitkern.nn.linear import Linear, resolve_activation
 from vitkern.nn.patch_embed import PatchEmbed
 
-__all__ = [
-    "ViT",
-    "create_model",
-    "list_models",
-    "model_config",
-    "vit_tiny_patch16_224",
-    "vit_small_patch16_224",
-    "vit_base_patch16_224",
-    "vit_base_patch32_224",
-    "vit_large_patch16_224",
-    "vit_huge_patch14_224",
-    "vit_base_patch16_384",
-]
+__all__ = ["ViT", "CONFIG_KEYS"]
 
 GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max")
 
@@ -122,6 +112,7 @@ class ViT(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
+        arguments = dict(locals())  # first, so that it holds the arguments and nothing else
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if global_pool not in GLOBAL_POOLS:
@@ -138,38 +129,10 @@ class ViT(nn.Module):
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
 
         # The constructor arguments (JSON-friendly), stored with safetensors checkpoints.
-        self.config: Dict[str, Any] = dict(
+        self.config: Dict[str, Any] = {name: arguments[name] for name in CONFIG_KEYS}
+        self.config.update(
             img_size=list(img_size) if isinstance(img_size, (tuple, list)) else img_size,
             patch_size=list(patch_size) if isinstance(patch_size, (tuple, list)) else patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            global_pool=global_pool,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
-            scale_attn_norm=scale_attn_norm,
-            scale_mlp_norm=scale_mlp_norm,
-            proj_bias=proj_bias,
-            init_values=init_values,
-            class_token=class_token,
-            pos_embed=pos_embed,
-            no_embed_class=no_embed_class,
-            reg_tokens=reg_tokens,
-            pre_norm=pre_norm,
-            final_norm=final_norm,
-            fc_norm=fc_norm,
-            pool_include_prefix=pool_include_prefix,
-            dynamic_img_size=dynamic_img_size,
-            dynamic_img_pad=dynamic_img_pad,
-            drop_rate=drop_rate,
-            pos_drop_rate=pos_drop_rate,
-            proj_drop_rate=proj_drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            norm_eps=norm_eps,
             act=act_name,
         )
 
@@ -479,67 +442,8 @@ class ViT(nn.Module):
         return load_checkpoint(self, path, strict=strict)
 
 
-# ----------------------------------------------------------------------------------------------
-# Factories
-# ----------------------------------------------------------------------------------------------
-
-_MODEL_ARGS: Dict[str, Dict[str, Any]] = {
-    "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "vit_base_patch32_224": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    # head dim 80; no classifier by default, as timm (its only checkpoint is the in21k feature extractor)
-    "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, num_classes=0),
-    "vit_base_patch16_384": dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12),
-}
-
-
-def list_models() -> list:
-    """Names accepted by :func:`create_model`."""
-    return sorted(_MODEL_ARGS)
-
-
-def model_config(name: str, **kwargs) -> Dict[str, Any]:
-    """The constructor keywords of a named model, updated by ``kwargs``."""
-    if name not in _MODEL_ARGS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return dict(_MODEL_ARGS[name], **kwargs)
-
-
-def create_model(name: str, pretrained: bool = False, checkpoint_path=None, **kwargs) -> ViT:
-    """Build a named ViT (``list_models()``); keywords override the config (e.g. ``num_classes``,
-    ``drop_path_rate``, ``dtype``). Nothing is downloaded: pass ``checkpoint_path`` (a
-    ``.safetensors``, JAX ``.npz`` or torch state_dict file) to load weights."""
-    if pretrained:
-        raise ValueError(
-            "vitkern does not download weights; pass checkpoint_path=... or convert a loaded model "
-            "with ViT.from_timm / from_torchvision / from_hf / from_npz"
-        )
-    model = ViT(**model_config(name, **kwargs))
-    if checkpoint_path is not None:
-        model.load_checkpoint(checkpoint_path)
-    return model
-
-
-def _factory(name: str):
-    def make(pretrained: bool = False, **kwargs) -> ViT:
-        return create_model(name, pretrained=pretrained, **kwargs)
-
-    make.__name__ = make.__qualname__ = name
-    a = _MODEL_ARGS[name]
-    make.__doc__ = (
-        f"{name}: patch {a['patch_size']}, width {a['embed_dim']}, depth {a['depth']}, "
-        f"{a['num_heads']} heads (head dim {a['embed_dim'] // a['num_heads']}), "
-        f"{a.get('img_size', 224)} px. Keywords override the config."
-    )
-    return make
-
-
-vit_tiny_patch16_224 = _factory("vit_tiny_patch16_224")
-vit_small_patch16_224 = _factory("vit_small_patch16_224")
-vit_base_patch16_224 = _factory("vit_base_patch16_224")
-vit_base_patch32_224 = _factory("vit_base_patch32_224")
-vit_large_patch16_224 = _factory("vit_large_patch16_224")
-vit_huge_patch14_224 = _factory("vit_huge_patch14_224")
-vit_base_patch16_384 = _factory("vit_base_patch16_384")
+# The keywords ``ViT.config`` records and a stored config may set: every constructor argument but
+# the init scheme and the placement.
+CONFIG_KEYS: Tuple[str, ...] = tuple(
+    name for name in inspect.signature(ViT.__init__).parameters if name not in ("self", "weight_init", "device", "dtype")
+)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
 from vitkern.ops.linear import linear
-from vitkern.nn.layer_norm import LayerNorm, apply_norm
+from vitkern.nn.layer_norm import apply_norm, default_norm_layer
 from vitkern.nn.linear import Linear, add_scaled_residual
 
 __all__ = ["Attention"]
@@ -31,11 +31,6 @@ def _warn_attn_drop_once() -> None:
         "probabilities; the flash kernel has no dropout.",
         stacklevel=3,
     )
-
-
-def _default_norm_layer(dim: int, **dd) -> nn.Module:
-    # timm's LayerNorm default (eps=1e-6), which timm's ViT blocks pass as norm_layer.
-    return LayerNorm(dim, eps=1e-6, **dd)
 
 
 class Attention(nn.Module):
@@ -84,7 +79,7 @@ class Attention(nn.Module):
         dd = {"device": device, "dtype": dtype}
         if num_heads <= 0 or dim % num_heads != 0:
             raise ValueError(f"Attention: dim ({dim}) must be divisible by num_heads ({num_heads})")
-        norm_layer = norm_layer or _default_norm_layer
+        norm_layer = norm_layer or default_norm_layer
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_dim = dim

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vitkern.nn.attention import Attention
-from vitkern.nn.layer_norm import LayerNorm, apply_norm
+from vitkern.nn.layer_norm import apply_norm, default_norm_layer
 from vitkern.nn.linear import Mlp
 
 __all__ = ["Block", "LayerScale", "DropPath"]
@@ -80,10 +80,6 @@ class DropPath(nn.Module):
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
 
 
-def _default_norm_layer(dim: int, **dd) -> nn.Module:
-    return LayerNorm(dim, eps=1e-6, **dd)  # timm's LayerNorm default
-
-
 class Block(nn.Module):
     """Pre-norm transformer block with timm's constructor and state_dict keys (``norm1``, ``attn``,
     ``ls1.gamma``, ``norm2``, ``mlp``, ``ls2.gamma``)::
@@ -119,7 +115,7 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        norm_layer = norm_layer or _default_norm_layer
+        norm_layer = norm_layer or default_norm_layer
         self.norm1 = norm_layer(dim, **dd)
         self.attn = Attention(
             dim,

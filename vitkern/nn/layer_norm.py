@@ -9,7 +9,7 @@ from torch import nn
 
 from vitkern.ops.layer_norm import add_layer_norm, layer_norm
 
-__all__ = ["LayerNorm", "apply_norm"]
+__all__ = ["LayerNorm", "apply_norm", "default_norm_layer"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -76,3 +76,9 @@ def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
         return layer_norm(x, norm.weight, norm.bias, norm.eps)
     return norm(x)
+
+
+def default_norm_layer(dim: int, **dd) -> LayerNorm:
+    """timm's ``LayerNorm`` default (eps=1e-6), the ``norm_layer`` timm's ViT blocks are built
+    with: the default of :class:`vitkern.nn.Attention` and :class:`vitkern.nn.Block`."""
+    return LayerNorm(dim, eps=1e-6, **dd)

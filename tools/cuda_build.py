@@ -1,9 +1,10 @@
-"""Build-time discovery for the vitkern CUDA extension (vitkern._C).
+"""Build-time discovery for the vitkern CUDA extension (vitkern._C), and its source list.
 
 Used by setup.py (loaded from this path with importlib, before vitkern is installed), by
-scripts/cmake_check.sh (``python csrc/build_helpers.py cmake-env``) and by
+scripts/cmake_check.sh (``python tools/cuda_build.py cmake-env``) and by
 tests/test_build_helpers.py. Standard library only: nothing here imports torch, so the functions
-can be unit-tested without compiling anything.
+can be unit-tested without compiling anything. It lives beside the build scripts, not in csrc/,
+which holds only the C++/CUDA sources.
 
 What it finds:
 - the CUDA toolkit root: CUDA_HOME / CUDA_PATH when set, else the ``TOP=`` line that
@@ -13,7 +14,9 @@ What it finds:
   depends on (``site-packages/nvidia/cu13/...``; CUDA 12 wheels use ``nvidia/cublas/...``), else
   from the toolkit;
 - nvrtc (torch's CMake package config wants it) the same way;
-- the arch list (``VITKERN_CUDA_ARCHS`` -> ``TORCH_CUDA_ARCH_LIST``) and the ninja job count.
+- the arch list (``VITKERN_CUDA_ARCHS`` -> ``TORCH_CUDA_ARCH_LIST``) and the ninja job count;
+- the extension's sources, listed in tools/extension_sources.txt (CMakeLists.txt reads that file
+  too, so a new source file is one line there).
 """
 
 from __future__ import annotations
@@ -64,6 +67,25 @@ def read_version(path: str) -> str:
                 if isinstance(node.value.value, str):
                     return node.value.value
     raise ValueError(f"no __version__ = '...' assignment in {path}")
+
+
+# -------------------------------------------------------------------------------------- sources
+
+SOURCES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extension_sources.txt")
+
+
+def read_sources(path: str = SOURCES_FILE) -> list[str]:
+    """The source files listed in `path`, one a line, in order.
+
+    A line that is empty or starts with '#', a space or a tab is skipped: the selection CMake's
+    ``file(STRINGS ... REGEX "^[^# \\t]")`` makes, so that setup.py and CMakeLists.txt read the
+    same list.
+    """
+    with open(path, encoding="utf-8") as f:
+        sources = [line.rstrip("\n") for line in f if line[:1] not in ("", "\n", "#", " ", "\t")]
+    if not sources:
+        raise ValueError(f"no source files listed in {path}")
+    return sources
 
 
 # ------------------------------------------------------------------------------------ CUDA home
@@ -450,7 +472,7 @@ def _cmake_env(python_site_dirs: Sequence[str]) -> dict[str, str]:
 
 def main(argv: Sequence[str]) -> int:
     usage = (
-        "usage: build_helpers.py cuda-home | archs [LIST] | max-jobs | cmake-env\n"
+        "usage: cuda_build.py cuda-home | archs [LIST] | max-jobs | cmake-env\n"
         "  cmake-env prints shell assignments (VK_*=...) for scripts/cmake_check.sh"
     )
     if not argv:
