@@ -51,7 +51,6 @@ checks it)::
       "l2_flush": bool | null                             # L2 flushed before each repetition
     }
 
-
 A reference provider is any whose name does not start with "vitkern" (:func:`benchmarks.cases.is_reference`).
 """
 

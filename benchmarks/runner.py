@@ -14,8 +14,8 @@ CUDA graph replays (``cuda_graphs``) or over rotating input copies (memory-bound
 - failures: a provider that cannot serve a call (:class:`benchmarks.setups.Unavailable`, vitkern's
   ``BackendUnavailableError``) becomes a "skipped" row with the reason; any other exception an
   "error" row (``VITKERN_BENCH_TRACEBACK=1`` prints its traceback).
-- on the CPU, a provider that runs Triton's interpreter is called twice, untimed in any sense that
-  matters: the interpreter checks correctness only.
+- a provider that runs Triton's interpreter (a CPU run under ``TRITON_INTERPRET=1``) gets two timed
+  calls whose times mean nothing: the interpreter checks correctness only.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ from benchmarks.timing import (
 
 @dataclass
 class RunConfig:
+    """What one run covers and how it times; results.json records it as "config"."""
+
     ops: list
     providers: list
     modes: list
@@ -72,6 +74,7 @@ class RunConfig:
 
 
 def log(msg: str) -> None:
+    """A progress or warning line, on stderr: stdout holds the tables."""
     print(msg, file=sys.stderr, flush=True)
 
 
