@@ -1,8 +1,8 @@
-"""``python -m benchmarks``: see :func:`benchmarks.runner.main` and ``--help``."""
+"""``python -m benchmarks``: see :func:`benchmarks.cli.main` and ``--help``."""
 
 import sys
 
-from benchmarks.runner import main
+from benchmarks.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

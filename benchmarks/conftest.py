@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.runner import DTYPES
+from benchmarks.results import DTYPES
 from benchmarks.setups import discover
 
 

@@ -81,6 +81,12 @@ def dtype_size(dtype: Any) -> int:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_SIZES)}") from None
 
 
+def _sizes(dtype: Any, residual_dtype: Any = None) -> tuple[int, int]:
+    """Bytes per element of the operands and of the residual stream (the operands' dtype unless given)."""
+    s = dtype_size(dtype)
+    return s, dtype_size(residual_dtype) if residual_dtype is not None else s
+
+
 @dataclass(frozen=True)
 class Cost:
     """FLOPs and minimum HBM bytes of one op call, per mode ("fwd" and "fwd+bwd")."""
@@ -130,8 +136,7 @@ def linear_cost(
     m*n, when there is an activation: its derivative needs it), writes dx, dW, db (dresidual is dy
     itself and needs no write).
     """
-    s = dtype_size(dtype)
-    rs = dtype_size(residual_dtype) if residual_dtype is not None else s
+    s, rs = _sizes(dtype, residual_dtype)
     out_s = rs if residual else s
     fwd_flops = gemm_flops(m, n, k)
     fwd_bytes = (m * k + n * k + (n if bias else 0)) * s + (m * n * rs if residual else 0) + m * n * out_s
@@ -162,8 +167,7 @@ def mlp_cost(
     or have saved the hidden activation: that traffic is the implementation's choice and is not
     counted).
     """
-    s = dtype_size(dtype)
-    rs = dtype_size(residual_dtype) if residual_dtype is not None else s
+    s, rs = _sizes(dtype, residual_dtype)
     out_s = rs if residual else s
     fwd_flops = gemm_flops(m, hidden, k) + gemm_flops(m, n, hidden)
     params = (hidden * k + hidden + n * hidden + n) * s
@@ -238,8 +242,7 @@ def add_layer_norm_cost(rows: int, width: int, dtype: Any, *, residual_dtype: An
     mean/rstd read; dx (dresidual equals dx: one write when the dtypes match), dweight, dbias
     written.
     """
-    s = dtype_size(dtype)
-    rs = dtype_size(residual_dtype) if residual_dtype is not None else s
+    s, rs = _sizes(dtype, residual_dtype)
     e = rows * width
     params = ((width if weight else 0) + (width if bias else 0)) * s
     fwd_bytes = e * s + e * rs + params + e * s + e * rs

@@ -4,7 +4,7 @@
 ``python -m benchmarks`` writes them at the end of every run. The plots:
 
 - ``speedup_headline.png``: vitkern's speedup over the fastest reference for each headline case
-  (:func:`benchmarks.report.headline_cases`), one bar each;
+  (:func:`benchmarks.cases.headline_cases`), one bar each;
 - ``speedup_vs_batch.png``: the speedup against the batch size, one line per op / model, shape and
   mode that ran at two or more batch sizes (the ViT batch sweep; any op with ``--batch 1,8,64``);
 - ``speedup_vs_seqlen.png``: the speedup against the sequence length T, one line per op, heads, head
@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from benchmarks.report import cases, headline_table, run_title, speedup_vs_best
+from benchmarks.cases import cases, headline_table, speedup_vs_best
+from benchmarks.render import run_title
 
 PLOTS = ("speedup_headline.png", "speedup_vs_batch.png", "speedup_vs_seqlen.png")
 # Which shape parameter each sweep plot puts on its x axis, and the others it ignores when it

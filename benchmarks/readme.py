@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.readme benchmarks/results/<date>-<gpu>`` replaces everything between the
 markers ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in README.md with: the GPU, date, dtype
-and commit of that run, the headline table (:func:`benchmarks.report.render_headline`), and one
+and commit of that run, the headline table (:func:`benchmarks.render.render_headline`), and one
 plot from the folder (``speedup_vs_batch.png``, else ``speedup_headline.png``; run
 ``python -m benchmarks.plot`` first if the folder has none). Options: ``--readme PATH`` (default:
 the repository's README.md), ``--check`` (exit 1 if the README is not up to date, change nothing),
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from benchmarks.report import render_headline, run_title
+from benchmarks.render import readme_section
 
 START = "<!-- bench:start -->"
 END = "<!-- bench:end -->"
@@ -46,9 +46,10 @@ def _posix_rel(path: Path, start: Path) -> str:
 
 
 def render_section(doc: dict, results_dir: Path, readme_path: Path) -> str:
-    """The text between the markers for the run in ``results_dir`` (whose results.json is ``doc``)."""
-    env, cfg = doc["environment"], doc["config"]
-    if env.get("device_type") != "cuda":
+    """The text between the markers for the run in ``results_dir`` (whose results.json is ``doc``):
+    refused for a CPU run or a folder outside the README's directory, else
+    :func:`benchmarks.render.readme_section` with the folder's first plot of :data:`PLOT_CHOICE`."""
+    if doc["environment"].get("device_type") != "cuda":
         raise ReadmeError(f"{results_dir} holds a CPU run: only GPU results belong in the README")
     base = readme_path.resolve().parent
     rel = _posix_rel(results_dir.resolve(), base)
@@ -56,35 +57,8 @@ def render_section(doc: dict, results_dir: Path, readme_path: Path) -> str:
         raise ReadmeError(
             f"{results_dir} is outside {base}: commit the folder under benchmarks/results/ first, then point at it there"
         )
-    commit = (env.get("git_commit") or "")[:10]
-    facts = [f"**{run_title(doc)}**"]
-    if env.get("driver_version"):
-        facts.append(f"driver {env['driver_version']}")
-    facts.append(f"torch {env.get('torch')}")
-    if env.get("triton"):
-        facts.append(f"triton {env['triton']}")
-    if commit:
-        facts.append(f"commit `{commit}`" + (" (with local changes)" if env.get("git_dirty") else ""))
-    if not doc.get("complete", True):
-        facts.append("incomplete run")
-    lines = [
-        " · ".join(facts),
-        "",
-        f"From [`{rel}/results.json`]({rel}/results.json) (every shape and provider: [`summary.md`]({rel}/summary.md)). "
-        "Speedup = the fastest reference's median time (timm / PyTorch eager, torch.compile, torchvision, SDPA "
-        "backends, flash-attn, xformers, whichever ran) over vitkern's, measured in the same run"
-        + (", CUDA graph replays" if cfg.get("cuda_graphs") else "")
-        + "; % of ceiling against the GEMM and copy ceilings measured at the start of that run.",
-        "",
-        render_headline(doc).rstrip("\n"),
-        "",
-    ]
-    for name in PLOT_CHOICE:
-        if (results_dir / name).is_file():
-            lines += [f"![{Path(name).stem.replace('_', ' ')}]({rel}/{name})", ""]
-            break
-    lines.append(f"Regenerate this section with `python -m benchmarks.readme {rel}`.")
-    return "\n".join(lines)
+    plot = next((name for name in PLOT_CHOICE if (results_dir / name).is_file()), None)
+    return readme_section(doc, rel, plot)
 
 
 def replace_section(text: str, section: str) -> str:

@@ -11,16 +11,14 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from benchmarks.flops import ALL_MODES
-from benchmarks.runner import ALL_PROVIDERS, DTYPES, EXTRA_PROVIDERS, load_vitkern, prepare, reference_result
+from benchmarks.cases import ALL_PROVIDERS, EXTRA_PROVIDERS
+from benchmarks.providers import is_backend_unavailable, load_vitkern, prepare, reference_result
+from benchmarks.results import DTYPES
 from benchmarks.setups import Unavailable
 
 # The CPU path only checks that the suite runs (its times say nothing about kernels): keep it short.
 # On a GPU pytest-benchmark's own defaults (and --benchmark-max-time etc.) apply.
 pytestmark = [] if torch.cuda.is_available() else [pytest.mark.benchmark(max_time=0.1, min_rounds=3, warmup=False)]
-
-
-def _is_backend_unavailable(exc):
-    return type(exc).__name__ == "BackendUnavailableError"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +57,7 @@ def test_bench(benchmark, bench_setup, bench_case, bench_device, provider, mode)
         except Unavailable as exc:  # e.g. an SDPA backend that refuses this shape
             pytest.skip(str(exc))
         except Exception as exc:
-            if _is_backend_unavailable(exc):
+            if is_backend_unavailable(exc):
                 pytest.skip(str(exc))
             raise
         benchmark.group = f"{bench_setup.name} {mode}"

@@ -6,37 +6,20 @@ end on the CPU with the tiny ViT (in process)."""
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _bench_helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks import flops, plot, readme, report, runner  # noqa: E402
-from benchmarks.runner import (  # noqa: E402
-    ROW_FIELDS,
-    SCHEMA_VERSION,
-    Prepared,
-    RotatingCall,
-    RunConfig,
-    SchemaError,
-    input_pool,
-    measure,
-    prepare,
-    reference_result,
-    rotation_copies,
-    run,
-    select_setups,
-    should_rotate,
-    validate_results,
-    validate_row,
-)
-from benchmarks.setups import Case, Setup, Unavailable, discover  # noqa: E402
-from benchmarks.setups import _attention_refs  # noqa: E402
+from benchmarks import cases, cli, flops, plot, readme, render, runner, timing
+from benchmarks.cli import select_setups
+from benchmarks.environment import DEFAULT_RIDGE, environment
+from benchmarks.providers import Prepared, prepare, reference_result
+from benchmarks.results import ROW_FIELDS, SCHEMA_VERSION, SchemaError, fill_speedups, validate_results, validate_row
+from benchmarks.runner import RunConfig, run
+from benchmarks.setups import Case, Setup, Unavailable, discover, shape_label
+from benchmarks.setups import _attention_refs
+from benchmarks.timing import RotatingCall, input_pool, measure, rotation_copies, should_rotate
 
 CPU = torch.device("cpu")
 MB = 1024 * 1024
@@ -53,7 +36,7 @@ def test_rotation_copies():
     assert rotation_copies(30 * MB, l2) == 5  # ceil(100 / 30) + 1: the other four hold 120 MB
     n = rotation_copies(30 * MB, l2)
     assert (n - 1) * 30 * MB >= 2 * l2
-    assert rotation_copies(1000, l2) == runner.ROTATE_MAX_COPIES
+    assert rotation_copies(1000, l2) == timing.ROTATE_MAX_COPIES
     assert rotation_copies(10 * MB, l2, max_pool_bytes=40 * MB) == 4
     assert rotation_copies(0, l2) == 1 and rotation_copies(10, 0) == 1
 
@@ -89,11 +72,11 @@ def test_rotating_call_cycles_through_the_pool():
 
 
 def test_should_rotate_policy():
-    ridge = runner.DEFAULT_RIDGE
+    ridge = DEFAULT_RIDGE
     ln = flops.layer_norm_cost(256 * 197, 768, "bf16")
     gemm = flops.linear_cost(128 * 197, 768, 3072, "bf16")
-    assert runner.is_memory_bound(ln.flops["fwd"], ln.bytes["fwd"], ridge)  # no FLOPs: bytes only
-    assert not runner.is_memory_bound(gemm.flops["fwd"], gemm.bytes["fwd"], ridge)
+    assert timing.is_memory_bound(ln.flops["fwd"], ln.bytes["fwd"], ridge)  # no FLOPs: bytes only
+    assert not timing.is_memory_bound(gemm.flops["fwd"], gemm.bytes["fwd"], ridge)
     assert should_rotate("auto", True, "fwd", None, ln.bytes["fwd"], ridge)
     assert should_rotate("auto", True, "fwd+bwd", None, ln.bytes["fwd+bwd"], ridge)
     assert not should_rotate("auto", True, "fwd", gemm.flops["fwd"], gemm.bytes["fwd"], ridge)
@@ -138,7 +121,7 @@ def test_run_with_rotation_always_on_the_cpu():
     rows = run({"toy": _toy_setup()}, config, verbose=False)
     for row in rows:
         validate_row(row)
-        assert row["status"] == "ok" and row["input_copies"] == runner.ROTATE_MAX_COPIES  # 96-byte inputs
+        assert row["status"] == "ok" and row["input_copies"] == timing.ROTATE_MAX_COPIES  # 96-byte inputs
         assert row["cuda_graph"] is None and row["l2_flush"] is False
     config.rotate = "never"
     rows = run({"toy": _toy_setup()}, config, verbose=False)
@@ -171,7 +154,7 @@ def test_timed_call_cuda_graph_and_fallback(monkeypatch):
     replays = []
     monkeypatch.setattr(runner, "cuda_graph_call", lambda call, device: (lambda: replays.append(1)))
     row = _gpu_row()
-    fn, flush = runner._timed_call(_prepared([]), row, config, cuda, runner.DEFAULT_RIDGE)
+    fn, flush = runner._timed_call(_prepared([]), row, config, cuda, DEFAULT_RIDGE)
     fn()
     assert replays == [1] and row["cuda_graph"] is True and row["input_copies"] == 1 and flush and row["l2_flush"]
 
@@ -183,7 +166,7 @@ def test_timed_call_cuda_graph_and_fallback(monkeypatch):
     calls = []
     prepared = _prepared(calls)
     row = _gpu_row()
-    fn, _ = runner._timed_call(prepared, row, config, cuda, runner.DEFAULT_RIDGE)
+    fn, _ = runner._timed_call(prepared, row, config, cuda, DEFAULT_RIDGE)
     assert fn is prepared.call and row["cuda_graph"] is False
     assert "CUDA graph capture failed" in row["note"] and "stream is capturing" in row["note"]
 
@@ -194,7 +177,7 @@ def test_cuda_graphs_leave_training_steps_eager_and_check_replays(monkeypatch):
     monkeypatch.setattr(runner, "cuda_graph_call", lambda call, device: pytest.fail("a training step was captured"))
     prepared = _prepared([])
     row = _gpu_row(mode="train", flops_=10**12, bytes_=10**6)
-    fn, _ = runner._timed_call(prepared, row, config, cuda, runner.DEFAULT_RIDGE)
+    fn, _ = runner._timed_call(prepared, row, config, cuda, DEFAULT_RIDGE)
     assert fn is prepared.call and row["cuda_graph"] is False and "not captured" in row["note"]
     # a replay whose output differs from the reference marks the row
     ref = [torch.ones(4)]
@@ -208,21 +191,21 @@ def test_cuda_graphs_leave_training_steps_eager_and_check_replays(monkeypatch):
 def test_timed_call_rotates_memory_bound_cases_on_a_gpu(monkeypatch):
     cuda = torch.device("cuda")
     config = RunConfig(ops=[], providers=[], modes=[], dtype="bf16", device="cuda")
-    monkeypatch.setattr(runner, "_l2_bytes", lambda device: 64 * 1024)  # a 64 KiB L2: 4 KiB inputs need 33 copies
+    monkeypatch.setattr(runner, "l2_bytes", lambda device: 64 * 1024)  # a 64 KiB L2: 4 KiB inputs need 33 copies
     calls = []
     row = _gpu_row()  # bytes only: memory bound
-    fn, flush = runner._timed_call(_prepared(calls), row, config, cuda, runner.DEFAULT_RIDGE)
+    fn, flush = runner._timed_call(_prepared(calls), row, config, cuda, DEFAULT_RIDGE)
     assert isinstance(fn, RotatingCall) and row["input_copies"] == len(fn.pool) == 33
     assert flush is False and row["l2_flush"] is False and row["cuda_graph"] is False  # the copies evict the L2
     fn(), fn()
     assert calls[0][0].data_ptr() != calls[1][0].data_ptr()
     # copies capped below 2x the L2 (tiny inputs, a 50 MB L2): rotate, and flush as well
-    monkeypatch.setattr(runner, "_l2_bytes", lambda device: 50 * MB)
+    monkeypatch.setattr(runner, "l2_bytes", lambda device: 50 * MB)
     row = _gpu_row()
-    fn, flush = runner._timed_call(_prepared([]), row, config, cuda, runner.DEFAULT_RIDGE)
-    assert row["input_copies"] == runner.ROTATE_MAX_COPIES and flush is True and row["l2_flush"] is True
+    fn, flush = runner._timed_call(_prepared([]), row, config, cuda, DEFAULT_RIDGE)
+    assert row["input_copies"] == timing.ROTATE_MAX_COPIES and flush is True and row["l2_flush"] is True
     row = _gpu_row(flops_=10**12, bytes_=10**6)  # compute bound: the L2 flush instead
-    fn, flush = runner._timed_call(_prepared([]), row, config, cuda, runner.DEFAULT_RIDGE)
+    fn, flush = runner._timed_call(_prepared([]), row, config, cuda, DEFAULT_RIDGE)
     assert not isinstance(fn, RotatingCall) and flush and row["input_copies"] == 1 and row["l2_flush"] is True
 
 
@@ -236,7 +219,7 @@ def test_sdpa_backend_providers_on_the_cpu():
     torch.manual_seed(0)
     case = setup.build(setup.shapes("cpu", quick=True)[0], torch.float32, CPU)
     refs = case.references
-    assert set(_attention_refs.ATTENTION_PROVIDERS) <= set(refs)
+    assert set(cases.ATTENTION_PROVIDERS) <= set(refs)
     for name in ("sdpa-cudnn", "sdpa-efficient"):
         assert refs[name].fn is None and "no CPU kernel" in refs[name].label
     providers = ["torch", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flash-attn", "xformers"]
@@ -289,7 +272,7 @@ def test_sdpa_refusal_becomes_unavailable():
 def test_packed_attention_has_the_same_references():
     setup = discover(["attention_qkvpacked"])["attention_qkvpacked"]
     case = setup.build(setup.shapes("cpu")[0], torch.float32, CPU)
-    assert set(_attention_refs.ATTENTION_PROVIDERS) <= set(case.references)
+    assert set(cases.ATTENTION_PROVIDERS) <= set(case.references)
     out = case.references["sdpa-math"].fn(*case.args)
     torch.testing.assert_close(out, case.torch_fn(*case.args), atol=1e-5, rtol=1e-5)
 
@@ -323,9 +306,9 @@ def test_models_and_batch_selection():
     ln = discover(["layer_norm"])["layer_norm"]
     shapes = ln.shapes("cuda", quick=True, batch=[1, 8, 8, 64])
     assert [s["batch"] for s in shapes] == [1, 8, 64] and len({s["name"] for s in shapes}) == 1
-    assert runner._parse_batch("1, 8,64") == [1, 8, 64] and runner._parse_batch("32") == 32
+    assert cli._parse_batch("1, 8,64") == [1, 8, 64] and cli._parse_batch("32") == 32
     with pytest.raises(ValueError):
-        runner._parse_batch("0")
+        cli._parse_batch("0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,7 +319,7 @@ def test_models_and_batch_selection():
 def _row(op, shape, provider, mode, ms, **kw):
     row = {k: None for k in ROW_FIELDS}
     row.update(
-        op=op, provider=provider, mode=mode, shape=dict(shape), label=runner.shape_label(shape), dtype="bf16",
+        op=op, provider=provider, mode=mode, shape=dict(shape), label=shape_label(shape), dtype="bf16",
         device="cuda", status="ok", median_ms=ms, n_reps=50, speedup_vs={}, cuda_graph=False, input_copies=1,
         l2_flush=True,
     )
@@ -358,7 +341,7 @@ def _synthetic_doc():
                                   input_copies=None, l2_flush=None))
             else:
                 group.append(_row(op, shape, provider, mode, ms, pct_of_ceiling=pct if provider == "vitkern" else None))
-        runner._fill_speedups(group)
+        fill_speedups(group)
         rows.extend(group)
 
     ln = dict(name="ViT-B/16", batch=256, tokens=197, dim=768)
@@ -373,10 +356,10 @@ def _synthetic_doc():
     for r in rows:
         if r["op"] == "vit" and r["status"] == "ok":
             r["items_per_s"] = r["shape"]["batch"] / (r["median_ms"] * 1e-3)
-    env = runner.environment(CPU)
+    env = environment(CPU)
     env.update(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
                driver_version="570.00", date="2025-01-31T12:00:00Z", git_commit="0123456789abcdef", git_dirty=False)
-    config = dict(ops=["layer_norm", "attention", "vit"], model_ops=["vit"], providers=list(runner.ALL_PROVIDERS),
+    config = dict(ops=["layer_norm", "attention", "vit"], model_ops=["vit"], providers=list(cases.ALL_PROVIDERS),
                   modes=["fwd", "fwd+bwd"], dtype="bf16", device="cuda", quick=False, batch=None, models=None,
                   flush_l2=True, rotate="auto", cuda_graphs=False, warmup_ms=25.0, rep_ms=100.0, compile_on_cpu=False,
                   budget_s=None, check=True)
@@ -419,7 +402,7 @@ def test_schema_new_fields():
 
 def test_headline_table():
     doc = _synthetic_doc()
-    table = report.headline_table(doc)
+    table = cases.headline_table(doc)
     keys = [(t["op"], t["shape"], t["mode"]) for t in table]
     # each op's first shape in every mode; the model's whole batch sweep, by batch
     assert keys[:3] == [
@@ -430,7 +413,7 @@ def test_headline_table():
     assert [t["shape"] for t in table if t["op"] == "vit"] == [f"ViT-B/16 img=224 B={b}" for b in (1, 8, 64, 256)]
     ln = table[0]
     assert ln["best_reference"] == "torch.compile" and ln["speedup"] == pytest.approx(1.2) and ln["pct_of_ceiling"] == 80.0
-    md = report.render_headline(doc)
+    md = render.render_headline(doc)
     assert md.count("\n") == len(table) + 2 and "| layer_norm |" in md and "**1.20x**" in md and "80%" in md
     assert "vitkern img/s" in md
 
@@ -510,7 +493,7 @@ def test_cli_cpu_end_to_end_tiny_model(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     threads = torch.get_num_threads()
     try:
-        code = runner.main([
+        code = cli.main([
             "--models", "vit", "--device", "cpu", "--batch", "2,4", "--providers", "vitkern,torch,torchvision,vitkern-cuda",
             "--out", str(tmp_path), "--warmup-ms", "1", "--rep-ms", "5", "--quiet",
         ])

@@ -3,30 +3,18 @@ agreement of its providers (timm, torchvision, vitkern.ViT) in both modes, and
 ``python -m benchmarks --quick --ops vit`` end to end."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _bench_helpers import run_cli
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import vitkern  # noqa: E402
-from benchmarks import flops  # noqa: E402
-from benchmarks.runner import (  # noqa: E402
-    RunConfig,
-    prepare,
-    reference_result,
-    run,
-    validate_results,
-    validate_row,
-)
-from benchmarks.setups import discover  # noqa: E402
-from benchmarks.setups import vit as vit_setup  # noqa: E402
+import vitkern
+from benchmarks import flops
+from benchmarks.providers import prepare, reference_result
+from benchmarks.results import validate_results, validate_row
+from benchmarks.runner import RunConfig, run
+from benchmarks.setups import discover
+from benchmarks.setups import vit as vit_setup
 
 pytest.importorskip("timm")
 
@@ -203,14 +191,8 @@ def test_op_setups_get_no_torchvision_rows():
 
 
 def test_cli_quick_vit_end_to_end(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VITKERN_BACKEND")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     out_dir = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--ops", "vit", "--device", "cpu", "--out", str(out_dir),
-         "--warmup-ms", "2", "--rep-ms", "10"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = run_cli("--quick", "--ops", "vit", "--device", "cpu", "--out", str(out_dir), "--warmup-ms", "2", "--rep-ms", "10")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out_dir / "results.json").read_text())
     validate_results(doc)

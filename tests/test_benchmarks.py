@@ -2,34 +2,19 @@
 results schema, the timing helper, and ``python -m benchmarks`` end to end on one tiny op."""
 
 import json
-import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _bench_helpers import run_cli
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks import flops  # noqa: E402
-from benchmarks.runner import (  # noqa: E402
-    PROVIDERS,
-    ROW_FIELDS,
-    SCHEMA_VERSION,
-    RunConfig,
-    SchemaError,
-    Timing,
-    main,
-    measure,
-    run,
-    validate_results,
-    validate_row,
-)
-from benchmarks.setups import Case, Setup, discover, shape_label  # noqa: E402
+from benchmarks import flops
+from benchmarks.cases import PROVIDERS
+from benchmarks.cli import main
+from benchmarks.results import ROW_FIELDS, SCHEMA_VERSION, SchemaError, validate_results, validate_row
+from benchmarks.runner import RunConfig, run
+from benchmarks.setups import Case, Setup, discover, shape_label
+from benchmarks.timing import Timing, measure
 
 # ------------------------------------------------------------------------------------------------
 # FLOPs and bytes
@@ -312,13 +297,8 @@ def test_cli_list(capsys):
 
 
 def test_cli_cpu_end_to_end(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VITKERN_BACKEND")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     out_dir = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--ops", "layer_norm", "--device", "cpu", "--out", str(out_dir)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = run_cli("--quick", "--ops", "layer_norm", "--device", "cpu", "--out", str(out_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "kernel timings need a GPU" in proc.stdout
     text = (out_dir / "results.json").read_text()

@@ -1,7 +1,7 @@
 """The attention references beside ``torch_fn``: SDPA restricted to one backend at a time, and the
 flash-attn and xformers libraries when they are installed.
 
-Each becomes a provider row of the attention setups (:data:`ATTENTION_PROVIDERS`):
+Each becomes a provider row of the attention setups (:data:`benchmarks.cases.ATTENTION_PROVIDERS`):
 
 - ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient``, ``sdpa-math``: the setup's own ``torch_fn``
   (so the same permutes and copies around the SDPA call) under
@@ -21,16 +21,9 @@ from typing import Callable, Optional
 
 import torch
 
+from benchmarks.cases import SDPA_BACKENDS
 from benchmarks.setups import Reference, Unavailable
 
-# provider name -> torch.nn.attention.SDPBackend member
-SDPA_BACKENDS = {
-    "sdpa-flash": "FLASH_ATTENTION",
-    "sdpa-cudnn": "CUDNN_ATTENTION",
-    "sdpa-efficient": "EFFICIENT_ATTENTION",
-    "sdpa-math": "MATH",
-}
-ATTENTION_PROVIDERS = tuple(SDPA_BACKENDS) + ("flash-attn", "xformers")
 _CUDA_ONLY_SDPA = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
 # What torch raises when every allowed backend refused the call (the wording differs by version).
 _REFUSALS = ("No available kernel", "No viable backend")
@@ -114,53 +107,52 @@ def _library_reason(name: str, module: str, device: torch.device, dtype: torch.d
     return mod, None
 
 
+def _library_references(device: torch.device, dtype: torch.dtype, flash: Callable, xformers: Callable) -> dict:
+    """The flash-attn and xformers references: ``flash(flash_attn)`` / ``xformers(xformers.ops)`` build
+    each from its module; a library that cannot run here gets a :class:`Reference` saying why."""
+    refs = {}
+    for name, module, half_only, make in (("flash-attn", "flash_attn", True, flash), ("xformers", "xformers.ops", False, xformers)):
+        mod, why = _library_reason(name, module, device, dtype, half_only=half_only)
+        refs[name] = Reference(None, why) if mod is None else make(mod)
+    return refs
+
+
 def bhtd_library_references(device: torch.device, dtype: torch.dtype, *, causal: bool = False) -> dict:
     """flash-attn and xformers for q, k, v of shape (B, H, T, d) (they take (B, T, H, d): transposed views)."""
-    refs = {}
-    fa, why = _library_reason("flash-attn", "flash_attn", device, dtype, half_only=True)
-    if fa is None:
-        refs["flash-attn"] = Reference(None, why)
-    else:
 
-        def flash(q, k, v):
-            t = lambda x: x.transpose(1, 2)  # noqa: E731
+    def t(x):
+        return x.transpose(1, 2)
+
+    def flash(fa):
+        def fn(q, k, v):
             return fa.flash_attn_func(t(q), t(k), t(v), causal=causal).transpose(1, 2)
 
-        refs["flash-attn"] = Reference(flash, f"flash_attn.flash_attn_func ({getattr(fa, '__version__', '?')})")
-    xf, why = _library_reason("xformers", "xformers.ops", device, dtype, half_only=False)
-    if xf is None:
-        refs["xformers"] = Reference(None, why)
-    else:
+        return Reference(fn, f"flash_attn.flash_attn_func ({getattr(fa, '__version__', '?')})")
 
-        def xformers(q, k, v):
-            t = lambda x: x.transpose(1, 2)  # noqa: E731
+    def xformers(xf):
+        def fn(q, k, v):
             bias = xf.LowerTriangularMask() if causal else None
             return xf.memory_efficient_attention(t(q), t(k), t(v), attn_bias=bias).transpose(1, 2)
 
-        refs["xformers"] = Reference(xformers, "xformers.ops.memory_efficient_attention")
-    return refs
+        return Reference(fn, "xformers.ops.memory_efficient_attention")
+
+    return _library_references(device, dtype, flash, xformers)
 
 
 def packed_library_references(device: torch.device, dtype: torch.dtype, b: int, t: int, h: int, d: int) -> dict:
     """flash-attn and xformers from a packed (B, T, 3*H*d) qkv to (B, T, H*d)."""
-    refs = {}
-    fa, why = _library_reason("flash-attn", "flash_attn", device, dtype, half_only=True)
-    if fa is None:
-        refs["flash-attn"] = Reference(None, why)
-    else:
 
-        def flash(qkv):
+    def flash(fa):
+        def fn(qkv):
             return fa.flash_attn_qkvpacked_func(qkv.view(b, t, 3, h, d)).reshape(b, t, h * d)
 
-        refs["flash-attn"] = Reference(flash, f"flash_attn.flash_attn_qkvpacked_func ({getattr(fa, '__version__', '?')})")
-    xf, why = _library_reason("xformers", "xformers.ops", device, dtype, half_only=False)
-    if xf is None:
-        refs["xformers"] = Reference(None, why)
-    else:
+        return Reference(fn, f"flash_attn.flash_attn_qkvpacked_func ({getattr(fa, '__version__', '?')})")
 
-        def xformers(qkv):
+    def xformers(xf):
+        def fn(qkv):
             q, k, v = qkv.view(b, t, 3, h, d).unbind(2)
             return xf.memory_efficient_attention(q, k, v).reshape(b, t, h * d)
 
-        refs["xformers"] = Reference(xformers, "xformers.ops.memory_efficient_attention")
-    return refs
+        return Reference(fn, "xformers.ops.memory_efficient_attention")
+
+    return _library_references(device, dtype, flash, xformers)

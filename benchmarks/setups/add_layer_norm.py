@@ -8,16 +8,14 @@ import torch.nn.functional as F
 
 from benchmarks.flops import add_layer_norm_cost
 from benchmarks.setups import Case, Setup, randn
-
-EPS = 1e-6
+from benchmarks.setups.layer_norm import CPU_SHAPES, EPS, GPU_SHAPES, norm_params
 
 
 def build(shape, dtype, device):
     b, t, d = shape["batch"], shape["tokens"], shape["dim"]
     x = randn((b, t, d), dtype, device, requires_grad=True)
     r = randn((b, t, d), dtype, device, requires_grad=True)
-    w = randn((d,), dtype, device, scale=0.1, shift=1.0, requires_grad=True)
-    bias = randn((d,), dtype, device, scale=0.1, requires_grad=True)
+    w, bias = norm_params(d, dtype, device)
 
     def torch_fn(x, r, w, bias):
         s = x + r
@@ -40,11 +38,8 @@ SETUP = Setup(
     name="add_layer_norm",
     description="(LayerNorm(x + residual), x + residual)",
     build=build,
-    gpu_shapes=(
-        dict(name="ViT-B/16", batch=256, tokens=197, dim=768),
-        dict(name="ViT-L/16", batch=256, tokens=197, dim=1024),
-    ),
-    cpu_shapes=(dict(name="ViT-Ti/16", batch=2, tokens=197, dim=192),),
+    gpu_shapes=GPU_SHAPES[:2],
+    cpu_shapes=CPU_SHAPES[:1],
     order=20,
     formula="add_layer_norm_cost: bytes only (x, r, w, b read; y, s written)",
 )

@@ -14,6 +14,20 @@ from benchmarks.flops import attention_cost
 from benchmarks.setups import Case, Setup, randn
 from benchmarks.setups._attention_refs import bhtd_library_references, sdpa_references
 
+# (B, H, T, d) of ViT attention; attention_qkvpacked runs the first GPU two and the first CPU one.
+GPU_SHAPES = (
+    dict(name="ViT-B/16", batch=128, heads=12, tokens=197, head_dim=64),
+    dict(name="ViT-L/14", batch=64, heads=16, tokens=257, head_dim=64),
+    dict(name="ViT-H/14", batch=32, heads=16, tokens=257, head_dim=80),
+    dict(name="ViT-B/16@448", batch=16, heads=12, tokens=785, head_dim=64),
+    dict(name="ViT-B/16@384", batch=32, heads=12, tokens=577, head_dim=64),
+    dict(name="ViT-B/16@512", batch=16, heads=12, tokens=1025, head_dim=64),
+)
+CPU_SHAPES = (
+    dict(name="ViT-Ti/16", batch=1, heads=3, tokens=197, head_dim=64),
+    dict(name="ViT-H/14-ish", batch=1, heads=2, tokens=257, head_dim=80),
+)
+
 
 def build(shape, dtype, device):
     b, h, t, d = shape["batch"], shape["heads"], shape["tokens"], shape["head_dim"]
@@ -41,18 +55,8 @@ SETUP = Setup(
     name="attention",
     description="softmax(q k^T / sqrt(d)) v, q/k/v (B, H, T, d)",
     build=build,
-    gpu_shapes=(
-        dict(name="ViT-B/16", batch=128, heads=12, tokens=197, head_dim=64),
-        dict(name="ViT-L/14", batch=64, heads=16, tokens=257, head_dim=64),
-        dict(name="ViT-H/14", batch=32, heads=16, tokens=257, head_dim=80),
-        dict(name="ViT-B/16@448", batch=16, heads=12, tokens=785, head_dim=64),
-        dict(name="ViT-B/16@384", batch=32, heads=12, tokens=577, head_dim=64),
-        dict(name="ViT-B/16@512", batch=16, heads=12, tokens=1025, head_dim=64),
-    ),
-    cpu_shapes=(
-        dict(name="ViT-Ti/16", batch=1, heads=3, tokens=197, head_dim=64),
-        dict(name="ViT-H/14-ish", batch=1, heads=2, tokens=257, head_dim=80),
-    ),
+    gpu_shapes=GPU_SHAPES,
+    cpu_shapes=CPU_SHAPES,
     order=30,
     formula="attention_cost: 4*B*H*T*T*d fwd FLOPs (bwd 2.5x); q, k, v read, o written",
 )

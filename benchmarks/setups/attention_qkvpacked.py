@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from benchmarks.flops import attention_cost
 from benchmarks.setups import Case, Setup, randn
 from benchmarks.setups._attention_refs import packed_library_references, sdpa_references
+from benchmarks.setups.attention import CPU_SHAPES, GPU_SHAPES
 
 
 def build(shape, dtype, device):
@@ -40,11 +41,8 @@ SETUP = Setup(
     name="attention_qkvpacked",
     description="attention from a packed (B, T, 3, H, d) qkv to (B, T, H*d)",
     build=build,
-    gpu_shapes=(
-        dict(name="ViT-B/16", batch=128, heads=12, tokens=197, head_dim=64),
-        dict(name="ViT-L/14", batch=64, heads=16, tokens=257, head_dim=64),
-    ),
-    cpu_shapes=(dict(name="ViT-Ti/16", batch=1, heads=3, tokens=197, head_dim=64),),
+    gpu_shapes=GPU_SHAPES[:2],
+    cpu_shapes=CPU_SHAPES[:1],
     order=35,
     formula="attention_cost: 4*B*H*T*T*d fwd FLOPs (bwd 2.5x); qkv read, o written",
 )

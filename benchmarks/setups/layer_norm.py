@@ -10,13 +10,29 @@ from benchmarks.flops import layer_norm_cost
 from benchmarks.setups import Case, Setup, randn
 
 EPS = 1e-6
+# ViT token shapes (B, T, D); add_layer_norm runs the first GPU two and the first CPU one.
+GPU_SHAPES = (
+    dict(name="ViT-B/16", batch=256, tokens=197, dim=768),
+    dict(name="ViT-L/16", batch=256, tokens=197, dim=1024),
+    dict(name="ViT-H/14", batch=200, tokens=257, dim=1280),
+)
+CPU_SHAPES = (
+    dict(name="ViT-Ti/16", batch=2, tokens=197, dim=192),
+    dict(name="ViT-S/16", batch=2, tokens=197, dim=384),
+)
+
+
+def norm_params(d, dtype, device):
+    """LayerNorm's weight (about 1) and bias (about 0), both trained."""
+    w = randn((d,), dtype, device, scale=0.1, shift=1.0, requires_grad=True)
+    bias = randn((d,), dtype, device, scale=0.1, requires_grad=True)
+    return w, bias
 
 
 def build(shape, dtype, device):
     b, t, d = shape["batch"], shape["tokens"], shape["dim"]
     x = randn((b, t, d), dtype, device, requires_grad=True)
-    w = randn((d,), dtype, device, scale=0.1, shift=1.0, requires_grad=True)
-    bias = randn((d,), dtype, device, scale=0.1, requires_grad=True)
+    w, bias = norm_params(d, dtype, device)
 
     def torch_fn(x, w, bias):
         return F.layer_norm(x, (d,), w, bias, EPS)
@@ -38,15 +54,8 @@ SETUP = Setup(
     name="layer_norm",
     description="LayerNorm(x) with weight and bias",
     build=build,
-    gpu_shapes=(
-        dict(name="ViT-B/16", batch=256, tokens=197, dim=768),
-        dict(name="ViT-L/16", batch=256, tokens=197, dim=1024),
-        dict(name="ViT-H/14", batch=200, tokens=257, dim=1280),
-    ),
-    cpu_shapes=(
-        dict(name="ViT-Ti/16", batch=2, tokens=197, dim=192),
-        dict(name="ViT-S/16", batch=2, tokens=197, dim=384),
-    ),
+    gpu_shapes=GPU_SHAPES,
+    cpu_shapes=CPU_SHAPES,
     order=10,
     formula="layer_norm_cost: bytes only (x + w + b read, y written; bwd: dy, x, w, mean/rstd read, dx, dw, db written)",
 )

@@ -1,23 +1,43 @@
-"""Summaries of a results document that need nothing but the JSON (no torch): which provider is a
-reference, the best reference of a case, and the compact headline table that ``summary.md``, the
-README section (:mod:`benchmarks.readme`) and the plots (:mod:`benchmarks.plot`) share.
+"""The provider names and the cases of a results document, from the JSON alone (no torch, so that
+the rendering, the plots and the README section need nothing else).
 
 A *case* is one (op, shape, dtype, mode). Its *reference* rows are every provider that is not
 vitkern's (``torch``, ``torch.compile``, ``torchvision``, ``sdpa-*``, ``flash-attn``, ``xformers``);
 its *best reference* is the fastest of those that ran. The vitkern row of a case is the first of
 :data:`VITKERN_HEADLINE` that ran: ``vitkern`` (backend "auto", what a user gets) when present.
+The headline cases (:func:`headline_cases`) are what ``summary.md``, the README section and the
+plots lead with.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Optional
 
+# Report order. The torch provider always runs first: its results are the correctness reference.
+PROVIDERS = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-reference", "torch", "torch.compile")
+# The attention setups' SDPA held to one backend (provider name -> torch.nn.attention.SDPBackend
+# member), then the attention libraries.
+SDPA_BACKENDS = {
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+    "sdpa-math": "MATH",
+}
+ATTENTION_PROVIDERS = tuple(SDPA_BACKENDS) + ("flash-attn", "xformers")
+# References that only some cases supply, through Case.references: torchvision for the model
+# setups; SDPA held to one backend, flash-attn and xformers for the attention setups.
+EXTRA_PROVIDERS = ("torchvision",) + ATTENTION_PROVIDERS
+ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
 VITKERN_HEADLINE = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-reference")
 
 
 def is_reference(provider: str) -> bool:
     """Every provider that is not one of vitkern's backends is a reference to compare against."""
     return not provider.startswith("vitkern")
+
+
+# Every provider that is not vitkern's: the ratios speedup_vs are against these.
+REFERENCE_PROVIDERS = tuple(p for p in ALL_PROVIDERS if is_reference(p))
 
 
 def case_key(row: dict) -> tuple:
@@ -100,12 +120,6 @@ def headline_cases(doc: dict) -> list[tuple[tuple, list[dict]]]:
     return sorted(picked, key=order)
 
 
-def _ms(value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
-
-
 def headline_table(doc: dict) -> list[dict]:
     """One dict per headline case: op, shape, mode, vitkern_provider, vitkern_ms, best_reference,
     reference_ms, speedup, pct_of_ceiling, items_per_s, status (the vitkern row's, or why none)."""
@@ -130,45 +144,3 @@ def headline_table(doc: dict) -> list[dict]:
             }
         )
     return out
-
-
-def render_headline(doc: dict) -> str:
-    """The headline as a Markdown table (README-ready)."""
-    table = headline_table(doc)
-    if not table:
-        return "_No results._\n"
-    on_gpu = doc.get("environment", {}).get("device_type") == "cuda"
-    header = ["op / model", "shape", "mode", "vitkern ms", "best reference", "reference ms", "speedup"]
-    if on_gpu:
-        header.append("% of ceiling")
-    show_items = any(t["items_per_s"] is not None for t in table)
-    if show_items:
-        header.append("vitkern img/s")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    for t in table:
-        vk_ms = _ms(t["vitkern_ms"]) if t["status"] == "ok" else t["status"]
-        if t["vitkern_provider"] not in (None, "vitkern") and t["status"] == "ok":
-            vk_ms += f" ({t['vitkern_provider']})"
-        cells = [
-            t["op"],
-            t["shape"],
-            t["mode"],
-            vk_ms,
-            t["best_reference"] or "-",
-            _ms(t["reference_ms"]),
-            f"**{t['speedup']:.2f}x**" if t["speedup"] is not None else "-",
-        ]
-        if on_gpu:
-            cells.append(f"{t['pct_of_ceiling']:.0f}%" if t["pct_of_ceiling"] is not None else "-")
-        if show_items:
-            cells.append(f"{t['items_per_s']:.0f}" if t["items_per_s"] is not None else "-")
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def run_title(doc: dict) -> str:
-    """"NVIDIA H100 80GB HBM3, 2025-01-31, bf16" and so on: the device, the date and the dtype."""
-    env, cfg = doc.get("environment", {}), doc.get("config", {})
-    date = (env.get("date") or "")[:10]
-    parts = [env.get("device_name") or "unknown device", date, cfg.get("dtype")]
-    return ", ".join(p for p in parts if p)
