@@ -16,8 +16,9 @@ import inspect
 import pytest
 import torch
 
-from vitkern.ops import _gemm, attention as A, linear as L
-from vitkern.ops._triton import param_names
+from vitkern.ops import _gemm, linear as L
+from vitkern.ops._triton import is_registered_helper, param_names
+from vitkern.ops.attention import backward as A_backward, forward as A_forward, launch as A, op as A_op
 from vitkern.ops.layer_norm import kernels as LN_kernels, launch as LN
 from vitkern.ops.patch_embed import kernels as PE_kernels, launch as PE
 from vitkern.testing.compile_check import capture
@@ -201,7 +202,7 @@ def test_attention_strided_slice_past_int32_is_copied():
     assert (t - 1) * q.stride(2) > INT32_MAX
 
     def run():
-        qc, kc, vc = (A._unit_last(x) for x in (q, q, q))  # what the ops do before launching
+        qc, kc, vc = (A_op._unit_last(x) for x in (q, q, q))  # what the ops do before launching
         _attn_fwd_bwd(qc, kc, vc, _empty(b, h, t, d), bias=_empty(b, 1, t, dtype=torch.float32))
 
     _assert_fits(_captured(run))
@@ -210,7 +211,7 @@ def test_attention_strided_slice_past_int32_is_copied():
 def test_attention_packed_slice_past_int32_raises():
     b, t, h, d = 1, 2**20, 12, 64  # packed qkv: stride_t = 3 * H * D
     qkv = _empty(b, t, 3, h, d)
-    q, k, v = A._packed_views(qkv)
+    q, k, v = A_op._packed_views(qkv)
     out = _empty(b, t, h, d).transpose(1, 2)
     with capture(90) as launches, pytest.raises(ValueError, match="int32"):
         _attn_fwd_bwd(q, k, v, out)
@@ -220,7 +221,7 @@ def test_attention_packed_slice_past_int32_raises():
 def test_attention_large_batch_past_int32():
     b, h, t, d = 2**14, 12, 197, 64  # 2.5e9 elements, each (batch, head) slice small
     qkv = _empty(b, t, 3, h, d)
-    q, k, v = A._packed_views(qkv)
+    q, k, v = A_op._packed_views(qkv)
     _assert_fits(_captured(lambda: _attn_fwd_bwd(q, k, v, _empty(b, t, h, d).transpose(1, 2))))
 
 
@@ -263,11 +264,13 @@ def test_int32_overflow_rule():
 
 
 @pytest.mark.parametrize("kernel", [LN_kernels._layer_norm_fwd_kernel, LN_kernels._layer_norm_bwd_kernel,
-                                    _gemm._gemm_kernel, _gemm._act_bwd_kernel, A._attention_fwd_kernel,
-                                    A._attention_bwd_dkdv_kernel, A._attention_bwd_dq_kernel,
+                                    _gemm._gemm_kernel, _gemm._act_bwd_kernel, A_forward._attention_fwd_kernel,
+                                    A_backward._attention_bwd_dkdv_kernel, A_backward._attention_bwd_dq_kernel,
                                     PE_kernels._patch_embed_colsum_kernel])
 def test_kernels_take_int64_program_bases(kernel):
     """The per-program bases (rows, batch x head) are int64 in each kernel the table above
-    treats as int64."""
+    treats as int64 (in its own source or in a registered helper it calls, inlined into it)."""
     src = inspect.getsource(kernel.fn)
+    src += "".join(inspect.getsource(obj.fn) for name, obj in kernel.fn.__globals__.items()
+                   if f"{name}(" in src and is_registered_helper(obj))
     assert "tl.int64" in src

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import vitkern
 from vitkern._backend import triton_interpreting
-from vitkern.ops import attention as A
+from vitkern.ops.attention import sdpa as attention_sdpa
 from vitkern.ops.linear import linear_ref
 from vitkern.ops.mlp import mlp_ref
 from vitkern.ops.patch_embed import patch_embed_ref
@@ -283,7 +283,7 @@ def test_patch_embed_reference_empty_reduction():
 
 @pytest.mark.skipif(not _TRITON, reason="needs a GPU or TRITON_INTERPRET=1")
 def test_sdpa_float_mask_requiring_grad_goes_to_torch(device, monkeypatch):
-    monkeypatch.setattr(A, "_warned_reasons", set())
+    monkeypatch.setattr(attention_sdpa, "_warned_reasons", set())
     vitkern.use_backend("triton")
     q, k, v = (torch.randn(2, 2, 5, 16, device=device) for _ in range(3))
     mask = torch.zeros(2, 1, 1, 5, device=device, requires_grad=True)

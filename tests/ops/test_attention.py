@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitkern
 from vitkern.ops import attention as A
+from vitkern.ops.attention import configs as attn_configs, launch as attn_launch, op as attn_op, sdpa
 from vitkern.ops._config import INTERPRETING, KernelConfig
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -132,7 +133,7 @@ def _make_inputs(b, h, hkv, tq, tk, d, dtype, device, packed=False, seed=0):
     if packed:
         assert tq == tk and hkv == h
         qkv = _rand((b, tq, 3, h, d), dtype, device, gen=gen)
-        q, k, v = A._packed_views(qkv)
+        q, k, v = attn_op._packed_views(qkv)
     else:
         q = _rand((b, h, tq, d), dtype, device, gen=gen)
         k = _rand((b, hkv, tk, d), dtype, device, gen=gen)
@@ -149,13 +150,13 @@ def _run_kernels(q, k, v, dout, causal, scale, bias, deterministic):
     packed = q._base is not None and q._base is k._base and q._base.dim() == 5
     if packed:
         out = torch.full((b, tq, h, d), nan, dtype=q.dtype, device=q.device).transpose(1, 2)
-        dq, dk, dv = A._packed_views(torch.full(q._base.shape, nan, dtype=q.dtype, device=q.device))
+        dq, dk, dv = attn_op._packed_views(torch.full(q._base.shape, nan, dtype=q.dtype, device=q.device))
     else:
         out = torch.full_like(q, nan)
         dq, dk, dv = torch.full_like(q, nan), torch.full_like(k, nan), torch.full_like(v, nan)
     lse = torch.full((b, h, tq), nan, dtype=F32, device=q.device)
-    A._attention_fwd(q, k, v, bias, causal, scale, out, lse)
-    A._attention_bwd(dout, q, k, v, out, lse, None, bias, causal, scale, deterministic, dq, dk, dv)
+    attn_launch._attention_fwd(q, k, v, bias, causal, scale, out, lse)
+    attn_launch._attention_bwd(dout, q, k, v, out, lse, None, bias, causal, scale, deterministic, dq, dk, dv)
     return out, lse, dq, dk, dv
 
 
@@ -376,13 +377,13 @@ def test_deterministic_backward_is_bit_reproducible(device):
 
 def test_deterministic_algorithms_flag_selects_dq_kernel(device, monkeypatch):
     seen = []
-    real = A._attention_bwd
+    real = attn_launch._attention_bwd
 
     def spy(*args):
         seen.append(args[10])  # the deterministic argument
         return real(*args)
 
-    monkeypatch.setattr(A, "_attention_bwd", spy)
+    monkeypatch.setattr(attn_launch, "_attention_bwd", spy)
     q, k, v, dout = _make_inputs(1, 2, 2, 17, 17, 64, F16, device)
     q.requires_grad_()
     previous = torch.are_deterministic_algorithms_enabled()
@@ -397,8 +398,8 @@ def test_deterministic_algorithms_flag_selects_dq_kernel(device, monkeypatch):
 
 def test_auto_backend_runs_the_kernels(device, monkeypatch):
     calls = []
-    real = A._attention_fwd
-    monkeypatch.setattr(A, "_attention_fwd", lambda *a: calls.append(1) or real(*a))
+    real = attn_launch._attention_fwd
+    monkeypatch.setattr(attn_launch, "_attention_fwd", lambda *a: calls.append(1) or real(*a))
     q, k, v, _ = _make_inputs(1, 2, 2, 17, 17, 32, F16, device)
     vitkern.use_backend("auto")
     vitkern.attention(q, k, v)
@@ -421,8 +422,8 @@ def test_memory_is_linear_in_sequence_length(device):
     q, k, v, dout = _make_inputs(b, h, h, t, t, d, F16, device)
     for deterministic in (False, True):
         with Allocations():
-            out, lse = A._attention_fwd_op(q, k, v, None, False, 0.25, deterministic)
-            A._attention_bwd_op(dout, q, k, v, out, lse, None, None, False, 0.25, deterministic)
+            out, lse = attn_op._attention_fwd_op(q, k, v, None, False, 0.25, deterministic)
+            attn_op._attention_bwd_op(dout, q, k, v, out, lse, None, None, False, 0.25, deterministic)
     assert sizes and max(sizes) < t * t
 
 
@@ -437,10 +438,10 @@ def test_memory_is_linear_in_sequence_length(device):
      (BF16, "additive", (1, 1, 1, 197))],
 )
 def test_sdpa_key_padding_on_kernels(device, monkeypatch, dtype, mask_kind, mask_shape):
-    monkeypatch.setattr(A, "_torch_sdpa", lambda *a, **kw: pytest.fail("fell back to torch's SDPA"))
+    monkeypatch.setattr(sdpa, "_torch_sdpa", lambda *a, **kw: pytest.fail("fell back to torch's SDPA"))
     kernel_calls = []
-    real = A._attention_fwd
-    monkeypatch.setattr(A, "_attention_fwd", lambda *a: kernel_calls.append(a[3] is not None) or real(*a))
+    real = attn_launch._attention_fwd
+    monkeypatch.setattr(attn_launch, "_attention_fwd", lambda *a: kernel_calls.append(a[3] is not None) or real(*a))
     t = 197 if dtype != F32 else 61  # fp32 (IEEE) runs small tiles: slow under the interpreter
     mask_shape = mask_shape[:-1] + (t,)
     q, k, v, dout = _make_inputs(2, 3, 3, t, t, 64, dtype, device)
@@ -467,7 +468,7 @@ def test_sdpa_key_padding_on_kernels(device, monkeypatch, dtype, mask_kind, mask
 
 
 def test_sdpa_causal_gqa_on_kernels(device, monkeypatch):
-    monkeypatch.setattr(A, "_torch_sdpa", lambda *a, **kw: pytest.fail("fell back to torch's SDPA"))
+    monkeypatch.setattr(sdpa, "_torch_sdpa", lambda *a, **kw: pytest.fail("fell back to torch's SDPA"))
     q, k, v, _ = _make_inputs(1, 4, 2, 50, 70, 72, F16, device)
     got = vitkern.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2, enable_gqa=True)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2, enable_gqa=True)
@@ -475,7 +476,7 @@ def test_sdpa_causal_gqa_on_kernels(device, monkeypatch):
 
 
 def test_sdpa_fallbacks_warn_once(device, monkeypatch):
-    monkeypatch.setattr(A, "_warned_reasons", set())
+    monkeypatch.setattr(sdpa, "_warned_reasons", set())
     q, k, v, _ = _make_inputs(1, 2, 2, 17, 17, 20, F16, device)  # head dim 20: not a kernel head dim
     with pytest.warns(UserWarning, match="head dim 20"):
         got = vitkern.scaled_dot_product_attention(q, k, v)
@@ -504,7 +505,7 @@ def test_unsupported_head_dim_raises(device):
         with pytest.raises(vitkern.BackendUnavailableError, match=f"head dim {d}"):
             vitkern.attention(q, k, v)
         with pytest.raises(ValueError, match=f"q: unsupported head dim {d}"):
-            A._attention_triton(q, k, v)  # the launcher's own guard
+            attn_op._attention_triton(q, k, v)  # the launcher's own guard
     qkv = _rand((1, 5, 3, 2, 36), F16, device)
     with pytest.raises(vitkern.BackendUnavailableError, match="head dim 36"):
         vitkern.attention_qkvpacked(qkv)
@@ -517,23 +518,24 @@ def test_unsupported_head_dim_raises(device):
 def test_backend_supports_predicates(device):
     q, k, v, _ = _make_inputs(1, 1, 1, 5, 5, 16, F64, device)
     flags = dict(causal=False, scale=None, return_lse=False, deterministic=False)
-    assert "float64" in A._attention_triton_supports(q, k, v, **flags, key_padding_bias=None)
-    assert "float64" in A._attention_qkvpacked_triton_supports(torch.stack([q, k, v], 2), **flags)
+    assert "float64" in attn_op._attention_triton_supports(q, k, v, **flags, key_padding_bias=None)
+    assert "float64" in attn_op._attention_qkvpacked_triton_supports(torch.stack([q, k, v], 2), **flags)
     q, k, v = (t.float() for t in (q, k, v))
-    assert A._attention_triton_supports(q, k, v, **flags, key_padding_bias=None) is None
+    assert attn_op._attention_triton_supports(q, k, v, **flags, key_padding_bias=None) is None
     bias = torch.zeros(1, 1, 5, device=device, requires_grad=True)
-    assert "requires grad" in A._attention_triton_supports(q, k, v, **flags, key_padding_bias=bias)
+    assert "requires grad" in attn_op._attention_triton_supports(q, k, v, **flags, key_padding_bias=bias)
 
 
 def test_head_dim_pieces():
     for d in A.ATTENTION_HEAD_DIMS:
-        da, db = A._attn_pieces(d)
+        da, db = attn_configs._attn_pieces(d)
         assert da & (da - 1) == 0 and (db == 0 or (db & (db - 1) == 0 and db >= 16))
         assert d <= da + db <= triton_next_pow2(d)
         if db:
             assert da >= d // 2 and da + db < triton_next_pow2(d)  # a split beats padding
-    assert A._attn_pieces(80) == (64, 16) and A._attn_pieces(96) == (64, 32) and A._attn_pieces(72) == (64, 16)
-    assert A._attn_pieces(64) == (64, 0) and A._attn_pieces(112) == (128, 0)
+    assert (attn_configs._attn_pieces(80) == (64, 16) and attn_configs._attn_pieces(96) == (64, 32)
+            and attn_configs._attn_pieces(72) == (64, 16))
+    assert attn_configs._attn_pieces(64) == (64, 0) and attn_configs._attn_pieces(112) == (128, 0)
 
 
 def triton_next_pow2(n):
@@ -542,14 +544,14 @@ def triton_next_pow2(n):
 
 def test_config_tables_cover_every_head_dim():
     for kernel, arch, precision in itertools.product(("fwd", "dkdv", "dq"), (80, 90), ("16bit", "tf32", "ieee")):
-        table = A._ATTN_CONFIGS[(kernel, arch, precision)]
+        table = attn_configs._ATTN_CONFIGS[(kernel, arch, precision)]
         assert table[-1][0] == 256 and [w for w, _ in table] == sorted(w for w, _ in table)
         for _, config in table:
             assert isinstance(config, KernelConfig) and config.archs == (arch,)
             assert set(config.meta) == {"BLOCK_M", "BLOCK_N"}
         for d in A.ATTENTION_HEAD_DIMS:
-            da, db = A._attn_pieces(d)
-            assert A._attn_config(kernel, arch, precision, da + db) is not None
+            da, db = attn_configs._attn_pieces(d)
+            assert attn_configs._attn_config(kernel, arch, precision, da + db) is not None
 
 
 def _opcheck_inputs(device, dtype=F16):
@@ -564,12 +566,12 @@ def test_opcheck_attention_ops(device):
     torch.library.opcheck(torch.ops.vitkern.attention_fwd.default, (q, k, v, bias, True, 0.125, False))
     torch.library.opcheck(torch.ops.vitkern.attention_fwd.default, (q, k, v, None, False, 0.125, True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-    out, lse = A._attention_fwd_op(q.detach(), k.detach(), v.detach(), None, False, 0.125, True)
+    out, lse = attn_op._attention_fwd_op(q.detach(), k.detach(), v.detach(), None, False, 0.125, True)
     torch.library.opcheck(torch.ops.vitkern.attention_bwd.default,
                           (dout, q.detach(), k.detach(), v.detach(), out, lse, None, None, False, 0.125, True))
     qkv = _rand((1, 9, 3, 2, 32), BF16, device).requires_grad_()
     torch.library.opcheck(torch.ops.vitkern.attention_qkvpacked_fwd.default, (qkv, True, 0.125, True))
-    out, lse = A._attention_qkvpacked_fwd_op(qkv.detach(), False, 0.125, True)
+    out, lse = attn_op._attention_qkvpacked_fwd_op(qkv.detach(), False, 0.125, True)
     torch.library.opcheck(torch.ops.vitkern.attention_qkvpacked_bwd.default,
                           (torch.randn_like(out), qkv.detach(), out, lse, None, False, 0.125, True))
 

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 import vitkern
 from vitkern import _backend
-from vitkern.ops import attention as attention_mod
-from vitkern.ops.attention import attention_qkvpacked_ref, attention_ref
+from vitkern.ops.attention import attention_qkvpacked_ref, attention_ref, sdpa as attention_sdpa
 from vitkern.ops.layer_norm import add_layer_norm_ref, layer_norm_ref
 from vitkern.ops.linear import linear_ref
 from vitkern.ops.mlp import mlp_ref
@@ -494,14 +493,14 @@ def test_sdpa_key_padding_routed(device, monkeypatch, dtype, mask_kind, mask_sha
     else:
         mask = _rand(*mask_shape, dtype=dtype, device=device)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    monkeypatch.setattr(attention_mod, "_torch_sdpa", no_fallback)
+    monkeypatch.setattr(attention_sdpa, "_torch_sdpa", no_fallback)
     _close(vitkern.scaled_dot_product_attention(q, k, v, attn_mask=mask), want)
     _close(vitkern.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1),
            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1))
 
 
 def test_sdpa_gqa_and_fallbacks_warn_once(device, monkeypatch):
-    monkeypatch.setattr(attention_mod, "_warned_reasons", set())
+    monkeypatch.setattr(attention_sdpa, "_warned_reasons", set())
     q, k, v = _qkv(2, 4, 2, 50, 60, 32, F32, device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # routed calls never warn
@@ -541,7 +540,7 @@ def test_sdpa_patched_into_timm_attention(device, monkeypatch):
         calls.append(1)
         return vitkern.scaled_dot_product_attention(*a, **kw)
 
-    monkeypatch.setattr(attention_mod, "_torch_sdpa", lambda *a, **kw: pytest.fail("fell back"))
+    monkeypatch.setattr(attention_sdpa, "_torch_sdpa", lambda *a, **kw: pytest.fail("fell back"))
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
     with torch.no_grad():
         got, got_masked = attn(x), attn(x, attn_mask=mask)

@@ -1,0 +1,278 @@
+"""The attention backward kernels: delta, dK / dV, and the deterministic dQ.
+
+delta = rowsum(dO * O) (a small kernel); dK / dV per key block of a kv head, looping over query
+blocks and over the query heads of its group (GQA gradients summed in registers, no atomics); dQ
+either by a separate kernel per query block (bit-reproducible: deterministic=True) or accumulated
+by the dK/dV kernel with fp32 atomics (deterministic=False, for head dims without a masked tail).
+Which of the two is faster on a GPU is still to be measured.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from vitkern.ops._triton import dot_operand, register_helper, register_kernel, round_to
+from vitkern.ops.attention.tiles import (
+    _attn_cols,
+    _attn_key_range,
+    _attn_load,
+    _attn_load_tile,
+    _attn_program,
+    _attn_rows,
+    _attn_store_tile,
+    _attn_zeros,
+    _wgmma_rule,
+)
+
+
+@register_kernel
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    H, Tq,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(dO * O), fp32 (B, H, Tq)."""
+    pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, False)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _attn_load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                   offs_m, Tq, offs_d, HEAD_DIM, True, BLOCK_D > HEAD_DIM)
+    do = _attn_load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                    offs_m, Tq, offs_d, HEAD_DIM, True, BLOCK_D > HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@register_helper
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n,
+    q_base, do_base, lse_base, delta_base, dq_base,
+    stride_qt, stride_dot, stride_dqt,
+    offs_n, offs_da, offs_db, cols_a, cols_b, lo, hi, Tq, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DB: tl.constexpr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Query blocks [lo, hi) against one key block, in the transposed orientation (S^T = K Q^T).
+
+    Mask-free loads as in the forward: rows past Tq repeat row Tq - 1 (their P is masked to 0),
+    columns past the head dim repeat the last one (k's and v's tails are zero; the tails of dK
+    and dV are never stored)."""
+    in_dtype = q_base.dtype.element_ty
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        rows = _attn_rows(offs_m, Tq, MASKED)
+        q_a = dot_operand(tl.load(q_base + rows[:, None] * stride_qt + cols_a[None, :]))
+        do_a = dot_operand(tl.load(do_base + rows[:, None] * stride_dot + cols_a[None, :]))
+        lse = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+        if HAS_BIAS:
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
+        qkT = tl.dot(k_a, tl.trans(q_a), input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            q_b = dot_operand(tl.load(q_base + rows[:, None] * stride_qt + cols_b[None, :]))
+            do_b = dot_operand(tl.load(do_base + rows[:, None] * stride_dot + cols_b[None, :]))
+            qkT = tl.dot(k_b, tl.trans(q_b), qkT, input_precision=PRECISION)
+        # P = exp(s - lse) as exp2((s - lse) * log2(e)): the rounding scales with s - lse (small
+        # where P matters), not with |s| + |lse| as exp2(s * log2(e) - lse * log2(e)) would
+        if USE_BIAS:
+            pT = tl.math.exp2((qkT * sm_scale + bias_n[:, None] - lse[None, :]) * 1.4426950408889634)
+        else:
+            pT = tl.math.exp2((qkT * sm_scale - lse[None, :]) * 1.4426950408889634)
+        if MASKED:
+            valid = offs_m[None, :] < Tq
+            if CAUSAL:
+                valid = valid & (offs_n[:, None] <= offs_m[None, :])
+            pT = tl.where(valid, pT, 0.0)
+        pT_in = dot_operand(round_to(pT, in_dtype))
+        dv_a = tl.dot(pT_in, do_a, dv_a, input_precision=PRECISION)
+        dpT = tl.dot(v_a, tl.trans(do_a), input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            dv_b = tl.dot(pT_in, do_b, dv_b, input_precision=PRECISION)
+            dpT = tl.dot(v_b, tl.trans(do_b), dpT, input_precision=PRECISION)
+        dsT = dot_operand(round_to(pT * (dpT - delta[None, :]), in_dtype))
+        dk_a = tl.dot(dsT, q_a, dk_a, input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            dk_b = tl.dot(dsT, q_b, dk_b, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            ds = tl.trans(dsT)
+            dq_a = tl.dot(ds, k_a, input_precision=PRECISION) * sm_scale
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_da[None, :], dq_a,
+                          mask=(offs_m[:, None] < Tq) & (offs_da[None, :] < HEAD_DIM), sem="relaxed")
+            if BLOCK_DB > 0:
+                dq_b = tl.dot(ds, k_b, input_precision=PRECISION) * sm_scale
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_db[None, :], dq_b,
+                              mask=(offs_m[:, None] < Tq) & (offs_db[None, :] < HEAD_DIM), sem="relaxed")
+    return dk_a, dk_b, dv_a, dv_b
+
+
+@register_kernel(expects_wgmma=_wgmma_rule("K", "BLOCK_N"))
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_bb, stride_bh, stride_bt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    stride_dqb, stride_dqh, stride_dqt,
+    H, HKV, GROUP, Tq, Tk, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of one key block of one kv head, summed over the query heads of its group. With
+    ATOMIC_DQ it also adds this block's share of dQ (times the scale) into the fp32 buffer DQ."""
+    _, b, hk, start_n = _attn_program(Tk, HKV, BLOCK_N, False)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
+
+    k_a, k_b = _attn_load_tile(K + b * stride_kb + hk * stride_kh, stride_kt, offs_n, Tk, offs_da, offs_db,
+                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    v_a, v_b = _attn_load_tile(V + b * stride_vb + hk * stride_vh, stride_vt, offs_n, Tk, offs_da, offs_db,
+                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    dk_a, dk_b = _attn_zeros(BLOCK_N, BLOCK_DA, BLOCK_DB)
+    dv_a, dv_b = _attn_zeros(BLOCK_N, BLOCK_DA, BLOCK_DB)
+
+    # query blocks: [m_lo, m_diag) the causal diagonal (masked), [m_diag, m_full) unmasked,
+    # [m_full, tq_ceil) the Tq tail (masked)
+    tq_ceil = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        m_lo = start_n // BLOCK_M * BLOCK_M
+        m_diag = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, tq_ceil)
+    else:
+        m_lo = 0
+        m_diag = 0
+    m_full = tl.maximum(Tq // BLOCK_M * BLOCK_M, m_diag)
+
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        if HAS_BIAS:
+            bias_n = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n * stride_bt, mask=offs_n < Tk,
+                             other=float("-inf"))
+        elif ATOMIC_DQ:
+            bias_n = tl.where(offs_n < Tk, 0.0, float("-inf"))  # keys past Tk must not reach dQ
+        else:
+            bias_n = 0.0  # rows of keys past Tk are never stored
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        dq_base = DQ + b * stride_dqb + h * stride_dqh
+        lse_base = LSE + (b * H + h) * Tq
+        delta_base = DELTA + (b * H + h) * Tq
+        dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
+            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
+            dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_lo, m_diag,
+            Tq, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
+            HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
+        dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
+            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
+            dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_diag, m_full,
+            Tq, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, False,
+            HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
+        dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
+            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
+            dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_full, tq_ceil,
+            Tq, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
+            HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
+
+    _attn_store_tile(DK + b * stride_dkb + hk * stride_dkh, stride_dkt, dk_a * sm_scale, dk_b * sm_scale,
+                     offs_n, Tk, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    _attn_store_tile(DV + b * stride_dvb + hk * stride_dvh, stride_dvt, dv_a, dv_b,
+                     offs_n, Tk, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+
+
+@register_helper
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta,
+    k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
+    offs_m, cols_a, cols_b, lo, hi, Tk, sm_scale,
+    BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Key blocks [lo, hi) for one query block's dQ (mask-free loads as in the forward)."""
+    in_dtype = k_base.dtype.element_ty
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        rows = _attn_rows(offs_n, Tk, MASKED)
+        k_a = dot_operand(tl.load(k_base + rows[:, None] * stride_kt + cols_a[None, :]))
+        v_a = dot_operand(tl.load(v_base + rows[:, None] * stride_vt + cols_a[None, :]))
+        qk = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+        dp = tl.dot(do_a, tl.trans(v_a), input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            k_b = dot_operand(tl.load(k_base + rows[:, None] * stride_kt + cols_b[None, :]))
+            v_b = dot_operand(tl.load(v_base + rows[:, None] * stride_vt + cols_b[None, :]))
+            qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PRECISION)
+            dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=PRECISION)
+        qk = qk * sm_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_base + rows * stride_bt)
+            qk = qk + bias[None, :]
+        p = tl.math.exp2((qk - lse[:, None]) * 1.4426950408889634)  # as in the dK/dV kernel
+        if MASKED:
+            valid = offs_n[None, :] < Tk
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(valid, p, 0.0)
+        ds = dot_operand(round_to(p * (dp - delta[:, None]), in_dtype))
+        dq_a = tl.dot(ds, k_a, dq_a, input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            dq_b = tl.dot(ds, k_b, dq_b, input_precision=PRECISION)
+    return dq_a, dq_b
+
+
+@register_kernel(expects_wgmma=_wgmma_rule("Q", "BLOCK_M"))
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, BIAS, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_bb, stride_bh, stride_bt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    H, GROUP, Tq, Tk, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ of one query block of one head, without atomics (bit-reproducible)."""
+    pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
+
+    q_a, q_b = _attn_load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
+                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    do_a, do_b = _attn_load_tile(DO + b * stride_dob + h * stride_doh, stride_dot, offs_m, Tq, offs_da, offs_db,
+                                 HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    dq_a, dq_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
+    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    if HAS_BIAS:
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
+    delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    bias_base = BIAS + b * stride_bb + h * stride_bh
+    n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    dq_a, dq_b = _attn_bwd_dq_inner(
+        dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
+        stride_bt, offs_m, cols_a, cols_b, 0, n_full, Tk, sm_scale,
+        BLOCK_N, BLOCK_DB, CAUSAL, False, HAS_BIAS, PRECISION)
+    dq_a, dq_b = _attn_bwd_dq_inner(
+        dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
+        stride_bt, offs_m, cols_a, cols_b, n_full, n_end, Tk, sm_scale,
+        BLOCK_N, BLOCK_DB, CAUSAL, True, HAS_BIAS, PRECISION)
+
+    _attn_store_tile(DQ + b * stride_dqb + h * stride_dqh, stride_dqt, dq_a * sm_scale, dq_b * sm_scale,
+                     offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)

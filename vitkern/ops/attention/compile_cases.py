@@ -1,0 +1,66 @@
+"""Attention's static compile cases (vitkern.testing.compile_check): CPU tensors, nothing runs
+under capture.
+
+The cases call the launchers the way the registered ops do, so the check compiles exactly the
+specialisations a run launches: the default set every kernel variant once plus the benchmark
+shapes, the slow set every config of the tables.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vitkern.ops.attention.configs import _attn_pieces
+from vitkern.ops.attention.launch import _attention_bwd, _attention_fwd
+from vitkern.ops.attention.op import _packed_views
+from vitkern.testing.compile_check import compile_cases
+
+
+def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=False, deterministic=False,
+              backward=True, precision="ieee"):
+    """Call the launchers the way the ops do (dtype "tf32" = fp32 with TF32 dots)."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if dtype == "tf32" else "ieee"
+    try:
+        dtype = torch.float32 if dtype == "tf32" else dtype
+        if packed:
+            qkv = torch.empty((b, tq, 3, h, d), dtype=dtype)
+            q, k, v = _packed_views(qkv)
+            out = torch.empty((b, tq, h, d), dtype=dtype).transpose(1, 2)
+            dq, dk, dv = _packed_views(torch.empty_like(qkv))
+        else:
+            q = torch.empty((b, h, tq, d), dtype=dtype)
+            k, v = (torch.empty((b, hkv, tk, d), dtype=dtype) for _ in range(2))
+            out = torch.empty_like(q)
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        key_bias = torch.empty((b, 1, tk), dtype=torch.float32) if bias else None
+        lse = torch.empty((b, h, tq), dtype=torch.float32)
+        _attention_fwd(q, k, v, key_bias, causal, d ** -0.5, out, lse)
+        if backward:
+            _attention_bwd(out, q, k, v, out, lse, None, key_bias, causal, d ** -0.5, deterministic, dq, dk, dv)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+@compile_cases
+def _attention_compile_cases():
+    # the benchmark shapes (ViT-B/16 and ViT-H/14 through the packed path), default backward
+    _case_run(torch.bfloat16, 2, 12, 12, 197, 197, 64, packed=True)
+    _case_run(torch.bfloat16, 2, 16, 16, 257, 257, 80, packed=True)
+    # every other variant once: causal + key padding + GQA, ragged Tq != Tk, a masked head-dim
+    # tail, the deterministic dQ kernel; fp32 with IEEE and with TF32 dots
+    _case_run(torch.float16, 2, 8, 2, 100, 197, 72, causal=True, bias=True, deterministic=True)
+    _case_run(torch.float32, 2, 4, 4, 197, 197, 64, deterministic=True)
+    _case_run("tf32", 2, 4, 4, 197, 197, 64)
+
+
+@compile_cases(slow=True)
+def _attention_compile_cases_all():
+    # every config of the tables: head dims of every width class, with and without a masked tail,
+    # both dQ paths (the atomic one only runs without a masked tail), every precision class
+    for dtype, dims in ((torch.bfloat16, (32, 40, 56, 64, 72, 80, 88, 96, 104, 128, 136, 160, 176, 192, 200, 256)),
+                        (torch.float32, (64, 72, 128, 200, 256)), ("tf32", (64, 72, 128, 200, 256))):
+        for d in dims:
+            da, db = _attn_pieces(d, split=dtype == torch.bfloat16)
+            for deterministic in (True, False) if d == da + db else (True,):
+                _case_run(dtype, 2, 4, 4, 197, 197, d, causal=True, bias=True, deterministic=deterministic)

@@ -1,0 +1,129 @@
+"""The attention forward kernel (flash attention): ``out`` and the row logsumexp.
+
+One program per (query block, batch * head): online softmax over key blocks in fp32, exp2 with
+log2(e) folded into the score scale, the row logsumexp saved for the backward. Key blocks that
+every row of the query block sees run without masks; the causal diagonal and the Tk tail run a
+masked copy of the same loop. Grouped-query attention maps query head h to kv head
+h // (H // Hkv). q / k / v / out are read and written through their strides (last dim unit
+stride), so the packed (B, T, 3, H, D) qkv is read in place and (B, T, H, D) written directly.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from vitkern.ops._triton import dot_operand, register_helper, register_kernel, round_to
+from vitkern.ops.attention.tiles import (
+    _attn_cols,
+    _attn_key_range,
+    _attn_load_tile,
+    _attn_program,
+    _attn_rows,
+    _attn_store_tile,
+    _attn_zeros,
+    _wgmma_rule,
+)
+
+
+@register_helper
+@triton.jit
+def _attn_fwd_inner(
+    acc_a, acc_b, l_i, m_i, q_a, q_b,
+    k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
+    offs_m, cols_a, cols_b, lo, hi, Tk, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Key blocks [lo, hi) of the online softmax; MASKED: the causal diagonal / Tk tail.
+
+    Loads take no masks: ``cols_*`` repeat the last column past the head dim (q's tail is zero,
+    so those products vanish, and the output's tail columns are never stored) and rows past Tk
+    repeat row Tk - 1 (their scores are masked to -inf), which keeps the loop's registers for
+    the dots."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        rows = _attn_rows(offs_n, Tk, MASKED)
+        k_a = tl.load(k_base + rows[:, None] * stride_kt + cols_a[None, :])
+        qk = tl.dot(q_a, tl.trans(dot_operand(k_a)), input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            k_b = tl.load(k_base + rows[:, None] * stride_kt + cols_b[None, :])
+            qk = tl.dot(q_b, tl.trans(dot_operand(k_b)), qk, input_precision=PRECISION)
+        qk = qk * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_base + rows * stride_bt)
+            qk = qk + bias[None, :] * 1.4426950408889634
+        if MASKED:
+            valid = offs_n[None, :] < Tk
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if HAS_BIAS:
+            # a row whose keys so far are all masked keeps m = -inf; shift by 0 so p = alpha = 0
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = dot_operand(round_to(p, k_base.dtype.element_ty))
+        v_a = tl.load(v_base + rows[:, None] * stride_vt + cols_a[None, :])
+        acc_a = tl.dot(p, dot_operand(v_a), acc_a * alpha[:, None], input_precision=PRECISION)
+        if BLOCK_DB > 0:
+            v_b = tl.load(v_base + rows[:, None] * stride_vt + cols_b[None, :])
+            acc_b = tl.dot(p, dot_operand(v_b), acc_b * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc_a, acc_b, l_i, m_i
+
+
+@register_kernel(expects_wgmma=_wgmma_rule("Q", "BLOCK_M"))
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, BIAS, O, LSE,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_bb, stride_bh, stride_bt,
+    stride_ob, stride_oh, stride_ot,
+    H, GROUP, Tq, Tk, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out, lse for one query block of one (batch, head). qk_scale = scale * log2(e)."""
+    pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    bias_base = BIAS + b * stride_bb + h * stride_bh
+
+    q_a, q_b = _attn_load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
+                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    acc_a, acc_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
+        acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
+        offs_m, cols_a, cols_b, 0, n_full, Tk, qk_scale,
+        BLOCK_N, BLOCK_DB, CAUSAL, False, HAS_BIAS, PRECISION)
+    acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
+        acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
+        offs_m, cols_a, cols_b, n_full, n_end, Tk, qk_scale,
+        BLOCK_N, BLOCK_DB, CAUSAL, True, HAS_BIAS, PRECISION)
+
+    if HAS_BIAS:
+        l_div = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: out 0, lse -inf
+    else:
+        l_div = l_i
+    inv_l = 1.0 / l_div
+    _attn_store_tile(O + b * stride_ob + h * stride_oh, stride_ot, acc_a * inv_l[:, None], acc_b * inv_l[:, None],
+                     offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)

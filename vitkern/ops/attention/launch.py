@@ -1,0 +1,124 @@
+"""Attention's launchers: pick the config for the call, compute the grid, launch the kernels.
+
+They write into outputs the caller allocated (views with unit last stride, so the packed qkv path
+reads and writes its slices in place) and allocate only the backward's small temporaries. The
+registered ops in :mod:`vitkern.ops.attention.op` and the compile cases call them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from vitkern.ops._config import device_arch
+from vitkern.ops._index import check_int32
+from vitkern.ops._triton import launch
+from vitkern.ops.attention.backward import (
+    _attention_bwd_dkdv_kernel,
+    _attention_bwd_dq_kernel,
+    _attention_bwd_preprocess_kernel,
+)
+from vitkern.ops.attention.configs import _ATTN_PRE_CONFIGS, _attn_config, _attn_pieces, _attn_precision, _next_pow2
+from vitkern.ops.attention.forward import _attention_fwd_kernel
+
+_LOG2E = 1.4426950408889634
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _check_index_range(**tensors: Optional[torch.Tensor]) -> None:
+    """Within one (batch, head) slice the kernels offset tokens in int32 (``offs * stride_t``; the
+    batch and head offsets are int64): raise before launch where that would wrap."""
+    for name, t in tensors.items():
+        if t is not None:
+            check_int32("attention (triton)", f"{name} (token offsets within one (batch, head) slice)",
+                        (t.shape[2], t.stride(2)))
+
+
+def _bias_args(bias: Optional[torch.Tensor], b: int, h: int, tk: int, dummy: torch.Tensor) -> tuple:
+    if bias is None:
+        return (dummy, 0, 0, 0)
+    bias = bias.expand(b, h, tk)
+    return (bias, *_strides3(bias))
+
+
+def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Forward into ``out`` (B, H, Tq, D), any strides with unit last stride, and ``lse``
+    (contiguous fp32 (B, H, Tq)). q (B, H, Tq, D), k / v (B, Hkv, Tk, D) views with unit last
+    stride; ``bias`` None or fp32 broadcastable to (B, H, Tk). Allocates nothing."""
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    if b * h * tq == 0:
+        return
+    _check_index_range(q=q, k=k, v=v, out=out, key_padding_bias=None if bias is None else bias.expand(b, h, tk))
+    da, db = _attn_pieces(d, split=q.dtype != torch.float32)
+    precision = _attn_precision(q.dtype)
+    config = _attn_config("fwd", device_arch(q.device if q.is_cuda else None), precision, da + db, d != da + db)
+    grid = (triton.cdiv(tq, config.meta["BLOCK_M"]) * b * h,)
+    bias_args = _bias_args(bias, b, h, tk, q)
+    launch(_attention_fwd_kernel, grid, q, k, v, bias_args[0], out, lse,
+           *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], *_strides3(out),
+           h, h // hkv, tq, tk, scale * _LOG2E,
+           HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
+           PRECISION="ieee" if precision == "16bit" else precision, config=config)
+
+
+def _attention_bwd(dout, q, k, v, out, lse, dlse, bias, causal: bool, scale: float, deterministic: bool,
+                   dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Gradients into ``dq`` (B, H, Tq, D) and ``dk`` / ``dv`` (B, Hkv, Tk, D) (views with unit last
+    stride, e.g. slices of one packed dqkv). ``dlse``: None or the gradient of lse. Temporaries:
+    delta (B, H, Tq) fp32, and for the atomic dQ path an fp32 (B, H, Tq, D) buffer unless dq is
+    fp32 itself: nothing of size Tq x Tk."""
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    if b * h * tq == 0:  # no queries: nothing reaches k and v
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return
+    _check_index_range(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk, dv=dv,
+                       key_padding_bias=None if bias is None else bias.expand(b, h, tk))
+    da, db = _attn_pieces(d, split=q.dtype != torch.float32)
+    precision = _attn_precision(q.dtype)
+    arch = device_arch(q.device if q.is_cuda else None)
+    dot_precision = "ieee" if precision == "16bit" else precision
+
+    delta = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
+    pre = _ATTN_PRE_CONFIGS[64 if _next_pow2(d) <= 64 else 256]
+    launch(_attention_bwd_preprocess_kernel, (triton.cdiv(tq, pre.meta["BLOCK_M"]) * b * h,), out, dout, delta,
+           *_strides3(out), *_strides3(dout), h, tq, HEAD_DIM=d, BLOCK_D=_next_pow2(d), config=pre)
+    if dlse is not None:
+        # d lse / d s = p: the lse gradient enters as dS = P * (dP - (delta - dlse))
+        delta.sub_(dlse)
+
+    # dQ through fp32 atomics from the dK/dV kernel unless asked to be deterministic, or where the
+    # head dim has a masked tail (those variants spill with the atomic epilogue)
+    atomic = not deterministic and d == da + db
+    if atomic:
+        dq_acc = dq if dq.dtype == torch.float32 else torch.empty((b, h, tq, d), device=q.device, dtype=torch.float32)
+        dq_acc.zero_()
+    else:
+        dq_acc = dq
+    bias_args = _bias_args(bias, b, h, tk, q)
+    config = _attn_config("dkdv", arch, precision, da + db, d != da + db)
+    launch(_attention_bwd_dkdv_kernel, (triton.cdiv(tk, config.meta["BLOCK_N"]) * b * hkv,),
+           q, k, v, bias_args[0], dout, lse, delta, dk, dv, dq_acc,
+           *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], *_strides3(dout), *_strides3(dk),
+           *_strides3(dv), *_strides3(dq_acc), h, hkv, h // hkv, tq, tk, scale,
+           HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None, ATOMIC_DQ=atomic,
+           PRECISION=dot_precision, config=config)
+    if atomic:
+        if dq_acc is not dq:
+            dq.copy_(dq_acc)
+        return
+    config = _attn_config("dq", arch, precision, da + db, d != da + db)
+    launch(_attention_bwd_dq_kernel, (triton.cdiv(tq, config.meta["BLOCK_M"]) * b * h,),
+           q, k, v, bias_args[0], dout, lse, delta, dq,
+           *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], *_strides3(dout), *_strides3(dq),
+           h, h // hkv, tq, tk, scale,
+           HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
+           PRECISION=dot_precision, config=config)

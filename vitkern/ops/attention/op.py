@@ -1,0 +1,215 @@
+"""Attention's Triton backend: the registered ops, their fakes and autograd, and the backend's
+implementation functions with their ``supports`` predicates.
+
+``vitkern::attention_fwd`` / ``attention_bwd`` / ``attention_qkvpacked_fwd`` /
+``attention_qkvpacked_bwd`` are ``torch.library`` custom ops, so torch.compile sees each kernel
+launch as one opaque op. The kernels are reached through :mod:`vitkern.ops.attention.launch`,
+imported where an op runs them: this module imports without Triton.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from vitkern.ops._common import FLOAT_DTYPES, kernel_op
+from vitkern.ops._index import fits_int32
+from vitkern.ops.attention.configs import _attn_head_dim_reason
+
+
+def _unit_last(t: torch.Tensor, t_dim: Optional[int] = -2) -> torch.Tensor:
+    """Kernels read rows with unit stride: a last dim with another stride is copied. So is a view
+    whose token offsets ``(T - 1) * stride_t`` (int32 in the kernels) pass 2^31 - 1 when a copy
+    fixes that (``t_dim``: the token dim; None for packed qkv, whose contiguous layout it is)."""
+    if (t.stride(-1) == 1 or t.shape[-1] == 1) and (t_dim is None or fits_int32((t.shape[t_dim], t.stride(t_dim)))):
+        return t
+    return t.contiguous()
+
+
+def _packed_views(qkv: torch.Tensor):
+    """q, k, v as (B, H, T, D) views of a (B, T, 3, H, D) tensor."""
+    q, k, v = qkv.unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Registered ops (torch.library custom ops with fakes) and their autograd
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_fwd_fake(q, k, v, key_padding_bias, causal, scale, deterministic):
+    b, h, tq, d = q.shape
+    return q.new_empty((b, h, tq, d)), q.new_empty((b, h, tq), dtype=torch.float32)
+
+
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_bias, causal, scale, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("vitkern::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dlse: Optional[torch.Tensor], key_padding_bias: Optional[torch.Tensor], causal: bool, scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from vitkern.ops.attention import launch as _launch
+
+    q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    _launch._attention_bwd(dout, q, k, v, out, lse, dlse, key_padding_bias, causal, scale, deterministic, dq, dk, dv)
+    return dq, dk, dv
+
+
+_attention_bwd_op.register_fake(_attention_bwd_fake)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, key_padding_bias, causal, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_bias)
+    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, key_padding_bias = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, dlse, key_padding_bias, ctx.causal, ctx.scale,
+                                   ctx.deterministic)
+    return dq, dk, dv, None, None, None, None
+
+
+@kernel_op("vitkern::attention_fwd", fake=_attention_fwd_fake, setup_context=_attention_setup,
+           backward=_attention_backward)
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_bias: Optional[torch.Tensor], causal: bool,
+    scale: float, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, H, Tq, D) contiguous, lse fp32 (B, H, Tq); ``deterministic`` is for the backward."""
+    from vitkern.ops.attention import launch as _launch
+
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    b, h, tq, d = q.shape
+    out = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
+    _launch._attention_fwd(q, k, v, key_padding_bias, causal, scale, out, lse)
+    return out, lse
+
+
+def _qkvpacked_fwd_fake(qkv, causal, scale, deterministic):
+    b, t, _, h, d = qkv.shape
+    return qkv.new_empty((b, t, h, d)), qkv.new_empty((b, h, t), dtype=torch.float32)
+
+
+def _qkvpacked_bwd_fake(dout, qkv, out, lse, dlse, causal, scale, deterministic):
+    return qkv.new_empty(qkv.shape)
+
+
+@torch.library.custom_op("vitkern::attention_qkvpacked_bwd", mutates_args=())
+def _attention_qkvpacked_bwd_op(
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+    causal: bool, scale: float, deterministic: bool,
+) -> torch.Tensor:
+    """dqkv (B, T, 3, H, D) contiguous; dq, dk, dv are written straight into its slices."""
+    from vitkern.ops.attention import launch as _launch
+
+    qkv = _unit_last(qkv, None)
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    q, k, v = _packed_views(qkv)
+    dq, dk, dv = _packed_views(dqkv)
+    _launch._attention_bwd(_unit_last(dout, 1).transpose(1, 2), q, k, v, out.transpose(1, 2), lse, dlse, None,
+                           causal, scale, deterministic, dq, dk, dv)
+    return dqkv
+
+
+_attention_qkvpacked_bwd_op.register_fake(_qkvpacked_bwd_fake)
+
+
+def _qkvpacked_setup(ctx, inputs, output):
+    qkv, causal, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+
+
+def _qkvpacked_backward(ctx, dout, dlse):
+    qkv, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dqkv = _attention_qkvpacked_bwd_op(dout, qkv, out, lse, dlse, ctx.causal, ctx.scale, ctx.deterministic)
+    return dqkv, None, None, None
+
+
+@kernel_op("vitkern::attention_qkvpacked_fwd", fake=_qkvpacked_fwd_fake, setup_context=_qkvpacked_setup,
+           backward=_qkvpacked_backward)
+def _attention_qkvpacked_fwd_op(
+    qkv: torch.Tensor, causal: bool, scale: float, deterministic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, T, H, D) contiguous (ready for the output projection), lse fp32 (B, H, T)."""
+    from vitkern.ops.attention import launch as _launch
+
+    qkv = _unit_last(qkv, None)
+    b, t, _, h, d = qkv.shape
+    out = torch.empty((b, t, h, d), device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty((b, h, t), device=qkv.device, dtype=torch.float32)
+    q, k, v = _packed_views(qkv)
+    _launch._attention_fwd(q, k, v, None, causal, scale, out.transpose(1, 2), lse)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# The "triton" backend of ops "attention" and "attention_qkvpacked"
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_dtype_reason(dtype: torch.dtype) -> Optional[str]:
+    if dtype not in FLOAT_DTYPES:
+        return f"dtype {str(dtype).replace('torch.', '')} (the Triton kernels take float32, float16, bfloat16)"
+    return None
+
+
+def _attention_triton_supports(q, k, v, *, causal, scale, return_lse, deterministic, key_padding_bias=None):
+    reason = _triton_dtype_reason(q.dtype) or _attn_head_dim_reason(q.shape[-1])
+    if (reason is None and key_padding_bias is not None and key_padding_bias.requires_grad
+            and torch.is_grad_enabled()):
+        reason = "a key-padding mask that requires grad (the kernels do not differentiate the mask)"
+    return reason
+
+
+def _attention_qkvpacked_triton_supports(qkv, *, causal, scale, return_lse, deterministic):
+    return _triton_dtype_reason(qkv.dtype) or _attn_head_dim_reason(qkv.shape[-1])
+
+
+def _check_triton_head_dim(name: str, d: int) -> None:
+    reason = _attn_head_dim_reason(d)
+    if reason is not None:
+        raise ValueError(f"{name}: unsupported {reason}")
+
+
+def _resolved(scale: Optional[float], d: int, deterministic: bool) -> tuple[float, bool]:
+    # torch.use_deterministic_algorithms(True) also selects the bit-reproducible backward
+    return (1.0 / math.sqrt(d) if scale is None else float(scale),
+            bool(deterministic or torch.are_deterministic_algorithms_enabled()))
+
+
+def _attention_triton(q, k, v, *, causal=False, scale=None, return_lse=False, deterministic=False,
+                      key_padding_bias=None):
+    """Backend "triton" of op "attention" (inputs already checked by the public function)."""
+    _check_triton_head_dim("q", q.shape[-1])
+    scale, deterministic = _resolved(scale, q.shape[-1], deterministic)
+    if key_padding_bias is not None and key_padding_bias.dtype != torch.float32:
+        key_padding_bias = key_padding_bias.float()
+    out, lse = _attention_fwd_op(q, k, v, key_padding_bias, causal, scale, deterministic)
+    return (out, lse) if return_lse else out
+
+
+def _attention_qkvpacked_triton(qkv, *, causal=False, scale=None, return_lse=False, deterministic=False):
+    """Backend "triton" of op "attention_qkvpacked": reads (B, T, 3, H, D), writes (B, T, H, D)."""
+    _check_triton_head_dim("qkv", qkv.shape[-1])
+    scale, deterministic = _resolved(scale, qkv.shape[-1], deterministic)
+    out, lse = _attention_qkvpacked_fwd_op(qkv, causal, scale, deterministic)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,86 @@
+"""Reference attention: differentiable pure PyTorch on any device, float64 accepted.
+
+The scores are materialised (``(Tq, Tk)`` per head) in fp32 (fp64 for fp64 inputs). These are the
+"reference" backend of ops ``"attention"`` and ``"attention_qkvpacked"`` and the ground truth the
+kernels are tested against; the conventions (``lse``, ``key_padding_bias``, fully masked rows,
+causal alignment) are in :mod:`vitkern.ops.attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from vitkern.ops._common import autocast_disabled
+
+
+def _attention_core(q, k, v, key_padding_bias, causal, scale):
+    """Attention in fp32 (fp64 for fp64): returns ``(out in q's dtype, lse in the compute dtype)``."""
+    heads, tq, d = q.shape[1], q.shape[2], q.shape[3]
+    kv_heads, tk = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    with autocast_disabled(q.device):
+        qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+        if kv_heads != heads:
+            group = heads // kv_heads
+            kf = kf.repeat_interleave(group, dim=1)
+            vf = vf.repeat_interleave(group, dim=1)
+        s = torch.matmul(qf, kf.transpose(-2, -1)) * scale
+        if key_padding_bias is not None:
+            s = s + key_padding_bias.to(acc).unsqueeze(-2)
+        if causal:
+            visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
+            s = s.masked_fill(~visible, float("-inf"))
+        # Softmax through the logsumexp. The row max is a constant shift (softmax and lse do not
+        # depend on it), so it is detached; rows with every key masked (max = -inf) use 0 instead,
+        # which gives p = 0, out = 0, lse = -inf and finite gradients.
+        m = s.amax(dim=-1, keepdim=True).detach()
+        m = m.masked_fill(torch.isneginf(m), 0.0)
+        e = torch.exp(s - m)
+        total = e.sum(dim=-1, keepdim=True)
+        empty = total == 0
+        total = total.masked_fill(empty, 1.0)
+        p = e / total
+        out = torch.matmul(p, vf)
+        lse = (m + torch.log(total)).masked_fill(empty, float("-inf")).squeeze(-1)
+    return out.to(q.dtype), lse
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    key_padding_bias: Optional[torch.Tensor] = None,
+):
+    """Reference attention (no argument checks; float64 accepted; always deterministic).
+
+    Materialises the ``(Tq, Tk)`` scores in fp32 (fp64 for fp64 inputs), softmax via the
+    logsumexp, one cast of the output to ``q``'s dtype. ``lse`` is float32 (float64 for float64
+    inputs). See :mod:`vitkern.ops.attention` for ``key_padding_bias`` and fully masked rows.
+    """
+    out, lse = _attention_core(q, k, v, key_padding_bias, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def attention_qkvpacked_ref(
+    qkv: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+):
+    """Reference packed attention: ``(B, T, 3, H, D)`` in, ``(B, T, H, D)`` (contiguous) out."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    out, lse = _attention_core(q, k, v, None, causal, scale)
+    out = out.transpose(1, 2).contiguous()
+    return (out, lse) if return_lse else out
