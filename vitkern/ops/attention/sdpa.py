@@ -1,9 +1,9 @@
 """Drop-in ``torch.nn.functional.scaled_dot_product_attention`` backed by vitkern's attention.
 
 :func:`scaled_dot_product_attention` routes each call (:func:`_sdpa_route`): the calls vitkern's
-attention takes run as op ``"attention"`` of the current backend, a key-padding ``attn_mask``
-turned into the additive ``(B or 1, H or 1, Tk)`` bias that op takes; every other call goes to
-torch's own SDPA with a warning once per distinct reason.
+attention takes run as op ``"attention"`` of the current backend (a key-padding ``attn_mask``
+becomes the additive ``(B or 1, H or 1, Tk)`` bias that op takes); every other call goes to
+torch's own SDPA, with a warning once per distinct reason.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from vitkern.ops.attention.configs import _attn_head_dim_reason
 # the builtin that ``torch.nn.functional.scaled_dot_product_attention`` is bound to, so an earlier
 # patch of the functional module cannot leak in either.
 _torch_sdpa = torch._C._nn.scaled_dot_product_attention
-
 
 _warned_reasons: set[str] = set()
 
