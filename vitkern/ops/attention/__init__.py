@@ -60,7 +60,7 @@ import torch
 
 from vitkern._backend import register_impl, select_impl
 from vitkern.ops._common import autocast_dtype, cast_floating, check_same_device, check_same_dtype, check_tensor
-from vitkern.ops.attention.configs import ATTENTION_HEAD_DIMS as ATTENTION_HEAD_DIMS  # re-exported
+from vitkern.ops.attention.configs import ATTENTION_HEAD_DIMS  # noqa: F401  (public: the Triton kernels' head dims)
 from vitkern.ops.attention.op import (
     _attention_qkvpacked_triton,
     _attention_qkvpacked_triton_supports,
