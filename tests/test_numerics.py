@@ -112,7 +112,7 @@ def test_2x_torch_atol_is_relative_to_the_magnitude():
 
 
 def test_2x_torch_per_op_atol():
-    # fp32, no torch error: 5e-6 at magnitude 2 is past the table's 2e-6 atol, inside patch_embed's 1e-5
+    # fp32, no torch error: 1e-5 at magnitude 2 is past the table's atol there (4e-6), inside patch_embed's (2e-5)
     actual, _ = _actual(F32, 1e-5)
     same = REF64.to(F32)
     assert_2x_torch("tokens", actual, REF64, same, F32, op="patch_embed")
@@ -223,7 +223,7 @@ def test_flash_rule_scale_and_tf32_allowance():
     got[3] = tf32_atol(1.0) * 1.01
     with pytest.raises(AssertionError, match=r"dk \(float32\)"):
         assert_flash_rule("dk", got, ref64, same, F32, scale=1.0, tf32=True)
-    got[3] = torch.finfo(F32).eps * 10  # inside 16 eps-at-scale-16
+    got[3] = torch.finfo(F32).eps * 10  # inside one ulp at scale 16 (16 eps)
     assert_flash_rule("dk", got, ref64, same, F32, scale=16.0)
 
 

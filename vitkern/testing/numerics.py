@@ -1,9 +1,9 @@
 """How vitkern's tests judge a kernel's numbers, in one place: the comparators, their tolerance
 tables, and the output poisoning that makes an element a kernel never writes fail a comparison.
 
-The rule (docs/design.md, "Testing"), the flash-attention one: run the op in float64 (the
-``*_ref`` functions) and in the kernel's dtype with PyTorch; the kernel may be at most twice as
-far from float64 as PyTorch is, plus a small atol at the result's magnitude::
+The rule (docs/design.md, "Testing without a GPU"), the flash-attention one: run the op in
+float64 (the ``*_ref`` functions) and in the kernel's dtype with PyTorch; the kernel may be at most
+twice as far from float64 as PyTorch is, plus a small atol at the result's magnitude::
 
     max |actual - ref64| <= 2 * max |torch_same_dtype - ref64| + atol * max(1, max |ref64|)
 
@@ -119,8 +119,9 @@ def assert_2x_torch(name: str, actual: Optional[torch.Tensor], ref64: torch.Tens
     ``ref64``: the op in float64; ``torch_same``: PyTorch's result (or the reference's) in the
     run's ``dtype`` from the same inputs, whose shape and dtype ``actual`` must have; atol is
     :func:`atol_for` ``(dtype, op)``. A NaN in ``actual`` fails (an element never written into a
-    poisoned output); with ``finite`` so does ±inf, while ``finite=False`` leaves an inf to the
-    bound, which it passes only where PyTorch's own error is infinite. Empty tensors pass.
+    poisoned output); with ``finite`` (the linear, mlp and cuda-backend tests) so does ±inf, while
+    ``finite=False`` (the LayerNorm and patch_embed tests) leaves an inf to the bound, which it
+    passes only where PyTorch's own error is infinite too. Empty tensors pass.
     """
     assert actual is not None, f"{name}: no result (a gradient never computed?)"
     label = _label(name, actual.dtype, dtype)
