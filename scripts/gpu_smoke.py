@@ -2,7 +2,8 @@
 
 One ViT-B/16 shape (batch 4, 197 tokens, width 768, 12 heads of 64, 224 px images, patch 16), in
 bfloat16 and float32, for each backend that implements the op (triton, cuda, reference), checked
-against the reference backend in float32 with IEEE dots. Also: a forward and backward driven from
+against the reference backend in float32 with IEEE dots (``relative_error`` within
+``RELATIVE_TOLERANCE``, vitkern.testing.numerics). Also: a forward and backward driven from
 a worker thread (Triton's scratch allocator is per thread; on CUDA every backward runs on
 autograd's own device thread), and, on a machine with two GPUs, ops on the second device while
 the first is current (the launch device guard). Prints a one-screen pass/fail table with the max
@@ -26,11 +27,9 @@ from typing import Callable, Optional
 import torch
 
 import vitkern
+from vitkern.testing.numerics import RELATIVE_TOLERANCE, relative_error
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# max |got - ref| / max(1, max |ref|): loose enough for bf16 rounding and fp32 accumulation-order
-# differences, tight enough that a wrong kernel (a missed tile, a wrong stride) fails.
-TOLERANCE = {torch.bfloat16: 4e-2, torch.float32: 2e-3}
 
 B, T, D, H, P, IMG = 4, 197, 768, 12, 16, 224
 
@@ -118,17 +117,6 @@ def _run(fn, tensors, backend: str, seed_grad: Optional[torch.Tensor] = None):
     return out.detach(), [t.grad for t in leaves], g
 
 
-def _max_rel_err(got, ref) -> float:
-    if got is None or ref is None:
-        return math.inf if (got is None) != (ref is None) else 0.0
-    if got.shape != ref.shape or not torch.isfinite(got).all():
-        return math.inf
-    if got.numel() == 0:
-        return 0.0
-    got, ref = got.double(), ref.double()
-    return ((got - ref).abs().max() / max(1.0, ref.abs().max().item())).item()
-
-
 def _in_thread(work):
     box = {}
 
@@ -162,9 +150,9 @@ def check(op: str, make: Callable, backend: str, dtype, where: str = "main threa
             out, grads, _ = _in_thread(lambda: _run(fn, tensors, backend, g))
         else:
             out, grads, _ = _run(fn, tensors, backend, g)
-        row["fwd_err"] = _max_rel_err(out, ref_out)
-        row["bwd_err"] = max((_max_rel_err(a, b) for a, b in zip(grads, ref_grads)), default=0.0)
-        tol = TOLERANCE[dtype]
+        row["fwd_err"] = relative_error(out, ref_out)
+        row["bwd_err"] = max((relative_error(a, b) for a, b in zip(grads, ref_grads)), default=0.0)
+        tol = RELATIVE_TOLERANCE[dtype]
         row["ok"] = row["fwd_err"] <= tol and row["bwd_err"] <= tol
         row["error"] = None if row["ok"] else f"error above {tol:g}"
     except Exception as exc:  # noqa: BLE001  (this row fails; the others still run)

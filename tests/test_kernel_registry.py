@@ -33,6 +33,7 @@ from vitkern.ops._triton import (
     wgmma_expected,
 )
 from vitkern.testing.compile_check import capture, registered_cases, run_cases
+from vitkern.testing.numerics import poisoned, poisoned_like
 
 
 def _ops_modules():
@@ -167,7 +168,7 @@ def test_wgmma_expected_rule():
 
 def test_capture_records_launches_and_runs_nothing():
     x = torch.randn(64, 197)
-    out = torch.full_like(x, float("nan"))
+    out = poisoned_like(x)
     for arch, sms in ((80, 108), (90, 132)):
         with capture(arch) as launches:
             assert device_arch(x.device) == arch and num_sms(x.device) == sms
@@ -253,7 +254,7 @@ def test_round_to_rounds_to_nearest_even(device, dtype):
 def test_rowwise_center_through_launch(device, dtype, shape, has_weight):
     x = torch.randn(shape, dtype=dtype, device=device)
     w = torch.randn(shape[1], dtype=dtype, device=device) if has_weight else None
-    out = torch.full_like(x, float("nan"))
+    out = poisoned_like(x)
     y = fx.rowwise_center(x, w, out=out)
     ref = fx.rowwise_center_ref(x.double(), None if w is None else w.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -263,7 +264,7 @@ def test_rowwise_center_through_launch(device, dtype, shape, has_weight):
 def test_launch_with_a_forced_config(device):
     """config= bypasses autotuning (benchmarks sweep configs this way); capture records it."""
     x = torch.randn(9, 100, device=device)
-    out = torch.full_like(x, float("nan"))
+    out = poisoned_like(x)
     forced = fx.ROWWISE_CONFIGS[1]
     args = (x, None, out, 9, 100, x.stride(0), out.stride(0))
     with capture(90) as launches:
@@ -276,7 +277,7 @@ def test_launch_with_a_forced_config(device):
 def test_rowwise_center_misaligned_view(device):
     buf = torch.randn(33, 770, device=device)
     x = buf[:, 1:769]
-    y = fx.rowwise_center(x, out=torch.full((33, 768), float("nan"), device=device))
+    y = fx.rowwise_center(x, out=poisoned((33, 768), torch.float32, device))
     torch.testing.assert_close(y.double(), fx.rowwise_center_ref(x.double()), rtol=1e-5, atol=1e-5)
 
 
@@ -288,7 +289,7 @@ def test_gemm_through_dot_operand(device, dtype, mnk):
     M, N, K = mnk
     a = torch.randn(M, K, dtype=dtype, device=device)
     b = torch.randn(N, K, dtype=dtype, device=device).t()  # a transposed (K, N) view
-    out = torch.full((M, N), float("nan"), dtype=dtype, device=device)
+    out = poisoned((M, N), dtype, device)
     c = fx.gemm(a, b, out=out)
     ref = a.double() @ b.double()
     err = (c.double() - ref).abs().max().item()

@@ -39,6 +39,7 @@ from vitkern.ops.layer_norm import add_layer_norm_ref
 from vitkern.ops.linear import linear_ref
 from vitkern.ops.mlp import mlp_ref
 from vitkern.ops.patch_embed import patch_embed_ref
+from vitkern.testing.numerics import assert_2x_torch_nonfinite, atol_for
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -50,7 +51,6 @@ pytestmark = pytest.mark.skipif(
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-ATOL = {F32: 1e-5, F16: 2e-3, BF16: 1.6e-2}
 DTYPES = st.sampled_from([F32, F16, BF16])
 
 
@@ -147,28 +147,6 @@ def tensor(draw, shape, *, scale=1.0, layouts=LAYOUTS, dtype=None, grad=True, va
     return Arg(base, view, layout, dtype=dtype, grad=grad)
 
 
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    a, b = a.double(), b.double()
-    both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
-    return (a - b).masked_fill(both_inf, 0.0).abs().max().item()
-
-
-def assert_close_rule(name: str, got, ref64, base, dtype, extra_atol: float = 1.0, slack: float = 0.0):
-    """Error vs fp64 <= 2 x the baseline's error in ``dtype`` + atol (relative to the scale)."""
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
-    assert got.dtype == base.dtype, f"{name}: dtype {got.dtype} != {base.dtype}"
-    fin = torch.isfinite(ref64)
-    base = torch.where(torch.isfinite(base) | ~fin, base.double(), ref64).to(base.dtype)  # a NaN baseline: no error
-    assert torch.equal(torch.isfinite(got), fin), f"{name}: non-finite values where fp64 has none (or vice versa)"
-    err, terr = _err(got, ref64), _err(base, ref64)
-    scale = max(ref64[fin].abs().max().item() if fin.any() else 0.0, 1.0)
-    atol = ATOL[dtype] * scale * extra_atol
-    atol += slack
-    assert err <= 2 * terr + atol, f"{name}: error {err:.3g} > 2 x baseline's {terr:.3g} + {atol:.3g}"
-
-
 def _run(fn, args: dict[str, Any], dtype, grad_out: Optional[Arg], want_grad=True):
     """``fn(**views)`` with every Arg built in ``dtype``; returns (outputs, grads by name)."""
     leaves, views = {}, {}
@@ -193,7 +171,7 @@ def _run(fn, args: dict[str, Any], dtype, grad_out: Optional[Arg], want_grad=Tru
     return [o.detach() for o in outs], grads
 
 
-def compare(op: str, public, ref, torch_fn, args, dtype, grad_out=None, extra_atol=1.0, slack=0.0):
+def compare(op: str, public, ref, torch_fn, args, dtype, grad_out=None, slack=0.0):
     """Triton and reference (through the public function) vs fp64, baseline torch in ``dtype``."""
     ref64_outs, ref64_grads = _run(ref, args, F64, grad_out)
     base_outs, base_grads = _run(torch_fn, args, dtype, grad_out)
@@ -201,11 +179,11 @@ def compare(op: str, public, ref, torch_fn, args, dtype, grad_out=None, extra_at
         with vitkern.use_backend(backend):
             outs, grads = _run(public, args, dtype, grad_out)
         for i, (o, r, b) in enumerate(zip(outs, ref64_outs, base_outs)):
-            assert_close_rule(f"{op}[{backend}] output {i}", o, r, b, dtype, extra_atol, slack)
+            assert_2x_torch_nonfinite(f"{op}[{backend}] output {i}", o, r, b, dtype, op="properties", slack=slack)
         for k in ref64_grads:
             assert k in grads, f"{op}[{backend}]: no gradient for {k}"
-            assert_close_rule(f"{op}[{backend}] d{k}", grads[k], ref64_grads[k], base_grads[k].to(grads[k].dtype),
-                              dtype, extra_atol, slack)
+            assert_2x_torch_nonfinite(f"{op}[{backend}] d{k}", grads[k], ref64_grads[k],
+                                      base_grads[k].to(grads[k].dtype), dtype, op="properties", slack=slack)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +289,8 @@ def _attention_body(case):
         views = {k: a.make(dtype, False)[1] for k, a in args.items()}
         _, lse = vitkern.attention(**views, causal=causal, scale=scale, return_lse=True)
         _, lse64 = attention_ref(*(views[k].double() for k in "qkv"), causal=causal, scale=scale, return_lse=True)
-    torch.testing.assert_close(lse.double(), lse64, atol=ATOL[dtype] * 10, rtol=ATOL[dtype] * 10)
+    torch.testing.assert_close(lse.double(), lse64, atol=atol_for(dtype, "properties") * 10,
+                               rtol=atol_for(dtype, "properties") * 10)
 
 
 @st.composite
@@ -601,7 +580,7 @@ def _large_logits_body(case):
     assert all(torch.isfinite(gr).all() for gr in grads)
     want = attention_ref(q.double(), k.double(), v.double(), causal=causal)
     assert (out.double() - want).abs().max() <= 2 * (F.scaled_dot_product_attention(
-        q, k, v, is_causal=causal).double() - want).abs().max() + ATOL[dtype]
+        q, k, v, is_causal=causal).double() - want).abs().max() + atol_for(dtype, "properties")
 
 
 test_nonfinite_propagates, test_nonfinite_propagates_slow = _property(_nonfinite_body, nonfinite_cases(), 40, 400)

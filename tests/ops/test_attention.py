@@ -28,6 +28,7 @@ import vitkern
 from vitkern.ops import attention as A
 from vitkern.ops.attention import configs as attn_configs, launch as attn_launch, op as attn_op, sdpa
 from vitkern.ops._config import INTERPRETING, KernelConfig
+from vitkern.testing.numerics import assert_flash_rule, poisoned, poisoned_like, tf32_active, tf32_atol
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
@@ -53,51 +54,6 @@ def _fp32_precision(value: str):
 
 def _rand(shape, dtype, device, scale=1.0, gen=None):
     return (torch.randn(shape, generator=gen, dtype=F32) * scale).to(device=device, dtype=dtype)
-
-
-def _rounding_atol(ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """Twice the error of just rounding ``ref`` to ``dtype`` (as the flash-attention tests do)."""
-    finite = ref[torch.isfinite(ref)]
-    if finite.numel() == 0:
-        return 0.0
-    r = finite.to(dtype)
-    return 2.0 * ((r + 0.3 - 0.3).double() - finite).abs().max().item() + 1e-7
-
-
-# TF32 keeps 10 mantissa bits: unit roundoff 2^-11. fp32 attention with TF32 dots on a GPU is
-# compared with PyTorch's fp32 SDPA, whose memory-efficient / math kernels are (nearly) exact
-# fp32, so the 2x rule alone would hold the kernel to IEEE accuracy; as PyTorch's own TF32 tests
-# do, the rule then adds a TF32 tolerance: this many roundoffs at the problem's magnitude (a
-# TF32 flash forward / backward, emulated in float64, stays under a third of it: see
-# test_tf32_tolerance_admits_tf32_rounding).
-TF32_ROUNDOFF = 2.0 ** -11
-TF32_ROUNDOFFS = 16
-
-
-def _tf32_active(dtype) -> bool:
-    return dtype == F32 and torch.backends.cuda.matmul.fp32_precision == "tf32"
-
-
-def _assert_fa_rule(name: str, got: torch.Tensor, ref64: torch.Tensor, torch_lp: torch.Tensor, dtype,
-                    scale: float = 0.0, tf32: bool = False) -> None:
-    """|got - ref64| <= 2 |torch_lp - ref64| + atol, and the same non-finite pattern. atol: the
-    rounding noise of ``dtype`` at the reference's magnitude, at least one ulp at ``scale`` (the
-    magnitude of the problem: a gradient that is exactly 0, as dK for a single key, still carries
-    the rounding of the terms that cancel in it); with ``tf32`` (fp32 under TF32 dots), at least
-    :data:`TF32_ROUNDOFFS` TF32 roundoffs at that magnitude."""
-    fin = torch.isfinite(ref64)
-    got_fin = torch.isfinite(got)
-    assert torch.equal(got_fin, fin), f"{name}: {(got_fin != fin).sum().item()} elements differ in finiteness"
-    if not fin.any():
-        return
-    assert torch.equal(got[~fin], ref64[~fin].to(got.dtype)), f"{name}: non-finite values differ"
-    err = (got.double() - ref64)[fin].abs().max().item()
-    err_torch = (torch_lp.double() - ref64)[fin].abs().max().item()
-    atol = max(_rounding_atol(ref64, dtype), torch.finfo(dtype).eps * scale)
-    if tf32:
-        magnitude = max(scale, ref64[fin].abs().max().item(), 1.0)
-        atol = max(atol, TF32_ROUNDOFFS * TF32_ROUNDOFF * magnitude)
-    assert err <= 2 * err_torch + atol, f"{name}: kernel error {err:.3e} > 2 x torch error {err_torch:.3e} + {atol:.1e}"
 
 
 def _sdpa(q, k, v, causal, scale, bias):
@@ -146,15 +102,14 @@ def _run_kernels(q, k, v, dout, causal, scale, bias, deterministic):
     """The launchers straight, into NaN-poisoned outputs (packed inputs get (B, T, H, D) outputs
     and one packed gradient buffer, as the packed op uses them)."""
     b, h, tq, d = q.shape
-    nan = float("nan")
     packed = q._base is not None and q._base is k._base and q._base.dim() == 5
     if packed:
-        out = torch.full((b, tq, h, d), nan, dtype=q.dtype, device=q.device).transpose(1, 2)
-        dq, dk, dv = attn_op._packed_views(torch.full(q._base.shape, nan, dtype=q.dtype, device=q.device))
+        out = poisoned((b, tq, h, d), q.dtype, q.device).transpose(1, 2)
+        dq, dk, dv = attn_op._packed_views(poisoned(q._base.shape, q.dtype, q.device))
     else:
-        out = torch.full_like(q, nan)
-        dq, dk, dv = torch.full_like(q, nan), torch.full_like(k, nan), torch.full_like(v, nan)
-    lse = torch.full((b, h, tq), nan, dtype=F32, device=q.device)
+        out = poisoned_like(q)
+        dq, dk, dv = poisoned_like(q), poisoned_like(k), poisoned_like(v)
+    lse = poisoned((b, h, tq), F32, q.device)
     attn_launch._attention_fwd(q, k, v, bias, causal, scale, out, lse)
     attn_launch._attention_bwd(dout, q, k, v, out, lse, None, bias, causal, scale, deterministic, dq, dk, dv)
     return out, lse, dq, dk, dv
@@ -179,14 +134,14 @@ def _check_case(b, h, hkv, tq, tk, d, dtype, device, causal=False, packed=False,
     out, lse, dq, dk, dv = got
     scale_ref = max((r[torch.isfinite(r)].abs().max().item() if torch.isfinite(r).any() else 0.0)
                     for r in (ref64[0], *ref64[2:]))
-    tf32 = _tf32_active(dtype)
-    _assert_fa_rule("out", out, ref64[0], ref_lp[0], dtype, max(v.abs().max().item(), 1.0) if tf32 else 0.0, tf32)
+    tf32 = tf32_active(dtype)
+    assert_flash_rule("out", out, ref64[0], ref_lp[0], dtype, max(v.abs().max().item(), 1.0) if tf32 else 0.0, tf32)
     lse_ref = ref64[1]
     fin = torch.isfinite(lse_ref)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)) and torch.isfinite(lse[fin]).all()
     assert (lse[fin].double() - lse_ref[fin]).abs().max().item() <= 1e-4 * max(1.0, lse_ref[fin].abs().max().item())
     for name, g, r64, rlp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref64[2:], ref_lp[1:]):
-        _assert_fa_rule(name, g, r64, rlp, dtype, scale_ref, tf32)
+        assert_flash_rule(name, g, r64, rlp, dtype, scale_ref, tf32)
     return got
 
 
@@ -258,10 +213,10 @@ def test_tf32_tolerance_admits_tf32_rounding():
         got = e.float()
         err = (got.double() - r64).abs().max().item()
         magnitude = max(sc, r64.abs().max().item(), 1.0)
-        assert err <= TF32_ROUNDOFFS * TF32_ROUNDOFF * magnitude / 3, f"{name}: TF32 error {err:.2e}"
-        _assert_fa_rule(name, got, r64, rlp, F32, sc, tf32=True)
+        assert err <= tf32_atol(magnitude) / 3, f"{name}: TF32 error {err:.2e}"
+        assert_flash_rule(name, got, r64, rlp, F32, sc, tf32=True)
         try:
-            _assert_fa_rule(name, got, r64, rlp, F32, sc if name != "out" else 0.0)
+            assert_flash_rule(name, got, r64, rlp, F32, sc if name != "out" else 0.0)
         except AssertionError:
             old_rule_fails = True
     assert old_rule_fails, "TF32 rounding passes the IEEE rule: the TF32 tolerance would be untested"

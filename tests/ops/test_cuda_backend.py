@@ -29,9 +29,9 @@ from vitkern.ops import cuda_backend as cb
 from vitkern.ops.linear import linear_ref
 from vitkern.ops.mlp import mlp_ref
 from vitkern.ops.patch_embed import patch_embed_ref
+from vitkern.testing.numerics import assert_2x_torch
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-ATOL = {F32: 2e-6, F16: 2e-3, BF16: 1.6e-2}
 ACTS = [None, "gelu", "gelu_tanh"]
 
 needs_extension = pytest.mark.skipif(
@@ -494,20 +494,6 @@ def test_patchify_unit_widths(geometry, addresses, expected):
 # ================================================================================ GPU numerics
 
 
-def _err(a, b) -> float:
-    return 0.0 if a.numel() == 0 else (a.double() - b.double()).abs().max().item()
-
-
-def assert_matches(name, got, ref64, torch_out, dtype):
-    """Error vs fp64 <= 2 x PyTorch's error in ``dtype`` + atol (relative to the output's scale)."""
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
-    assert got.dtype == torch_out.dtype, f"{name}: dtype {got.dtype} != {torch_out.dtype}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err, terr = _err(got, ref64), _err(torch_out, ref64)
-    atol = ATOL[dtype] * max(ref64.abs().max().item() if ref64.numel() else 0.0, 1.0)
-    assert err <= 2 * terr + atol, f"{name}: error {err:.3g} > 2 x torch's {terr:.3g} + {atol:.3g}"
-
-
 def _compare(fn_cuda, fn_ref, inputs: dict, dtype, *, grads=True):
     """Run fn on the cuda backend, the reference in ``dtype`` and the reference in fp64; compare the
     output and the gradients of every input that requires grad."""
@@ -540,9 +526,9 @@ def _compare(fn_cuda, fn_ref, inputs: dict, dtype, *, grads=True):
         else:
             results.append((y, None, None))
     (y, g, _), (yt, gt, _), (y64, g64, _) = results
-    assert_matches("output", y, y64, yt, dtype)
+    assert_2x_torch("output", y, y64, yt, dtype)
     for k in names:
-        assert_matches(f"grad {k}", g[k], g64[k], gt[k], dtype)
+        assert_2x_torch(f"grad {k}", g[k], g64[k], gt[k], dtype)
 
 
 def _dense_inputs(m_lead, k, n, dtype, device, *, bias=True, residual=None, scale=False, row_scale=False, seed=0):

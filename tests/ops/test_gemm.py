@@ -13,22 +13,9 @@ import triton.language as tl
 
 from vitkern.ops import _gemm
 from vitkern.ops._config import device_arch
+from vitkern.testing.numerics import assert_2x_rounding, poisoned
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-def _ref_err(got, ref64, dtype):
-    """Check |got - ref| <= 2 x the error of rounding ref to the output dtype + small atol."""
-    assert torch.isfinite(got).all(), "non-finite output (unwritten?)"
-    err = (got.double() - ref64).abs().max().item()
-    rnd = (ref64.to(got.dtype).double() - ref64).abs().max().item()
-    scale = max(ref64.abs().max().item(), 1.0)
-    atol = {F32: 1e-5, F16: 2e-3, BF16: 1e-2}[got.dtype] * scale
-    assert err <= 2 * rnd + atol, f"error {err:.3g} > 2 x rounding {rnd:.3g} + {atol:.3g}"
-
-
-def _nan(*shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
 @pytest.mark.parametrize("name", sorted(_gemm.GEMM_CONFIGS))
@@ -41,16 +28,16 @@ def test_every_config_fused_epilogue(device, name):
     a = torch.randn(M, K, device=device).to(dtype)
     b = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
     bias = torch.randn(N, device=device).to(dtype)
-    out, pre = _nan(M, N, dtype=dtype, device=device), _nan(M, N, dtype=dtype, device=device)
+    out, pre = poisoned((M, N), dtype, device), poisoned((M, N), dtype, device)
     _gemm.gemm(a, b, out, bias=bias, activation=_gemm.ACT_GELU, pre=pre, config=cfg)
     p = a.double() @ b.double().T + bias.double()
-    _ref_err(pre, p, dtype)
-    _ref_err(out, torch.nn.functional.gelu(p), dtype)
+    assert_2x_rounding("pre", pre, p, op="gemm")
+    assert_2x_rounding("out", out, torch.nn.functional.gelu(p), op="gemm")
     res = torch.randn(M, N, device=device)
     gamma, rs = torch.rand(N, device=device).to(dtype), torch.rand(M, device=device)
-    out = _nan(M, N, dtype=F32, device=device)
+    out = poisoned((M, N), F32, device)
     _gemm.gemm(a, b, out, bias=bias, col_scale=gamma, row_scale=rs, residual=res, config=cfg)
-    _ref_err(out, res.double() + rs.double()[:, None] * gamma.double() * p, F32)
+    assert_2x_rounding("out", out, res.double() + rs.double()[:, None] * gamma.double() * p, op="gemm")
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16, F32])
@@ -60,9 +47,9 @@ def test_transposed_operands_and_unaligned_rows(device, dtype):
     for M, N, K in ((77, 100, 588), (64, 96, 64)):
         a = torch.randn(K, M, device=device).to(dtype).t()
         b = (torch.randn(K, N, device=device) * K ** -0.5).to(dtype).t()
-        out = _nan(N, M, dtype=dtype, device=device).t()
+        out = poisoned((N, M), dtype, device).t()
         _gemm.gemm(a, b, out)
-        _ref_err(out, a.double() @ b.double().T, dtype)
+        assert_2x_rounding("out", out, a.double() @ b.double().T, op="gemm")
     mode = _gemm._operand_mode(torch.empty(8, 588, dtype=BF16), True)
     assert mode == _gemm.LOAD_PLAIN  # 1176-byte rows: not 16-byte aligned
     assert _gemm._operand_mode(torch.empty(8, 768, dtype=BF16), True) == _gemm.LOAD_TMA
@@ -78,13 +65,13 @@ def test_dw_features(device, split_k):
     x = torch.randn(K, N, device=device).to(BF16)
     w = torch.randn(M, N, device=device).to(BF16)
     red, gamma = torch.rand(K, device=device), torch.rand(M, device=device).to(BF16)
-    out = _nan(M, N, dtype=BF16, device=device)
+    out = poisoned((M, N), BF16, device)
     cfg = _gemm.GEMM_CONFIGS["h100_16_small" if device_arch() >= 90 else "a100_16_small"]
     _, s, d = _gemm.gemm(g.t(), x.t(), out, red_scale=red, row_scale=gamma, row_sum=True, row_dot=w,
                          split_k=split_k, config=cfg)
     a = (g * red[:, None]).to(BF16).double()
     G = a.T @ x.double()
-    _ref_err(out, G * gamma.double()[:, None], BF16)
+    assert_2x_rounding("out", out, G * gamma.double()[:, None], op="gemm")
     torch.testing.assert_close(s.double(), a.sum(0), atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(d.double(), (G * w.double()).sum(1), atol=1e-2, rtol=1e-4)
 
@@ -96,16 +83,16 @@ def test_activation_grad_epilogue_and_act_bwd(device, act):
     w2 = (torch.randn(N, H, device=device) * N ** -0.5).to(BF16)
     pre = torch.randn(M, H, device=device).to(BF16)
     rs = torch.rand(M, device=device)
-    out = _nan(M, H, dtype=BF16, device=device)
+    out = poisoned((M, H), BF16, device)
     _gemm.gemm(g, w2.t(), out, row_scale=rs, act_grad=act, aux=pre)
     p = pre.double().requires_grad_()
     y = torch.nn.functional.gelu(p, approximate="tanh" if act == _gemm.ACT_GELU_TANH else "none")
     (dp,) = torch.autograd.grad(y, p, torch.ones_like(y))
-    _ref_err(out, (g.double() @ w2.double()) * rs.double()[:, None] * dp, BF16)
+    assert_2x_rounding("out", out, (g.double() @ w2.double()) * rs.double()[:, None] * dp, op="gemm")
     gg = torch.randn(M, H, device=device)
     col = torch.rand(H, device=device).to(BF16)
     d, dscale = _gemm.act_bwd(gg, pre, act, F32, col_scale=col, row_scale=rs, want_dscale=True)
-    _ref_err(d, gg.double() * rs.double()[:, None] * col.double() * dp, F32)
+    assert_2x_rounding("d", d, gg.double() * rs.double()[:, None] * col.double() * dp, op="gemm")
     torch.testing.assert_close(dscale.double(), (gg.double() * rs.double()[:, None] * y.detach()).sum(0),
                                atol=1e-3, rtol=1e-4)
 
@@ -114,7 +101,7 @@ def test_empty_shapes(device):
     a, b = torch.randn(0, 16, device=device), torch.randn(8, 16, device=device)
     out, s, _ = _gemm.gemm(a, b, torch.empty(0, 8, device=device), row_sum=True)
     assert out.shape == (0, 8) and s.shape == (0,)
-    out = _nan(5, 8, dtype=F32, device=device)
+    out = poisoned((5, 8), F32, device)
     _gemm.gemm(torch.empty(5, 0, device=device), torch.empty(8, 0, device=device), out,
                bias=torch.ones(8, device=device), activation=_gemm.ACT_GELU)
     torch.testing.assert_close(out, torch.nn.functional.gelu(torch.ones(5, 8, device=device)))
@@ -146,7 +133,7 @@ def test_gather_and_row_map_hooks(device):
     at = torch.randn(K, M, device=device)
     b = torch.randn(N, K, device=device)
     pos = torch.randn(n_patch, N, device=device)
-    out = _nan(n_img * (n_patch + n_prefix), N, dtype=F32, device=device)
+    out = poisoned((n_img * (n_patch + n_prefix), N), F32, device)
     cfg = _gemm.GEMM_CONFIGS["h100_fp32" if device_arch() >= 90 else "a100_fp32"]
     _gemm.gemm(at, b, out, a_gather=_gather_transposed, a_args=(at.stride(0),), a_shape=(M, K),
                residual=pos, row_map=_rows_after_prefix, c_args=(n_patch, n_prefix), config=cfg)

@@ -24,24 +24,18 @@ import vitkern
 from vitkern.ops import layer_norm as ln
 from vitkern.ops.layer_norm import configs as ln_configs, launch as ln_launch
 from vitkern.ops._config import KernelConfig
+from vitkern.testing.numerics import assert_2x_torch, poisoned
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 T = 197  # ViT-B/16 tokens at 224 px: an awkward row count
 WIDTHS = (192, 384, 768, 1000, 1024, 4096, 16384)
-
-# atol, relative to the magnitude of the reference, on top of twice torch's error
-ATOL = {F32: 2e-6, F16: 2e-3, BF16: 1.6e-2}
 
 
 @pytest.fixture(autouse=True)
 def _triton_poisoned(monkeypatch):
     """Run the Triton backend, with every kernel output allocated full of NaN."""
     vitkern.use_backend("triton")  # conftest restores the previous choice
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(ln_launch, "_empty", nan_empty)
+    monkeypatch.setattr(ln_launch, "_empty", poisoned)
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,19 +52,6 @@ def _params(n, dtype, device, affine):
     w = _rand(n, dtype, device, scale=0.5, shift=1.0) if "w" in affine else None
     b = _rand(n, dtype, device, scale=0.5) if "b" in affine else None
     return w, b
-
-
-def _assert_close(name, actual, ref64, torch_same, dtype):
-    """max |actual - ref| <= 2 max |torch_same - ref| + atol * max(1, max |ref|)."""
-    assert actual is not None, f"{name}: no gradient"
-    assert actual.shape == ref64.shape, (name, actual.shape, ref64.shape)
-    assert actual.dtype == torch_same.dtype, (name, actual.dtype, torch_same.dtype)
-    assert not torch.isnan(actual).any(), f"{name}: NaN (an element the kernel never wrote)"
-    err = (actual.double() - ref64).abs().max().item()
-    torch_err = (torch_same.double() - ref64).abs().max().item()
-    scale = max(1.0, ref64.abs().max().item())
-    bound = 2 * torch_err + ATOL[dtype] * scale
-    assert err <= bound, f"{name}: error {err:.3g} > 2 x torch's {torch_err:.3g} + atol ({bound:.3g})"
 
 
 def _leaves(tensors, dtype=None):
@@ -100,7 +81,7 @@ def _check_layer_norm(x, w, b, eps=1e-5, dy=None):
     ref = F.layer_norm(ref_in[0], (n,), ref_in[1], ref_in[2], eps)
     same_in = _leaves([x, w, b])
     same = F.layer_norm(same_in[0], (n,), same_in[1], same_in[2], eps)
-    _assert_close("y", y.detach(), ref.detach(), same.detach(), dtype)
+    assert_2x_torch("y", y.detach(), ref.detach(), same.detach(), dtype, finite=False)
     assert y.is_contiguous()
 
     dy = _rand(x.shape, dtype, x.device) if dy is None else dy
@@ -109,7 +90,7 @@ def _check_layer_norm(x, w, b, eps=1e-5, dy=None):
     same_g = _grads(same, same_in, dy)
     for name, g, r, s in zip(("dx", "dw", "db"), got, want, same_g):
         if r is not None:
-            _assert_close(name, g, r, s, dtype)
+            assert_2x_torch(name, g, r, s, dtype, finite=False)
 
 
 def _check_add_layer_norm(x, r, w, b, eps=1e-5):
@@ -121,7 +102,7 @@ def _check_add_layer_norm(x, r, w, b, eps=1e-5):
     same_in = _leaves([x, r, w, b])
     same_y, same_s = ln.add_layer_norm_ref(*same_in, eps=eps)
     assert y.dtype == s.dtype == dtype
-    _assert_close("y", y.detach(), ref_y.detach(), same_y.detach(), dtype)
+    assert_2x_torch("y", y.detach(), ref_y.detach(), same_y.detach(), dtype, finite=False)
     # s is one rounding of the sum: bit for bit torch's
     torch.testing.assert_close(s.detach(), same_s.detach(), rtol=0, atol=0)
 
@@ -133,7 +114,7 @@ def _check_add_layer_norm(x, r, w, b, eps=1e-5):
     for name, g, rf, sm, t in zip(("dx", "dresidual", "dw", "db"), got, want, same_g, (x, r, w, b)):
         if rf is not None:
             assert g.dtype == t.dtype, (name, g.dtype, t.dtype)
-            _assert_close(name, g, rf, sm, sm.dtype)
+            assert_2x_torch(name, g, rf, sm, sm.dtype, finite=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +222,7 @@ def test_expanded_gradients(device):
     sy, ss = ln.add_layer_norm_ref(*same_in)
     same = torch.autograd.grad(sy.sum() + ss.sum(), same_in)
     for name, g, rf, sm in zip(("dx", "dresidual", "dw", "db"), got, want, same):
-        _assert_close(name, g, rf, sm, BF16)
+        assert_2x_torch(name, g, rf, sm, BF16, finite=False)
 
 
 def test_expanded_gradient_in_launcher(device):
@@ -323,7 +304,7 @@ def test_no_parameter_grads_requested(device):
     (want,) = torch.autograd.grad(F.layer_norm(xr, (768,), w.double(), b.double()), (xr,), torch.ones_like(xr))
     xs = x.detach().clone().requires_grad_(True)
     (same,) = torch.autograd.grad(F.layer_norm(xs, (768,), w, b), (xs,), torch.ones_like(y))
-    _assert_close("dx", gx, want, same, BF16)
+    assert_2x_torch("dx", gx, want, same, BF16, finite=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,26 +29,17 @@ import vitkern
 from vitkern.ops import _gemm
 from vitkern.ops.patch_embed import launch as pe_launch
 from vitkern.ops.patch_embed import patch_embed_ref
+from vitkern.testing.numerics import assert_2x_torch, poisoned, poisoned_like
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-
-# atol, relative to the magnitude of the reference, on top of twice the reference's own error
-ATOL = {F32: 1e-5, F16: 2e-3, BF16: 1.6e-2}
 
 
 @pytest.fixture(autouse=True)
 def _triton_poisoned(monkeypatch):
     """Run the Triton backend, with every kernel output allocated full of NaN."""
     vitkern.use_backend("triton")  # conftest restores the previous choice
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    def nan_empty_like(t):
-        return torch.empty_like(t).fill_(float("nan"))
-
-    monkeypatch.setattr(pe_launch, "_empty", nan_empty)
-    monkeypatch.setattr(pe_launch, "_empty_like", nan_empty_like)
+    monkeypatch.setattr(pe_launch, "_empty", poisoned)
+    monkeypatch.setattr(pe_launch, "_empty_like", poisoned_like)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,19 +82,6 @@ def _call(fn, images, weight, bias, pos, prefix):
     return fn(images, weight, bias, pos_embed=pos, prefix_tokens=prefix)
 
 
-def _assert_close(name, actual, ref64, torch_same, dtype):
-    """max |actual - ref| <= 2 max |torch_same - ref| + atol * max(1, max |ref|)."""
-    assert actual is not None, f"{name}: no gradient"
-    assert actual.shape == ref64.shape, (name, actual.shape, ref64.shape)
-    assert actual.dtype == torch_same.dtype, (name, actual.dtype, torch_same.dtype)
-    assert not torch.isnan(actual).any(), f"{name}: NaN (an element the kernel never wrote)"
-    err = (actual.double() - ref64).abs().max().item() if actual.numel() else 0.0
-    torch_err = (torch_same.double() - ref64).abs().max().item() if actual.numel() else 0.0
-    scale = max(1.0, ref64.abs().max().item()) if actual.numel() else 1.0
-    bound = 2 * torch_err + ATOL[dtype] * scale
-    assert err <= bound, f"{name}: error {err:.3g} > 2 x torch's {torch_err:.3g} + atol ({bound:.3g})"
-
-
 def _check(images, weight, bias=None, pos=None, prefix=None, *, grads=True, dy=None, need=None):
     """vitkern.patch_embed (Triton) tokens and gradients against fp64 and the same-dtype reference.
 
@@ -119,7 +97,7 @@ def _check(images, weight, bias=None, pos=None, prefix=None, *, grads=True, dy=N
     same_in = [t.detach().requires_grad_(bool(n)) if t is not None else None for t, n in zip(tensors, need)]
     same = _call(patch_embed_ref, *same_in)
     assert y.dtype == same.dtype
-    _assert_close("tokens", y.detach(), ref.detach(), same.detach(), dtype)
+    assert_2x_torch("tokens", y.detach(), ref.detach(), same.detach(), dtype, op="patch_embed", finite=False)
     assert y.is_contiguous()
     if not grads:
         return
@@ -131,7 +109,7 @@ def _check(images, weight, bias=None, pos=None, prefix=None, *, grads=True, dy=N
     same_g = torch.autograd.grad(same, [same_in[i] for i in sel], dy)
     for i, g, r, s in zip(sel, got, want, same_g):
         assert g.dtype == tensors[i].dtype, (names[i], g.dtype, tensors[i].dtype)
-        _assert_close(names[i], g, r, s, dtype)
+        assert_2x_torch(names[i], g, r, s, dtype, op="patch_embed", finite=False)
     if need[0]:
         g = got[sel.index(0)]
         assert g.stride() == torch.empty_like(inputs[0]).stride(), "the image gradient keeps the images' layout"

@@ -22,18 +22,13 @@ from vitkern.ops.layer_norm import add_layer_norm_ref, layer_norm_ref
 from vitkern.ops.linear import linear_ref
 from vitkern.ops.mlp import mlp_ref
 from vitkern.ops.patch_embed import patch_embed_ref
+from vitkern.testing.numerics import assert_close_same_dtype
 
 timm = pytest.importorskip("timm")
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed  # noqa: E402
 from timm.layers.attention import Attention  # noqa: E402
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-TOL = {
-    F32: dict(atol=2e-5, rtol=1e-4),
-    F16: dict(atol=2e-3, rtol=2e-3),
-    BF16: dict(atol=1.6e-2, rtol=1.6e-2),
-    F64: dict(atol=1e-10, rtol=1e-8),
-}
 
 
 @pytest.fixture(autouse=True)
@@ -45,13 +40,6 @@ def _reference_backend():
 def _rand(*shape, dtype=F32, device="cpu", scale=1.0, requires_grad=False):
     t = (torch.randn(*shape, dtype=F32, device=device) * scale).to(dtype)
     return t.requires_grad_(requires_grad)
-
-
-def _close(actual, expected, dtype=None, **kw):
-    tol = dict(TOL[dtype or expected.dtype])
-    tol.update(kw)
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    torch.testing.assert_close(actual, expected, **tol)
 
 
 # ============================================================================================
@@ -68,9 +56,9 @@ def test_layer_norm_matches_torch(device, dtype, shape, affine):
     x = _rand(*shape, dtype=dtype, device=device, scale=3.0) + 1.0
     w = _rand(n, dtype=dtype, device=device) if affine else None
     b = _rand(n, dtype=dtype, device=device) if affine else None
-    _close(vitkern.layer_norm(x, w, b, eps=1e-6), F.layer_norm(x, (n,), w, b, 1e-6))
+    assert_close_same_dtype(vitkern.layer_norm(x, w, b, eps=1e-6), F.layer_norm(x, (n,), w, b, 1e-6))
     xt = x.transpose(0, -2) if x.dim() > 2 else x[:, ::1]  # strided input
-    _close(vitkern.layer_norm(xt, w, b), F.layer_norm(xt, (n,), w, b))
+    assert_close_same_dtype(vitkern.layer_norm(xt, w, b), F.layer_norm(xt, (n,), w, b))
 
 
 @pytest.mark.parametrize("x_dtype,res_dtype", [(F32, F32), (BF16, BF16), (BF16, F32), (F16, F32)])
@@ -81,8 +69,8 @@ def test_add_layer_norm_matches_torch(device, x_dtype, res_dtype):
     b = _rand(384, dtype=x_dtype, device=device)
     y, s = vitkern.add_layer_norm(x, r, w, b, eps=1e-6)
     s_exp = x + r
-    _close(s, s_exp)
-    _close(y, F.layer_norm(s_exp, (384,), w.to(s_exp.dtype), b.to(s_exp.dtype), 1e-6))
+    assert_close_same_dtype(s, s_exp)
+    assert_close_same_dtype(y, F.layer_norm(s_exp, (384,), w.to(s_exp.dtype), b.to(s_exp.dtype), 1e-6))
     assert s.data_ptr() not in (x.data_ptr(), r.data_ptr())
 
 
@@ -103,7 +91,7 @@ def test_layer_norm_grads(device):
     s_t = args[0] + args[1]
     want = torch.autograd.grad((F.layer_norm(s_t, (192,), *wb) * g).sum() + (s_t * g).sum(), args + wb)
     for a, e in zip(got, want):
-        _close(a, e, atol=1e-4, rtol=1e-4)
+        assert_close_same_dtype(a, e, atol=1e-4, rtol=1e-4)
 
 
 def test_layer_norm_autocast(device):
@@ -113,9 +101,9 @@ def test_layer_norm_autocast(device):
         y = vitkern.layer_norm(x.to(BF16), w, b)
         y2, s2 = vitkern.add_layer_norm(x.to(BF16), x, w, b)
     assert y.dtype == F32 and y2.dtype == F32 and s2.dtype == F32
-    _close(y, F.layer_norm(x.to(BF16).float(), (192,), w, b))
-    _close(s2, x.to(BF16).float() + x)
-    _close(y2, F.layer_norm(x.to(BF16).float() + x, (192,), w, b))
+    assert_close_same_dtype(y, F.layer_norm(x.to(BF16).float(), (192,), w, b))
+    assert_close_same_dtype(s2, x.to(BF16).float() + x)
+    assert_close_same_dtype(y2, F.layer_norm(x.to(BF16).float() + x, (192,), w, b))
 
 
 def test_layer_norm_errors(device):
@@ -176,8 +164,8 @@ def test_linear_matches_torch(device, dtype, x_shape, n, act):
     x = _rand(*x_shape, dtype=dtype, device=device)
     w = _rand(n, k, dtype=dtype, device=device, scale=k**-0.5)
     b = _rand(n, dtype=dtype, device=device)
-    _close(vitkern.linear(x, w, b, activation=act), _linear_torch(x, w, b, act))
-    _close(vitkern.linear(x, w, activation=act), _linear_torch(x, w, None, act))
+    assert_close_same_dtype(vitkern.linear(x, w, b, activation=act), _linear_torch(x, w, b, act))
+    assert_close_same_dtype(vitkern.linear(x, w, activation=act), _linear_torch(x, w, None, act))
 
 
 @pytest.mark.parametrize("dtype,res_dtype", [(F32, F32), (BF16, BF16), (BF16, F32)])
@@ -194,12 +182,13 @@ def test_linear_residual_epilogue(device, dtype, res_dtype):
     # fp32 reference of the same math (the epilogue computes in fp32 with one cast)
     y = F.linear(x, w, b).float()
     want = (res.float() + rows.reshape(2, 50, 1) * gamma.float() * F.gelu(y)).to(res_dtype)
-    _close(out, want)
+    assert_close_same_dtype(out, want)
     # row_scale as (M,) is the same thing
     out2 = vitkern.linear(x, w, b, activation="gelu", residual=res, residual_scale=gamma, row_scale=rows.reshape(-1))
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
     # residual alone
-    _close(vitkern.linear(x, w, b, residual=res), (res.float() + F.linear(x, w, b).float()).to(res_dtype))
+    assert_close_same_dtype(vitkern.linear(x, w, b, residual=res),
+                            (res.float() + F.linear(x, w, b).float()).to(res_dtype))
 
 
 def _linear_ref_positional(x, w, b, res, gamma, rows, activation):
@@ -222,7 +211,7 @@ def test_linear_grads(device):
     got = torch.autograd.grad((out * g).sum(), args)
     want = torch.autograd.grad((_linear_torch(*args[:3], "gelu_tanh", *args[3:]) * g).sum(), args)
     for a, e in zip(got, want):
-        _close(a, e, atol=2e-4, rtol=2e-4)
+        assert_close_same_dtype(a, e, atol=2e-4, rtol=2e-4)
 
 
 def test_linear_autocast(device):
@@ -238,9 +227,9 @@ def test_linear_autocast(device):
         timm_plain = F.gelu(F.linear(x, w, b))
         timm_stream = res32 + gamma * F.linear(x, w, b)
     assert plain.dtype == BF16 and stream.dtype == F32 and stream_bf16.dtype == BF16
-    _close(plain, timm_plain)
+    assert_close_same_dtype(plain, timm_plain)
     # gamma is cast to bf16 under autocast: allow bf16 rounding of the branch
-    _close(stream, timm_stream, atol=3e-2, rtol=1e-2)
+    assert_close_same_dtype(stream, timm_stream, atol=3e-2, rtol=1e-2)
 
 
 def test_linear_errors(device):
@@ -304,7 +293,7 @@ def test_mlp_matches_timm(device, dtype, x_shape, hidden, n, act):
     m = _timm_mlp(x_shape[-1], hidden, n, act, dtype=dtype, device=device)
     x = _rand(*x_shape, dtype=dtype, device=device)
     with torch.no_grad():
-        _close(vitkern.mlp(x, *_mlp_args(m), activation=act), m(x))
+        assert_close_same_dtype(vitkern.mlp(x, *_mlp_args(m), activation=act), m(x))
 
 
 def test_mlp_no_bias_and_residual(device):
@@ -315,8 +304,8 @@ def test_mlp_no_bias_and_residual(device):
     rows = torch.tensor([0.0, 2.0], device=device)[:, None].expand(2, 50)
     with torch.no_grad():
         out = vitkern.mlp(x, *_mlp_args(m), residual=res, residual_scale=gamma, row_scale=rows)
-        _close(out, res + rows[..., None] * gamma * m(x))
-        _close(vitkern.mlp(x, *_mlp_args(m), activation=None), m.fc2(m.fc1(x)))
+        assert_close_same_dtype(out, res + rows[..., None] * gamma * m(x))
+        assert_close_same_dtype(vitkern.mlp(x, *_mlp_args(m), activation=None), m.fc2(m.fc1(x)))
 
 
 def test_mlp_grads(device):
@@ -334,7 +323,7 @@ def test_mlp_grads(device):
     got = torch.autograd.grad((vitkern.mlp(x, *_mlp_args(m)) * g).sum(), params)
     want = torch.autograd.grad((m(x) * g).sum(), params)
     for a, e in zip(got, want):
-        _close(a, e, atol=1e-4, rtol=1e-4)
+        assert_close_same_dtype(a, e, atol=1e-4, rtol=1e-4)
 
 
 def test_mlp_autocast(device):
@@ -347,8 +336,8 @@ def test_mlp_autocast(device):
         want = m(x)
         want_res = res + m(x)
     assert out.dtype == BF16 and out_res.dtype == F32
-    _close(out, want)
-    _close(out_res, want_res, dtype=BF16)
+    assert_close_same_dtype(out, want)
+    assert_close_same_dtype(out_res, want_res, dtype=BF16)
 
 
 def test_mlp_errors(device):
@@ -407,14 +396,14 @@ def test_attention_matches_sdpa(device, dtype, b, h, hkv, tq, tk, d, causal):
     q, k, v = _qkv(b, h, hkv, tq, tk, d, dtype, device)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hkv != h)
     out, lse = vitkern.attention(q, k, v, causal=causal, return_lse=True)
-    _close(out, want)
+    assert_close_same_dtype(out, want)
     assert not out.isnan().any()
     assert lse.dtype == F32 and lse.shape == (b, h, tq)
     torch.testing.assert_close(lse.double(), _lse_fp64(q, k, causal), atol=1e-4, rtol=1e-5)
     # scale, strided (non-contiguous) inputs
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)
     want = F.scaled_dot_product_attention(qt, k, v, is_causal=causal, scale=0.3, enable_gqa=hkv != h)
-    _close(vitkern.attention(qt, k, v, causal=causal, scale=0.3, deterministic=True), want)
+    assert_close_same_dtype(vitkern.attention(qt, k, v, causal=causal, scale=0.3, deterministic=True), want)
 
 
 def test_attention_qkvpacked(device):
@@ -423,9 +412,9 @@ def test_attention_qkvpacked(device):
     out, lse = vitkern.attention_qkvpacked(qkv, return_lse=True)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     assert out.shape == (b, t, h, d) and lse.shape == (b, h, t) and lse.dtype == F32
-    _close(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
+    assert_close_same_dtype(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
     out_c = vitkern.attention_qkvpacked(qkv, causal=True, scale=0.2)
-    _close(out_c, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2).transpose(1, 2))
+    assert_close_same_dtype(out_c, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2).transpose(1, 2))
 
 
 def test_attention_grads(device):
@@ -452,7 +441,7 @@ def test_attention_grads(device):
         (F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True) * g).sum(), (q, k, v)
     )
     for a, e in zip(got, want):
-        _close(a, e, atol=1e-4, rtol=1e-4)
+        assert_close_same_dtype(a, e, atol=1e-4, rtol=1e-4)
 
 
 def test_attention_fully_masked_rows(device):
@@ -463,7 +452,7 @@ def test_attention_fully_masked_rows(device):
     mask[0, ..., 4:] = False
     out = vitkern.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    _close(out, want)
+    assert_close_same_dtype(out, want)
     assert (out[1] == 0).all()
     bias = torch.zeros(2, 1, 7, device=device).masked_fill(~mask[:, :, 0], float("-inf"))
     _, lse = attention_ref(q, k, v, return_lse=True, key_padding_bias=bias)
@@ -494,8 +483,8 @@ def test_sdpa_key_padding_routed(device, monkeypatch, dtype, mask_kind, mask_sha
         mask = _rand(*mask_shape, dtype=dtype, device=device)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     monkeypatch.setattr(attention_sdpa, "_torch_sdpa", no_fallback)
-    _close(vitkern.scaled_dot_product_attention(q, k, v, attn_mask=mask), want)
-    _close(vitkern.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1),
+    assert_close_same_dtype(vitkern.scaled_dot_product_attention(q, k, v, attn_mask=mask), want)
+    assert_close_same_dtype(vitkern.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1),
            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.1))
 
 
@@ -504,12 +493,12 @@ def test_sdpa_gqa_and_fallbacks_warn_once(device, monkeypatch):
     q, k, v = _qkv(2, 4, 2, 50, 60, 32, F32, device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # routed calls never warn
-        _close(vitkern.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        assert_close_same_dtype(vitkern.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
     full_mask = _rand(50, 60, device=device)  # a general (Tq, Tk) mask: torch's SDPA
     with pytest.warns(UserWarning, match="not a key-padding mask"):
         out = vitkern.scaled_dot_product_attention(q, k, v, attn_mask=full_mask, enable_gqa=True)
-    _close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask, enable_gqa=True))
+    assert_close_same_dtype(out, F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask, enable_gqa=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same reason warns once only
         vitkern.scaled_dot_product_attention(q, k, v, attn_mask=full_mask, enable_gqa=True)
@@ -518,7 +507,7 @@ def test_sdpa_gqa_and_fallbacks_warn_once(device, monkeypatch):
     assert out.shape == q.shape
     with pytest.warns(UserWarning, match="float64"):
         q64, k64, v64 = (t.double() for t in (q, k, v))
-        _close(vitkern.scaled_dot_product_attention(q64, k64, v64, enable_gqa=True),
+        assert_close_same_dtype(vitkern.scaled_dot_product_attention(q64, k64, v64, enable_gqa=True),
                F.scaled_dot_product_attention(q64, k64, v64, enable_gqa=True))
     # invalid calls raise torch's own errors
     with pytest.warns(UserWarning, match="without enable_gqa"), pytest.raises(RuntimeError):
@@ -545,8 +534,8 @@ def test_sdpa_patched_into_timm_attention(device, monkeypatch):
     with torch.no_grad():
         got, got_masked = attn(x), attn(x, attn_mask=mask)
     assert len(calls) == 2
-    _close(got, want)
-    _close(got_masked, want_masked)
+    assert_close_same_dtype(got, want)
+    assert_close_same_dtype(got_masked, want_masked)
 
 
 def test_attention_autocast(device):
@@ -557,9 +546,9 @@ def test_attention_autocast(device):
         want = F.scaled_dot_product_attention(q, k, v)
         packed = vitkern.attention_qkvpacked(torch.stack([q, k, v], 2).transpose(1, 3))
     assert out.dtype == BF16 and out_sdpa.dtype == BF16 and packed.dtype == BF16 and want.dtype == BF16
-    _close(out, want)
-    _close(out_sdpa, want)
-    _close(packed, want.transpose(1, 2))
+    assert_close_same_dtype(out, want)
+    assert_close_same_dtype(out_sdpa, want)
+    assert_close_same_dtype(packed, want.transpose(1, 2))
 
 
 def test_attention_errors(device):
@@ -637,7 +626,7 @@ def test_patch_embed_matches_timm(device, dtype, img, patch, dim, cls, reg, no_e
         got = vitkern.patch_embed(images, proj.weight, proj.bias, pos_embed=pos_embed, prefix_tokens=prefix)
     k = prefix.shape[1] if prefix is not None else 0
     assert got.shape == (2, k + (img[0] // patch) * (img[1] // patch), dim)
-    _close(got, want)
+    assert_close_same_dtype(got, want)
 
 
 def test_patch_embed_grads(device):
@@ -661,7 +650,7 @@ def test_patch_embed_grads(device):
     )
     want = torch.autograd.grad((stem(images) * g).sum(), params)
     for a, e in zip(got, want):
-        _close(a, e, atol=1e-4, rtol=1e-4)
+        assert_close_same_dtype(a, e, atol=1e-4, rtol=1e-4)
 
 
 def test_patch_embed_autocast(device):
@@ -672,7 +661,7 @@ def test_patch_embed_autocast(device):
         got = vitkern.patch_embed(images, proj.weight, proj.bias, pos_embed=pos_embed, prefix_tokens=prefix)
         bare = vitkern.patch_embed(images, proj.weight, proj.bias)
     assert want.dtype == F32 and bare.dtype == BF16
-    _close(got, want)
+    assert_close_same_dtype(got, want)
 
 
 def test_patch_embed_errors(device):
