@@ -16,7 +16,10 @@ import inspect
 import pytest
 import torch
 
-from vitkern.ops import _gemm, attention as A, layer_norm as LN, linear as L, patch_embed as PE
+from vitkern.ops import attention as A, layer_norm as LN, patch_embed as PE
+from vitkern.ops.activation import Activation
+from vitkern.ops.gemm import Epilogue, kernels as GK, launch as _gemm
+from vitkern.ops.linear import launch as L
 from vitkern.ops._config import _param_names, capture
 from vitkern.ops._index import INT32_MAX, int32_overflow
 
@@ -166,17 +169,17 @@ def test_linear_transposed_operands_past_int32():
 
     def run():
         out = _empty(m, n)
-        _gemm.gemm(x, w, out, bias=_empty(n), residual=residual)
-        L.linear_backward(grad, x, w, _empty(n), _empty(n), _empty(m, dtype=torch.float32), None, None,
+        _gemm.gemm(x, w, out, Epilogue(bias=_empty(n), residual=residual))
+        L.linear_backward(grad, x, w, _empty(n), _empty(n), _empty(m, dtype=torch.float32), None, Activation.NONE,
                           need_drs=True)
-        _gemm.act_bwd(grad, _empty(m, n), _gemm.ACT_GELU, BF16)
+        _gemm.act_bwd(grad, _empty(m, n), Activation.GELU, BF16)
 
     _assert_fits(_captured(run))
 
 
 def test_gemm_many_rows_past_int32():
     m, k, n = 2**22, 768, 768  # 3.2e9-element input, contiguous
-    _assert_fits(_captured(lambda: _gemm.gemm(_empty(m, k), _empty(n, k), _empty(m, n), bias=_empty(n))))
+    _assert_fits(_captured(lambda: _gemm.gemm(_empty(m, k), _empty(n, k), _empty(m, n), Epilogue(bias=_empty(n)))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,8 +262,8 @@ def test_int32_overflow_rule():
     assert int32_overflow((0, 2**40), (1, 2**40)) is None
 
 
-@pytest.mark.parametrize("kernel", [LN._layer_norm_fwd_kernel, LN._layer_norm_bwd_kernel, _gemm._gemm_kernel,
-                                    _gemm._act_bwd_kernel, A._attention_fwd_kernel, A._attention_bwd_dkdv_kernel,
+@pytest.mark.parametrize("kernel", [LN._layer_norm_fwd_kernel, LN._layer_norm_bwd_kernel, GK._gemm_kernel,
+                                    GK._act_bwd_kernel, A._attention_fwd_kernel, A._attention_bwd_dkdv_kernel,
                                     A._attention_bwd_dq_kernel, PE._patch_embed_colsum_kernel])
 def test_kernels_take_int64_program_bases(kernel):
     """The per-program bases (rows, batch x head) are int64 in each kernel the table above

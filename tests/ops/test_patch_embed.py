@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import vitkern
-from vitkern.ops import _gemm
+from vitkern.ops import gemm as _gemm
 from vitkern.ops import patch_embed as pe
 from vitkern.ops.patch_embed import patch_embed_ref
 

@@ -480,8 +480,7 @@ def plan(modules: Sequence[str], archs: Sequence[int] = (80, 90), full: bool = F
 
     if cfg.INTERPRETING:
         raise RuntimeError("the compile check needs TRITON_INTERPRET unset (see the module docstring)")
-    for m in modules:
-        importlib.import_module(m)
+    modules = _with_submodules(modules)
     wanted = set(modules)
     entries = [e for e in cfg.registered_kernels() if e.module in wanted]
     cases = [c for c in cfg.registered_cases() if c.module in wanted and (full or not c.slow)]
@@ -549,6 +548,19 @@ def plan(modules: Sequence[str], archs: Sequence[int] = (80, 90), full: bool = F
             plan_rows.append(_plan_problem(entry, "-", "no compile case launches this kernel "
                                            "(add it to the module's @compile_cases)"))
     return list(jobs.values()), plan_rows
+
+
+def _with_submodules(modules: Sequence[str]) -> list[str]:
+    """``modules`` (imported) and every module under those that are packages: an op package keeps
+    its kernels and compile cases in its submodules."""
+    out = set()
+    for m in modules:
+        mod = importlib.import_module(m)
+        out.add(m)
+        for sub in pkgutil.walk_packages(getattr(mod, "__path__", []), m + "."):
+            importlib.import_module(sub.name)
+            out.add(sub.name)
+    return sorted(out)
 
 
 def _unregistered_jit_functions(modules: Iterable[str]) -> list[str]:

@@ -13,7 +13,7 @@ called as ``impl(images, weight, bias, pos_embed=..., prefix_tokens=...)`` after
 function's checks and autocast casts.
 
 The Triton backend, in the five layers every op follows, is built on the GEMM core of
-:mod:`vitkern.ops._gemm` (its tiles, configs, pipelining and fp32 epilogue) through its hooks:
+:mod:`vitkern.ops.gemm` (its tiles, configs, pipelining and fp32 epilogue) through its hooks:
 
 1. Device functions plugged into the core, and one kernel of its own. Forward: ``_fwd_gather``
    loads the A tile straight from the image pixels (implicit im2col inside the GEMM's reduction
@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from vitkern._backend import register_impl, select_impl
-from vitkern.ops import _gemm
+from vitkern.ops import gemm as _gemm
 from vitkern.ops._common import (
     autocast_dtype,
     cast_floating,
@@ -338,7 +338,7 @@ def _patch_embed_colsum_kernel(
 # --------------------------------------------------------------------------------------------
 # Configs (data)
 # --------------------------------------------------------------------------------------------
-# The GEMMs take the GEMM core's configs (vitkern.ops._gemm.select_config on (M, N, K); the
+# The GEMMs take the GEMM core's configs (vitkern.ops.gemm.select_config on (M, N, K); the
 # overrides below where those spilled):
 #   forward  M = B * N patches, N = D, K = C * PH * PW
 #   dW^T     M = C * PH * PW,   N = D, K = B * T token rows (split-K when the tiles are few)
@@ -533,7 +533,7 @@ def _patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens, config=None
     img = _image_args(images, ph, pw)
     cfg = _select_config("fwd", config, b * n, d, wmat.shape[1], wmat.dtype, img)
     _gemm.gemm(
-        images, wmat, out.view(b * t, d), bias=bias, residual=pos2,
+        images, wmat, out.view(b * t, d), _gemm.Epilogue(bias=bias, residual=pos2),
         a_gather=_fwd_gather, a_args=(*img, n), a_shape=(b * n, wmat.shape[1]),
         row_map=_fwd_rows, c_args=c_args, prologue=_fwd_prefix if n_prefix else None, config=cfg,
     )
