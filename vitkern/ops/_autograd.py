@@ -61,10 +61,10 @@ def kernel_op(qualname: str, *, fake: Callable, save: Optional[Save] = None,
     return _common.kernel_op(qualname, fake=fake, setup_context=setup_context, backward=_backward)
 
 
-def register_autograd(qualname: str, *, save: Save, backward: Backward, lib=None) -> None:
+def register_autograd(qualname: str, *, save: Save, backward: Backward) -> None:
     """Register the autograd formula of the already defined op ``qualname`` (see the module docstring)."""
     setup_context, _backward = autograd_hooks(save, backward)
-    torch.library.register_autograd(qualname, _backward, setup_context=setup_context, lib=lib)
+    torch.library.register_autograd(qualname, _backward, setup_context=setup_context)
 
 
 def fill_outputs(outputs: Sequence[Optional[torch.Tensor]], fakes: Sequence[torch.Tensor]) -> tuple:

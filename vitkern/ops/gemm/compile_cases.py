@@ -70,7 +70,7 @@ def _gemm_cases():
 @compile_cases(slow=True)
 def _gemm_bench_cases():
     """Benchmark shapes: ViT-B / ViT-L blocks at batch 64 (M = 12608), forward and backward."""
-    bf16, f32 = torch.bfloat16, torch.float32
+    bf16 = torch.bfloat16
     for D in (768, 1024):
         M, H = 197 * 64, 4 * D
         for N, K in ((3 * D, D), (D, D), (H, D), (D, H)):

@@ -256,7 +256,7 @@ def _gemm_kernel(
             tl.store(c_ptr + c_rows.to(tl.int64)[:, None] * stride_cm + c_cols[None, :] * stride_cn,
                      round_to(acc, c_ptr.dtype.element_ty), mask=mask)
         else:
-            if R_MODE == 1:  # (only with a residual)
+            if R_MODE == 1:  # the residual through its descriptor
                 acc = acc + r_desc.load([off_m, off_n]).to(tl.float32)
             else:
                 acc = add_residual(acc, res_ptr, r64, offs_n, stride_rm, stride_rn, mask, HAS_RESIDUAL)

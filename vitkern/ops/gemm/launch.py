@@ -3,7 +3,6 @@ persistent grids, the epilogue's constexprs) and :func:`act_bwd`."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -32,9 +31,6 @@ __all__ = ["gemm", "act_bwd"]
 # clamped indices would break the vectorised loads).
 LOAD_PLAIN, LOAD_TMA, LOAD_TMA_T, LOAD_PLAIN_T = 0, 1, 2, 3
 
-# --------------------------------------------------------------------------------------------
-# Launcher
-# --------------------------------------------------------------------------------------------
 
 def _tma_ok(t: torch.Tensor, inner: int) -> bool:
     """2-D ``t`` addressable by a TMA descriptor with ``inner`` as its unit-stride dim."""
@@ -149,7 +145,8 @@ def gemm(
             a32 = a.float() if red_scale is None else a.float() * red_scale.float()[None, :]
             row_sums = a32.to(b.dtype).float().sum(1)
         return out, row_sums, row_dots
-    # the epilogue reads its vectors with unit stride
+    # the epilogue reads its vectors with unit stride (the views below replace the epilogue's
+    # tensors; which steps run, its constexprs, stays)
     bias, col_scale, row_scale, red_scale = contiguous_vectors(
         epilogue.bias, epilogue.col_scale, epilogue.row_scale, red_scale)
     if K == 0:  # an empty reduction: the epilogue of a zero accumulator
@@ -189,8 +186,6 @@ def gemm(
 
     a, b, residual, row_dot = _int32_views(a if a_gather is None else None, b, epilogue.residual,
                                            epilogue.row_dot, cfg, a)
-    epilogue = dataclasses.replace(epilogue, bias=bias, col_scale=col_scale, row_scale=row_scale,
-                                   residual=residual, row_dot=row_dot)
     pre, aux = epilogue.pre, epilogue.aux
     for name, t in (("out", None if col_map is not None else c_view), ("pre", pre), ("aux", aux)):
         if t is not None:

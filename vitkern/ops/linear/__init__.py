@@ -10,12 +10,13 @@ of the branch (drop path: 0 or 1/keep_prob per sample, repeated over its tokens)
 
 Layers: ``reference.py`` (:func:`linear_ref`, and the epilogue reference ``mlp`` shares),
 ``launch.py`` (the Triton launchers on :mod:`vitkern.ops.gemm`), ``op.py`` (the Triton backend's
-registered ops and autograd), ``cuda.py`` (the CUDA extension's backend). Every implementation is
-called as ``impl(x, weight, bias, activation=..., residual=..., residual_scale=...,
-row_scale=...)`` with the arguments after the public function's checks and autocast casts;
-``activation`` is a public name (None, "gelu", "gelu_tanh"; :class:`vitkern.ops.activation.Activation`)
-and ``row_scale`` is None or flattened to ``(M,)``, ``M = x.numel() // K``. This module also holds
-the epilogue's argument checks that ``mlp`` shares.
+registered ops and autograd), ``cuda.py`` (the CUDA extension's backend), ``rows.py`` (the 2-D
+view the backends of linear and mlp compute on). Every implementation is called as
+``impl(x, weight, bias, activation=..., residual=..., residual_scale=..., row_scale=...)`` with
+the arguments after the public function's checks and autocast casts; ``activation`` is a public
+name (None, "gelu", "gelu_tanh": :class:`vitkern.ops.activation.Activation`) and ``row_scale`` is
+None or flattened to ``(M,)``, ``M = x.numel() // K``. This module also holds the epilogue's
+argument checks that ``mlp`` shares.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ built; the autograd formula once the extension loads (:func:`vitkern._extension.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -25,6 +24,7 @@ from vitkern._extension import allow_tf32
 from vitkern.ops._autograd import register_autograd, requires_grad
 from vitkern.ops.activation import Activation
 from vitkern.ops.cuda_backend import activation_reason, tensor_reason
+from vitkern.ops.linear.rows import as_rows
 
 __all__ = ["linear_cuda"]
 
@@ -46,12 +46,7 @@ def linear_cuda(
     row_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The "cuda" backend of :func:`vitkern.linear` (``vitkern_cuda::fused_dense_fwd``)."""
-    k = x.shape[-1]
-    n = weight.shape[0]
-    lead = x.shape[:-1]
-    m = math.prod(lead)  # not reshape(-1, k): that is ambiguous for k = 0
-    x2 = x.reshape(m, k)
-    res2 = residual.reshape(m, n) if residual is not None else None
+    x2, res2, out_shape = as_rows(x, residual, weight.shape[0])
     # pre: the pre-activation for act' in backward, or the unscaled branch for the LayerScale /
     # row-scale gradients.
     save_pre = (activation is not None and requires_grad(x, weight, bias, residual_scale, row_scale)) or (
@@ -60,7 +55,7 @@ def linear_cuda(
     out, _ = torch.ops.vitkern_cuda.fused_dense_fwd(
         x2, weight, bias, int(Activation.parse(activation)), res2, residual_scale, row_scale, save_pre, allow_tf32()
     )
-    return out.reshape(*lead, n)
+    return out.reshape(out_shape)
 
 
 class _State(NamedTuple):

@@ -5,13 +5,13 @@ are called (this module imports no Triton)."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from vitkern.ops._autograd import fill_outputs, kernel_op, requires_grad
 from vitkern.ops.activation import Activation
+from vitkern.ops.linear.rows import as_rows
 
 __all__ = ["linear_triton"]
 
@@ -106,12 +106,7 @@ def linear_triton(
     row_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The "triton" backend of :func:`vitkern.linear` (arguments already checked and cast)."""
-    k = x.shape[-1]
-    n = weight.shape[0]
-    lead = x.shape[:-1]
-    m = math.prod(lead)  # not reshape(-1, k): that is ambiguous for k = 0
-    x2 = x.reshape(m, k)
-    res2 = residual.reshape(m, n) if residual is not None else None
+    x2, res2, out_shape = as_rows(x, residual, weight.shape[0])
     save_pre = activation is not None and requires_grad(x, weight, bias, residual_scale, row_scale)
     y, _ = torch.ops.vitkern.linear_fwd(x2, weight, bias, res2, residual_scale, row_scale, activation, save_pre)
-    return y.reshape(*lead, n)
+    return y.reshape(out_shape)

@@ -12,7 +12,6 @@ built; the autograd formula once the extension loads (:func:`vitkern._extension.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -22,6 +21,7 @@ from vitkern._extension import allow_tf32
 from vitkern.ops._autograd import register_autograd, requires_grad
 from vitkern.ops.activation import Activation
 from vitkern.ops.cuda_backend import activation_reason, tensor_reason
+from vitkern.ops.linear.rows import as_rows
 
 __all__ = ["mlp_cuda"]
 
@@ -47,19 +47,14 @@ def mlp_cuda(
     row_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The "cuda" backend of :func:`vitkern.mlp` (``vitkern_cuda::mlp_fwd``)."""
-    k = x.shape[-1]
-    n = fc2_weight.shape[0]
-    lead = x.shape[:-1]
-    m = math.prod(lead)
-    x2 = x.reshape(m, k)
-    res2 = residual.reshape(m, n) if residual is not None else None
+    x2, res2, out_shape = as_rows(x, residual, fc2_weight.shape[0])
     save_pre = activation is not None and requires_grad(x, fc1_weight, fc1_bias)
     save_branch = requires_grad(residual_scale, row_scale)
     out, _, _, _ = torch.ops.vitkern_cuda.mlp_fwd(
         x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, int(Activation.parse(activation)), res2, residual_scale,
         row_scale, save_pre, save_branch, allow_tf32(),
     )
-    return out.reshape(*lead, n)
+    return out.reshape(out_shape)
 
 
 class _State(NamedTuple):

@@ -5,13 +5,13 @@ imports no Triton)."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from vitkern.ops._autograd import fill_outputs, kernel_op, requires_grad
 from vitkern.ops.activation import Activation
+from vitkern.ops.linear.rows import as_rows
 
 __all__ = ["mlp_triton"]
 
@@ -121,14 +121,9 @@ def mlp_triton(
     row_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The "triton" backend of :func:`vitkern.mlp` (arguments already checked and cast)."""
-    k = x.shape[-1]
-    n = fc2_weight.shape[0]
-    lead = x.shape[:-1]
-    m = math.prod(lead)  # not reshape(-1, k): that is ambiguous for k = 0
-    x2 = x.reshape(m, k)
-    res2 = residual.reshape(m, n) if residual is not None else None
+    x2, res2, out_shape = as_rows(x, residual, fc2_weight.shape[0])
     save_pre = activation is not None and requires_grad(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual_scale, row_scale)
     y, _, _ = torch.ops.vitkern.mlp_fwd(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, res2, residual_scale,
                                         row_scale, activation, save_pre)
-    return y.reshape(*lead, n)
+    return y.reshape(out_shape)
