@@ -37,9 +37,9 @@ def _gemm_cases():
                  config=cfg)
             # the fc2 / proj epilogue: bias, LayerScale, drop path, fp32 residual
             a, b, out = _case_tensors(4096, 768, 3072, dtype, f32)
-            gemm(a, b, out, Epilogue(bias=torch.empty(768, dtype=dtype), col_scale=torch.empty(768, dtype=dtype),
-                                     row_scale=torch.empty(4096, dtype=f32), residual=torch.empty(4096, 768, dtype=f32)),
-                 config=cfg)
+            fc2 = Epilogue(bias=torch.empty(768, dtype=dtype), col_scale=torch.empty(768, dtype=dtype),
+                           row_scale=torch.empty(4096, dtype=f32), residual=torch.empty(4096, 768, dtype=f32))
+            gemm(a, b, out, fc2, config=cfg)
             # dW with split-K, row sums, row dots and a reduction-axis scale: A = dY^T, B = x^T
             g = torch.empty(8192, 768, dtype=f32 if dtype == bf16 else dtype)
             x = torch.empty(8192, 3072, dtype=dtype)

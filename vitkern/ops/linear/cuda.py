@@ -15,7 +15,7 @@ built; the autograd formula once the extension loads (:func:`vitkern._extension.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -35,16 +35,7 @@ def _linear_supports(x, weight, bias=None, *, activation=None, residual=None, re
     )
 
 
-def linear_cuda(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    activation: Optional[str] = None,
-    residual: Optional[torch.Tensor] = None,
-    residual_scale: Optional[torch.Tensor] = None,
-    row_scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def linear_cuda(x, weight, bias=None, *, activation=None, residual=None, residual_scale=None, row_scale=None):
     """The "cuda" backend of :func:`vitkern.linear` (``vitkern_cuda::fused_dense_fwd``)."""
     x2, res2, out_shape = as_rows(x, residual, weight.shape[0])
     # pre: the pre-activation for act' in backward, or the unscaled branch for the LayerScale /

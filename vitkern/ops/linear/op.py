@@ -95,16 +95,7 @@ def _linear_bwd_op(
     return fill_outputs(outs, _linear_bwd_fake(*args))
 
 
-def linear_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    activation: Optional[str] = None,
-    residual: Optional[torch.Tensor] = None,
-    residual_scale: Optional[torch.Tensor] = None,
-    row_scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def linear_triton(x, weight, bias=None, *, activation=None, residual=None, residual_scale=None, row_scale=None):
     """The "triton" backend of :func:`vitkern.linear` (arguments already checked and cast)."""
     x2, res2, out_shape = as_rows(x, residual, weight.shape[0])
     save_pre = activation is not None and requires_grad(x, weight, bias, residual_scale, row_scale)

@@ -12,7 +12,7 @@ built; the autograd formula once the extension loads (:func:`vitkern._extension.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -34,18 +34,8 @@ def _mlp_supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation="
     )
 
 
-def mlp_cuda(
-    x: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
-    fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
-    *,
-    activation: Optional[str] = "gelu",
-    residual: Optional[torch.Tensor] = None,
-    residual_scale: Optional[torch.Tensor] = None,
-    row_scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def mlp_cuda(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation="gelu", residual=None,
+             residual_scale=None, row_scale=None):
     """The "cuda" backend of :func:`vitkern.mlp` (``vitkern_cuda::mlp_fwd``)."""
     x2, res2, out_shape = as_rows(x, residual, fc2_weight.shape[0])
     save_pre = activation is not None and requires_grad(x, fc1_weight, fc1_bias)

@@ -108,18 +108,8 @@ def _mlp_bwd_op(
     return fill_outputs(outs, _mlp_bwd_fake(*args))
 
 
-def mlp_triton(
-    x: torch.Tensor,
-    fc1_weight: torch.Tensor,
-    fc1_bias: Optional[torch.Tensor],
-    fc2_weight: torch.Tensor,
-    fc2_bias: Optional[torch.Tensor],
-    *,
-    activation: Optional[str] = "gelu",
-    residual: Optional[torch.Tensor] = None,
-    residual_scale: Optional[torch.Tensor] = None,
-    row_scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation="gelu", residual=None,
+               residual_scale=None, row_scale=None):
     """The "triton" backend of :func:`vitkern.mlp` (arguments already checked and cast)."""
     x2, res2, out_shape = as_rows(x, residual, fc2_weight.shape[0])
     save_pre = activation is not None and requires_grad(
