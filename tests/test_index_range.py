@@ -16,11 +16,13 @@ import inspect
 import pytest
 import torch
 
-from vitkern.ops import _gemm, linear as L
-from vitkern.ops._triton import is_registered_helper, param_names
+from vitkern.ops.activation import Activation
 from vitkern.ops.attention import backward as A_backward, forward as A_forward, launch as A, op as A_op
+from vitkern.ops.gemm import Epilogue, kernels as GK, launch as _gemm
 from vitkern.ops.layer_norm import kernels as LN_kernels, launch as LN
+from vitkern.ops.linear import launch as L
 from vitkern.ops.patch_embed import kernels as PE_kernels, launch as PE
+from vitkern.ops._triton import is_registered_helper, param_names
 from vitkern.testing.compile_check import capture
 from vitkern.ops._index import INT32_MAX, int32_overflow
 
@@ -170,17 +172,17 @@ def test_linear_transposed_operands_past_int32():
 
     def run():
         out = _empty(m, n)
-        _gemm.gemm(x, w, out, bias=_empty(n), residual=residual)
-        L.linear_backward(grad, x, w, _empty(n), _empty(n), _empty(m, dtype=torch.float32), None, None,
+        _gemm.gemm(x, w, out, Epilogue(bias=_empty(n), residual=residual))
+        L.linear_backward(grad, x, w, _empty(n), _empty(n), _empty(m, dtype=torch.float32), None, Activation.NONE,
                           need_drs=True)
-        _gemm.act_bwd(grad, _empty(m, n), _gemm.ACT_GELU, BF16)
+        _gemm.act_bwd(grad, _empty(m, n), Activation.GELU, BF16)
 
     _assert_fits(_captured(run))
 
 
 def test_gemm_many_rows_past_int32():
     m, k, n = 2**22, 768, 768  # 3.2e9-element input, contiguous
-    _assert_fits(_captured(lambda: _gemm.gemm(_empty(m, k), _empty(n, k), _empty(m, n), bias=_empty(n))))
+    _assert_fits(_captured(lambda: _gemm.gemm(_empty(m, k), _empty(n, k), _empty(m, n), Epilogue(bias=_empty(n)))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def test_int32_overflow_rule():
 
 
 @pytest.mark.parametrize("kernel", [LN_kernels._layer_norm_fwd_kernel, LN_kernels._layer_norm_bwd_kernel,
-                                    _gemm._gemm_kernel, _gemm._act_bwd_kernel, A_forward._attention_fwd_kernel,
+                                    GK._gemm_kernel, GK._act_bwd_kernel, A_forward._attention_fwd_kernel,
                                     A_backward._attention_bwd_dkdv_kernel, A_backward._attention_bwd_dq_kernel,
                                     PE_kernels._patch_embed_colsum_kernel])
 def test_kernels_take_int64_program_bases(kernel):

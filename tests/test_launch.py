@@ -17,7 +17,8 @@ import torch
 from triton.runtime import _allocation
 
 import vitkern
-from vitkern.ops import _config, _triton, _gemm
+from vitkern.ops import _triton
+from vitkern.ops.gemm import configs as _gemm_configs, kernels as _gemm_kernels, launch as _gemm
 from vitkern.ops._config import device_arch
 
 
@@ -47,7 +48,7 @@ def _tma_gemm(device):
     a = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
     b = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
     out = torch.empty(64, 64, device=device, dtype=torch.bfloat16)
-    cfg = next(c for c in _gemm.GEMM_CONFIGS.values() if c.tma)
+    cfg = next(c for c in _gemm_configs.GEMM_CONFIGS.values() if c.tma)
     assert _gemm._operand_mode(a, True) == _gemm.LOAD_TMA
     _gemm.gemm(a, b, out, config=cfg)
     return out, a, b
@@ -146,7 +147,7 @@ def test_launch_runs_on_the_tensors_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", fake_device)
     monkeypatch.setattr(_triton, "_run", lambda *a, **k: ran_on.append(current["index"]))
     a = _fake_cuda(1)
-    kernel = _gemm._act_bwd_kernel
+    kernel = _gemm_kernels._act_bwd_kernel
     args = (a, a, a, None, None, None, 8, 2, 2, 1, 2, 1, 2, 1)
     meta = dict(BLOCK_M=64, BLOCK_N=64, ACTIVATION=1, HAS_COL_SCALE=False, HAS_ROW_SCALE=False,
                 WRITE_DSCALE=False, num_warps=4, num_stages=1)

@@ -11,7 +11,6 @@ from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_pro
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
 from vitkern.ops.patch_embed import patch_embed, resample_pos_embed
-from vitkern.ops import cuda_backend as _cuda_backend  # noqa: F401  (registers the "cuda" backend of linear, mlp, patch_embed)
 from vitkern import nn
 from vitkern import models
 from vitkern.models import ViT, create_model, list_models

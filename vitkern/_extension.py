@@ -12,10 +12,12 @@ it), whether or not the extension is built; ``vitkern._C`` registers only their 
 (``TORCH_LIBRARY_IMPL`` in ``csrc/bindings.cpp``). Importing ``vitkern._C`` by any route imports
 the ``vitkern`` package first, so the ops can always be traced (FakeTensor, torch.compile) once
 they can run. The other ops' autograd lives with their Python wrappers
-(``vitkern.ops.cuda_backend``), registered through :func:`_on_load` once the library is loaded.
+(``vitkern.ops.linear.cuda``, ``vitkern.ops.mlp.cuda``, ``vitkern.ops.patch_embed.cuda``), registered
+through :func:`_on_load` once the library is loaded.
 
-Ops (activation ids 0 none, 1 "gelu" (erf), 2 "gelu_tanh"; ``allow_tf32``: fp32 GEMMs may use
-TF32, the caller's ``torch.backends.cuda.matmul.fp32_precision == "tf32"``, see :func:`allow_tf32`):
+Ops (activation ids: :class:`vitkern.ops.activation.Activation`, 0 none, 1 "gelu" (erf), 2
+"gelu_tanh"; ``allow_tf32``: fp32 GEMMs may use TF32, the caller's
+``torch.backends.cuda.matmul.fp32_precision == "tf32"``, see :func:`allow_tf32`):
 
 - ``patchify(images, patch_size)``: NCHW or channels_last images -> (B * N, C * P * P) patches.
 - ``fused_dense_fwd`` / ``fused_dense_bwd``: ``linear`` on cuBLASLt (bias / GELU epilogues, the
@@ -36,6 +38,8 @@ from types import ModuleType
 from typing import Any, Callable, Optional
 
 import torch
+
+from vitkern.ops.activation import Activation
 
 __all__ = [
     "load",
@@ -229,7 +233,7 @@ def _fail(op: str, message: str):
 
 
 def _check_activation_id(op: str, activation: int) -> None:
-    if activation not in (0, 1, 2):
+    if activation not in tuple(Activation):
         _fail(op, f"activation must be 0 (none), 1 (gelu, erf) or 2 (gelu_tanh), got {activation}")
 
 
@@ -446,8 +450,8 @@ _LIBRARY = torch.library.Library("vitkern_cuda", "DEF")
 def _declare_ops() -> None:
     """Schemas, fake (meta) implementations and patchify's autograd of every vitkern_cuda:: op.
 
-    Runs once, at import. The other ops' autograd is registered by vitkern.ops.cuda_backend
-    (see :func:`_on_load`).
+    Runs once, at import. The other ops' autograd is registered by their backends
+    (vitkern.ops.linear.cuda, vitkern.ops.mlp.cuda, vitkern.ops.patch_embed.cuda; see :func:`_on_load`).
     """
     for schema in _SCHEMAS.values():
         _LIBRARY.define(schema)

@@ -1,5 +1,5 @@
-"""The "cuda" backend (vitkern.ops.cuda_backend, the cuBLASLt ops of vitkern._C) of linear, mlp and
-patch_embed.
+"""The "cuda" backend of linear, mlp and patch_embed (vitkern.ops.linear.cuda, vitkern.ops.mlp.cuda,
+vitkern.ops.patch_embed.cuda, vitkern.ops.cuda_backend: the cuBLASLt ops of vitkern._C).
 
 Without a GPU (the normal case here): the ops' schemas, their fake implementations on meta and fake
 CUDA tensors, autograd wiring on meta tensors, tracing through the public functions, backend
@@ -26,7 +26,11 @@ import torch
 import vitkern
 from vitkern import _extension as ext
 from vitkern.ops import cuda_backend as cb
+from vitkern.ops.patch_embed import cuda as pecuda
+from vitkern.ops.activation import Activation
+from vitkern.ops.linear import cuda as lcuda
 from vitkern.ops.linear import linear_ref
+from vitkern.ops.mlp import cuda as mcuda
 from vitkern.ops.mlp import mlp_ref
 from vitkern.ops.patch_embed import patch_embed_ref
 from vitkern.testing.numerics import assert_2x_torch
@@ -74,7 +78,7 @@ CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 def test_module_exports_and_registration():
     from vitkern import _backend
 
-    assert cb.ACTIVATION_IDS == {None: 0, "gelu": 1, "gelu_tanh": 2}
+    assert {a.public_name: int(a) for a in Activation} == {None: 0, "gelu": 1, "gelu_tanh": 2}
     for op in ("linear", "mlp", "patch_embed"):
         assert "cuda" in _backend.registered_backends(op), op
     assert _backend.CUDA_EXTENSION_OPS == {"linear", "mlp", "patch_embed"}
@@ -170,15 +174,15 @@ def test_supports_reasons():
 
     with FakeTensorMode():
         x, w = _fake_cuda(4, 8), _fake_cuda(5, 8)
-        assert cb._linear_supports(x, w, None, activation="gelu") is None
-        assert "activation 'relu'" in cb._linear_supports(x, w, activation="relu")
+        assert lcuda._linear_supports(x, w, None, activation="gelu") is None
+        assert "activation 'relu'" in lcuda._linear_supports(x, w, activation="relu")
         r64 = _fake_cuda(4, 5, dtype=F64)
-        assert "residual has dtype float64" in cb._linear_supports(x, w, residual=r64)
-        assert cb._mlp_supports(x, _fake_cuda(6, 8), None, _fake_cuda(5, 6), None) is None
+        assert "residual has dtype float64" in lcuda._linear_supports(x, w, residual=r64)
+        assert mcuda._mlp_supports(x, _fake_cuda(6, 8), None, _fake_cuda(5, 6), None) is None
         img, pw = _fake_cuda(1, 3, 8, 8), _fake_cuda(5, 3, 4, 4)
-        assert cb._patch_embed_supports(img, pw, None) is None
+        assert pecuda._patch_embed_supports(img, pw, None) is None
         cpu_pos = torch.zeros(1, 4, 5)
-        assert "pos_embed is on cpu" in cb._patch_embed_supports(img, pw, pos_embed=cpu_pos)
+        assert "pos_embed is on cpu" in pecuda._patch_embed_supports(img, pw, pos_embed=cpu_pos)
 
 
 # ------------------------------------------------------------------------ schemas and fakes
@@ -426,8 +430,6 @@ def test_ops_pass_torch_matmul_precision(monkeypatch):
     class _Stop(Exception):
         pass
 
-    from vitkern.ops import cuda_backend as cb
-
     for name in ("fused_dense_fwd", "mlp_fwd", "patch_embed_fwd"):
         monkeypatch.setattr(torch.ops.vitkern_cuda, name, recorder(name), raising=False)
     previous = torch.backends.cuda.matmul.fp32_precision
@@ -435,21 +437,20 @@ def test_ops_pass_torch_matmul_precision(monkeypatch):
         for precision, expected in (("tf32", True), ("ieee", False)):
             torch.backends.cuda.matmul.fp32_precision = precision
             x, w = torch.empty(4, 8, device="meta"), torch.empty(16, 8, device="meta")
-            for call in (lambda: cb.linear_cuda(x, w, None), lambda: cb.mlp_cuda(x, w, None, w.t(), None),
-                         lambda: cb.patch_embed_cuda(torch.empty(1, 3, 16, 16, device="meta"),
+            for call in (lambda: lcuda.linear_cuda(x, w, None), lambda: mcuda.mlp_cuda(x, w, None, w.t(), None),
+                         lambda: pecuda.patch_embed_cuda(torch.empty(1, 3, 16, 16, device="meta"),
                                                      torch.empty(8, 3, 16, 16, device="meta"))):
                 with pytest.raises(_Stop):
                     call()
             assert [flag for _, flag in seen[-3:]] == [expected] * 3, seen
     finally:
         torch.backends.cuda.matmul.fp32_precision = previous
-    for setup, n_inputs in ((cb._dense_setup, 9), (cb._mlp_setup, 12), (cb._patch_embed_setup, 6)):
-        ctx = type("Ctx", (), {"save_for_backward": lambda self, *t: None})()
+    for save, n_inputs in ((lcuda._save, 9), (mcuda._save, 12), (pecuda._patch_embed_save, 6)):
         inputs = [None] * (n_inputs - 1) + [True]
         inputs[0] = torch.empty(1, 3, 16, 16)
         inputs[1] = torch.empty(8, 3, 16, 16)
-        setup(ctx, tuple(inputs), (None, None, None, None))
-        assert ctx.allow_tf32 is True
+        _, state = save(tuple(inputs), (None, None, None, None))
+        assert state.allow_tf32 is True
 
 
 @needs_extension

@@ -1,4 +1,4 @@
-"""The GEMM core (vitkern.ops._gemm) that linear, mlp and patch_embed share: every config on the
+"""The GEMM core (vitkern.ops.gemm) that linear, mlp and patch_embed share: every config on the
 interpreter (TMA and plain-load paths, ragged tails), each epilogue / prologue feature, split-K,
 the A-gather and row-map hooks, config selection, and the static compile check for sm_80 / sm_90
 (no spills, shared memory under the limit, wgmma in the sm_90 PTX of 16-bit and TF32 configs).
@@ -11,7 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkern.ops import _gemm
+from vitkern.ops import gemm as _gemm
+from vitkern.ops.activation import Activation
+from vitkern.ops.gemm import Epilogue
+from vitkern.ops.gemm import launch as _launch
 from vitkern.ops._config import device_arch
 from vitkern.testing.numerics import assert_2x_rounding, poisoned
 
@@ -29,14 +32,14 @@ def test_every_config_fused_epilogue(device, name):
     b = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
     bias = torch.randn(N, device=device).to(dtype)
     out, pre = poisoned((M, N), dtype, device), poisoned((M, N), dtype, device)
-    _gemm.gemm(a, b, out, bias=bias, activation=_gemm.ACT_GELU, pre=pre, config=cfg)
+    _launch.gemm(a, b, out, Epilogue(bias=bias, activation=Activation.GELU, pre=pre), config=cfg)
     p = a.double() @ b.double().T + bias.double()
     assert_2x_rounding("pre", pre, p, op="gemm")
     assert_2x_rounding("out", out, torch.nn.functional.gelu(p), op="gemm")
     res = torch.randn(M, N, device=device)
     gamma, rs = torch.rand(N, device=device).to(dtype), torch.rand(M, device=device)
     out = poisoned((M, N), F32, device)
-    _gemm.gemm(a, b, out, bias=bias, col_scale=gamma, row_scale=rs, residual=res, config=cfg)
+    _launch.gemm(a, b, out, Epilogue(bias=bias, col_scale=gamma, row_scale=rs, residual=res), config=cfg)
     assert_2x_rounding("out", out, res.double() + rs.double()[:, None] * gamma.double() * p, op="gemm")
 
 
@@ -48,12 +51,12 @@ def test_transposed_operands_and_unaligned_rows(device, dtype):
         a = torch.randn(K, M, device=device).to(dtype).t()
         b = (torch.randn(K, N, device=device) * K ** -0.5).to(dtype).t()
         out = poisoned((N, M), dtype, device).t()
-        _gemm.gemm(a, b, out)
+        _launch.gemm(a, b, out)
         assert_2x_rounding("out", out, a.double() @ b.double().T, op="gemm")
-    mode = _gemm._operand_mode(torch.empty(8, 588, dtype=BF16), True)
-    assert mode == _gemm.LOAD_PLAIN  # 1176-byte rows: not 16-byte aligned
-    assert _gemm._operand_mode(torch.empty(8, 768, dtype=BF16), True) == _gemm.LOAD_TMA
-    assert _gemm._operand_mode(torch.empty(768, 8, dtype=BF16).t(), True) == _gemm.LOAD_TMA_T
+    mode = _launch._operand_mode(torch.empty(8, 588, dtype=BF16), True)
+    assert mode == _launch.LOAD_PLAIN  # 1176-byte rows: not 16-byte aligned
+    assert _launch._operand_mode(torch.empty(8, 768, dtype=BF16), True) == _launch.LOAD_TMA
+    assert _launch._operand_mode(torch.empty(768, 8, dtype=BF16).t(), True) == _launch.LOAD_TMA_T
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -67,7 +70,7 @@ def test_dw_features(device, split_k):
     red, gamma = torch.rand(K, device=device), torch.rand(M, device=device).to(BF16)
     out = poisoned((M, N), BF16, device)
     cfg = _gemm.GEMM_CONFIGS["h100_16_small" if device_arch() >= 90 else "a100_16_small"]
-    _, s, d = _gemm.gemm(g.t(), x.t(), out, red_scale=red, row_scale=gamma, row_sum=True, row_dot=w,
+    _, s, d = _launch.gemm(g.t(), x.t(), out, Epilogue(row_scale=gamma, row_dot=w), red_scale=red, row_sum=True,
                          split_k=split_k, config=cfg)
     a = (g * red[:, None]).to(BF16).double()
     G = a.T @ x.double()
@@ -76,7 +79,7 @@ def test_dw_features(device, split_k):
     torch.testing.assert_close(d.double(), (G * w.double()).sum(1), atol=1e-2, rtol=1e-4)
 
 
-@pytest.mark.parametrize("act", [_gemm.ACT_GELU, _gemm.ACT_GELU_TANH])
+@pytest.mark.parametrize("act", [Activation.GELU, Activation.GELU_TANH])
 def test_activation_grad_epilogue_and_act_bwd(device, act):
     M, N, H = 100, 48, 136
     g = torch.randn(M, N, device=device).to(BF16)
@@ -84,14 +87,14 @@ def test_activation_grad_epilogue_and_act_bwd(device, act):
     pre = torch.randn(M, H, device=device).to(BF16)
     rs = torch.rand(M, device=device)
     out = poisoned((M, H), BF16, device)
-    _gemm.gemm(g, w2.t(), out, row_scale=rs, act_grad=act, aux=pre)
+    _launch.gemm(g, w2.t(), out, Epilogue(row_scale=rs, act_grad=act, aux=pre))
     p = pre.double().requires_grad_()
-    y = torch.nn.functional.gelu(p, approximate="tanh" if act == _gemm.ACT_GELU_TANH else "none")
+    y = torch.nn.functional.gelu(p, approximate="tanh" if act == Activation.GELU_TANH else "none")
     (dp,) = torch.autograd.grad(y, p, torch.ones_like(y))
     assert_2x_rounding("out", out, (g.double() @ w2.double()) * rs.double()[:, None] * dp, op="gemm")
     gg = torch.randn(M, H, device=device)
     col = torch.rand(H, device=device).to(BF16)
-    d, dscale = _gemm.act_bwd(gg, pre, act, F32, col_scale=col, row_scale=rs, want_dscale=True)
+    d, dscale = _launch.act_bwd(gg, pre, act, F32, col_scale=col, row_scale=rs, want_dscale=True)
     assert_2x_rounding("d", d, gg.double() * rs.double()[:, None] * col.double() * dp, op="gemm")
     torch.testing.assert_close(dscale.double(), (gg.double() * rs.double()[:, None] * y.detach()).sum(0),
                                atol=1e-3, rtol=1e-4)
@@ -99,11 +102,11 @@ def test_activation_grad_epilogue_and_act_bwd(device, act):
 
 def test_empty_shapes(device):
     a, b = torch.randn(0, 16, device=device), torch.randn(8, 16, device=device)
-    out, s, _ = _gemm.gemm(a, b, torch.empty(0, 8, device=device), row_sum=True)
+    out, s, _ = _launch.gemm(a, b, torch.empty(0, 8, device=device), row_sum=True)
     assert out.shape == (0, 8) and s.shape == (0,)
     out = poisoned((5, 8), F32, device)
-    _gemm.gemm(torch.empty(5, 0, device=device), torch.empty(8, 0, device=device), out,
-               bias=torch.ones(8, device=device), activation=_gemm.ACT_GELU)
+    _launch.gemm(torch.empty(5, 0, device=device), torch.empty(8, 0, device=device), out,
+               Epilogue(bias=torch.ones(8, device=device), activation=Activation.GELU))
     torch.testing.assert_close(out, torch.nn.functional.gelu(torch.ones(5, 8, device=device)))
 
 
@@ -135,8 +138,8 @@ def test_gather_and_row_map_hooks(device):
     pos = torch.randn(n_patch, N, device=device)
     out = poisoned((n_img * (n_patch + n_prefix), N), F32, device)
     cfg = _gemm.GEMM_CONFIGS["h100_fp32" if device_arch() >= 90 else "a100_fp32"]
-    _gemm.gemm(at, b, out, a_gather=_gather_transposed, a_args=(at.stride(0),), a_shape=(M, K),
-               residual=pos, row_map=_rows_after_prefix, c_args=(n_patch, n_prefix), config=cfg)
+    _launch.gemm(at, b, out, a_gather=_gather_transposed, a_args=(at.stride(0),), a_shape=(M, K),
+               epilogue=Epilogue(residual=pos), row_map=_rows_after_prefix, c_args=(n_patch, n_prefix), config=cfg)
     y = (at.t() @ b.t()).reshape(n_img, n_patch, N) + pos
     got = out.reshape(n_img, n_patch + n_prefix, N)
     torch.testing.assert_close(got[:, n_prefix:], y, atol=1e-4, rtol=1e-4)
@@ -171,7 +174,7 @@ def test_config_selection_covers_every_key():
 def _compile_rows(full: bool):
     from vitkern.testing.compile_check import run_compile_check
 
-    report = run_compile_check(["vitkern.ops._gemm"], full=full, timeout=3000)
+    report = run_compile_check(["vitkern.ops.gemm"], full=full, timeout=3000)
     print(report.format())
     return report.rows
 

@@ -1,4 +1,4 @@
-"""vitkern.linear on the "triton" backend (the GEMM core of vitkern.ops._gemm): forward and every
+"""vitkern.linear on the "triton" backend (the GEMM core of vitkern.ops.gemm): forward and every
 gradient against the fp64 reference, for all dtypes and activations, with and without bias,
 residual, residual_scale and row_scale, at ViT shapes and awkward ones; opcheck of the registered
 ops; torch.compile(fullgraph=True); autocast. Without a GPU the kernels run through Triton's

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import vitkern
-from vitkern.ops import _gemm
+from vitkern.ops import gemm as _gemm
 from vitkern.ops.patch_embed import launch as pe_launch
 from vitkern.ops.patch_embed import patch_embed_ref
 from vitkern.testing.numerics import assert_2x_torch, poisoned, poisoned_like

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
+from vitkern.ops.activation import Activation
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
 from vitkern.nn.layer_norm import apply_norm
@@ -18,19 +17,7 @@ __all__ = ["Linear", "Mlp", "resolve_activation", "ACTIVATIONS"]
 
 # Activation names the GEMM epilogues compute. "gelu" is the erf GELU (torch.nn.GELU's default),
 # "gelu_tanh" the tanh approximation.
-ACTIVATIONS = (None, "gelu", "gelu_tanh")
-
-_NAME_ALIASES = {
-    "none": None,
-    "identity": None,
-    "linear": None,
-    "gelu": "gelu",
-    "gelu_erf": "gelu",
-    "gelu_tanh": "gelu_tanh",
-    "gelu_new": "gelu_tanh",  # Hugging Face names of the tanh approximation
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-}
+ACTIVATIONS = tuple(a.public_name for a in Activation)
 
 
 def resolve_activation(act) -> Optional[str]:
@@ -40,41 +27,14 @@ def resolve_activation(act) -> Optional[str]:
     "gelu_pytorch_tanh"), ``nn.GELU`` (class or instance, ``approximate="tanh"`` honoured),
     ``functools.partial(nn.GELU, approximate="tanh")``, ``nn.Identity``, timm's ``GELU`` /
     ``GELUTanh`` classes and ``F.gelu``. Anything else raises ``ValueError``: the fused epilogues
-    compute only these activations.
+    compute only these activations (:meth:`vitkern.ops.activation.Activation.resolve`).
     """
-    if act is None:
-        return None
-    if isinstance(act, str):
-        key = act.strip().lower()
-        if key in _NAME_ALIASES:
-            return _NAME_ALIASES[key]
-        raise ValueError(f"activation must be one of 'gelu', 'gelu_tanh' (or None), got {act!r}")
-    if isinstance(act, nn.GELU):
-        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    if isinstance(act, nn.Identity):
-        return None
-    if isinstance(act, nn.Module):
-        name = type(act).__name__
-        if name == "GELUTanh":
-            return "gelu_tanh"
-        if name == "GELU":
-            return "gelu"
-        raise ValueError(f"activation module {name} is not supported; use nn.GELU (erf or approximate='tanh')")
-    if isinstance(act, type) and issubclass(act, nn.Module):
-        return resolve_activation(act())
-    if isinstance(act, functools.partial):
-        return resolve_activation(act())
-    if act is F.gelu:
-        return "gelu"
-    if callable(act) and getattr(act, "__name__", "") in ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh"):
-        return "gelu_tanh"
-    raise ValueError(f"unsupported activation {act!r}; use 'gelu', 'gelu_tanh', nn.GELU or None")
+    return Activation.resolve(act).public_name
 
 
 def _act_module(name: Optional[str]) -> nn.Module:
-    if name is None:
-        return nn.Identity()
-    return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+    act = Activation.parse(name)
+    return nn.Identity() if act is Activation.NONE else nn.GELU(approximate=act.approximate)
 
 
 def _to_2tuple(v):

@@ -1,4 +1,4 @@
-"""Helpers every op shares: argument checks, the autocast policy, and kernel-op registration.
+"""Helpers every op shares: argument checks and the autocast policy.
 
 Argument checks raise ``ValueError`` / ``TypeError`` naming the argument and what was expected, so
 bad input never reaches a kernel (where it would be a silent wrong answer or an illegal memory
@@ -8,7 +8,7 @@ access).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -23,7 +23,6 @@ __all__ = [
     "autocast_dtype",
     "cast_floating",
     "autocast_disabled",
-    "kernel_op",
 ]
 
 # Every op takes these; fp32 follows torch's matmul precision, fp16/bf16 accumulate in fp32.
@@ -161,45 +160,3 @@ def autocast_disabled(device: torch.device):
     if device.type in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------
-# Kernel-op registration
-# --------------------------------------------------------------------------------------------
-
-
-def kernel_op(
-    qualname: str,
-    *,
-    fake: Callable,
-    backward: Optional[Callable] = None,
-    setup_context: Optional[Callable] = None,
-):
-    """Register the decorated function as a ``torch.library`` custom op with its fake and autograd.
-
-    One place for the boilerplate every kernel backend needs::
-
-        @kernel_op("vitkern::layer_norm_fwd", fake=_fwd_fake,
-                   setup_context=_setup, backward=_backward)
-        def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], ...) -> tuple[Tensor, Tensor]:
-            ...
-
-    Rules (torch.library.custom_op): outputs never alias inputs, and an op returns a tuple rather
-    than an Optional tensor. ``custom_op`` is used rather than ``triton_op`` because the latter's
-    fake tracing runs the kernel under TRITON_INTERPRET=1 and breaks torch.compile on the CPU.
-    ``backward(ctx, *grads)`` should itself call a registered op so that torch.compile sees one
-    opaque kernel in the backward graph too.
-    """
-    if "::" not in qualname:
-        raise ValueError(f"kernel_op needs a namespaced name like 'vitkern::op', got {qualname!r}")
-    if (backward is None) != (setup_context is None):
-        raise ValueError("kernel_op: give both backward and setup_context, or neither")
-
-    def decorate(fn: Callable):
-        op = torch.library.custom_op(qualname, mutates_args=())(fn)
-        op.register_fake(fake)
-        if backward is not None:
-            op.register_autograd(backward, setup_context=setup_context)
-        return op
-
-    return decorate

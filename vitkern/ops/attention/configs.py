@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from vitkern.ops._config import TRITON_36, KernelConfig
+from vitkern.ops._config import KernelConfig, TRITON_36
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from vitkern.ops._common import FLOAT_DTYPES, kernel_op
+from vitkern.ops._autograd import kernel_op
+from vitkern.ops._common import FLOAT_DTYPES
 from vitkern.ops._index import fits_int32
 from vitkern.ops.attention.configs import _attn_head_dim_reason
 
@@ -48,7 +49,7 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, key_padding_bias, causal,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.custom_op("vitkern::attention_bwd", mutates_args=())
+@kernel_op("vitkern::attention_bwd", fake=_attention_bwd_fake)
 def _attention_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     dlse: Optional[torch.Tensor], key_padding_bias: Optional[torch.Tensor], causal: bool, scale: float,
@@ -64,27 +65,23 @@ def _attention_bwd_op(
     return dq, dk, dv
 
 
-_attention_bwd_op.register_fake(_attention_bwd_fake)
-
-
-def _attention_setup(ctx, inputs, output):
+def _attention_save(inputs, output):
     q, k, v, key_padding_bias, causal, scale, deterministic = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_bias)
-    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+    return (q, k, v, out, lse, key_padding_bias), (causal, scale, deterministic)
 
 
-def _attention_backward(ctx, dout, dlse):
-    q, k, v, out, lse, key_padding_bias = ctx.saved_tensors
+def _attention_backward(state, saved, grads, need):
+    causal, scale, deterministic = state
+    q, k, v, out, lse, key_padding_bias = saved
+    dout, dlse = grads
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, dlse, key_padding_bias, ctx.causal, ctx.scale,
-                                   ctx.deterministic)
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, dlse, key_padding_bias, causal, scale, deterministic)
     return dq, dk, dv, None, None, None, None
 
 
-@kernel_op("vitkern::attention_fwd", fake=_attention_fwd_fake, setup_context=_attention_setup,
-           backward=_attention_backward)
+@kernel_op("vitkern::attention_fwd", fake=_attention_fwd_fake, save=_attention_save, backward=_attention_backward)
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_bias: Optional[torch.Tensor], causal: bool,
     scale: float, deterministic: bool,
@@ -109,7 +106,7 @@ def _qkvpacked_bwd_fake(dout, qkv, out, lse, dlse, causal, scale, deterministic)
     return qkv.new_empty(qkv.shape)
 
 
-@torch.library.custom_op("vitkern::attention_qkvpacked_bwd", mutates_args=())
+@kernel_op("vitkern::attention_qkvpacked_bwd", fake=_qkvpacked_bwd_fake)
 def _attention_qkvpacked_bwd_op(
     dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
     causal: bool, scale: float, deterministic: bool,
@@ -126,25 +123,22 @@ def _attention_qkvpacked_bwd_op(
     return dqkv
 
 
-_attention_qkvpacked_bwd_op.register_fake(_qkvpacked_bwd_fake)
-
-
-def _qkvpacked_setup(ctx, inputs, output):
+def _qkvpacked_save(inputs, output):
     qkv, causal, scale, deterministic = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse)
-    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+    return (qkv, out, lse), (causal, scale, deterministic)
 
 
-def _qkvpacked_backward(ctx, dout, dlse):
-    qkv, out, lse = ctx.saved_tensors
+def _qkvpacked_backward(state, saved, grads, need):
+    causal, scale, deterministic = state
+    qkv, out, lse = saved
+    dout, dlse = grads
     if dout is None:
         dout = torch.zeros_like(out)
-    dqkv = _attention_qkvpacked_bwd_op(dout, qkv, out, lse, dlse, ctx.causal, ctx.scale, ctx.deterministic)
-    return dqkv, None, None, None
+    return _attention_qkvpacked_bwd_op(dout, qkv, out, lse, dlse, causal, scale, deterministic), None, None, None
 
 
-@kernel_op("vitkern::attention_qkvpacked_fwd", fake=_qkvpacked_fwd_fake, setup_context=_qkvpacked_setup,
+@kernel_op("vitkern::attention_qkvpacked_fwd", fake=_qkvpacked_fwd_fake, save=_qkvpacked_save,
            backward=_qkvpacked_backward)
 def _attention_qkvpacked_fwd_op(
     qkv: torch.Tensor, causal: bool, scale: float, deterministic: bool

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from vitkern.ops._common import kernel_op
+from vitkern.ops._autograd import kernel_op
 from vitkern.ops.layer_norm.configs import MAX_WIDTH
 
 
@@ -63,34 +63,26 @@ def _layer_norm_bwd_op(
     return dx, dw, db
 
 
-def _param_grads(ctx, dw: torch.Tensor, db: torch.Tensor, w_index: int):
-    gw = dw if ctx.needs_input_grad[w_index] else None
-    gb = db if ctx.needs_input_grad[w_index + 1] else None
-    return gw, gb
-
-
-def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+def _layer_norm_save(inputs, output):
+    x, weight, bias, _eps = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(mean, rstd)
+    return (x, weight, mean, rstd), (bias.dtype if bias is not None else None)
 
 
-def _layer_norm_backward(ctx, dy, dmean, drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    compute_dw = weight is not None and ctx.needs_input_grad[1]
-    db_dtype = ctx.bias_dtype if ctx.needs_input_grad[2] else None
-    dx, dw, db = torch.ops.vitkern.layer_norm_bwd(dy, x, weight, mean, rstd, None, compute_dw, db_dtype)
-    gw, gb = _param_grads(ctx, dw, db, 1)
-    return (dx if ctx.needs_input_grad[0] else None), gw, gb, None
+def _layer_norm_backward(bias_dtype, saved, grads, need):
+    x, weight, mean, rstd = saved
+    dy = grads[0]
+    dx, dw, db = torch.ops.vitkern.layer_norm_bwd(dy, x, weight, mean, rstd, None, need[1],
+                                                  bias_dtype if need[2] else None)
+    return dx, dw, db, None
 
 
 @kernel_op(
     "vitkern::layer_norm_fwd",
     fake=_layer_norm_fwd_fake,
-    setup_context=_layer_norm_setup,
+    save=_layer_norm_save,
     backward=_layer_norm_backward,
+    non_differentiable=(1, 2),
 )
 def _layer_norm_fwd_op(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
@@ -101,31 +93,29 @@ def _layer_norm_fwd_op(
     return y, mean, rstd
 
 
-def _add_layer_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps = inputs
+def _add_layer_norm_save(inputs, output):
+    x, residual, weight, bias, _eps = inputs
     _, s, mean, rstd = output
-    ctx.save_for_backward(s, weight, mean, rstd)
-    ctx.x_dtype, ctx.residual_dtype = x.dtype, residual.dtype
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(mean, rstd)
+    return (s, weight, mean, rstd), (x.dtype, residual.dtype, bias.dtype if bias is not None else None)
 
 
-def _add_layer_norm_backward(ctx, dy, ds, dmean, drstd):
-    s, weight, mean, rstd = ctx.saved_tensors
-    compute_dw = weight is not None and ctx.needs_input_grad[2]
-    db_dtype = ctx.bias_dtype if ctx.needs_input_grad[3] else None
-    dsum, dw, db = torch.ops.vitkern.layer_norm_bwd(dy, s, weight, mean, rstd, ds, compute_dw, db_dtype)
-    gx = dsum.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-    gr = dsum.to(ctx.residual_dtype) if ctx.needs_input_grad[1] else None
-    gw, gb = _param_grads(ctx, dw, db, 2)
-    return gx, gr, gw, gb, None
+def _add_layer_norm_backward(state, saved, grads, need):
+    x_dtype, residual_dtype, bias_dtype = state
+    s, weight, mean, rstd = saved
+    dy, ds = grads[0], grads[1]
+    dsum, dw, db = torch.ops.vitkern.layer_norm_bwd(dy, s, weight, mean, rstd, ds, need[2],
+                                                    bias_dtype if need[3] else None)
+    gx = dsum.to(x_dtype) if need[0] else None
+    gr = dsum.to(residual_dtype) if need[1] else None
+    return gx, gr, dw, db, None
 
 
 @kernel_op(
     "vitkern::add_layer_norm_fwd",
     fake=_add_layer_norm_fwd_fake,
-    setup_context=_add_layer_norm_setup,
+    save=_add_layer_norm_save,
     backward=_add_layer_norm_backward,
+    non_differentiable=(2, 3),
 )
 def _add_layer_norm_fwd_op(
     x: torch.Tensor,

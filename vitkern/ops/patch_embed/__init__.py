@@ -12,7 +12,7 @@ Backends are registered at the bottom of this module. Implementations of op ``"p
 called as ``impl(images, weight, bias, pos_embed=..., prefix_tokens=...)`` after the public
 function's checks and autocast casts.
 
-The Triton backend is built on the GEMM core of :mod:`vitkern.ops._gemm` (its tiles, configs,
+The Triton backend is built on the GEMM core of :mod:`vitkern.ops.gemm` (its tiles, configs,
 pipelining and fp32 epilogue) through its hooks. One forward launch writes the whole
 (B, K + N, D) buffer: the patch GEMM with an implicit im2col, the bias and pos_embed in its
 epilogue, the prefix rows in its prologue. Backward: the weight gradient and the image gradient
@@ -56,6 +56,7 @@ from vitkern.ops._common import (
     check_tensor,
     contiguous_vectors,
 )
+from vitkern.ops.patch_embed import cuda as _cuda
 from vitkern.ops.patch_embed.op import _patch_embed_triton, _patch_embed_triton_supports
 from vitkern.ops.patch_embed.pos_embed import resample_pos_embed
 from vitkern.ops.patch_embed.reference import patch_embed_ref
@@ -167,3 +168,4 @@ def patch_embed(
 
 register_impl("patch_embed", "reference", patch_embed_ref)
 register_impl("patch_embed", "triton", _patch_embed_triton, supports=_patch_embed_triton_supports)
+register_impl("patch_embed", "cuda", _cuda.patch_embed_cuda, _cuda._patch_embed_supports)

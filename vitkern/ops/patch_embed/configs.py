@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from vitkern.ops import _gemm
+from vitkern.ops import gemm as _gemm
 from vitkern.ops._config import device_arch, KernelConfig
 
 
-# The GEMMs take the GEMM core's configs (vitkern.ops._gemm.select_config on (M, N, K); the
+# The GEMMs take the GEMM core's configs (vitkern.ops.gemm.select_config on (M, N, K); the
 # overrides below where those spilled):
 #   forward  M = B * N patches, N = D, K = C * PH * PW
 #   dW^T     M = C * PH * PW,   N = D, K = B * T token rows (split-K when the tiles are few)

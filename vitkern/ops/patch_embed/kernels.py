@@ -1,4 +1,4 @@
-"""The patch-embedding device functions plugged into the GEMM core (:mod:`vitkern.ops._gemm`,
+"""The patch-embedding device functions plugged into the GEMM core (:mod:`vitkern.ops.gemm`,
 through its gather / row-map / prologue hooks), and the column-sum kernel of the backward.
 
 Forward: ``_fwd_gather`` loads the A tile straight from the image pixels (implicit im2col inside

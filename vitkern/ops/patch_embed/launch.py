@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from vitkern.ops import _gemm
+from vitkern.ops.gemm import Epilogue, launch as _gemm
 from vitkern.ops._config import INTERPRETING, num_sms
 from vitkern.ops._triton import capturing, launch
 from vitkern.ops._index import check_int32
@@ -158,7 +158,7 @@ def _patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens, config=None
     img = _image_args(images, ph, pw)
     cfg = _select_config("fwd", config, b * n, d, wmat.shape[1], wmat.dtype, img)
     _gemm.gemm(
-        images, wmat, out.view(b * t, d), bias=bias, residual=pos2,
+        images, wmat, out.view(b * t, d), Epilogue(bias=bias, residual=pos2),
         a_gather=_fwd_gather, a_args=(*img, n), a_shape=(b * n, wmat.shape[1]),
         row_map=_fwd_rows, c_args=c_args, prologue=_fwd_prefix if n_prefix else None, config=cfg,
     )

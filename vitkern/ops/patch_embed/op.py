@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from vitkern.ops._common import kernel_op
+from vitkern.ops._autograd import kernel_op
 from vitkern.ops.patch_embed.layout import _channels_last_k, _dw_layout
 from vitkern.ops.patch_embed.reference import _out_dtype
 
@@ -64,28 +64,25 @@ def _patch_embed_bwd_op(
                  for o, dt in zip(outs, dtypes))
 
 
-def _fwd_setup(ctx, inputs, output):
+def _fwd_save(inputs, output):
     images, weight, bias, pos_embed, prefix_tokens = inputs
-    ctx.save_for_backward(images, weight)
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.pos = (pos_embed.shape[1], pos_embed.dtype) if pos_embed is not None else None
-    ctx.prefix = (prefix_tokens.shape[1], prefix_tokens.dtype) if prefix_tokens is not None else None
+    pos = (pos_embed.shape[1], pos_embed.dtype) if pos_embed is not None else None
+    prefix = (prefix_tokens.shape[1], prefix_tokens.dtype) if prefix_tokens is not None else None
+    return (images, weight), (bias.dtype if bias is not None else None, pos, prefix)
 
 
-def _fwd_backward(ctx, grad):
-    images, weight = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    n_prefix = ctx.prefix[0] if ctx.prefix is not None else 0
-    bias_dtype = ctx.bias_dtype if need[2] else None
-    pos_len, pos_dtype = (ctx.pos if ctx.pos is not None and need[3] else (0, None))
-    prefix_dtype = ctx.prefix[1] if ctx.prefix is not None and need[4] else None
-    dx, dw, db, dpos, dpre = torch.ops.vitkern.patch_embed_bwd(
-        grad, images, weight, bool(need[0]), bool(need[1]), bias_dtype, n_prefix, pos_len, pos_dtype, prefix_dtype)
-    return (dx if need[0] else None, dw if need[1] else None, db if bias_dtype is not None else None,
-            dpos if pos_dtype is not None else None, dpre if prefix_dtype is not None else None)
+def _fwd_backward(state, saved, grads, need):
+    bias_dtype, pos, prefix = state
+    images, weight = saved
+    (grad,) = grads
+    n_prefix = prefix[0] if prefix is not None else 0
+    pos_len, pos_dtype = pos if need[3] else (0, None)
+    prefix_dtype = prefix[1] if need[4] else None
+    return torch.ops.vitkern.patch_embed_bwd(grad, images, weight, need[0], need[1], bias_dtype if need[2] else None,
+                                             n_prefix, pos_len, pos_dtype, prefix_dtype)
 
 
-@kernel_op("vitkern::patch_embed_fwd", fake=_fwd_fake, setup_context=_fwd_setup, backward=_fwd_backward)
+@kernel_op("vitkern::patch_embed_fwd", fake=_fwd_fake, save=_fwd_save, backward=_fwd_backward)
 def _patch_embed_fwd_op(
     images: torch.Tensor,
     weight: torch.Tensor,

@@ -1,0 +1,81 @@
+"""The GEMM core's static compile cases: every config, every epilogue variant once, the benchmark
+shapes (``python -m vitkern.ops._compile_check vitkern.ops.gemm``)."""
+
+import torch
+
+from vitkern.ops._config import device_arch
+from vitkern.testing.compile_check import compile_cases
+from vitkern.ops.activation import Activation
+from vitkern.ops.gemm.configs import GEMM_CONFIGS
+from vitkern.ops.gemm.epilogue import Epilogue
+from vitkern.ops.gemm.launch import act_bwd, gemm
+
+GELU, GELU_TANH = Activation.GELU, Activation.GELU_TANH
+
+
+def _case_tensors(M, N, K, dtype, out_dtype=None):
+    a = torch.empty(M, K, dtype=dtype)
+    b = torch.empty(N, K, dtype=dtype)
+    out = torch.empty(M, N, dtype=out_dtype or dtype)
+    return a, b, out
+
+
+@compile_cases
+def _gemm_cases():
+    bf16, f32 = torch.bfloat16, torch.float32
+    arch = device_arch()
+    # every config of this arch family, with the fc1 epilogue (bias + GELU + pre store)
+    for name, cfg in GEMM_CONFIGS.items():
+        if not name.startswith("h100" if arch >= 90 else "a100"):
+            continue
+        dtype = bf16 if "_16_" in name else f32
+        tf32 = "tf32" in name
+        prev = torch.backends.cuda.matmul.fp32_precision
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        try:
+            a, b, out = _case_tensors(4096, 3072, 768, dtype)
+            gemm(a, b, out, Epilogue(bias=torch.empty(3072, dtype=dtype), activation=GELU, pre=torch.empty_like(out)),
+                 config=cfg)
+            # the fc2 / proj epilogue: bias, LayerScale, drop path, fp32 residual
+            a, b, out = _case_tensors(4096, 768, 3072, dtype, f32)
+            fc2 = Epilogue(bias=torch.empty(768, dtype=dtype), col_scale=torch.empty(768, dtype=dtype),
+                           row_scale=torch.empty(4096, dtype=f32), residual=torch.empty(4096, 768, dtype=f32))
+            gemm(a, b, out, fc2, config=cfg)
+            # dW with split-K, row sums, row dots and a reduction-axis scale: A = dY^T, B = x^T
+            g = torch.empty(8192, 768, dtype=f32 if dtype == bf16 else dtype)
+            x = torch.empty(8192, 3072, dtype=dtype)
+            gemm(g.t(), x.t(), torch.empty(768, 3072, dtype=f32),
+                 Epilogue(row_scale=torch.empty(768, dtype=dtype), row_dot=torch.empty(768, 3072, dtype=dtype)),
+                 red_scale=torch.empty(8192, dtype=f32), row_sum=True, split_k=4, config=cfg)
+        finally:
+            torch.backends.cuda.matmul.fp32_precision = prev
+    # the MLP's dU GEMM: dPre = rs * (dY @ W2g) * gelu'(pre); ragged / unaligned shapes (K = 588,
+    # N = 1000 / 100 / 21843: plain loads where TMA cannot address the rows)
+    for dtype in (bf16, torch.float16):
+        a, b, out = _case_tensors(4096, 3072, 768, dtype)
+        gemm(a, torch.empty(768, 3072, dtype=dtype).t(), out,
+             Epilogue(row_scale=torch.empty(4096, dtype=f32), act_grad=GELU, aux=torch.empty_like(out)))
+    for M, N, K in ((197, 1000, 768), (8, 21843, 768), (3152, 768, 588), (197, 100, 192), (1, 1000, 768)):
+        a, b, out = _case_tensors(M, N, K, bf16)
+        gemm(a, b, out, Epilogue(bias=torch.empty(N, dtype=bf16), activation=GELU_TANH))
+    a, b, out = _case_tensors(197, 192, 192, f32)
+    gemm(a, b, out, Epilogue(bias=torch.empty(192, dtype=f32)))
+    for act in (GELU, GELU_TANH):
+        for dtype in (bf16, f32):
+            g = torch.empty(4096, 3072, dtype=dtype)
+            act_bwd(g, torch.empty(4096, 3072, dtype=bf16), act, bf16, col_scale=torch.empty(3072, dtype=bf16),
+                    row_scale=torch.empty(4096, dtype=f32), want_dscale=True)
+    act_bwd(torch.empty(4096, 3072, dtype=bf16), torch.empty(4096, 3072, dtype=bf16), GELU, bf16)
+
+
+@compile_cases(slow=True)
+def _gemm_bench_cases():
+    """Benchmark shapes: ViT-B / ViT-L blocks at batch 64 (M = 12608), forward and backward."""
+    bf16 = torch.bfloat16
+    for D in (768, 1024):
+        M, H = 197 * 64, 4 * D
+        for N, K in ((3 * D, D), (D, D), (H, D), (D, H)):
+            a, b, out = _case_tensors(M, N, K, bf16)
+            gemm(a, b, out, Epilogue(bias=torch.empty(N, dtype=bf16)))
+            gemm(out, b.t(), torch.empty(M, K, dtype=bf16))                         # dX
+            gemm(out.t(), a.t(), torch.empty(N, K, dtype=bf16), row_sum=True)       # dW

@@ -1,0 +1,72 @@
+"""The GEMM core's epilogues: which steps on the fp32 accumulator a GEMM runs (this file, no Triton
+import: callers build an :class:`Epilogue` anywhere), and the steps themselves (``epilogue_steps.py``).
+
+A caller describes its epilogue once, as an :class:`Epilogue` (the tensors each step reads or
+writes; a step runs when its tensor is given), and :func:`vitkern.ops.gemm.launch.gemm` turns it
+into the kernel's constexpr switches (:meth:`Epilogue.constexprs`). The steps, in the order the
+kernel composes them (``vitkern.ops.gemm.kernels._gemm_kernel``), each a ``@triton.jit`` helper in
+``epilogue_steps.py`` that compiles to nothing when its switch is off:
+
+    acc += bias[n]                              add_bias          bias
+    pre[m, n] = acc                             store_aux         pre: the pre-activation for backward
+    dotpart[s, pid_n, m] = sum_n acc * W[m, n]  row_dot           row_dot = W: the LayerScale grad
+    acc = act(acc)                              activation        activation
+    acc *= col_scale[n]                         scale_cols        col_scale: LayerScale gamma
+    acc *= row_scale[m]                         scale_rows        row_scale: drop path
+    acc *= act'(aux[m, n])                      mul_activation_grad  act_grad, aux = pre
+    acc += residual[m, n]                       add_residual      residual (or its TMA load)
+
+then one cast, to C's dtype, on the store. ``activation`` / ``activation_grad`` also serve the
+elementwise activation-backward kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from vitkern.ops.activation import Activation
+
+__all__ = ["Epilogue"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Epilogue:
+    """The epilogue of one GEMM (see the module docstring for the steps and their order).
+
+    ``pre``, ``row_dot``, ``aux`` and ``residual`` are ``(M, N)`` views with any strides; ``bias``
+    and ``col_scale`` are ``(N,)``, ``row_scale`` ``(M,)``. Validated once, here.
+    """
+
+    bias: Optional[torch.Tensor] = None
+    pre: Optional[torch.Tensor] = None
+    row_dot: Optional[torch.Tensor] = None
+    activation: Activation = Activation.NONE
+    col_scale: Optional[torch.Tensor] = None
+    row_scale: Optional[torch.Tensor] = None
+    act_grad: Activation = Activation.NONE
+    aux: Optional[torch.Tensor] = None
+    residual: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "activation", Activation(self.activation))
+        object.__setattr__(self, "act_grad", Activation(self.act_grad))
+        if (self.act_grad != Activation.NONE) != (self.aux is not None):
+            raise ValueError("Epilogue: act_grad and aux go together (aux is the activation's input)")
+
+    @property
+    def split_safe(self) -> bool:
+        """Linear in the accumulator (the steps that may run on split-K partial sums)."""
+        return (self.bias is None and self.activation == Activation.NONE and self.residual is None
+                and self.pre is None and self.act_grad == Activation.NONE)
+
+    def constexprs(self) -> dict[str, object]:
+        """The kernel's epilogue switches."""
+        return dict(
+            HAS_BIAS=self.bias is not None, ACTIVATION=int(self.activation),
+            HAS_COL_SCALE=self.col_scale is not None, HAS_ROW_SCALE=self.row_scale is not None,
+            HAS_RESIDUAL=self.residual is not None, STORE_PRE=self.pre is not None,
+            ACT_GRAD=int(self.act_grad), ROW_DOT=self.row_dot is not None,
+        )

@@ -1,0 +1,266 @@
+"""The GEMM core's launchers: :func:`gemm` (operand load modes, int32 offset checks, split-K,
+persistent grids, the epilogue's constexprs) and :func:`act_bwd`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from vitkern.ops._common import contiguous_vectors
+from vitkern.ops._config import device_arch, KernelConfig, num_sms
+from vitkern.ops._triton import capturing, ensure_scratch_allocator, launch
+from vitkern.ops._index import INT32_MAX, check_int32, fits_int32
+from vitkern.ops.activation import Activation
+from vitkern.ops.gemm.configs import GemmConfig, dot_precision, select_config
+from vitkern.ops.gemm.epilogue import Epilogue
+from vitkern.ops.gemm.kernels import _act_bwd_kernel, _gemm_kernel
+
+__all__ = ["gemm", "act_bwd"]
+
+# Operand load modes: plain pointer loads with rows clamped into range (no row mask: fewer
+# registers; for operands contiguous along K), TMA descriptors (rows contiguous along K, or the
+# operand stored transposed), plain loads with row masks (operands contiguous along M / N, where
+# clamped indices would break the vectorised loads).
+LOAD_PLAIN, LOAD_TMA, LOAD_TMA_T, LOAD_PLAIN_T = 0, 1, 2, 3
+
+
+def _tma_ok(t: torch.Tensor, inner: int) -> bool:
+    """2-D ``t`` addressable by a TMA descriptor with ``inner`` as its unit-stride dim."""
+    outer = 1 - inner
+    es = t.element_size()
+    return (t.stride(inner) == 1 and t.stride(outer) > 0 and t.data_ptr() % 16 == 0
+            and (t.stride(outer) * es) % 16 == 0 and t.shape[inner] * es >= 16)
+
+
+def _operand_mode(t: torch.Tensor, use_tma: bool) -> int:
+    """Load mode of a (rows, K) operand view: TMA where addressable, else plain loads, with row
+    masks when the rows are the contiguous dim."""
+    if use_tma:
+        if _tma_ok(t, 1):
+            return LOAD_TMA
+        if _tma_ok(t, 0):
+            return LOAD_TMA_T
+    if t.stride(0) == 1 and t.stride(1) != 1 and t.shape[0] > 1:
+        return LOAD_PLAIN_T
+    return LOAD_PLAIN
+
+
+def _tile_int32_ok(t: torch.Tensor, block_rows: int, block_k: int) -> bool:
+    """The plain-load offsets of a (rows, K) operand fit in int32: ``r * stride_r + k * stride_k``
+    inside a tile, and the per-step pointer increment ``BLOCK_K * stride_k``."""
+    rows, k = t.shape
+    s_k = t.stride(1)
+    step_ok = not (abs(s_k) <= INT32_MAX and block_k * abs(s_k) > INT32_MAX)
+    return step_ok and fits_int32((min(block_rows, rows), t.stride(0)), (min(block_k, k), s_k))
+
+
+def _int32_views(a, b, residual, row_dot, cfg: "GemmConfig", a_base):
+    """The kernel's in-tile offsets are int32 (row bases are int64; vitkern.ops._index): a view
+    whose layout would wrap them (a transposed operand past 2^31 elements) is copied to a
+    contiguous one; raises where that is not enough."""
+    n = b.shape[0]
+
+    def fix(name, t, block_rows):
+        if t is None or _tile_int32_ok(t, block_rows, cfg.block_k):
+            return t
+        for copy in (t.contiguous(), t.t().contiguous().t()):  # row-major, then column-major
+            if _tile_int32_ok(copy, block_rows, cfg.block_k):
+                return copy
+        raise ValueError(f"gemm: operand {name} of shape {tuple(t.shape)} needs in-tile offsets past the "
+                         f"kernels' int32 range (2^31 - 1) in any layout")
+
+    a = fix("a", a, cfg.block_m)
+    b = fix("b", b, cfg.block_n)
+    if residual is not None and not fits_int32((n, residual.stride(1))):
+        residual = residual.contiguous()
+    if row_dot is not None and not fits_int32((n, row_dot.stride(1))):
+        row_dot = row_dot.contiguous()
+    return (a if a is not None else a_base), b, residual, row_dot
+
+
+def _strides(t: Optional[torch.Tensor]) -> tuple[int, int]:
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    epilogue: Epilogue = Epilogue(),
+    *,
+    red_scale: Optional[torch.Tensor] = None,
+    row_sum: bool = False,
+    split_k: Optional[int] = None,
+    config: Optional[GemmConfig] = None,
+    a_gather=None,
+    a_args: tuple = (0,),
+    a_shape: Optional[tuple[int, int]] = None,
+    row_map=None,
+    col_map=None,
+    c_args: tuple = (0,),
+    prologue=None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``out[M, N] = epilogue(A'[M, K] @ b[N, K]^T)`` (see :mod:`vitkern.ops.gemm.kernels`), with
+    ``A' = a * red_scale[None, :]`` when ``red_scale`` (a ``(K,)`` vector) is given.
+
+    ``a``, ``b``, ``out`` and the epilogue's matrices are 2-D views with any strides. Returns
+    ``(out, row_sums, row_dots)``: with ``row_sum`` the fp32 ``(M,)`` sums of ``A'`` over K, with
+    ``epilogue.row_dot`` (an ``(M, N)`` tensor W) the fp32 ``(M,)`` values
+    ``sum_n acc[m, n] * W[m, n]`` of the pre-scale accumulator. ``split_k`` (None: the config
+    decides, for split-safe epilogues) splits the reduction; the partials are summed here.
+
+    Hooks (patch embedding): ``a_gather`` is a ``@triton.jit`` function ``(a_ptr, offs_m, offs_k,
+    M, K, a_args) -> [BLOCK_M, BLOCK_K]`` tile (zero outside M / K) that replaces the A load; then
+    ``a`` is only the base pointer's tensor and ``a_shape = (M, K)`` gives the logical shape.
+    ``row_map`` is a ``@triton.jit`` function ``(offs_m, c_args) -> (c_rows, residual_rows)``:
+    ``out`` (and ``residual``) are then 2-D buffers indexed by the mapped rows (any row count).
+    ``col_map`` (with ``row_map``) is a ``@triton.jit`` function ``(offs_n, c_args) -> c_cols``:
+    element ``(m, n)`` is stored at ``c_rows[m] * out.stride(0) + c_cols[n] * out.stride(1)``
+    (``out`` then only carries the base pointer, dtype and those two strides; any shape).
+    ``prologue`` is a ``@triton.jit`` function ``(pid, num_progs, c_ptr, stride_cm, stride_cn,
+    c_args, BLOCK_M, BLOCK_N)`` that every program runs once before its tiles (no split-K).
+    """
+    M, K = a_shape if a_gather is not None else a.shape
+    N = b.shape[0]
+    if col_map is not None and row_map is None:
+        raise ValueError("gemm: col_map needs row_map")
+    if b.shape[1] != K or (row_map is None and tuple(out.shape) != (M, N)) or (
+            col_map is None and out.shape[-1] != N):
+        raise ValueError(f"gemm: shapes a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)} do not match")
+    if (a_gather is not None or row_map is not None) and K == 0:
+        raise ValueError("gemm: K = 0 with a gather / row map")
+    dev = a.device
+    row_sums = torch.zeros(M, device=dev, dtype=torch.float32) if row_sum else None
+    row_dots = torch.zeros(M, device=dev, dtype=torch.float32) if epilogue.row_dot is not None else None
+    if M == 0 or N == 0:
+        if row_sum and M and K and a_gather is None:  # no output columns, but A' still has rows
+            a32 = a.float() if red_scale is None else a.float() * red_scale.float()[None, :]
+            row_sums = a32.to(b.dtype).float().sum(1)
+        return out, row_sums, row_dots
+    # the epilogue reads its vectors with unit stride (the views below replace the epilogue's
+    # tensors; which steps run, its constexprs, stays)
+    bias, col_scale, row_scale, red_scale = contiguous_vectors(
+        epilogue.bias, epilogue.col_scale, epilogue.row_scale, red_scale)
+    if K == 0:  # an empty reduction: the epilogue of a zero accumulator
+        a = torch.zeros((M, 1), device=dev, dtype=a.dtype)
+        b = torch.zeros((N, 1), device=dev, dtype=b.dtype)
+        K = 1
+        red_scale = None  # K-indexed, empty: the zero operands need no scale
+    arch = device_arch(dev if dev.type == "cuda" else None)
+    cfg = config if config is not None else select_config(M, N, K, b.dtype, arch)
+    use_tma = cfg.tma and arch >= 90
+
+    num_pid_n = triton.cdiv(N, cfg.block_n)
+    num_tiles = triton.cdiv(M, cfg.block_m) * num_pid_n
+    k_tiles = triton.cdiv(K, cfg.block_k)
+    split_safe = epilogue.split_safe and row_map is None and prologue is None
+    if split_k is None:
+        split_k = 1
+        if split_safe and cfg.split_k > 1 and k_tiles >= 16:
+            sms = num_sms(dev if dev.type == "cuda" else None)
+            if num_tiles < sms:
+                split_k = min(cfg.split_k, sms // num_tiles, k_tiles // 8)
+    split_k = max(1, min(int(split_k), k_tiles))
+    if split_k > 1 and not split_safe:
+        raise ValueError("gemm: split-K needs a linear epilogue (no bias, activation, residual, pre or act_grad)")
+    per_split = triton.cdiv(k_tiles, split_k)
+    split_k = triton.cdiv(k_tiles, per_split)
+
+    if split_k > 1:
+        c = torch.empty((split_k, M, N), device=dev, dtype=torch.float32)
+        c_view, stride_cs = c[0], c.stride(0)
+        rs_buf = torch.empty((split_k, M), device=dev, dtype=torch.float32) if row_sum else None
+    else:
+        c, c_view, stride_cs = out, out, 0
+        rs_buf = row_sums
+    dp_buf = (torch.empty((split_k, num_pid_n, M), device=dev, dtype=torch.float32)
+              if epilogue.row_dot is not None else None)
+
+    a, b, residual, row_dot = _int32_views(a if a_gather is None else None, b, epilogue.residual,
+                                           epilogue.row_dot, cfg, a)
+    pre, aux = epilogue.pre, epilogue.aux
+    for name, t in (("out", None if col_map is not None else c_view), ("pre", pre), ("aux", aux)):
+        if t is not None:
+            check_int32("gemm", f"{name} (column offsets)", (N, t.stride(1)))
+    a_mode = _operand_mode(a, use_tma) if a_gather is None else LOAD_PLAIN
+    b_mode = _operand_mode(b, use_tma)
+    mapped = row_map is not None
+    c_mode = LOAD_TMA if use_tma and split_k == 1 and not mapped and _tma_ok(c_view, 1) else LOAD_PLAIN
+    r_mode = LOAD_TMA if use_tma and residual is not None and not mapped and _tma_ok(residual, 1) else LOAD_PLAIN
+    if LOAD_TMA in (a_mode, b_mode, c_mode, r_mode) or LOAD_TMA_T in (a_mode, b_mode):
+        ensure_scratch_allocator()  # per thread: see its docstring
+    # Persistent (flattened) tile loops do not compile with the in-loop row sums (Triton 3.8's
+    # loop fusion fails); those GEMMs (dW) launch one program per tile.
+    persistent = cfg.persistent and not row_sum
+    progs = max(1, min(num_tiles, num_sms(dev if dev.type == "cuda" else None))) if persistent else num_tiles
+    kcfg = cfg.kernel_config()
+    if persistent != cfg.persistent:
+        kcfg = KernelConfig({**kcfg.meta, "FLATTEN": persistent}, num_warps=kcfg.num_warps, num_stages=kcfg.num_stages)
+
+    launch(
+        _gemm_kernel, (progs, split_k),
+        a, b, c_view,
+        bias, col_scale, row_scale, red_scale, residual, pre, aux, rs_buf, row_dot, dp_buf,
+        M, N, K,
+        *_strides(a), *_strides(b), *_strides(c_view), stride_cs,
+        *_strides(residual), *_strides(pre), *_strides(aux), *_strides(row_dot),
+        tuple(a_args), tuple(c_args),
+        progs, per_split,
+        A_MODE=a_mode, B_MODE=b_mode, C_MODE=c_mode, R_MODE=r_mode,
+        EVEN_K=K % cfg.block_k == 0, SPLIT_K=split_k > 1,
+        A_GATHER=a_gather, ROW_MAP=row_map, COL_MAP=col_map, PROLOGUE=prologue,
+        HAS_RED_SCALE=red_scale is not None, ROW_SUM=row_sum, **epilogue.constexprs(),
+        TF32=dot_precision(b.dtype) == "tf32",
+        config=kcfg,
+    )
+    if capturing():  # the static compile check: nothing ran
+        return out, row_sums, row_dots
+    if split_k > 1:
+        torch.sum(c, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(c.sum(0))
+        if row_sum:
+            torch.sum(rs_buf, dim=0, out=row_sums)
+    if row_dot is not None:
+        torch.sum(dp_buf.view(split_k * num_pid_n, M), dim=0, out=row_dots)
+    return out, row_sums, row_dots
+
+
+_ACT_BWD_BLOCK = (64, 64)
+
+
+def act_bwd(
+    grad: torch.Tensor,
+    pre: torch.Tensor,
+    activation: Activation,
+    out_dtype: torch.dtype,
+    col_scale: Optional[torch.Tensor] = None,
+    row_scale: Optional[torch.Tensor] = None,
+    want_dscale: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``dPre = grad * row_scale * col_scale * act'(pre)`` (M, N) in ``out_dtype``, and with
+    ``want_dscale`` the fp32 (N,) LayerScale grad ``sum_m grad * row_scale * act(pre)``."""
+    M, N = grad.shape
+    col_scale, row_scale = contiguous_vectors(col_scale, row_scale)
+    if not fits_int32((N, grad.stride(1))):  # column offsets are int32 in the kernel
+        grad = grad.contiguous()
+    check_int32("act_bwd", "pre (column offsets)", (N, pre.stride(1)))
+    out = torch.empty((M, N), device=grad.device, dtype=out_dtype)
+    bm, bn = _ACT_BWD_BLOCK
+    grid_m = triton.cdiv(M, bm)
+    part = torch.empty((grid_m, N), device=grad.device, dtype=torch.float32) if want_dscale else None
+    if M and N:
+        launch(_act_bwd_kernel, (grid_m, triton.cdiv(N, bn)),
+               grad, pre, out, col_scale, row_scale, part, M, N,
+               *_strides(grad), *_strides(pre), *_strides(out),
+               BLOCK_M=bm, BLOCK_N=bn, ACTIVATION=int(activation),
+               HAS_COL_SCALE=col_scale is not None, HAS_ROW_SCALE=row_scale is not None,
+               WRITE_DSCALE=want_dscale, num_warps=4, num_stages=1)
+    dscale = None
+    if capturing():
+        return out, dscale
+    if want_dscale:
+        dscale = part.sum(0) if M else torch.zeros(N, device=grad.device, dtype=torch.float32)
+    return out, dscale
+
+
