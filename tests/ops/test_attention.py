@@ -14,9 +14,7 @@ key-padding masks); the full cross product is marked ``slow``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
-import math
 import warnings
 
 import pytest
