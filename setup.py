@@ -173,8 +173,12 @@ def _extensions():
         raise SystemExit(f"vitkern setup: {exc}")
     except _SkipExtension as exc:
         if force:
-            raise SystemExit(f"vitkern setup: VITKERN_FORCE_CUDA_BUILD is set but the CUDA extension cannot be built: {exc}")
-        _log(f"not building the CUDA extension vitkern._C: {exc} (set VITKERN_FORCE_CUDA_BUILD=1 to make this an error)")
+            raise SystemExit(
+                f"vitkern setup: VITKERN_FORCE_CUDA_BUILD is set but the CUDA extension cannot be built: {exc}"
+            )
+        _log(
+            f"not building the CUDA extension vitkern._C: {exc} (set VITKERN_FORCE_CUDA_BUILD=1 to make this an error)"
+        )
         return [], {}
     return [extension], {"build_ext": build_ext}
 

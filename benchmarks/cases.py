@@ -105,7 +105,11 @@ def headline_cases(doc: dict) -> list[tuple[tuple, list[dict]]]:
         head = first[op]
         if label == head["label"]:
             picked.append((key, members))
-        elif _is_model(doc, op) and members[0]["shape"].get("name") and members[0]["shape"].get("name") == head["shape"].get("name"):
+        elif (
+            _is_model(doc, op)
+            and members[0]["shape"].get("name")
+            and members[0]["shape"].get("name") == head["shape"].get("name")
+        ):
             picked.append((key, members))
     # a model's batch sweep reads best in mode then batch order (the run order is by interest)
     op_rank = {op: i for i, op in enumerate(first)}

@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated modes; each setup runs those it has (train: model setups only; default: %(default)s)",
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="element type (default: bf16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--batch", help="replace every shape's batch size: one value, or a comma-separated sweep (1,8,64,256)")
+    p.add_argument(
+        "--batch", help="replace every shape's batch size: one value, or a comma-separated sweep (1,8,64,256)"
+    )
     p.add_argument("--quick", action="store_true", help="one shape per op and shorter timing loops")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default: cuda when present")
     p.add_argument("--out", help="output folder (default: benchmarks/results/<date>-<device>/)")
@@ -101,10 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     p.add_argument("--warmup-ms", type=float, help="warmup time per measurement (default: 25 GPU, 20 CPU)")
-    p.add_argument("--rep-ms", type=float, help="timed repetitions fill about this long (default: 100 GPU, 150 CPU; quick: half)")
-    p.add_argument("--compile-on-cpu", action="store_true", help="also run torch.compile on the CPU (~20 s per compile)")
+    p.add_argument(
+        "--rep-ms", type=float, help="timed repetitions fill about this long (default: 100 GPU, 150 CPU; quick: half)"
+    )
+    p.add_argument(
+        "--compile-on-cpu", action="store_true", help="also run torch.compile on the CPU (~20 s per compile)"
+    )
     p.add_argument("--no-ceilings", action="store_true", help="skip the GPU GEMM / copy ceiling measurement")
-    p.add_argument("--budget-s", type=float, help="stop starting new cases after this many seconds (they become skipped rows)")
+    p.add_argument(
+        "--budget-s", type=float, help="stop starting new cases after this many seconds (they become skipped rows)"
+    )
     p.add_argument("--no-check", action="store_true", help="skip the comparison with the torch provider's outputs")
     p.add_argument(
         "--threads",
@@ -191,7 +199,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     modes = _split(args.modes) or list(ALL_MODES)
     bad_modes = [m for m in modes if m not in ALL_MODES]
     if bad or bad_modes:
-        print(f"error: unknown providers {bad} / modes {bad_modes}; providers: {ALL_PROVIDERS}, modes: {ALL_MODES}", file=sys.stderr)
+        print(
+            f"error: unknown providers {bad} / modes {bad_modes}; providers: {ALL_PROVIDERS}, modes: {ALL_MODES}",
+            file=sys.stderr,
+        )
         return 2
 
     if args.device == "auto":
@@ -241,7 +252,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
     env = environment(device)
     if env["vitkern_import_error"]:
-        print(f"warning: import vitkern failed ({env['vitkern_import_error']}); vitkern providers will be error rows", file=sys.stderr)
+        print(
+            f"warning: import vitkern failed ({env['vitkern_import_error']}); vitkern providers will be error rows",
+            file=sys.stderr,
+        )
     out_dir = Path(args.out) if args.out else default_out_dir(device, env["device_name"])
     out_dir.mkdir(parents=True, exist_ok=True)
     ceilings = None
@@ -253,7 +267,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as exc:
             log(f"warning: the ceiling measurement failed ({short_error(exc)}); pct_of_ceiling will be null")
         else:
-            print(f"ceilings: GEMM {ceilings['gemm_tflops']:.1f} TFLOP/s ({dtype_name}), copy {ceilings['copy_gbps']:.0f} GB/s", flush=True)
+            print(
+                f"ceilings: GEMM {ceilings['gemm_tflops']:.1f} TFLOP/s ({dtype_name}), "
+                f"copy {ceilings['copy_gbps']:.0f} GB/s",
+                flush=True,
+            )
 
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -313,6 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             flush=True,
         )
     if not on_gpu:
-        print("Kernel timings need a GPU: run `python -m benchmarks` (or scripts/gpu_check.sh) on a CUDA machine.", flush=True)
+        print(
+            "Kernel timings need a GPU: run `python -m benchmarks` (or scripts/gpu_check.sh) on a CUDA machine.",
+            flush=True,
+        )
     failing = [r for r in errors + mismatches if r["provider"] not in ATTENTION_PROVIDERS]
     return 1 if failing or schema_problem else 0

@@ -23,7 +23,9 @@ from benchmarks.setups import discover
 def pytest_addoption(parser):
     group = parser.getgroup("vitkern benchmarks")
     group.addoption("--bench-ops", default=None, help="comma-separated benchmark ops (default: all)")
-    group.addoption("--bench-dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
+    group.addoption(
+        "--bench-dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU"
+    )
 
 
 BENCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -221,7 +221,9 @@ def attention_cost(
 # ------------------------------------------------------------------------------------------------
 
 
-def layer_norm_cost(rows: int, width: int, dtype: Any, *, weight: bool = True, bias: bool = True, out_dtype: Any = None) -> Cost:
+def layer_norm_cost(
+    rows: int, width: int, dtype: Any, *, weight: bool = True, bias: bool = True, out_dtype: Any = None
+) -> Cost:
     """LayerNorm over the last dim of a (rows, width) tensor.
 
     fwd bytes: x read, weight/bias read (width each), y written. bwd bytes: dy, x, weight and the
@@ -231,11 +233,15 @@ def layer_norm_cost(rows: int, width: int, dtype: Any, *, weight: bool = True, b
     os_ = dtype_size(out_dtype) if out_dtype is not None else s
     params = ((width if weight else 0) + (width if bias else 0)) * s
     fwd_bytes = rows * width * s + params + rows * width * os_
-    bwd_bytes = rows * width * os_ + rows * width * s + (width * s if weight else 0) + rows * 8 + rows * width * s + params
+    bwd_bytes = (
+        rows * width * os_ + rows * width * s + (width * s if weight else 0) + rows * 8 + rows * width * s + params
+    )
     return _cost(None, None, fwd_bytes, bwd_bytes)
 
 
-def add_layer_norm_cost(rows: int, width: int, dtype: Any, *, residual_dtype: Any = None, weight: bool = True, bias: bool = True) -> Cost:
+def add_layer_norm_cost(
+    rows: int, width: int, dtype: Any, *, residual_dtype: Any = None, weight: bool = True, bias: bool = True
+) -> Cost:
     """``s = x + residual; y = LayerNorm(s)``, returning both y and s.
 
     fwd bytes: x, residual, weight, bias read; y and s written. bwd bytes: dy, ds, s, weight and
@@ -286,7 +292,9 @@ def patch_embed_cost(
     images = b * c * img_h * img_w
     out = b * t * dim
     fwd_bytes = (images + params + out) * s
-    bwd_bytes = (out + images + (dim * k if images_require_grad else 0) + params + (images if images_require_grad else 0)) * s
+    bwd_bytes = (
+        out + images + (dim * k if images_require_grad else 0) + params + (images if images_require_grad else 0)
+    ) * s
     bwd_flops = fwd_flops * (2 if images_require_grad else 1)
     return _cost(fwd_flops, bwd_flops, fwd_bytes, bwd_bytes)
 
@@ -435,9 +443,9 @@ def vit_cost(
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     parts = vit_mac_breakdown(cfg, (h, w), batch)
     fwd_flops = 2 * sum(parts.values())
-    bwd_flops = 2 * (2 * (sum(parts.values()) - parts["patch_embed"] - parts["attention"]) + parts["patch_embed"]) + int(
-        2 * 2.5 * parts["attention"]
-    )
+    bwd_flops = 2 * (
+        2 * (sum(parts.values()) - parts["patch_embed"] - parts["attention"]) + parts["patch_embed"]
+    ) + int(2 * 2.5 * parts["attention"])
     s, ps = dtype_size(dtype), dtype_size(param_dtype if param_dtype is not None else dtype)
     p = vit_params(cfg, (h, w)) if num_params is None else num_params
     logits = batch * (cfg.num_classes or cfg.embed_dim)  # pooled features when there is no head

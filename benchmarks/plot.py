@@ -33,7 +33,10 @@ SWEEPS = {
     "speedup_vs_seqlen.png": ("tokens", ("batch", "name")),
 }
 _AXIS_LABEL = {"batch": "batch size", "tokens": "sequence length T (tokens)"}
-_KEY_NAMES = {"heads": "H", "head_dim": "d", "dim": "D", "hidden": "hid", "in_features": "K", "out_features": "N", "img_size": "img"}
+_KEY_NAMES = {
+    "heads": "H", "head_dim": "d", "dim": "D", "hidden": "hid",
+    "in_features": "K", "out_features": "N", "img_size": "img",
+}
 
 
 def _series_label(op: str, fixed: tuple, mode: str) -> str:
@@ -44,7 +47,9 @@ def _series_label(op: str, fixed: tuple, mode: str) -> str:
     else:
         shape.pop("name", None)
     shape.pop("train", None)
-    parts += [f"{_KEY_NAMES.get(k, k)}={v}" for k, v in shape.items() if v not in (None, False) and not isinstance(v, bool)]
+    parts += [
+        f"{_KEY_NAMES.get(k, k)}={v}" for k, v in shape.items() if v not in (None, False) and not isinstance(v, bool)
+    ]
     if shape.get("causal"):
         parts.append("causal")
     return " ".join(parts) + f" ({mode})"
@@ -160,7 +165,9 @@ def write_plots(doc: dict, out_dir, *, log=None) -> list[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description="(Re)write the PNG plots of a benchmark run.")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.plot", description="(Re)write the PNG plots of a benchmark run."
+    )
     p.add_argument("results", help="a results.json written by python -m benchmarks (or the folder holding it)")
     p.add_argument("--out", help="output folder (default: the results file's folder)")
     args = p.parse_args(argv)

@@ -39,7 +39,9 @@ from benchmarks.flops import ALL_MODES, TRAIN_MODE
 from benchmarks.results import join_notes
 from benchmarks.setups import Case, Unavailable
 
-_VITKERN_BACKENDS = {"vitkern": "auto", "vitkern-triton": "triton", "vitkern-cuda": "cuda", "vitkern-reference": "reference"}
+_VITKERN_BACKENDS = {
+    "vitkern": "auto", "vitkern-triton": "triton", "vitkern-cuda": "cuda", "vitkern-reference": "reference",
+}
 # err_ok: max_abs_err <= tol * max(1, max |reference|)
 _TOLERANCE = {"bf16": 4e-2, "fp16": 1e-2, "fp32": 2e-3}
 
@@ -185,7 +187,9 @@ def prepare(
         note = case.torch_label
     elif provider == "torch.compile":
         if device.type != "cuda" and not compile_on_cpu:
-            raise ProviderSkipped("torch.compile runs on GPU only by default (a CPU compile costs ~20 s; --compile-on-cpu)")
+            raise ProviderSkipped(
+                "torch.compile runs on GPU only by default (a CPU compile costs ~20 s; --compile-on-cpu)"
+            )
         import torch._dynamo as dynamo  # (not "import torch._dynamo": that would make torch a local name here)
 
         dynamo.reset()  # a fresh compile per case: no recompile limit, no automatic dynamic shapes

@@ -55,7 +55,8 @@ def render_section(doc: dict, results_dir: Path, readme_path: Path) -> str:
     rel = _posix_rel(results_dir.resolve(), base)
     if rel.startswith(".."):
         raise ReadmeError(
-            f"{results_dir} is outside {base}: commit the folder under benchmarks/results/ first, then point at it there"
+            f"{results_dir} is outside {base}: commit the folder under benchmarks/results/ first, "
+            "then point at it there"
         )
     plot = next((name for name in PLOT_CHOICE if (results_dir / name).is_file()), None)
     return readme_section(doc, rel, plot)
@@ -78,7 +79,9 @@ def load_results(results_dir: Path) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.readme", description="Regenerate the README's GPU results section.")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.readme", description="Regenerate the README's GPU results section."
+    )
     p.add_argument("results_dir", help="a committed results folder, e.g. benchmarks/results/2025-01-31-nvidia-h100")
     p.add_argument("--readme", default=str(README), help="the README to update (default: %(default)s)")
     group = p.add_mutually_exclusive_group()

@@ -89,7 +89,10 @@ def _groups(rows: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
         groups.setdefault((r["op"], r["label"], r["dtype"]), []).append(r)
     out = []
     for (op, label, dtype), members in groups.items():
-        members = sorted(members, key=lambda r: (ALL_MODES.index(r["mode"]) if r["mode"] in ALL_MODES else 9, rank.get(r["provider"], 99)))
+        members = sorted(
+            members,
+            key=lambda r: (ALL_MODES.index(r["mode"]) if r["mode"] in ALL_MODES else 9, rank.get(r["provider"], 99)),
+        )
         out.append((op, label, dtype, members))
     return out
 
@@ -132,7 +135,10 @@ def _cells(r: dict, refs, on_gpu, show_items, notes: _Notes, *, full: bool) -> l
         )
     else:
         spread = ""
-    cells = [r["mode"], r["provider"], f"{r['median_ms']:.4g}" if ok else r["status"], spread, _fmt_rate(r["tflops"]), _fmt_rate(r["gbps"])]
+    cells = [
+        r["mode"], r["provider"], f"{r['median_ms']:.4g}" if ok else r["status"], spread,
+        _fmt_rate(r["tflops"]), _fmt_rate(r["gbps"]),
+    ]
     if on_gpu:
         pct = _fmt(r["pct_of_ceiling"], ".1f")
         cells += [pct + (f" {r['bound'][:3]}" if r["bound"] else ""), _fmt_bytes(r["peak_mem_bytes"])]
@@ -199,7 +205,9 @@ def print_table(rows: list[dict]) -> None:
                 table.add_column(h, justify="left", no_wrap=True, overflow="ellipsis", min_width=4)
             else:
                 width = max(len(h), *(len(c[i]) for c in body))
-                table.add_column(h, justify="left" if h in ("mode", "provider") else "right", no_wrap=True, min_width=width)
+                table.add_column(
+                    h, justify="left" if h in ("mode", "provider") else "right", no_wrap=True, min_width=width
+                )
         mode = None
         for r, cells in zip(members, body):
             if mode is not None and r["mode"] != mode:
@@ -231,7 +239,8 @@ def _run_line(doc: dict) -> str:
     batch = cfg.get("batch")
     batch = "" if batch is None else f", batch {batch if isinstance(batch, int) else ','.join(map(str, batch))}"
     return (
-        f"Run: dtype {cfg['dtype']}, modes {', '.join(cfg['modes'])}, {'quick' if cfg['quick'] else 'full'} shapes{batch}, "
+        f"Run: dtype {cfg['dtype']}, modes {', '.join(cfg['modes'])}, "
+        f"{'quick' if cfg['quick'] else 'full'} shapes{batch}, "
         f"{timing}, wall time {doc['wall_s']:.1f} s" + ("" if doc["complete"] else " (incomplete)") + "."
     )
 
@@ -271,7 +280,8 @@ def render_markdown(doc: dict, plots: Sequence[str] = ()) -> str:
             "## Ceilings (measured at the start of this run)",
             "",
             f"- GEMM {ceil['gemm_dtype']} {'x'.join(map(str, ceil['gemm_shape']))}: {ceil['gemm_tflops']:.1f} TFLOP/s",
-            f"- device-to-device copy of {ceil['copy_bytes'] / 2**30:.0f} GiB: {ceil['copy_gbps']:.0f} GB/s (read + write)",
+            f"- device-to-device copy of {ceil['copy_bytes'] / 2**30:.0f} GiB: "
+            f"{ceil['copy_gbps']:.0f} GB/s (read + write)",
             "",
             "`% ceil` = the roofline floor max(FLOPs / GEMM ceiling, bytes / copy ceiling) as a percentage of the "
             "median time (`com`: compute bound, `mem`: memory bound).",
@@ -281,8 +291,12 @@ def render_markdown(doc: dict, plots: Sequence[str] = ()) -> str:
         "`vs X` = X's median / this median (above 1: faster than X), measured in the same run; `vs best` is against "
         "the fastest reference of that case (named). `max abs err` is against the torch provider in the same dtype. "
         "FLOPs and minimum bytes: `benchmarks/flops.py`."
-        + (" `timing`: CUDA events per repetition, with the L2 flushed before each, or rotating copies of the "
-           "inputs that exceed the L2 (memory-bound cases), or CUDA graph replays (`--cuda-graphs`)." if env["device_type"] == "cuda" else ""),
+        + (
+            " `timing`: CUDA events per repetition, with the L2 flushed before each, or rotating copies of the "
+            "inputs that exceed the L2 (memory-bound cases), or CUDA graph replays (`--cuda-graphs`)."
+            if env["device_type"] == "cuda"
+            else ""
+        ),
         "",
     ]
     rows = doc["rows"]
@@ -371,7 +385,8 @@ def readme_section(doc: dict, rel: str, plot: Optional[str]) -> str:
     lines = [
         " · ".join(facts),
         "",
-        f"From [`{rel}/results.json`]({rel}/results.json) (every shape and provider: [`summary.md`]({rel}/summary.md)). "
+        f"From [`{rel}/results.json`]({rel}/results.json) "
+        f"(every shape and provider: [`summary.md`]({rel}/summary.md)). "
         "Speedup = the fastest reference's median time (timm / PyTorch eager, torch.compile, torchvision, SDPA "
         "backends, flash-attn, xformers, whichever ran) over vitkern's, measured in the same run"
         + (", CUDA graph replays" if cfg.get("cuda_graphs") else "")

@@ -122,7 +122,9 @@ class SchemaError(ValueError):
     """A results document or row that does not follow the schema in this module's docstring."""
 
 
-def new_row(setup: Setup, shape: dict, provider: str, mode: str, dtype_name: str, device: torch.device, case: Optional[Case]) -> dict:
+def new_row(
+    setup: Setup, shape: dict, provider: str, mode: str, dtype_name: str, device: torch.device, case: Optional[Case]
+) -> dict:
     """The row of one (setup, shape, provider, mode) before it runs: "ok", its FLOPs and bytes from the
     case's cost (none when the case could not be built), every measured field null."""
     cost = case.cost if case is not None else None

@@ -153,14 +153,16 @@ def run(
         over_budget = config.budget_s is not None and time.perf_counter() - start > config.budget_s
         progress.start(index, f"{setup.name} {label}" + (" (skipped: time budget)" if over_budget else ""))
         if over_budget:
-            rows.extend(_unrun(setup, shape, modes, order, config, device, "skipped", f"time budget of {config.budget_s:g} s exhausted"))
+            rows.extend(_unrun(setup, shape, modes, order, config, device, "skipped",
+                               f"time budget of {config.budget_s:g} s exhausted"))
             progress.done()
             continue
         try:
             torch.manual_seed(0)
             case = setup.build(shape, dtype, device)
         except Exception as exc:
-            rows.extend(_unrun(setup, shape, modes, order, config, device, "error", f"building the case failed: {short_error(exc)}"))
+            rows.extend(_unrun(setup, shape, modes, order, config, device, "error",
+                               f"building the case failed: {short_error(exc)}"))
             progress.done()
             continue
         for mode in modes:
@@ -176,7 +178,9 @@ def run(
     return ordered_rows()
 
 
-def _unrun(setup: Setup, shape: dict, modes: list, order: list, config: RunConfig, device: torch.device, status: str, note: str) -> list[dict]:
+def _unrun(
+    setup: Setup, shape: dict, modes: list, order: list, config: RunConfig, device: torch.device, status: str, note: str
+) -> list[dict]:
     """The rows of a case that does not run (past the time budget, or its build failed): every mode of
     every provider that each case has (the extra references come from a built case)."""
     return [
@@ -214,7 +218,9 @@ def _timed_call(prepared: Prepared, row: dict, config: RunConfig, device: torch.
             replay = cuda_graph_call(prepared.call, device)
         except Exception as exc:
             row["cuda_graph"] = False
-            row["note"] = join_notes(row["note"], f"CUDA graph capture failed, timed without a graph: {short_error(exc, 160)}")
+            row["note"] = join_notes(
+                row["note"], f"CUDA graph capture failed, timed without a graph: {short_error(exc, 160)}"
+            )
             torch.cuda.synchronize(device)
             row["l2_flush"] = flush
             return prepared.call, flush
@@ -224,7 +230,9 @@ def _timed_call(prepared: Prepared, row: dict, config: RunConfig, device: torch.
     if on_gpu:
         row["cuda_graph"] = False
     copies = 1
-    if prepared.call_with is not None and should_rotate(config.rotate, on_gpu, row["mode"], row["flops"], row["bytes"], ridge):
+    if prepared.call_with is not None and should_rotate(
+        config.rotate, on_gpu, row["mode"], row["flops"], row["bytes"], ridge
+    ):
         l2 = l2_bytes(device)
         copies = rotation_copies(tensor_bytes(prepared.args), l2)
         if copies > 1:
@@ -289,7 +297,10 @@ def _run_mode(setup, shape, case, mode, order, config, device, ceilings) -> list
                 else:
                     pool_fn, flush = _timed_call(prepared, row, config, device, ridge)
                     timing = measure(pool_fn, device, warmup_ms=config.warmup_ms, rep_ms=config.rep_ms, flush_l2=flush)
-                    if isinstance(pool_fn, GraphReplay) and config.check and reference is not None and provider != "torch":
+                    if (
+                        isinstance(pool_fn, GraphReplay) and config.check and reference is not None
+                        and provider != "torch"
+                    ):
                         _check_replay(row, pool_fn.output, reference, config.dtype, device)
         except Exception as exc:
             if isinstance(exc, Unavailable) or is_backend_unavailable(exc):

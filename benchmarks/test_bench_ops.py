@@ -40,7 +40,10 @@ def test_bench(benchmark, bench_setup, bench_case, bench_device, provider, mode)
         pytest.skip(f"{bench_setup.name} has no {provider} reference")
     _, grad_outputs = reference_result(case, mode)
     try:
-        prepared = prepare(case, provider, mode, bench_device, grad_outputs, op=bench_setup.name, whole_model=bench_setup.kind == "model")
+        prepared = prepare(
+            case, provider, mode, bench_device, grad_outputs,
+            op=bench_setup.name, whole_model=bench_setup.kind == "model",
+        )
     except Unavailable as exc:
         pytest.skip(str(exc))
     if prepared.note and prepared.note.startswith("Triton interpreter"):
@@ -61,5 +64,8 @@ def test_bench(benchmark, bench_setup, bench_case, bench_device, provider, mode)
                 pytest.skip(str(exc))
             raise
         benchmark.group = f"{bench_setup.name} {mode}"
-        benchmark.extra_info.update(shape=shape, provider=provider, mode=mode, flops=case.cost.flops_for(mode), bytes=case.cost.bytes_for(mode))
+        benchmark.extra_info.update(
+            shape=shape, provider=provider, mode=mode,
+            flops=case.cost.flops_for(mode), bytes=case.cost.bytes_for(mode),
+        )
         benchmark(step)

@@ -59,7 +59,10 @@ def _cases(device) -> dict[str, Callable]:
         return _rand(*shape, dtype=dtype, device=device, scale=scale)
 
     def layer_norm(dt):
-        return (lambda x, w, b: vitkern.layer_norm(x, w, b, eps=1e-6), [r(B, T, D, dtype=dt), r(D, dtype=dt), r(D, dtype=dt)])
+        return (
+            lambda x, w, b: vitkern.layer_norm(x, w, b, eps=1e-6),
+            [r(B, T, D, dtype=dt), r(D, dtype=dt), r(D, dtype=dt)],
+        )
 
     def add_layer_norm(dt):
         def fn(x, res, w, b):
@@ -96,7 +99,10 @@ def _cases(device) -> dict[str, Callable]:
                  r(1, n + 1, D, dtype=dt, scale=0.02), r(1, 1, D, dtype=dt)])
 
     def resample_pos_embed(dt):
-        return (lambda pos: vitkern.resample_pos_embed(pos, (16, 16), num_prefix_tokens=1), [r(1, 1 + 14 * 14, D, dtype=dt)])
+        return (
+            lambda pos: vitkern.resample_pos_embed(pos, (16, 16), num_prefix_tokens=1),
+            [r(1, 1 + 14 * 14, D, dtype=dt)],
+        )
 
     return {
         "layer_norm": layer_norm, "add_layer_norm": add_layer_norm, "attention": attention,

@@ -93,7 +93,8 @@ def _toy_setup():
 
         return Case(
             args=(x, w), torch_fn=lambda x, w: x * w, vitkern_fn=lambda vk: (lambda x, w: x * w),
-            cost=flops.Cost(flops={"fwd": None, "fwd+bwd": None}, bytes={"fwd": 96, "fwd+bwd": 300}), grad_inputs=(x, w),
+            cost=flops.Cost(flops={"fwd": None, "fwd+bwd": None}, bytes={"fwd": 96, "fwd+bwd": 300}),
+            grad_inputs=(x, w),
         )
 
     return Setup(name="toy", description="x * w", build=build, gpu_shapes=(dict(batch=2),), cpu_shapes=(dict(batch=2),))
@@ -243,10 +244,14 @@ def test_sdpa_refusal_becomes_unavailable():
     from torch.nn.attention import SDPBackend
 
     q = k = v = torch.randn(1, 2, 16, 8)
-    fn = _attention_refs.with_sdpa_backend(torch.nn.functional.scaled_dot_product_attention, SDPBackend.EFFICIENT_ATTENTION, "sdpa-efficient")
+    fn = _attention_refs.with_sdpa_backend(
+        torch.nn.functional.scaled_dot_product_attention, SDPBackend.EFFICIENT_ATTENTION, "sdpa-efficient"
+    )
     with pytest.raises(Unavailable, match="sdpa-efficient: SDPA backend EFFICIENT_ATTENTION refused"):
         fn(q, k, v)
-    ok = _attention_refs.with_sdpa_backend(torch.nn.functional.scaled_dot_product_attention, SDPBackend.MATH, "sdpa-math")
+    ok = _attention_refs.with_sdpa_backend(
+        torch.nn.functional.scaled_dot_product_attention, SDPBackend.MATH, "sdpa-math"
+    )
     torch.testing.assert_close(ok(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
     def broken(*args):
@@ -260,7 +265,9 @@ def test_sdpa_refusal_becomes_unavailable():
         build=lambda shape, dtype, device: Case(
             args=(q, k, v), torch_fn=torch.nn.functional.scaled_dot_product_attention, vitkern_fn=lambda vk: None,
             cost=flops.attention_cost(1, 2, 16, 16, 8, "fp32"),
-            references={"sdpa-efficient": __import__("benchmarks.setups", fromlist=["Reference"]).Reference(fn, "SDPA")},
+            references={
+                "sdpa-efficient": __import__("benchmarks.setups", fromlist=["Reference"]).Reference(fn, "SDPA")
+            },
         ),
     )
     config = RunConfig(ops=["refusing"], providers=["torch", "sdpa-efficient"], modes=["fwd"], dtype="fp32",
@@ -349,10 +356,12 @@ def _synthetic_doc():
         case("layer_norm", ln, mode, {"vitkern": 0.1, "torch": 0.15, "torch.compile": 0.12}, pct=80.0)
     for name, b, t in (("ViT-B/16", 128, 197), ("ViT-B/16@384", 32, 577), ("ViT-B/16@448", 16, 785)):
         shape = dict(name=name, batch=b, heads=12, tokens=t, head_dim=64)
-        case("attention", shape, "fwd", {"vitkern": 0.5, "torch": 0.6, "sdpa-flash": 0.55, "sdpa-cudnn": 0.52, "sdpa-math": 3.0, "sdpa-efficient": None}, pct=60.0)
+        case("attention", shape, "fwd", {"vitkern": 0.5, "torch": 0.6, "sdpa-flash": 0.55, "sdpa-cudnn": 0.52,
+                                         "sdpa-math": 3.0, "sdpa-efficient": None}, pct=60.0)
     for b, ms in ((256, 90.0), (1, 2.0), (8, 3.5), (64, 25.0)):
         shape = dict(name="ViT-B/16", img_size=224, batch=b)
-        case("vit", shape, "fwd", {"vitkern": ms, "torch": ms * 1.3, "torch.compile": ms * 1.15, "torchvision": ms * 1.4}, pct=55.0)
+        case("vit", shape, "fwd",
+             {"vitkern": ms, "torch": ms * 1.3, "torch.compile": ms * 1.15, "torchvision": ms * 1.4}, pct=55.0)
     for r in rows:
         if r["op"] == "vit" and r["status"] == "ok":
             r["items_per_s"] = r["shape"]["batch"] / (r["median_ms"] * 1e-3)
@@ -363,7 +372,8 @@ def _synthetic_doc():
                   modes=["fwd", "fwd+bwd"], dtype="bf16", device="cuda", quick=False, batch=None, models=None,
                   flush_l2=True, rotate="auto", cuda_graphs=False, warmup_ms=25.0, rep_ms=100.0, compile_on_cpu=False,
                   budget_s=None, check=True)
-    ceilings = {"gemm_tflops": 750.0, "gemm_shape": [8192] * 3, "gemm_dtype": "bf16", "copy_gbps": 3000.0, "copy_bytes": 1 << 30}
+    ceilings = {"gemm_tflops": 750.0, "gemm_shape": [8192] * 3, "gemm_dtype": "bf16",
+                "copy_gbps": 3000.0, "copy_bytes": 1 << 30}
     return {"schema_version": SCHEMA_VERSION, "environment": env, "config": config, "ceilings": ceilings, "rows": rows,
             "wall_s": 500.0, "complete": True}
 
@@ -412,7 +422,8 @@ def test_headline_table():
     ]
     assert [t["shape"] for t in table if t["op"] == "vit"] == [f"ViT-B/16 img=224 B={b}" for b in (1, 8, 64, 256)]
     ln = table[0]
-    assert ln["best_reference"] == "torch.compile" and ln["speedup"] == pytest.approx(1.2) and ln["pct_of_ceiling"] == 80.0
+    assert ln["best_reference"] == "torch.compile"
+    assert ln["speedup"] == pytest.approx(1.2) and ln["pct_of_ceiling"] == 80.0
     md = render.render_headline(doc)
     assert md.count("\n") == len(table) + 2 and "| layer_norm |" in md and "**1.20x**" in md and "80%" in md
     assert "vitkern img/s" in md
@@ -426,7 +437,8 @@ def test_plots_from_a_synthetic_results_json(tmp_path):
     assert [x for x, _ in series["vit ViT-B/16 img=224 (fwd)"]] == [1, 8, 64, 256]
     assert all(y == pytest.approx(1.15) for _, y in series["vit ViT-B/16 img=224 (fwd)"])
     seq = plot.speedup_series(doc["rows"], "tokens", ("batch", "name"))
-    assert list(seq) == ["attention H=12 d=64 (fwd)"] and [x for x, _ in seq["attention H=12 d=64 (fwd)"]] == [197, 577, 785]
+    assert list(seq) == ["attention H=12 d=64 (fwd)"]
+    assert [x for x, _ in seq["attention H=12 d=64 (fwd)"]] == [197, 577, 785]
     path = tmp_path / "results.json"
     path.write_text(json.dumps(doc))
     out = tmp_path / "plots"
@@ -449,7 +461,9 @@ def test_readme_section(tmp_path):
     (results / "results.json").write_text(json.dumps(doc))
     (results / "speedup_vs_batch.png").write_bytes(b"\x89PNG fake")
     md = tmp_path / "README.md"
-    md.write_text(f"# x\n\n## Latest GPU results\n\n{readme.START}\n{readme.NO_RESULTS}\n{readme.END}\n\n## Next\ntext\n")
+    md.write_text(
+        f"# x\n\n## Latest GPU results\n\n{readme.START}\n{readme.NO_RESULTS}\n{readme.END}\n\n## Next\ntext\n"
+    )
     assert readme.main([str(results), "--readme", str(md), "--check"]) == 1
     assert readme.main([str(results), "--readme", str(md)]) == 0
     text = md.read_text()
@@ -494,7 +508,8 @@ def test_cli_cpu_end_to_end_tiny_model(tmp_path, capsys, monkeypatch):
     threads = torch.get_num_threads()
     try:
         code = cli.main([
-            "--models", "vit", "--device", "cpu", "--batch", "2,4", "--providers", "vitkern,torch,torchvision,vitkern-cuda",
+            "--models", "vit", "--device", "cpu", "--batch", "2,4",
+            "--providers", "vitkern,torch,torchvision,vitkern-cuda",
             "--out", str(tmp_path), "--warmup-ms", "1", "--rep-ms", "5", "--quiet",
         ])
     finally:
@@ -505,7 +520,8 @@ def test_cli_cpu_end_to_end_tiny_model(tmp_path, capsys, monkeypatch):
     doc = json.loads((tmp_path / "results.json").read_text())
     validate_results(doc)
     assert doc["schema_version"] == 2 and doc["complete"]
-    assert doc["config"]["batch"] == [2, 4] and doc["config"]["model_ops"] == ["vit"] and doc["config"]["ops"] == ["vit"]
+    assert doc["config"]["batch"] == [2, 4]
+    assert doc["config"]["model_ops"] == ["vit"] and doc["config"]["ops"] == ["vit"]
     rows = doc["rows"]
     assert {r["shape"]["batch"] for r in rows} == {2, 4} and {r["mode"] for r in rows} == {"fwd", "train"}
     for r in rows:

@@ -68,7 +68,9 @@ def test_torchvision_configs():
         else:
             assert model is not None and note.startswith("torchvision")
             k = spec.kwargs
-            assert (model.patch_size, model.hidden_dim, len(model.encoder.layers)) == (k["patch_size"], k["embed_dim"], k["depth"])
+            assert (model.patch_size, model.hidden_dim, len(model.encoder.layers)) == (
+                k["patch_size"], k["embed_dim"], k["depth"]
+            )
 
 
 def test_vit_cost_counts():
@@ -81,7 +83,9 @@ def test_vit_cost_counts():
     gemm = sum(parts.values()) - parts["patch_embed"] - parts["attention"]
     assert c.flops["fwd"] == flops.vit_flops("vit_base_patch16", 224, batch=2)
     # backward: 2x each GEMM, the patch embedding's weight gradient only (1x), 2.5x attention
-    assert c.flops["train"] == c.flops["fwd+bwd"] == 2 * (3 * gemm + 2 * parts["patch_embed"]) + int(2 * 3.5 * parts["attention"])
+    assert c.flops["train"] == c.flops["fwd+bwd"] == (
+        2 * (3 * gemm + 2 * parts["patch_embed"]) + int(2 * 3.5 * parts["attention"])
+    )
     p = flops.vit_params("vit_base_patch16")
     assert c.bytes["fwd"] == 4 * p + 4 * 2 * 3 * 224 * 224 + 2 * 2 * 1000
     assert c.bytes["train"] - c.bytes["fwd+bwd"] == 7 * 4 * p  # AdamW: w, g, m, v read; w, m, v written
@@ -177,7 +181,9 @@ def test_runner_rows(setup):
             assert r["status"] == "ok" and r["err_ok"] is True, r
             assert r["items_per_s"] == pytest.approx(4 / (r["median_ms"] * 1e-3))
             assert r["tflops"] > 0 and r["flops"] == flops.vit_cost(TINY, 32, batch=4, dtype="fp32").flops[mode]
-        assert by[("torch", mode)]["speedup_vs"] == pytest.approx({"torchvision": by[("torchvision", mode)]["median_ms"] / by[("torch", mode)]["median_ms"]})
+        assert by[("torch", mode)]["speedup_vs"] == pytest.approx(
+            {"torchvision": by[("torchvision", mode)]["median_ms"] / by[("torch", mode)]["median_ms"]}
+        )
         assert set(by[("vitkern-reference", mode)]["speedup_vs"]) == {"torch", "torchvision"}
         assert by[("torch.compile", mode)]["status"] == "skipped"
     assert by[("torch", "train")]["flops"] > 2 * by[("torch", "fwd")]["flops"]
@@ -192,7 +198,9 @@ def test_op_setups_get_no_torchvision_rows():
 
 def test_cli_quick_vit_end_to_end(tmp_path):
     out_dir = tmp_path / "bench"
-    proc = run_cli("--quick", "--ops", "vit", "--device", "cpu", "--out", str(out_dir), "--warmup-ms", "2", "--rep-ms", "10")
+    proc = run_cli(
+        "--quick", "--ops", "vit", "--device", "cpu", "--out", str(out_dir), "--warmup-ms", "2", "--rep-ms", "10"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out_dir / "results.json").read_text())
     validate_results(doc)

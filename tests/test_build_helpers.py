@@ -33,7 +33,7 @@ bh = _load_helpers()
 
 DRYRUN_TEXT = """\
 #$ _NVVM_BRANCH_=nvvm
-#$ _SPACE_= 
+#$ _SPACE_=\x20
 #$ _CUDART_=cudart
 #$ _HERE_=/opt/cuda-13.0/bin
 #$ _THERE_=/opt/cuda-13.0/bin
@@ -224,7 +224,9 @@ def test_guard_build_turns_a_failed_build_into_a_skip(tmp_path):
     built = _touch(tmp_path / "build_C.so", "partial")
     messages = []
     guarded = bh.guard_build(_FailingBuild, force=False, log=messages.append, outputs=lambda: [str(stale)])
-    guarded(RuntimeError("error: ninja: build stopped: subcommand failed.\n  dense_epilogue.cu(12): error"), str(built)).run()
+    guarded(
+        RuntimeError("error: ninja: build stopped: subcommand failed.\n  dense_epilogue.cu(12): error"), str(built)
+    ).run()
     assert len(messages) == 1 and "\n" not in messages[0]
     assert "the build failed: RuntimeError" in messages[0] and "dense_epilogue.cu" in messages[0]
     assert "VITKERN_FORCE_CUDA_BUILD=1" in messages[0]
@@ -427,10 +429,11 @@ def test_read_sources_skips_comments_blank_and_indented_lines(tmp_path):
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_cmake_reads_the_same_source_list(tmp_path):
     # The file(STRINGS) line of CMakeLists.txt, run by `cmake -P` on the real list.
-    line = next(l for l in (ROOT / "CMakeLists.txt").read_text().splitlines() if l.startswith("file(STRINGS"))
+    line = next(ln for ln in (ROOT / "CMakeLists.txt").read_text().splitlines() if ln.startswith("file(STRINGS"))
     script = _touch(
         tmp_path / "sources.cmake",
-        f'set(VITKERN_SOURCES_FILE "{bh.SOURCES_FILE}")\n{line}\nforeach(s ${{VITKERN_SOURCES}})\n  message("${{s}}")\nendforeach()\n',
+        f'set(VITKERN_SOURCES_FILE "{bh.SOURCES_FILE}")\n{line}\n'
+        'foreach(s ${VITKERN_SOURCES})\n  message("${s}")\nendforeach()\n',
     )
     out = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True, check=True)
     assert out.stderr.splitlines() == bh.read_sources()

@@ -205,7 +205,9 @@ def ln_cases(draw, add=False):
     affine_dtype = None
     if add and args["residual"].dtype is not None:
         affine_dtype = draw(st.sampled_from([None, F32]))  # x's dtype or the sum's
-    args["weight"] = draw(st.none() | tensor((n,), dtype=affine_dtype, values=lambda s, g: 1 + 0.3 * torch.randn(s, generator=g)))
+    args["weight"] = draw(
+        st.none() | tensor((n,), dtype=affine_dtype, values=lambda s, g: 1 + 0.3 * torch.randn(s, generator=g))
+    )
     args["bias"] = draw(st.none() | tensor((n,), dtype=affine_dtype, scale=0.3))
     eps = draw(st.sampled_from([1e-5, 1e-6]))
     out_shape = shape
@@ -399,7 +401,9 @@ def _linear_body(case):
 def mlp_cases(draw):
     dtype = draw(DTYPES)
     lead = draw(st.lists(st.sampled_from([0, 1, 3, 17]), min_size=1, max_size=2).map(tuple))
-    k, hidden, n = draw(st.sampled_from([0, 1, 8, 33])), draw(st.sampled_from([1, 8, 32])), draw(st.sampled_from([1, 8, 16]))
+    k, hidden, n = (
+        draw(st.sampled_from([0, 1, 8, 33])), draw(st.sampled_from([1, 8, 32])), draw(st.sampled_from([1, 8, 16]))
+    )
     args = {"x": draw(tensor(lead + (k,))),
             "fc1_weight": draw(tensor((hidden, k), scale=max(k, 1) ** -0.5)),
             "fc1_bias": draw(st.none() | tensor((hidden,), scale=0.5)),
@@ -584,4 +588,6 @@ def _large_logits_body(case):
 
 
 test_nonfinite_propagates, test_nonfinite_propagates_slow = _property(_nonfinite_body, nonfinite_cases(), 40, 400)
-test_large_attention_logits, test_large_attention_logits_slow = _property(_large_logits_body, large_logit_cases(), 16, 160)
+test_large_attention_logits, test_large_attention_logits_slow = _property(
+    _large_logits_body, large_logit_cases(), 16, 160
+)

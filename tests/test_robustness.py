@@ -23,7 +23,9 @@ _TRITON = torch.cuda.is_available() or triton_interpreting()
 
 def _backends():
     out = ["reference"]
-    out.append(pytest.param("triton", marks=pytest.mark.skipif(not _TRITON, reason="needs a GPU or TRITON_INTERPRET=1")))
+    out.append(pytest.param(
+        "triton", marks=pytest.mark.skipif(not _TRITON, reason="needs a GPU or TRITON_INTERPRET=1")
+    ))
     out.append(pytest.param("cuda", marks=pytest.mark.skipif(
         not (torch.cuda.is_available() and vitkern.cuda_extension_available()), reason="needs the CUDA extension")))
     return out
@@ -191,7 +193,9 @@ def test_linear_zero_reduction(backend, device):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _TRITON, reason="triton"))])
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _TRITON, reason="triton"))]
+)
 def test_drop_path_empty_batch(backend, device):
     from vitkern.models import ViT
     from vitkern.nn import Block
@@ -235,7 +239,9 @@ def test_auto_falls_back_for_unsupported_head_dim(device):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _TRITON, reason="triton"))])
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _TRITON, reason="triton"))]
+)
 def test_attention_zero_head_dim_is_a_clear_error(backend, device):
     vitkern.use_backend(backend)
     q = torch.randn(1, 2, 3, 0, device=device)

@@ -347,7 +347,9 @@ def find_nvrtc(
     site_dirs: Sequence[str], cuda_home: Optional[str], cuda_major: Optional[int] = None
 ) -> Optional[CudaLibrary]:
     """libnvrtc (torch's CMake config links it): the wheels' nvidia/*/lib first, then the toolkit."""
-    lib_dirs = [(os.path.join(d, "lib"), "wheel nvidia/" + os.path.basename(d)) for d in _wheel_dirs(site_dirs, cuda_major)]
+    lib_dirs = [
+        (os.path.join(d, "lib"), "wheel nvidia/" + os.path.basename(d)) for d in _wheel_dirs(site_dirs, cuda_major)
+    ]
     if cuda_home:
         lib_dirs += [(os.path.join(cuda_home, lib), "toolkit") for lib in ("lib64", "lib")]
     for lib_dir, source in lib_dirs:
@@ -381,7 +383,9 @@ def cuda_mismatch(toolkit_version: Optional[str], torch_cuda: Optional[str]) -> 
     )
 
 
-def guard_build(build_ext_class: type, force: bool, log: Callable[[str], None], outputs: Callable[[], Sequence[str]] = lambda: ()):
+def guard_build(
+    build_ext_class: type, force: bool, log: Callable[[str], None], outputs: Callable[[], Sequence[str]] = lambda: ()
+):
     """``build_ext_class`` whose failures become a skip with a one-line reason, unless ``force``.
 
     The extension is optional (the Triton backend runs without it), so a compile error, a

@@ -136,7 +136,9 @@ class Setup:
         return out
 
 
-def randn(shape, dtype: torch.dtype, device, *, scale: float = 1.0, shift: float = 0.0, requires_grad: bool = False) -> torch.Tensor:
+def randn(
+    shape, dtype: torch.dtype, device, *, scale: float = 1.0, shift: float = 0.0, requires_grad: bool = False
+) -> torch.Tensor:
     """A random leaf tensor ``shift + scale * N(0, 1)`` created in fp32 and cast once."""
     t = torch.randn(shape, device=device, dtype=torch.float32)
     if scale != 1.0:
@@ -188,7 +190,10 @@ def discover(names: Optional[Sequence[str]] = None) -> dict[str, Setup]:
             items.append(module.SETUP)
         for setup in items:
             if not isinstance(setup, Setup):
-                raise TypeError(f"{module.__name__}: SETUP(S) must hold benchmarks.setups.Setup objects, got {type(setup).__name__}")
+                raise TypeError(
+                    f"{module.__name__}: SETUP(S) must hold benchmarks.setups.Setup objects, "
+                    f"got {type(setup).__name__}"
+                )
             if setup.name in found:
                 raise ValueError(f"duplicate benchmark setup name {setup.name!r} (in {module.__name__})")
             found[setup.name] = setup

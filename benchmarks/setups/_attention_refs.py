@@ -63,7 +63,10 @@ def with_sdpa_backend(fn: Callable, backend, name: str) -> Callable:
         except RuntimeError as exc:
             if not is_sdpa_refusal(exc):
                 raise
-            raise Unavailable(f"{name}: SDPA backend {getattr(backend, 'name', backend)} refused this call: {_refusal_reason(fn, backend, args)}") from None
+            raise Unavailable(
+                f"{name}: SDPA backend {getattr(backend, 'name', backend)} refused this call: "
+                f"{_refusal_reason(fn, backend, args)}"
+            ) from None
 
     return call
 
@@ -73,7 +76,9 @@ def sdpa_references(torch_fn: Callable, device: torch.device) -> dict:
     try:
         from torch.nn.attention import SDPBackend
     except ImportError as exc:  # torch < 2.3
-        return {name: Reference(None, f"torch.nn.attention.sdpa_kernel is not available ({exc})") for name in SDPA_BACKENDS}
+        return {
+            name: Reference(None, f"torch.nn.attention.sdpa_kernel is not available ({exc})") for name in SDPA_BACKENDS
+        }
     refs = {}
     for name, member in SDPA_BACKENDS.items():
         backend = getattr(SDPBackend, member, None)
@@ -99,7 +104,10 @@ def _library_reason(name: str, module: str, device: torch.device, dtype: torch.d
     """``(module, None)``, or ``(None, why the library provider is skipped here)``."""
     mod, err = _import(module)
     if mod is None:
-        return None, f"{name} is not installed ({err})" if "No module named" in (err or "") else f"import {module} failed ({err})"
+        return None, (
+            f"{name} is not installed ({err})" if "No module named" in (err or "")
+            else f"import {module} failed ({err})"
+        )
     if device.type != "cuda":
         return None, f"{name} needs a CUDA device"
     if half_only and dtype not in (torch.float16, torch.bfloat16):
@@ -111,7 +119,10 @@ def _library_references(device: torch.device, dtype: torch.dtype, flash: Callabl
     """The flash-attn and xformers references: ``flash(flash_attn)`` / ``xformers(xformers.ops)`` build
     each from its module; a library that cannot run here gets a :class:`Reference` saying why."""
     refs = {}
-    for name, module, half_only, make in (("flash-attn", "flash_attn", True, flash), ("xformers", "xformers.ops", False, xformers)):
+    for name, module, half_only, make in (
+        ("flash-attn", "flash_attn", True, flash),
+        ("xformers", "xformers.ops", False, xformers),
+    ):
         mod, why = _library_reason(name, module, device, dtype, half_only=half_only)
         refs[name] = Reference(None, why) if mod is None else make(mod)
     return refs

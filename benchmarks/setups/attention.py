@@ -4,8 +4,9 @@ Reference: ``F.scaled_dot_product_attention`` (PyTorch picks its fastest backend
 memory-efficient on CUDA), and beside it SDPA with one backend at a time (``sdpa-flash``,
 ``sdpa-cudnn``, ``sdpa-efficient``, ``sdpa-math``) and flash-attn / xformers when installed (see
 ``_attention_refs``). The GPU shapes end with a sequence-length sweep at ViT-B's heads (224, 384, 448
-and 512 px: T = 197, 577, 785, 1025) for the speedup-vs-sequence-length plot. Counted by :func:`benchmarks.flops.attention_cost`: 4*B*H*T*T*d FLOPs
-forward (halved when causal), 2.5x that backward; bytes q, k, v read and o written.
+and 512 px: T = 197, 577, 785, 1025) for the speedup-vs-sequence-length plot. Counted by
+:func:`benchmarks.flops.attention_cost`: 4*B*H*T*T*d FLOPs forward (halved when causal), 2.5x that
+backward; bytes q, k, v read and o written.
 """
 
 import torch.nn.functional as F

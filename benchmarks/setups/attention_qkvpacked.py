@@ -3,7 +3,8 @@
 The input is the (B, T, 3*H*d) qkv projection viewed as (B, T, 3, H, d); the output is (B, T, H*d),
 ready for the proj GEMM. Reference: timm's ``Attention.forward`` (permute + unbind, SDPA, then
 transpose + reshape, which copies), also with SDPA held to one backend (``sdpa-*``), and
-flash-attn's ``flash_attn_qkvpacked_func`` / xformers when installed. vitkern reads q/k/v strided and writes (B, T, H, d) directly.
+flash-attn's ``flash_attn_qkvpacked_func`` / xformers when installed. vitkern reads q/k/v strided
+and writes (B, T, H, d) directly.
 """
 
 import torch.nn.functional as F

@@ -57,5 +57,7 @@ SETUP = Setup(
     gpu_shapes=GPU_SHAPES,
     cpu_shapes=CPU_SHAPES,
     order=10,
-    formula="layer_norm_cost: bytes only (x + w + b read, y written; bwd: dy, x, w, mean/rstd read, dx, dw, db written)",
+    formula=(
+        "layer_norm_cost: bytes only (x + w + b read, y written; bwd: dy, x, w, mean/rstd read, dx, dw, db written)"
+    ),
 )

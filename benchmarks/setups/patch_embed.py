@@ -37,7 +37,9 @@ def build(shape, dtype, device):
         return x + pos
 
     def vitkern_fn(vk):
-        return lambda images, cls, pos: vk.patch_embed(images, pe.proj.weight, pe.proj.bias, pos_embed=pos, prefix_tokens=cls)
+        return lambda images, cls, pos: vk.patch_embed(
+            images, pe.proj.weight, pe.proj.bias, pos_embed=pos, prefix_tokens=cls
+        )
 
     return Case(
         args=(images, cls, pos),
@@ -80,5 +82,8 @@ SETUP = Setup(
     ),
     cpu_shapes=(dict(name="ViT-Ti/16", batch=2, img_size=224, patch=16, in_chans=3, dim=192),),
     order=60,
-    formula="patch_embed_cost: 2*(B*N)*D*(C*P*P) fwd FLOPs (bwd: weight grad, 1x); images, W, b, pos, cls read, out written",
+    formula=(
+        "patch_embed_cost: 2*(B*N)*D*(C*P*P) fwd FLOPs (bwd: weight grad, 1x); "
+        "images, W, b, pos, cls read, out written"
+    ),
 )

@@ -141,7 +141,9 @@ def build(shape, dtype, device):
     images = randn((b, 3, img, img), torch.float32, device)  # fp32: autocast casts
     labels = torch.randint(0, spec.num_classes, (b,), device=device)
 
-    probe_param = {"torch": "patch_embed.proj.weight", "vitkern": "patch_embed.proj.weight", "torchvision": "conv_proj.weight"}
+    probe_param = {
+        "torch": "patch_embed.proj.weight", "vitkern": "patch_embed.proj.weight", "torchvision": "conv_proj.weight"
+    }
     optimizers: dict = {}
     grad_scale: dict = {}
 
@@ -180,7 +182,9 @@ def build(shape, dtype, device):
         torch_fn=infer(timm_model),
         vitkern_fn=lambda vk: infer(vitkern_model(vk)),
         cost=vit_cost(vit_config(kw), img, b, dtype, param_dtype=torch.float32, num_params=num_params),
-        torch_label="timm VisionTransformer, " + ("SDPA attention" if fused else "attention without SDPA (TIMM_FUSED_ATTN?)"),
+        torch_label=(
+            "timm VisionTransformer, " + ("SDPA attention" if fused else "attention without SDPA (TIMM_FUSED_ATTN?)")
+        ),
         items=b,
         references={"torchvision": Reference(infer(tv_model) if tv_model is not None else None, tv_label)},
         train_step=train_step,

@@ -30,7 +30,8 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                base = 1.0 if ("norm" in name or name.split(".")[-2].startswith("ln")) and name.endswith("weight") else 0.0
+                is_norm = ("norm" in name or name.split(".")[-2].startswith("ln")) and name.endswith("weight")
+                base = 1.0 if is_norm else 0.0
                 p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 fan_in = p.shape[-1] if p.dim() == 3 else p[0].numel()
@@ -48,7 +49,9 @@ def _images(b=2, size=32, seed=0):
 
 def _torchvision_model(num_classes=7):
     tvm = pytest.importorskip("torchvision.models")
-    m = tvm.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=num_classes)
+    m = tvm.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=num_classes
+    )
     _randomize(m)
     return m.eval()
 
@@ -72,7 +75,9 @@ def test_from_torchvision_logits_match():
 
 def _hf_config(**kw):
     transformers = pytest.importorskip("transformers")
-    cfg = dict(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
+    cfg = dict(
+        image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128
+    )
     cfg.update(kw)
     return transformers.ViTConfig(**cfg)
 
@@ -85,7 +90,9 @@ def _hf_classifier(**kw):
     return m.eval()
 
 
-@pytest.mark.parametrize("act,expected", [("gelu", "gelu"), ("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh")])
+@pytest.mark.parametrize(
+    "act,expected", [("gelu", "gelu"), ("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh")]
+)
 def test_from_hf_classifier_logits_match(act, expected):
     hf = _hf_classifier(hidden_act=act)
     ours = ViT.from_hf(hf).eval()
@@ -154,13 +161,17 @@ def test_from_timm_rejects_unsupported():
     m = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, global_pool="map")
     with pytest.raises(ValueError, match="attention pooling"):
         ViT.from_timm(m)
-    m = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, act_layer="quick_gelu")
+    m = timm_vit.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, act_layer="quick_gelu"
+    )
     with pytest.raises(ValueError):
         ViT.from_timm(m)
 
 
 def test_from_timm_keeps_dtype_and_training_mode():
-    m = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=3).to(torch.bfloat16)
+    m = timm_vit.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=3
+    ).to(torch.bfloat16)
     ours = ViT.from_timm(m)
     assert ours.training and ours.cls_token.dtype == torch.bfloat16
     assert ours.config["num_classes"] == 3
@@ -194,7 +205,9 @@ def _write_jax_npz(path, model, prefix=""):
         w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
         qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
         for j, n in enumerate(("query", "key", "value")):
-            w[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = qkv_w[j * dim : (j + 1) * dim].T.reshape(dim, heads, d)
+            w[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = (
+                qkv_w[j * dim : (j + 1) * dim].T.reshape(dim, heads, d)
+            )
             w[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j * dim : (j + 1) * dim].reshape(heads, d)
         w[p + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(heads, d, dim)
         w[p + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
@@ -274,7 +287,10 @@ def test_npz_rejects_bad_files(tmp_path):
 def test_safetensors_round_trip_and_timm_compatibility(tmp_path):
     from safetensors.torch import load_file
 
-    ours = ViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, reg_tokens=2, init_values=0.1, norm_eps=1e-5)
+    ours = ViT(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+        reg_tokens=2, init_values=0.1, norm_eps=1e-5,
+    )
     _randomize(ours, seed=5)
     ours.eval()
     path = tmp_path / "vit.safetensors"
@@ -303,7 +319,10 @@ def test_torch_checkpoint_and_create_model(tmp_path):
         assert torch.equal(dst.state_dict()[k], v)
     st = tmp_path / "w.safetensors"
     src.save_safetensors(st)
-    made = create_model("vit_tiny_patch16_224", checkpoint_path=st, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    made = create_model(
+        "vit_tiny_patch16_224", checkpoint_path=st,
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+    )
     assert torch.equal(made.pos_embed, src.pos_embed)
 
     class Evil:

@@ -11,7 +11,9 @@ import torch.distributed as dist
 import vitkern
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-ARGS = ["--steps", "3", "--global-batch", "8", "--optimizer", "sgd", "--lr", "0.05", "--log-every", "0", "--device", "cpu"]
+ARGS = [
+    "--steps", "3", "--global-batch", "8", "--optimizer", "sgd", "--lr", "0.05", "--log-every", "0", "--device", "cpu",
+]
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"

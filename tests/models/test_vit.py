@@ -95,7 +95,9 @@ def test_logits_match_timm_fp32(name):
         torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=1e-5)
         feats = ours.forward_features(x)
-        torch.testing.assert_close(ours.forward_head(feats, pre_logits=True), ref.forward_head(feats, pre_logits=True), atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(
+            ours.forward_head(feats, pre_logits=True), ref.forward_head(feats, pre_logits=True), atol=ATOL, rtol=1e-5
+        )
     assert ours.num_features == ref.num_features and ours.num_prefix_tokens == ref.num_prefix_tokens
 
 

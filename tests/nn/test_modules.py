@@ -303,7 +303,9 @@ def test_patch_embed_tokens_and_sizes():
     with pytest.raises(ValueError, match="divisible"):
         loose(torch.randn(1, 3, 30, 24))
     padded = PatchEmbed(img_size=32, patch_size=8, embed_dim=16, strict_img_size=False, dynamic_img_pad=True)
-    padded_ref = timm_layers.PatchEmbed(img_size=32, patch_size=8, embed_dim=16, strict_img_size=False, dynamic_img_pad=True)
+    padded_ref = timm_layers.PatchEmbed(
+        img_size=32, patch_size=8, embed_dim=16, strict_img_size=False, dynamic_img_pad=True
+    )
     _copy(padded, padded_ref)
     y = torch.randn(2, 3, 30, 21)
     torch.testing.assert_close(padded(y), padded_ref(y), atol=ATOL, rtol=RTOL)

@@ -134,7 +134,10 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
             raise unsupported("an attention head dim or output dim other than embed_dim / num_heads")
         if type(b.mlp) is not TimmMlp:
             raise unsupported(f"MLP type {type(b.mlp).__name__}")
-        if (b.mlp.fc1.bias is None) != (b.attn.proj.bias is None) or (b.mlp.fc2.bias is None) != (b.attn.proj.bias is None):
+        if (
+            (b.mlp.fc1.bias is None) != (b.attn.proj.bias is None)
+            or (b.mlp.fc2.bias is None) != (b.attn.proj.bias is None)
+        ):
             raise unsupported("MLP biases that differ from the attention projection's")
         cfg.update(
             num_heads=b.attn.num_heads,
@@ -153,7 +156,8 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
         cfg["drop_path_rate"] = float(getattr(last, "drop_prob", 0.0))
         for blk in blocks:
             norms += [blk.norm1, blk.norm2]
-            norms += [m for m in (blk.attn.q_norm, blk.attn.k_norm, blk.attn.norm, blk.mlp.norm) if not isinstance(m, nn.Identity)]
+            inner = (blk.attn.q_norm, blk.attn.k_norm, blk.attn.norm, blk.mlp.norm)
+            norms += [m for m in inner if not isinstance(m, nn.Identity)]
     else:
         cfg.update(num_heads=1)
     for m in norms:
@@ -276,7 +280,9 @@ def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
     ``attention_probs_dropout_prob`` becomes ``attn_drop_rate``; ``hidden_dropout_prob`` (applied
     after each branch in HF) has no exact counterpart and is not carried over.
     """
-    get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
+    get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else (
+        lambda k, d=None: getattr(config, k, d)
+    )
     act = get("hidden_act", "gelu")
     if act not in _HF_ACTS:
         raise ValueError(f"ViT.from_hf: hidden_act {act!r} is not supported (one of {sorted(_HF_ACTS)})")
@@ -444,7 +450,9 @@ class _NpzLayout:
         )
         self.stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w.files
         self.mha, self.mlp, self.ln2 = (0, 0, 1) if self.big_vision else (1, 3, 2)
-        self.pos_key = f"{prefix}pos_embedding" if self.big_vision else f"{prefix}Transformer/posembed_input/pos_embedding"
+        self.pos_key = (
+            f"{prefix}pos_embedding" if self.big_vision else f"{prefix}Transformer/posembed_input/pos_embedding"
+        )
 
     def has(self, key: str) -> bool:
         return f"{self.p}{key}" in self.w.files
@@ -496,7 +504,9 @@ def npz_config(path, prefix: Optional[str] = None) -> Dict[str, Any]:
         patch, _, in_chans, dim = (int(s) for s in kernel.shape)
         depth = lay.depth()
         class_token = lay.has("cls")
-        cfg: Dict[str, Any] = dict(patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth, class_token=class_token)
+        cfg: Dict[str, Any] = dict(
+            patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth, class_token=class_token
+        )
         if depth:
             q = lay.block(0, f"MultiHeadDotProductAttention_{lay.mha}/query/kernel")
             cfg["num_heads"] = int(q.shape[1])
@@ -546,7 +556,10 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
             if param is None:
                 raise ValueError(f"load_npz: the checkpoint has {name} but the model has no such parameter")
             if tuple(param.shape) != tuple(value.shape):
-                raise ValueError(f"load_npz: {name} has shape {tuple(value.shape)} in the checkpoint, {tuple(param.shape)} in the model")
+                raise ValueError(
+                    f"load_npz: {name} has shape {tuple(value.shape)} in the checkpoint, "
+                    f"{tuple(param.shape)} in the model"
+                )
             staged.append((param, value))
 
         if lay.depth() != len(model.blocks):
@@ -587,15 +600,21 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
         for i, blk in enumerate(model.blocks):
             copy(blk.norm1.weight, _t(lay.block(i, "LayerNorm_0/scale")), f"block {i} LayerNorm_0/scale")
             copy(blk.norm1.bias, _t(lay.block(i, "LayerNorm_0/bias")), f"block {i} LayerNorm_0/bias")
-            qkv_w = torch.cat([_t(lay.block(i, f"{mha}/{n}/kernel"), False).flatten(1).T for n in ("query", "key", "value")])
+            qkv_w = torch.cat(
+                [_t(lay.block(i, f"{mha}/{n}/kernel"), False).flatten(1).T for n in ("query", "key", "value")]
+            )
             copy(blk.attn.qkv.weight, qkv_w, f"block {i} query/key/value kernels")
             if blk.attn.qkv.bias is not None:
-                qkv_b = torch.cat([_t(lay.block(i, f"{mha}/{n}/bias"), False).reshape(-1) for n in ("query", "key", "value")])
+                qkv_b = torch.cat(
+                    [_t(lay.block(i, f"{mha}/{n}/bias"), False).reshape(-1) for n in ("query", "key", "value")]
+                )
                 copy(blk.attn.qkv.bias, qkv_b, f"block {i} query/key/value biases")
             copy(blk.attn.proj.weight, _t(lay.block(i, f"{mha}/out/kernel")).flatten(1), f"block {i} out/kernel")
             if blk.attn.proj.bias is not None:
                 copy(blk.attn.proj.bias, _t(lay.block(i, f"{mha}/out/bias")), f"block {i} out/bias")
-            copy(blk.norm2.weight, _t(lay.block(i, f"LayerNorm_{lay.ln2}/scale")), f"block {i} LayerNorm_{lay.ln2}/scale")
+            copy(
+                blk.norm2.weight, _t(lay.block(i, f"LayerNorm_{lay.ln2}/scale")), f"block {i} LayerNorm_{lay.ln2}/scale"
+            )
             copy(blk.norm2.bias, _t(lay.block(i, f"LayerNorm_{lay.ln2}/bias")), f"block {i} LayerNorm_{lay.ln2}/bias")
             for r, fc in enumerate((blk.mlp.fc1, blk.mlp.fc2)):
                 copy(fc.weight, _t(lay.block(i, f"MlpBlock_{lay.mlp}/Dense_{r}/kernel")), f"block {i} Dense_{r}/kernel")

@@ -30,7 +30,9 @@ __all__ = ["ViT", "CONFIG_KEYS"]
 GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max")
 
 
-def global_pool_nlc(x: torch.Tensor, pool_type: str, num_prefix_tokens: int, include_prefix: bool = False) -> torch.Tensor:
+def global_pool_nlc(
+    x: torch.Tensor, pool_type: str, num_prefix_tokens: int, include_prefix: bool = False
+) -> torch.Tensor:
     """timm's pooling of (B, T, D) tokens: class token, mean / max / avgmax over the patch tokens."""
     if not pool_type:
         return x
@@ -285,7 +287,11 @@ class ViT(nn.Module):
             self.global_pool = global_pool
             self.config["global_pool"] = global_pool
             self.config["fc_norm"] = not isinstance(self.fc_norm, nn.Identity)
-        self.head = Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
+        self.head = (
+            Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
         self.head.train(self.training)
 
     def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
@@ -445,5 +451,7 @@ class ViT(nn.Module):
 # The keywords ``ViT.config`` records and a stored config may set: every constructor argument but
 # the init scheme and the placement.
 CONFIG_KEYS: Tuple[str, ...] = tuple(
-    name for name in inspect.signature(ViT.__init__).parameters if name not in ("self", "weight_init", "device", "dtype")
+    name
+    for name in inspect.signature(ViT.__init__).parameters
+    if name not in ("self", "weight_init", "device", "dtype")
 )

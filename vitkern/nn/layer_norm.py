@@ -32,13 +32,16 @@ class LayerNorm(nn.LayerNorm):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype)
+        super().__init__(
+            normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device, dtype=dtype
+        )
 
     def _flat(self, x: torch.Tensor):
         nd = len(self.normalized_shape)
         if tuple(x.shape[x.dim() - nd :]) != tuple(self.normalized_shape) or x.dim() < nd:
             raise ValueError(
-                f"LayerNorm: input must end with normalized_shape {tuple(self.normalized_shape)}, got shape {tuple(x.shape)}"
+                f"LayerNorm: input must end with normalized_shape {tuple(self.normalized_shape)}, "
+                f"got shape {tuple(x.shape)}"
             )
         if nd == 1:
             return x, self.weight, self.bias, None

@@ -56,7 +56,8 @@ class PatchEmbed(nn.Module):
         self.strict_img_size = strict_img_size
         self.dynamic_img_pad = dynamic_img_pad
         self.proj = nn.Conv2d(
-            in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias, device=device, dtype=dtype
+            in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size,
+            bias=bias, device=device, dtype=dtype,
         )
 
     def _init_img_size(self, img_size):
@@ -85,7 +86,9 @@ class PatchEmbed(nn.Module):
         _, C, H, W = x.shape
         Ph, Pw = self.patch_size
         if C != self.proj.in_channels:
-            raise ValueError(f"PatchEmbed: expected {self.proj.in_channels} input channels, got {C} (shape {tuple(x.shape)})")
+            raise ValueError(
+                f"PatchEmbed: expected {self.proj.in_channels} input channels, got {C} (shape {tuple(x.shape)})"
+            )
         if self.img_size is not None and self.strict_img_size:
             if (H, W) != self.img_size:
                 raise ValueError(

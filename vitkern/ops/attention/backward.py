@@ -29,7 +29,7 @@ from vitkern.ops.attention.tiles import (
 @register_kernel
 @triton.jit
 def _attention_bwd_preprocess_kernel(
-    O, DO, DELTA,
+    OUT, DO, DELTA,
     stride_ob, stride_oh, stride_ot,
     stride_dob, stride_doh, stride_dot,
     H, Tq,
@@ -39,7 +39,7 @@ def _attention_bwd_preprocess_kernel(
     pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, False)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _attn_load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+    o = _attn_load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
                    offs_m, Tq, offs_d, HEAD_DIM, True, BLOCK_D > HEAD_DIM)
     do = _attn_load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                     offs_m, Tq, offs_d, HEAD_DIM, True, BLOCK_D > HEAD_DIM)

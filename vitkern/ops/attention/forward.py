@@ -81,7 +81,7 @@ def _attn_fwd_inner(
 @register_kernel(expects_wgmma=_wgmma_rule("Q", "BLOCK_M"))
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, BIAS, O, LSE,
+    Q, K, V, BIAS, OUT, LSE,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -123,7 +123,7 @@ def _attention_fwd_kernel(
     else:
         l_div = l_i
     inv_l = 1.0 / l_div
-    _attn_store_tile(O + b * stride_ob + h * stride_oh, stride_ot, acc_a * inv_l[:, None], acc_b * inv_l[:, None],
+    _attn_store_tile(OUT + b * stride_ob + h * stride_oh, stride_ot, acc_a * inv_l[:, None], acc_b * inv_l[:, None],
                      offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)

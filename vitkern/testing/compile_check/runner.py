@@ -77,7 +77,8 @@ def run_compile_check(
     problems (empty when it passes). Plan-level problems (a kernel no case launches, a case that
     raised, an unregistered JITFunction) come as rows with only kernel, module, arch, problems.
     ``full`` compiles every config and the ``slow`` cases; the default covers each kernel's
-    captured variants with its first config plus the configs marked ``bench``. ``plan_only`` lists what would compile, compiling nothing.
+    captured variants with its first config plus the configs marked ``bench``. ``plan_only`` lists
+    what would compile, compiling nothing.
     """
     workers = workers or default_workers()
     with tempfile.TemporaryDirectory(prefix="vitkern-compile-check-") as tmp:
@@ -110,8 +111,10 @@ def run_compile_check(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitkern.testing.compile_check",
-                                     description="Static GPU compile check of the registered Triton kernels (no GPU needed).")
+    parser = argparse.ArgumentParser(
+        prog="python -m vitkern.testing.compile_check",
+        description="Static GPU compile check of the registered Triton kernels (no GPU needed).",
+    )
     parser.add_argument("modules", nargs="*", help="modules to check (default: every module of vitkern.ops)")
     parser.add_argument("--archs", default="80,90", help="comma-separated compute capabilities (default 80,90)")
     parser.add_argument("--full", action="store_true", help="every config and the slow cases")
@@ -146,5 +149,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import triton
 
     print(f"\n{len(rows)} rows, {len(failures)} with problems, {wall:.1f} s (triton {triton.__version__} from "
-          f"{os.path.dirname(triton.__file__)}, archs {','.join(map(str, archs))}, {'full' if args.full else 'default'} set)")
+          f"{os.path.dirname(triton.__file__)}, archs {','.join(map(str, archs))}, "
+          f"{'full' if args.full else 'default'} set)")
     return 1 if failures and not args.no_fail else 0
