@@ -1,6 +1,7 @@
 # vitkern: set up a virtual environment, run the benchmark suite (the main job) or the tests.
 #   make bench   create .venv, install vitkern (building the CUDA extension when nvcc is found), run the benchmarks
 #   make test    create .venv, install vitkern with its test extras, run the test suite
+#   make lint    ruff over the tree (rules in pyproject.toml)
 #   make compat  the GPU machines' stack (Python 3.12, torch 2.11, triton 3.6) in .venv-compat: full
 #                static compile check and the ops' interpreter tests under it (scripts/compat_check.sh)
 # Variables: PYTHON (interpreter that creates the venv), VENV, PYTEST_ARGS, BENCH_ARGS.
@@ -12,7 +13,7 @@ PYTEST_ARGS ?= -n 2 --durations=20
 BENCH_ARGS ?=
 STAMP := $(VENV)/.vitkern-installed
 
-.PHONY: setup test bench compat clean
+.PHONY: setup test bench lint compat clean
 
 setup: $(STAMP)
 
@@ -30,6 +31,9 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
 
 compat:
 	bash scripts/compat_check.sh

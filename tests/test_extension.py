@@ -174,7 +174,8 @@ def test_build_info():
 
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B, C, H, W, P", [(3, 3, 224, 160, 16), (1, 1, 28, 42, 14), (2, 3, 64, 32, 32), (1, 3, 8, 16, 8)])
+@pytest.mark.parametrize("B, C, H, W, P",
+                         [(3, 3, 224, 160, 16), (1, 1, 28, 42, 14), (2, 3, 64, 32, 32), (1, 3, 8, 16, 8)])
 def test_fake_impl_on_meta(dtype, B, C, H, W, P):
     images = torch.empty(B, C, H, W, dtype=dtype, device="meta")
     out = torch.ops.vitkern_cuda.patchify(images, P)

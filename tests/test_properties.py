@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import vitkern
@@ -41,9 +43,6 @@ from vitkern.ops.mlp import mlp_ref
 from vitkern.ops.patch_embed import patch_embed_ref
 from vitkern.testing.numerics import assert_2x_torch_nonfinite, atol_for
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or triton_interpreting()), reason="Triton kernels need a GPU or TRITON_INTERPRET=1"
@@ -489,7 +488,7 @@ def _resample_body(case):
     dtype, pos, old, new, prefix, mode, antialias = case
     # timm returns the input unchanged whenever the token count matches and the new grid is
     # square, even for another old grid (1 x 4 -> 2 x 2); vitkern resamples it then
-    hypothesis.assume(not (old != new and old[0] * old[1] == new[0] * new[1] and new[0] == new[1]))
+    assume(not (old != new and old[0] * old[1] == new[0] * new[1] and new[0] == new[1]))
     leaf, x = pos.make(dtype, True)
     got = vitkern.resample_pos_embed(x, new, old_size=old, num_prefix_tokens=prefix, interpolation=mode,
                                      antialias=antialias)

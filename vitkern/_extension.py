@@ -85,7 +85,8 @@ def load() -> Optional[ModuleType]:
                 for hook in _load_hooks:
                     hook()
             except Exception as exc:  # noqa: BLE001
-                _error = f"vitkern._C loaded but registering its Python implementations failed: {type(exc).__name__}: {exc}"
+                _error = ("vitkern._C loaded but registering its Python implementations failed: "
+                          f"{type(exc).__name__}: {exc}")
             else:
                 _module = _C
         _load_hooks.clear()
@@ -362,7 +363,8 @@ def _patch_embed_fwd_fake(images, weight, bias, pos_embed, prefix_tokens, allow_
         if prefix_tokens.dim() != 3 or prefix_tokens.shape[0] != 1 or prefix_tokens.shape[2] != d:
             _fail(op, f"prefix_tokens must have shape (1, K, {d}), got {tuple(prefix_tokens.shape)}")
         if prefix_tokens.dtype not in (images.dtype, torch.float32):
-            _fail(op, f"prefix_tokens must have the compute dtype ({images.dtype}) or float32, got {prefix_tokens.dtype}")
+            _fail(op, f"prefix_tokens must have the compute dtype ({images.dtype}) or float32, "
+                      f"got {prefix_tokens.dtype}")
         k = prefix_tokens.shape[1]
         dtype = torch.promote_types(dtype, prefix_tokens.dtype)
     if pos_embed is not None:
@@ -382,7 +384,8 @@ def _patch_embed_bwd_fake(grad, images, weight, num_prefix_tokens, need_dimages,
     op = "patch_embed_bwd"
     b, c, h, w, d, n = _patch_geometry(op, images, weight)
     if tuple(grad.shape) != (b, num_prefix_tokens + n, d):
-        _fail(op, f"grad must have shape ({b}, {num_prefix_tokens + n}, {d}) (the tokens' shape), got {tuple(grad.shape)}")
+        _fail(op, f"grad must have shape ({b}, {num_prefix_tokens + n}, {d}) (the tokens' shape), "
+                  f"got {tuple(grad.shape)}")
     e = (0,)
     if need_dimages:
         channels_last = not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitkern
+from vitkern import _backend
 from vitkern.ops import attention as A
 from vitkern.ops.attention import configs as attn_configs, launch as attn_launch, op as attn_op, sdpa
 from vitkern.ops._config import INTERPRETING, KernelConfig
@@ -471,8 +472,11 @@ def test_unsupported_head_dim_raises(device):
 def test_backend_supports_predicates(device):
     q, k, v, _ = _make_inputs(1, 1, 1, 5, 5, 16, F64, device)
     flags = dict(causal=False, scale=None, return_lse=False, deterministic=False)
-    assert "float64" in attn_op._attention_triton_supports(q, k, v, **flags, key_padding_bias=None)
-    assert "float64" in attn_op._attention_qkvpacked_triton_supports(torch.stack([q, k, v], 2), **flags)
+    reasons = _backend.backend_impl("attention", "triton").reasons(device, (q, k, v), dict(flags))
+    assert any("float64" in r for r in reasons)
+    reasons = _backend.backend_impl("attention_qkvpacked", "triton").reasons(device, (torch.stack([q, k, v], 2),),
+                                                                              dict(flags))
+    assert any("float64" in r for r in reasons)
     q, k, v = (t.float() for t in (q, k, v))
     assert attn_op._attention_triton_supports(q, k, v, **flags, key_padding_bias=None) is None
     bias = torch.zeros(1, 1, 5, device=device, requires_grad=True)

@@ -57,7 +57,8 @@ SCHEMAS = {
     "mlp_bwd": "vitkern_cuda::mlp_bwd(Tensor grad, Tensor x, Tensor fc1_weight, Tensor fc2_weight, "
     "Tensor? residual_scale, Tensor? row_scale, Tensor pre, Tensor h, Tensor branch, int activation, "
     "bool need_dx, bool need_dfc1_weight, bool need_dfc1_bias, bool need_dfc2_weight, bool need_dfc2_bias, "
-    "bool need_dscale, bool need_drow_scale, bool allow_tf32) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "bool need_dscale, bool need_drow_scale, bool allow_tf32) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "patch_embed_fwd": "vitkern_cuda::patch_embed_fwd(Tensor images, Tensor weight, Tensor? bias, "
     "Tensor? pos_embed, Tensor? prefix_tokens, bool allow_tf32) -> Tensor",
     "patch_embed_bwd": "vitkern_cuda::patch_embed_bwd(Tensor grad, Tensor images, Tensor weight, "
@@ -220,9 +221,11 @@ def test_fused_dense_fake_on_meta(dtype, activation, residual, save_pre):
 def test_fused_dense_fake_rejects_bad_input():
     x = torch.empty(4, 8, device="meta")
     with pytest.raises(RuntimeError, match="weight must have shape \\(N, 8\\)"):
-        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.empty(5, 7, device="meta"), None, 0, None, None, None, False, False)
+        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.empty(5, 7, device="meta"), None, 0, None, None, None,
+                                               False, False)
     with pytest.raises(RuntimeError, match="activation must be 0"):
-        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.empty(5, 8, device="meta"), None, 3, None, None, None, False, False)
+        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.empty(5, 8, device="meta"), None, 3, None, None, None,
+                                               False, False)
     with pytest.raises(RuntimeError, match="residual_scale needs residual"):
         torch.ops.vitkern_cuda.fused_dense_fwd(
             x, torch.empty(5, 8, device="meta"), None, 0, None, torch.empty(5, device="meta"), None, False, False
@@ -284,9 +287,11 @@ def test_patch_embed_fake_rejects_bad_input():
     with pytest.raises(RuntimeError, match="pos_embed has length 5 but must have length 4"):
         torch.ops.vitkern_cuda.patch_embed_fwd(images, weight, None, torch.empty(1, 5, 8, device="meta"), None, False)
     with pytest.raises(RuntimeError, match="images has 3 channels but weight expects 4"):
-        torch.ops.vitkern_cuda.patch_embed_fwd(images, torch.empty(8, 4, 16, 16, device="meta"), None, None, None, False)
+        torch.ops.vitkern_cuda.patch_embed_fwd(images, torch.empty(8, 4, 16, 16, device="meta"), None, None, None,
+                                               False)
     with pytest.raises(RuntimeError, match="multiples of the patch size"):
-        torch.ops.vitkern_cuda.patch_embed_fwd(images, torch.empty(8, 3, 12, 16, device="meta"), None, None, None, False)
+        torch.ops.vitkern_cuda.patch_embed_fwd(images, torch.empty(8, 3, 12, 16, device="meta"), None, None, None,
+                                               False)
 
 
 # ---------------------------------------------------------------- autograd wiring (meta)
@@ -365,7 +370,8 @@ def test_public_functions_trace_to_the_extension_ops():
 
 
 @needs_extension
-@pytest.mark.parametrize("dtype, cuda_type", [("bfloat16", CUDA_R_16BF), ("float16", CUDA_R_16F), ("float32", CUDA_R_32F)])
+@pytest.mark.parametrize("dtype, cuda_type",
+                         [("bfloat16", CUDA_R_16BF), ("float16", CUDA_R_16F), ("float32", CUDA_R_32F)])
 def test_cublaslt_forward_descriptor_gelu_aux_bias(dtype, cuda_type):
     M, N, K = 197, 130, 96
     d = ext.load()._cublaslt_describe("forward", dtype, M, N, K, "GELU_AUX_BIAS")
@@ -408,8 +414,11 @@ def test_cublaslt_backward_descriptors():
 @needs_extension
 def test_cublaslt_fp32_follows_the_allow_tf32_argument():
     C = ext.load()
-    assert C._cublaslt_describe("forward", "float32", 8, 8, 8, "BIAS", allow_tf32=True)["compute_type"] == CUBLAS_COMPUTE_32F_FAST_TF32
-    assert C._cublaslt_describe("forward", "bfloat16", 8, 8, 8, "BIAS", allow_tf32=True)["compute_type"] == CUBLAS_COMPUTE_32F
+    def compute_type(dtype):
+        return C._cublaslt_describe("forward", dtype, 8, 8, 8, "BIAS", allow_tf32=True)["compute_type"]
+
+    assert compute_type("float32") == CUBLAS_COMPUTE_32F_FAST_TF32
+    assert compute_type("bfloat16") == CUBLAS_COMPUTE_32F
     assert C._cublaslt_describe("forward", "float32", 8, 8, 8, "BIAS")["compute_type"] == CUBLAS_COMPUTE_32F
     # the scope ends with the call: nothing leaks into the next GEMM built on this thread
     assert C._cublaslt_describe("weight_grad", "float32", 8, 8, 8, "BGRADB")["compute_type"] == CUBLAS_COMPUTE_32F
@@ -691,7 +700,8 @@ def test_patch_embed_matches_reference(device, dtype, channels_last, pos, prefix
             images=images.requires_grad_(True),
             weight=rnd(d, c, ph, pw, std=(c * ph * pw) ** -0.5).requires_grad_(True),
             bias=rnd(d, std=0.5).requires_grad_(True),
-            pos_embed=None if pos is None else rnd(1, n + (prefix if pos == "all" else 0), d, dt=F32).requires_grad_(True),
+            pos_embed=(None if pos is None
+                       else rnd(1, n + (prefix if pos == "all" else 0), d, dt=F32).requires_grad_(True)),
             prefix_tokens=rnd(1, prefix, d, dt=F32).requires_grad_(True) if prefix else None,
         )
 
@@ -768,7 +778,8 @@ def test_expanded_gradient_and_side_stream(device):
 def test_op_errors_on_gpu(device):
     x = torch.randn(4, 8, device=device)
     with pytest.raises(RuntimeError, match="fused_dense_fwd: weight must have shape \\(N, 8\\)"):
-        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.randn(5, 7, device=device), None, 0, None, None, None, False, False)
+        torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.randn(5, 7, device=device), None, 0, None, None, None,
+                                               False, False)
     with pytest.raises(RuntimeError, match="weight has dtype"):
         torch.ops.vitkern_cuda.fused_dense_fwd(x, torch.randn(5, 8, device=device, dtype=BF16), None, 0, None, None,
                                                None, False, False)

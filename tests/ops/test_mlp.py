@@ -26,7 +26,8 @@ def make_inputs(m, d, hidden, n, dtype, device, *, bias=True, residual=None, sca
         return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dt).requires_grad_(True)
 
     shape = lead + (d,) if lead is not None else (m, d)
-    args = dict(x=rnd(*shape), fc1_weight=rnd(hidden, d, std=d ** -0.5), fc1_bias=rnd(hidden, std=0.5) if bias else None,
+    args = dict(x=rnd(*shape), fc1_weight=rnd(hidden, d, std=d ** -0.5),
+                fc1_bias=rnd(hidden, std=0.5) if bias else None,
                 fc2_weight=rnd(n, hidden, std=hidden ** -0.5), fc2_bias=rnd(n, std=0.5) if bias else None)
     kw = {}
     if residual is not None:

@@ -252,7 +252,8 @@ def test_errors(device):
     with pytest.raises(ValueError, match="pos_embed must be"):
         fwd(images, weight, bias, pos[:, :5], prefix)
     with pytest.raises(ValueError, match="grad must have shape"):
-        pe_launch._patch_embed_bwd(torch.zeros(1, 3, 64, device=device), images, weight, True, True, None, 1, 0, None, None)
+        pe_launch._patch_embed_bwd(torch.zeros(1, 3, 64, device=device), images, weight, True, True, None, 1, 0,
+                                   None, None)
 
 
 def test_backend_registered():

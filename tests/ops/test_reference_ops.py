@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
+from timm.layers.attention import Attention
 
 import vitkern
 from vitkern import _backend
@@ -24,9 +26,6 @@ from vitkern.ops.mlp import mlp_ref
 from vitkern.ops.patch_embed import patch_embed_ref
 from vitkern.testing.numerics import assert_close_same_dtype
 
-timm = pytest.importorskip("timm")
-from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed  # noqa: E402
-from timm.layers.attention import Attention  # noqa: E402
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 

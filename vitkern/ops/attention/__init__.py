@@ -66,6 +66,7 @@ from vitkern.ops.attention.op import (
     _attention_qkvpacked_triton_supports,
     _attention_triton,
     _attention_triton_supports,
+    TRITON_DTYPES,
 )
 from vitkern.ops.attention.reference import attention_qkvpacked_ref, attention_ref
 from vitkern.ops.attention.sdpa import scaled_dot_product_attention
@@ -216,8 +217,7 @@ def attention_qkvpacked(
 
 register_impl("attention", "reference", attention_ref)
 register_impl("attention_qkvpacked", "reference", attention_qkvpacked_ref)
-register_impl("attention", "triton", _attention_triton, supports=_attention_triton_supports)
-register_impl(
-    "attention_qkvpacked", "triton", _attention_qkvpacked_triton, supports=_attention_qkvpacked_triton_supports
-)
+register_impl("attention", "triton", _attention_triton, _attention_triton_supports, dtypes=TRITON_DTYPES)
+register_impl("attention_qkvpacked", "triton", _attention_qkvpacked_triton, _attention_qkvpacked_triton_supports,
+              dtypes=TRITON_DTYPES)
 

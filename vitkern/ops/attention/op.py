@@ -160,14 +160,12 @@ def _attention_qkvpacked_fwd_op(
 # --------------------------------------------------------------------------------------------
 
 
-def _triton_dtype_reason(dtype: torch.dtype) -> Optional[str]:
-    if dtype not in FLOAT_DTYPES:
-        return f"dtype {str(dtype).replace('torch.', '')} (the Triton kernels take float32, float16, bfloat16)"
-    return None
+#: What the kernels take, as data (the backend registry checks every floating tensor argument).
+TRITON_DTYPES = FLOAT_DTYPES
 
 
 def _attention_triton_supports(q, k, v, *, causal, scale, return_lse, deterministic, key_padding_bias=None):
-    reason = _triton_dtype_reason(q.dtype) or _attn_head_dim_reason(q.shape[-1])
+    reason = _attn_head_dim_reason(q.shape[-1])
     if (reason is None and key_padding_bias is not None and key_padding_bias.requires_grad
             and torch.is_grad_enabled()):
         reason = "a key-padding mask that requires grad (the kernels do not differentiate the mask)"
@@ -175,7 +173,7 @@ def _attention_triton_supports(q, k, v, *, causal, scale, return_lse, determinis
 
 
 def _attention_qkvpacked_triton_supports(qkv, *, causal, scale, return_lse, deterministic):
-    return _triton_dtype_reason(qkv.dtype) or _attn_head_dim_reason(qkv.shape[-1])
+    return _attn_head_dim_reason(qkv.shape[-1])
 
 
 def _check_triton_head_dim(name: str, d: int) -> None:
