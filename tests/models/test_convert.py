@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vitkern
-from vitkern.models.convert import convert_hf_state_dict, npz_config
+from vitkern.models.convert import convert_hf_state_dict, hf_config, npz_config
 from vitkern.models import ViT, create_model
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
@@ -451,3 +451,9 @@ def test_load_safetensors_checks_config_against_tensors_before_allocating(tmp_pa
     with pytest.raises(ValueError, match="does not fit the model|shapes differ"):
         convert.load_safetensors(path)
     assert built == ["meta"]
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "linear", None])
+def test_from_hf_refuses_activations_the_epilogues_do_not_compute(act):
+    with pytest.raises(ValueError, match=f"hidden_act {act!r} is not supported"):
+        hf_config({"hidden_act": act, "hidden_size": 64, "num_attention_heads": 2})

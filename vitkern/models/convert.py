@@ -23,6 +23,7 @@ from torch import nn
 
 from vitkern.models.vit import CONFIG_KEYS, ViT
 from vitkern.nn.linear import resolve_activation
+from vitkern.ops.activation import Activation
 
 __all__ = [
     "timm_config",
@@ -269,7 +270,18 @@ def from_torchvision(model: nn.Module, **overrides) -> ViT:
 # Hugging Face transformers
 # ----------------------------------------------------------------------------------------------
 
-_HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+def _hf_activation(act) -> str:
+    """``hidden_act`` as the ViT's ``act``: one of the GELU names :class:`Activation` knows (Hugging
+    Face's "gelu" is the erf GELU; "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" the tanh one)."""
+    try:
+        parsed = Activation.resolve(act) if isinstance(act, str) else Activation.NONE
+    except ValueError:
+        parsed = Activation.NONE
+    if parsed is Activation.NONE:
+        raise ValueError(f"ViT.from_hf: hidden_act {act!r} is not supported (a GELU: 'gelu', 'gelu_new', "
+                         "'gelu_pytorch_tanh' or 'gelu_fast')")
+    return parsed.public_name
 
 
 def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
@@ -283,9 +295,7 @@ def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else (
         lambda k, d=None: getattr(config, k, d)
     )
-    act = get("hidden_act", "gelu")
-    if act not in _HF_ACTS:
-        raise ValueError(f"ViT.from_hf: hidden_act {act!r} is not supported (one of {sorted(_HF_ACTS)})")
+    act = _hf_activation(get("hidden_act", "gelu"))
     dim = int(get("hidden_size"))
     heads = int(get("num_attention_heads"))
     if get("head_dim") is not None and int(get("head_dim")) * heads != dim:
@@ -311,7 +321,7 @@ def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
         class_token=True,
         attn_drop_rate=float(get("attention_probs_dropout_prob", 0.0) or 0.0),
         norm_eps=float(get("layer_norm_eps", 1e-12)),
-        act=_HF_ACTS[act],
+        act=act,
     )
 
 
