@@ -1,2 +1,6 @@
-"""One module per op: Triton kernels, launchers, registered custom ops, autograd, the public
-function and ``<op>_ref``, the differentiable pure-PyTorch reference."""
+"""One package per op (``attention``, ``layer_norm``, ``linear``, ``mlp``, ``patch_embed``), its
+layers as files: ``reference.py`` (``<op>_ref``, the differentiable pure-PyTorch reference),
+``configs.py``, the ``@triton.jit`` kernels, ``launch.py``, ``op.py`` (registered custom ops,
+fakes, autograd), ``cuda.py`` (the extension's backend) and ``compile_cases.py``; the public
+function is in the package's ``__init__``. ``gemm`` is the GEMM core three of them share; the
+modules with a leading underscore are the machinery every op uses (docs/design.md, "Layout")."""

@@ -1,5 +1,5 @@
 """The GEMM core's static compile cases: every config, every epilogue variant once, the benchmark
-shapes (``python -m vitkern.ops._compile_check vitkern.ops.gemm``)."""
+shapes (``python -m vitkern.testing.compile_check vitkern.ops.gemm``)."""
 
 import torch
 
