@@ -1,9 +1,11 @@
 """Backend selection: which implementation of each op runs.
 
-Every public op (``vitkern.layer_norm``, ``vitkern.attention``, ...) has up to three backends:
+Every public op (``vitkern.layer_norm``, ``vitkern.attention``, ...) has up to four backends:
 
-- ``"reference"``: plain differentiable PyTorch (``<op>_ref`` beside the kernels). Runs on any
-  device; ``torch.compile`` traces straight through it.
+- ``"reference"``: plain differentiable PyTorch (``<op>_ref`` beside the kernels), the fp32
+  correctness path. Runs on any device; ``torch.compile`` traces straight through it.
+- ``"torch"``: the fastest PyTorch-native implementation (torch's own SDPA, ``F.linear``,
+  ``F.layer_norm``, conv2d patch embedding, as timm runs them). Runs on any device.
 - ``"triton"``: the Triton kernels, registered as ``vitkern::`` custom ops with their own autograd.
   Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``.
 - ``"cuda"``: the C++/CUDA extension ``vitkern._C`` (``vitkern_cuda::`` ops), for the ops it
@@ -46,7 +48,7 @@ __all__ = [
     "triton_interpreting",
 ]
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 
 # Ops the CUDA extension implements; ``use_backend("cuda")`` leaves every other op on "auto".
 CUDA_EXTENSION_OPS = frozenset({"linear", "mlp", "patch_embed"})
@@ -117,7 +119,7 @@ _current: str = _default_from_env()
 
 
 def get_backend() -> str:
-    """The backend name in force: "auto", "reference", "triton" or "cuda"."""
+    """The backend name in force: "auto", "reference", "torch", "triton" or "cuda"."""
     return _current
 
 
@@ -167,7 +169,7 @@ def register_impl(
     rest of the call and otherwise a short reason (or a list of them), which become the error of
     an explicit selection.
     """
-    if backend not in ("reference", "triton", "cuda"):
+    if backend not in BACKENDS[1:]:
         raise ValueError(f"cannot register backend {backend!r} for op {op!r}")
     _impls.setdefault(op, {})[backend] = BackendImpl(
         op, backend, fn, frozenset(dtypes) if dtypes is not None else None, supports)
