@@ -6,6 +6,7 @@ Public API (re-exports only; see the op modules under ``vitkern.ops`` for each o
 from vitkern._version import __version__
 from vitkern._backend import BackendUnavailableError, get_backend, use_backend
 from vitkern._extension import cuda_extension_available
+from vitkern._tuning import tune
 from vitkern.ops.layer_norm import add_layer_norm, layer_norm
 from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
 from vitkern.ops.linear import linear
@@ -23,6 +24,7 @@ __all__ = [
     "BackendUnavailableError",
     "get_backend",
     "use_backend",
+    "tune",
     "cuda_extension_available",
     "layer_norm",
     "add_layer_norm",

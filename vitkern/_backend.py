@@ -11,8 +11,11 @@ Every public op (``vitkern.layer_norm``, ``vitkern.attention``, ...) has up to f
 - ``"cuda"``: the C++/CUDA extension ``vitkern._C`` (``vitkern_cuda::`` ops), for the ops it
   implements (:data:`CUDA_EXTENSION_OPS`); for every other op ``use_backend("cuda")`` means "auto".
 
-``"auto"`` (the default) picks per call: CUDA tensors go to the fastest backend measured for that
-op (:data:`AUTO_CUDA_PREFERENCE`), CPU tensors to Triton when the interpreter is on, else to the
+``"auto"`` (the default) picks per call. On CUDA tensors it runs the fast backend ("triton",
+"cuda", "torch") measured fastest for the call's shape class on this GPU (:mod:`vitkern._tuning`:
+timed on the first eager call, cached in memory and on disk); where nothing is measured, the
+static table :data:`AUTO_CUDA_PREFERENCE`, else "torch". The reference runs there only when no fast
+backend accepts the call. CPU tensors go to Triton when the interpreter is on, else to the
 reference. An explicitly chosen backend that cannot serve a call raises, naming the reason; it never
 falls back silently to a slower path. ``VITKERN_LOG_BACKEND=1`` logs "auto"'s pick (and why it
 skipped the backends before it) once per op and shape class, on the ``vitkern.backend`` logger.
@@ -53,11 +56,12 @@ BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 # Ops the CUDA extension implements; ``use_backend("cuda")`` leaves every other op on "auto".
 CUDA_EXTENSION_OPS = frozenset({"linear", "mlp", "patch_embed"})
 
-# On CUDA tensors, "auto" tries these backends in order and takes the first one that is
-# registered, available and accepts the call; the reference path is the last resort for ops
-# whose kernels have not landed. Entries that prefer the extension over Triton must cite the
-# benchmark result (benchmarks/results/...) that measured it.
-_DEFAULT_CUDA_PREFERENCE = ("triton", "reference")
+# On CUDA tensors "auto" runs the backend measured fastest for the call's shape class
+# (vitkern._tuning). Where nothing was measured (no timing allowed: torch.compile tracing, graph
+# capture, deterministic mode, VITKERN_AUTOTUNE=0) it takes the first backend of this table that
+# accepts the call, else "torch". Each entry must cite the committed GPU result
+# (benchmarks/results/...) that measured it; none is committed yet, so every op falls back to
+# "torch", PyTorch's own fast path.
 AUTO_CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {}
 
 # A "supports" predicate returns None (or an empty list) when the backend can serve the call,
@@ -279,10 +283,11 @@ def select_impl(op: str, device: torch.device, *args, **kwargs) -> Callable:
             raise BackendUnavailableError(
                 f"vitkern.{op}: backend {name!r} cannot run this call: " + "; ".join(reasons))
         return _impls[op][name].fn
-    if device.type == "cuda":
-        order = AUTO_CUDA_PREFERENCE.get(op, _DEFAULT_CUDA_PREFERENCE)
-    else:
-        order = ("triton", "reference") if triton_interpreting() else ("reference",)
+    from vitkern import _tuning
+
+    if device.type in _tuning.TUNED_DEVICES:
+        return _measured_pick(op, device, args, kwargs, _tuning)
+    order = ("triton", "reference") if triton_interpreting() else ("reference",)
     skipped: list[tuple[str, list[str]]] = []
     picked = "reference"
     for candidate in order:
@@ -294,3 +299,24 @@ def select_impl(op: str, device: torch.device, *args, **kwargs) -> Callable:
     if _LOG_PICKS and not torch.compiler.is_compiling():
         _log_pick(op, device, picked, skipped, args, kwargs)
     return _impls[op][picked].fn
+
+
+def _measured_pick(op: str, device: torch.device, args: tuple, kwargs: dict, tuning) -> Callable:
+    # The fast backends that accept the call are the candidates; "auto" runs the measured (or
+    # cached, or static) winner among them, and the reference only when none accepts the call.
+    candidates: dict[str, Callable] = {}
+    skipped: list[tuple[str, list[str]]] = []
+    for candidate in tuning.CANDIDATES:
+        reasons = _reasons(op, candidate, device, args, kwargs, first_only=not _LOG_PICKS)
+        if reasons:
+            skipped.append((candidate, reasons))
+        else:
+            candidates[candidate] = _impls[op][candidate].fn
+    if not candidates:
+        candidates = {"reference": _impls[op]["reference"].fn}
+    choice = tuning.choose(op, device, candidates, args, kwargs)
+    if _LOG_PICKS and not torch.compiler.is_compiling():
+        times = ", ".join(f"{b} {t:.4f} ms" for b, t in choice.times_ms.items())
+        skipped.append((f"{choice.source} choice", [times] if times else []))
+        _log_pick(op, device, choice.backend, skipped, args, kwargs)
+    return candidates[choice.backend]
