@@ -14,7 +14,11 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 # Report order. The torch provider always runs first: its results are the correctness reference.
-PROVIDERS = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-reference", "torch", "torch.compile")
+# "vitkern" is backend "auto" (what a user gets: the measured choice per op and shape class); the
+# other vitkern providers pin one backend.
+PROVIDERS = (
+    "vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-torch", "vitkern-reference", "torch", "torch.compile",
+)
 # The attention setups' SDPA held to one backend (provider name -> torch.nn.attention.SDPBackend
 # member), then the attention libraries.
 SDPA_BACKENDS = {
@@ -28,7 +32,7 @@ ATTENTION_PROVIDERS = tuple(SDPA_BACKENDS) + ("flash-attn", "xformers")
 # setups; SDPA held to one backend, flash-attn and xformers for the attention setups.
 EXTRA_PROVIDERS = ("torchvision",) + ATTENTION_PROVIDERS
 ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
-VITKERN_HEADLINE = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-reference")
+VITKERN_HEADLINE = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-torch", "vitkern-reference")
 
 
 def is_reference(provider: str) -> bool:

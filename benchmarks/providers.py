@@ -3,7 +3,9 @@
 - ``vitkern`` (the public function, backend "auto"), ``vitkern-triton`` (``use_backend("triton")``),
   ``vitkern-cuda`` (``use_backend("cuda")``: the CUDA extension's ops; skipped for ops it does not
   implement, and with the ``BackendUnavailableError`` reason when the extension is missing),
-  ``vitkern-reference`` (``use_backend("reference")``);
+  ``vitkern-torch`` (``use_backend("torch")``: PyTorch's own fast path through vitkern's ops),
+  ``vitkern-reference`` (``use_backend("reference")``). The "vitkern" rows record what "auto"
+  chose for each op and shape class its first call met (``auto_choices``, :func:`auto_choices`);
 - ``torch`` (the plain PyTorch function or the timm module: timm's ``Mlp``, ``PatchEmbed``,
   ``VisionTransformer``; the row's note names it) and ``torch.compile`` (of that same reference;
   GPU only unless ``compile_on_cpu``);
@@ -40,7 +42,8 @@ from benchmarks.results import join_notes
 from benchmarks.setups import Case, Unavailable
 
 _VITKERN_BACKENDS = {
-    "vitkern": "auto", "vitkern-triton": "triton", "vitkern-cuda": "cuda", "vitkern-reference": "reference",
+    "vitkern": "auto", "vitkern-triton": "triton", "vitkern-cuda": "cuda", "vitkern-torch": "torch",
+    "vitkern-reference": "reference",
 }
 # err_ok: max_abs_err <= tol * max(1, max |reference|)
 _TOLERANCE = {"bf16": 4e-2, "fp16": 1e-2, "fp32": 2e-3}
@@ -221,7 +224,7 @@ def prepare(
                 registered = tuple(vk._backend.registered_backends(op))
             except Exception:
                 registered = ()
-            if registered and not any(b in registered for b in ("triton", "cuda")):
+            if registered and not any(b in registered for b in ("triton", "cuda", "torch")):
                 note = "auto -> reference: no kernel backend registered for this op"
 
     args = tuple(case.args)
@@ -242,6 +245,26 @@ def prepare(
         call_with = _grad_call_with(fn, args, list(case.grad_inputs), list(grad_outputs))
         context = backend_ctx
     return Prepared(call=lambda: call_with(args), context=context, note=note, call_with=call_with, args=args)
+
+
+@contextlib.contextmanager
+def auto_choices(provider: str):
+    """Around a provider's first call: yields a list that, for the "vitkern" (auto) provider, is
+    filled on exit with what "auto" chose for each op and shape class the call met (the row's
+    ``auto_choices``); None for every other provider."""
+    vk, _ = load_vitkern() if provider == "vitkern" else (None, None)
+    tuning = getattr(vk, "_tuning", None)
+    if tuning is None:
+        yield None
+        return
+    choices: list[dict] = []
+    with tuning.recording() as record:
+        yield choices
+    for c in record.values():
+        choices.append({
+            "op": c.op, "shape_class": c.key, "backend": c.backend, "source": c.source,
+            "times_ms": {b: (t if math.isfinite(t) else None) for b, t in c.times_ms.items()},
+        })
 
 
 def _unchanged(fn):

@@ -314,9 +314,40 @@ def render_markdown(doc: dict, plots: Sequence[str] = ()) -> str:
             cells = _cells(r, refs, on_gpu, show_items, notes, full=True)
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
+    lines += render_auto_choices(rows)
     if notes.texts:
         lines += ["## Notes", ""] + [f"- {line}" for line in notes.lines()] + [""]
     return "\n".join(lines)
+
+
+def render_auto_choices(rows: list[dict]) -> list[str]:
+    """The "auto choices" section of summary.md: for each op and shape class that a "vitkern" row's
+    first call met, each candidate backend's time and the one "auto" ran (once per shape class)."""
+    seen: dict[str, dict] = {}
+    for r in rows:
+        for c in r.get("auto_choices") or ():
+            seen.setdefault(c["shape_class"], c)
+    if not seen:
+        return []
+    backends = sorted({b for c in seen.values() for b in c["times_ms"]})
+    header = ["op", "shape class", *[f"{b} ms" for b in backends], "auto ran", "how"]
+    lines = [
+        "## What auto chose",
+        "",
+        "Each op and shape class the vitkern (auto) rows met: the candidate backends' times as auto measured "
+        "them on their first call (forward, plus backward where the call needs a gradient), and the one it ran "
+        "(`measured` here, read from the tuning `cache`, the `static` table, or the `only` candidate).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    for key, c in seen.items():
+        shape = key.split(" ", 1)[1] if " " in key else key
+        times = [_ms(c["times_ms"][b]) if c["times_ms"].get(b) is not None else
+                 ("failed" if b in c["times_ms"] else "-") for b in backends]
+        cells = [c["op"], f"`{shape}`", *times, f"**{c['backend']}**", c["source"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _ms(value: Optional[float]) -> str:

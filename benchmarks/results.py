@@ -5,7 +5,7 @@ rendered from it alone. Its schema (version :data:`SCHEMA_VERSION`; :func:`valid
 checks it)::
 
     {
-      "schema_version": 2,
+      "schema_version": 3,
       "environment": {                       # no hostname
         "device_type": "cuda" | "cpu", "device_name": str, "device_count": int,
         "compute_capability": "9.0" | null, "gpu_memory_bytes": int | null, "l2_cache_bytes": int | null,
@@ -48,7 +48,12 @@ checks it)::
       "items_per_s": float | null,                        # images/s where a setup defines items
       "cuda_graph": bool | null,                          # CUDA: timed as graph replays; null on CPU
       "input_copies": int | null,                         # rotating input copies (1: none)
-      "l2_flush": bool | null                             # L2 flushed before each repetition
+      "l2_flush": bool | null,                            # L2 flushed before each repetition
+      "auto_choices": null | [                            # "vitkern" rows: what "auto" ran for
+        {"op": str, "shape_class": str, "backend": str,   #   each op and shape class of the case
+         "source": "measured" | "cache" | "static" | "only",
+         "times_ms": {backend: float | null}}             #   each candidate's time (null: failed)
+      ]
     }
 
 A reference provider is any whose name does not start with "vitkern" (:func:`benchmarks.cases.is_reference`).
@@ -68,7 +73,7 @@ from benchmarks.flops import ALL_MODES
 from benchmarks.setups import Case, Setup, shape_label
 from benchmarks.timing import Timing
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -103,6 +108,7 @@ ROW_FIELDS: dict[str, tuple] = {
     "cuda_graph": (bool, type(None)),
     "input_copies": (int, type(None)),
     "l2_flush": (bool, type(None)),
+    "auto_choices": (list, type(None)),
 }
 _STATUSES = ("ok", "skipped", "error")
 _ENV_FIELDS = (
@@ -159,6 +165,7 @@ def new_row(
         "cuda_graph": None,
         "input_copies": None,
         "l2_flush": None,
+        "auto_choices": None,
     }
 
 
@@ -249,6 +256,11 @@ def validate_row(row: Any) -> None:
                 problems.append("p20_ms <= median_ms <= p80_ms does not hold")
     elif not row.get("note"):
         problems.append(f"a {row.get('status')!r} row needs a note saying why")
+    for choice in row.get("auto_choices") or ():
+        if not isinstance(choice, dict) or set(choice) != {"op", "shape_class", "backend", "source", "times_ms"}:
+            problems.append(f"auto_choices entries need op, shape_class, backend, source, times_ms: got {choice!r}")
+        elif choice["source"] not in ("measured", "cache", "static", "only"):
+            problems.append(f"auto_choices source must be measured / cache / static / only, got {choice['source']!r}")
     if row.get("device") == "cpu" and row.get("pct_of_ceiling") is not None:
         problems.append("pct_of_ceiling must be null on the CPU")
     speedups = row.get("speedup_vs")

@@ -33,7 +33,7 @@ import torch
 from benchmarks.cases import ALL_PROVIDERS, EXTRA_PROVIDERS
 from benchmarks.environment import l2_bytes, ridge_point
 from benchmarks.flops import ALL_MODES, TRAIN_MODE
-from benchmarks.providers import Prepared, check_result, is_backend_unavailable, prepare, reference_result
+from benchmarks.providers import Prepared, auto_choices, check_result, is_backend_unavailable, prepare, reference_result
 from benchmarks.results import DTYPES, fill_speedups, fill_timing, join_notes, new_row, short_error
 from benchmarks.setups import Setup, Unavailable, shape_label
 from benchmarks.timing import (
@@ -280,8 +280,11 @@ def _run_mode(setup, shape, case, mode, order, config, device, ceilings) -> list
         pool_fn = None
         try:
             with prepared.context():
-                result = prepared.call()  # first call: compiles, autotunes, checks
-                sync(device)
+                with auto_choices(provider) as choices:
+                    result = prepared.call()  # first call: compiles, autotunes, measures auto's choices, checks
+                    sync(device)
+                if choices:
+                    row["auto_choices"] = choices
                 if config.check and reference is not None and provider != "torch":
                     check_result(row, result, reference, config.dtype)
                 del result

@@ -519,7 +519,7 @@ def test_cli_cpu_end_to_end_tiny_model(tmp_path, capsys, monkeypatch):
     assert "kernel timings need a GPU" in out
     doc = json.loads((tmp_path / "results.json").read_text())
     validate_results(doc)
-    assert doc["schema_version"] == 2 and doc["complete"]
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["complete"]
     assert doc["config"]["batch"] == [2, 4]
     assert doc["config"]["model_ops"] == ["vit"] and doc["config"]["ops"] == ["vit"]
     rows = doc["rows"]
@@ -536,3 +536,39 @@ def test_cli_cpu_end_to_end_tiny_model(tmp_path, capsys, monkeypatch):
     summary = (tmp_path / "summary.md").read_text()
     assert "## Headline" in summary and "![speedup_vs_batch](speedup_vs_batch.png)" in summary
     assert "| vit | tiny img=32 B=2 train | fwd |" in summary
+
+
+# ------------------------------------------------------------------------------------------------
+# What "auto" chose: recorded on the vitkern rows, rendered in summary.md
+# ------------------------------------------------------------------------------------------------
+
+
+def test_auto_choices_are_recorded_for_the_auto_provider_only(monkeypatch, tmp_path):
+    import vitkern
+    from benchmarks.providers import auto_choices
+    from benchmarks.render import render_auto_choices
+    from vitkern import _tuning
+
+    monkeypatch.setenv("VITKERN_TUNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(_tuning, "TUNED_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(_tuning, "timer", lambda runs, device: {b: float(i + 1) for i, b in enumerate(runs)})
+    _tuning.clear_memory_cache()
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    try:
+        with auto_choices("vitkern") as choices:
+            vitkern.linear(x, w)
+        with auto_choices("vitkern-triton") as pinned:
+            vitkern.linear(x, w)
+    finally:
+        _tuning.clear_memory_cache()
+    assert pinned is None
+    (choice,) = choices
+    assert choice["op"] == "linear" and choice["source"] in ("measured", "only")
+    if choice["source"] == "measured":
+        assert choice["times_ms"][choice["backend"]] == min(choice["times_ms"].values())
+    row = {k: None for k in ROW_FIELDS}
+    row.update(op="linear", provider="vitkern", mode="fwd", shape={}, label="x", dtype="fp32", device="cpu",
+               status="ok", speedup_vs={}, median_ms=1.0, p20_ms=1.0, p80_ms=1.0, n_reps=3, auto_choices=choices)
+    validate_row(row)
+    text = "\n".join(render_auto_choices([row]))
+    assert "## What auto chose" in text and f"**{choice['backend']}**" in text and "| linear |" in text

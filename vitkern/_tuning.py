@@ -210,7 +210,7 @@ def _make_run(fn: Callable, args: Sequence, kwargs: Mapping, backward: bool) -> 
             leaf.grad = None
         out = _first_tensor(fn(*p_args, **p_kwargs))
         if not grad:
-            grad.append(torch.randn_like(out))
+            grad.append(torch.ones_like(out))  # no RNG draw: tuning leaves the random stream alone
         out.backward(grad[0])
 
     return forward_backward
@@ -388,6 +388,7 @@ def clear_memory_cache() -> None:
     with _lock:
         _memory.clear()
         _decisions.clear()
+        _settled.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,16 +421,42 @@ def _choice_while_compiling(op: str, key: str, names: str, device_type: str, dev
     return static_choice(op, candidates)
 
 
+def _call_signature(op: str, device: torch.device, names: tuple, args: Sequence, kwargs: Mapping) -> tuple:
+    # The exact call (unbucketed sizes, requires_grad, grad mode, option values): the memo of
+    # settled choices, much cheaper on every later call than building the shape-class string.
+    return (op, device, names, torch.is_grad_enabled(),
+            *[(a.shape, a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else a
+              for a in (*args, *kwargs.values())])
+
+
+_settled: dict[tuple, Choice] = {}  # call signature -> a choice that will not change in this process
+
+
 def choose(op: str, device: torch.device, candidates: Mapping[str, Callable], args: Sequence,
            kwargs: Mapping) -> Choice:
     """The backend "auto" runs for this call among ``candidates`` (name -> implementation, every
     one of them able to serve it)."""
     names = tuple(candidates)
-    backward = needs_backward(args, kwargs)
     if torch.compiler.is_compiling():
-        key = tuning_key(op, _arch(device), args, kwargs, backward)
+        key = tuning_key(op, _arch(device), args, kwargs, needs_backward(args, kwargs))
         index = -1 if device.index is None else device.index
         return Choice(op, key, _choice_while_compiling(op, key, ",".join(names), device.type, index), "static")
+    signature = _call_signature(op, device, names, args, kwargs)
+    try:
+        settled = _settled.get(signature)
+    except TypeError:  # an unhashable option value: no memo for this call
+        signature, settled = None, None
+    if settled is not None:
+        return _remember(settled) if _recorders else settled
+    choice = _decide(op, device, candidates, names, args, kwargs, needs_backward(args, kwargs))
+    if signature is not None and choice.source != "static":  # a static choice is made again once timing is allowed
+        with _lock:
+            _settled[signature] = choice
+    return choice
+
+
+def _decide(op: str, device: torch.device, candidates: Mapping[str, Callable], names: tuple, args: Sequence,
+            kwargs: Mapping, backward: bool) -> Choice:
     key = tuning_key(op, _arch(device), args, kwargs, backward)
     if len(names) == 1:
         return _remember(Choice(op, key, names[0], "only"))
