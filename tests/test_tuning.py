@@ -306,9 +306,12 @@ def _ops_called(model, x):
 def test_tune_covers_every_op_of_a_tiny_vit(tuned, capsys):
     timer, _ = tuned
     _tuning.timer = FakeTimer({"triton": 2.0, "torch": 1.0, "cuda": 3.0})
-    model = vitkern.ViT(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    model = vitkern.ViT(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10,
+                        drop_path_rate=0.2).train()
     x = torch.randn(2, 3, 32, 32)
+    rng = torch.get_rng_state()
     table = vitkern.tune(model, x, backward=True)
+    assert torch.equal(torch.get_rng_state(), rng)  # drop path drew in the tuning forward only
     expected = _ops_called(model, x)
     assert {c.op for c in table} == expected and len(expected) >= 4
     assert all("fwd+bwd" in c.key for c in table)
@@ -338,4 +341,29 @@ def test_real_timer_measures_attention_on_the_gpu(monkeypatch, tmp_path):
     assert choice.source in ("measured", "only")
     if choice.source == "measured":
         assert all(t > 0 for t in choice.times_ms.values())
+    _tuning.clear_memory_cache()
+
+
+@pytest.mark.gpu
+def test_graph_capture_of_a_new_shape_class_does_not_time(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITKERN_TUNING_CACHE", str(tmp_path))
+    _tuning.clear_memory_cache()
+    timed = []
+    real = _tuning.timer
+    monkeypatch.setattr(_tuning, "timer", lambda runs, device: timed.append(tuple(runs)) or real(runs, device))
+    w = torch.randn(512, 384, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(300, 384, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        vitkern.linear(torch.randn(8, 384, device="cuda", dtype=torch.bfloat16), w)  # warm the libraries
+    torch.cuda.current_stream().wait_stream(side)
+    before = len(timed)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = vitkern.linear(x, w)  # a new shape class: a timing here would break the capture
+    graph.replay()
+    torch.cuda.synchronize()
+    assert len(timed) == before
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w), atol=2e-2, rtol=2e-2)
     _tuning.clear_memory_cache()

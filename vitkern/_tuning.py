@@ -536,23 +536,38 @@ def decisions() -> TuningTable:
         return TuningTable(_decisions.values())
 
 
+def _tensors_in(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors_in(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors_in(o)
+
+
 def tune(model: torch.nn.Module, example_inputs, backward: bool = True, *, verbose: bool = True) -> TuningTable:
     """Measure every shape class of ``model`` once, so that a later ``torch.compile`` or CUDA graph
     capture (which never time) finds them all in the cache.
 
     Runs ``model(*example_inputs)`` once in eager mode (through a compiled module's original
     module), with the gradient enabled when ``backward`` (so training shape classes are timed
-    forward + backward) and timing on even under ``VITKERN_AUTOTUNE=0``. The model's parameters
-    and ``.grad`` are left as they were. Returns the choices as a :class:`TuningTable` and, when
+    forward + backward) and timing on even under ``VITKERN_AUTOTUNE=0``. The model's parameters,
+    their ``.grad`` and the random number streams are left as they were (buffers that a forward
+    updates, such as batch-norm statistics, are not). Returns the choices as a :class:`TuningTable` and, when
     ``verbose``, prints it.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     module = getattr(model, "_orig_mod", model)
+    cuda_devices = sorted({t.device.index or 0 for t in _tensors_in(example_inputs) if t.device.type == "cuda"})
     previous = getattr(_force_timing, "on", False)
     _force_timing.on = True
     try:
-        with recording() as record, (torch.enable_grad() if backward else torch.no_grad()):
+        # fork_rng: the tuning forward (dropout, drop path) leaves the random streams as they were
+        with torch.random.fork_rng(devices=cuda_devices), recording() as record, \
+                (torch.enable_grad() if backward else torch.no_grad()):
             module(*example_inputs)
     finally:
         _force_timing.on = previous
