@@ -48,13 +48,21 @@ def _env_flag(name: str) -> bool:
 INTERPRETING: bool = _env_flag("TRITON_INTERPRET")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True when Triton is importable (checked without importing it)."""
+def _find_triton() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):
         return False
+
+
+# Found once at import: backend selection asks on every call, and torch.compile traces that call
+# (a lookup through importlib there is a graph break on torch 2.11).
+_TRITON_FOUND: bool = _find_triton()
+
+
+def triton_available() -> bool:
+    """True when Triton is importable (checked at import, without importing it)."""
+    return _TRITON_FOUND
 
 
 def _triton_version() -> tuple[int, int]:
