@@ -399,3 +399,41 @@ def test_gpu_auto_backend_matches_timm(device):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             got, want = ours(x).float(), ref(x).float()
         assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", [
+    dict(init_values=0.3, reg_tokens=1, drop_path_rate=0.5),                  # packed qkv, LayerScale, drop path
+    dict(qk_norm=True, embed_dim=160, reg_tokens=2, no_embed_class=True),     # head dim 80, q/k norms
+], ids=["layerscale-droppath", "qknorm-hd80-registers"])
+def test_torch_backend_matches_reference(dtype, config):
+    """The model on the "torch" backend (torch's SDPA, F.linear, F.layer_norm, conv2d, in the
+    model's dtype) against the "reference" backend: logits and every parameter gradient, within
+    the whole-op tolerance of vitkern.testing.numerics at the result's magnitude."""
+    from vitkern.testing.numerics import RELATIVE_TOLERANCE
+
+    _, ours = _pair(**config)
+    ours = ours.to(dtype).train()
+    x, y = _images(2).to(dtype), torch.tensor([3, 8])
+    results = {}
+    for backend in ("torch", "reference"):
+        ours.zero_grad()
+        torch.manual_seed(5)  # the same drop-path draws on both backends
+        with vitkern.use_backend(backend):
+            logits = ours(x)
+            F.cross_entropy(logits.float(), y).backward()
+        results[backend] = logits.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}
+    (got, got_grads), (want, want_grads) = results["torch"], results["reference"]
+    assert got.dtype == want.dtype == dtype
+    tol = RELATIVE_TOLERANCE[dtype]
+
+    def close(name, a, b, floor=0.0):
+        err, scale = (a.double() - b.double()).abs().max().item(), max(b.double().abs().max().item(), floor)
+        assert torch.isfinite(a).all() and err <= tol * scale, f"{name}: error {err:.3g}, magnitude {scale:.3g}"
+
+    close("logits", got, want)
+    # a gradient that is 0 in exact arithmetic (the k-norm bias: softmax ignores a per-row shift)
+    # carries rounding noise only: the floor is a twentieth of the largest gradient's magnitude
+    floor = 0.05 * max(g.abs().max().item() for g in want_grads.values())
+    for name, g in want_grads.items():
+        close(name, got_grads[name], g, floor)

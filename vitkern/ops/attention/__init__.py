@@ -42,6 +42,9 @@ otherwise dQ is accumulated with fp32 atomics where that variant compiles withou
 Files (this one: the public functions and the backend registration):
 
 - ``reference.py``: the pure-PyTorch references (backend "reference").
+- ``native.py``: backend "torch", torch's own SDPA (saved at import), the PyTorch-native fast path
+  "auto" measures the kernels against; it refuses ``return_lse`` and zeroes fully masked rows
+  (see its docstring; ``native.SDPA_BACKENDS`` pins torch's SDPA kernels).
 - ``sdpa.py``: the drop-in ``scaled_dot_product_attention`` and its routing.
 - ``configs.py``: the kernel config tables and the head-dim split.
 - ``tiles.py``, ``forward.py``, ``backward.py``: the ``@triton.jit`` kernels and their helpers.
@@ -61,6 +64,12 @@ import torch
 from vitkern._backend import register_impl, select_impl
 from vitkern.ops._common import autocast_dtype, cast_floating, check_same_device, check_same_dtype, check_tensor
 from vitkern.ops.attention.configs import ATTENTION_HEAD_DIMS  # noqa: F401  (public: the Triton kernels' head dims)
+from vitkern.ops.attention.native import (
+    attention_qkvpacked_torch,
+    attention_qkvpacked_torch_supports,
+    attention_torch,
+    attention_torch_supports,
+)
 from vitkern.ops.attention.op import (
     _attention_qkvpacked_triton,
     _attention_qkvpacked_triton_supports,
@@ -217,6 +226,8 @@ def attention_qkvpacked(
 
 register_impl("attention", "reference", attention_ref)
 register_impl("attention_qkvpacked", "reference", attention_qkvpacked_ref)
+register_impl("attention", "torch", attention_torch, attention_torch_supports)
+register_impl("attention_qkvpacked", "torch", attention_qkvpacked_torch, attention_qkvpacked_torch_supports)
 register_impl("attention", "triton", _attention_triton, _attention_triton_supports, dtypes=TRITON_DTYPES)
 register_impl("attention_qkvpacked", "triton", _attention_qkvpacked_triton, _attention_qkvpacked_triton_supports,
               dtypes=TRITON_DTYPES)

@@ -84,7 +84,7 @@ def _key_padding_bias(attn_mask: torch.Tensor, shape: tuple[int, int, int], tk: 
 
 def _triton_would_run(device: torch.device) -> bool:
     """Whether the current backend choice sends attention on ``device`` to the Triton kernels."""
-    if get_backend() == "reference":
+    if get_backend() in ("reference", "torch"):
         return False
     return device.type == "cuda" or triton_interpreting()
 

@@ -19,6 +19,9 @@ returned ``s``.
 The package, one file per layer:
 
 - ``reference``: ``layer_norm_ref`` / ``add_layer_norm_ref``, the "reference" backend.
+- ``native``: ``layer_norm_torch`` / ``add_layer_norm_torch``, the "torch" backend (``F.layer_norm``,
+  and the add then ``F.layer_norm``), the PyTorch-native fast path "auto" measures the kernels
+  against.
 - ``kernels``: the Triton kernels. Forward: a register path (whole rows, up to 8192 wide) and a
   looped path for wider rows. Backward: the same two paths write dX in one pass and keep dW / dB
   partial sums per program over a persistent grid (SM count x programs per SM on the GPU, a
@@ -64,6 +67,7 @@ from vitkern.ops.layer_norm.op import (
     _layer_norm_triton,
     _layer_norm_triton_supports,
 )
+from vitkern.ops.layer_norm.native import add_layer_norm_torch, layer_norm_torch
 from vitkern.ops.layer_norm.reference import add_layer_norm_ref, layer_norm_ref
 
 __all__ = ["layer_norm", "add_layer_norm", "layer_norm_ref", "add_layer_norm_ref"]
@@ -182,5 +186,7 @@ def add_layer_norm(
 
 register_impl("layer_norm", "reference", layer_norm_ref)
 register_impl("add_layer_norm", "reference", add_layer_norm_ref)
+register_impl("layer_norm", "torch", layer_norm_torch)
+register_impl("add_layer_norm", "torch", add_layer_norm_torch)
 register_impl("layer_norm", "triton", _layer_norm_triton, supports=_layer_norm_triton_supports)
 register_impl("add_layer_norm", "triton", _add_layer_norm_triton, supports=_add_layer_norm_triton_supports)

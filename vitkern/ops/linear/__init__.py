@@ -9,8 +9,10 @@ Public function (re-exported as ``vitkern.linear``)::
 of the branch (drop path: 0 or 1/keep_prob per sample, repeated over its tokens).
 
 Layers: ``reference.py`` (:func:`linear_ref`, and the epilogue reference ``mlp`` shares),
-``launch.py`` (the Triton launchers on :mod:`vitkern.ops.gemm`), ``op.py`` (the Triton backend's
-registered ops and autograd), ``cuda.py`` (the CUDA extension's backend), ``rows.py`` (the 2-D
+``native.py`` (backend "torch": ``F.linear``, ``F.gelu`` and timm's residual epilogue in the
+compute dtype, the PyTorch-native fast path "auto" measures the kernels against), ``launch.py``
+(the Triton launchers on :mod:`vitkern.ops.gemm`), ``op.py`` (the Triton backend's registered ops
+and autograd), ``cuda.py`` (the CUDA extension's backend), ``rows.py`` (the 2-D
 view the backends of linear and mlp compute on). Every implementation is called as
 ``impl(x, weight, bias, activation=..., residual=..., residual_scale=..., row_scale=...)`` with
 the arguments after the public function's checks and autocast casts; ``activation`` is a public
@@ -38,6 +40,7 @@ from vitkern.ops._common import (
 )
 from vitkern.ops.activation import Activation
 from vitkern.ops.linear import cuda as _cuda
+from vitkern.ops.linear.native import linear_torch
 from vitkern.ops.linear.op import linear_triton
 from vitkern.ops.linear.reference import epilogue_ref, linear_ref
 
@@ -182,5 +185,6 @@ def linear(
 
 
 register_impl("linear", "reference", linear_ref)
+register_impl("linear", "torch", linear_torch)
 register_impl("linear", "triton", linear_triton)
 register_impl("linear", "cuda", _cuda.linear_cuda, _cuda._linear_supports)

@@ -6,7 +6,9 @@ Public function (re-exported as ``vitkern.mlp``)::
     y = h @ fc2_weight.T + fc2_bias                       # no residual
     y = residual + row_scale[:, None] * residual_scale * (h @ fc2_weight.T + fc2_bias)
 
-Layers as in :mod:`vitkern.ops.linear`: ``reference.py`` (:func:`mlp_ref`), ``launch.py`` (the
+Layers as in :mod:`vitkern.ops.linear`: ``reference.py`` (:func:`mlp_ref`), ``native.py``
+(backend "torch": fc1, GELU, fc2 and the epilogue as PyTorch ops in the compute dtype, the
+PyTorch-native fast path "auto" measures the kernels against), ``launch.py`` (the
 Triton launchers on :mod:`vitkern.ops.gemm`), ``op.py`` (the Triton backend's registered ops and
 autograd), ``cuda.py`` (the CUDA extension's backend). Every implementation is called as
 ``impl(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation=..., residual=...,
@@ -33,6 +35,7 @@ from vitkern.ops._common import (
 from vitkern.ops.activation import Activation
 from vitkern.ops.linear import check_epilogue, check_epilogue_dtypes
 from vitkern.ops.mlp import cuda as _cuda
+from vitkern.ops.mlp.native import mlp_torch
 from vitkern.ops.mlp.op import mlp_triton
 from vitkern.ops.mlp.reference import mlp_ref
 
@@ -127,5 +130,6 @@ def mlp(
 
 
 register_impl("mlp", "reference", mlp_ref)
+register_impl("mlp", "torch", mlp_torch)
 register_impl("mlp", "triton", mlp_triton)
 register_impl("mlp", "cuda", _cuda.mlp_cuda, _cuda._mlp_supports)

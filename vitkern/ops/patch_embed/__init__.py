@@ -20,6 +20,8 @@ are GEMMs of the same core (a transposed im2col, and a col2im scatter), the bias
 prefix-token gradients column sums of dY. The package, one file per layer:
 
 - ``reference``: ``patch_embed_ref``, the "reference" backend.
+- ``native``: ``patch_embed_torch``, the "torch" backend as timm runs it (conv2d, flatten +
+  transpose, cat, add), the PyTorch-native fast path "auto" measures the kernel against.
 - ``pos_embed``: ``resample_pos_embed`` (reference only: no kernel, no backend).
 - ``kernels``: the device functions plugged into the GEMM core, and the column-sum kernel.
 - ``configs``: the GEMM config overrides and the rule that picks each GEMM's config.
@@ -57,6 +59,7 @@ from vitkern.ops._common import (
     contiguous_vectors,
 )
 from vitkern.ops.patch_embed import cuda as _cuda
+from vitkern.ops.patch_embed.native import patch_embed_torch
 from vitkern.ops.patch_embed.op import _patch_embed_triton, _patch_embed_triton_supports
 from vitkern.ops.patch_embed.pos_embed import resample_pos_embed
 from vitkern.ops.patch_embed.reference import patch_embed_ref
@@ -167,5 +170,6 @@ def patch_embed(
 
 
 register_impl("patch_embed", "reference", patch_embed_ref)
+register_impl("patch_embed", "torch", patch_embed_torch)
 register_impl("patch_embed", "triton", _patch_embed_triton, supports=_patch_embed_triton_supports)
 register_impl("patch_embed", "cuda", _cuda.patch_embed_cuda, _cuda._patch_embed_supports)
