@@ -33,17 +33,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 B, T, D, H, P, IMG = 4, 197, 768, 12, 16, 224
 
-# The backends each op has (the reference and torch are every op's; cuda only where the extension
+# The backends each op has ("auto" first: its first call of each shape class times the fast
+# backends on the GPU; the reference and torch are every op's; cuda only where the extension
 # has it; resample_pos_embed is a reference-only helper).
 BACKENDS = {
-    "layer_norm": ("triton", "torch", "reference"),
-    "add_layer_norm": ("triton", "torch", "reference"),
-    "attention": ("triton", "torch", "reference"),
-    "attention_qkvpacked": ("triton", "torch", "reference"),
-    "scaled_dot_product_attention": ("triton", "torch", "reference"),
-    "linear": ("triton", "cuda", "torch", "reference"),
-    "mlp": ("triton", "cuda", "torch", "reference"),
-    "patch_embed": ("triton", "cuda", "torch", "reference"),
+    "layer_norm": ("auto", "triton", "torch", "reference"),
+    "add_layer_norm": ("auto", "triton", "torch", "reference"),
+    "attention": ("auto", "triton", "torch", "reference"),
+    "attention_qkvpacked": ("auto", "triton", "torch", "reference"),
+    "scaled_dot_product_attention": ("auto", "triton", "torch", "reference"),
+    "linear": ("auto", "triton", "cuda", "torch", "reference"),
+    "mlp": ("auto", "triton", "cuda", "torch", "reference"),
+    "patch_embed": ("auto", "triton", "cuda", "torch", "reference"),
     "resample_pos_embed": ("reference",),
 }
 
@@ -205,6 +206,8 @@ def main(argv=None) -> int:
         result = "ok" if r["ok"] else "FAIL: " + (r["error"] or "")
         print(f"{r['op']:28s} {r['backend']:9s} {r['dtype']:8s} {r['where'][:22]:22s} {fmt(r['fwd_err']):>8s} "
               f"{fmt(r['bwd_err']):>8s} {r['seconds']:6.1f}  {result}")
+    print("\nwhat auto chose (vitkern._tuning):")
+    print(vitkern._tuning.decisions())
     failed = [r for r in rows if not r["ok"]]
     for r in failed:
         if r.get("traceback"):
