@@ -12,6 +12,7 @@ from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_pro
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
 from vitkern.ops.patch_embed import patch_embed, resample_pos_embed
+from vitkern.patching import PatchReport, patch_model, patch_sdpa, sdpa_override, unpatch_model, unpatch_sdpa
 from vitkern import nn
 from vitkern import models
 from vitkern.models import ViT, create_model, list_models
@@ -35,6 +36,12 @@ __all__ = [
     "mlp",
     "patch_embed",
     "resample_pos_embed",
+    "PatchReport",
+    "patch_model",
+    "unpatch_model",
+    "patch_sdpa",
+    "unpatch_sdpa",
+    "sdpa_override",
     "nn",
     "ViT",
     "create_model",

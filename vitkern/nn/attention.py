@@ -103,7 +103,8 @@ class Attention(nn.Module):
         row_scale: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         if x.dim() != 3:
-            raise ValueError(f"Attention: x must have shape (B, T, {self.attn_dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"Attention: x must have shape (B, T, {self.num_heads * self.head_dim}), got {tuple(x.shape)}")
         B, T, C = x.shape
         H, d = self.num_heads, self.head_dim
         qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(B, T, 3, H, d)

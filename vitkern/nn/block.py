@@ -13,7 +13,7 @@ from vitkern.nn.attention import Attention
 from vitkern.nn.layer_norm import apply_norm, default_norm_layer
 from vitkern.nn.linear import Mlp
 
-__all__ = ["Block", "LayerScale", "DropPath"]
+__all__ = ["Block", "LayerScale", "DropPath", "drop_path_row_scale", "layer_scale_gamma"]
 
 
 class LayerScale(nn.Module):
@@ -54,21 +54,11 @@ class DropPath(nn.Module):
 
     def sample_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``(B,)`` multipliers (0 or ``1/keep``) for the samples of ``x``, or None when inactive."""
-        if self.drop_prob == 0.0 or not self.training:
-            return None
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],)).bernoulli_(keep)
-        if keep > 0.0 and self.scale_by_keep:
-            mask.div_(keep)
-        return mask
+        return _sample_scale(self, x)
 
     def row_scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-token multipliers ``(B * T,)`` for ``x`` of shape ``(B, T, ...)``, or None."""
-        mask = self.sample_scale(x)
-        if mask is None:
-            return None
-        tokens = math.prod(x.shape[1:-1])  # 1 for (B, D); any count, 0 included, for B = 0
-        return mask.repeat_interleave(tokens)
+        return drop_path_row_scale(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.sample_scale(x)
@@ -78,6 +68,38 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+
+
+def _sample_scale(dp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    # The draws of timm's drop_path (one bernoulli per sample, in x's dtype), so a patched timm
+    # model and vitkern's drop the same samples from the same random stream.
+    if dp.drop_prob == 0.0 or not dp.training:
+        return None
+    keep = 1.0 - dp.drop_prob
+    mask = x.new_empty((x.shape[0],)).bernoulli_(keep)
+    if keep > 0.0 and dp.scale_by_keep:
+        mask.div_(keep)
+    return mask
+
+
+def drop_path_row_scale(dp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The drop-path multiplier of a drop-path module (vitkern's or timm's ``DropPath``: its
+    ``drop_prob`` and ``scale_by_keep``) as a ``(B * T,)`` per-token vector for ``x`` of shape
+    ``(B, T, ...)``, the ``row_scale`` of the fused epilogues; None for ``nn.Identity`` or when
+    inactive (eval, ``drop_prob == 0``)."""
+    if isinstance(dp, nn.Identity):
+        return None
+    mask = _sample_scale(dp, x)
+    if mask is None:
+        return None
+    tokens = math.prod(x.shape[1:-1])  # 1 for (B, D); any count, 0 included, for B = 0
+    return mask.repeat_interleave(tokens)
+
+
+def layer_scale_gamma(ls: nn.Module) -> Optional[torch.Tensor]:
+    """The ``gamma`` of a LayerScale module (vitkern's or timm's), the ``residual_scale`` of the
+    fused epilogues; None for ``nn.Identity``."""
+    return None if isinstance(ls, nn.Identity) else ls.gamma
 
 
 class Block(nn.Module):
@@ -144,14 +166,6 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    @staticmethod
-    def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:
-        return ls.gamma if isinstance(ls, LayerScale) else None
-
-    @staticmethod
-    def _row_scale(dp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-        return dp.row_scale(x) if isinstance(dp, DropPath) else None
-
     def forward(
         self,
         x: torch.Tensor,
@@ -164,14 +178,14 @@ class Block(nn.Module):
             attn_mask,
             is_causal,
             residual=x,
-            residual_scale=self._gamma(self.ls1),
-            row_scale=self._row_scale(self.drop_path1, x),
+            residual_scale=layer_scale_gamma(self.ls1),
+            row_scale=drop_path_row_scale(self.drop_path1, x),
         )
         h = apply_norm(self.norm2, x)
         x = self.mlp(
             h,
             residual=x,
-            residual_scale=self._gamma(self.ls2),
-            row_scale=self._row_scale(self.drop_path2, x),
+            residual_scale=layer_scale_gamma(self.ls2),
+            row_scale=drop_path_row_scale(self.drop_path2, x),
         )
         return x
