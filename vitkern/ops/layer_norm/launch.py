@@ -14,7 +14,7 @@ import torch
 import triton
 
 from vitkern.ops._common import FLOAT_DTYPES
-from vitkern.ops._config import num_sms
+from vitkern.ops._config import available_sms
 from vitkern.ops._triton import launch
 from vitkern.ops._index import rows_int32_safe
 from vitkern.ops.layer_norm.configs import (
@@ -161,7 +161,7 @@ def _layer_norm_bwd(
         return dx, dw, db
     looped, config, per_sm = _bwd_config(n, x.device if x.device.type == "cuda" else None)
     kernel = _layer_norm_bwd_looped_kernel if looped else _layer_norm_bwd_kernel
-    programs = num_sms(x.device) * per_sm
+    programs = available_sms(x.device) * per_sm
     programs = min(programs, triton.cdiv(m, config.meta["BLOCK_M"]), max(1, _PARTIAL_BYTES_CAP // (8 * n)))
     dw_partial = _empty((programs, n), torch.float32, x.device) if compute_dw else None
     db_partial = _empty((programs, n), torch.float32, x.device) if compute_db else None
