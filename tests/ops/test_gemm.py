@@ -433,3 +433,74 @@ def test_wide_tile_bias_epilogue(device):
     out = poisoned((M, N), BF16, device)
     _launch.gemm(a, b, out, Epilogue(bias=bias), config=cfg)
     assert_2x_rounding("out", out, a.double() @ b.double().T + bias.double(), op="gemm")
+
+
+# ---- the ViT GEMM compile report (benchmarks/compile_report_gemm.json)
+
+
+def test_vit_gemm_launches_follow_the_plan():
+    """Every ViT-S/B/L/H GEMM of the report, captured as on sm_90 (132 SMs): the launcher's tile
+    and grid are the plan's; every dW GEMM keeps >= 90% predicted SM use."""
+    from vitkern.testing.compile_check import capture
+    from vitkern.testing.compile_check.gemm_report import MIN_DW_SM_USE, vit_gemms
+
+    gemms = vit_gemms(256)
+    assert len(gemms) == 4 * 4 * 3
+    for g in gemms:
+        with capture(90) as launches:
+            g.call()
+        (launch,) = launches
+        kind = launch.kwargs
+        cfg = _gemm.select_config(g.M, g.N, g.K, BF16, 90, _kind_of(kind))
+        plan = _gemm.plan_gemm(g.M, g.N, g.K, cfg, 132, split_safe=g.pass_ == "dW", row_sum=g.pass_ == "dW")
+        assert launch.config.meta["BLOCK_N"] == cfg.block_n and launch.config.meta["BLOCK_M"] == cfg.block_m
+        assert tuple(launch.grid) == (plan.programs, plan.split_k), (g.model, g.layer, g.pass_)
+        if g.pass_ == "dW":
+            assert plan.sm_use >= MIN_DW_SM_USE, (g.model, g.layer, plan.describe())
+
+
+def _kind_of(kw) -> str:
+    """The epilogue kind from a captured launch's constexprs."""
+    if kw["HAS_RESIDUAL"]:
+        return "residual"
+    if kw["ACTIVATION"] or kw["STORE_PRE"]:
+        return "act"
+    if kw["ACT_GRAD"]:
+        return "act_grad"
+    if kw["HAS_COL_SCALE"] or kw["HAS_ROW_SCALE"] or kw["ROW_DOT"]:
+        return "scale"
+    return "bias" if kw["HAS_BIAS"] else "none"
+
+
+def test_committed_gemm_report_is_current():
+    """The committed report: every GEMM without spills or problems, its plan the one the current
+    rules make, every dW GEMM at >= 90% predicted SM use (regenerate it with the command in its
+    "command" field when a rule or config changes)."""
+    import json
+    from pathlib import Path
+
+    from vitkern.testing.compile_check.gemm_report import MIN_DW_SM_USE
+
+    report = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "compile_report_gemm.json").read_text())
+    rows = report["rows"]
+    assert len(rows) == 48 and not any(report["plan_problems"])
+    for r in rows:
+        assert r["problems"] == [] and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["wgmma"] and r["blocks_per_sm"] >= 1
+        cfg = _gemm.select_config(r["M"], r["N"], r["K"], BF16, r["arch"], r["epilogue"])
+        plan = _gemm.plan_gemm(r["M"], r["N"], r["K"], cfg, 132, split_safe=r["pass"] == "dW",
+                               row_sum=r["pass"] == "dW")
+        assert {k: r[k] for k in plan.describe()} == plan.describe(), (r["model"], r["gemm"], r["pass"])
+        if r["pass"] == "dW":
+            assert r["sm_use"] >= MIN_DW_SM_USE
+
+
+def test_blocks_per_sm():
+    from vitkern.testing.compile_check import blocks_per_sm
+
+    assert blocks_per_sm(80, 4, 2048, 90) == 6     # 80 registers: 2560 per warp, 25 warps
+    assert blocks_per_sm(64, 4, 8192, 90) == 8
+    assert blocks_per_sm(214, 8, 209 * 1024, 90) == 1
+    assert blocks_per_sm(32, 4, 100 * 1024, 90) == 2   # shared memory bound
+    assert blocks_per_sm(16, 1, 0, 90) == 32           # the block limit
+    assert blocks_per_sm(None, 4, 0, 90) is None
