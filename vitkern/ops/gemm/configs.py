@@ -66,6 +66,7 @@ class GemmConfig:
 # store), the fc2 epilogue (bias, LayerScale, row scale, fp32 residual) and the dW GEMM (split-K,
 # reduction scale, row sums, row dots), from the compile cases (compile_cases.py):
 #   h100_16_large  sm_90  164/0/160 wg | 125/0/224 wg | (dW runs it unflattened: as h100_16_mid)
+#   h100_16_wide   sm_90  bias-only epilogue (qkv): 214/0/209 wg, persistent + TMA (only that kind)
 #   h100_16_mid    sm_90  161/0/128 wg | 122/0/160 wg | 233/0/116 wg
 #   h100_16_small  sm_90  168/0/112 wg | 115/0/128 wg | 237/0/113 wg
 #   h100_tf32      sm_90  163/0/160 wg | 150/0/160 wg | 232/0/80 wg
@@ -85,8 +86,8 @@ GEMM_CONFIGS: dict[str, GemmConfig] = {
     # sm_90 family: wgmma, TMA descriptors (plain loads where strides are not 16-byte aligned)
     "h100_16_large": GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=3, persistent=True, tma=True, split_k=16),
     # the bias-only epilogue (qkv and other plain projections) at large M: a 128 x 256 tile halves
-    # the A re-reads and the per-tile overhead; figures in WIDE_COMPILE below. Not for the GELU /
-    # residual epilogues: at 128 x 256 they spill or pass the shared-memory limit without
+    # the A re-reads and the per-tile overhead (figures above). Not for the GELU / residual
+    # epilogues: at 128 x 256 they spill or pass the shared-memory limit without
     # epilogue subtiling.
     "h100_16_wide": GemmConfig(128, 256, 64, 8, num_warps=8, num_stages=3, persistent=True, tma=True, split_k=16),
     "h100_16_mid": GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=3, tma=True, split_k=16),
