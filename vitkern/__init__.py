@@ -7,6 +7,7 @@ from vitkern._version import __version__
 from vitkern._backend import BackendUnavailableError, get_backend, use_backend
 from vitkern._extension import cuda_extension_available
 from vitkern._tuning import tune
+from vitkern.ops._config import set_sm_carveout, sm_carveout
 from vitkern.ops.layer_norm import add_layer_norm, layer_norm
 from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
 from vitkern.ops.linear import linear
@@ -26,6 +27,8 @@ __all__ = [
     "get_backend",
     "use_backend",
     "tune",
+    "set_sm_carveout",
+    "sm_carveout",
     "cuda_extension_available",
     "layer_norm",
     "add_layer_norm",

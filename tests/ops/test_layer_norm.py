@@ -277,6 +277,65 @@ def test_gpu_configs_unchanged(device, monkeypatch, n, residual):
         _check_layer_norm(x, w, b)
 
 
+def test_dwdb_config_sized_to_sms():
+    """The dW / dB reduction: 16 columns per program where that gives a program per SM, else 8
+    (twice the rows per step, the same 1024-element tile)."""
+    c768 = ln_configs._dwdb_config(768, 132)
+    assert c768.meta["BLOCK_N"] == 8 and c768.meta["BLOCK_G"] * c768.meta["BLOCK_N"] == 1024
+    assert ln_configs._dwdb_config(768, 48).meta["BLOCK_N"] == 16
+    assert ln_configs._dwdb_config(4096, 132).meta["BLOCK_N"] == 16
+    assert ln_configs._dwdb_config(1280, 132).meta["BLOCK_N"] == 8  # 160 programs, not 80
+
+
+@pytest.mark.parametrize("n,residual", [(768, False), (1280, True), (40, False)])
+def test_backward_grid_on_many_sms(device, monkeypatch, n, residual):
+    """The GPU configs unchanged on a 132-SM grid (programs_per_sm x 132 programs, capped by the
+    rows; the 8-column dW / dB reduction), and the SM carve-out shrinking it."""
+    from vitkern.ops import _config
+
+    monkeypatch.setattr(ln_configs, "_WIDE_INTERPRETER_BLOCKS", False)
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 132)
+    monkeypatch.setattr(_config, "_CARVEOUT", {"value": 4})
+    grids = []
+    real = ln_launch.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        grids.append((kernel, tuple(grid), kwargs.get("config")))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ln_launch, "launch", spy)
+    x = _rand((1, 50, n), BF16, device, scale=2.0)
+    w, b = _params(n, BF16, device, "wb")
+    if residual:
+        _check_add_layer_norm(x, _rand(x.shape, BF16, device), w, b)
+    else:
+        _check_layer_norm(x, w, b)
+    (dwdb_grid, dwdb_cfg), = [(g, c) for k, g, c in grids if k is ln_launch._layer_norm_bwd_dwdb_kernel]
+    assert dwdb_cfg.meta["BLOCK_N"] == (8 if -(-n // 16) < 128 else 16)
+    assert dwdb_grid == (-(-n // dwdb_cfg.meta["BLOCK_N"]),)
+
+
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_backward_programs_fit_on_the_sms(full):
+    """Each backward entry's programs per SM fits the blocks per SM the static check reports for
+    every variant the compile set builds (no program in a second wave); the full set covers
+    every dtype and flag."""
+    import re
+
+    from vitkern.testing.compile_check import run_compile_check
+
+    report = run_compile_check(["vitkern.ops.layer_norm"], full=full, timeout=1800)
+    rows = [r for r in report.rows if r["kernel"] == "_layer_norm_bwd_kernel"]
+    assert rows and not report.failures()
+    for r in rows:
+        block_n = int(re.search(r"BLOCK_N=(\d+)", r["config"]).group(1))
+        table = ln_configs._BWD_CONFIGS_SM90 if r["arch"] == 90 and block_n in ln_configs._BWD_CONFIGS_SM90 \
+            else ln_configs._BWD_CONFIGS
+        per_sm = table[block_n][1]
+        assert r["blocks_per_sm"] >= per_sm, (r["arch"], r["config"], r["n_regs"], r["shared"], per_sm)
+        assert r["spill_stores"] == 0
+
+
 @pytest.mark.parametrize("rows", [1, 3, 4, 9, 64])
 def test_persistent_grid_row_counts(device, rows):
     # fewer rows than programs, rows not a multiple of BLOCK_M x programs

@@ -1,7 +1,8 @@
 """Kernel configs as data and the device queries that pick them: no Triton import here.
 
 Config tables (``vitkern/ops/<op>/configs.py``) are lists of :class:`KernelConfig`; launchers read
-:func:`device_arch` (the arch family whose configs run) and :func:`num_sms` (persistent grids).
+:func:`device_arch` (the arch family whose configs run) and :func:`available_sms` (persistent grids
+and split-K choices: :func:`num_sms` less the SM carve-out, ``VITKERN_SM_CARVEOUT``).
 This module imports only torch, so that ``import vitkern`` works where Triton is not installed
 (macOS, Windows, CPU-only machines: the reference backend serves every op there); the Triton
 side of the launch path (the kernel registry, :func:`~vitkern.ops._triton.launch`, the device
@@ -32,8 +33,11 @@ __all__ = [
     "KernelConfig",
     "arch_family",
     "arch_override",
+    "available_sms",
     "device_arch",
     "num_sms",
+    "set_sm_carveout",
+    "sm_carveout",
     "triton_available",
 ]
 
@@ -259,3 +263,65 @@ def device_arch(device=None) -> int:
     if INTERPRETING:
         return arch_family(int(os.environ.get("VITKERN_INTERPRET_ARCH", "90")))
     return arch_family(_cuda_properties(_cuda_index(device))[0])
+
+
+# --------------------------------------------------------------------------------------------
+# SM carve-out: SMs that persistent grids and split-K choices leave to other kernels
+# --------------------------------------------------------------------------------------------
+
+#: The environment variable of the SM carve-out (default 0).
+SM_CARVEOUT_ENV = "VITKERN_SM_CARVEOUT"
+
+_CARVEOUT: dict[str, Optional[int]] = {"value": None}  # set_sm_carveout's value; None: the env
+
+
+def _check_carveout(value: Any, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{source} must be a non-negative integer (SMs left to other kernels), got {value!r}")
+    if value < 0:
+        raise ValueError(f"{source} must be a non-negative integer (SMs left to other kernels), got {value}")
+    return value
+
+
+def sm_carveout() -> int:
+    """SMs that persistent grids and the split-K choice leave free: :func:`set_sm_carveout`'s
+    value when set, else ``VITKERN_SM_CARVEOUT`` (read at each call), else 0.
+
+    With NCCL kernels of DDP / FSDP running beside the GEMMs, some SMs are busy: a grid sized to
+    every SM then has CTAs that start a wave late. A carve-out of, e.g., the NCCL channel count
+    sizes grids to the SMs that are free."""
+    value = _CARVEOUT["value"]
+    if value is not None:
+        return value
+    raw = os.environ.get(SM_CARVEOUT_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        parsed = int(raw)
+    except ValueError:
+        raise ValueError(f"{SM_CARVEOUT_ENV} must be a non-negative integer (SMs left to other kernels), "
+                         f"got {raw!r}") from None
+    return _check_carveout(parsed, SM_CARVEOUT_ENV)
+
+
+def set_sm_carveout(value: Optional[int]) -> Optional[int]:
+    """Set the SM carve-out for this process (overrides ``VITKERN_SM_CARVEOUT``; None: back to the
+    variable). Returns the previous setting (None when the variable applied). Checked against
+    the device's SM count at launch (:func:`available_sms`)."""
+    if value is not None:
+        value = _check_carveout(value, "set_sm_carveout(value)")
+    previous = _CARVEOUT["value"]
+    _CARVEOUT["value"] = value
+    return previous
+
+
+def available_sms(device=None) -> int:
+    """:func:`num_sms` less :func:`sm_carveout`: the SMs persistent grids and split-K choices size
+    against. Raises ValueError, naming the setting, when the carve-out leaves no SM."""
+    total = num_sms(device)
+    carve = sm_carveout()
+    if carve >= total:
+        source = "set_sm_carveout()" if _CARVEOUT["value"] is not None else SM_CARVEOUT_ENV
+        raise ValueError(f"{source} = {carve} must be below the SM count ({total}): it would leave no SM "
+                         f"for persistent grids")
+    return total - carve

@@ -1,7 +1,8 @@
 """The GEMM core that linear, mlp and patch_embed share: one Triton kernel with a composable fp32
 epilogue, its configs and its launcher.
 
-- ``configs.py``: the named tiles and the rules that pick one (:func:`select_config`);
+- ``configs.py``: the named tiles, the table that picks one (:func:`select_config`) and the
+  launch plan (:func:`plan_gemm`: split-K choice, persistent grid, predicted SM use);
 - ``epilogue.py``: :class:`Epilogue`, a GEMM's choice of epilogue steps (no Triton import);
 - ``epilogue_steps.py``: the steps themselves (``@triton.jit``);
 - ``kernels.py``: the GEMM kernel and the elementwise activation backward;
@@ -12,14 +13,32 @@ No public function: the ops' launchers build an :class:`Epilogue` and call
 :func:`vitkern.ops.gemm.launch.gemm`. Importing this package does not import Triton.
 """
 
-from vitkern.ops.gemm.configs import GEMM_CONFIGS, GEMM_RULES, GemmConfig, dot_precision, select_config
+from vitkern.ops.gemm.configs import (
+    EPILOGUE_KINDS,
+    GEMM_CONFIGS,
+    GEMM_RULES,
+    GemmConfig,
+    GemmPlan,
+    choose_split_k,
+    config_kinds,
+    dot_precision,
+    plan_gemm,
+    select_config,
+    sm_use,
+)
 from vitkern.ops.gemm.epilogue import Epilogue
 
 __all__ = [
+    "EPILOGUE_KINDS",
     "Epilogue",
     "GemmConfig",
+    "GemmPlan",
     "GEMM_CONFIGS",
     "GEMM_RULES",
-    "select_config",
+    "choose_split_k",
+    "config_kinds",
     "dot_precision",
+    "plan_gemm",
+    "select_config",
+    "sm_use",
 ]

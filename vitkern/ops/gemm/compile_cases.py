@@ -6,7 +6,7 @@ import torch
 from vitkern.ops._config import device_arch
 from vitkern.testing.compile_check import compile_cases
 from vitkern.ops.activation import Activation
-from vitkern.ops.gemm.configs import GEMM_CONFIGS
+from vitkern.ops.gemm.configs import GEMM_CONFIGS, config_kinds
 from vitkern.ops.gemm.epilogue import Epilogue
 from vitkern.ops.gemm.launch import act_bwd, gemm
 
@@ -20,35 +20,61 @@ def _case_tensors(M, N, K, dtype, out_dtype=None):
     return a, b, out
 
 
-@compile_cases
-def _gemm_cases():
-    bf16, f32 = torch.bfloat16, torch.float32
+def _config_case(kind: str, cfg, dtype) -> None:
+    """One launch of ``cfg`` with an epilogue of ``kind`` at a ViT-B-like shape (M = 4096)."""
+    f32 = torch.float32
+    if kind == "act":  # fc1: bias + GELU + pre store
+        a, b, out = _case_tensors(4096, 3072, 768, dtype)
+        gemm(a, b, out, Epilogue(bias=torch.empty(3072, dtype=dtype), activation=GELU, pre=torch.empty_like(out)),
+             config=cfg)
+    elif kind == "residual":  # fc2 / proj: bias, LayerScale, drop path, fp32 residual
+        a, b, out = _case_tensors(4096, 768, 3072, dtype, f32)
+        fc2 = Epilogue(bias=torch.empty(768, dtype=dtype), col_scale=torch.empty(768, dtype=dtype),
+                       row_scale=torch.empty(4096, dtype=f32), residual=torch.empty(4096, 768, dtype=f32))
+        gemm(a, b, out, fc2, config=cfg)
+    elif kind == "scale":  # dW with split-K, row sums, row dots and a reduction-axis scale: A = dY^T, B = x^T
+        g = torch.empty(8192, 768, dtype=f32 if dtype == torch.bfloat16 else dtype)
+        x = torch.empty(8192, 3072, dtype=dtype)
+        gemm(g.t(), x.t(), torch.empty(768, 3072, dtype=f32),
+             Epilogue(row_scale=torch.empty(768, dtype=dtype), row_dot=torch.empty(768, 3072, dtype=dtype)),
+             red_scale=torch.empty(8192, dtype=f32), row_sum=True, split_k=4, config=cfg)
+    elif kind == "bias":  # qkv: bias only
+        a, b, out = _case_tensors(4096, 2304, 768, dtype)
+        gemm(a, b, out, Epilogue(bias=torch.empty(2304, dtype=dtype)), config=cfg)
+    elif kind == "none":  # dX: a bare product, dY @ W
+        a, b, out = _case_tensors(4096, 768, 3072, dtype)
+        gemm(a, torch.empty(3072, 768, dtype=dtype).t(), out, config=cfg)
+    elif kind == "act_grad":  # the MLP's dU GEMM
+        a, b, out = _case_tensors(4096, 3072, 768, dtype)
+        gemm(a, torch.empty(768, 3072, dtype=dtype).t(), out,
+             Epilogue(row_scale=torch.empty(4096, dtype=f32), act_grad=GELU, aux=torch.empty_like(out)), config=cfg)
+    else:
+        raise ValueError(kind)
+
+
+def _config_cases(kinds) -> None:
+    """Every config of this arch family with each epilogue kind in ``kinds`` the table selects it
+    for (``config_kinds``)."""
     arch = device_arch()
-    # every config of this arch family, with the fc1 epilogue (bias + GELU + pre store)
     for name, cfg in GEMM_CONFIGS.items():
         if not name.startswith("h100" if arch >= 90 else "a100"):
             continue
-        dtype = bf16 if "_16_" in name else f32
-        tf32 = "tf32" in name
+        dtype = torch.bfloat16 if "_16_" in name else torch.float32
         prev = torch.backends.cuda.matmul.fp32_precision
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if "tf32" in name else "ieee"
         try:
-            a, b, out = _case_tensors(4096, 3072, 768, dtype)
-            gemm(a, b, out, Epilogue(bias=torch.empty(3072, dtype=dtype), activation=GELU, pre=torch.empty_like(out)),
-                 config=cfg)
-            # the fc2 / proj epilogue: bias, LayerScale, drop path, fp32 residual
-            a, b, out = _case_tensors(4096, 768, 3072, dtype, f32)
-            fc2 = Epilogue(bias=torch.empty(768, dtype=dtype), col_scale=torch.empty(768, dtype=dtype),
-                           row_scale=torch.empty(4096, dtype=f32), residual=torch.empty(4096, 768, dtype=f32))
-            gemm(a, b, out, fc2, config=cfg)
-            # dW with split-K, row sums, row dots and a reduction-axis scale: A = dY^T, B = x^T
-            g = torch.empty(8192, 768, dtype=f32 if dtype == bf16 else dtype)
-            x = torch.empty(8192, 3072, dtype=dtype)
-            gemm(g.t(), x.t(), torch.empty(768, 3072, dtype=f32),
-                 Epilogue(row_scale=torch.empty(768, dtype=dtype), row_dot=torch.empty(768, 3072, dtype=dtype)),
-                 red_scale=torch.empty(8192, dtype=f32), row_sum=True, split_k=4, config=cfg)
+            for kind in config_kinds(name):
+                if kind in kinds:
+                    _config_case(kind, cfg, dtype)
         finally:
             torch.backends.cuda.matmul.fp32_precision = prev
+
+
+@compile_cases
+def _gemm_cases():
+    bf16, f32 = torch.bfloat16, torch.float32
+    # every config with the fc1, fc2 / proj, dW and qkv epilogues it serves
+    _config_cases(("act", "residual", "scale", "bias"))
     # the MLP's dU GEMM: dPre = rs * (dY @ W2g) * gelu'(pre); ragged / unaligned shapes (K = 588,
     # N = 1000 / 100 / 21843: plain loads where TMA cannot address the rows)
     for dtype in (bf16, torch.float16):
@@ -66,6 +92,12 @@ def _gemm_cases():
             act_bwd(g, torch.empty(4096, 3072, dtype=bf16), act, bf16, col_scale=torch.empty(3072, dtype=bf16),
                     row_scale=torch.empty(4096, dtype=f32), want_dscale=True)
     act_bwd(torch.empty(4096, 3072, dtype=bf16), torch.empty(4096, 3072, dtype=bf16), GELU, bf16)
+
+
+@compile_cases(slow=True)
+def _gemm_all_config_kinds():
+    """The rest of the table: every config with the bare-product and dU epilogues it serves."""
+    _config_cases(("none", "act_grad"))
 
 
 @compile_cases(slow=True)

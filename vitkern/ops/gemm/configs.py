@@ -1,16 +1,32 @@
-"""The GEMM core's configs as data: named tiles per arch family and dtype class, and the rules
-that pick one for an (M, N, K) GEMM (:func:`select_config`)."""
+"""The GEMM core's configs as data: named tiles per arch family and dtype class, the rules that
+pick one for an (M, N, K) GEMM and its epilogue kind (:func:`select_config`), and the launch
+plan of a GEMM on a given SM count (:func:`plan_gemm`: the split-K choice, persistent or not,
+tiles, waves and predicted SM use), all pure functions of their arguments (no Triton, no
+device query)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
 
 from vitkern.ops._config import device_arch, KernelConfig, TRITON_36
 
-__all__ = ["GemmConfig", "GEMM_CONFIGS", "GEMM_RULES", "dot_precision", "select_config"]
+__all__ = [
+    "EPILOGUE_KINDS",
+    "GemmConfig",
+    "GemmPlan",
+    "GEMM_CONFIGS",
+    "GEMM_RULES",
+    "choose_split_k",
+    "config_kinds",
+    "dot_precision",
+    "plan_gemm",
+    "select_config",
+    "sm_use",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +66,7 @@ class GemmConfig:
 # store), the fc2 epilogue (bias, LayerScale, row scale, fp32 residual) and the dW GEMM (split-K,
 # reduction scale, row sums, row dots), from the compile cases (compile_cases.py):
 #   h100_16_large  sm_90  164/0/160 wg | 125/0/224 wg | (dW runs it unflattened: as h100_16_mid)
+#   h100_16_wide   sm_90  bias-only epilogue (qkv): 214/0/209 wg, persistent + TMA (only that kind)
 #   h100_16_mid    sm_90  161/0/128 wg | 122/0/160 wg | 233/0/116 wg
 #   h100_16_small  sm_90  168/0/112 wg | 115/0/128 wg | 237/0/113 wg
 #   h100_tf32      sm_90  163/0/160 wg | 150/0/160 wg | 232/0/80 wg
@@ -67,39 +84,63 @@ class GemmConfig:
 # still open: see benchmarks/setups/linear.py and mlp.py.
 GEMM_CONFIGS: dict[str, GemmConfig] = {
     # sm_90 family: wgmma, TMA descriptors (plain loads where strides are not 16-byte aligned)
-    "h100_16_large": GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=3, persistent=True, tma=True, split_k=8),
-    "h100_16_mid": GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=3, tma=True, split_k=8),
-    "h100_16_small": GemmConfig(64, 128, 64, 8, num_warps=4, num_stages=4, tma=True, split_k=8),
-    "h100_tf32": GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=3, tma=True, split_k=8),
-    "h100_fp32": GemmConfig(64, 64, 16, 8, num_warps=8, num_stages=3, tma=True, split_k=8),
+    "h100_16_large": GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=3, persistent=True, tma=True, split_k=16),
+    # the bias-only epilogue (qkv and other plain projections) at large M: a 128 x 256 tile halves
+    # the A re-reads and the per-tile overhead (figures above). Not for the GELU / residual
+    # epilogues: at 128 x 256 they spill or pass the shared-memory limit without
+    # epilogue subtiling.
+    "h100_16_wide": GemmConfig(128, 256, 64, 8, num_warps=8, num_stages=3, persistent=True, tma=True, split_k=16),
+    "h100_16_mid": GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=3, tma=True, split_k=16),
+    "h100_16_small": GemmConfig(64, 128, 64, 8, num_warps=4, num_stages=4, tma=True, split_k=16),
+    "h100_tf32": GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=3, tma=True, split_k=16),
+    "h100_fp32": GemmConfig(64, 64, 16, 8, num_warps=8, num_stages=3, tma=True, split_k=16),
     # sm_80 family: mma.sync, cp.async-pipelined plain loads
-    "a100_16_large": GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=4, split_k=8),
+    "a100_16_large": GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=4, split_k=16),
     # 8 warps: with 4, the bias + tanh-GELU epilogue spilled 68 bytes under Triton 3.6 (M = 1)
-    "a100_16_small": GemmConfig(64, 128, 32, 8, num_warps=8, num_stages=4, split_k=8),
+    "a100_16_small": GemmConfig(64, 128, 32, 8, num_warps=8, num_stages=4, split_k=16),
     # Triton 3.6: the 128 x 128 tile's dW epilogue (row scale, row sums, row dots) spilled 4 bytes
     # (255 registers), 128 x 64 holds (206); under 3.8 128 x 64 spills 12 bytes in the fc1 epilogue
     # and 128 x 128 holds
-    "a100_tf32": GemmConfig(128, 64 if TRITON_36 else 128, 16, 8, num_warps=8, num_stages=4, split_k=8),
-    "a100_fp32": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=3, split_k=8),
+    "a100_tf32": GemmConfig(128, 64 if TRITON_36 else 128, 16, 8, num_warps=8, num_stages=4, split_k=16),
+    "a100_fp32": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=3, split_k=16),
 }
 
-# (arch family, dtype class, M bucket, N bucket, K bucket) -> config name; "*" matches anything.
-# dtype class: "16" (fp16/bf16), "tf32" (fp32 with TF32 allowed), "fp32" (IEEE fp32).
-# M bucket: "s" (M <= 64), "m" (M <= 2048), "l". N bucket: "s" (N <= 64), "l". K bucket: "s" (K <=
-# 64), "l". The first matching rule wins.
-GEMM_RULES: list[tuple[tuple[int, str, str, str, str], str]] = [
-    ((90, "16", "s", "*", "*"), "h100_16_small"),
-    ((90, "16", "*", "s", "*"), "h100_16_small"),
-    ((90, "16", "m", "*", "*"), "h100_16_mid"),
-    ((90, "16", "l", "*", "*"), "h100_16_large"),
-    ((90, "tf32", "*", "*", "*"), "h100_tf32"),
-    ((90, "fp32", "*", "*", "*"), "h100_fp32"),
-    ((80, "16", "s", "*", "*"), "a100_16_small"),
-    ((80, "16", "*", "s", "*"), "a100_16_small"),
-    ((80, "16", "*", "*", "*"), "a100_16_large"),
-    ((80, "tf32", "*", "*", "*"), "a100_tf32"),
-    ((80, "fp32", "*", "*", "*"), "a100_fp32"),
+#: The epilogue kinds the rules key on (:attr:`vitkern.ops.gemm.epilogue.Epilogue.kind`): "none"
+#: (a bare product: dX, dW without scales), "bias" (bias only: qkv), "act" (an activation, with
+#: bias / pre store: fc1), "residual" (a residual, with bias / scales: proj, fc2), "act_grad" (the
+#: MLP's dU GEMM), "scale" (row / column scales or row dots, with or without a bias, none of the
+#: above: the dW GEMMs with LayerScale or drop path).
+EPILOGUE_KINDS = ("none", "bias", "act", "residual", "act_grad", "scale")
+
+# The config table, keyed on (arch family, dtype class, M bucket, N bucket, K bucket, epilogue
+# kind) -> config name; "*" matches anything; the first matching rule wins. dtype class: "16"
+# (fp16/bf16), "tf32" (fp32 with TF32 allowed), "fp32" (IEEE fp32). M bucket: "s" (M <= 64), "m"
+# (M <= 2048), "l". N bucket: "s" (N <= 64), "l". K bucket: "s" (K <= 64), "l". The last rule of
+# each (arch, dtype class) is its default entry.
+GEMM_RULES: list[tuple[tuple[int, str, str, str, str, str], str]] = [
+    ((90, "16", "s", "*", "*", "*"), "h100_16_small"),
+    ((90, "16", "*", "s", "*", "*"), "h100_16_small"),
+    ((90, "16", "m", "*", "*", "*"), "h100_16_mid"),
+    ((90, "16", "l", "l", "l", "bias"), "h100_16_wide"),
+    ((90, "16", "l", "*", "*", "*"), "h100_16_large"),
+    ((90, "tf32", "*", "*", "*", "*"), "h100_tf32"),
+    ((90, "fp32", "*", "*", "*", "*"), "h100_fp32"),
+    ((80, "16", "s", "*", "*", "*"), "a100_16_small"),
+    ((80, "16", "*", "s", "*", "*"), "a100_16_small"),
+    ((80, "16", "*", "*", "*", "*"), "a100_16_large"),
+    ((80, "tf32", "*", "*", "*", "*"), "a100_tf32"),
+    ((80, "fp32", "*", "*", "*", "*"), "a100_fp32"),
 ]
+
+
+def config_kinds(name: str) -> tuple[str, ...]:
+    """The epilogue kinds the rules select config ``name`` for (every kind when a rule naming it
+    matches any kind): what the compile cases compile it with."""
+    kinds: set[str] = set()
+    for rule, n in GEMM_RULES:
+        if n == name:
+            kinds.update(EPILOGUE_KINDS if rule[5] == "*" else (rule[5],))
+    return tuple(k for k in EPILOGUE_KINDS if k in kinds)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -114,13 +155,153 @@ def _buckets(M: int, N: int, K: int) -> tuple[str, str, str]:
     return ("s" if M <= 64 else "m" if M <= 2048 else "l", "s" if N <= 64 else "l", "s" if K <= 64 else "l")
 
 
-def select_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int] = None) -> GemmConfig:
-    """The config for an (M, N, K) GEMM with ``dtype`` operands on ``arch`` (default: the
-    current device's family; see :func:`vitkern.ops._config.device_arch`)."""
+def select_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int] = None,
+                  epilogue: str = "none") -> GemmConfig:
+    """The config for an (M, N, K) GEMM with ``dtype`` operands and an ``epilogue`` kind (one of
+    :data:`EPILOGUE_KINDS`) on ``arch`` (default: the current device's family; see
+    :func:`vitkern.ops._config.device_arch`)."""
+    if epilogue not in EPILOGUE_KINDS:
+        raise ValueError(f"unknown epilogue kind {epilogue!r} (expected one of {EPILOGUE_KINDS})")
     arch = device_arch() if arch is None else arch
-    key = (arch, dot_precision(dtype), *_buckets(M, N, K))
+    key = (arch, dot_precision(dtype), *_buckets(M, N, K), epilogue)
     for rule, name in GEMM_RULES:
         if all(r == "*" or r == k for r, k in zip(rule, key)):
             return GEMM_CONFIGS[name]
     raise RuntimeError(f"no GEMM config for {key}")
 
+
+
+# --------------------------------------------------------------------------------------------
+# The launch plan: split-K, persistent grids, predicted SM use
+# --------------------------------------------------------------------------------------------
+
+#: Each K split keeps at least this many BLOCK_K iterations (the pipeline's fill and the fp32
+#: partial a split writes are amortised over them).
+SPLIT_MIN_K_ITERS = 8
+#: The most K splits any GEMM takes (a config's ``split_k`` may cap it lower).
+SPLIT_MAX = 16
+#: Machine balance for the cost of a split (bf16 dense FLOP per HBM byte; H100 SXM about
+#: 800 TFLOP/s over 3.0-3.35 TB/s): each extra split writes and the reduction reads one more fp32
+#: M x N partial.
+FLOP_PER_BYTE = 256
+
+
+def sm_use(tiles: int, split: int, sms: int) -> float:
+    """Predicted SM use of ``tiles * split`` equal work units on ``sms`` SMs, one resident unit
+    per SM (the 128-row tiles hold one CTA per SM): units / (waves * sms)."""
+    units = tiles * split
+    if units <= 0 or sms <= 0:
+        return 0.0
+    return units / (math.ceil(units / sms) * sms)
+
+
+def _split_cost(tiles: int, split: int, sms: int, reduce_cost: float) -> float:
+    """Time of a ``split``-way split-K GEMM in units of one full-K tile on one SM: the waves of
+    1/split-K units, plus ``reduce_cost`` (one fp32 partial's write and read, same units) per
+    split beyond the first."""
+    return math.ceil(tiles * split / sms) / split + reduce_cost * (split - 1)
+
+
+def choose_split_k(M: int, N: int, K: int, num_sms: int, tile: tuple[int, int, int],
+                   max_split: int = SPLIT_MAX, min_k_iters: int = SPLIT_MIN_K_ITERS) -> int:
+    """The K split of an (M, N, K) GEMM (a split-safe epilogue) with ``tile = (BLOCK_M, BLOCK_N,
+    BLOCK_K)`` on ``num_sms`` free SMs: the split ``s`` that minimises ``ceil(tiles * s / num_sms)
+    / s`` (the waves of 1/s-K work units: 1 / SM use, scaled) plus the cost of the extra fp32
+    partials (a split's M x N partial write and read, against one tile's full-K MMA time at
+    :data:`FLOP_PER_BYTE`), with at least ``min_k_iters`` BLOCK_K steps per split and ``s <=
+    max_split``; the smallest such ``s`` on ties. 1 when nothing beats one pass.
+
+    ViT-B/16 at batch 256 on 132 SMs (K = 50432 tokens, 128 x 128 tiles): fc1 / fc2 dW, 144
+    tiles: s = 7 (95% SM use, was 55%); qkv dW, 108 tiles: s = 6 (98%, was 82%); proj dW, 36
+    tiles: s = 7 (95%).
+    """
+    bm, bn, bk = tile
+    tiles = math.ceil(M / bm) * math.ceil(N / bn)
+    k_tiles = math.ceil(K / bk)
+    if tiles <= 0 or k_tiles <= 0 or num_sms <= 0:
+        return 1
+    limit = max(1, min(max_split, k_tiles // max(1, min_k_iters)))
+    # one partial's write + read (8 bytes per element) against one tile's full-K MMA time on one
+    # SM (2 * bm * bn * K FLOP at 1/num_sms of the chip's rate)
+    reduce_cost = 8.0 * M * N * FLOP_PER_BYTE / (2.0 * bm * bn * K * num_sms)
+    best, best_cost = 1, _split_cost(tiles, 1, num_sms, reduce_cost)
+    for s in range(2, limit + 1):
+        # the splits the kernel really runs: ceil(k_tiles / ceil(k_tiles / s))
+        per = math.ceil(k_tiles / s)
+        if math.ceil(k_tiles / per) != s:
+            continue
+        cost = _split_cost(tiles, s, num_sms, reduce_cost)
+        if cost < best_cost - 1e-12:
+            best, best_cost = s, cost
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmPlan:
+    """How one GEMM launches (:func:`plan_gemm`): the config, K splits, the grid (``programs`` x
+    ``split_k``), persistent or one program per tile, and the predicted SM use on ``sms`` SMs."""
+
+    config: GemmConfig
+    M: int
+    N: int
+    K: int
+    sms: int
+    tiles: int
+    k_tiles: int
+    split_k: int
+    k_tiles_per_split: int
+    programs: int
+    persistent: bool
+
+    @property
+    def units(self) -> int:
+        """Work units: tiles times K splits."""
+        return self.tiles * self.split_k
+
+    @property
+    def waves(self) -> int:
+        """Rounds of work units per SM (persistent: the most tiles one program runs)."""
+        if self.persistent:
+            return math.ceil(self.tiles / self.programs)
+        return math.ceil(self.units / self.sms)
+
+    @property
+    def sm_use(self) -> float:
+        """Predicted SM use: units / (waves x SMs)."""
+        return self.units / (self.waves * self.sms) if self.units else 0.0
+
+    def describe(self) -> dict:
+        cfg = self.config
+        return {
+            "tile": f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}", "warps": cfg.num_warps,
+            "stages": cfg.num_stages, "persistent": self.persistent, "split_k": self.split_k,
+            "k_iters_per_split": self.k_tiles_per_split, "tiles": self.tiles, "units": self.units,
+            "grid": [self.programs, self.split_k], "sms": self.sms, "waves": self.waves,
+            "sm_use": round(self.sm_use, 4),
+        }
+
+
+def plan_gemm(M: int, N: int, K: int, config: GemmConfig, num_sms: int, *, split_safe: bool = False,
+              row_sum: bool = False, split_k: Optional[int] = None) -> GemmPlan:
+    """The launch of an (M, N, K) GEMM (M, N, K >= 1) with ``config`` on ``num_sms`` free SMs.
+
+    ``split_k`` None: :func:`choose_split_k` when the epilogue is ``split_safe`` (linear in the
+    accumulator: the dW GEMMs; the bias gradient, ``row_sum``, is a per-split partial sum too),
+    capped by the config's ``split_k``; an explicit value is clamped to the K steps. A split GEMM
+    launches one program per (tile, split): equal work units in waves; otherwise a persistent
+    config launches ``min(tiles, num_sms)`` programs striding over the tiles (flattened, unless
+    ``row_sum``: Triton 3.8's loop fusion fails on the in-loop row sums, so those launch one
+    program per tile, the same waves for equal tiles).
+    """
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    tiles = math.ceil(M / bm) * math.ceil(N / bn)
+    k_tiles = math.ceil(K / bk)
+    if split_k is None:
+        split_k = (choose_split_k(M, N, K, num_sms, (bm, bn, bk), max_split=config.split_k)
+                   if split_safe and config.split_k > 1 else 1)
+    split_k = max(1, min(int(split_k), k_tiles))
+    per_split = math.ceil(k_tiles / split_k)
+    split_k = math.ceil(k_tiles / per_split)
+    persistent = config.persistent and not row_sum and split_k == 1
+    programs = max(1, min(tiles, num_sms)) if persistent else tiles
+    return GemmPlan(config, M, N, K, num_sms, tiles, k_tiles, split_k, per_split, programs, persistent)

@@ -62,6 +62,22 @@ class Epilogue:
         return (self.bias is None and self.activation == Activation.NONE and self.residual is None
                 and self.pre is None and self.act_grad == Activation.NONE)
 
+    @property
+    def kind(self) -> str:
+        """The epilogue kind the config table keys on (``vitkern.ops.gemm.configs.EPILOGUE_KINDS``):
+        "residual", "act", "act_grad", "bias" (bias only), "scale" (row / column scales or row dots,
+        with or without a bias) or "none"."""
+        if self.residual is not None:
+            return "residual"
+        if self.activation != Activation.NONE or self.pre is not None:
+            return "act"
+        if self.act_grad != Activation.NONE:
+            return "act_grad"
+        scales = self.col_scale is not None or self.row_scale is not None or self.row_dot is not None
+        if self.bias is not None:
+            return "scale" if scales else "bias"
+        return "scale" if scales else "none"
+
     def constexprs(self) -> dict[str, object]:
         """The kernel's epilogue switches."""
         return dict(

@@ -9,11 +9,11 @@ import torch
 import triton
 
 from vitkern.ops._common import contiguous_vectors
-from vitkern.ops._config import device_arch, KernelConfig, num_sms
+from vitkern.ops._config import available_sms, device_arch, KernelConfig
 from vitkern.ops._triton import capturing, ensure_scratch_allocator, launch
 from vitkern.ops._index import INT32_MAX, check_int32, fits_int32
 from vitkern.ops.activation import Activation
-from vitkern.ops.gemm.configs import GemmConfig, dot_precision, select_config
+from vitkern.ops.gemm.configs import GemmConfig, dot_precision, plan_gemm, select_config
 from vitkern.ops.gemm.epilogue import Epilogue
 from vitkern.ops.gemm.kernels import _act_bwd_kernel, _gemm_kernel
 
@@ -108,8 +108,11 @@ def gemm(
     ``a``, ``b``, ``out`` and the epilogue's matrices are 2-D views with any strides. Returns
     ``(out, row_sums, row_dots)``: with ``row_sum`` the fp32 ``(M,)`` sums of ``A'`` over K, with
     ``epilogue.row_dot`` (an ``(M, N)`` tensor W) the fp32 ``(M,)`` values
-    ``sum_n acc[m, n] * W[m, n]`` of the pre-scale accumulator. ``split_k`` (None: the config
-    decides, for split-safe epilogues) splits the reduction; the partials are summed here.
+    ``sum_n acc[m, n] * W[m, n]`` of the pre-scale accumulator. ``split_k`` (None:
+    :func:`~vitkern.ops.gemm.configs.plan_gemm` decides, for split-safe epilogues, against the
+    free SMs) splits the reduction; each split
+    writes an fp32 partial (and its row-sum partial) to a workspace that is summed here in a fixed
+    order: deterministic, no atomics.
 
     Hooks (patch embedding): ``a_gather`` is a ``@triton.jit`` function ``(a_ptr, offs_m, offs_k,
     M, K, a_args) -> [BLOCK_M, BLOCK_K]`` tile (zero outside M / K) that replaces the A load; then
@@ -149,24 +152,17 @@ def gemm(
         K = 1
         red_scale = None  # K-indexed, empty: the zero operands need no scale
     arch = device_arch(dev if dev.type == "cuda" else None)
-    cfg = config if config is not None else select_config(M, N, K, b.dtype, arch)
+    cfg = config if config is not None else select_config(M, N, K, b.dtype, arch, epilogue.kind)
     use_tma = cfg.tma and arch >= 90
 
-    num_pid_n = triton.cdiv(N, cfg.block_n)
-    num_tiles = triton.cdiv(M, cfg.block_m) * num_pid_n
-    k_tiles = triton.cdiv(K, cfg.block_k)
     split_safe = epilogue.split_safe and row_map is None and prologue is None
-    if split_k is None:
-        split_k = 1
-        if split_safe and cfg.split_k > 1 and k_tiles >= 16:
-            sms = num_sms(dev if dev.type == "cuda" else None)
-            if num_tiles < sms:
-                split_k = min(cfg.split_k, sms // num_tiles, k_tiles // 8)
-    split_k = max(1, min(int(split_k), k_tiles))
-    if split_k > 1 and not split_safe:
+    if split_k is not None and int(split_k) > 1 and not split_safe:
         raise ValueError("gemm: split-K needs a linear epilogue (no bias, activation, residual, pre or act_grad)")
-    per_split = triton.cdiv(k_tiles, split_k)
-    split_k = triton.cdiv(k_tiles, per_split)
+    # the split (sized against the free SMs: VITKERN_SM_CARVEOUT), the grid, persistent or not
+    plan = plan_gemm(M, N, K, cfg, available_sms(dev if dev.type == "cuda" else None), split_safe=split_safe,
+                     row_sum=row_sum, split_k=split_k)
+    num_pid_n = triton.cdiv(N, cfg.block_n)
+    split_k, per_split = plan.split_k, plan.k_tiles_per_split
 
     if split_k > 1:
         c = torch.empty((split_k, M, N), device=dev, dtype=torch.float32)
@@ -191,10 +187,7 @@ def gemm(
     r_mode = LOAD_TMA if use_tma and residual is not None and not mapped and _tma_ok(residual, 1) else LOAD_PLAIN
     if LOAD_TMA in (a_mode, b_mode, c_mode, r_mode) or LOAD_TMA_T in (a_mode, b_mode):
         ensure_scratch_allocator()  # per thread: see its docstring
-    # Persistent (flattened) tile loops do not compile with the in-loop row sums (Triton 3.8's
-    # loop fusion fails); those GEMMs (dW) launch one program per tile.
-    persistent = cfg.persistent and not row_sum
-    progs = max(1, min(num_tiles, num_sms(dev if dev.type == "cuda" else None))) if persistent else num_tiles
+    persistent, progs = plan.persistent, plan.programs
     kcfg = cfg.kernel_config()
     if persistent != cfg.persistent:
         kcfg = KernelConfig({**kcfg.meta, "FLATTEN": persistent}, num_warps=kcfg.num_warps, num_stages=kcfg.num_stages)

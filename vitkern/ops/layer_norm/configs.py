@@ -35,18 +35,24 @@ _FWD_CONFIGS: dict[int, KernelConfig] = {
 _FWD_LOOPED_CONFIG = KernelConfig({"BLOCK_M": 1, "BLOCK_N": 4096}, num_warps=8, num_stages=1)  # 40 / 54
 
 # Backward holds x, dy, w, xhat and two accumulators per element: fewer rows per program. The
-# grid is programs_per_sm x SM count, no more than fit on the SMs at once (registers: the
-# 4-warp configs use <= 80, so 6 would fit), so that no program starts in a second wave; fewer
-# programs mean fewer partials to reduce. NUM_STAGES 2 prefetches the next row block (cp.async;
-# at 4096 with 16 warps it spilled 8 bytes on sm_90 for fp32 with HAS_DS, hence 1 there).
+# grid is programs_per_sm x SM count, no more than fit on the SMs at once (the blocks per SM of
+# the static check, the minimum over dtypes and flags, >= programs_per_sm: tested), so that no
+# program starts in a second wave. NUM_STAGES 3 keeps the next two row blocks in flight
+# (cp.async into shared memory: 8 KB per program for bf16 rows of 1024), 5 programs per SM at
+# widths 513..1024: for ViT-B (768, bf16) 5 x 2 x 3 KB = 30 KB per SM in flight, against ~20 KB
+# that 4.3 TB/s over 132 SMs needs at ~600 ns latency (4 programs x 1 row x 3 KB = 12 KB before);
+# ViT-H (1280): 3 x 2 x 5 KB = 30 KB (was 2 x 5 KB = 10 KB).
+# At 4096 with 16 warps NUM_STAGES 2 spilled 8 bytes on sm_90 for fp32 with HAS_DS, hence 1 there.
+# Next to each entry: registers sm_80 / sm_90 (max over dtypes and flags, --full), then the
+# fewest blocks per SM over the entry's variants.
 _BWD_CONFIGS: dict[int, tuple[KernelConfig, int]] = {
-    128: (KernelConfig({"BLOCK_M": 8, "BLOCK_N": 128, "NUM_STAGES": 2}, num_warps=4, num_stages=1), 4),  # 80 / 80
-    256: (KernelConfig({"BLOCK_M": 4, "BLOCK_N": 256, "NUM_STAGES": 2}, num_warps=4, num_stages=1), 4),  # 80 / 80
-    512: (KernelConfig({"BLOCK_M": 2, "BLOCK_N": 512, "NUM_STAGES": 2}, num_warps=4, num_stages=1), 4),  # 72 / 80
-    1024: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 1024, "NUM_STAGES": 2}, num_warps=4, num_stages=1), 4),  # 79 / 80
-    2048: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 2048, "NUM_STAGES": 2}, num_warps=8, num_stages=1), 2),  # 72 / 72
-    4096: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 4096, "NUM_STAGES": 1}, num_warps=16, num_stages=1), 1),  # 64 / 72
-    8192: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 8192, "NUM_STAGES": 1}, num_warps=16, num_stages=1), 1),  # 128 / 128
+    128: (KernelConfig({"BLOCK_M": 8, "BLOCK_N": 128, "NUM_STAGES": 2}, num_warps=4, num_stages=1), 6),  # 80 / 80, 6
+    256: (KernelConfig({"BLOCK_M": 4, "BLOCK_N": 256, "NUM_STAGES": 3}, num_warps=4, num_stages=1), 5),  # 80 / 85, 5
+    512: (KernelConfig({"BLOCK_M": 2, "BLOCK_N": 512, "NUM_STAGES": 3}, num_warps=4, num_stages=1), 6),  # 80 / 80, 6
+    1024: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 1024, "NUM_STAGES": 3}, num_warps=4, num_stages=1), 5),  # 80 / 89, 5
+    2048: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 2048, "NUM_STAGES": 3}, num_warps=8, num_stages=1), 3),  # 74 / 75, 3
+    4096: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 4096, "NUM_STAGES": 1}, num_warps=16, num_stages=1), 1),  # 64 / 72, 1
+    8192: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 8192, "NUM_STAGES": 1}, num_warps=16, num_stages=1), 1),  # 128 / -, 1
 }
 # The sm_90 family at 8192: 16 warps cap a thread at 128 registers, where Triton 3.6 spills 8 bytes
 # (3.8 fits in 125); 8 warps compile to 254 / 255 registers (3.8 / 3.6) without spills, still one
@@ -57,8 +63,14 @@ _BWD_CONFIGS_SM90 = {
 # Wide rows: 4 rows per step, so each program's read-modify-write of its partial row (L2
 # resident: 2 x programs x N x 4 bytes) is amortised over 4 rows.
 _BWD_LOOPED_CONFIG = (KernelConfig({"BLOCK_M": 4, "BLOCK_N": 1024}, num_warps=8, num_stages=1), 2)  # 102 / 128
-# 16 columns (64-byte segments of each partial row) per program: N / 16 programs, 48 at 768.
-_DWDB_CONFIG = KernelConfig({"BLOCK_G": 64, "BLOCK_N": 16, "NUM_STAGES": 2}, num_warps=4, num_stages=1)  # 56 / 56
+# The dW / dB reduction: each program sums a (G, BLOCK_N) column strip of the partials (L2
+# resident) in BLOCK_G-row steps, a 1024-element tile per step. 16 columns (64-byte segments)
+# per program where that gives at least one program per SM, else 8 (32-byte sectors: no wasted
+# bytes) over twice the rows per step: at 768, 96 programs and half the steps of 48 x 16.
+_DWDB_CONFIGS = {
+    16: KernelConfig({"BLOCK_G": 64, "BLOCK_N": 16, "NUM_STAGES": 2}, num_warps=4, num_stages=1),  # 40 / 39
+    8: KernelConfig({"BLOCK_G": 128, "BLOCK_N": 8, "NUM_STAGES": 2}, num_warps=4, num_stages=1),  # 56 / 56
+}
 # Cap on the two fp32 partial buffers together (bytes): bounds the persistent grid at wide rows.
 _PARTIAL_BYTES_CAP = 64 << 20
 
@@ -101,3 +113,11 @@ def _bwd_config(n: int, device=None) -> tuple[bool, KernelConfig, int]:
     table = _BWD_CONFIGS_SM90 if block_n in _BWD_CONFIGS_SM90 and device_arch(device) == 90 else _BWD_CONFIGS
     config, per_sm = table[block_n]
     return False, _for_interpreter(config), per_sm
+
+
+def _dwdb_config(n: int, sms: int) -> KernelConfig:
+    """The dW / dB reduction's config for width ``n`` on ``sms`` free SMs (a pure function)."""
+    wide = _DWDB_CONFIGS[16]
+    if -(-n // wide.meta["BLOCK_N"]) >= sms:
+        return wide
+    return _DWDB_CONFIGS[8]

@@ -14,11 +14,11 @@ import torch
 import triton
 
 from vitkern.ops._common import FLOAT_DTYPES
-from vitkern.ops._config import num_sms
+from vitkern.ops._config import available_sms
 from vitkern.ops._triton import launch
 from vitkern.ops._index import rows_int32_safe
 from vitkern.ops.layer_norm.configs import (
-    _DWDB_CONFIG,
+    _dwdb_config,
     _PARTIAL_BYTES_CAP,
     MAX_WIDTH,
     _bwd_config,
@@ -161,7 +161,8 @@ def _layer_norm_bwd(
         return dx, dw, db
     looped, config, per_sm = _bwd_config(n, x.device if x.device.type == "cuda" else None)
     kernel = _layer_norm_bwd_looped_kernel if looped else _layer_norm_bwd_kernel
-    programs = num_sms(x.device) * per_sm
+    sms = available_sms(x.device)
+    programs = sms * per_sm
     programs = min(programs, triton.cdiv(m, config.meta["BLOCK_M"]), max(1, _PARTIAL_BYTES_CAP // (8 * n)))
     dw_partial = _empty((programs, n), torch.float32, x.device) if compute_dw else None
     db_partial = _empty((programs, n), torch.float32, x.device) if compute_db else None
@@ -176,7 +177,7 @@ def _layer_norm_bwd(
         config=config,
     )
     if compute_dw or compute_db:
-        dwdb_config = _for_interpreter(_DWDB_CONFIG, grow="BLOCK_N", other="BLOCK_G")
+        dwdb_config = _for_interpreter(_dwdb_config(n, sms), grow="BLOCK_N", other="BLOCK_G")
         launch(
             _layer_norm_bwd_dwdb_kernel, (triton.cdiv(n, dwdb_config.meta["BLOCK_N"]),),
             dw_partial, db_partial, dw, db, programs, n,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from vitkern.ops.gemm import Epilogue, launch as _gemm
-from vitkern.ops._config import INTERPRETING, num_sms
+from vitkern.ops._config import INTERPRETING, available_sms
 from vitkern.ops._triton import capturing, launch
 from vitkern.ops._index import check_int32
 from vitkern.ops.patch_embed.configs import (
@@ -177,7 +177,7 @@ def _colsum(dy: torch.Tensor) -> torch.Tensor:
     blocks = triton.cdiv(t * d, cfg.meta["BLOCK"])
     split = 1
     if not INTERPRETING:
-        split = max(1, min(_COLSUM_MAX_SPLIT, b, (num_sms(dy.device) * _COLSUM_PROGRAMS_PER_SM) // blocks))
+        split = max(1, min(_COLSUM_MAX_SPLIT, b, (available_sms(dy.device) * _COLSUM_PROGRAMS_PER_SM) // blocks))
     per = triton.cdiv(b, split)
     split = triton.cdiv(b, per)
     part = s_ if split == 1 else _empty((split, t, d), torch.float32, dy.device)

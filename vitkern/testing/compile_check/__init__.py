@@ -53,11 +53,19 @@ from vitkern.testing.compile_check.cases import (
     registered_cases,
     run_cases,
 )
-from vitkern.testing.compile_check.report import SHARED_LIMITS, CheckReport, evaluate, format_rows, parse_ptxas_log
+from vitkern.testing.compile_check.report import (
+    SHARED_LIMITS,
+    CheckReport,
+    blocks_per_sm,
+    evaluate,
+    format_rows,
+    parse_ptxas_log,
+)
 from vitkern.testing.compile_check.runner import default_workers, expand_modules, main, ops_modules, run_compile_check
 
 __all__ = [
     "SHARED_LIMITS",
+    "blocks_per_sm",
     "CapturedLaunch",
     "CasesEntry",
     "CheckReport",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from vitkern.testing.compile_check.plan import CompileJob, plan
-from vitkern.testing.compile_check.report import evaluate, parse_ptxas_log
+from vitkern.testing.compile_check.report import blocks_per_sm, evaluate, parse_ptxas_log
 
 
 def _ptxas_flags(options: dict) -> list[str]:
@@ -124,6 +124,7 @@ def _compile_job(job: CompileJob) -> dict:
     if stats is not None:
         _save_stats(path, stats)
         row.update(stats)
+    row["blocks_per_sm"] = blocks_per_sm(row.get("n_regs"), job.options.get("num_warps"), row["shared"], job.arch)
     wg = _WGMMA_RE.search(ptx)
     mma = _MMA_RE.search(ptx)
     row["wgmma"] = wg is not None

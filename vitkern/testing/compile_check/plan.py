@@ -192,8 +192,6 @@ def plan(modules: Sequence[str], archs: Sequence[int] = (80, 90), full: bool = F
     """The distinct compile jobs of ``modules``' registered kernels (in a process that is not
     interpreting), and rows for plan-level problems (a registered kernel no case launches, an
     autotuned kernel without a config for an arch, a launch the JIT would refuse)."""
-    from triton.compiler import ASTSource
-
     from vitkern.ops import _config, _triton
     from vitkern.testing.compile_check.cases import capture, registered_cases, run_cases
 
@@ -217,48 +215,8 @@ def plan(modules: Sequence[str], archs: Sequence[int] = (80, 90), full: bool = F
                     plan_rows.append({"kernel": c.name, "module": c.module, "arch": arch, "config": "",
                                       "problems_plan": [f"compile cases raised {type(e).__name__}: {e}"]})
         for launch in launches:
-            entry = launch.entry
-            launched.add(id(entry))
-            if launch.config is not None:
-                configs = [launch.config]
-            elif entry.autotuned:
-                configs = entry.check_configs(arch, full)
-                if not configs:
-                    plan_rows.append(_plan_problem(entry, arch, f"no config for sm_{arch}"))
-                    continue
-            else:
-                configs = [None]
-            for config in configs:
-                kwargs = dict(launch.kwargs)
-                if config is not None:
-                    kwargs.update(config.all_kwargs())
-                try:
-                    signature, constexprs, attrs, options = _specialize(entry.kernel, arch, launch.args, kwargs)
-                except Exception as e:  # a launch the JIT would refuse too
-                    plan_rows.append(_plan_problem(entry, arch, f"cannot specialise: {type(e).__name__}: {e}"))
-                    continue
-                src = ASTSource(entry.kernel, signature, constexprs, attrs)
-                key = hashlib.sha256(f"{entry.name}|{arch}|{src.hash()}|{options.hash()}".encode()).hexdigest()
-                label = config.label() if config is not None else f"w{options.num_warps} s{options.num_stages}"
-                job = jobs.get(key)
-                if job is None:
-                    jit_check = _jit_cross_check(entry.kernel, arch, launch.args, kwargs,
-                                                 (signature, constexprs, attrs, options))
-                    if jit_check.startswith("differs"):
-                        plan_rows.append(_plan_problem(entry, arch, "static specialisation is not the JIT's: "
-                                                       + jit_check))
-                        continue
-                    spec = _spec_mapping(entry.kernel, signature, constexprs, options)
-                    try:
-                        wants = entry.wants_wgmma(spec)
-                    except Exception as e:
-                        message = f"expects_wgmma rule raised {type(e).__name__}: {e}"
-                        plan_rows.append(_plan_problem(entry, arch, message))
-                        continue
-                    job = CompileJob(entry, arch, signature, constexprs, attrs, dict(options.__dict__), label,
-                                     spec, key, expects_wgmma=wants, jit_check=jit_check)
-                    jobs[key] = job
-                job.cases.add(launch.case)
+            launched.add(id(launch.entry))
+        add_launches(launches, arch, full, jobs, plan_rows)
     for name in _unregistered_jit_functions(wanted):
         plan_rows.append({"kernel": name, "module": name.split(":")[0], "arch": "-", "config": "",
                           "problems_plan": ["@triton.jit function not in the kernel registry "
@@ -286,3 +244,58 @@ def _unregistered_jit_functions(modules: Iterable[str]) -> list[str]:
 def _plan_problem(entry, arch, message: str) -> dict:
     return {"kernel": entry.qualname, "module": entry.module, "arch": arch, "config": "",
             "problems_plan": [message]}
+
+
+def add_launches(launches: Sequence[Any], arch: int, full: bool, jobs: dict, plan_rows: list) -> list[list[str]]:
+    """Turn captured ``launches`` (for ``arch``) into compile jobs, added to ``jobs`` (key -> job;
+    a specialisation compiled before is shared) and plan problems to ``plan_rows``; returns each
+    launch's job keys (one per config it expands to)."""
+    from triton.compiler import ASTSource
+
+    keys_per_launch: list[list[str]] = []
+    for launch in launches:
+        entry = launch.entry
+        keys: list[str] = []
+        keys_per_launch.append(keys)
+        if launch.config is not None:
+            configs = [launch.config]
+        elif entry.autotuned:
+            configs = entry.check_configs(arch, full)
+            if not configs:
+                plan_rows.append(_plan_problem(entry, arch, f"no config for sm_{arch}"))
+                continue
+        else:
+            configs = [None]
+        for config in configs:
+            kwargs = dict(launch.kwargs)
+            if config is not None:
+                kwargs.update(config.all_kwargs())
+            try:
+                signature, constexprs, attrs, options = _specialize(entry.kernel, arch, launch.args, kwargs)
+            except Exception as e:  # a launch the JIT would refuse too
+                plan_rows.append(_plan_problem(entry, arch, f"cannot specialise: {type(e).__name__}: {e}"))
+                continue
+            src = ASTSource(entry.kernel, signature, constexprs, attrs)
+            key = hashlib.sha256(f"{entry.name}|{arch}|{src.hash()}|{options.hash()}".encode()).hexdigest()
+            label = config.label() if config is not None else f"w{options.num_warps} s{options.num_stages}"
+            job = jobs.get(key)
+            if job is None:
+                jit_check = _jit_cross_check(entry.kernel, arch, launch.args, kwargs,
+                                             (signature, constexprs, attrs, options))
+                if jit_check.startswith("differs"):
+                    plan_rows.append(_plan_problem(entry, arch, "static specialisation is not the JIT's: "
+                                                   + jit_check))
+                    continue
+                spec = _spec_mapping(entry.kernel, signature, constexprs, options)
+                try:
+                    wants = entry.wants_wgmma(spec)
+                except Exception as e:
+                    message = f"expects_wgmma rule raised {type(e).__name__}: {e}"
+                    plan_rows.append(_plan_problem(entry, arch, message))
+                    continue
+                job = CompileJob(entry, arch, signature, constexprs, attrs, dict(options.__dict__), label,
+                                 spec, key, expects_wgmma=wants, jit_check=jit_check)
+                jobs[key] = job
+            job.cases.add(launch.case)
+            keys.append(key)
+    return keys_per_launch

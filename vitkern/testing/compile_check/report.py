@@ -8,6 +8,24 @@ from typing import Optional, Sequence
 
 #: Dynamic shared memory per block, bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
+#: Shared memory per SM, bytes, and what the runtime reserves per block (A100 / H100).
+SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+_SHARED_RESERVED = 1024
+
+
+def blocks_per_sm(n_regs: Optional[int], num_warps: Optional[int], shared: Optional[int], arch: int) -> Optional[int]:
+    """Resident blocks per SM of a compiled kernel (the occupancy calculator's rule for sm_80 /
+    sm_90): 64K registers per SM allocated per warp in units of 256 (registers per thread rounded
+    up to 8), at most 64 warps and 32 blocks, and shared memory per SM with 1 KB reserved per block.
+    None without ptxas statistics."""
+    if n_regs is None or not num_warps:
+        return None
+    per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // num_warps
+    by_warps = 64 // num_warps
+    smem_sm = SHARED_PER_SM.get(arch, SHARED_PER_SM[80])
+    by_smem = smem_sm // ((shared or 0) + _SHARED_RESERVED)
+    return max(0, min(by_regs, by_warps, by_smem, 32))
 
 
 def evaluate(row: dict) -> list[str]:
@@ -37,8 +55,8 @@ def evaluate(row: dict) -> list[str]:
 
 def format_rows(rows: Sequence[dict]) -> str:
     """A plain-text table of result rows (what gpu_check prints)."""
-    header = ("kernel", "arch", "config", "constexprs", "signature", "regs", "spill", "smem KB", "mma", "jit",
-              "s", "status")
+    header = ("kernel", "arch", "config", "constexprs", "signature", "regs", "spill", "smem KB", "bl/SM", "mma",
+              "jit", "s", "status")
     lines = [header]
     for r in rows:
         problems = r.get("problems") or []
@@ -54,6 +72,7 @@ def format_rows(rows: Sequence[dict]) -> str:
             "" if r.get("n_regs") is None else str(r["n_regs"]),
             spill,
             smem,
+            "" if r.get("blocks_per_sm") is None else str(r["blocks_per_sm"]),
             mma,
             _jit_mark(r.get("jit_check", "")),
             "" if r.get("compile_s") is None else f"{r['compile_s']:.1f}",
