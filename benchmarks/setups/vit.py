@@ -93,13 +93,76 @@ def _load_timm_weights_into_torchvision(tv_model, timm_state: dict) -> None:
     tv_model.load_state_dict({tv_key: timm_state[timm_key] for timm_key, tv_key in names.items()})
 
 
+def autocast_forward(model, dtype, device):
+    """``model(images)`` under autocast in ``dtype`` (plain fp32 when ``dtype`` is float32)."""
+    amp = dtype != torch.float32
+
+    def fn(images):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            return model(images)
+
+    return fn
+
+
+def inference_fn(model, dtype, device):
+    """The fwd mode's callable: eval mode (also after a training step), autocast."""
+    run = autocast_forward(model, dtype, device)
+
+    def fn(images):
+        if model.training:
+            model.eval()
+        return run(images)
+
+    fn.model = model
+    return fn
+
+
+def make_train_step(get_model, labels, dtype, device):
+    """``Case.train_step`` for models returning logits: ``train_step(which, wrap)`` gives one AdamW
+    step of ``get_model(which)`` (its forward wrapped by ``wrap``) returning the loss and the patch
+    projection's weight gradient (the model's first 4-d parameter), scaled by the first step's
+    largest value."""
+    optimizers: dict = {}
+    grad_scale: dict = {}
+
+    def train_step(which, wrap):
+        model = get_model(which)
+        model.train()
+        fwd = wrap(autocast_forward(model, dtype, device))
+        if which not in optimizers:
+            opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+            scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+            optimizers[which] = (opt, scaler)
+        opt, scaler = optimizers[which]
+        probe = next(p for p in model.parameters() if p.dim() == 4)  # the patch projection
+
+        def step(images):
+            loss = F.cross_entropy(fwd(images).float(), labels)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            grad = probe.grad
+            opt.zero_grad(set_to_none=True)
+            if "value" not in grad_scale:  # set once, by the first step of this case (the reference's)
+                grad_scale["value"] = float(grad.abs().max()) or 1.0
+            return loss.detach(), grad / grad_scale["value"]
+
+        return step
+
+    return train_step
+
+
 def build(shape, dtype, device):
     from timm.models.vision_transformer import VisionTransformer
 
     name, img, b = shape["name"], shape["img_size"], shape["batch"]
     spec = MODELS[name]
     kw = dict(spec.kwargs, img_size=img, num_classes=spec.num_classes)
-    amp = dtype != torch.float32
     with torch.device(device):
         timm_model = VisionTransformer(**kw).eval()
     state = timm_model.state_dict()
@@ -120,73 +183,24 @@ def build(shape, dtype, device):
             models["vitkern"] = m.eval()
         return models["vitkern"]
 
-    def forward(model):
-        def fn(images):
-            with torch.autocast(device.type, dtype=dtype, enabled=amp):
-                return model(images)
-
-        return fn
-
-    def infer(model):  # the fwd mode's callables: eval mode, also after a training step
-        run = forward(model)
-
-        def fn(images):
-            if model.training:
-                model.eval()
-            return run(images)
-
-        fn.model = model
-        return fn
-
     images = randn((b, 3, img, img), torch.float32, device)  # fp32: autocast casts
     labels = torch.randint(0, spec.num_classes, (b,), device=device)
-
-    probe_param = {
-        "torch": "patch_embed.proj.weight", "vitkern": "patch_embed.proj.weight", "torchvision": "conv_proj.weight"
-    }
-    optimizers: dict = {}
-    grad_scale: dict = {}
-
-    def train_step(which, wrap):
-        model = vitkern_model() if which == "vitkern" else models[which]
-        model.train()
-        fwd = wrap(forward(model))
-        if which not in optimizers:
-            opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-            scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-            optimizers[which] = (opt, scaler)
-        opt, scaler = optimizers[which]
-        probe = dict(model.named_parameters())[probe_param[which]]
-
-        def step(images):
-            loss = F.cross_entropy(fwd(images).float(), labels)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            grad = probe.grad
-            opt.zero_grad(set_to_none=True)
-            if "value" not in grad_scale:  # set once, by the first step of this case (the reference's)
-                grad_scale["value"] = float(grad.abs().max()) or 1.0
-            return loss.detach(), grad / grad_scale["value"]
-
-        return step
+    train_step = make_train_step(lambda which: vitkern_model() if which == "vitkern" else models[which], labels,
+                                 dtype, device)
 
     num_params = sum(p.numel() for p in timm_model.parameters())
     return Case(
         args=(images,),
-        torch_fn=infer(timm_model),
-        vitkern_fn=lambda vk: infer(vitkern_model(vk)),
+        torch_fn=inference_fn(timm_model, dtype, device),
+        vitkern_fn=lambda vk: inference_fn(vitkern_model(vk), dtype, device),
         cost=vit_cost(vit_config(kw), img, b, dtype, param_dtype=torch.float32, num_params=num_params),
         torch_label=(
             "timm VisionTransformer, " + ("SDPA attention" if fused else "attention without SDPA (TIMM_FUSED_ATTN?)")
         ),
         items=b,
-        references={"torchvision": Reference(infer(tv_model) if tv_model is not None else None, tv_label)},
+        references={
+            "torchvision": Reference(inference_fn(tv_model, dtype, device) if tv_model is not None else None, tv_label)
+        },
         train_step=train_step,
     )
 
