@@ -130,6 +130,30 @@ def test_patched_model_matches_and_unpatch_restores(family):
     assert "_vitkern_patch" not in vars(model) and all("_vitkern_patch" not in vars(m) for m in model.modules())
 
 
+def _close_to_scale(got, want, tol, msg="", floor=1e-6):
+    scale = want.float().abs().max().clamp_min(floor)
+    err = (got.float() - want.float()).abs().max()
+    assert err <= tol * scale, f"{msg}: max abs err {float(err):.3g} > {tol} x {float(scale):.3g}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_family_under_bf16_autocast(family):
+    model = FAMILIES[family]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_grads = _run(model, x)
+    with vitkern.use_backend("reference"):
+        vitkern.patch_model(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, got_grads = _run(model, x)
+    _close_to_scale(got, want, 5e-2, "output")
+    # bf16 rounding of the unfused path against fp32 epilogues: the bf16 rule, with a floor of 1/50
+    # of the largest gradient for those that are zero in exact arithmetic (a key projection's bias)
+    floor = max(float(g.abs().max()) for g in want_grads.values()) / 50
+    for name in want_grads:
+        _close_to_scale(got_grads[name], want_grads[name], 1e-1, name, floor=floor)
+
+
 def test_what_each_family_patches():
     kinds = lambda model: {e.kind for e in vitkern.patch_model(model).patched}  # noqa: E731
     assert {"timm Attention", "timm Mlp", "timm Block", "timm PatchEmbed", "timm LayerNorm"} <= kinds(
@@ -332,3 +356,60 @@ def test_sdpa_override_under_torch_compile(sdpa_counter):
         torch._dynamo.reset()
         out = torch.compile(lambda t: F.scaled_dot_product_attention(t, t, t), backend="aot_eager")(q)
     torch.testing.assert_close(out, torch._C._nn.scaled_dot_product_attention(q, q, q), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Wrapping after patching: DDP and FSDP2 (one process on gloo), the inductor compile
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_ddp_and_fsdp2_wrap_a_patched_model(one_process_group, wrapper):
+    model = _timm(init_values=0.1).train()
+    x = torch.randn(2, 3, 32, 32)
+    want, want_grads = _run(model, x)
+    model.zero_grad(set_to_none=True)
+    with vitkern.use_backend("reference"):
+        vitkern.patch_model(model)
+        if wrapper == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (1,))
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+        with ops_called() as ops:
+            got = _output(wrapped(x))
+        got.float().square().mean().backward()
+    assert {"attention_qkvpacked", "mlp"} <= set(ops)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-5)
+    for name, p in model.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        torch.testing.assert_close(grad, want_grads[name.replace("module.", "")], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_inductor_compile_of_every_patched_family(family):
+    model = FAMILIES[family]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with vitkern.use_backend("reference"):
+        vitkern.patch_model(model)
+        want = _output(model(x))
+        torch._dynamo.reset()
+        got = _output(torch.compile(model)(x))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ device query)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Optional
 
@@ -102,7 +103,11 @@ GEMM_CONFIGS: dict[str, GemmConfig] = {
     # (255 registers), 128 x 64 holds (206); under 3.8 128 x 64 spills 12 bytes in the fc1 epilogue
     # and 128 x 128 holds
     "a100_tf32": GemmConfig(128, 64 if TRITON_36 else 128, 16, 8, num_warps=8, num_stages=4, split_k=16),
+    # Triton 3.8: the GELU-backward epilogue (the MLP's dU) spilled 48 bytes at 128 x 128
+    "a100_tf32_act_grad": GemmConfig(128, 64, 16, 8, num_warps=8, num_stages=4, split_k=16),
     "a100_fp32": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=3, split_k=16),
+    # Triton 3.6: the GELU-backward epilogue (the MLP's dU) spilled 4 bytes at 3 stages
+    "a100_fp32_act_grad": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=2, split_k=16),
 }
 
 #: The epilogue kinds the rules key on (:attr:`vitkern.ops.gemm.epilogue.Epilogue.kind`): "none"
@@ -128,7 +133,9 @@ GEMM_RULES: list[tuple[tuple[int, str, str, str, str, str], str]] = [
     ((80, "16", "s", "*", "*", "*"), "a100_16_small"),
     ((80, "16", "*", "s", "*", "*"), "a100_16_small"),
     ((80, "16", "*", "*", "*", "*"), "a100_16_large"),
+    ((80, "tf32", "*", "*", "*", "act_grad"), "a100_tf32_act_grad"),
     ((80, "tf32", "*", "*", "*", "*"), "a100_tf32"),
+    ((80, "fp32", "*", "*", "*", "act_grad"), "a100_fp32_act_grad"),
     ((80, "fp32", "*", "*", "*", "*"), "a100_fp32"),
 ]
 
@@ -137,10 +144,19 @@ def config_kinds(name: str) -> tuple[str, ...]:
     """The epilogue kinds the rules select config ``name`` for (every kind when a rule naming it
     matches any kind): what the compile cases compile it with."""
     kinds: set[str] = set()
-    for rule, n in GEMM_RULES:
-        if n == name:
-            kinds.update(EPILOGUE_KINDS if rule[5] == "*" else (rule[5],))
+    archs = {rule[0] for rule, _ in GEMM_RULES}
+    classes = {rule[1] for rule, _ in GEMM_RULES}
+    for key in itertools.product(archs, classes, ("s", "m", "l"), ("s", "l"), ("s", "l"), EPILOGUE_KINDS):
+        if _first_rule(key) == name:  # the rules' first match, as select_config takes it
+            kinds.add(key[5])
     return tuple(k for k in EPILOGUE_KINDS if k in kinds)
+
+
+def _first_rule(key: tuple) -> Optional[str]:
+    for rule, name in GEMM_RULES:
+        if all(r == "*" or r == k for r, k in zip(rule, key)):
+            return name
+    return None
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -164,10 +180,10 @@ def select_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int
         raise ValueError(f"unknown epilogue kind {epilogue!r} (expected one of {EPILOGUE_KINDS})")
     arch = device_arch() if arch is None else arch
     key = (arch, dot_precision(dtype), *_buckets(M, N, K), epilogue)
-    for rule, name in GEMM_RULES:
-        if all(r == "*" or r == k for r, k in zip(rule, key)):
-            return GEMM_CONFIGS[name]
-    raise RuntimeError(f"no GEMM config for {key}")
+    name = _first_rule(key)
+    if name is None:
+        raise RuntimeError(f"no GEMM config for {key}")
+    return GEMM_CONFIGS[name]
 
 
 
