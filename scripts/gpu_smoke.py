@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import sys
-import threading
 import time
 import traceback
 from typing import Callable, Optional
@@ -28,6 +27,7 @@ import torch
 
 import vitkern
 from vitkern.testing.numerics import RELATIVE_TOLERANCE, relative_error
+from vitkern.testing.threads import run_in_thread
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -126,23 +126,6 @@ def _run(fn, tensors, backend: str, seed_grad: Optional[torch.Tensor] = None):
     return out.detach(), [t.grad for t in leaves], g
 
 
-def _in_thread(work):
-    box = {}
-
-    def target():
-        try:
-            box["result"] = work()
-        except BaseException as exc:  # noqa: BLE001  (re-raised below)
-            box["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
 def check(op: str, make: Callable, backend: str, dtype, where: str = "main thread") -> dict:
     row = {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "where": where}
     t0 = time.perf_counter()
@@ -156,7 +139,7 @@ def check(op: str, make: Callable, backend: str, dtype, where: str = "main threa
         finally:
             torch.backends.cuda.matmul.fp32_precision = previous
         if where == "worker thread":
-            out, grads, _ = _in_thread(lambda: _run(fn, tensors, backend, g))
+            out, grads, _ = run_in_thread(lambda: _run(fn, tensors, backend, g))
         else:
             out, grads, _ = _run(fn, tensors, backend, g)
         row["fwd_err"] = relative_error(out, ref_out)

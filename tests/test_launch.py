@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import pytest
 import torch
@@ -20,24 +19,7 @@ import vitkern
 from vitkern.ops import _triton
 from vitkern.ops.gemm import configs as _gemm_configs, kernels as _gemm_kernels, launch as _gemm
 from vitkern.ops._config import device_arch
-
-
-def _in_thread(fn):
-    """Run ``fn()`` in a fresh thread (a fresh ContextVar context); return or re-raise its result."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
-            box["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+from vitkern.testing.threads import run_in_thread
 
 
 def _has_allocator() -> bool:
@@ -60,14 +42,14 @@ def test_scratch_allocator_in_every_thread(device):
     # wrongly tell every other thread that it has one.
     _tma_gemm(device)
     assert _has_allocator()
-    assert not _in_thread(_has_allocator), "a fresh thread starts without Triton's allocator"
+    assert not run_in_thread(_has_allocator), "a fresh thread starts without Triton's allocator"
 
     def worker():
         out, a, b = _tma_gemm(device)
         torch.testing.assert_close(out.float(), (a.float() @ b.float().T), atol=0.25, rtol=2e-2)
         return _has_allocator()
 
-    assert _in_thread(worker), "a GEMM launched from a worker thread left it without an allocator"
+    assert run_in_thread(worker), "a GEMM launched from a worker thread left it without an allocator"
 
 
 def test_scratch_allocator_keeps_a_users_own():
@@ -81,7 +63,7 @@ def test_scratch_allocator_keeps_a_users_own():
         _triton.ensure_scratch_allocator()
         return _allocation._allocator.get()
 
-    assert _in_thread(worker) is users_allocator
+    assert run_in_thread(worker) is users_allocator
 
 
 def test_backward_from_a_worker_thread(device):
@@ -97,7 +79,7 @@ def test_backward_from_a_worker_thread(device):
             y.float().square().sum().backward()
         return y
 
-    y = _in_thread(worker)
+    y = run_in_thread(worker)
     ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
     assert x.grad is not None and w.grad is not None and b.grad is not None
