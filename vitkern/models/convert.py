@@ -11,6 +11,7 @@ The ViT's state_dict keys are timm's, so every converter produces a timm-format 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -65,12 +66,17 @@ def _param_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
 
 def _build(config: Dict[str, Any], state_dict: Mapping[str, torch.Tensor], device, dtype) -> ViT:
     model = ViT(**config, weight_init="skip", device=device, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} converted, {tuple(own[k].shape)} in the ViT"
+             for k in sorted(set(own) & set(state_dict)) if state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
         raise ValueError(
-            f"converted weights do not fit the inferred ViT config {config}: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}"
+            f"converted weights do not fit the inferred ViT config {config}: missing {missing}, "
+            f"unexpected (not mapped to the ViT) {unexpected}" + (f", shapes differ: {wrong}" if wrong else "")
         )
+    model.load_state_dict(state_dict)
     return model
 
 
@@ -79,11 +85,44 @@ def _build(config: Dict[str, Any], state_dict: Mapping[str, torch.Tensor], devic
 # ----------------------------------------------------------------------------------------------
 
 
+# VisionTransformer's methods on the forward path: a subclass that overrides one computes something
+# else than the config describes.
+_TIMM_FORWARD_METHODS = ("forward", "forward_features", "forward_head", "_pos_embed", "pool")
+
+
+def _check_timm_class(model: nn.Module) -> None:
+    """Only timm's ``VisionTransformer`` (or a subclass keeping its forward) converts; every other
+    class is refused by name."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    cls = type(model)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if getattr(model, "dist_token", None) is not None or hasattr(model, "head_dist"):
+        raise ValueError(
+            f"ViT.from_timm: {name} is a distilled DeiT (a distillation token dist_token and a second "
+            "head head_dist), which is not supported"
+        )
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"ViT.from_timm: {name} is not supported: only timm.models.vision_transformer."
+            "VisionTransformer converts (Eva, Beit, VisionTransformerRelPos, NaFlexVit and the other "
+            "ViT variants are other architectures)"
+        )
+    overridden = [m for m in _TIMM_FORWARD_METHODS if getattr(cls, m, None) is not getattr(VisionTransformer, m, None)]
+    if overridden:
+        raise ValueError(
+            f"ViT.from_timm: {name} overrides VisionTransformer's {', '.join(overridden)}, so its forward "
+            "is not the one the converted config computes; it is not supported"
+        )
+
+
 def timm_config(model: nn.Module) -> Dict[str, Any]:
     """ViT constructor keywords equivalent to a timm ``VisionTransformer``.
 
     Raises ``ValueError`` for features this ViT does not implement (attention pooling, custom block
-    or MLP types, non-LayerNorm norms, patch-embed norms, non-GELU activations, a head-dim override).
+    or MLP types, non-LayerNorm norms, patch-embed norms, non-GELU activations, a head-dim override)
+    and for model classes other than ``VisionTransformer`` (Eva, Beit, VisionTransformerRelPos,
+    NaFlexVit, the distilled DeiT, a subclass overriding the forward), naming the class.
     """
     from timm.layers import Attention as TimmAttention, LayerScale as TimmLayerScale, Mlp as TimmMlp
     from timm.models.vision_transformer import Block as TimmBlock
@@ -91,6 +130,7 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
     def unsupported(what: str):
         return ValueError(f"ViT.from_timm: {what} is not supported")
 
+    _check_timm_class(model)
     if getattr(model, "attn_pool", None) is not None:
         raise unsupported(f"global_pool={model.global_pool!r} (attention pooling)")
     pe = model.patch_embed
@@ -173,12 +213,22 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
 
 
 def from_timm(model: nn.Module, **overrides) -> ViT:
-    """A ViT with the config and weights of a timm ``VisionTransformer`` (same device and dtype)."""
+    """A ViT with the config and weights of a timm ``VisionTransformer`` (same device and dtype).
+
+    Every entry of the source's state_dict must map to the ViT (an extra parameter or buffer raises
+    ``ValueError`` naming it). The source's ``pretrained_cfg`` (input size, interpolation, mean,
+    std, crop) is kept, copied, as ``pretrained_cfg`` with timm's ``default_cfg`` alias, so
+    ``timm.data.resolve_model_data_config`` gives the same preprocessing for both models.
+    """
     cfg = timm_config(model)
     cfg.update(overrides)
     device, dtype = _param_device_dtype(model)
     out = _build(cfg, model.state_dict(), device, dtype)
     out.train(model.training)
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(pretrained_cfg, Mapping):
+        out.pretrained_cfg = copy.deepcopy(dict(pretrained_cfg))
+        out.default_cfg = out.pretrained_cfg
     return out
 
 
@@ -455,6 +505,7 @@ class _NpzLayout:
 
     def __init__(self, w, prefix: str):
         self.w, self.p = w, prefix
+        self.used: set = set()
         self.big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in w.files or (
             f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w.files
         )
@@ -468,7 +519,19 @@ class _NpzLayout:
         return f"{self.p}{key}" in self.w.files
 
     def get(self, key: str):
-        return self.w[f"{self.p}{key}"]
+        full = f"{self.p}{key}"
+        if full not in self.w.files:
+            raise ValueError(f"the checkpoint has no array {full!r}, which this model needs")
+        self.used.add(full)
+        return self.w[full]
+
+    def mark(self, *keys: str) -> None:
+        """Count ``keys`` (relative to the prefix) as mapped: read, or dropped on purpose."""
+        self.used.update(f"{self.p}{k}" for k in keys)
+
+    def unmapped(self):
+        """The arrays under the prefix that no read or :meth:`mark` accounted for, sorted."""
+        return sorted(k for k in self.w.files if k.startswith(self.p) and k not in self.used)
 
     def depth(self) -> int:
         if self.stacked:
@@ -481,6 +544,17 @@ class _NpzLayout:
         if self.stacked:
             return self.get(f"Transformer/encoderblock/{key}")[i]
         return self.get(f"Transformer/encoderblock_{i}/{key}")
+
+    def refuse_unsupported(self) -> None:
+        """Refuse, by name, the layouts whose arrays the ViT has no place for (before anything is
+        built): a MAP (multihead attention pooling) head, as SigLIP's image towers have."""
+        map_keys = sorted(k for k in self.w.files if k.startswith(f"{self.p}MAPHead_"))
+        if map_keys:
+            raise ValueError(
+                f"the checkpoint has a MAP (attention pooling) head: {len(map_keys)} arrays under "
+                f"{self.p}MAPHead_*, e.g. {map_keys[0]!r} (SigLIP's image towers have one). MAP heads "
+                "are not supported yet; pooling without one would give other features and logits"
+            )
 
 
 def _t(a, transpose: bool = True) -> torch.Tensor:
@@ -508,6 +582,7 @@ def npz_config(path, prefix: Optional[str] = None) -> Dict[str, Any]:
     """
     with _open_npz(path) as w:
         lay = _NpzLayout(w, _npz_prefix(w, prefix))
+        lay.refuse_unsupported()
         kernel = lay.get("embedding/kernel")
         if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
             raise ValueError(f"embedding/kernel must be (P, P, C, D), got {kernel.shape}")
@@ -552,12 +627,18 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
 
     Follows timm's loader: q/k/v kernels concatenated into ``qkv``, a position embedding of another
     grid resampled (bilinear), the head loaded only when its class count matches (a warning
-    otherwise). Returns the model.
+    otherwise; a model without a head drops it). Returns the model.
+
+    Every array under the prefix must map to a parameter of the model: one that does not (a MAP
+    head, a representation layer in front of a loaded head, an encoder norm or class token the
+    model lacks) raises ``ValueError`` naming it, and nothing is loaded. Arrays outside the
+    prefix (a text tower, optimizer state) are not the image model's and are not read.
     """
     from vitkern.ops.patch_embed import resample_pos_embed
 
     with _open_npz(path) as w:
         lay = _NpzLayout(w, _npz_prefix(w, prefix))
+        lay.refuse_unsupported()
         # Every array is read and checked first, and copied only when all of them fit: a failed
         # load leaves the model unchanged.
         staged: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -582,6 +663,7 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
         if model.cls_token is not None:
             copy(model.cls_token, _t(lay.get("cls"), False), "cls")
         if model.pos_embed is not None:
+            lay.used.add(lay.pos_key)
             pos = _t(w[lay.pos_key], False)
             if pos.dim() == 2:
                 pos = pos.unsqueeze(0)
@@ -596,16 +678,31 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
         if not isinstance(model.norm, nn.Identity):
             copy(model.norm.weight, _t(lay.get("Transformer/encoder_norm/scale")), "encoder_norm/scale")
             copy(model.norm.bias, _t(lay.get("Transformer/encoder_norm/bias")), "encoder_norm/bias")
-        if isinstance(model.head, nn.Linear) and lay.has("head/bias"):
-            if model.head.bias.shape[0] == lay.get("head/bias").shape[-1]:
+        pre_logits = [k for k in ("pre_logits/kernel", "pre_logits/bias") if lay.has(k)]
+        if lay.has("head/kernel") or lay.has("head/bias"):
+            ckpt_classes = int(lay.get("head/kernel").shape[-1])
+            if isinstance(model.head, nn.Linear) and model.head.out_features == ckpt_classes:
+                if pre_logits:
+                    raise ValueError(
+                        "load_npz: the checkpoint has a representation layer (pre_logits: a dense layer "
+                        "and tanh between the pooling and the head), which the ViT does not have; the "
+                        "head would be applied to other features. Build the model with num_classes=0 "
+                        "(or another class count) to drop the head and the representation layer"
+                    )
                 copy(model.head.weight, _t(lay.get("head/kernel")), "head/kernel")
-                copy(model.head.bias, _t(lay.get("head/bias")), "head/bias")
+                if model.head.bias is not None:
+                    copy(model.head.bias, _t(lay.get("head/bias")), "head/bias")
             else:
-                warnings.warn(
-                    f"load_npz: the checkpoint's head has {lay.get('head/bias').shape[-1]} classes, the model "
-                    f"{model.head.bias.shape[0]}; the head is left as initialised",
-                    stacklevel=3,
-                )
+                # The classifier (and the representation layer before it) is dropped on purpose:
+                # a model without a head, or with another class count (warned).
+                lay.mark("head/kernel", "head/bias", *pre_logits)
+                if isinstance(model.head, nn.Linear):
+                    warnings.warn(
+                        f"load_npz: the checkpoint's head has {ckpt_classes} classes, the model "
+                        f"{model.head.out_features}; the head is left as initialised"
+                        + (" and the representation layer (pre_logits) is dropped" if pre_logits else ""),
+                        stacklevel=3,
+                    )
         mha = f"MultiHeadDotProductAttention_{lay.mha}"
         for i, blk in enumerate(model.blocks):
             copy(blk.norm1.weight, _t(lay.block(i, "LayerNorm_0/scale")), f"block {i} LayerNorm_0/scale")
@@ -630,6 +727,12 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
                 copy(fc.weight, _t(lay.block(i, f"MlpBlock_{lay.mlp}/Dense_{r}/kernel")), f"block {i} Dense_{r}/kernel")
                 if fc.bias is not None:
                     copy(fc.bias, _t(lay.block(i, f"MlpBlock_{lay.mlp}/Dense_{r}/bias")), f"block {i} Dense_{r}/bias")
+        rest = lay.unmapped()
+        if rest:
+            raise ValueError(
+                f"load_npz: {len(rest)} array(s) of the checkpoint map to no parameter of the model "
+                f"(nothing was loaded): {rest[:8]}{' ...' if len(rest) > 8 else ''}"
+            )
     for param, value in staged:
         param.copy_(value.to(param.dtype))
     return model
