@@ -718,3 +718,97 @@ def test_from_timm_keeps_pretrained_cfg_for_the_data_config():
     assert m.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)  # a copy, not the source's dict
     bare = ViT.from_timm(_timm())  # built from the class: no pretrained_cfg to keep
     assert not hasattr(bare, "pretrained_cfg")
+
+
+# ------------------------------------------------------------------------------------------------
+# load_checkpoint / create_model(checkpoint_path=) into another class count or image size
+# ------------------------------------------------------------------------------------------------
+
+
+def _save(tmp_path, model, fmt):
+    path = tmp_path / f"src.{fmt}"
+    if fmt == "safetensors":
+        model.save_safetensors(path)
+    else:
+        torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_checkpoint_into_another_class_count_and_image_size_loads_as_timm(tmp_path, fmt):
+    """The head of another class count is dropped (the model's kept as initialised) and pos_embed
+    resampled, as timm adapts pretrained weights (checkpoint_filter_fn, classifier removed); this
+    once failed with a shape mismatch even with strict=False."""
+    src = _small_vit(reg_tokens=1)  # 4x4 grid, 2 prefix rows, 10 classes
+    _randomize(src, seed=14)
+    path = _save(tmp_path, src, fmt)
+    dst = _small_vit(reg_tokens=1, img_size=48, num_classes=4)
+    head = {k: v.clone() for k, v in dst.head.state_dict().items()}
+    with pytest.warns(UserWarning, match="10 classes, the model 4"):
+        assert dst.load_checkpoint(path) is dst  # strict=True
+
+    ref = _timm(reg_tokens=1, img_size=48, num_classes=4)
+    want = timm_vit.checkpoint_filter_fn(dict(src.state_dict()), ref)
+    want.pop("head.weight")
+    want.pop("head.bias")
+    ref.load_state_dict(want, strict=False)
+    got, ref_sd = dst.state_dict(), ref.state_dict()
+    assert got["pos_embed"].shape == (1, 38, 64)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], ref_sd[k], atol=1e-6, rtol=1e-6, msg=k)
+    assert all(torch.equal(dst.head.state_dict()[k], v) for k, v in head.items())
+    assert dst.head.weight.std() > 0  # initialised, not left empty
+
+    made_kw = dict(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=4, reg_tokens=1)
+    with pytest.warns(UserWarning, match="head is left as initialised"):
+        made = create_model("vit_tiny_patch16_224", checkpoint_path=path, **made_kw)
+    assert torch.equal(made.pos_embed, dst.pos_embed)
+    if fmt == "safetensors":
+        with pytest.warns(UserWarning, match="head is left as initialised"):
+            built = ViT.load_safetensors(path, img_size=48, num_classes=4)
+        assert torch.equal(built.pos_embed, dst.pos_embed) and built.head.weight.std() > 0
+
+    # one training step of the adapted model
+    opt = torch.optim.SGD(dst.parameters(), lr=0.1)
+    x, y = _images(2, size=48), torch.tensor([1, 3])
+    before = {k: v.clone() for k, v in dst.named_parameters()}
+    loss = torch.nn.functional.cross_entropy(dst.train()(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(p, before[k]) for k, p in dst.named_parameters() if p.grad is not None)
+    assert dst.head.weight.grad is not None and dst.pos_embed.grad is not None
+
+
+def test_checkpoint_into_a_headless_model_and_the_stored_grid(tmp_path):
+    src = _small_vit(img_size=(32, 48))  # a 4x6 grid: the stored config says so
+    _randomize(src, seed=15)
+    path = _save(tmp_path, src, "safetensors")
+    dst = _small_vit(img_size=48, num_classes=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # num_classes=0 drops the head without a warning
+        dst.load_checkpoint(path)
+    from vitkern.ops.patch_embed import resample_pos_embed
+
+    want = resample_pos_embed(src.pos_embed.detach(), new_size=(6, 6), old_size=(4, 6), num_prefix_tokens=1,
+                              antialias=True)
+    torch.testing.assert_close(dst.pos_embed.detach(), want, atol=0, rtol=0)
+    # without a stored config a non-square grid is not guessed
+    pt = _save(tmp_path, src, "pth")
+    with pytest.raises(ValueError, match="no square grid"):
+        _small_vit(img_size=48).load_checkpoint(pt)
+
+
+def test_checkpoint_adaptation_is_only_the_head_and_the_grid(tmp_path):
+    src = _small_vit()
+    path = _save(tmp_path, src, "pth")
+    dst = _small_vit(patch_size=16, num_classes=4)  # another patch size: not adapted
+    snap = _snapshot(dst)
+    with pytest.raises(ValueError, match="patch_embed.proj.weight"):
+        dst.load_checkpoint(path)
+    assert _unchanged(dst, snap)
+    wide = _small_vit(depth=3)
+    with pytest.raises(ValueError, match=r"missing \['blocks\.2\."):
+        wide.load_checkpoint(path)

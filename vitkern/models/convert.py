@@ -822,11 +822,92 @@ def _check_config_bounds(cfg: Mapping[str, Any], path: str) -> None:
             raise _file_error(path, f"config mlp_ratio must be a number in (0, {_CONFIG_MLP_RATIO_BOUND}], got {r!r}")
 
 
-def _check_state_against(model: nn.Module, shapes: Mapping[str, Tuple[int, ...]], strict: bool, path: str) -> None:
+class _Adaptation:
+    """How a timm-format checkpoint is fitted to a model of another class count or image size,
+    decided from the shapes alone (timm's rule for pretrained weights, ``load_pretrained`` with
+    ``checkpoint_filter_fn``): a classifier (``head.weight`` / ``head.bias``) whose class count
+    differs from the model's is dropped and the model's head kept as initialised (with a warning;
+    silently for a model without a head, ``num_classes=0``), and a ``pos_embed`` of another grid
+    is resampled to the model's (bicubic, antialiased, prefix-token rows kept). Everything else
+    must match."""
+
+    def __init__(self, model: ViT, shapes: Mapping[str, Tuple[int, ...]], path: str,
+                 stored: Optional[Mapping[str, Any]] = None):
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        self.drop: Tuple[str, ...] = ()
+        self.note: Optional[str] = None
+        self.old_grid: Optional[Tuple[int, int]] = None
+        self.num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        self.new_grid = tuple(model.patch_embed.grid_size)
+        head_w, head_b = shapes.get("head.weight"), shapes.get("head.bias")
+        if head_w is not None and own.get("head.weight") != tuple(head_w):
+            classes = head_w[0] if len(head_w) == 2 else None
+            if (classes is not None and head_w[1] == model.num_features
+                    and (head_b is None or tuple(head_b) == (classes,))):
+                self.drop = tuple(k for k in ("head.weight", "head.bias") if k in shapes)
+                if model.num_classes > 0:
+                    self.note = (f"{path!r}: the checkpoint's head has {classes} classes, the model "
+                                 f"{model.num_classes}; the head is left as initialised")
+        pos = shapes.get("pos_embed")
+        mine = own.get("pos_embed")
+        if pos is not None and mine is not None and tuple(pos) != mine and len(pos) == 3 and pos[0] == 1 \
+                and pos[2] == mine[2]:
+            n = pos[1] - self.num_prefix
+            grid = self._stored_grid(stored, n)
+            if grid is None:
+                side = math.isqrt(max(n, 0))
+                if n <= 0 or side * side != n:
+                    raise _file_error(path, f"pos_embed has {pos[1]} tokens: after the model's {self.num_prefix} "
+                                            f"prefix token(s) they are no square grid, and the file stores no "
+                                            f"image and patch size that account for them")
+                grid = (side, side)
+            self.old_grid = grid
+
+    @staticmethod
+    def _stored_grid(stored: Optional[Mapping[str, Any]], n: int) -> Optional[Tuple[int, int]]:
+        if not stored or "img_size" not in stored or "patch_size" not in stored:
+            return None
+        try:
+            img, patch = (v if isinstance(v, (list, tuple)) else [v, v]
+                          for v in (stored["img_size"], stored["patch_size"]))
+            grid = (int(img[0]) // int(patch[0]), int(img[1]) // int(patch[1]))
+        except (TypeError, ValueError, IndexError, ZeroDivisionError):
+            return None
+        return grid if grid[0] * grid[1] == n else None
+
+    def shapes(self, shapes: Mapping[str, Tuple[int, ...]], model: nn.Module) -> Dict[str, Tuple[int, ...]]:
+        """The checkpoint's shapes after the adaptation."""
+        out = {k: tuple(v) for k, v in shapes.items() if k not in self.drop}
+        if self.old_grid is not None:
+            out["pos_embed"] = tuple(model.pos_embed.shape)
+        return out
+
+    def apply(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The adapted state_dict (after the checks passed: the warning comes only with a load)."""
+        from vitkern.ops.patch_embed import resample_pos_embed
+
+        if self.note:
+            warnings.warn(self.note, stacklevel=3)
+        state = {k: v for k, v in state.items() if k not in self.drop}
+        if self.old_grid is not None:
+            state["pos_embed"] = resample_pos_embed(
+                state["pos_embed"],
+                new_size=self.new_grid,
+                old_size=self.old_grid,
+                num_prefix_tokens=self.num_prefix,
+                interpolation="bicubic",
+                antialias=True,  # timm's checkpoint_filter_fn
+            )
+        return state
+
+
+def _check_state_against(model: nn.Module, shapes: Mapping[str, Tuple[int, ...]], strict: bool, path: str,
+                         may_miss=()) -> None:
     """Keys and shapes of a checkpoint (``shapes``) against ``model``'s state_dict, before any copy:
-    ``load_state_dict`` copies every matching entry before it reports the others."""
+    ``load_state_dict`` copies every matching entry before it reports the others. ``may_miss``: the
+    model's keys the checkpoint may lack (a head dropped on purpose)."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(own) - set(shapes))
+    missing = sorted(set(own) - set(shapes) - set(may_miss))
     unexpected = sorted(set(shapes) - set(own))
     if strict and (missing or unexpected):
         raise _file_error(path, f"the checkpoint does not fit the model: missing {missing[:8]}"
@@ -842,8 +923,10 @@ def load_safetensors(path, device=None, dtype=None, strict: bool = True, **confi
     """Build a ViT from a safetensors file: the stored config updated by ``config`` (a file without
     one, e.g. a timm export, needs the full config as keywords).
 
-    The stored config is parsed, bounded (sizes, depth) and checked against the file's tensor
-    shapes on the meta device before anything is allocated; errors name the file.
+    ``num_classes`` / ``img_size`` keywords other than the file's adapt the weights as
+    :func:`load_checkpoint` does (the head dropped, ``pos_embed`` resampled). The stored config is
+    parsed, bounded (sizes, depth) and checked against the file's tensor shapes on the meta device
+    before anything is allocated; errors name the file.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -852,20 +935,23 @@ def load_safetensors(path, device=None, dtype=None, strict: bool = True, **confi
     with safe_open(p, framework="pt") as f:
         meta = f.metadata() or {}
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    cfg = _safetensors_config(meta, p)
-    cfg.update(config)
+    stored = _safetensors_config(meta, p)
+    cfg = dict(stored, **config)
     _check_config_bounds(cfg, p)
     try:
         skeleton = ViT(**cfg, weight_init="skip", device="meta")
     except (TypeError, ValueError) as e:
         raise _file_error(p, f"the config {cfg} does not build a ViT: {e}") from None
-    _check_state_against(skeleton, shapes, strict, p)
+    plan = _Adaptation(skeleton, shapes, p, stored)
+    _check_state_against(skeleton, plan.shapes(shapes, skeleton), strict, p, may_miss=plan.drop)
     del skeleton
     state = load_file(p, device=str(device) if device is not None else "cpu")
     if dtype is None:
         dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
-    model = ViT(**cfg, weight_init="skip", device=device, dtype=dtype)
-    model.load_state_dict(state, strict=strict)
+    # The dropped head keeps its initialisation: built with the default init, not "skip".
+    model = ViT(**cfg, weight_init="skip" if not plan.drop else "", device=device, dtype=dtype)
+    state = _Adaptation(model, shapes, p, stored).apply(state)
+    model.load_state_dict(state, strict=strict and not plan.drop)
     return model
 
 
@@ -888,14 +974,33 @@ def load_checkpoint(model: ViT, path, strict: bool = True) -> ViT:
     (``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is
     unwrapped). Keys are timm's. Returns the model.
 
+    A checkpoint of another class count or image size loads as timm loads pretrained weights into
+    an adapted model (``load_pretrained`` and ``checkpoint_filter_fn``), whatever ``strict``: a
+    classifier (``head.weight`` / ``head.bias``) whose class count differs from the model's is
+    dropped and the model's head stays as initialised (a warning says so; a model built with
+    ``num_classes=0`` drops it silently), and a ``pos_embed`` of another patch grid is resampled
+    to the model's (bicubic, antialiased; the class / register token rows kept). The old grid is
+    the stored config's (a vitkern safetensors file) when it accounts for the tokens, else square.
+    Anything else that differs (a patch size, a width, a missing block) raises. ``strict=False``
+    allows missing and unexpected keys, as ``load_state_dict``. An ``.npz`` file goes to
+    :func:`load_npz`, which has its own rules.
+
     Keys and shapes are checked before any copy, so a failed load leaves the model unchanged.
     """
     p = os.fspath(path)
+    stored = None
     if p.endswith(".npz"):
         return load_npz(model, p)
     if p.endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
+        with safe_open(p, framework="pt") as f:
+            meta = f.metadata() or {}
+        try:
+            stored = _safetensors_config(meta, p)  # only a hint for the old grid here
+        except ValueError:
+            stored = None
         state = load_file(p)
     else:
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -905,6 +1010,8 @@ def load_checkpoint(model: ViT, path, strict: bool = True) -> ViT:
                 break
         state = _as_state_dict(state, p)
         state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
-    _check_state_against(model, {k: tuple(v.shape) for k, v in state.items()}, strict, p)
-    model.load_state_dict(state, strict=strict)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    plan = _Adaptation(model, shapes, p, stored)
+    _check_state_against(model, plan.shapes(shapes, model), strict, p, may_miss=plan.drop)
+    model.load_state_dict(plan.apply(state), strict=strict and not plan.drop)
     return model

@@ -442,7 +442,10 @@ class ViT(nn.Module):
 
     def load_checkpoint(self, path, strict: bool = True) -> "ViT":
         """Load weights into this model from ``.safetensors``, ``.npz`` (JAX layout) or a torch
-        file (``torch.load(weights_only=True)``, timm-format keys); returns the model."""
+        file (``torch.load(weights_only=True)``, timm-format keys); returns the model. A checkpoint
+        of another class count or image size is adapted as timm adapts pretrained weights: the head
+        dropped (this model's kept as initialised, with a warning), ``pos_embed`` resampled
+        (bicubic, antialiased); see :func:`vitkern.models.convert.load_checkpoint`."""
         from vitkern.models.convert import load_checkpoint
 
         return load_checkpoint(self, path, strict=strict)
