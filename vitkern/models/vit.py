@@ -61,7 +61,8 @@ class ViT(nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2020) on vitkern's fused ops.
 
     Constructor keywords, attributes, methods (``forward_features``, ``forward_head``,
-    ``reset_classifier``, ``set_grad_checkpointing``, ``num_features``, ...) and state_dict keys
+    ``reset_classifier``, ``set_grad_checkpointing``, ``group_matcher`` for timm's layer-wise lr
+    decay, ``num_features``, ...) and state_dict keys
     follow timm's ``VisionTransformer`` for the same configuration, so a timm checkpoint loads with
     ``load_state_dict`` and ``ViT.from_timm(model)`` converts a timm model. Extra keywords:
 
@@ -264,6 +265,18 @@ class ViT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         return {"pos_embed", "cls_token", "reg_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's ``VisionTransformer.group_matcher`` (the names are timm's): the embeddings and the
+        pre-norm as the stem, one group per block, the final norm last; the head and fc_norm fall
+        in the last layer. timm's layer-wise lr decay (``param_groups_layer_decay``,
+        ``create_optimizer_v2(model, layer_decay=...)``) groups this model as it groups timm's.
+        ``coarse`` is accepted for timm's signature and, as there, changes nothing."""
+        return dict(
+            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
