@@ -119,6 +119,27 @@ def test_from_hf_model_features_and_bf16():
     assert (got - want).abs().max() <= 0.08 * want.abs().max()
 
 
+@pytest.mark.parametrize("size", [(48, 48), (32, 48), (16, 24)], ids=["48", "32x48", "down-16x24"])
+def test_from_hf_dynamic_size_resamples_as_interpolate_pos_encoding(size):
+    """Hugging Face resamples bicubic to the new grid size without antialias; the timm rule
+    (antialiased bicubic, another kernel even when upsampling) once gave other logits."""
+    hf = _hf_classifier()
+    ours = ViT.from_hf(hf, dynamic_img_size=True).eval()
+    assert ours.config["pos_embed_antialias"] is False
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = hf(pixel_values=x, interpolate_pos_encoding=True).logits
+        torch.testing.assert_close(ours(x), want, atol=ATOL, rtol=1e-5)
+        timm_rule = ViT.from_hf(hf, dynamic_img_size=True, pos_embed_antialias=True).eval()(x)
+    assert (timm_rule - want).abs().max() > 10 * ATOL  # the rule matters at these sizes
+    fixed = ViT.from_hf(hf)
+    fixed.set_input_size(size)
+    emb = hf.vit.embeddings
+    with torch.no_grad():
+        tokens = torch.zeros(1, 1 + (size[0] // 8) * (size[1] // 8), 64)
+        torch.testing.assert_close(fixed.pos_embed, emb.interpolate_pos_encoding(tokens, *size), atol=1e-6, rtol=1e-6)
+
+
 def _to_hf4_names(sd):
     """transformers 5.x ViT state_dict keys -> the 4.x names (encoder.layer.N.attention.attention.query ...)."""
     renames = [

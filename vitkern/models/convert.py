@@ -340,7 +340,10 @@ def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
     ``hidden_act`` "gelu" is the erf GELU; "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" the tanh
     approximation. ``num_classes`` defaults to ``num_labels`` (pass 0 for a ``ViTModel``).
     ``attention_probs_dropout_prob`` becomes ``attn_drop_rate``; ``hidden_dropout_prob`` (applied
-    after each branch in HF) has no exact counterpart and is not carried over.
+    after each branch in HF) has no exact counterpart and is not carried over. The position
+    embedding resamples as ``interpolate_pos_encoding=True`` does (bicubic to the new grid size
+    without antialias: ``pos_embed_antialias=False``) when the model runs with
+    ``dynamic_img_size=True`` (a keyword of :func:`from_hf`) or after ``set_input_size``.
     """
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else (
         lambda k, d=None: getattr(config, k, d)
@@ -372,6 +375,7 @@ def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
         attn_drop_rate=float(get("attention_probs_dropout_prob", 0.0) or 0.0),
         norm_eps=float(get("layer_norm_eps", 1e-12)),
         act=act,
+        pos_embed_antialias=False,  # ViTEmbeddings.interpolate_pos_encoding: F.interpolate(size=, bicubic)
     )
 
 

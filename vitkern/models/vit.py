@@ -72,6 +72,11 @@ class ViT(nn.Module):
 
     ``dynamic_img_size=True`` accepts any input size divisible by the patch size (or any size with
     ``dynamic_img_pad``) and resamples the position embedding at run time (bicubic, as timm).
+    ``pos_embed_antialias`` is that resampling's (and :meth:`set_input_size`'s) antialias flag: True
+    as timm's ``resample_abs_pos_embed``; :meth:`from_hf` sets False, Hugging Face's rule
+    (``interpolate_pos_encoding``: bicubic to the new grid size, no antialias), so a converted
+    model resamples as its source does (PyTorch's antialiased bicubic is another kernel even when
+    upsampling).
     Drop path (``drop_path_rate``, linear over depth) is a per-sample row scale in the proj / fc2
     epilogues. Weight conversion: :meth:`from_timm`, :meth:`from_torchvision`, :meth:`from_hf`,
     :meth:`from_npz` / :meth:`load_npz`, :meth:`save_safetensors` / :meth:`load_safetensors`.
@@ -104,6 +109,7 @@ class ViT(nn.Module):
         pool_include_prefix: bool = False,
         dynamic_img_size: bool = False,
         dynamic_img_pad: bool = False,
+        pos_embed_antialias: bool = True,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -124,6 +130,8 @@ class ViT(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True")
         if pos_embed not in ("", "none", "learn"):
             raise ValueError(f"pos_embed must be 'learn', 'none' or '', got {pos_embed!r}")
+        if not isinstance(pos_embed_antialias, bool):
+            raise TypeError(f"pos_embed_antialias must be a bool, got {type(pos_embed_antialias).__name__}")
         if weight_init not in ("", "jax", "jax_nlhb", "skip", "reset"):
             raise ValueError(f"weight_init must be '', 'jax', 'jax_nlhb', 'reset' or 'skip', got {weight_init!r}")
         act_name = resolve_activation(act)
@@ -152,6 +160,7 @@ class ViT(nn.Module):
         self.no_embed_class = no_embed_class
         self.pool_include_prefix = pool_include_prefix
         self.dynamic_img_size = dynamic_img_size
+        self.pos_embed_antialias = pos_embed_antialias
         self.norm_eps = norm_eps
         self.act = act_name
         self.grad_checkpointing = False
@@ -319,7 +328,7 @@ class ViT(nn.Module):
                     new_size=self.patch_embed.grid_size,
                     old_size=prev,
                     num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-                    antialias=True,
+                    antialias=self.pos_embed_antialias,
                 )
             self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
 
@@ -346,7 +355,7 @@ class ViT(nn.Module):
             new_size=grid,
             old_size=self.patch_embed.grid_size,
             num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-            antialias=True,  # timm's resample_abs_pos_embed default
+            antialias=self.pos_embed_antialias,  # timm's resample_abs_pos_embed: True; Hugging Face: False
         )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
