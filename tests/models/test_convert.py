@@ -119,6 +119,27 @@ def test_from_hf_model_features_and_bf16():
     assert (got - want).abs().max() <= 0.08 * want.abs().max()
 
 
+@pytest.mark.parametrize("size", [(48, 48), (32, 48), (16, 24)], ids=["48", "32x48", "down-16x24"])
+def test_from_hf_dynamic_size_resamples_as_interpolate_pos_encoding(size):
+    """Hugging Face resamples bicubic to the new grid size without antialias; the timm rule
+    (antialiased bicubic, another kernel even when upsampling) once gave other logits."""
+    hf = _hf_classifier()
+    ours = ViT.from_hf(hf, dynamic_img_size=True).eval()
+    assert ours.config["pos_embed_antialias"] is False
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = hf(pixel_values=x, interpolate_pos_encoding=True).logits
+        torch.testing.assert_close(ours(x), want, atol=ATOL, rtol=1e-5)
+        timm_rule = ViT.from_hf(hf, dynamic_img_size=True, pos_embed_antialias=True).eval()(x)
+    assert (timm_rule - want).abs().max() > 10 * ATOL  # the rule matters at these sizes
+    fixed = ViT.from_hf(hf)
+    fixed.set_input_size(size)
+    emb = hf.vit.embeddings
+    with torch.no_grad():
+        tokens = torch.zeros(1, 1 + (size[0] // 8) * (size[1] // 8), 64)
+        torch.testing.assert_close(fixed.pos_embed, emb.interpolate_pos_encoding(tokens, *size), atol=1e-6, rtol=1e-6)
+
+
 def _to_hf4_names(sd):
     """transformers 5.x ViT state_dict keys -> the 4.x names (encoder.layer.N.attention.attention.query ...)."""
     renames = [
@@ -182,8 +203,9 @@ def test_from_timm_keeps_dtype_and_training_mode():
 # ------------------------------------------------------------------------------------------------
 
 
-def _write_jax_npz(path, model, prefix=""):
-    """Write a timm ViT's weights in the google-research/vision_transformer .npz layout."""
+def _write_jax_npz(path, model, prefix="", extra=None):
+    """Write a timm ViT's weights in the google-research/vision_transformer .npz layout (plus the
+    arrays of ``extra``, names relative to the prefix)."""
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     dim = model.embed_dim
     heads = model.blocks[0].attn.num_heads
@@ -197,7 +219,6 @@ def _write_jax_npz(path, model, prefix=""):
         "Transformer/encoder_norm/bias": sd["norm.bias"],
         "head/kernel": sd["head.weight"].T,
         "head/bias": sd["head.bias"],
-        "pre_logits/kernel": np.zeros((dim, dim), np.float32),  # present in some checkpoints, unused
     }
     for i in range(len(model.blocks)):
         b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
@@ -214,6 +235,7 @@ def _write_jax_npz(path, model, prefix=""):
         for r in range(2):
             w[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
             w[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    w.update(extra or {})
     np.savez(path, **{prefix + k: np.ascontiguousarray(v) for k, v in w.items()})
 
 
@@ -457,3 +479,357 @@ def test_load_safetensors_checks_config_against_tensors_before_allocating(tmp_pa
 def test_from_hf_refuses_activations_the_epilogues_do_not_compute(act):
     with pytest.raises(ValueError, match=f"hidden_act {act!r} is not supported"):
         hf_config({"hidden_act": act, "hidden_size": 64, "num_attention_heads": 2})
+
+
+# ------------------------------------------------------------------------------------------------
+# Unmapped parameters raise, naming them; nothing loads partly
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_big_vision_npz(path, model, prefix="params/img/", extra=None):
+    """A timm ViT (no class token, avg pool) in the big_vision .npz layout under ``prefix``, next to
+    arrays that are not the image tower's (a text tower and SigLIP's temperature and bias)."""
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    dim = model.embed_dim
+    heads = model.blocks[0].attn.num_heads
+    d = dim // heads
+    w = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        "pos_embedding": sd["pos_embed"],
+        "Transformer/encoder_norm/scale": sd["norm.weight"],
+        "Transformer/encoder_norm/bias": sd["norm.bias"],
+        "head/kernel": sd["head.weight"].T,
+        "head/bias": sd["head.bias"],
+    }
+    for i in range(len(model.blocks)):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
+        w[p + "LayerNorm_1/scale"], w[p + "LayerNorm_1/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
+        qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
+        for j, n in enumerate(("query", "key", "value")):
+            rows = slice(j * dim, (j + 1) * dim)
+            w[p + f"MultiHeadDotProductAttention_0/{n}/kernel"] = qkv_w[rows].T.reshape(dim, heads, d)
+            w[p + f"MultiHeadDotProductAttention_0/{n}/bias"] = qkv_b[j * dim : (j + 1) * dim].reshape(heads, d)
+        w[p + "MultiHeadDotProductAttention_0/out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(heads, d, dim)
+        w[p + "MultiHeadDotProductAttention_0/out/bias"] = sd[b + "attn.proj.bias"]
+        for r in range(2):
+            w[p + f"MlpBlock_0/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            w[p + f"MlpBlock_0/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    w.update(extra or {})
+    arrays = {prefix + k: np.ascontiguousarray(v) for k, v in w.items()}
+    arrays["params/txt/Embed_0/embedding"] = np.zeros((11, dim), np.float32)
+    arrays["params/t"] = np.zeros((1,), np.float32)
+    arrays["params/b"] = np.zeros((1,), np.float32)
+    np.savez(path, **arrays)
+
+
+def _siglip_map_head(dim, heads, hidden):
+    """The arrays of big_vision's MAPHead (a probe token, attention, LayerNorm and MLP)."""
+    d = dim // heads
+    g = np.random.default_rng(0)
+    w = {"MAPHead_0/probe": g.standard_normal((1, 1, dim), np.float32)}
+    mha = "MAPHead_0/MultiHeadDotProductAttention_0/"
+    for n in ("query", "key", "value"):
+        w[mha + f"{n}/kernel"] = g.standard_normal((dim, heads, d), np.float32)
+        w[mha + f"{n}/bias"] = np.zeros((heads, d), np.float32)
+    w[mha + "out/kernel"] = g.standard_normal((heads, d, dim), np.float32)
+    w[mha + "out/bias"] = np.zeros((dim,), np.float32)
+    w["MAPHead_0/LayerNorm_0/scale"] = np.ones((dim,), np.float32)
+    w["MAPHead_0/LayerNorm_0/bias"] = np.zeros((dim,), np.float32)
+    for r, shape in enumerate(((dim, hidden), (hidden, dim))):
+        w[f"MAPHead_0/MlpBlock_0/Dense_{r}/kernel"] = g.standard_normal(shape, np.float32)
+        w[f"MAPHead_0/MlpBlock_0/Dense_{r}/bias"] = np.zeros((shape[1],), np.float32)
+    return w
+
+
+def _timm_avg(**kw):
+    return _timm(class_token=False, global_pool="avg", fc_norm=False, num_classes=12, **kw)
+
+
+def test_big_vision_npz_without_map_head_agrees_with_timm(tmp_path):
+    """The synthetic big_vision writer is right: timm's loader and ours agree on it, and the arrays
+    outside the image tower's prefix (text tower, temperature) are not read."""
+    src = _timm_avg()
+    _randomize(src, seed=11)
+    path = tmp_path / "img.npz"
+    _write_big_vision_npz(path, src)
+    ref = _timm_avg().eval()
+    timm_vit._load_weights(ref, str(path), prefix="params/img/")
+    ours = ViT.from_npz(path, act="gelu").eval()
+    assert ours.global_pool == "avg" and ours.cls_token is None and ours.num_classes == 12
+    x = _images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), src.eval()(x), atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=1e-5)
+
+
+def test_siglip_npz_with_map_head_is_refused_by_name(tmp_path):
+    """A SigLIP-style image tower (MAPHead_0 + head) once built an average-pool model and applied the
+    projection head to the mean of the tokens, without a word."""
+    src = _timm_avg()
+    path = tmp_path / "siglip.npz"
+    _write_big_vision_npz(path, src, extra=_siglip_map_head(64, 2, 256))
+    with pytest.raises(ValueError, match=r"MAPHead_0.*not supported yet") as info:
+        npz_config(path)
+    assert "params/img/MAPHead_0" in str(info.value) and "15 arrays" in str(info.value)
+    with pytest.raises(ValueError, match="MAP"):
+        ViT.from_npz(path)
+    dst = ViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=12,
+              class_token=False, global_pool="avg", fc_norm=False)
+    snap = _snapshot(dst)
+    with pytest.raises(ValueError, match="MAP"):
+        dst.load_npz(path)
+    assert _unchanged(dst, snap)
+
+
+def test_npz_arrays_the_model_has_no_place_for_raise_by_name(tmp_path):
+    src = _timm()
+    _randomize(src, seed=12)
+    path = tmp_path / "extra.npz"
+    extra = {f"Transformer/encoderblock_{i}/Adapter_0/kernel": np.zeros((64, 8), np.float32) for i in range(2)}
+    extra["Transformer/extra_norm/scale"] = np.ones((64,), np.float32)
+    _write_jax_npz(path, src, extra=extra)
+    dst = _small_vit()
+    snap = _snapshot(dst)
+    with pytest.raises(ValueError, match=r"3 array\(s\).*Adapter_0/kernel") as info:
+        dst.load_npz(path)
+    assert "Transformer/extra_norm/scale" in str(info.value)
+    assert _unchanged(dst, snap)
+    with pytest.raises(ValueError, match="Adapter_0"):
+        ViT.from_npz(path)
+    # arrays the model lacks the parameter for: an encoder norm into a model without a final norm
+    _write_jax_npz(path, src)
+    headless_norm = _small_vit(final_norm=False)
+    with pytest.raises(ValueError, match="encoder_norm/scale"):
+        headless_norm.load_npz(path)
+
+
+def test_npz_representation_layer_needs_the_head_dropped(tmp_path):
+    """pre_logits (dense + tanh before the head): loading the head without it is a wrong classifier;
+    dropping the head drops it too."""
+    src = _timm()
+    _randomize(src, seed=13)
+    path = tmp_path / "pre_logits.npz"
+    pre = {"pre_logits/kernel": np.eye(64, dtype=np.float32), "pre_logits/bias": np.zeros(64, np.float32)}
+    _write_jax_npz(path, src, extra=pre)
+    with pytest.raises(ValueError, match="pre_logits"):
+        ViT.from_npz(path)
+    feats = ViT.from_npz(path, num_classes=0, act="gelu").eval()
+    assert isinstance(feats.head, torch.nn.Identity)
+    other = _small_vit(num_classes=4)
+    with pytest.warns(UserWarning, match="pre_logits"):
+        other.load_npz(path)
+    x = _images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(feats.forward_features(x), src.eval().forward_features(x), atol=ATOL, rtol=1e-5)
+
+
+def test_from_timm_extra_parameter_raises_by_name():
+    m = _timm()
+    m.register_parameter("extra_scale", torch.nn.Parameter(torch.ones(3)))
+    with pytest.raises(ValueError, match="extra_scale"):
+        ViT.from_timm(m)
+    m = _timm()
+    m.blocks[1].attn.register_buffer("rel_bias", torch.zeros(2, 17, 17))
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.rel_bias"):
+        ViT.from_timm(m)
+
+
+def test_from_torchvision_extra_parameter_raises_by_name():
+    tv = _torchvision_model()
+    tv.encoder.layers[1].register_parameter("gate", torch.nn.Parameter(torch.ones(64)))
+    with pytest.raises(ValueError, match=r"encoder\.layers\.encoder_layer_1\.gate"):
+        ViT.from_torchvision(tv)
+    tv = _torchvision_model()
+    tv.register_parameter("dist_token", torch.nn.Parameter(torch.zeros(1, 1, 64)))
+    with pytest.raises(ValueError, match="dist_token"):
+        ViT.from_torchvision(tv)
+
+
+def test_from_hf_extra_parameter_raises_by_name():
+    hf = _hf_classifier()
+    hf.vit.embeddings.register_parameter("distillation_token", torch.nn.Parameter(torch.zeros(1, 1, 64)))
+    with pytest.raises(ValueError, match=r"vit\.embeddings\.distillation_token"):
+        ViT.from_hf(hf)
+    hf = _hf_classifier()
+    hf.vit.layers[0].register_parameter("lambda1", torch.nn.Parameter(torch.ones(64)))
+    with pytest.raises(ValueError, match="lambda1"):
+        ViT.from_hf(hf)
+
+
+# ------------------------------------------------------------------------------------------------
+# timm classes other than VisionTransformer: refused by name
+# ------------------------------------------------------------------------------------------------
+
+
+def _naflexvit():
+    naflexvit = pytest.importorskip("timm.models.naflexvit")
+    cfg = naflexvit.NaFlexVitCfg(embed_dim=64, depth=1, num_heads=2, patch_size=16, global_pool="avg")
+    return naflexvit.NaFlexVit(cfg, img_size=32)
+
+
+_TIMM_OTHER = {
+    "Eva": ("timm.models.eva", dict(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)),
+    "Beit": ("timm.models.beit", dict(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)),
+    "VisionTransformerRelPos": (
+        "timm.models.vision_transformer_relpos", dict(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", [*_TIMM_OTHER, "NaFlexVit"])
+def test_from_timm_refuses_other_architectures_by_class(name):
+    if name == "NaFlexVit":
+        m = _naflexvit()
+    else:
+        module, kw = _TIMM_OTHER[name]
+        cls = getattr(pytest.importorskip(module), name, None)
+        if cls is None:
+            pytest.skip(f"no {name} in this timm")
+        m = cls(**kw)
+    with pytest.raises(ValueError, match=rf"\.{name} is not supported: only timm"):
+        ViT.from_timm(m)
+
+
+def test_from_timm_refuses_distilled_deit_by_name():
+    deit = pytest.importorskip("timm.models.deit")
+    m = deit.VisionTransformerDistilled(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match=r"VisionTransformerDistilled is a distilled DeiT.*dist_token.*head_dist"):
+        ViT.from_timm(m)
+
+
+def test_from_timm_subclasses_convert_unless_they_override_the_forward():
+    class Plain(timm_vit.VisionTransformer):
+        def describe(self):
+            return "a method off the forward path"
+
+    class Custom(timm_vit.VisionTransformer):
+        def forward_head(self, x, pre_logits=False):
+            return super().forward_head(x, pre_logits) * 2
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=3)
+    plain = Plain(**kw).eval()
+    x = _images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(ViT.from_timm(plain).eval()(x), plain(x), atol=ATOL, rtol=1e-5)
+    with pytest.raises(ValueError, match="Custom overrides VisionTransformer's forward_head"):
+        ViT.from_timm(Custom(**kw))
+
+
+# ------------------------------------------------------------------------------------------------
+# from_timm keeps pretrained_cfg
+# ------------------------------------------------------------------------------------------------
+
+
+def test_from_timm_keeps_pretrained_cfg_for_the_data_config():
+    timm = pytest.importorskip("timm")
+    from timm.data import resolve_model_data_config
+
+    overlay = dict(input_size=(3, 48, 48), mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), interpolation="bilinear",
+                   crop_pct=0.75)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, patch_size=8, embed_dim=64,
+                          depth=1, num_heads=2, num_classes=3, pretrained_cfg_overlay=overlay)
+    ours = ViT.from_timm(m)
+    want = resolve_model_data_config(m)
+    assert want["input_size"] == (3, 48, 48) and want["mean"] == (0.1, 0.2, 0.3)
+    assert resolve_model_data_config(ours) == want
+    assert ours.default_cfg is ours.pretrained_cfg and ours.pretrained_cfg == m.pretrained_cfg
+    ours.pretrained_cfg["mean"] = (0.0, 0.0, 0.0)
+    assert m.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)  # a copy, not the source's dict
+    bare = ViT.from_timm(_timm())  # built from the class: no pretrained_cfg to keep
+    assert not hasattr(bare, "pretrained_cfg")
+
+
+# ------------------------------------------------------------------------------------------------
+# load_checkpoint / create_model(checkpoint_path=) into another class count or image size
+# ------------------------------------------------------------------------------------------------
+
+
+def _save(tmp_path, model, fmt):
+    path = tmp_path / f"src.{fmt}"
+    if fmt == "safetensors":
+        model.save_safetensors(path)
+    else:
+        torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_checkpoint_into_another_class_count_and_image_size_loads_as_timm(tmp_path, fmt):
+    """The head of another class count is dropped (the model's kept as initialised) and pos_embed
+    resampled, as timm adapts pretrained weights (checkpoint_filter_fn, classifier removed); this
+    once failed with a shape mismatch even with strict=False."""
+    src = _small_vit(reg_tokens=1)  # 4x4 grid, 2 prefix rows, 10 classes
+    _randomize(src, seed=14)
+    path = _save(tmp_path, src, fmt)
+    dst = _small_vit(reg_tokens=1, img_size=48, num_classes=4)
+    head = {k: v.clone() for k, v in dst.head.state_dict().items()}
+    with pytest.warns(UserWarning, match="10 classes, the model 4"):
+        assert dst.load_checkpoint(path) is dst  # strict=True
+
+    ref = _timm(reg_tokens=1, img_size=48, num_classes=4)
+    want = timm_vit.checkpoint_filter_fn(dict(src.state_dict()), ref)
+    want.pop("head.weight")
+    want.pop("head.bias")
+    ref.load_state_dict(want, strict=False)
+    got, ref_sd = dst.state_dict(), ref.state_dict()
+    assert got["pos_embed"].shape == (1, 38, 64)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], ref_sd[k], atol=1e-6, rtol=1e-6, msg=k)
+    assert all(torch.equal(dst.head.state_dict()[k], v) for k, v in head.items())
+    assert dst.head.weight.std() > 0  # initialised, not left empty
+
+    made_kw = dict(img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=4, reg_tokens=1)
+    with pytest.warns(UserWarning, match="head is left as initialised"):
+        made = create_model("vit_tiny_patch16_224", checkpoint_path=path, **made_kw)
+    assert torch.equal(made.pos_embed, dst.pos_embed)
+    if fmt == "safetensors":
+        with pytest.warns(UserWarning, match="head is left as initialised"):
+            built = ViT.load_safetensors(path, img_size=48, num_classes=4)
+        assert torch.equal(built.pos_embed, dst.pos_embed) and built.head.weight.std() > 0
+
+    # one training step of the adapted model
+    opt = torch.optim.SGD(dst.parameters(), lr=0.1)
+    x, y = _images(2, size=48), torch.tensor([1, 3])
+    before = {k: v.clone() for k, v in dst.named_parameters()}
+    loss = torch.nn.functional.cross_entropy(dst.train()(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(p, before[k]) for k, p in dst.named_parameters() if p.grad is not None)
+    assert dst.head.weight.grad is not None and dst.pos_embed.grad is not None
+
+
+def test_checkpoint_into_a_headless_model_and_the_stored_grid(tmp_path):
+    src = _small_vit(img_size=(32, 48))  # a 4x6 grid: the stored config says so
+    _randomize(src, seed=15)
+    path = _save(tmp_path, src, "safetensors")
+    dst = _small_vit(img_size=48, num_classes=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # num_classes=0 drops the head without a warning
+        dst.load_checkpoint(path)
+    from vitkern.ops.patch_embed import resample_pos_embed
+
+    want = resample_pos_embed(src.pos_embed.detach(), new_size=(6, 6), old_size=(4, 6), num_prefix_tokens=1,
+                              antialias=True)
+    torch.testing.assert_close(dst.pos_embed.detach(), want, atol=0, rtol=0)
+    # without a stored config a non-square grid is not guessed
+    pt = _save(tmp_path, src, "pth")
+    with pytest.raises(ValueError, match="no square grid"):
+        _small_vit(img_size=48).load_checkpoint(pt)
+
+
+def test_checkpoint_adaptation_is_only_the_head_and_the_grid(tmp_path):
+    src = _small_vit()
+    path = _save(tmp_path, src, "pth")
+    dst = _small_vit(patch_size=16, num_classes=4)  # another patch size: not adapted
+    snap = _snapshot(dst)
+    with pytest.raises(ValueError, match="patch_embed.proj.weight"):
+        dst.load_checkpoint(path)
+    assert _unchanged(dst, snap)
+    wide = _small_vit(depth=3)
+    with pytest.raises(ValueError, match=r"missing \['blocks\.2\."):
+        wide.load_checkpoint(path)

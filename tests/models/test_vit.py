@@ -437,3 +437,31 @@ def test_torch_backend_matches_reference(dtype, config):
     floor = 0.05 * max(g.abs().max().item() for g in want_grads.values())
     for name, g in want_grads.items():
         close(name, got_grads[name], g, floor)
+
+
+def _layer_decay_groups(model, optimizer=None):
+    """{parameter name: (layer lr scale, weight decay)} as timm's layer-wise lr decay groups it."""
+    from timm.optim import param_groups_layer_decay
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = optimizer.param_groups if optimizer is not None else param_groups_layer_decay(
+        model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.65
+    )
+    return {names[id(p)]: (round(g["lr_scale"], 12), g["weight_decay"]) for g in groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("config", [
+    dict(),
+    dict(reg_tokens=2, pre_norm=True, init_values=0.1, qk_norm=True),
+    dict(class_token=False, global_pool="avg", depth=3),
+], ids=["token", "reg-prenorm-ls-qknorm", "avg-fc_norm"])
+def test_group_matcher_layer_decay_groups_as_timm(config):
+    timm_optim = pytest.importorskip("timm.optim")
+    ref, ours = _pair(**config)
+    assert ours.group_matcher() == ref.group_matcher() and ours.group_matcher(coarse=True) == ref.group_matcher(True)
+    want = _layer_decay_groups(ref)
+    assert len({scale for scale, _ in want.values()}) == len(ours.blocks) + 2  # stem, each block, the end
+    assert _layer_decay_groups(ours) == want
+    opt_ref = timm_optim.create_optimizer_v2(ref, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.65)
+    opt = timm_optim.create_optimizer_v2(ours, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.65)
+    assert _layer_decay_groups(ours, opt) == _layer_decay_groups(ref, opt_ref)

@@ -11,6 +11,7 @@ The ViT's state_dict keys are timm's, so every converter produces a timm-format 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -65,12 +66,17 @@ def _param_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
 
 def _build(config: Dict[str, Any], state_dict: Mapping[str, torch.Tensor], device, dtype) -> ViT:
     model = ViT(**config, weight_init="skip", device=device, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} converted, {tuple(own[k].shape)} in the ViT"
+             for k in sorted(set(own) & set(state_dict)) if state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
         raise ValueError(
-            f"converted weights do not fit the inferred ViT config {config}: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}"
+            f"converted weights do not fit the inferred ViT config {config}: missing {missing}, "
+            f"unexpected (not mapped to the ViT) {unexpected}" + (f", shapes differ: {wrong}" if wrong else "")
         )
+    model.load_state_dict(state_dict)
     return model
 
 
@@ -79,11 +85,44 @@ def _build(config: Dict[str, Any], state_dict: Mapping[str, torch.Tensor], devic
 # ----------------------------------------------------------------------------------------------
 
 
+# VisionTransformer's methods on the forward path: a subclass that overrides one computes something
+# else than the config describes.
+_TIMM_FORWARD_METHODS = ("forward", "forward_features", "forward_head", "_pos_embed", "pool")
+
+
+def _check_timm_class(model: nn.Module) -> None:
+    """Only timm's ``VisionTransformer`` (or a subclass keeping its forward) converts; every other
+    class is refused by name."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    cls = type(model)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if getattr(model, "dist_token", None) is not None or hasattr(model, "head_dist"):
+        raise ValueError(
+            f"ViT.from_timm: {name} is a distilled DeiT (a distillation token dist_token and a second "
+            "head head_dist), which is not supported"
+        )
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"ViT.from_timm: {name} is not supported: only timm.models.vision_transformer."
+            "VisionTransformer converts (Eva, Beit, VisionTransformerRelPos, NaFlexVit and the other "
+            "ViT variants are other architectures)"
+        )
+    overridden = [m for m in _TIMM_FORWARD_METHODS if getattr(cls, m, None) is not getattr(VisionTransformer, m, None)]
+    if overridden:
+        raise ValueError(
+            f"ViT.from_timm: {name} overrides VisionTransformer's {', '.join(overridden)}, so its forward "
+            "is not the one the converted config computes; it is not supported"
+        )
+
+
 def timm_config(model: nn.Module) -> Dict[str, Any]:
     """ViT constructor keywords equivalent to a timm ``VisionTransformer``.
 
     Raises ``ValueError`` for features this ViT does not implement (attention pooling, custom block
-    or MLP types, non-LayerNorm norms, patch-embed norms, non-GELU activations, a head-dim override).
+    or MLP types, non-LayerNorm norms, patch-embed norms, non-GELU activations, a head-dim override)
+    and for model classes other than ``VisionTransformer`` (Eva, Beit, VisionTransformerRelPos,
+    NaFlexVit, the distilled DeiT, a subclass overriding the forward), naming the class.
     """
     from timm.layers import Attention as TimmAttention, LayerScale as TimmLayerScale, Mlp as TimmMlp
     from timm.models.vision_transformer import Block as TimmBlock
@@ -91,6 +130,7 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
     def unsupported(what: str):
         return ValueError(f"ViT.from_timm: {what} is not supported")
 
+    _check_timm_class(model)
     if getattr(model, "attn_pool", None) is not None:
         raise unsupported(f"global_pool={model.global_pool!r} (attention pooling)")
     pe = model.patch_embed
@@ -173,12 +213,22 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
 
 
 def from_timm(model: nn.Module, **overrides) -> ViT:
-    """A ViT with the config and weights of a timm ``VisionTransformer`` (same device and dtype)."""
+    """A ViT with the config and weights of a timm ``VisionTransformer`` (same device and dtype).
+
+    Every entry of the source's state_dict must map to the ViT (an extra parameter or buffer raises
+    ``ValueError`` naming it). The source's ``pretrained_cfg`` (input size, interpolation, mean,
+    std, crop) is kept, copied, as ``pretrained_cfg`` with timm's ``default_cfg`` alias, so
+    ``timm.data.resolve_model_data_config`` gives the same preprocessing for both models.
+    """
     cfg = timm_config(model)
     cfg.update(overrides)
     device, dtype = _param_device_dtype(model)
     out = _build(cfg, model.state_dict(), device, dtype)
     out.train(model.training)
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(pretrained_cfg, Mapping):
+        out.pretrained_cfg = copy.deepcopy(dict(pretrained_cfg))
+        out.default_cfg = out.pretrained_cfg
     return out
 
 
@@ -290,7 +340,10 @@ def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
     ``hidden_act`` "gelu" is the erf GELU; "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" the tanh
     approximation. ``num_classes`` defaults to ``num_labels`` (pass 0 for a ``ViTModel``).
     ``attention_probs_dropout_prob`` becomes ``attn_drop_rate``; ``hidden_dropout_prob`` (applied
-    after each branch in HF) has no exact counterpart and is not carried over.
+    after each branch in HF) has no exact counterpart and is not carried over. The position
+    embedding resamples as ``interpolate_pos_encoding=True`` does (bicubic to the new grid size
+    without antialias: ``pos_embed_antialias=False``) when the model runs with
+    ``dynamic_img_size=True`` (a keyword of :func:`from_hf`) or after ``set_input_size``.
     """
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else (
         lambda k, d=None: getattr(config, k, d)
@@ -322,6 +375,7 @@ def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
         attn_drop_rate=float(get("attention_probs_dropout_prob", 0.0) or 0.0),
         norm_eps=float(get("layer_norm_eps", 1e-12)),
         act=act,
+        pos_embed_antialias=False,  # ViTEmbeddings.interpolate_pos_encoding: F.interpolate(size=, bicubic)
     )
 
 
@@ -455,6 +509,7 @@ class _NpzLayout:
 
     def __init__(self, w, prefix: str):
         self.w, self.p = w, prefix
+        self.used: set = set()
         self.big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in w.files or (
             f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in w.files
         )
@@ -468,7 +523,19 @@ class _NpzLayout:
         return f"{self.p}{key}" in self.w.files
 
     def get(self, key: str):
-        return self.w[f"{self.p}{key}"]
+        full = f"{self.p}{key}"
+        if full not in self.w.files:
+            raise ValueError(f"the checkpoint has no array {full!r}, which this model needs")
+        self.used.add(full)
+        return self.w[full]
+
+    def mark(self, *keys: str) -> None:
+        """Count ``keys`` (relative to the prefix) as mapped: read, or dropped on purpose."""
+        self.used.update(f"{self.p}{k}" for k in keys)
+
+    def unmapped(self):
+        """The arrays under the prefix that no read or :meth:`mark` accounted for, sorted."""
+        return sorted(k for k in self.w.files if k.startswith(self.p) and k not in self.used)
 
     def depth(self) -> int:
         if self.stacked:
@@ -481,6 +548,17 @@ class _NpzLayout:
         if self.stacked:
             return self.get(f"Transformer/encoderblock/{key}")[i]
         return self.get(f"Transformer/encoderblock_{i}/{key}")
+
+    def refuse_unsupported(self) -> None:
+        """Refuse, by name, the layouts whose arrays the ViT has no place for (before anything is
+        built): a MAP (multihead attention pooling) head, as SigLIP's image towers have."""
+        map_keys = sorted(k for k in self.w.files if k.startswith(f"{self.p}MAPHead_"))
+        if map_keys:
+            raise ValueError(
+                f"the checkpoint has a MAP (attention pooling) head: {len(map_keys)} arrays under "
+                f"{self.p}MAPHead_*, e.g. {map_keys[0]!r} (SigLIP's image towers have one). MAP heads "
+                "are not supported yet; pooling without one would give other features and logits"
+            )
 
 
 def _t(a, transpose: bool = True) -> torch.Tensor:
@@ -508,6 +586,7 @@ def npz_config(path, prefix: Optional[str] = None) -> Dict[str, Any]:
     """
     with _open_npz(path) as w:
         lay = _NpzLayout(w, _npz_prefix(w, prefix))
+        lay.refuse_unsupported()
         kernel = lay.get("embedding/kernel")
         if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
             raise ValueError(f"embedding/kernel must be (P, P, C, D), got {kernel.shape}")
@@ -552,12 +631,18 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
 
     Follows timm's loader: q/k/v kernels concatenated into ``qkv``, a position embedding of another
     grid resampled (bilinear), the head loaded only when its class count matches (a warning
-    otherwise). Returns the model.
+    otherwise; a model without a head drops it). Returns the model.
+
+    Every array under the prefix must map to a parameter of the model: one that does not (a MAP
+    head, a representation layer in front of a loaded head, an encoder norm or class token the
+    model lacks) raises ``ValueError`` naming it, and nothing is loaded. Arrays outside the
+    prefix (a text tower, optimizer state) are not the image model's and are not read.
     """
     from vitkern.ops.patch_embed import resample_pos_embed
 
     with _open_npz(path) as w:
         lay = _NpzLayout(w, _npz_prefix(w, prefix))
+        lay.refuse_unsupported()
         # Every array is read and checked first, and copied only when all of them fit: a failed
         # load leaves the model unchanged.
         staged: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -582,6 +667,7 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
         if model.cls_token is not None:
             copy(model.cls_token, _t(lay.get("cls"), False), "cls")
         if model.pos_embed is not None:
+            lay.used.add(lay.pos_key)
             pos = _t(w[lay.pos_key], False)
             if pos.dim() == 2:
                 pos = pos.unsqueeze(0)
@@ -596,16 +682,31 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
         if not isinstance(model.norm, nn.Identity):
             copy(model.norm.weight, _t(lay.get("Transformer/encoder_norm/scale")), "encoder_norm/scale")
             copy(model.norm.bias, _t(lay.get("Transformer/encoder_norm/bias")), "encoder_norm/bias")
-        if isinstance(model.head, nn.Linear) and lay.has("head/bias"):
-            if model.head.bias.shape[0] == lay.get("head/bias").shape[-1]:
+        pre_logits = [k for k in ("pre_logits/kernel", "pre_logits/bias") if lay.has(k)]
+        if lay.has("head/kernel") or lay.has("head/bias"):
+            ckpt_classes = int(lay.get("head/kernel").shape[-1])
+            if isinstance(model.head, nn.Linear) and model.head.out_features == ckpt_classes:
+                if pre_logits:
+                    raise ValueError(
+                        "load_npz: the checkpoint has a representation layer (pre_logits: a dense layer "
+                        "and tanh between the pooling and the head), which the ViT does not have; the "
+                        "head would be applied to other features. Build the model with num_classes=0 "
+                        "(or another class count) to drop the head and the representation layer"
+                    )
                 copy(model.head.weight, _t(lay.get("head/kernel")), "head/kernel")
-                copy(model.head.bias, _t(lay.get("head/bias")), "head/bias")
+                if model.head.bias is not None:
+                    copy(model.head.bias, _t(lay.get("head/bias")), "head/bias")
             else:
-                warnings.warn(
-                    f"load_npz: the checkpoint's head has {lay.get('head/bias').shape[-1]} classes, the model "
-                    f"{model.head.bias.shape[0]}; the head is left as initialised",
-                    stacklevel=3,
-                )
+                # The classifier (and the representation layer before it) is dropped on purpose:
+                # a model without a head, or with another class count (warned).
+                lay.mark("head/kernel", "head/bias", *pre_logits)
+                if isinstance(model.head, nn.Linear):
+                    warnings.warn(
+                        f"load_npz: the checkpoint's head has {ckpt_classes} classes, the model "
+                        f"{model.head.out_features}; the head is left as initialised"
+                        + (" and the representation layer (pre_logits) is dropped" if pre_logits else ""),
+                        stacklevel=3,
+                    )
         mha = f"MultiHeadDotProductAttention_{lay.mha}"
         for i, blk in enumerate(model.blocks):
             copy(blk.norm1.weight, _t(lay.block(i, "LayerNorm_0/scale")), f"block {i} LayerNorm_0/scale")
@@ -630,6 +731,12 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
                 copy(fc.weight, _t(lay.block(i, f"MlpBlock_{lay.mlp}/Dense_{r}/kernel")), f"block {i} Dense_{r}/kernel")
                 if fc.bias is not None:
                     copy(fc.bias, _t(lay.block(i, f"MlpBlock_{lay.mlp}/Dense_{r}/bias")), f"block {i} Dense_{r}/bias")
+        rest = lay.unmapped()
+        if rest:
+            raise ValueError(
+                f"load_npz: {len(rest)} array(s) of the checkpoint map to no parameter of the model "
+                f"(nothing was loaded): {rest[:8]}{' ...' if len(rest) > 8 else ''}"
+            )
     for param, value in staged:
         param.copy_(value.to(param.dtype))
     return model
@@ -719,11 +826,92 @@ def _check_config_bounds(cfg: Mapping[str, Any], path: str) -> None:
             raise _file_error(path, f"config mlp_ratio must be a number in (0, {_CONFIG_MLP_RATIO_BOUND}], got {r!r}")
 
 
-def _check_state_against(model: nn.Module, shapes: Mapping[str, Tuple[int, ...]], strict: bool, path: str) -> None:
+class _Adaptation:
+    """How a timm-format checkpoint is fitted to a model of another class count or image size,
+    decided from the shapes alone (timm's rule for pretrained weights, ``load_pretrained`` with
+    ``checkpoint_filter_fn``): a classifier (``head.weight`` / ``head.bias``) whose class count
+    differs from the model's is dropped and the model's head kept as initialised (with a warning;
+    silently for a model without a head, ``num_classes=0``), and a ``pos_embed`` of another grid
+    is resampled to the model's (bicubic, antialiased, prefix-token rows kept). Everything else
+    must match."""
+
+    def __init__(self, model: ViT, shapes: Mapping[str, Tuple[int, ...]], path: str,
+                 stored: Optional[Mapping[str, Any]] = None):
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        self.drop: Tuple[str, ...] = ()
+        self.note: Optional[str] = None
+        self.old_grid: Optional[Tuple[int, int]] = None
+        self.num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        self.new_grid = tuple(model.patch_embed.grid_size)
+        head_w, head_b = shapes.get("head.weight"), shapes.get("head.bias")
+        if head_w is not None and own.get("head.weight") != tuple(head_w):
+            classes = head_w[0] if len(head_w) == 2 else None
+            if (classes is not None and head_w[1] == model.num_features
+                    and (head_b is None or tuple(head_b) == (classes,))):
+                self.drop = tuple(k for k in ("head.weight", "head.bias") if k in shapes)
+                if model.num_classes > 0:
+                    self.note = (f"{path!r}: the checkpoint's head has {classes} classes, the model "
+                                 f"{model.num_classes}; the head is left as initialised")
+        pos = shapes.get("pos_embed")
+        mine = own.get("pos_embed")
+        if pos is not None and mine is not None and tuple(pos) != mine and len(pos) == 3 and pos[0] == 1 \
+                and pos[2] == mine[2]:
+            n = pos[1] - self.num_prefix
+            grid = self._stored_grid(stored, n)
+            if grid is None:
+                side = math.isqrt(max(n, 0))
+                if n <= 0 or side * side != n:
+                    raise _file_error(path, f"pos_embed has {pos[1]} tokens: after the model's {self.num_prefix} "
+                                            f"prefix token(s) they are no square grid, and the file stores no "
+                                            f"image and patch size that account for them")
+                grid = (side, side)
+            self.old_grid = grid
+
+    @staticmethod
+    def _stored_grid(stored: Optional[Mapping[str, Any]], n: int) -> Optional[Tuple[int, int]]:
+        if not stored or "img_size" not in stored or "patch_size" not in stored:
+            return None
+        try:
+            img, patch = (v if isinstance(v, (list, tuple)) else [v, v]
+                          for v in (stored["img_size"], stored["patch_size"]))
+            grid = (int(img[0]) // int(patch[0]), int(img[1]) // int(patch[1]))
+        except (TypeError, ValueError, IndexError, ZeroDivisionError):
+            return None
+        return grid if grid[0] * grid[1] == n else None
+
+    def shapes(self, shapes: Mapping[str, Tuple[int, ...]], model: nn.Module) -> Dict[str, Tuple[int, ...]]:
+        """The checkpoint's shapes after the adaptation."""
+        out = {k: tuple(v) for k, v in shapes.items() if k not in self.drop}
+        if self.old_grid is not None:
+            out["pos_embed"] = tuple(model.pos_embed.shape)
+        return out
+
+    def apply(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The adapted state_dict (after the checks passed: the warning comes only with a load)."""
+        from vitkern.ops.patch_embed import resample_pos_embed
+
+        if self.note:
+            warnings.warn(self.note, stacklevel=3)
+        state = {k: v for k, v in state.items() if k not in self.drop}
+        if self.old_grid is not None:
+            state["pos_embed"] = resample_pos_embed(
+                state["pos_embed"],
+                new_size=self.new_grid,
+                old_size=self.old_grid,
+                num_prefix_tokens=self.num_prefix,
+                interpolation="bicubic",
+                antialias=True,  # timm's checkpoint_filter_fn
+            )
+        return state
+
+
+def _check_state_against(model: nn.Module, shapes: Mapping[str, Tuple[int, ...]], strict: bool, path: str,
+                         may_miss=()) -> None:
     """Keys and shapes of a checkpoint (``shapes``) against ``model``'s state_dict, before any copy:
-    ``load_state_dict`` copies every matching entry before it reports the others."""
+    ``load_state_dict`` copies every matching entry before it reports the others. ``may_miss``: the
+    model's keys the checkpoint may lack (a head dropped on purpose)."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(own) - set(shapes))
+    missing = sorted(set(own) - set(shapes) - set(may_miss))
     unexpected = sorted(set(shapes) - set(own))
     if strict and (missing or unexpected):
         raise _file_error(path, f"the checkpoint does not fit the model: missing {missing[:8]}"
@@ -739,8 +927,10 @@ def load_safetensors(path, device=None, dtype=None, strict: bool = True, **confi
     """Build a ViT from a safetensors file: the stored config updated by ``config`` (a file without
     one, e.g. a timm export, needs the full config as keywords).
 
-    The stored config is parsed, bounded (sizes, depth) and checked against the file's tensor
-    shapes on the meta device before anything is allocated; errors name the file.
+    ``num_classes`` / ``img_size`` keywords other than the file's adapt the weights as
+    :func:`load_checkpoint` does (the head dropped, ``pos_embed`` resampled). The stored config is
+    parsed, bounded (sizes, depth) and checked against the file's tensor shapes on the meta device
+    before anything is allocated; errors name the file.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -749,20 +939,23 @@ def load_safetensors(path, device=None, dtype=None, strict: bool = True, **confi
     with safe_open(p, framework="pt") as f:
         meta = f.metadata() or {}
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    cfg = _safetensors_config(meta, p)
-    cfg.update(config)
+    stored = _safetensors_config(meta, p)
+    cfg = dict(stored, **config)
     _check_config_bounds(cfg, p)
     try:
         skeleton = ViT(**cfg, weight_init="skip", device="meta")
     except (TypeError, ValueError) as e:
         raise _file_error(p, f"the config {cfg} does not build a ViT: {e}") from None
-    _check_state_against(skeleton, shapes, strict, p)
+    plan = _Adaptation(skeleton, shapes, p, stored)
+    _check_state_against(skeleton, plan.shapes(shapes, skeleton), strict, p, may_miss=plan.drop)
     del skeleton
     state = load_file(p, device=str(device) if device is not None else "cpu")
     if dtype is None:
         dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
-    model = ViT(**cfg, weight_init="skip", device=device, dtype=dtype)
-    model.load_state_dict(state, strict=strict)
+    # The dropped head keeps its initialisation: built with the default init, not "skip".
+    model = ViT(**cfg, weight_init="skip" if not plan.drop else "", device=device, dtype=dtype)
+    state = _Adaptation(model, shapes, p, stored).apply(state)
+    model.load_state_dict(state, strict=strict and not plan.drop)
     return model
 
 
@@ -785,14 +978,33 @@ def load_checkpoint(model: ViT, path, strict: bool = True) -> ViT:
     (``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is
     unwrapped). Keys are timm's. Returns the model.
 
+    A checkpoint of another class count or image size loads as timm loads pretrained weights into
+    an adapted model (``load_pretrained`` and ``checkpoint_filter_fn``), whatever ``strict``: a
+    classifier (``head.weight`` / ``head.bias``) whose class count differs from the model's is
+    dropped and the model's head stays as initialised (a warning says so; a model built with
+    ``num_classes=0`` drops it silently), and a ``pos_embed`` of another patch grid is resampled
+    to the model's (bicubic, antialiased; the class / register token rows kept). The old grid is
+    the stored config's (a vitkern safetensors file) when it accounts for the tokens, else square.
+    Anything else that differs (a patch size, a width, a missing block) raises. ``strict=False``
+    allows missing and unexpected keys, as ``load_state_dict``. An ``.npz`` file goes to
+    :func:`load_npz`, which has its own rules.
+
     Keys and shapes are checked before any copy, so a failed load leaves the model unchanged.
     """
     p = os.fspath(path)
+    stored = None
     if p.endswith(".npz"):
         return load_npz(model, p)
     if p.endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
+        with safe_open(p, framework="pt") as f:
+            meta = f.metadata() or {}
+        try:
+            stored = _safetensors_config(meta, p)  # only a hint for the old grid here
+        except ValueError:
+            stored = None
         state = load_file(p)
     else:
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -802,6 +1014,8 @@ def load_checkpoint(model: ViT, path, strict: bool = True) -> ViT:
                 break
         state = _as_state_dict(state, p)
         state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
-    _check_state_against(model, {k: tuple(v.shape) for k, v in state.items()}, strict, p)
-    model.load_state_dict(state, strict=strict)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    plan = _Adaptation(model, shapes, p, stored)
+    _check_state_against(model, plan.shapes(shapes, model), strict, p, may_miss=plan.drop)
+    model.load_state_dict(plan.apply(state), strict=strict and not plan.drop)
     return model

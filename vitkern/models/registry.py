@@ -72,7 +72,9 @@ def model_entrypoint(name: str) -> Callable[..., ViT]:
 def create_model(name: str, pretrained: bool = False, checkpoint_path=None, **kwargs) -> ViT:
     """Build a named ViT (``list_models()``); keywords override the config (e.g. ``num_classes``,
     ``drop_path_rate``, ``dtype``). Nothing is downloaded: pass ``checkpoint_path`` (a
-    ``.safetensors``, JAX ``.npz`` or torch state_dict file) to load weights."""
+    ``.safetensors``, JAX ``.npz`` or torch state_dict file) to load weights; one of another class
+    count or image size is adapted as ``ViT.load_checkpoint`` describes (the head dropped, the
+    position embedding resampled)."""
     if pretrained:
         raise ValueError(
             "vitkern does not download weights; pass checkpoint_path=... or convert a loaded model "

@@ -61,7 +61,8 @@ class ViT(nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2020) on vitkern's fused ops.
 
     Constructor keywords, attributes, methods (``forward_features``, ``forward_head``,
-    ``reset_classifier``, ``set_grad_checkpointing``, ``num_features``, ...) and state_dict keys
+    ``reset_classifier``, ``set_grad_checkpointing``, ``group_matcher`` for timm's layer-wise lr
+    decay, ``num_features``, ...) and state_dict keys
     follow timm's ``VisionTransformer`` for the same configuration, so a timm checkpoint loads with
     ``load_state_dict`` and ``ViT.from_timm(model)`` converts a timm model. Extra keywords:
 
@@ -71,6 +72,11 @@ class ViT(nn.Module):
 
     ``dynamic_img_size=True`` accepts any input size divisible by the patch size (or any size with
     ``dynamic_img_pad``) and resamples the position embedding at run time (bicubic, as timm).
+    ``pos_embed_antialias`` is that resampling's (and :meth:`set_input_size`'s) antialias flag: True
+    as timm's ``resample_abs_pos_embed``; :meth:`from_hf` sets False, Hugging Face's rule
+    (``interpolate_pos_encoding``: bicubic to the new grid size, no antialias), so a converted
+    model resamples as its source does (PyTorch's antialiased bicubic is another kernel even when
+    upsampling).
     Drop path (``drop_path_rate``, linear over depth) is a per-sample row scale in the proj / fc2
     epilogues. Weight conversion: :meth:`from_timm`, :meth:`from_torchvision`, :meth:`from_hf`,
     :meth:`from_npz` / :meth:`load_npz`, :meth:`save_safetensors` / :meth:`load_safetensors`.
@@ -103,6 +109,7 @@ class ViT(nn.Module):
         pool_include_prefix: bool = False,
         dynamic_img_size: bool = False,
         dynamic_img_pad: bool = False,
+        pos_embed_antialias: bool = True,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
@@ -123,6 +130,8 @@ class ViT(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True")
         if pos_embed not in ("", "none", "learn"):
             raise ValueError(f"pos_embed must be 'learn', 'none' or '', got {pos_embed!r}")
+        if not isinstance(pos_embed_antialias, bool):
+            raise TypeError(f"pos_embed_antialias must be a bool, got {type(pos_embed_antialias).__name__}")
         if weight_init not in ("", "jax", "jax_nlhb", "skip", "reset"):
             raise ValueError(f"weight_init must be '', 'jax', 'jax_nlhb', 'reset' or 'skip', got {weight_init!r}")
         act_name = resolve_activation(act)
@@ -151,6 +160,7 @@ class ViT(nn.Module):
         self.no_embed_class = no_embed_class
         self.pool_include_prefix = pool_include_prefix
         self.dynamic_img_size = dynamic_img_size
+        self.pos_embed_antialias = pos_embed_antialias
         self.norm_eps = norm_eps
         self.act = act_name
         self.grad_checkpointing = False
@@ -266,6 +276,18 @@ class ViT(nn.Module):
         return {"pos_embed", "cls_token", "reg_token"}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's ``VisionTransformer.group_matcher`` (the names are timm's): the embeddings and the
+        pre-norm as the stem, one group per block, the final norm last; the head and fc_norm fall
+        in the last layer. timm's layer-wise lr decay (``param_groups_layer_decay``,
+        ``create_optimizer_v2(model, layer_decay=...)``) groups this model as it groups timm's.
+        ``coarse`` is accepted for timm's signature and, as there, changes nothing."""
+        return dict(
+            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of keeping its activations."""
         self.grad_checkpointing = enable
@@ -306,7 +328,7 @@ class ViT(nn.Module):
                     new_size=self.patch_embed.grid_size,
                     old_size=prev,
                     num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-                    antialias=True,
+                    antialias=self.pos_embed_antialias,
                 )
             self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
 
@@ -333,7 +355,7 @@ class ViT(nn.Module):
             new_size=grid,
             old_size=self.patch_embed.grid_size,
             num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-            antialias=True,  # timm's resample_abs_pos_embed default
+            antialias=self.pos_embed_antialias,  # timm's resample_abs_pos_embed: True; Hugging Face: False
         )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -442,7 +464,10 @@ class ViT(nn.Module):
 
     def load_checkpoint(self, path, strict: bool = True) -> "ViT":
         """Load weights into this model from ``.safetensors``, ``.npz`` (JAX layout) or a torch
-        file (``torch.load(weights_only=True)``, timm-format keys); returns the model."""
+        file (``torch.load(weights_only=True)``, timm-format keys); returns the model. A checkpoint
+        of another class count or image size is adapted as timm adapts pretrained weights: the head
+        dropped (this model's kept as initialised, with a warning), ``pos_embed`` resampled
+        (bicubic, antialiased); see :func:`vitkern.models.convert.load_checkpoint`."""
         from vitkern.models.convert import load_checkpoint
 
         return load_checkpoint(self, path, strict=strict)
