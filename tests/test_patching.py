@@ -203,6 +203,19 @@ def test_unsupported_modules_are_reported_and_keep_working():
     assert "QuickGELUActivation" in clip_skipped["transformers CLIPMLP"]
 
 
+def test_siglip_map_head_is_reported_and_its_blocks_patched():
+    model = _timm(class_token=False, global_pool="map").eval()
+    x = torch.randn(2, 3, 32, 32)
+    want = model(x)
+    with vitkern.use_backend("reference"):
+        report = vitkern.patch_model(model)
+        got = model(x)
+    skipped = {e.kind: e.detail for e in report.skipped}
+    assert "MAP pooling head" in skipped["timm AttentionPoolLatent"]
+    assert sum(e.kind == "timm Block" for e in report.patched) == 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_flags_select_what_is_patched():
     report = vitkern.patch_model(_timm(), attention=False, residual_fusion=True, layer_norm=False)
     kinds = {e.kind for e in report.patched}

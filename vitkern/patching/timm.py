@@ -129,6 +129,10 @@ def patch_timm_modules(model: nn.Module, report: PatchReport, *, attention: bool
                 report.add(name, "timm PatchEmbed", True, "patchify + projection in one GEMM")
             else:
                 report.add(name, "timm PatchEmbed", False, reason)
+        elif kind.__module__.startswith("timm.") and kind.__name__ == "AttentionPoolLatent":
+            report.add(name, "timm AttentionPoolLatent", False,
+                       "the MAP pooling head is not fused (its F.scaled_dot_product_attention call can be routed "
+                       "with vitkern.sdpa_override())")
         elif kind.__module__.startswith("timm.") and kind.__name__.endswith(("Attention", "Block", "Mlp", "Embed")) \
                 and kind not in {classes[k] for k in ("Attention", "Mlp", "Block", "PatchEmbed")}:
             report.add(name, f"timm {kind.__name__}", False, "a variant vitkern does not fuse (runs timm's forward)")
