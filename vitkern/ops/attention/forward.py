@@ -1,11 +1,13 @@
 """The attention forward kernel (flash attention): ``out`` and the row logsumexp.
 
-One program per (query block, batch * head): online softmax over key blocks in fp32, exp2 with
-log2(e) folded into the score scale, the row logsumexp saved for the backward. Key blocks that
-every row of the query block sees run without masks; the causal diagonal and the Tk tail run a
-masked copy of the same loop. Grouped-query attention maps query head h to kv head
-h // (H // Hkv). q / k / v / out are read and written through their strides (last dim unit
-stride), so the packed (B, T, 3, H, D) qkv is read in place and (B, T, H, D) written directly.
+One program per (query block, batch * head): online softmax over key blocks in fp32 in log2 units
+(the row max taken on the raw scores, ``p = exp2(qk * c - m)`` one FMA per element with
+c = scale * log2(e)), the row logsumexp (natural log) saved for the backward. One loop runs every
+key block; the blocks on the causal diagonal and the Tk tail apply the score mask behind a
+runtime test, so their K / V loads pipeline with the blocks before them. Grouped-query
+attention maps query head h to kv head h // (H // Hkv). q / k / v / out are read and written
+through their strides (last dim unit stride), so the packed (B, T, 3, H, D) qkv is read in place
+and (B, T, H, D) written directly.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from vitkern.ops.attention.tiles import (
     _attn_key_range,
     _attn_load_tile,
     _attn_program,
-    _attn_rows,
     _attn_store_tile,
     _attn_zeros,
     _wgmma_rule,
@@ -31,41 +32,50 @@ from vitkern.ops.attention.tiles import (
 def _attn_fwd_inner(
     acc_a, acc_b, l_i, m_i, q_a, q_b,
     k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-    offs_m, cols_a, cols_b, lo, hi, Tk, qk_scale,
+    offs_m, cols_a, cols_b, n_full, n_end, Tk, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Key blocks [lo, hi) of the online softmax; MASKED: the causal diagonal / Tk tail.
+    """Key blocks [0, n_end) of the online softmax in one loop; the blocks from ``n_full`` on (the
+    causal diagonal and the Tk tail) apply the score mask, a runtime test, so the pipeliner
+    overlaps every block's K / V loads with the previous block's dots, the boundary included.
+
+    Softmax in log2 units: ``m_i`` is the running row max of ``score * log2(e)``, taken on the raw
+    scores and scaled once per row, and ``p = exp2(qk * qk_scale - m)`` is one FMA per element
+    (qk_scale = scale * log2(e) > 0, see the launcher). With a key-padding bias the scaled score
+    ``qk * qk_scale + bias * log2(e)`` is formed first (one FMA) and ``p = exp2(s - m)``.
 
     Loads take no masks: ``cols_*`` repeat the last column past the head dim (q's tail is zero,
     so those products vanish, and the output's tail columns are never stored) and rows past Tk
     repeat row Tk - 1 (their scores are masked to -inf), which keeps the loop's registers for
     the dots."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + offs_n0
-        rows = _attn_rows(offs_n, Tk, MASKED)
+        rows = tl.minimum(offs_n, Tk - 1)
         k_a = tl.load(k_base + rows[:, None] * stride_kt + cols_a[None, :])
         qk = tl.dot(q_a, tl.trans(dot_operand(k_a)), input_precision=PRECISION)
         if BLOCK_DB > 0:
             k_b = tl.load(k_base + rows[:, None] * stride_kt + cols_b[None, :])
             qk = tl.dot(q_b, tl.trans(dot_operand(k_b)), qk, input_precision=PRECISION)
-        qk = qk * qk_scale
         if HAS_BIAS:
-            bias = tl.load(bias_base + rows * stride_bt)
-            qk = qk + bias[None, :] * 1.4426950408889634
-        if MASKED:
+            bias = tl.load(bias_base + rows * stride_bt) * 1.4426950408889634
+            qk = qk * qk_scale + bias[None, :]
+        if start_n >= n_full:
             valid = offs_n[None, :] < Tk
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
             qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
         if HAS_BIAS:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
             # a row whose keys so far are all masked keeps m = -inf; shift by 0 so p = alpha = 0
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
         else:
+            # every row sees key 0 in the first block (causal is top-left aligned): m is finite
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         p = dot_operand(round_to(p, k_base.dtype.element_ty))
@@ -92,7 +102,7 @@ def _attention_fwd_kernel(
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out, lse for one query block of one (batch, head). qk_scale = scale * log2(e)."""
+    """out, lse for one query block of one (batch, head). qk_scale = scale * log2(e), positive."""
     pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
     hk = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -111,12 +121,8 @@ def _attention_fwd_kernel(
     n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
         acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-        offs_m, cols_a, cols_b, 0, n_full, Tk, qk_scale,
-        BLOCK_N, BLOCK_DB, CAUSAL, False, HAS_BIAS, PRECISION)
-    acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
-        acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
         offs_m, cols_a, cols_b, n_full, n_end, Tk, qk_scale,
-        BLOCK_N, BLOCK_DB, CAUSAL, True, HAS_BIAS, PRECISION)
+        BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, PRECISION)
 
     if HAS_BIAS:
         l_div = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: out 0, lse -inf

@@ -24,6 +24,10 @@ from vitkern.ops.attention.configs import _ATTN_PRE_CONFIGS, _attn_config, _attn
 from vitkern.ops.attention.forward import _attention_fwd_kernel
 
 _LOG2E = 1.4426950408889634
+# The forward's scale runs as at least the smallest normal fp32: a zero scale becomes a scale that
+# rounds every score product to 0 beside the row max (the softmax of all-zero scores, exactly),
+# while the -inf of masked scores stays -inf (0 * -inf would be NaN).
+_FP32_TINY = 2.0 ** -126
 
 
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
@@ -49,20 +53,25 @@ def _bias_args(bias: Optional[torch.Tensor], b: int, h: int, tk: int, dummy: tor
 def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Forward into ``out`` (B, H, Tq, D), any strides with unit last stride, and ``lse``
     (contiguous fp32 (B, H, Tq)). q (B, H, Tq, D), k / v (B, Hkv, Tk, D) views with unit last
-    stride; ``bias`` None or fp32 broadcastable to (B, H, Tk). Allocates nothing."""
+    stride; ``bias`` None or fp32 broadcastable to (B, H, Tk). Allocates nothing, except for a
+    negative scale: the kernel takes the row max on raw scores, which needs a positive scale, so
+    it runs on a negated copy of q with ``-scale``."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     if b * h * tq == 0:
         return
     _check_index_range(q=q, k=k, v=v, out=out, key_padding_bias=None if bias is None else bias.expand(b, h, tk))
+    if scale < 0:
+        q, scale = -q, -scale
     da, db = _attn_pieces(d, split=q.dtype != torch.float32)
     precision = _attn_precision(q.dtype)
-    config = _attn_config("fwd", device_arch(q.device if q.is_cuda else None), precision, da + db, d != da + db)
+    config = _attn_config("fwd", device_arch(q.device if q.is_cuda else None), precision, da + db, d != da + db,
+                          tk=tk)
     grid = (triton.cdiv(tq, config.meta["BLOCK_M"]) * b * h,)
     bias_args = _bias_args(bias, b, h, tk, q)
     launch(_attention_fwd_kernel, grid, q, k, v, bias_args[0], out, lse,
            *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], *_strides3(out),
-           h, h // hkv, tq, tk, scale * _LOG2E,
+           h, h // hkv, tq, tk, max(scale, _FP32_TINY) * _LOG2E,
            HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
            PRECISION="ieee" if precision == "16bit" else precision, config=config)
 
