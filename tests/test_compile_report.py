@@ -18,7 +18,9 @@ from vitkern.testing.compile_check import attention_report
 
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_report_attention.json"
 
-_KERNELS = {"_attention_fwd_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv", "_attention_bwd_dq_kernel": "dq"}
+_KERNELS = {"_attention_fwd_kernel": "fwd", "_attention_fwd_split_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv",
+            "_attention_bwd_dq_kernel": "dq"}
+_FORWARDS = ("_attention_fwd_kernel", "_attention_fwd_split_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,11 @@ def test_report_covers_the_benchmark_shapes_on_both_tritons(report):
     for shape in report["shapes"]:
         kernels = {(k["arch"], k["kernel"]) for k in shape["kernels"]}
         for arch in (90, 80):
-            assert (arch, "_attention_fwd_kernel") in kernels and (arch, "_attention_bwd_dkdv_kernel") in kernels
+            # batch 1 fills the SMs through the split-KV forward and its merge
+            split = shape["batch"] == 1
+            forward = "_attention_fwd_split_kernel" if split else "_attention_fwd_kernel"
+            assert (arch, forward) in kernels and (arch, "_attention_bwd_dkdv_kernel") in kernels
+            assert ((arch, "_attention_fwd_merge_kernel") in kernels) == split
         for k in shape["kernels"]:
             assert set(k["triton"]) == set(report["triton_versions"]), (shape["name"], k["kernel"])
             for t in k["triton"].values():
@@ -59,7 +65,7 @@ def test_forward_holds_two_blocks_per_sm_on_sm90_for_vit_shapes(report):
     checked = 0
     for shape in report["shapes"]:
         if shape["head_dim"] in (64, 80) and shape["tokens"] <= 1025:
-            (fwd,) = [k for k in shape["kernels"] if k["arch"] == 90 and k["kernel"] == "_attention_fwd_kernel"]
+            (fwd,) = [k for k in shape["kernels"] if k["arch"] == 90 and k["kernel"] in _FORWARDS]
             for version, t in fwd["triton"].items():
                 assert t["blocks_per_sm"] >= 2, (shape["name"], version, t)
                 assert t["wgmma"], (shape["name"], version)
@@ -68,3 +74,10 @@ def test_forward_holds_two_blocks_per_sm_on_sm90_for_vit_shapes(report):
                 assert t["blocks_per_sm"] * regs_a_block <= 65536
             checked += 1
     assert checked == 6
+
+
+def test_batch_one_forward_splits_the_keys(report):
+    (shape,) = [s for s in report["shapes"] if s["batch"] == 1]
+    (split,) = [k for k in shape["kernels"] if k["arch"] == 90 and k["kernel"] == "_attention_fwd_split_kernel"]
+    # 24 query blocks (2 a head) x 4 key splits on 132 SMs
+    assert split["grid"] == 96 and split["grid"] <= split["sms"]

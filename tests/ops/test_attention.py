@@ -26,6 +26,7 @@ import vitkern
 from vitkern import _backend
 from vitkern.ops import attention as A
 from vitkern.ops.attention import configs as attn_configs, launch as attn_launch, op as attn_op, sdpa
+from vitkern.ops import _config
 from vitkern.ops._config import INTERPRETING, KernelConfig
 from vitkern.testing.numerics import assert_flash_rule, poisoned, poisoned_like, tf32_active, tf32_atol
 
@@ -296,6 +297,7 @@ def test_forward_tiles_follow_the_key_length_bucket(device, monkeypatch, tk, blo
     if torch.cuda.is_available():
         pytest.skip("the interpreter's arch (VITKERN_INTERPRET_ARCH) picks the tables here")
     monkeypatch.setenv("VITKERN_INTERPRET_ARCH", "90")
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 1)  # the plain kernel (no key split)
     seen = _recorded_fwd_configs(monkeypatch)
     _check_case(1, 2, 1, 5, tk, 64, BF16, device, bias_kind="batch")
     assert [(c.meta["BLOCK_M"], c.meta["BLOCK_N"]) for c in seen] == [(128, block_n)]
@@ -585,6 +587,101 @@ def test_config_tables_cover_every_head_dim():
         for d in A.ATTENTION_HEAD_DIMS:
             da, db = attn_configs._attn_pieces(d)
             assert attn_configs._attn_config(kernel, arch, precision, da + db) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Split-KV forward (small grids): partial results per key split merged through their lse
+# --------------------------------------------------------------------------------------------
+
+
+def _recorded_kernels(monkeypatch):
+    seen = []
+    real = attn_launch.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        seen.append((kernel, grid))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(attn_launch, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("t,splits", [(1, 1), (197, 4), (1025, 3)])
+def test_split_kv_forward_matches_the_plain_forward(device, monkeypatch, t, splits):
+    # batch 1, 2 heads: 2 x ceil(T / 128) query blocks on 64 SMs (the interpreter's SM count,
+    # raised here) take one key split per free SM; T = 1 has one key block and never splits
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's SM count decides the split here")
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 64)
+    seen = _recorded_kernels(monkeypatch)
+    q, k, v, dout = _make_inputs(1, 2, 2, t, t, 32, BF16, device)
+    plain = (poisoned_like(q), poisoned((1, 2, t), F32, device))
+    attn_launch._attention_fwd(q, k, v, None, False, 32 ** -0.5, *plain, kv_splits=1)
+    split = (poisoned_like(q), poisoned((1, 2, t), F32, device))
+    attn_launch._attention_fwd(q, k, v, None, False, 32 ** -0.5, *split)
+    launched = [(kernel, grid) for kernel, grid in seen[1:]]
+    if splits == 1:
+        assert launched == [(attn_launch._attention_fwd_kernel, (2 * triton_cdiv(t, 128),))]
+    else:
+        assert launched[0] == (attn_launch._attention_fwd_split_kernel, (2 * triton_cdiv(t, 128), splits))
+        assert launched[1][0] is attn_launch._attention_fwd_merge_kernel
+    # the same softmax, summed in another order: one bf16 rounding of the output, fp32 of the lse
+    torch.testing.assert_close(split[0].float(), plain[0].float(), atol=2 ** -8, rtol=2 ** -7)
+    torch.testing.assert_close(split[1], plain[1], atol=1e-5, rtol=1e-6)
+    # and the whole op (forward split, backward from its lse) against the references
+    _check_case(1, 2, 2, t, t, 32, BF16, device)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_split_kv_forward_causal_padding_gqa(device, monkeypatch, dtype):
+    # causal: the splits past a query block's diagonal see no key (out 0, lse -inf, weight 0);
+    # key padding with a fully masked sequence; GQA; head dim 72's masked tail
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's SM count decides the split here")
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 64)
+    seen = _recorded_kernels(monkeypatch)
+    _check_case(2, 2, 1, 150, 197, 72, dtype, device, causal=True, bias_kind="batch")
+    assert any(kernel is attn_launch._attention_fwd_split_kernel for kernel, _ in seen)
+
+
+def test_split_kv_forward_is_16bit_only(device, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's SM count decides the split here")
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 256)
+    seen = _recorded_kernels(monkeypatch)
+    _check_case(1, 2, 2, 40, 197, 64, F32, device, deterministic=True)
+    assert not any(kernel is attn_launch._attention_fwd_split_kernel for kernel, _ in seen)
+
+
+def test_kv_splits_choice():
+    # B = 1, 12 heads, T = 197 at 128 x 64 tiles: 24 programs, 4 key blocks on 132 SMs
+    assert attn_configs._attn_kv_splits(24, 4, 132) == 4
+    assert attn_configs._attn_kv_splits(132, 4, 132) == 1      # the grid fills the SMs
+    assert attn_configs._attn_kv_splits(6144, 4, 132) == 1     # B = 256
+    assert attn_configs._attn_kv_splits(24, 1, 132) == 1       # one key block
+    assert attn_configs._attn_kv_splits(18, 17, 64) == 3       # 64 // 18
+    # never an empty split: 17 key blocks in 16 splits would leave one empty at 2 a split
+    assert attn_configs._attn_kv_splits(2, 17, 132) == 9
+    assert attn_configs._attn_kv_splits(40, 17, 132) == 3
+
+
+def test_forward_plan():
+    plan = attn_configs._attn_fwd_plan
+    # ViT-B/16 at batch 1 on an H100: 128 x 64 tiles, 4 splits of one key block
+    config, splits, per_split = plan(90, "16bit", 64, False, 12, 197, 197, 132)
+    assert _tiles(config) == (128, 64, 8, 3) and (splits, per_split) == (4, 1)
+    assert plan(90, "16bit", 64, False, 256 * 12, 197, 197, 132)[1:] == (1, 4)   # batch 256: no split
+    assert plan(90, "ieee", 64, False, 12, 197, 197, 132)[1] == 1                # fp32 never splits
+    assert plan(90, "16bit", 64, False, 12, 197, 197, None, kv_splits=1)[1] == 1
+    assert plan(90, "16bit", 64, False, 12, 1025, 1025, 132, kv_splits=5)[1:] == (5, 4)  # 17 key blocks
+    # head dim 104 (128, masked): the split kernel's own tile
+    config, splits, _ = plan(90, "16bit", 128, True, 2, 197, 197, 132)
+    assert _tiles(config) == (128, 32, 8, 3) and splits > 1
+    assert _tiles(plan(90, "16bit", 128, True, 2, 197, 197, 132, kv_splits=1)[0]) == (128, 64, 8, 3)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 def _tiles(config):

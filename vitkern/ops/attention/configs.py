@@ -144,6 +144,20 @@ _ATTN_SEQ_CONFIGS: dict[tuple[str, int, str, int], tuple[tuple[int, KernelConfig
 _ATTN_PRE_CONFIGS = {64: KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1),
                      256: KernelConfig({"BLOCK_M": 16}, num_warps=4, num_stages=1)}
 
+# The split-KV forward (fp16 / bf16) runs the forward's config, except at these (arch, precision,
+# padded width) of head dims with a masked tail, where the split kernel's extra state spilled under
+# 3.6 with the forward's tile: 104 (128, 8 masked) with 128 x 64 (128 x 32: 194 / 206 registers
+# under 3.8 / 3.6), 200..248 (256) with 32 x 16 and 8 warps (4 warps: 204 / 153)
+_ATTN_SPLIT_MASKED_CONFIGS = {(90, "16bit", 128): _attn_cfg(90, 128, 32, 8, 3),
+                              (90, "16bit", 256): _attn_cfg(90, 32, 16, 4, 2)}
+
+# The split-KV forward's merge: BLOCK_M rows per program over padded head widths up to the key
+_ATTN_MERGE_CONFIGS = {128: KernelConfig({"BLOCK_M": 32}, num_warps=4, num_stages=1),
+                       256: KernelConfig({"BLOCK_M": 16}, num_warps=4, num_stages=1)}
+
+#: The most key splits of the split-KV forward.
+ATTN_MAX_KV_SPLITS = 16
+
 #: Head dims the kernels take.
 ATTENTION_HEAD_DIMS = tuple(range(16, 257, 8))
 
@@ -182,6 +196,45 @@ def _attn_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "16bit"
     return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
+
+
+def _attn_kv_splits(programs: int, key_blocks: int, sms: int) -> int:
+    """Key splits of the forward (flash-decoding style): 1, the plain kernel, when its grid of
+    ``programs`` fills the ``sms``; else as many as fill them, at most one per key block and
+    :data:`ATTN_MAX_KV_SPLITS` (B = 1, T = 197, 12 heads: 24 programs, 4 key blocks -> 4 splits,
+    96 programs on 132 SMs). Rounded so that no split is empty."""
+    if programs >= sms or key_blocks < 2:
+        return 1
+    splits = max(1, min(sms // programs, key_blocks, ATTN_MAX_KV_SPLITS))
+    per_split = -(-key_blocks // splits)
+    return -(-key_blocks // per_split)
+
+
+def _attn_split_config(arch: int, precision: str, width: int, masked: bool, tk: Optional[int]) -> KernelConfig:
+    """The split-KV forward's config: the forward's (:func:`_attn_config`) unless
+    _ATTN_SPLIT_MASKED_CONFIGS replaces it for a masked head dim."""
+    if masked and (arch, precision, width) in _ATTN_SPLIT_MASKED_CONFIGS:
+        return _ATTN_SPLIT_MASKED_CONFIGS[(arch, precision, width)]
+    return _attn_config("fwd", arch, precision, width, masked, tk=tk)
+
+
+def _attn_fwd_plan(arch: int, precision: str, width: int, masked: bool, heads: int, tq: int, tk: int,
+                   sms: Optional[int], kv_splits: Optional[int] = None) -> tuple[KernelConfig, int, int]:
+    """The forward's ``(config, splits, key blocks per split)`` for ``heads`` (batch x heads)
+    query-key slices: splits = 1 is the plain kernel. ``kv_splits`` None picks by
+    :func:`_attn_kv_splits` on ``sms``; fp32 never splits (16-bit only)."""
+    config = _attn_config("fwd", arch, precision, width, masked, tk=tk)
+    if precision != "16bit":
+        kv_splits = 1
+    elif kv_splits is None:
+        programs = -(-tq // config.meta["BLOCK_M"]) * heads
+        kv_splits = _attn_kv_splits(programs, -(-tk // config.meta["BLOCK_N"]), sms)
+    if kv_splits <= 1:
+        return config, 1, -(-tk // config.meta["BLOCK_N"])
+    config = _attn_split_config(arch, precision, width, masked, tk)
+    key_blocks = -(-tk // config.meta["BLOCK_N"])
+    per_split = -(-key_blocks // min(kv_splits, key_blocks))
+    return config, -(-key_blocks // per_split), per_split
 
 
 def _attn_tk_bucket(tk: Optional[int]) -> Optional[int]:

@@ -32,11 +32,11 @@ from vitkern.ops.attention.tiles import (
 def _attn_fwd_inner(
     acc_a, acc_b, l_i, m_i, q_a, q_b,
     k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-    offs_m, cols_a, cols_b, n_full, n_end, Tk, qk_scale,
+    offs_m, cols_a, cols_b, lo, n_full, n_end, Tk, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, EMPTY_ROWS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Key blocks [0, n_end) of the online softmax in one loop; the blocks from ``n_full`` on (the
+    """Key blocks [lo, n_end) of the online softmax in one loop; the blocks from ``n_full`` on (the
     causal diagonal and the Tk tail) apply the score mask, a runtime test, so the pipeliner
     overlaps every block's K / V loads with the previous block's dots, the boundary included.
 
@@ -44,13 +44,15 @@ def _attn_fwd_inner(
     scores and scaled once per row, and ``p = exp2(qk * qk_scale - m)`` is one FMA per element
     (qk_scale = scale * log2(e) > 0, see the launcher). With a key-padding bias the scaled score
     ``qk * qk_scale + bias * log2(e)`` is formed first (one FMA) and ``p = exp2(s - m)``.
+    EMPTY_ROWS: rows may see no key of the range (a key split past a causal row), handled as
+    the bias path handles fully masked rows.
 
     Loads take no masks: ``cols_*`` repeat the last column past the head dim (q's tail is zero,
     so those products vanish, and the output's tail columns are never stored) and rows past Tk
     repeat row Tk - 1 (their scores are masked to -inf), which keeps the loop's registers for
     the dots."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(0, n_end, BLOCK_N):
+    for start_n in range(lo, n_end, BLOCK_N):
         offs_n = start_n + offs_n0
         rows = tl.minimum(offs_n, Tk - 1)
         k_a = tl.load(k_base + rows[:, None] * stride_kt + cols_a[None, :])
@@ -72,9 +74,12 @@ def _attn_fwd_inner(
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk - m_use[:, None])
         else:
-            # every row sees key 0 in the first block (causal is top-left aligned): m is finite
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = m_new
+            if EMPTY_ROWS:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                # every row sees key 0 in the first block (causal is top-left aligned): m is finite
+                m_use = m_new
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -121,8 +126,8 @@ def _attention_fwd_kernel(
     n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
         acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-        offs_m, cols_a, cols_b, n_full, n_end, Tk, qk_scale,
-        BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, PRECISION)
+        offs_m, cols_a, cols_b, 0, n_full, n_end, Tk, qk_scale,
+        BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, False, PRECISION)
 
     if HAS_BIAS:
         l_div = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: out 0, lse -inf
@@ -133,3 +138,90 @@ def _attention_fwd_kernel(
                      offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@register_kernel(expects_wgmma=_wgmma_rule("Q", "BLOCK_M"))
+@triton.jit
+def _attention_fwd_split_kernel(
+    Q, K, V, BIAS, OUT_PART, LSE_PART,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_bb, stride_bh, stride_bt,
+    stride_ps, stride_ls,
+    H, GROUP, Tq, Tk, qk_scale, BLOCKS_PER_SPLIT,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Split-KV forward: one query block of one (batch, head) against key split ``program_id(1)``
+    (``BLOCKS_PER_SPLIT`` key blocks). Writes the split's normalised fp32 output to
+    ``OUT_PART[split, batch * H + head]`` ((Tq, HEAD_DIM) rows, contiguous) and its natural-log
+    lse to ``LSE_PART``; a split no key of which a row sees gives out 0, lse -inf."""
+    pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
+    split = tl.program_id(1).to(tl.int64)
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    bias_base = BIAS + b * stride_bb + h * stride_bh
+
+    q_a, q_b = _attn_load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
+                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    acc_a, acc_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    lo = tl.program_id(1) * BLOCKS_PER_SPLIT * BLOCK_N
+    hi = tl.minimum(lo + BLOCKS_PER_SPLIT * BLOCK_N, n_end)
+    acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
+        acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
+        offs_m, cols_a, cols_b, lo, n_full, hi, Tk, qk_scale,
+        BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, True, PRECISION)
+
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    _attn_store_tile(OUT_PART + split * stride_ps + pid_bh * Tq * HEAD_DIM, HEAD_DIM,
+                     acc_a * inv_l[:, None], acc_b * inv_l[:, None],
+                     offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE_PART + split * stride_ls + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@register_kernel
+@triton.jit
+def _attention_fwd_merge_kernel(
+    OUT_PART, LSE_PART, OUT, LSE,
+    stride_ps, stride_ls,
+    stride_ob, stride_oh, stride_ot,
+    H, Tq, SPLITS,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The split-KV forward's merge: ``lse = log(sum_s exp(lse_s))`` and ``out = sum_s
+    exp(lse_s - lse) * out_s`` per row, in fp32; rows no split saw give out 0, lse -inf."""
+    pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, False)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < Tq
+    lse_base = LSE_PART + pid_bh * Tq
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(lse_base + s * stride_ls + offs_m, mask=row_mask, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    part_ptrs = OUT_PART + pid_bh * Tq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tile_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    for s in range(0, SPLITS):
+        lse_s = tl.load(lse_base + s * stride_ls + offs_m, mask=row_mask, other=float("-inf"))
+        w = tl.math.exp2((lse_s - m_use) * 1.4426950408889634)
+        o_s = tl.load(part_ptrs, mask=tile_mask, other=0.0)
+        part_ptrs += stride_ps
+        acc += w[:, None] * o_s
+        den += w
+    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(out_ptrs, round_to(out, OUT.dtype.element_ty), mask=tile_mask)
+    tl.store(LSE + pid_bh * Tq + offs_m, m_use + tl.log(den), mask=row_mask)

@@ -56,13 +56,16 @@ def _make_case(shape: dict):
     def case():
         import torch
 
+        from vitkern.ops._config import device_arch, num_sms
         from vitkern.ops.attention.compile_cases import _case_run
 
         packed = shape.get("packed", True)
-        # the batch only sizes the grid; 1 stays 1 (an argument equal to 1 may specialise)
+        # the batch only sizes the grid; 1 stays 1 (an argument equal to 1 may specialise). The
+        # forward's key split is the one the shape's own batch gets
         b = 1 if shape["batch"] == 1 else 2
+        splits = _kv_splits(shape, device_arch(), num_sms())
         _case_run(torch.bfloat16, b, shape["heads"], shape["heads"], shape["tokens"], shape["tokens"],
-                  shape["head_dim"], packed=packed)
+                  shape["head_dim"], packed=packed, kv_splits=splits)
 
     case.__name__ = case.__qualname__ = _case_name(shape)
     case.__module__ = MODULE
@@ -74,11 +77,23 @@ if __name__ != "__main__":  # the cases register once, under this module's own n
         compile_cases(_make_case(_shape))
 
 
-def _grid(kernel: str, meta: dict, shape: dict) -> int:
+def _kv_splits(shape: dict, arch: int, sms: int) -> int:
+    """The split-KV forward's splits at the shape's own batch (as the launcher picks them)."""
+    from vitkern.ops.attention.configs import _attn_fwd_plan, _attn_pieces
+
+    d, t = shape["head_dim"], shape["tokens"]
+    da, db = _attn_pieces(d)
+    return _attn_fwd_plan(arch, "16bit", da + db, d != da + db, shape["batch"] * shape["heads"], t, t, sms)[1]
+
+
+def _grid(kernel: str, meta: dict, shape: dict, arch: int) -> int:
     """Programs of a launch at the shape's own batch (the launchers' grids)."""
     b, h, t = shape["batch"], shape["heads"], shape["tokens"]
     block = meta["BLOCK_N"] if kernel.endswith("dkdv_kernel") else meta["BLOCK_M"]
-    return math.ceil(t / block) * b * h
+    programs = math.ceil(t / block) * b * h
+    if kernel.endswith("fwd_split_kernel"):
+        programs *= _kv_splits(shape, arch, NUM_SMS[arch])
+    return programs
 
 
 def _meta(constexprs: str) -> dict:
@@ -118,7 +133,7 @@ def build_report(triton_paths: Sequence[Optional[str]] = (None,), archs: Sequenc
                     "tile": [meta.get("BLOCK_M"), meta.get("BLOCK_N")] if "BLOCK_N" in meta else [meta.get("BLOCK_M")],
                     "head_dim_pieces": [meta.get("BLOCK_DA"), meta.get("BLOCK_DB")] if "BLOCK_DA" in meta else None,
                     "warps": r["num_warps"], "stages": r["num_stages"],
-                    "grid": _grid(r["kernel"], meta, shape), "sms": NUM_SMS[r["arch"]], "triton": {},
+                    "grid": _grid(r["kernel"], meta, shape, r["arch"]), "sms": NUM_SMS[r["arch"]], "triton": {},
                 })
                 blocks = blocks_per_sm(r["arch"], r["n_regs"], r["num_warps"], r["shared"]) if r.get("n_regs") else None
                 entry["triton"][version] = {
