@@ -9,7 +9,8 @@ The key is ``(kernel, arch, precision)`` plus the padded head width; the sequenc
 ``_ATTN_SEQ_CONFIGS[(kernel, arch, precision, max_tk)]`` take precedence for ``Tk <= max_tk`` and
 the head widths they list, and everything else (longer sequences, the other widths) reads the
 length-independent tables. Resident blocks per SM (:func:`blocks_per_sm`) follow from the
-compiled registers, warps and shared memory.
+compiled registers, warps and shared memory. :func:`_attn_fwd_plan` adds the split-KV choice
+(:func:`_attn_kv_splits`; fp16 / bf16, grids smaller than the SM count).
 
 Head dims: Triton tiles are powers of two, so D is split into two power-of-two pieces, each with
 its own dots and accumulator (80 = 64 + 16, 96 = 64 + 32, 72 = 64 + 16 with the last 8 columns

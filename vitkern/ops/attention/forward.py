@@ -1,4 +1,6 @@
-"""The attention forward kernel (flash attention): ``out`` and the row logsumexp.
+"""The attention forward kernels (flash attention): ``out`` and the row logsumexp; for grids that
+leave SMs idle, the split-KV pair (a kernel per query block and key split into fp32 partials,
+and their merge through the partial lses).
 
 One program per (query block, batch * head): online softmax over key blocks in fp32 in log2 units
 (the row max taken on the raw scores, ``p = exp2(qk * c - m)`` one FMA per element with
