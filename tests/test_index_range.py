@@ -86,6 +86,12 @@ _TERMS = {
     # offs_m * stride_*t within one (batch, head) slice (batch and head offsets are int64)
     "_attention_fwd_kernel": lambda v: _attn_terms(v, [("q", "Tq"), ("k", "Tk"), ("v", "Tk"), ("b", "Tk"),
                                                        ("o", "Tq")]),
+    # the split-KV forward: q / k / v / bias as above, offs_m * HEAD_DIM in its contiguous partials
+    "_attention_fwd_split_kernel": lambda v: _attn_terms(v, [("q", "Tq"), ("k", "Tk"), ("v", "Tk"), ("b", "Tk")])
+    + [[(v["Tq"], v["HEAD_DIM"])]],
+    # offs_m * HEAD_DIM (partials), s * stride_ls (split lses), offs_m * stride_ot (out)
+    "_attention_fwd_merge_kernel": lambda v: [[(v["Tq"], v["HEAD_DIM"])], [(v["SPLITS"], v["stride_ls"])],
+                                              [(v["Tq"], v["stride_ot"])]],
     "_attention_bwd_preprocess_kernel": lambda v: _attn_terms(v, [("o", "Tq"), ("do", "Tq")]),
     "_attention_bwd_dkdv_kernel": lambda v: _attn_terms(v, [("q", "Tq"), ("k", "Tk"), ("v", "Tk"), ("b", "Tk"),
                                                             ("do", "Tq"), ("dk", "Tk"), ("dv", "Tk"), ("dq", "Tq")]),
@@ -227,6 +233,17 @@ def test_attention_large_batch_past_int32():
     _assert_fits(_captured(lambda: _attn_fwd_bwd(q, k, v, _empty(b, t, h, d).transpose(1, 2))))
 
 
+def test_attention_split_forward_offsets():
+    # batch 1: the split-KV forward (4 key splits of ViT-B/16 on 132 SMs) and its merge
+    b, h, t, d = 1, 12, 197, 64
+    qkv = _empty(b, t, 3, h, d)
+    q, k, v = A_op._packed_views(qkv)
+    launches = _captured(lambda: _attn_fwd_bwd(q, k, v, _empty(b, t, h, d).transpose(1, 2)))
+    names = [launch.entry.name.rsplit(":", 1)[-1] for launch in launches]
+    assert "_attention_fwd_split_kernel" in names and "_attention_fwd_merge_kernel" in names
+    _assert_fits(launches)
+
+
 # --------------------------------------------------------------------------------------------
 # Patch embedding: the gathers' pixel offsets, the token rows, the column sums
 # --------------------------------------------------------------------------------------------
@@ -267,6 +284,7 @@ def test_int32_overflow_rule():
 
 @pytest.mark.parametrize("kernel", [LN_kernels._layer_norm_fwd_kernel, LN_kernels._layer_norm_bwd_kernel,
                                     GK._gemm_kernel, GK._act_bwd_kernel, A_forward._attention_fwd_kernel,
+                                    A_forward._attention_fwd_split_kernel, A_forward._attention_fwd_merge_kernel,
                                     A_backward._attention_bwd_dkdv_kernel, A_backward._attention_bwd_dq_kernel,
                                     PE_kernels._patch_embed_colsum_kernel])
 def test_kernels_take_int64_program_bases(kernel):

@@ -26,6 +26,7 @@ import vitkern
 from vitkern import _backend
 from vitkern.ops import attention as A
 from vitkern.ops.attention import configs as attn_configs, launch as attn_launch, op as attn_op, sdpa
+from vitkern.ops import _config
 from vitkern.ops._config import INTERPRETING, KernelConfig
 from vitkern.testing.numerics import assert_flash_rule, poisoned, poisoned_like, tf32_active, tf32_atol
 
@@ -115,9 +116,12 @@ def _run_kernels(q, k, v, dout, causal, scale, bias, deterministic):
 
 
 def _check_case(b, h, hkv, tq, tk, d, dtype, device, causal=False, packed=False, bias_kind=None,
-                deterministic=False, scale=None, seed=0):
+                deterministic=False, scale=None, seed=0, bias=None):
+    """One case against the references; ``bias_kind`` draws a random key-padding bias (with one
+    fully masked sequence when there are two or more), ``bias`` gives one as an fp32 tensor."""
     q, k, v, dout = _make_inputs(b, h, hkv, tq, tk, d, dtype, device, packed, seed)
-    bias = None
+    if bias is not None:
+        bias = bias.to(device)
     if bias_kind is not None:
         gen = torch.Generator().manual_seed(seed + 1)
         shape = {"batch": (b, 1, tk), "head": (b, h, tk), "shared": (1, 1, tk)}[bias_kind]
@@ -223,6 +227,80 @@ def test_tf32_tolerance_admits_tf32_rounding():
 
 def test_kernels_custom_scale(device):
     _check_case(1, 2, 2, 20, 30, 64, F16, device, scale=0.3)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_kernels_negative_and_zero_scale(device, scale):
+    # the forward's row max is on raw scores: a negative scale runs on -q, a zero one on the
+    # smallest normal scale (uniform weights; the masked tail and the padded keys stay masked).
+    # torch's CPU SDPA, the same-dtype term of the rule, gives NaN gradients for these scales
+    # with a causal mask, so the causal diagonal is left to the other tests
+    _check_case(1, 2, 2, 20, 70, 64, BF16, device, scale=scale)
+    _check_case(2, 2, 2, 20, 70, 80, F16, device, bias_kind="batch", scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# The forward's single key loop: where the masked blocks fall, and the key-length buckets
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("d", [72, 80])
+def test_kernels_197_tokens_causal_padding(device, dtype, d):
+    # ViT's 197 tokens (three full key blocks of 64 and a tail of 5), head dims 72 / 80 (masked
+    # tail, two pieces), causal, a key-padding bias with one sequence fully masked (out 0, lse -inf)
+    _check_case(2, 2, 1, 197, 197, d, dtype, device, causal=True, bias_kind="batch", deterministic=dtype == F32)
+
+
+@pytest.mark.parametrize("tq,tk,causal", [
+    (33, 40, False),    # one key block, and it is masked (Tk < BLOCK_N): the loop starts masked
+    (33, 128, False),   # Tk a multiple of BLOCK_N: no block is masked
+    (70, 129, False),   # one key past the last full block
+    (200, 64, True),    # causal with Tq > Tk: rows past Tk see every key
+    (64, 200, True),    # causal with Tq < Tk: the diagonal, then nothing
+])
+def test_forward_single_loop_mask_boundaries(device, tq, tk, causal):
+    _check_case(1, 2, 2, tq, tk, 64, BF16, device, causal=causal)
+
+
+def test_forward_masked_leading_key_blocks(device):
+    # the key-padding bias masks the leading key blocks of every row of sequence 0 (m stays
+    # -inf, then finite: alpha = 0 where m was -inf) and every key of sequence 1
+    tk = 197
+    bias = torch.randn(2, 1, tk) * 0.5
+    bias[0, :, 150:160] = float("-inf")
+    bias[1] = float("-inf")
+    leading = bias.clone()
+    leading[0, :, :128] = float("-inf")
+    _check_case(2, 2, 2, 70, tk, 64, F16, device, bias=leading)
+    bias[0, :, :64] = float("-inf")  # causal: rows below 64 see no key, the others the rest
+    _check_case(2, 2, 2, 100, tk, 64, BF16, device, causal=True, bias=bias)
+
+
+def _recorded_fwd_configs(monkeypatch):
+    seen = []
+    real = attn_launch.launch
+
+    def spy(kernel, grid, *args, config=None, **kwargs):
+        if kernel is attn_launch._attention_fwd_kernel:
+            seen.append(config)
+        return real(kernel, grid, *args, config=config, **kwargs)
+
+    monkeypatch.setattr(attn_launch, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("tk,block_n", [(197, 64), (2048, 64), (2100, 128)])
+def test_forward_tiles_follow_the_key_length_bucket(device, monkeypatch, tk, block_n):
+    # the sm_90 bf16 forward at head dim 64: 128 x 64 tiles up to 2048 keys, 128 x 128 past it
+    # (the interpreter runs the chosen BLOCK_M / BLOCK_N; it ignores warps and stages)
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's arch (VITKERN_INTERPRET_ARCH) picks the tables here")
+    monkeypatch.setenv("VITKERN_INTERPRET_ARCH", "90")
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 1)  # the plain kernel (no key split)
+    seen = _recorded_fwd_configs(monkeypatch)
+    _check_case(1, 2, 1, 5, tk, 64, BF16, device, bias_kind="batch")
+    assert [(c.meta["BLOCK_M"], c.meta["BLOCK_N"]) for c in seen] == [(128, block_n)]
 
 
 @pytest.mark.slow
@@ -509,6 +587,164 @@ def test_config_tables_cover_every_head_dim():
         for d in A.ATTENTION_HEAD_DIMS:
             da, db = attn_configs._attn_pieces(d)
             assert attn_configs._attn_config(kernel, arch, precision, da + db) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Split-KV forward (small grids): partial results per key split merged through their lse
+# --------------------------------------------------------------------------------------------
+
+
+def _recorded_kernels(monkeypatch):
+    seen = []
+    real = attn_launch.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        seen.append((kernel, grid))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(attn_launch, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("t,splits", [(1, 1), (197, 4), (1025, 3)])
+def test_split_kv_forward_matches_the_plain_forward(device, monkeypatch, t, splits):
+    # batch 1, 2 heads: 2 x ceil(T / 128) query blocks on 64 SMs (the interpreter's SM count,
+    # raised here) take one key split per free SM; T = 1 has one key block and never splits
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's SM count decides the split here")
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 64)
+    seen = _recorded_kernels(monkeypatch)
+    q, k, v, dout = _make_inputs(1, 2, 2, t, t, 32, BF16, device)
+    plain = (poisoned_like(q), poisoned((1, 2, t), F32, device))
+    attn_launch._attention_fwd(q, k, v, None, False, 32 ** -0.5, *plain, kv_splits=1)
+    split = (poisoned_like(q), poisoned((1, 2, t), F32, device))
+    attn_launch._attention_fwd(q, k, v, None, False, 32 ** -0.5, *split)
+    launched = [(kernel, grid) for kernel, grid in seen[1:]]
+    if splits == 1:
+        assert launched == [(attn_launch._attention_fwd_kernel, (2 * triton_cdiv(t, 128),))]
+    else:
+        assert launched[0] == (attn_launch._attention_fwd_split_kernel, (2 * triton_cdiv(t, 128), splits))
+        assert launched[1][0] is attn_launch._attention_fwd_merge_kernel
+    # the same softmax, summed in another order: one bf16 rounding of the output, fp32 of the lse
+    torch.testing.assert_close(split[0].float(), plain[0].float(), atol=2 ** -8, rtol=2 ** -7)
+    torch.testing.assert_close(split[1], plain[1], atol=1e-5, rtol=1e-6)
+    # and the whole op (forward split, backward from its lse) against the references
+    _check_case(1, 2, 2, t, t, 32, BF16, device)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_split_kv_forward_causal_padding_gqa(device, monkeypatch, dtype):
+    # causal: the splits past a query block's diagonal see no key (out 0, lse -inf, weight 0);
+    # key padding with a fully masked sequence; GQA; head dim 72's masked tail
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's SM count decides the split here")
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 64)
+    seen = _recorded_kernels(monkeypatch)
+    _check_case(2, 2, 1, 150, 197, 72, dtype, device, causal=True, bias_kind="batch")
+    assert any(kernel is attn_launch._attention_fwd_split_kernel for kernel, _ in seen)
+
+
+def test_split_kv_forward_is_16bit_only(device, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's SM count decides the split here")
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 256)
+    seen = _recorded_kernels(monkeypatch)
+    _check_case(1, 2, 2, 40, 197, 64, F32, device, deterministic=True)
+    assert not any(kernel is attn_launch._attention_fwd_split_kernel for kernel, _ in seen)
+
+
+def test_kv_splits_choice():
+    # B = 1, 12 heads, T = 197 at 128 x 64 tiles: 24 programs, 4 key blocks on 132 SMs
+    assert attn_configs._attn_kv_splits(24, 4, 132) == 4
+    assert attn_configs._attn_kv_splits(132, 4, 132) == 1      # the grid fills the SMs
+    assert attn_configs._attn_kv_splits(6144, 4, 132) == 1     # B = 256
+    assert attn_configs._attn_kv_splits(24, 1, 132) == 1       # one key block
+    assert attn_configs._attn_kv_splits(18, 17, 64) == 3       # 64 // 18
+    # never an empty split: 17 key blocks in 16 splits would leave one empty at 2 a split
+    assert attn_configs._attn_kv_splits(2, 17, 132) == 9
+    assert attn_configs._attn_kv_splits(40, 17, 132) == 3
+
+
+def test_forward_plan():
+    plan = attn_configs._attn_fwd_plan
+    # ViT-B/16 at batch 1 on an H100: 128 x 64 tiles, 4 splits of one key block
+    config, splits, per_split = plan(90, "16bit", 64, False, 12, 197, 197, 132)
+    assert _tiles(config) == (128, 64, 8, 3) and (splits, per_split) == (4, 1)
+    assert plan(90, "16bit", 64, False, 256 * 12, 197, 197, 132)[1:] == (1, 4)   # batch 256: no split
+    assert plan(90, "ieee", 64, False, 12, 197, 197, 132)[1] == 1                # fp32 never splits
+    assert plan(90, "16bit", 64, False, 12, 197, 197, None, kv_splits=1)[1] == 1
+    assert plan(90, "16bit", 64, False, 12, 1025, 1025, 132, kv_splits=5)[1:] == (5, 4)  # 17 key blocks
+    # head dim 104 (128, masked): the split kernel's own tile
+    config, splits, _ = plan(90, "16bit", 128, True, 2, 197, 197, 132)
+    assert _tiles(config) == (128, 32, 8, 3) and splits > 1
+    assert _tiles(plan(90, "16bit", 128, True, 2, 197, 197, 132, kv_splits=1)[0]) == (128, 64, 8, 3)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def _tiles(config):
+    return config.meta["BLOCK_M"], config.meta["BLOCK_N"], config.num_warps, config.num_stages
+
+
+@pytest.mark.parametrize("d,tk,dtype,arch,tiles", [
+    # sm_90 16-bit: 128 x 64 up to 2048 keys at head widths <= 64 (2 blocks per SM), the long
+    # table's 128 x 128 past it; head dims 72 / 80 / 128 read the length-independent tables
+    (64, 1, BF16, 90, (128, 64, 8, 3)),
+    (64, 197, BF16, 90, (128, 64, 8, 3)),
+    (64, 1025, F16, 90, (128, 64, 8, 3)),
+    (64, 2048, BF16, 90, (128, 64, 8, 3)),
+    (64, 2049, BF16, 90, (128, 128, 8, 3)),
+    (64, 4096, F16, 90, (128, 128, 8, 3)),
+    (32, 197, BF16, 90, (128, 64, 8, 3)),
+    (32, 4096, BF16, 90, (128, 64, 8, 3)),   # widths <= 48: the long table's 128 x 64 as well
+    (56, 197, BF16, 90, (128, 64, 8, 3)),    # 56 pads to one masked 64-wide tile
+    (56, 4096, BF16, 90, (128, 64, 8, 3)),   # masked: 128 x 128 spilled on 3.6 at every length
+    (80, 257, BF16, 90, (128, 64, 8, 3)),
+    (72, 729, BF16, 90, (128, 64, 8, 3)),
+    (128, 4096, BF16, 90, (128, 64, 8, 3)),
+    (256, 197, BF16, 90, (128, 32, 8, 2)),
+    # fp32 and sm_80 have no key-length entries
+    (64, 197, F32, 90, (16, 32, 4, 1)),
+    (64, 197, BF16, 80, (128, 64, 8, 3)),
+    (64, 4096, BF16, 80, (128, 64, 8, 3)),
+])
+def test_forward_config_by_key_length(d, tk, dtype, arch, tiles):
+    da, db = attn_configs._attn_pieces(d, split=dtype != F32)
+    with _fp32_precision("ieee"):
+        precision = attn_configs._attn_precision(dtype)
+    config = attn_configs._attn_config("fwd", arch, precision, da + db, d != da + db, tk=tk)
+    assert _tiles(config) == tiles and config.archs == (arch,)
+
+
+def test_key_length_buckets_and_backward_tables():
+    assert attn_configs._attn_tk_bucket(None) is None
+    assert attn_configs._attn_tk_bucket(1) == attn_configs._attn_tk_bucket(2048) == 2048
+    assert attn_configs._attn_tk_bucket(2049) is None
+    for (kernel, arch, precision, bucket), table in attn_configs._ATTN_SEQ_CONFIGS.items():
+        assert kernel == "fwd" and bucket in attn_configs.ATTN_TK_BUCKETS
+        assert [w for w, _ in table] == sorted(w for w, _ in table)
+        for _, config in table:
+            assert config.archs == (arch,) and set(config.meta) == {"BLOCK_M", "BLOCK_N"}
+    # the backward kernels take no key-length bucket: tk changes nothing
+    for kernel in ("dkdv", "dq"):
+        assert (attn_configs._attn_config(kernel, 90, "16bit", 64, tk=197)
+                == attn_configs._attn_config(kernel, 90, "16bit", 64))
+
+
+@pytest.mark.parametrize("arch,regs,warps,shared,blocks", [
+    (90, 208, 8, 112 * 1024, 1),   # the 128 x 128 tile at head dim 64 before: registers bind
+    (90, 116, 8, 64 * 1024, 2),    # 128 x 64: 120 x 256 registers a block
+    (90, 128, 8, 80 * 1024, 2),    # exactly 32768 registers a block
+    (90, 129, 8, 80 * 1024, 1),    # 136 per thread after the per-warp rounding
+    (90, 106, 4, 56 * 1024, 4),
+    (90, 64, 4, 120 * 1024, 1),    # shared memory binds (with the 1 KB reserved per block)
+    (90, 32, 16, 1024, 4),         # threads bind: 2048 a SM
+    (80, 64, 4, 80 * 1024, 2),     # A100: 164 KB a SM
+])
+def test_blocks_per_sm(arch, regs, warps, shared, blocks):
+    assert attn_configs.blocks_per_sm(arch, regs, warps, shared) == blocks
 
 
 def _opcheck_inputs(device, dtype=F16):

@@ -50,15 +50,16 @@ def _attention_bwd_preprocess_kernel(
 @register_helper
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n,
+    dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias2_n,
     q_base, do_base, lse_base, delta_base, dq_base,
     stride_qt, stride_dot, stride_dqt,
-    offs_n, offs_da, offs_db, cols_a, cols_b, lo, hi, Tq, sm_scale,
+    offs_n, offs_da, offs_db, cols_a, cols_b, lo, hi, Tq, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Query blocks [lo, hi) against one key block, in the transposed orientation (S^T = K Q^T).
+    ``bias2_n``: the key block's bias times log2(e); qk_scale = sm_scale * log2(e).
 
     Mask-free loads as in the forward: rows past Tq repeat row Tq - 1 (their P is masked to 0),
     columns past the head dim repeat the last one (k's and v's tails are zero; the tails of dK
@@ -70,21 +71,21 @@ def _attn_bwd_dkdv_inner(
         rows = _attn_rows(offs_m, Tq, MASKED)
         q_a = dot_operand(tl.load(q_base + rows[:, None] * stride_qt + cols_a[None, :]))
         do_a = dot_operand(tl.load(do_base + rows[:, None] * stride_dot + cols_a[None, :]))
-        lse = tl.load(lse_base + rows)
+        lse2 = tl.load(lse_base + rows) * 1.4426950408889634
         delta = tl.load(delta_base + rows)
         if HAS_BIAS:
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
+            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # fully masked rows: p = 0
         qkT = tl.dot(k_a, tl.trans(q_a), input_precision=PRECISION)
         if BLOCK_DB > 0:
             q_b = dot_operand(tl.load(q_base + rows[:, None] * stride_qt + cols_b[None, :]))
             do_b = dot_operand(tl.load(do_base + rows[:, None] * stride_dot + cols_b[None, :]))
             qkT = tl.dot(k_b, tl.trans(q_b), qkT, input_precision=PRECISION)
-        # P = exp(s - lse) as exp2((s - lse) * log2(e)): the rounding scales with s - lse (small
-        # where P matters), not with |s| + |lse| as exp2(s * log2(e) - lse * log2(e)) would
+        # P = exp(scale * qk - lse) = exp2(qk * c - lse2): one FMA per element (c = scale * log2(e),
+        # lse2 = lse * log2(e) once per row; bias2 = bias * log2(e) once per key block)
         if USE_BIAS:
-            pT = tl.math.exp2((qkT * sm_scale + bias_n[:, None] - lse[None, :]) * 1.4426950408889634)
+            pT = tl.math.exp2(qkT * qk_scale + (bias2_n[:, None] - lse2[None, :]))
         else:
-            pT = tl.math.exp2((qkT * sm_scale - lse[None, :]) * 1.4426950408889634)
+            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
             valid = offs_m[None, :] < Tq
             if CAUSAL:
@@ -152,35 +153,36 @@ def _attention_bwd_dkdv_kernel(
         m_lo = 0
         m_diag = 0
     m_full = tl.maximum(Tq // BLOCK_M * BLOCK_M, m_diag)
+    qk_scale = sm_scale * 1.4426950408889634
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
         if HAS_BIAS:
-            bias_n = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n * stride_bt, mask=offs_n < Tk,
-                             other=float("-inf"))
+            bias2_n = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n * stride_bt, mask=offs_n < Tk,
+                              other=float("-inf")) * 1.4426950408889634
         elif ATOMIC_DQ:
-            bias_n = tl.where(offs_n < Tk, 0.0, float("-inf"))  # keys past Tk must not reach dQ
+            bias2_n = tl.where(offs_n < Tk, 0.0, float("-inf"))  # keys past Tk must not reach dQ
         else:
-            bias_n = 0.0  # rows of keys past Tk are never stored
+            bias2_n = 0.0  # rows of keys past Tk are never stored
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         dq_base = DQ + b * stride_dqb + h * stride_dqh
         lse_base = LSE + (b * H + h) * Tq
         delta_base = DELTA + (b * H + h) * Tq
         dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
-            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
+            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias2_n, q_base, do_base, lse_base, delta_base,
             dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_lo, m_diag,
-            Tq, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
+            Tq, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
             HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
         dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
-            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
+            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias2_n, q_base, do_base, lse_base, delta_base,
             dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_diag, m_full,
-            Tq, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, False,
+            Tq, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, False,
             HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
         dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
-            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
+            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias2_n, q_base, do_base, lse_base, delta_base,
             dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_full, tq_ceil,
-            Tq, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
+            Tq, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
             HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
 
     _attn_store_tile(DK + b * stride_dkb + hk * stride_dkh, stride_dkt, dk_a * sm_scale, dk_b * sm_scale,
@@ -192,13 +194,14 @@ def _attention_bwd_dkdv_kernel(
 @register_helper
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta,
+    dq_a, dq_b, q_a, q_b, do_a, do_b, lse2, delta,
     k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-    offs_m, cols_a, cols_b, lo, hi, Tk, sm_scale,
+    offs_m, cols_a, cols_b, lo, hi, Tk, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Key blocks [lo, hi) for one query block's dQ (mask-free loads as in the forward)."""
+    """Key blocks [lo, hi) for one query block's dQ (mask-free loads as in the forward); lse2 =
+    lse * log2(e) per row, qk_scale = sm_scale * log2(e): p = exp2(qk * qk_scale - lse2)."""
     in_dtype = k_base.dtype.element_ty
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -213,11 +216,11 @@ def _attn_bwd_dq_inner(
             v_b = dot_operand(tl.load(v_base + rows[:, None] * stride_vt + cols_b[None, :]))
             qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PRECISION)
             dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=PRECISION)
-        qk = qk * sm_scale
         if HAS_BIAS:
-            bias = tl.load(bias_base + rows * stride_bt)
-            qk = qk + bias[None, :]
-        p = tl.math.exp2((qk - lse[:, None]) * 1.4426950408889634)  # as in the dK/dV kernel
+            bias2 = tl.load(bias_base + rows * stride_bt) * 1.4426950408889634
+            p = tl.math.exp2(qk * qk_scale + (bias2[None, :] - lse2[:, None]))
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])  # as in the dK/dV kernel
         if MASKED:
             valid = offs_n[None, :] < Tk
             if CAUSAL:
@@ -256,9 +259,10 @@ def _attention_bwd_dq_kernel(
     do_a, do_b = _attn_load_tile(DO + b * stride_dob + h * stride_doh, stride_dot, offs_m, Tq, offs_da, offs_db,
                                  HEAD_DIM, BLOCK_DA, BLOCK_DB)
     dq_a, dq_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
-    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    lse2 = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * 1.4426950408889634
     if HAS_BIAS:
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # fully masked rows: p = 0
+    qk_scale = sm_scale * 1.4426950408889634
     delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
 
     k_base = K + b * stride_kb + hk * stride_kh
@@ -266,12 +270,12 @@ def _attention_bwd_dq_kernel(
     bias_base = BIAS + b * stride_bb + h * stride_bh
     n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     dq_a, dq_b = _attn_bwd_dq_inner(
-        dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
-        stride_bt, offs_m, cols_a, cols_b, 0, n_full, Tk, sm_scale,
+        dq_a, dq_b, q_a, q_b, do_a, do_b, lse2, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
+        stride_bt, offs_m, cols_a, cols_b, 0, n_full, Tk, qk_scale,
         BLOCK_N, BLOCK_DB, CAUSAL, False, HAS_BIAS, PRECISION)
     dq_a, dq_b = _attn_bwd_dq_inner(
-        dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
-        stride_bt, offs_m, cols_a, cols_b, n_full, n_end, Tk, sm_scale,
+        dq_a, dq_b, q_a, q_b, do_a, do_b, lse2, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
+        stride_bt, offs_m, cols_a, cols_b, n_full, n_end, Tk, qk_scale,
         BLOCK_N, BLOCK_DB, CAUSAL, True, HAS_BIAS, PRECISION)
 
     _attn_store_tile(DQ + b * stride_dqb + h * stride_dqh, stride_dqt, dq_a * sm_scale, dq_b * sm_scale,

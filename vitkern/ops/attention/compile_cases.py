@@ -17,8 +17,10 @@ from vitkern.testing.compile_check import compile_cases
 
 
 def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=False, deterministic=False,
-              backward=True, precision="ieee"):
-    """Call the launchers the way the ops do (dtype "tf32" = fp32 with TF32 dots)."""
+              backward=True, precision="ieee", kv_splits=1):
+    """Call the launchers the way the ops do (dtype "tf32" = fp32 with TF32 dots). The cases'
+    batches are small stand-ins (they only size the grid), so the forward's key split is given:
+    ``kv_splits`` 1 (the plain kernel) unless asked, None for the launcher's own choice."""
     previous = torch.backends.cuda.matmul.fp32_precision
     torch.backends.cuda.matmul.fp32_precision = "tf32" if dtype == "tf32" else "ieee"
     try:
@@ -35,7 +37,7 @@ def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=F
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         key_bias = torch.empty((b, 1, tk), dtype=torch.float32) if bias else None
         lse = torch.empty((b, h, tq), dtype=torch.float32)
-        _attention_fwd(q, k, v, key_bias, causal, d ** -0.5, out, lse)
+        _attention_fwd(q, k, v, key_bias, causal, d ** -0.5, out, lse, kv_splits=kv_splits)
         if backward:
             _attention_bwd(out, q, k, v, out, lse, None, key_bias, causal, d ** -0.5, deterministic, dq, dk, dv)
     finally:
@@ -44,9 +46,19 @@ def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=F
 
 @compile_cases
 def _attention_compile_cases():
-    # the benchmark shapes (ViT-B/16 and ViT-H/14 through the packed path), default backward
+    # the benchmark shapes (ViT-B/16 and ViT-H/14 through the packed path, SigLIP-so400m's head
+    # dim 72, a long sequence at head dim 128), default backward; the batch only sizes the grid
+    # (B = 256, ViT-L/16 at T = 257 and T = 577 / 1025 compile the same specialisations as these)
     _case_run(torch.bfloat16, 2, 12, 12, 197, 197, 64, packed=True)
     _case_run(torch.bfloat16, 2, 16, 16, 257, 257, 80, packed=True)
+    _case_run(torch.bfloat16, 2, 16, 16, 729, 729, 72, packed=True)
+    _case_run(torch.bfloat16, 1, 2, 2, 4096, 4096, 128)
+    # the long-sequence forward tile at head dim 64 (the short bucket's tile is the one above)
+    _case_run(torch.bfloat16, 1, 2, 2, 2100, 2100, 64, backward=False)
+    # the split-KV forward (fp16 / bf16): ViT-B/16 at batch 1 (the launcher's choice: 4 splits on
+    # 132 SMs), and causal + key padding + GQA + a masked head-dim tail
+    _case_run(torch.bfloat16, 1, 12, 12, 197, 197, 64, packed=True, kv_splits=None)
+    _case_run(torch.float16, 1, 8, 2, 100, 197, 72, causal=True, bias=True, backward=False, kv_splits=3)
     # every other variant once: causal + key padding + GQA, ragged Tq != Tk, a masked head-dim
     # tail, the deterministic dQ kernel; fp32 with IEEE and with TF32 dots
     _case_run(torch.float16, 2, 8, 2, 100, 197, 72, causal=True, bias=True, deterministic=True)
@@ -57,10 +69,15 @@ def _attention_compile_cases():
 @compile_cases(slow=True)
 def _attention_compile_cases_all():
     # every config of the tables: head dims of every width class, with and without a masked tail,
-    # both dQ paths (the atomic one only runs without a masked tail), every precision class
-    for dtype, dims in ((torch.bfloat16, (32, 40, 56, 64, 72, 80, 88, 96, 104, 128, 136, 160, 176, 192, 200, 256)),
+    # both dQ paths (the atomic one only runs without a masked tail), every precision class; the
+    # forward at a short (197) and a long (2100) key length, one per key-length bucket
+    dims_16 = (24, 32, 40, 56, 64, 72, 80, 88, 96, 104, 128, 136, 160, 176, 192, 200, 256)
+    for dtype, dims in ((torch.bfloat16, dims_16),
                         (torch.float32, (64, 72, 128, 200, 256)), ("tf32", (64, 72, 128, 200, 256))):
         for d in dims:
             da, db = _attn_pieces(d, split=dtype == torch.bfloat16)
             for deterministic in (True, False) if d == da + db else (True,):
                 _case_run(dtype, 2, 4, 4, 197, 197, d, causal=True, bias=True, deterministic=deterministic)
+            _case_run(dtype, 1, 2, 2, 2100, 2100, d, causal=True, bias=True, backward=False)
+            if dtype == torch.bfloat16:
+                _case_run(dtype, 1, 2, 2, 197, 197, d, causal=True, bias=True, backward=False, kv_splits=2)

@@ -1,8 +1,16 @@
 """Attention's kernel configs as data, and the functions that pick one for a call.
 
-Configs are data (_ATTN_CONFIGS, _ATTN_MASKED_CONFIGS), per kernel, arch family, precision class
-and padded head width; each entry compiles for its arch without spills (the static check,
+Configs are data (_ATTN_CONFIGS, _ATTN_MASKED_CONFIGS, _ATTN_SEQ_CONFIGS), per kernel, arch
+family, precision class, padded head width and, for the forward, the key-length bucket
+(:data:`ATTN_TK_BUCKETS`); each entry compiles for its arch without spills (the static check,
 vitkern.testing.compile_check, compiles every entry through the slow compile cases).
+
+The key is ``(kernel, arch, precision)`` plus the padded head width; the sequence-length tables
+``_ATTN_SEQ_CONFIGS[(kernel, arch, precision, max_tk)]`` take precedence for ``Tk <= max_tk`` and
+the head widths they list, and everything else (longer sequences, the other widths) reads the
+length-independent tables. Resident blocks per SM (:func:`blocks_per_sm`) follow from the
+compiled registers, warps and shared memory. :func:`_attn_fwd_plan` adds the split-KV choice
+(:func:`_attn_kv_splits`; fp16 / bf16, grids smaller than the SM count).
 
 Head dims: Triton tiles are powers of two, so D is split into two power-of-two pieces, each with
 its own dots and accumulator (80 = 64 + 16, 96 = 64 + 32, 72 = 64 + 16 with the last 8 columns
@@ -68,8 +76,9 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
                           (256, _attn_cfg(80, 32, 32, 8, 2))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 32, 32, 4, 1)),
                           (256, _attn_cfg(80, 16, 32, 4, 1))),
-    # 3.6: 64 spilled 16 bytes with 4 warps
-    ("dkdv", 80, "tf32"): ((64, _attn_cfg(80, 32, 32, 8, 1)), (128, _attn_cfg(80, 16, 32, 4, 1)),
+    # 3.6: 64 spilled 16 bytes with 4 warps, and 4 with 8 warps once the backward took the FMA
+    # form of P (16 warps: 124..126 registers on 3.6, 124..128 on 3.8)
+    ("dkdv", 80, "tf32"): ((64, _attn_cfg(80, 32, 32, 16, 1)), (128, _attn_cfg(80, 16, 32, 4, 1)),
                            (256, _attn_cfg(80, 16, 16, 8, 1))),
     ("dq", 80, "tf32"): ((64, _attn_cfg(80, 64, 32, 4, 1)), (128, _attn_cfg(80, 32, 16, 4, 1)),
                          (256, _attn_cfg(80, 16, 16, 4, 1))),
@@ -87,8 +96,10 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
 # 168..184, 200..248) need more registers for the same tiles: where a table is given here it
 # replaces the one above for them (every width listed).
 _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] = {
-    # 3.6: 256 (200) spilled 140 bytes with 64 x 16 tiles; 48 (40 = 32 + 16, 8 masked) 16 with 128 x 128
-    ("fwd", 90, "16bit"): ((48, _attn_cfg(90, 128, 64, 8, 3)), (64, _attn_cfg(90, 128, 128, 8, 3)),
+    # 3.6: 256 (200) spilled 140 bytes with 64 x 16 tiles; 48 (40 = 32 + 16, 8 masked) 16 with
+    # 128 x 128, and 64 (56, 8 masked) 120 bytes with 128 x 128 in the single-loop kernel
+    # (128 x 64: 175 / 237 registers under 3.8 / 3.6)
+    ("fwd", 90, "16bit"): ((48, _attn_cfg(90, 128, 64, 8, 3)), (64, _attn_cfg(90, 128, 64, 8, 3)),
                            (128, _attn_cfg(90, 128, 64, 8, 3)), (256, _attn_cfg(90, 32, 16, 8, 2))),
     # 3.6: 48 (40) spilled 12 bytes with 64 x 128 tiles
     ("dkdv", 90, "16bit"): ((48, _attn_cfg(90, 64, 64, 8, 2)), (64, _attn_cfg(90, 64, 128, 8, 2)),
@@ -98,8 +109,10 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
                           (160, _attn_cfg(90, 16, 32, 8, 1)), (256, _attn_cfg(90, 32, 32, 8, 2))),
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 32, 8, 2)), (128, _attn_cfg(80, 64, 32, 8, 2)),
                            (256, _attn_cfg(80, 32, 16, 8, 2))),
-    # 3.6: 128 (72 = 64 + 16) spilled 24 bytes with 2 stages
-    ("dkdv", 80, "16bit"): ((64, _attn_cfg(80, 16, 64, 8, 2)), (128, _attn_cfg(80, 16, 64, 8, 1)),
+    # 3.6: 128 (72 = 64 + 16) spilled 24 bytes with 2 stages; 3.8: 32 (24, 8 masked) spilled 24
+    # bytes with 2 stages (1 stage: 128 / 120 registers under 3.8 / 3.6)
+    ("dkdv", 80, "16bit"): ((32, _attn_cfg(80, 16, 64, 8, 1)), (64, _attn_cfg(80, 16, 64, 8, 2)),
+                            (128, _attn_cfg(80, 16, 64, 8, 1)),
                             (256, _attn_cfg(80, 16, 16, 8, 1))),
     ("dq", 80, "16bit"): ((64, _attn_cfg(80, 64, 32, 8, 2)), (128, _attn_cfg(80, 64, 32, 8, 2)),
                           (160, _attn_cfg(80, 16, 16, 8, 1)), (256, _attn_cfg(80, 32, 32, 8, 2))),
@@ -112,9 +125,39 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
                           (256, _attn_cfg(80, 16, 16, 4, 1))),
 }
 
+# Key-length buckets of the forward (Tk <= bucket; longer sequences read _ATTN_CONFIGS).
+#: The bounds of the forward's key-length buckets, ascending; a Tk above the last is "long".
+ATTN_TK_BUCKETS = (2048,)
+
+# Up to 2048 keys (ViT / DeiT / DINOv2 at 224..518 px: T = 197..1370) the sm_90 16-bit forward
+# runs 128 x 64 tiles at head widths <= 64 (D = 64 and the padded 24 / 40 / 56): ~116 registers
+# x 256 threads and 64 KB of shared memory, 2 blocks per SM (the 128 x 128 tile of the long
+# table compiles to 164..208 registers: 1 block per SM). Registers under 3.8 / 3.6 at D = 64:
+# 116 / 114, causal with key padding 127 / 196. 64 x 64 tiles with 4 warps (106..168
+# registers, 4 blocks per SM) were left out: each block reloads K / V for half the rows, twice
+# the L2 -> SM traffic per FLOP of the 128-row tile. Head width 80 needs no entry: the
+# length-independent 128 x 64 tile compiles to 126 / 127 registers (2 blocks per SM).
+_ATTN_SEQ_CONFIGS: dict[tuple[str, int, str, int], tuple[tuple[int, KernelConfig], ...]] = {
+    ("fwd", 90, "16bit", 2048): ((64, _attn_cfg(90, 128, 64, 8, 3)),),
+}
+
 # delta = rowsum(dO * O): BLOCK_M rows per program (16 for padded head dims of 128 and more)
 _ATTN_PRE_CONFIGS = {64: KernelConfig({"BLOCK_M": 64}, num_warps=4, num_stages=1),
                      256: KernelConfig({"BLOCK_M": 16}, num_warps=4, num_stages=1)}
+
+# The split-KV forward (fp16 / bf16) runs the forward's config, except at these (arch, precision,
+# padded width) of head dims with a masked tail, where the split kernel's extra state spilled under
+# 3.6 with the forward's tile: 104 (128, 8 masked) with 128 x 64 (128 x 32: 194 / 206 registers
+# under 3.8 / 3.6), 200..248 (256) with 32 x 16 and 8 warps (4 warps: 204 / 153)
+_ATTN_SPLIT_MASKED_CONFIGS = {(90, "16bit", 128): _attn_cfg(90, 128, 32, 8, 3),
+                              (90, "16bit", 256): _attn_cfg(90, 32, 16, 4, 2)}
+
+# The split-KV forward's merge: BLOCK_M rows per program over padded head widths up to the key
+_ATTN_MERGE_CONFIGS = {128: KernelConfig({"BLOCK_M": 32}, num_warps=4, num_stages=1),
+                       256: KernelConfig({"BLOCK_M": 16}, num_warps=4, num_stages=1)}
+
+#: The most key splits of the split-KV forward.
+ATTN_MAX_KV_SPLITS = 16
 
 #: Head dims the kernels take.
 ATTENTION_HEAD_DIMS = tuple(range(16, 257, 8))
@@ -156,12 +199,87 @@ def _attn_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
 
 
-def _attn_config(kernel: str, arch: int, precision: str, width: int, masked: bool = False) -> KernelConfig:
+def _attn_kv_splits(programs: int, key_blocks: int, sms: int) -> int:
+    """Key splits of the forward (flash-decoding style): 1, the plain kernel, when its grid of
+    ``programs`` fills the ``sms``; else as many as fill them, at most one per key block and
+    :data:`ATTN_MAX_KV_SPLITS` (B = 1, T = 197, 12 heads: 24 programs, 4 key blocks -> 4 splits,
+    96 programs on 132 SMs). Rounded so that no split is empty."""
+    if programs >= sms or key_blocks < 2:
+        return 1
+    splits = max(1, min(sms // programs, key_blocks, ATTN_MAX_KV_SPLITS))
+    per_split = -(-key_blocks // splits)
+    return -(-key_blocks // per_split)
+
+
+def _attn_split_config(arch: int, precision: str, width: int, masked: bool, tk: Optional[int]) -> KernelConfig:
+    """The split-KV forward's config: the forward's (:func:`_attn_config`) unless
+    _ATTN_SPLIT_MASKED_CONFIGS replaces it for a masked head dim."""
+    if masked and (arch, precision, width) in _ATTN_SPLIT_MASKED_CONFIGS:
+        return _ATTN_SPLIT_MASKED_CONFIGS[(arch, precision, width)]
+    return _attn_config("fwd", arch, precision, width, masked, tk=tk)
+
+
+def _attn_fwd_plan(arch: int, precision: str, width: int, masked: bool, heads: int, tq: int, tk: int,
+                   sms: Optional[int], kv_splits: Optional[int] = None) -> tuple[KernelConfig, int, int]:
+    """The forward's ``(config, splits, key blocks per split)`` for ``heads`` (batch x heads)
+    query-key slices: splits = 1 is the plain kernel. ``kv_splits`` None picks by
+    :func:`_attn_kv_splits` on ``sms``; fp32 never splits (16-bit only)."""
+    config = _attn_config("fwd", arch, precision, width, masked, tk=tk)
+    if precision != "16bit":
+        kv_splits = 1
+    elif kv_splits is None:
+        programs = -(-tq // config.meta["BLOCK_M"]) * heads
+        kv_splits = _attn_kv_splits(programs, -(-tk // config.meta["BLOCK_N"]), sms)
+    if kv_splits <= 1:
+        return config, 1, -(-tk // config.meta["BLOCK_N"])
+    config = _attn_split_config(arch, precision, width, masked, tk)
+    key_blocks = -(-tk // config.meta["BLOCK_N"])
+    per_split = -(-key_blocks // min(kv_splits, key_blocks))
+    return config, -(-key_blocks // per_split), per_split
+
+
+def _attn_tk_bucket(tk: Optional[int]) -> Optional[int]:
+    """The key-length bucket of ``tk``: the smallest bound of :data:`ATTN_TK_BUCKETS` that holds it,
+    None for longer sequences (or when ``tk`` is None)."""
+    if tk is None:
+        return None
+    for bound in ATTN_TK_BUCKETS:
+        if tk <= bound:
+            return bound
+    return None
+
+
+def _attn_config(kernel: str, arch: int, precision: str, width: int, masked: bool = False,
+                 tk: Optional[int] = None) -> KernelConfig:
     """The config for a padded head width; ``masked``: the head dim leaves a masked tail in its
-    last tile (72, 88, 200, ...), which costs registers: _ATTN_MASKED_CONFIGS overrides there."""
+    last tile (72, 88, 200, ...), which costs registers: _ATTN_MASKED_CONFIGS overrides there.
+    ``tk``: the key length, whose bucket may select a config of _ATTN_SEQ_CONFIGS (the forward's
+    short-sequence tiles); None or a long sequence reads the length-independent tables."""
+    bucket = _attn_tk_bucket(tk)
+    if bucket is not None:
+        for max_width, config in _ATTN_SEQ_CONFIGS.get((kernel, arch, precision, bucket), ()):
+            if width <= max_width:
+                return config
     key = (kernel, arch, precision)
     table = _ATTN_MASKED_CONFIGS[key] if masked and key in _ATTN_MASKED_CONFIGS else _ATTN_CONFIGS[key]
     for max_width, config in table:
         if width <= max_width:
             return config
     raise AssertionError(f"no {kernel} config for head width {width}")
+
+
+# Resident blocks per SM from a compiled kernel's registers, warps and dynamic shared memory.
+#: (registers per SM, shared memory per SM, shared memory reserved per block, max threads per SM,
+#: max blocks per SM) per arch family: H100 (sm_90) and A100 (sm_80).
+SM_LIMITS = {90: (65536, 228 * 1024, 1024, 2048, 32), 80: (65536, 164 * 1024, 1024, 2048, 32)}
+
+
+def blocks_per_sm(arch: int, regs: int, num_warps: int, shared: int) -> int:
+    """Blocks of a kernel resident on one SM: registers are allocated per warp in units of 256
+    (``ceil(regs * 32 / 256) * 256`` a warp), shared memory per block plus the 1 KB the driver
+    reserves; the least of the register, shared-memory, thread and block limits."""
+    regs_sm, smem_sm, reserved, threads_sm, blocks_max = SM_LIMITS[arch]
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = regs_sm // (per_warp * num_warps)
+    by_smem = smem_sm // (shared + reserved)
+    return max(0, min(by_regs, by_smem, threads_sm // (32 * num_warps), blocks_max))

@@ -1,11 +1,15 @@
-"""The attention forward kernel (flash attention): ``out`` and the row logsumexp.
+"""The attention forward kernels (flash attention): ``out`` and the row logsumexp; for grids that
+leave SMs idle, the split-KV pair (a kernel per query block and key split into fp32 partials,
+and their merge through the partial lses).
 
-One program per (query block, batch * head): online softmax over key blocks in fp32, exp2 with
-log2(e) folded into the score scale, the row logsumexp saved for the backward. Key blocks that
-every row of the query block sees run without masks; the causal diagonal and the Tk tail run a
-masked copy of the same loop. Grouped-query attention maps query head h to kv head
-h // (H // Hkv). q / k / v / out are read and written through their strides (last dim unit
-stride), so the packed (B, T, 3, H, D) qkv is read in place and (B, T, H, D) written directly.
+One program per (query block, batch * head): online softmax over key blocks in fp32 in log2 units
+(the row max taken on the raw scores, ``p = exp2(qk * c - m)`` one FMA per element with
+c = scale * log2(e)), the row logsumexp (natural log) saved for the backward. One loop runs every
+key block; the blocks on the causal diagonal and the Tk tail apply the score mask behind a
+runtime test, so their K / V loads pipeline with the blocks before them. Grouped-query
+attention maps query head h to kv head h // (H // Hkv). q / k / v / out are read and written
+through their strides (last dim unit stride), so the packed (B, T, 3, H, D) qkv is read in place
+and (B, T, H, D) written directly.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from vitkern.ops.attention.tiles import (
     _attn_key_range,
     _attn_load_tile,
     _attn_program,
-    _attn_rows,
     _attn_store_tile,
     _attn_zeros,
     _wgmma_rule,
@@ -31,41 +34,55 @@ from vitkern.ops.attention.tiles import (
 def _attn_fwd_inner(
     acc_a, acc_b, l_i, m_i, q_a, q_b,
     k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-    offs_m, cols_a, cols_b, lo, hi, Tk, qk_scale,
+    offs_m, cols_a, cols_b, lo, n_full, n_end, Tk, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, EMPTY_ROWS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Key blocks [lo, hi) of the online softmax; MASKED: the causal diagonal / Tk tail.
+    """Key blocks [lo, n_end) of the online softmax in one loop; the blocks from ``n_full`` on (the
+    causal diagonal and the Tk tail) apply the score mask, a runtime test, so the pipeliner
+    overlaps every block's K / V loads with the previous block's dots, the boundary included.
+
+    Softmax in log2 units: ``m_i`` is the running row max of ``score * log2(e)``, taken on the raw
+    scores and scaled once per row, and ``p = exp2(qk * qk_scale - m)`` is one FMA per element
+    (qk_scale = scale * log2(e) > 0, see the launcher). With a key-padding bias the scaled score
+    ``qk * qk_scale + bias * log2(e)`` is formed first (one FMA) and ``p = exp2(s - m)``.
+    EMPTY_ROWS: rows may see no key of the range (a key split past a causal row), handled as
+    the bias path handles fully masked rows.
 
     Loads take no masks: ``cols_*`` repeat the last column past the head dim (q's tail is zero,
     so those products vanish, and the output's tail columns are never stored) and rows past Tk
     repeat row Tk - 1 (their scores are masked to -inf), which keeps the loop's registers for
     the dots."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(lo, n_end, BLOCK_N):
         offs_n = start_n + offs_n0
-        rows = _attn_rows(offs_n, Tk, MASKED)
+        rows = tl.minimum(offs_n, Tk - 1)
         k_a = tl.load(k_base + rows[:, None] * stride_kt + cols_a[None, :])
         qk = tl.dot(q_a, tl.trans(dot_operand(k_a)), input_precision=PRECISION)
         if BLOCK_DB > 0:
             k_b = tl.load(k_base + rows[:, None] * stride_kt + cols_b[None, :])
             qk = tl.dot(q_b, tl.trans(dot_operand(k_b)), qk, input_precision=PRECISION)
-        qk = qk * qk_scale
         if HAS_BIAS:
-            bias = tl.load(bias_base + rows * stride_bt)
-            qk = qk + bias[None, :] * 1.4426950408889634
-        if MASKED:
+            bias = tl.load(bias_base + rows * stride_bt) * 1.4426950408889634
+            qk = qk * qk_scale + bias[None, :]
+        if start_n >= n_full:
             valid = offs_n[None, :] < Tk
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
             qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
         if HAS_BIAS:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
             # a row whose keys so far are all masked keeps m = -inf; shift by 0 so p = alpha = 0
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
         else:
-            m_use = m_new
-        p = tl.math.exp2(qk - m_use[:, None])
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            if EMPTY_ROWS:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                # every row sees key 0 in the first block (causal is top-left aligned): m is finite
+                m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         p = dot_operand(round_to(p, k_base.dtype.element_ty))
@@ -92,7 +109,7 @@ def _attention_fwd_kernel(
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out, lse for one query block of one (batch, head). qk_scale = scale * log2(e)."""
+    """out, lse for one query block of one (batch, head). qk_scale = scale * log2(e), positive."""
     pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
     hk = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -111,12 +128,8 @@ def _attention_fwd_kernel(
     n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
         acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-        offs_m, cols_a, cols_b, 0, n_full, Tk, qk_scale,
-        BLOCK_N, BLOCK_DB, CAUSAL, False, HAS_BIAS, PRECISION)
-    acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
-        acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-        offs_m, cols_a, cols_b, n_full, n_end, Tk, qk_scale,
-        BLOCK_N, BLOCK_DB, CAUSAL, True, HAS_BIAS, PRECISION)
+        offs_m, cols_a, cols_b, 0, n_full, n_end, Tk, qk_scale,
+        BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, False, PRECISION)
 
     if HAS_BIAS:
         l_div = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: out 0, lse -inf
@@ -127,3 +140,90 @@ def _attention_fwd_kernel(
                      offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@register_kernel(expects_wgmma=_wgmma_rule("Q", "BLOCK_M"))
+@triton.jit
+def _attention_fwd_split_kernel(
+    Q, K, V, BIAS, OUT_PART, LSE_PART,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_bb, stride_bh, stride_bt,
+    stride_ps, stride_ls,
+    H, GROUP, Tq, Tk, qk_scale, BLOCKS_PER_SPLIT,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Split-KV forward: one query block of one (batch, head) against key split ``program_id(1)``
+    (``BLOCKS_PER_SPLIT`` key blocks). Writes the split's normalised fp32 output to
+    ``OUT_PART[split, batch * H + head]`` ((Tq, HEAD_DIM) rows, contiguous) and its natural-log
+    lse to ``LSE_PART``; a split no key of which a row sees gives out 0, lse -inf."""
+    pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
+    split = tl.program_id(1).to(tl.int64)
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    bias_base = BIAS + b * stride_bb + h * stride_bh
+
+    q_a, q_b = _attn_load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
+                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    acc_a, acc_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    lo = tl.program_id(1) * BLOCKS_PER_SPLIT * BLOCK_N
+    hi = tl.minimum(lo + BLOCKS_PER_SPLIT * BLOCK_N, n_end)
+    acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
+        acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
+        offs_m, cols_a, cols_b, lo, n_full, hi, Tk, qk_scale,
+        BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, True, PRECISION)
+
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    _attn_store_tile(OUT_PART + split * stride_ps + pid_bh * Tq * HEAD_DIM, HEAD_DIM,
+                     acc_a * inv_l[:, None], acc_b * inv_l[:, None],
+                     offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE_PART + split * stride_ls + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@register_kernel
+@triton.jit
+def _attention_fwd_merge_kernel(
+    OUT_PART, LSE_PART, OUT, LSE,
+    stride_ps, stride_ls,
+    stride_ob, stride_oh, stride_ot,
+    H, Tq, SPLITS,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The split-KV forward's merge: ``lse = log(sum_s exp(lse_s))`` and ``out = sum_s
+    exp(lse_s - lse) * out_s`` per row, in fp32; rows no split saw give out 0, lse -inf."""
+    pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, False)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < Tq
+    lse_base = LSE_PART + pid_bh * Tq
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(lse_base + s * stride_ls + offs_m, mask=row_mask, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    part_ptrs = OUT_PART + pid_bh * Tq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tile_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    for s in range(0, SPLITS):
+        lse_s = tl.load(lse_base + s * stride_ls + offs_m, mask=row_mask, other=float("-inf"))
+        w = tl.math.exp2((lse_s - m_use) * 1.4426950408889634)
+        o_s = tl.load(part_ptrs, mask=tile_mask, other=0.0)
+        part_ptrs += stride_ps
+        acc += w[:, None] * o_s
+        den += w
+    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    out_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(out_ptrs, round_to(out, OUT.dtype.element_ty), mask=tile_mask)
+    tl.store(LSE + pid_bh * Tq + offs_m, m_use + tl.log(den), mask=row_mask)

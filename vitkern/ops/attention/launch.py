@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import triton
 
-from vitkern.ops._config import device_arch
+from vitkern.ops._config import device_arch, num_sms
 from vitkern.ops._index import check_int32
 from vitkern.ops._triton import launch
 from vitkern.ops.attention.backward import (
@@ -20,10 +20,26 @@ from vitkern.ops.attention.backward import (
     _attention_bwd_dq_kernel,
     _attention_bwd_preprocess_kernel,
 )
-from vitkern.ops.attention.configs import _ATTN_PRE_CONFIGS, _attn_config, _attn_pieces, _attn_precision, _next_pow2
-from vitkern.ops.attention.forward import _attention_fwd_kernel
+from vitkern.ops.attention.configs import (
+    _ATTN_MERGE_CONFIGS,
+    _ATTN_PRE_CONFIGS,
+    _attn_config,
+    _attn_fwd_plan,
+    _attn_pieces,
+    _attn_precision,
+    _next_pow2,
+)
+from vitkern.ops.attention.forward import (
+    _attention_fwd_kernel,
+    _attention_fwd_merge_kernel,
+    _attention_fwd_split_kernel,
+)
 
 _LOG2E = 1.4426950408889634
+# The forward's scale runs as at least the smallest normal fp32: a zero scale becomes a scale that
+# rounds every score product to 0 beside the row max (the softmax of all-zero scores, exactly),
+# while the -inf of masked scores stays -inf (0 * -inf would be NaN).
+_FP32_TINY = 2.0 ** -126
 
 
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
@@ -46,23 +62,51 @@ def _bias_args(bias: Optional[torch.Tensor], b: int, h: int, tk: int, dummy: tor
     return (bias, *_strides3(bias))
 
 
-def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor, lse: torch.Tensor,
+                   kv_splits: Optional[int] = None) -> None:
     """Forward into ``out`` (B, H, Tq, D), any strides with unit last stride, and ``lse``
     (contiguous fp32 (B, H, Tq)). q (B, H, Tq, D), k / v (B, Hkv, Tk, D) views with unit last
-    stride; ``bias`` None or fp32 broadcastable to (B, H, Tk). Allocates nothing."""
+    stride; ``bias`` None or fp32 broadcastable to (B, H, Tk). Allocates nothing, except for a
+    negative scale: the kernel takes the row max on raw scores, which needs a positive scale, so
+    it runs on a negated copy of q with ``-scale``; and for the split-KV path.
+
+    Split-KV, fp16 / bf16 only (``kv_splits``: None picks by ``_attn_fwd_plan``, 1 never
+    splits): where the grid leaves SMs idle (batch 1), each query block runs against several key
+    splits at once into fp32 partial outputs and lses ((splits, B * H, Tq, D) and (splits, B * H, Tq)), and a
+    merge kernel combines them through their lse into ``out`` and ``lse`` (the lse the backward
+    reads, exact up to fp32 rounding)."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     if b * h * tq == 0:
         return
     _check_index_range(q=q, k=k, v=v, out=out, key_padding_bias=None if bias is None else bias.expand(b, h, tk))
+    if scale < 0:
+        q, scale = -q, -scale
     da, db = _attn_pieces(d, split=q.dtype != torch.float32)
     precision = _attn_precision(q.dtype)
-    config = _attn_config("fwd", device_arch(q.device if q.is_cuda else None), precision, da + db, d != da + db)
-    grid = (triton.cdiv(tq, config.meta["BLOCK_M"]) * b * h,)
+    arch = device_arch(q.device if q.is_cuda else None)
+    sms = num_sms(q.device if q.is_cuda else None) if kv_splits is None and precision == "16bit" else None
+    config, kv_splits, per_split = _attn_fwd_plan(arch, precision, da + db, d != da + db, b * h, tq, tk, sms,
+                                                  kv_splits)
+    programs = triton.cdiv(tq, config.meta["BLOCK_M"]) * b * h
     bias_args = _bias_args(bias, b, h, tk, q)
+    if kv_splits > 1:
+        o_part = torch.empty((kv_splits, b * h, tq, d), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((kv_splits, b * h, tq), device=q.device, dtype=torch.float32)
+        launch(_attention_fwd_split_kernel, (programs, kv_splits), q, k, v, bias_args[0], o_part, lse_part,
+               *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], o_part.stride(0), lse_part.stride(0),
+               h, h // hkv, tq, tk, max(scale, _FP32_TINY) * _LOG2E, per_split,
+               HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
+               PRECISION="ieee" if precision == "16bit" else precision, config=config)
+        merge = _ATTN_MERGE_CONFIGS[128 if _next_pow2(d) <= 128 else 256]
+        launch(_attention_fwd_merge_kernel, (triton.cdiv(tq, merge.meta["BLOCK_M"]) * b * h,),
+               o_part, lse_part, out, lse, o_part.stride(0), lse_part.stride(0), *_strides3(out), h, tq, kv_splits,
+               HEAD_DIM=d, BLOCK_D=_next_pow2(d), config=merge)
+        return
+    grid = (programs,)
     launch(_attention_fwd_kernel, grid, q, k, v, bias_args[0], out, lse,
            *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], *_strides3(out),
-           h, h // hkv, tq, tk, scale * _LOG2E,
+           h, h // hkv, tq, tk, max(scale, _FP32_TINY) * _LOG2E,
            HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
            PRECISION="ieee" if precision == "16bit" else precision, config=config)
 

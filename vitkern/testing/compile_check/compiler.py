@@ -72,6 +72,7 @@ def _run_ptxas(ptx: str, arch: int, flags: Sequence[str]) -> str:
 
 _WGMMA_RE = re.compile(r"\bwgmma\.mma_async[\w.]*")
 _MMA_RE = re.compile(r"\bmma\.sync[\w.]*")
+_TMA_RE = re.compile(r"\bcp\.async\.bulk\.tensor")
 
 
 def _compile_job(job: CompileJob) -> dict:
@@ -130,6 +131,7 @@ def _compile_job(job: CompileJob) -> dict:
     row["wgmma"] = wg is not None
     row["mma"] = mma is not None
     row["mma_instr"] = (wg or mma).group(0) if (wg or mma) else None
+    row["tma"] = _TMA_RE.search(ptx) is not None
     return row
 
 

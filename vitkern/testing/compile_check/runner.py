@@ -73,7 +73,8 @@ def run_compile_check(
     Rows are dicts: kernel, module, arch, config, constexprs, signature (``name:type``, ``/16``
     where Triton specialises divisibility by 16), cases, num_warps, num_stages, n_regs,
     spill_stores, spill_loads, stack_frame, shared (dynamic shared memory, bytes), wgmma, mma,
-    mma_instr, expects_wgmma, jit_check, compile_s, cached (Triton's cache had it), error, and
+    mma_instr, tma (TMA copies in the PTX), expects_wgmma, jit_check, compile_s, cached (Triton's
+    cache had it), error, and
     problems (empty when it passes). Plan-level problems (a kernel no case launches, a case that
     raised, an unregistered JITFunction) come as rows with only kernel, module, arch, problems.
     ``full`` compiles every config and the ``slow`` cases; the default covers each kernel's
