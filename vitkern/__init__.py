@@ -12,7 +12,7 @@ from vitkern.ops.layer_norm import add_layer_norm, layer_norm
 from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
-from vitkern.ops.patch_embed import patch_embed, resample_pos_embed
+from vitkern.ops.patch_embed import patch_embed, resample_patch_embed, resample_pos_embed
 from vitkern.patching import PatchReport, patch_model, patch_sdpa, sdpa_override, unpatch_model, unpatch_sdpa
 from vitkern import nn
 from vitkern import models
@@ -39,6 +39,7 @@ __all__ = [
     "mlp",
     "patch_embed",
     "resample_pos_embed",
+    "resample_patch_embed",
     "PatchReport",
     "patch_model",
     "unpatch_model",

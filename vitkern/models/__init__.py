@@ -4,8 +4,24 @@ with their factories, and weight conversion (``vitkern.models.convert``).
 Every factory in the registry (``vit_base_patch16_224``, ...) is exported here under its name."""
 
 from vitkern.models.vit import ViT
-from vitkern.models.registry import create_model, list_models, model_config, model_entrypoint, register_model
+from vitkern.models.registry import (
+    create_model,
+    get_pretrained_cfg,
+    list_models,
+    model_config,
+    model_entrypoint,
+    register_model,
+)
 
 globals().update({name: model_entrypoint(name) for name in list_models()})
 
-__all__ = ["ViT", "create_model", "list_models", "model_config", "model_entrypoint", "register_model", *list_models()]
+__all__ = [
+    "ViT",
+    "create_model",
+    "get_pretrained_cfg",
+    "list_models",
+    "model_config",
+    "model_entrypoint",
+    "register_model",
+    *list_models(),
+]

@@ -2,8 +2,10 @@
 :func:`create_model` / :func:`list_models` / :func:`model_config`, which read the registry.
 
 A named model is written once, as a function returning its ViT constructor keywords (timm's values
-for the name), decorated with ``@register_model``. The decorator records the keywords under the
-function's name and puts the factory of that name in its place, so ``vit_base_patch16_224(**kw)``,
+for the name), decorated with ``@register_model(pretrained_cfg=_cfg(tag, ...))``: the preprocessing
+config of timm's default weights for that name (input size, interpolation, mean / std, crop, class
+count), without download sources. The decorator records both under the function's name and puts the
+factory of that name in its place, so ``vit_base_patch16_224(**kw)``,
 ``create_model("vit_base_patch16_224", **kw)`` and ``model_config("vit_base_patch16_224", **kw)``
 all come from that one entry. ``vitkern`` and ``vitkern.models`` export every factory by reading the
 registry.
@@ -11,22 +13,67 @@ registry.
 
 from __future__ import annotations
 
+import copy
 import inspect
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from vitkern.models.vit import ViT
 
-__all__ = ["register_model", "list_models", "model_config", "model_entrypoint", "create_model"]
+__all__ = [
+    "register_model",
+    "list_models",
+    "model_config",
+    "model_entrypoint",
+    "get_pretrained_cfg",
+    "create_model",
+]
 
 # name -> (constructor keywords, factory)
 _MODELS: Dict[str, tuple[Dict[str, Any], Callable[..., ViT]]] = {}
+# name -> preprocessing config (timm's pretrained_cfg keys, no download source)
+_PRETRAINED_CFGS: Dict[str, Dict[str, Any]] = {}
+
+IMAGENET_INCEPTION_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
+
+# The keys of a pretrained_cfg that say where weights come from: a local "file" loads; vitkern
+# downloads nothing, so "url" / "hf_hub_id" are never read.
+_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename")
 
 
-def register_model(config_fn: Callable[[], Dict[str, Any]]) -> Callable[..., ViT]:
+def _cfg(tag: str, **kwargs) -> Dict[str, Any]:
+    """timm's ViT ``_cfg`` defaults (Inception mean / std, 224 px, crop 0.9, bicubic) for the
+    weights tagged ``tag``, updated by ``kwargs``."""
+    return {
+        "tag": tag,
+        "input_size": (3, 224, 224),
+        "fixed_input_size": True,
+        "interpolation": "bicubic",
+        "crop_pct": 0.9,
+        "crop_mode": "center",
+        "mean": IMAGENET_INCEPTION_MEAN,
+        "std": IMAGENET_INCEPTION_STD,
+        "num_classes": 1000,
+        "pool_size": None,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+def register_model(
+    config_fn: Optional[Callable[[], Dict[str, Any]]] = None,
+    *,
+    pretrained_cfg: Optional[Mapping[str, Any]] = None,
+):
     """Register ``config_fn()`` (ViT constructor keywords) as the model named ``config_fn.__name__``
     and return that model's factory ``factory(pretrained=False, **kwargs) -> ViT``, which takes the
     keywords of :func:`create_model`. The factory's docstring is ``config_fn``'s, followed by the
-    shape of the configuration."""
+    shape of the configuration. ``@register_model(pretrained_cfg=...)`` also records the name's
+    preprocessing config (timm's ``pretrained_cfg`` keys), which models built by name carry."""
+    if config_fn is None:
+        return lambda fn: register_model(fn, pretrained_cfg=pretrained_cfg)
     name = config_fn.__name__
     if name in _MODELS:
         raise ValueError(f"a model named {name!r} is registered already")
@@ -45,6 +92,9 @@ def register_model(config_fn: Callable[[], Dict[str, Any]]) -> Callable[..., ViT
         f"(see :func:`create_model`)."
     )
     _MODELS[name] = (args, factory)
+    cfg = dict(pretrained_cfg or {})
+    cfg.pop("architecture", None)
+    _PRETRAINED_CFGS[name] = {"architecture": name, **cfg}
     return factory
 
 
@@ -69,20 +119,66 @@ def model_entrypoint(name: str) -> Callable[..., ViT]:
     return _entry(name)[1]
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint_path=None, **kwargs) -> ViT:
+def get_pretrained_cfg(name: str) -> Dict[str, Any]:
+    """A copy of the preprocessing config a model built as ``name`` carries (``model.pretrained_cfg``):
+    timm's ``pretrained_cfg`` of its default weights for that name (architecture, tag, input_size,
+    interpolation, mean, std, crop_pct, crop_mode, num_classes, ...), without download sources."""
+    _entry(name)
+    return copy.deepcopy(_PRETRAINED_CFGS[name])
+
+
+_NO_DOWNLOAD = (
+    "vitkern never downloads weights. To load a local file (.safetensors, JAX .npz or a torch "
+    "state_dict with timm's keys), pass create_model(name, pretrained=True, "
+    "pretrained_cfg_overlay=dict(file=PATH)) as in timm, or create_model(name, checkpoint_path=PATH); "
+    "or convert a loaded model with ViT.from_timm / from_torchvision / from_hf / from_npz"
+)
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path=None,
+    pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
+    **kwargs,
+) -> ViT:
     """Build a named ViT (``list_models()``); keywords override the config (e.g. ``num_classes``,
-    ``drop_path_rate``, ``dtype``). Nothing is downloaded: pass ``checkpoint_path`` (a
-    ``.safetensors``, JAX ``.npz`` or torch state_dict file) to load weights; one of another class
-    count or image size is adapted as ``ViT.load_checkpoint`` describes (the head dropped, the
-    position embedding resampled)."""
-    if pretrained:
-        raise ValueError(
-            "vitkern does not download weights; pass checkpoint_path=... or convert a loaded model "
-            "with ViT.from_timm / from_torchvision / from_hf / from_npz"
-        )
+    ``drop_path_rate``, ``dtype``).
+
+    Nothing is downloaded. Weights come from local files, as timm's ``create_model`` takes them:
+    ``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=PATH)`` loads ``PATH``, and
+    ``checkpoint_path=PATH`` loads after it (each a ``.safetensors``, JAX ``.npz`` or torch
+    state_dict file; one of another class count or image size is adapted as
+    ``ViT.load_checkpoint`` describes: the head dropped, the position embedding resampled).
+    ``pretrained=True`` without a file raises ValueError saying so.
+
+    The model carries ``pretrained_cfg`` (and timm's ``default_cfg`` alias): the name's config
+    (:func:`get_pretrained_cfg`) updated by ``pretrained_cfg_overlay``; as in timm, constructor
+    keywords (``num_classes``, ``img_size``) do not change it (it describes the source weights), so
+    ``timm.data.resolve_model_data_config(model)`` gives timm's preprocessing for the name.
+    """
+    cfg = get_pretrained_cfg(name)
+    if pretrained_cfg_overlay is not None:
+        if not isinstance(pretrained_cfg_overlay, Mapping):
+            raise TypeError(
+                f"pretrained_cfg_overlay must be a dict, got {type(pretrained_cfg_overlay).__name__}"
+            )
+        overlay = dict(pretrained_cfg_overlay)
+        if any(overlay.get(k) for k in _SOURCE_KEYS):
+            # a new weight source replaces the name's, as in timm
+            for k in _SOURCE_KEYS:
+                cfg.pop(k, None)
+        cfg.update(copy.deepcopy(overlay))
+    file = cfg.get("file") if pretrained else None
+    if pretrained and not file:
+        raise ValueError(f"create_model({name!r}, pretrained=True): {_NO_DOWNLOAD}")
     model = ViT(**model_config(name, **kwargs))
+    if file:
+        model.load_checkpoint(file)
     if checkpoint_path is not None:
         model.load_checkpoint(checkpoint_path)
+    model.pretrained_cfg = cfg
+    model.default_cfg = model.pretrained_cfg
     return model
 
 
@@ -91,44 +187,44 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path=None, **kw
 # ----------------------------------------------------------------------------------------------
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("augreg_in21k_ft_in1k"))
 def vit_tiny_patch16_224() -> Dict[str, Any]:
     """ViT-Ti/16 at 224 px (the tiny width of DeiT and of "How to train your ViT")."""
     return dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("augreg_in21k_ft_in1k"))
 def vit_small_patch16_224() -> Dict[str, Any]:
     """ViT-S/16 at 224 px."""
     return dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("augreg2_in21k_ft_in1k"))
 def vit_base_patch16_224() -> Dict[str, Any]:
     """ViT-B/16 at 224 px (Dosovitskiy et al., 2020)."""
     return dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("augreg_in21k_ft_in1k"))
 def vit_base_patch32_224() -> Dict[str, Any]:
     """ViT-B/32 at 224 px."""
     return dict(patch_size=32, embed_dim=768, depth=12, num_heads=12)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("augreg_in21k_ft_in1k"))
 def vit_large_patch16_224() -> Dict[str, Any]:
     """ViT-L/16 at 224 px."""
     return dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("orig_in21k", num_classes=0))
 def vit_huge_patch14_224() -> Dict[str, Any]:
     """ViT-H/14 at 224 px. No classifier by default, as timm: its only checkpoint is the
     ImageNet-21k feature extractor."""
     return dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, num_classes=0)
 
 
-@register_model
+@register_model(pretrained_cfg=_cfg("augreg_in21k_ft_in1k", input_size=(3, 384, 384), crop_pct=1.0))
 def vit_base_patch16_384() -> Dict[str, Any]:
     """ViT-B/16 at 384 px."""
     return dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12)

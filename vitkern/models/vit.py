@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Dict, Optional, Set, Tuple, Union
+import numbers
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from vitkern.nn.layer_norm import LayerNorm, apply_norm
 from vitkern.nn.linear import Linear, resolve_activation
 from vitkern.nn.patch_embed import PatchEmbed
 
-__all__ = ["ViT", "CONFIG_KEYS"]
+__all__ = ["ViT", "CONFIG_KEYS", "feature_take_indices"]
 
 GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max")
 
@@ -48,6 +49,37 @@ def global_pool_nlc(
     raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {pool_type!r}")
 
 
+def feature_take_indices(
+    num_features: int, indices: Optional[Union[int, Sequence[int]]] = None
+) -> Tuple[List[int], int]:
+    """timm's ``feature_take_indices``: the absolute block indices to take and the largest one.
+    None takes all ``num_features``; an int ``n`` the last n; a sequence those indices (a negative
+    one counts from the end). An index out of range raises ValueError naming it."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, bool):
+        raise TypeError("indices must be None, an int or a sequence of ints, got a bool")
+    if isinstance(indices, numbers.Integral):
+        n = int(indices)
+        if not 0 < n <= num_features:
+            raise ValueError(f"last-n indices ({n}) is out of range (1 to {num_features})")
+        take = [num_features - n + i for i in range(n)]
+    else:
+        take = []
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise TypeError(f"indices must hold ints, got {i!r}")
+            idx = num_features + int(i) if i < 0 else int(i)
+            if not 0 <= idx < num_features:
+                raise ValueError(
+                    f"feature index {i} is out of range (0 to {num_features - 1}, or negative from the end)"
+                )
+            take.append(idx)
+        if not take:
+            raise ValueError("indices must not be empty")
+    return take, max(take)
+
+
 def _trunc_normal_(t: torch.Tensor, std: float) -> None:
     # Through fp32: truncated normal sampling is not implemented for every low-precision CPU dtype.
     with torch.no_grad():
@@ -64,7 +96,11 @@ class ViT(nn.Module):
     ``reset_classifier``, ``set_grad_checkpointing``, ``group_matcher`` for timm's layer-wise lr
     decay, ``num_features``, ...) and state_dict keys
     follow timm's ``VisionTransformer`` for the same configuration, so a timm checkpoint loads with
-    ``load_state_dict`` and ``ViT.from_timm(model)`` converts a timm model. Extra keywords:
+    ``load_state_dict`` and ``ViT.from_timm(model)`` converts a timm model. timm's dense-feature
+    and fine-tuning API is here with timm 1.0's signatures and results: :meth:`forward_intermediates`,
+    :meth:`get_intermediate_layers`, :meth:`prune_intermediate_layers`, ``feature_info`` (so
+    ``timm.models.FeatureGetterNet`` wraps a ViT) and :meth:`set_input_size` with ``patch_size``
+    (FlexiViT kernel resampling). Extra keywords:
 
     - ``norm_eps``: the eps of every LayerNorm (timm 1e-6, Hugging Face ViT 1e-12).
     - ``act``: the MLP activation, "gelu" (erf, timm/torchvision) or "gelu_tanh" (the tanh
@@ -209,6 +245,9 @@ class ViT(nn.Module):
                 for i in range(depth)
             ]
         )
+        # timm's ViT feature_info: one entry per block, the reduction is the patch size.
+        reduction = self.patch_embed.feat_ratio()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.norm = norm_layer(embed_dim, **dd) if final_norm and not use_fc_norm else nn.Identity()
         self.fc_norm = norm_layer(embed_dim, **dd) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -316,21 +355,60 @@ class ViT(nn.Module):
         )
         self.head.train(self.training)
 
-    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
-        """Change the nominal input size, resampling the learned position embedding (bicubic)."""
+    def set_input_size(
+        self,
+        img_size: Optional[Union[int, Tuple[int, int]]] = None,
+        patch_size: Optional[Union[int, Tuple[int, int]]] = None,
+    ) -> None:
+        """timm's ``set_input_size``: change the nominal input size and / or the patch size (None
+        keeps the current one). A new patch size resamples the patch-embedding kernel
+        (:func:`vitkern.resample_patch_embed`, FlexiViT's pseudo-inverse resize); a new grid
+        resamples the learned position embedding (bicubic, ``pos_embed_antialias``). The config
+        records the new sizes and ``feature_info`` the new reduction."""
         prev = self.patch_embed.grid_size
-        self.patch_embed.set_input_size(img_size)
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
         self.config["img_size"] = list(self.patch_embed.img_size)
-        if self.pos_embed is not None and self.patch_embed.grid_size != prev:
-            with torch.no_grad():
-                new = resample_pos_embed(
-                    self.pos_embed,
-                    new_size=self.patch_embed.grid_size,
-                    old_size=prev,
-                    num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-                    antialias=self.pos_embed_antialias,
-                )
-            self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
+        self.config["patch_size"] = list(self.patch_embed.patch_size)
+        reduction = self.patch_embed.feat_ratio()
+        for info in self.feature_info:
+            info["reduction"] = reduction
+        if self.pos_embed is not None:
+            num_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            num_new = self.patch_embed.num_patches + num_prefix
+            if num_new != self.pos_embed.shape[1] or self.patch_embed.grid_size != prev:
+                with torch.no_grad():
+                    new = resample_pos_embed(
+                        self.pos_embed,
+                        new_size=self.patch_embed.grid_size,
+                        old_size=prev,
+                        num_prefix_tokens=num_prefix,
+                        antialias=self.pos_embed_antialias,
+                    )
+                self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, Sequence[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """timm's ``prune_intermediate_layers``: keep the blocks up to the last of ``indices`` (as
+        :meth:`forward_intermediates` takes them) and drop the rest; ``prune_norm`` replaces the
+        final norm by an identity, ``prune_head`` the fc_norm and the classifier (``num_classes``
+        0, no pooling). Returns the absolute indices kept. ``feature_info`` is left as it was (as
+        timm); the config records the new depth and norms, so a saved pruned model rebuilds."""
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        self.config["depth"] = len(self.blocks)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        has_norm, has_fc_norm = not isinstance(self.norm, nn.Identity), not isinstance(self.fc_norm, nn.Identity)
+        self.config["final_norm"] = has_norm or has_fc_norm
+        self.config["fc_norm"] = has_fc_norm
+        return take
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -369,6 +447,11 @@ class ViT(nn.Module):
             x = self.pos_drop(x)
         return apply_norm(self.norm_pre, x)
 
+    def _block(self, blk: nn.Module, x: torch.Tensor, attn_mask, is_causal: bool) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, attn_mask, is_causal, use_reentrant=False)
+        return blk(x, attn_mask, is_causal)
+
     def forward_features(
         self,
         x: torch.Tensor,
@@ -378,11 +461,92 @@ class ViT(nn.Module):
         """All tokens (B, K + N, D) after the blocks and the final norm."""
         x = self.embed(x)
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, attn_mask, is_causal, use_reentrant=False)
-            else:
-                x = blk(x, attn_mask, is_causal)
+            x = self._block(blk, x, attn_mask, is_causal)
         return apply_norm(self.norm, x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]], Dict[str, Any]]:
+        """timm's ``forward_intermediates``: the outputs of the blocks ``indices`` selects (None:
+        all; an int n: the last n; a sequence: those, negative from the end), through the same
+        embed / block / norm code as :meth:`forward_features`.
+
+        Each intermediate is the block's output, through the final norm with ``norm``, without its
+        prefix (class / register) tokens: ``(B, D, H', W')`` for ``output_fmt="NCHW"`` (the patch
+        grid of this input), ``(B, N, D)`` for "NLC". ``return_prefix_tokens`` makes each a
+        ``(spatial, prefix)`` pair, prefix ``(B, K, D)`` (when the model has prefix tokens).
+        ``stop_early`` runs no block after the last one taken. Returns ``(final, intermediates)``,
+        ``final`` as :meth:`forward_features` returns it, or the list alone with
+        ``intermediates_only``; ``output_dict`` returns timm's dict instead ("image_intermediates",
+        "image_intermediates_prefix" with ``return_prefix_tokens``, "image_features" unless
+        ``intermediates_only``)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        take_set = set(take)
+        if x.dim() != 4:
+            raise ValueError(f"ViT: images must have shape (B, C, H, W), got {tuple(x.shape)}")
+        batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
+        x = self.embed(x)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = self._block(blk, x, attn_mask, is_causal)
+            if i in take_set:
+                intermediates.append(apply_norm(self.norm, x) if norm else x)
+
+        k = self.num_prefix_tokens
+        prefix = [y[:, :k] for y in intermediates] if k else None
+        if k:
+            intermediates = [y[:, k:] for y in intermediates]
+        if output_fmt == "NCHW":
+            gh, gw = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+
+        if output_dict:
+            out: Dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = apply_norm(self.norm, x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return apply_norm(self.norm, x), intermediates
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: Union[int, Sequence[int]] = 1,
+        reshape: bool = False,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> List[Any]:
+        """The DINO-style interface of timm (``forward_intermediates(x, n, ...,
+        intermediates_only=True)``): the last ``n`` blocks' outputs (or the blocks ``n`` names),
+        ``(B, D, H', W')`` with ``reshape``, else ``(B, N, D)``."""
+        return self.forward_intermediates(
+            x,
+            n,
+            return_prefix_tokens=return_prefix_tokens,
+            norm=norm,
+            output_fmt="NCHW" if reshape else "NLC",
+            intermediates_only=True,
+            attn_mask=attn_mask,
+        )
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type

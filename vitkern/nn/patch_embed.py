@@ -10,7 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from vitkern.ops.patch_embed import patch_embed
+from vitkern.ops.patch_embed import patch_embed, resample_patch_embed
 
 __all__ = ["PatchEmbed"]
 
@@ -67,9 +67,31 @@ class PatchEmbed(nn.Module):
         grid_size = (img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1])
         return img_size, grid_size, grid_size[0] * grid_size[1]
 
-    def set_input_size(self, img_size) -> None:
-        """Change the nominal input size (the position embedding is the owner's business)."""
-        self.img_size, self.grid_size, self.num_patches = self._init_img_size(img_size)
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """Change the nominal input size and / or the patch size (None keeps the current one), as
+        timm's ``PatchEmbed.set_input_size``: a new patch size replaces ``proj`` by a conv whose
+        kernel is the old one resampled by :func:`vitkern.resample_patch_embed` (FlexiViT's
+        pseudo-inverse resize, bicubic antialiased), the bias, ``requires_grad`` and train mode
+        kept. The position embedding is the owner's business."""
+        new_patch_size = None if patch_size is None else _to_2tuple(patch_size)
+        if new_patch_size is not None and new_patch_size != self.patch_size:
+            old = self.proj
+            with torch.no_grad():
+                proj = nn.Conv2d(
+                    old.in_channels, old.out_channels, kernel_size=new_patch_size, stride=new_patch_size,
+                    bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype,
+                )
+                proj.weight.copy_(resample_patch_embed(old.weight, new_patch_size))
+                proj.weight.requires_grad_(old.weight.requires_grad)
+                if old.bias is not None:
+                    proj.bias.copy_(old.bias)
+                    proj.bias.requires_grad_(old.bias.requires_grad)
+            proj.train(old.training)
+            self.proj = proj
+            self.patch_size = new_patch_size
+        img_size = img_size or self.img_size
+        if img_size != self.img_size or new_patch_size is not None:
+            self.img_size, self.grid_size, self.num_patches = self._init_img_size(img_size)
 
     def feat_ratio(self, as_scalar: bool = True):
         return max(self.patch_size) if as_scalar else self.patch_size

@@ -7,6 +7,8 @@ Public functions (re-exported from ``vitkern``):
   ``VisionTransformer._pos_embed`` (class / register tokens and the absolute position embedding).
 - ``resample_pos_embed(pos_embed, new_size, ...)``: interpolate an absolute position embedding to a
   new patch grid (``timm.layers.resample_abs_pos_embed`` semantics, plain torch).
+- ``resample_patch_embed(weight, new_size, ...)``: resample a patch-embedding kernel to another
+  patch size (FlexiViT; ``timm.layers.resample_patch_embed`` semantics, plain torch).
 
 Backends are registered at the bottom of this module. Implementations of op ``"patch_embed"`` are
 called as ``impl(images, weight, bias, pos_embed=..., prefix_tokens=...)`` after the public
@@ -22,7 +24,8 @@ prefix-token gradients column sums of dY. The package, one file per layer:
 - ``reference``: ``patch_embed_ref``, the "reference" backend.
 - ``native``: ``patch_embed_torch``, the "torch" backend as timm runs it (conv2d, flatten +
   transpose, cat, add), the PyTorch-native fast path "auto" measures the kernel against.
-- ``pos_embed``: ``resample_pos_embed`` (reference only: no kernel, no backend).
+- ``pos_embed``: ``resample_pos_embed``, ``resample_patch_embed`` (reference only: no kernel, no
+  backend).
 - ``kernels``: the device functions plugged into the GEMM core, and the column-sum kernel.
 - ``configs``: the GEMM config overrides and the rule that picks each GEMM's config.
 - ``layout``: the pixel order (images, weight and weight gradient).
@@ -61,10 +64,10 @@ from vitkern.ops._common import (
 from vitkern.ops.patch_embed import cuda as _cuda
 from vitkern.ops.patch_embed.native import patch_embed_torch
 from vitkern.ops.patch_embed.op import _patch_embed_triton, _patch_embed_triton_supports
-from vitkern.ops.patch_embed.pos_embed import resample_pos_embed
+from vitkern.ops.patch_embed.pos_embed import resample_patch_embed, resample_pos_embed
 from vitkern.ops.patch_embed.reference import patch_embed_ref
 
-__all__ = ["patch_embed", "patch_embed_ref", "resample_pos_embed"]
+__all__ = ["patch_embed", "patch_embed_ref", "resample_pos_embed", "resample_patch_embed"]
 
 
 def patch_embed(

@@ -122,3 +122,44 @@ def resample_pos_embed(
     if num_prefix_tokens:
         grid = torch.cat([prefix, grid], dim=1)
     return grid
+
+
+def resample_patch_embed(
+    weight: torch.Tensor,
+    new_size: Union[int, Sequence[int]],
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Resample a patch-embedding kernel ``(D, C, Ph, Pw)`` to another patch size (FlexiViT, Beyer
+    et al., 2023; ``timm.layers.resample_patch_embed`` semantics, plain torch).
+
+    The resize of a ``Ph x Pw`` patch to ``new_size`` is a linear map ``A`` (``F.interpolate`` of
+    each basis patch, ``mode=interpolation``, ``antialias``); the new kernel is the old one through
+    ``pinv(A)``, so that ``<resize(patch), new_kernel> ~= <patch, old_kernel>``: a model given the
+    resampled kernel on inputs resized by the same factor sees about the same embeddings. Computed
+    in float32 and cast back; the input is returned unchanged when the size already matches.
+
+    Raises:
+        TypeError / ValueError naming the argument: a non-tensor or non-4-D ``weight``, an empty
+        one, a bad size or an unknown interpolation mode.
+    """
+    check_tensor("weight", weight, ndim=4, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    new_size = _check_size("new_size", new_size)
+    if interpolation not in _INTERPOLATION_MODES:
+        raise ValueError(f"interpolation must be one of {_INTERPOLATION_MODES}, got {interpolation!r}")
+    if not isinstance(antialias, bool):
+        raise TypeError(f"antialias must be a bool, got {type(antialias).__name__}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    old_size = (int(weight.shape[-2]), int(weight.shape[-1]))
+    if old_size == new_size:
+        return weight
+    old_total, new_total = old_size[0] * old_size[1], new_size[0] * new_size[1]
+    basis = torch.eye(old_total, device=weight.device, dtype=torch.float32).reshape(old_total, 1, *old_size)
+    kw = {} if interpolation in ("nearest", "nearest-exact", "area") else dict(antialias=antialias, align_corners=False)
+    resized = F.interpolate(basis, size=new_size, mode=interpolation, **kw)
+    resize_mat = resized.squeeze(1).permute(1, 2, 0).reshape(new_total, old_total)
+    pinv = torch.linalg.pinv(resize_mat)  # (old_total, new_total)
+    d, c = weight.shape[0], weight.shape[1]
+    out = weight.reshape(d, c, old_total).to(torch.float32) @ pinv
+    return out.reshape(d, c, *new_size).to(weight.dtype)
