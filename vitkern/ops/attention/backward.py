@@ -49,8 +49,33 @@ def _attention_bwd_preprocess_kernel(
 
 @register_helper
 @triton.jit
+def _attn_bwd_p(qk, lse, bias, bias2, sm_scale, qk_scale, USE_BIAS: tl.constexpr, FP32: tl.constexpr):
+    """P = exp(sm_scale * qk (+ bias) - lse) from the raw scores; ``lse`` / ``bias`` broadcast
+    against ``qk`` (``bias2`` = bias * log2(e), computed once per key block or tile).
+
+    16-bit inputs: ``exp2(qk * c - lse * log2(e))``, one FMA per element (c = qk_scale =
+    sm_scale * log2(e); ``lse * log2(e)`` is per row), the tutorial's form: its rounding scales
+    with |s| + |lse|, far below the 8 / 11 bits P is rounded to for the next dots. fp32 inputs
+    keep ``exp2((s - lse) * log2(e))``, whose rounding scales with s - lse, small where P
+    matters (the FMA form missed the flash rule for dV at fp32, D = 64, Tq = 50, Tk = 257)."""
+    if FP32:
+        if USE_BIAS:
+            p = tl.math.exp2((qk * sm_scale + bias - lse) * 1.4426950408889634)
+        else:
+            p = tl.math.exp2((qk * sm_scale - lse) * 1.4426950408889634)
+    else:
+        lse2 = lse * 1.4426950408889634
+        if USE_BIAS:
+            p = tl.math.exp2(qk * qk_scale + (bias2 - lse2))
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse2)
+    return p
+
+
+@register_helper
+@triton.jit
 def _attn_bwd_dkdv_inner(
-    dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias2_n,
+    dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n,
     q_base, do_base, lse_base, delta_base, dq_base,
     stride_qt, stride_dot, stride_dqt,
     offs_n, offs_da, offs_db, cols_a, cols_b, lo, hi, Tq, sm_scale, qk_scale,
@@ -59,33 +84,30 @@ def _attn_bwd_dkdv_inner(
     ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Query blocks [lo, hi) against one key block, in the transposed orientation (S^T = K Q^T).
-    ``bias2_n``: the key block's bias times log2(e); qk_scale = sm_scale * log2(e).
+    ``bias_n``: the key block's bias; qk_scale = sm_scale * log2(e).
 
     Mask-free loads as in the forward: rows past Tq repeat row Tq - 1 (their P is masked to 0),
     columns past the head dim repeat the last one (k's and v's tails are zero; the tails of dK
     and dV are never stored)."""
     in_dtype = q_base.dtype.element_ty
+    bias2_n = bias_n * 1.4426950408889634
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         rows = _attn_rows(offs_m, Tq, MASKED)
         q_a = dot_operand(tl.load(q_base + rows[:, None] * stride_qt + cols_a[None, :]))
         do_a = dot_operand(tl.load(do_base + rows[:, None] * stride_dot + cols_a[None, :]))
-        lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+        lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
         if HAS_BIAS:
-            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # fully masked rows: p = 0
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
         qkT = tl.dot(k_a, tl.trans(q_a), input_precision=PRECISION)
         if BLOCK_DB > 0:
             q_b = dot_operand(tl.load(q_base + rows[:, None] * stride_qt + cols_b[None, :]))
             do_b = dot_operand(tl.load(do_base + rows[:, None] * stride_dot + cols_b[None, :]))
             qkT = tl.dot(k_b, tl.trans(q_b), qkT, input_precision=PRECISION)
-        # P = exp(scale * qk - lse) = exp2(qk * c - lse2): one FMA per element (c = scale * log2(e),
-        # lse2 = lse * log2(e) once per row; bias2 = bias * log2(e) once per key block)
-        if USE_BIAS:
-            pT = tl.math.exp2(qkT * qk_scale + (bias2_n[:, None] - lse2[None, :]))
-        else:
-            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        pT = _attn_bwd_p(qkT, lse[None, :], bias_n[:, None], bias2_n[:, None], sm_scale, qk_scale,
+                         USE_BIAS, in_dtype == tl.float32)
         if MASKED:
             valid = offs_m[None, :] < Tq
             if CAUSAL:
@@ -158,29 +180,29 @@ def _attention_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         if HAS_BIAS:
-            bias2_n = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n * stride_bt, mask=offs_n < Tk,
-                              other=float("-inf")) * 1.4426950408889634
+            bias_n = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n * stride_bt, mask=offs_n < Tk,
+                             other=float("-inf"))
         elif ATOMIC_DQ:
-            bias2_n = tl.where(offs_n < Tk, 0.0, float("-inf"))  # keys past Tk must not reach dQ
+            bias_n = tl.where(offs_n < Tk, 0.0, float("-inf"))  # keys past Tk must not reach dQ
         else:
-            bias2_n = 0.0  # rows of keys past Tk are never stored
+            bias_n = tl.zeros([BLOCK_N], dtype=tl.float32)  # rows of keys past Tk are never stored
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         dq_base = DQ + b * stride_dqb + h * stride_dqh
         lse_base = LSE + (b * H + h) * Tq
         delta_base = DELTA + (b * H + h) * Tq
         dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
-            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias2_n, q_base, do_base, lse_base, delta_base,
+            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
             dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_lo, m_diag,
             Tq, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
             HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
         dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
-            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias2_n, q_base, do_base, lse_base, delta_base,
+            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
             dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_diag, m_full,
             Tq, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, False,
             HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
         dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
-            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias2_n, q_base, do_base, lse_base, delta_base,
+            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
             dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_full, tq_ceil,
             Tq, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
             HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
@@ -194,14 +216,14 @@ def _attention_bwd_dkdv_kernel(
 @register_helper
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq_a, dq_b, q_a, q_b, do_a, do_b, lse2, delta,
+    dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta,
     k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-    offs_m, cols_a, cols_b, lo, hi, Tk, qk_scale,
+    offs_m, cols_a, cols_b, lo, hi, Tk, sm_scale, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Key blocks [lo, hi) for one query block's dQ (mask-free loads as in the forward); lse2 =
-    lse * log2(e) per row, qk_scale = sm_scale * log2(e): p = exp2(qk * qk_scale - lse2)."""
+    """Key blocks [lo, hi) for one query block's dQ (mask-free loads as in the forward); P as in
+    the dK/dV kernel (:func:`_attn_bwd_p`), qk_scale = sm_scale * log2(e)."""
     in_dtype = k_base.dtype.element_ty
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -217,10 +239,11 @@ def _attn_bwd_dq_inner(
             qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PRECISION)
             dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=PRECISION)
         if HAS_BIAS:
-            bias2 = tl.load(bias_base + rows * stride_bt) * 1.4426950408889634
-            p = tl.math.exp2(qk * qk_scale + (bias2[None, :] - lse2[:, None]))
+            bias = tl.load(bias_base + rows * stride_bt)[None, :]
+            p = _attn_bwd_p(qk, lse[:, None], bias, bias * 1.4426950408889634, sm_scale, qk_scale,
+                            True, in_dtype == tl.float32)
         else:
-            p = tl.math.exp2(qk * qk_scale - lse2[:, None])  # as in the dK/dV kernel
+            p = _attn_bwd_p(qk, lse[:, None], 0.0, 0.0, sm_scale, qk_scale, False, in_dtype == tl.float32)
         if MASKED:
             valid = offs_n[None, :] < Tk
             if CAUSAL:
@@ -259,9 +282,9 @@ def _attention_bwd_dq_kernel(
     do_a, do_b = _attn_load_tile(DO + b * stride_dob + h * stride_doh, stride_dot, offs_m, Tq, offs_da, offs_db,
                                  HEAD_DIM, BLOCK_DA, BLOCK_DB)
     dq_a, dq_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
-    lse2 = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     if HAS_BIAS:
-        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # fully masked rows: p = 0
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
     qk_scale = sm_scale * 1.4426950408889634
     delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
 
@@ -270,12 +293,12 @@ def _attention_bwd_dq_kernel(
     bias_base = BIAS + b * stride_bb + h * stride_bh
     n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     dq_a, dq_b = _attn_bwd_dq_inner(
-        dq_a, dq_b, q_a, q_b, do_a, do_b, lse2, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
-        stride_bt, offs_m, cols_a, cols_b, 0, n_full, Tk, qk_scale,
+        dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
+        stride_bt, offs_m, cols_a, cols_b, 0, n_full, Tk, sm_scale, qk_scale,
         BLOCK_N, BLOCK_DB, CAUSAL, False, HAS_BIAS, PRECISION)
     dq_a, dq_b = _attn_bwd_dq_inner(
-        dq_a, dq_b, q_a, q_b, do_a, do_b, lse2, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
-        stride_bt, offs_m, cols_a, cols_b, n_full, n_end, Tk, qk_scale,
+        dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
+        stride_bt, offs_m, cols_a, cols_b, n_full, n_end, Tk, sm_scale, qk_scale,
         BLOCK_N, BLOCK_DB, CAUSAL, True, HAS_BIAS, PRECISION)
 
     _attn_store_tile(DQ + b * stride_dqb + h * stride_dqh, stride_dqt, dq_a * sm_scale, dq_b * sm_scale,

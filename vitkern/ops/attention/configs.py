@@ -76,8 +76,8 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
                           (256, _attn_cfg(80, 32, 32, 8, 2))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 32, 32, 4, 1)),
                           (256, _attn_cfg(80, 16, 32, 4, 1))),
-    # 3.6: 64 spilled 16 bytes with 4 warps, and 4 with 8 warps once the backward took the FMA
-    # form of P (16 warps: 124..126 registers on 3.6, 124..128 on 3.8)
+    # 3.6: 64 spilled 16 bytes with 4 warps, and 4 with 8 warps while the fp32 backward formed P
+    # with one FMA (16 warps hold either way: 124..128 registers on both)
     ("dkdv", 80, "tf32"): ((64, _attn_cfg(80, 32, 32, 16, 1)), (128, _attn_cfg(80, 16, 32, 4, 1)),
                            (256, _attn_cfg(80, 16, 16, 8, 1))),
     ("dq", 80, "tf32"): ((64, _attn_cfg(80, 64, 32, 4, 1)), (128, _attn_cfg(80, 32, 16, 4, 1)),
