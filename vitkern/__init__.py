@@ -10,11 +10,13 @@ from vitkern._tuning import tune
 from vitkern.ops._config import set_sm_carveout, sm_carveout
 from vitkern.ops.layer_norm import add_layer_norm, layer_norm
 from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
+from vitkern.ops.attention.prologue import QKNorm, RopeTables
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
 from vitkern.ops.patch_embed import patch_embed, resample_patch_embed, resample_pos_embed
 from vitkern.patching import PatchReport, patch_model, patch_sdpa, sdpa_override, unpatch_model, unpatch_sdpa
 from vitkern import nn
+from vitkern.nn.rope import Rope2D
 from vitkern import models
 from vitkern.models import ViT, create_model, list_models
 
@@ -35,6 +37,9 @@ __all__ = [
     "attention",
     "attention_qkvpacked",
     "scaled_dot_product_attention",
+    "QKNorm",
+    "RopeTables",
+    "Rope2D",
     "linear",
     "mlp",
     "patch_embed",

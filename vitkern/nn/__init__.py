@@ -6,6 +6,7 @@ from vitkern.nn.linear import Linear, Mlp, resolve_activation
 from vitkern.nn.attention import Attention
 from vitkern.nn.patch_embed import PatchEmbed
 from vitkern.nn.block import Block, DropPath, LayerScale
+from vitkern.nn.rope import Rope2D
 
 __all__ = [
     "LayerNorm",
@@ -16,5 +17,6 @@ __all__ = [
     "Block",
     "LayerScale",
     "DropPath",
+    "Rope2D",
     "resolve_activation",
 ]

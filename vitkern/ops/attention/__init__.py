@@ -77,6 +77,13 @@ from vitkern.ops.attention.op import (
     _attention_triton_supports,
     TRITON_DTYPES,
 )
+from vitkern.ops.attention.prologue import (
+    QKNorm,
+    RopeTables,
+    apply_qk_prologue_ref,
+    check_prologue,
+    prologue_requested,
+)
 from vitkern.ops.attention.reference import attention_qkvpacked_ref, attention_ref
 from vitkern.ops.attention.sdpa import scaled_dot_product_attention
 
@@ -86,6 +93,8 @@ __all__ = [
     "scaled_dot_product_attention",
     "attention_ref",
     "attention_qkvpacked_ref",
+    "QKNorm",
+    "RopeTables",
 ]
 
 
@@ -103,6 +112,18 @@ def _check_scale(scale) -> Optional[float]:
     return float(scale)
 
 
+def _apply_prologue(q, k, q_norm, k_norm, rope, num_prefix_tokens):
+    """q / k through the QK-norms and the rotation (see :mod:`vitkern.ops.attention.prologue`)."""
+    b, h, t, d = q.shape
+    if rope is not None and k.shape[2] != t:
+        raise ValueError(f"rope needs self-attention (Tq == Tk); q has {t} tokens, k {k.shape[2]}")
+    if rope is not None and k.shape[1] != h and getattr(rope, "sin", None) is not None and rope.sin.dim() == 3:
+        raise ValueError(f"rope: per-head tables need as many k heads as q heads ({k.shape[1]} vs {h})")
+    q_norm, k_norm, rope, n = check_prologue(q_norm, k_norm, rope, num_prefix_tokens, heads=h, tokens=t,
+                                             head_dim=d, device=q.device)
+    return apply_qk_prologue_ref(q, q_norm, rope, n), apply_qk_prologue_ref(k, k_norm, rope, n)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -112,6 +133,10 @@ def attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     deterministic: bool = False,
+    q_norm: Optional[QKNorm] = None,
+    k_norm: Optional[QKNorm] = None,
+    rope=None,
+    num_prefix_tokens: int = 0,
 ):
     """Scaled dot-product attention, flash-style (the ``T x T`` scores are never materialised).
 
@@ -127,6 +152,14 @@ def attention(
         return_lse: also return the logsumexp of the scaled scores.
         deterministic: ask for a deterministic backward (kernels may otherwise accumulate with
             atomics); the reference is always deterministic.
+        q_norm, k_norm: a :class:`vitkern.QKNorm` applied to q / k over the head dim first (QK-norm).
+        rope: a :class:`vitkern.Rope2D` (its tables for its grid) or :class:`vitkern.RopeTables`
+            (``(Tq - num_prefix_tokens, D)`` or per head ``(H, ..., D)``) rotating q and k after the
+            norms; needs ``Tq == Tk`` (self-attention).
+        num_prefix_tokens: the leading tokens (class / register) that the rotation skips.
+        The prologue (norms, rotation) follows ``vitkern.ops.attention.prologue``: float32 inside,
+        q / k's dtype out; gradients flow to q, k, the norms' weights and the tables. It currently runs
+        as PyTorch ops before the attention kernel (not yet fused into its q / k loads).
 
     Returns:
         ``out`` ``(B, H, Tq, D)`` in the compute dtype, or ``(out, lse)`` with ``lse`` float32
@@ -165,6 +198,10 @@ def attention(
         q, k, v = cast_floating(ac, q, k, v)
     else:
         check_same_dtype(q=q, k=k, v=v)
+    if prologue_requested(q_norm, k_norm, rope):
+        q, k = _apply_prologue(q, k, q_norm, k_norm, rope, num_prefix_tokens)
+    elif num_prefix_tokens != 0:
+        check_prologue(None, None, None, num_prefix_tokens, heads=h, tokens=q.shape[2], head_dim=d, device=device)
     kwargs = dict(
         causal=causal, scale=scale, return_lse=return_lse, deterministic=deterministic, key_padding_bias=None
     )
@@ -179,6 +216,10 @@ def attention_qkvpacked(
     scale: Optional[float] = None,
     return_lse: bool = False,
     deterministic: bool = False,
+    q_norm: Optional[QKNorm] = None,
+    k_norm: Optional[QKNorm] = None,
+    rope=None,
+    num_prefix_tokens: int = 0,
 ):
     """Self-attention on the packed output of a fused qkv projection.
 
@@ -189,7 +230,8 @@ def attention_qkvpacked(
 
     Args:
         qkv: ``(B, T, 3, H, D)`` float32 / float16 / bfloat16, any strides.
-        causal, scale, return_lse, deterministic: as in :func:`attention`.
+        causal, scale, return_lse, deterministic, q_norm, k_norm, rope, num_prefix_tokens: as in
+            :func:`attention`.
 
     Returns:
         ``out`` ``(B, T, H, D)`` (ready for ``reshape(B, T, H * D)`` and the output projection), or
@@ -215,6 +257,12 @@ def attention_qkvpacked(
     ac = autocast_dtype(device)
     if ac is not None:
         (qkv,) = cast_floating(ac, qkv)
+    if prologue_requested(q_norm, k_norm, rope) or num_prefix_tokens != 0:
+        # The prologue rewrites q and k: run it on (B, H, T, D) views and the unpacked op.
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        res = attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse, deterministic=deterministic,
+                        q_norm=q_norm, k_norm=k_norm, rope=rope, num_prefix_tokens=num_prefix_tokens)
+        return (res[0].transpose(1, 2), res[1]) if return_lse else res.transpose(1, 2)
     kwargs = dict(causal=causal, scale=scale, return_lse=return_lse, deterministic=deterministic)
     impl = select_impl("attention_qkvpacked", device, qkv, **kwargs)
     return impl(qkv, **kwargs)
