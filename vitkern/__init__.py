@@ -10,7 +10,7 @@ from vitkern._tuning import tune
 from vitkern.ops._config import set_sm_carveout, sm_carveout
 from vitkern.ops.layer_norm import add_layer_norm, layer_norm
 from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
-from vitkern.ops.attention.prologue import QKNorm, RopeTables
+from vitkern.ops.qk_prologue.spec import QKNorm, RopeTables
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
 from vitkern.ops.patch_embed import patch_embed, resample_patch_embed, resample_pos_embed

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vitkern.nn.rope import Rope2D
-from vitkern.ops.attention.prologue import QKNorm, RopeTables, apply_qk_prologue_ref
+from vitkern.ops.qk_prologue import QKNorm, RopeTables, apply_qk_prologue_ref
 
 pos = pytest.importorskip("timm.layers.pos_embed_sincos")
 

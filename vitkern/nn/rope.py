@@ -1,6 +1,6 @@
 """2-D rotary position embeddings for ViTs: the tables of timm's three vision RoPE families.
 
-:class:`Rope2D` computes the sine / cosine tables (:class:`vitkern.ops.attention.prologue.RopeTables`)
+:class:`Rope2D` computes the sine / cosine tables (:class:`vitkern.ops.qk_prologue.spec.RopeTables`)
 that the attention ops apply to q and k as their tiles are loaded. The numbers follow timm's
 modules, which the tests compare against:
 
@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from vitkern.ops.attention.prologue import ROPE_LAYOUTS, RopeTables
+from vitkern.ops.qk_prologue.spec import ROPE_LAYOUTS, RopeTables
 
 __all__ = ["Rope2D", "ROPE_KINDS"]
 

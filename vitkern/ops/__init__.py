@@ -1,4 +1,5 @@
-"""One package per op (``attention``, ``layer_norm``, ``linear``, ``mlp``, ``patch_embed``), its
+"""One package per op (``attention``, ``layer_norm``, ``linear``, ``mlp``, ``patch_embed``,
+``qk_prologue``), its
 layers as files: ``reference.py`` (``<op>_ref``, the differentiable pure-PyTorch reference),
 ``native.py`` (the "torch" backend: the PyTorch-native fast path in the compute dtype),
 ``configs.py``, the ``@triton.jit`` kernels, ``launch.py``, ``op.py`` (registered custom ops,

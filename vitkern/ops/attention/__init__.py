@@ -77,15 +77,9 @@ from vitkern.ops.attention.op import (
     _attention_triton_supports,
     TRITON_DTYPES,
 )
-from vitkern.ops.attention.prologue import (
-    QKNorm,
-    RopeTables,
-    apply_qk_prologue_ref,
-    check_prologue,
-    prologue_requested,
-)
 from vitkern.ops.attention.reference import attention_qkvpacked_ref, attention_ref
 from vitkern.ops.attention.sdpa import scaled_dot_product_attention
+from vitkern.ops.qk_prologue import QKNorm, RopeTables, check_prologue, prologue_requested, qk_prologue
 
 __all__ = [
     "attention",
@@ -121,7 +115,7 @@ def _apply_prologue(q, k, q_norm, k_norm, rope, num_prefix_tokens):
         raise ValueError(f"rope: per-head tables need as many k heads as q heads ({k.shape[1]} vs {h})")
     q_norm, k_norm, rope, n = check_prologue(q_norm, k_norm, rope, num_prefix_tokens, heads=h, tokens=t,
                                              head_dim=d, device=q.device)
-    return apply_qk_prologue_ref(q, q_norm, rope, n), apply_qk_prologue_ref(k, k_norm, rope, n)
+    return qk_prologue(q, q_norm, rope, n), qk_prologue(k, k_norm, rope, n)
 
 
 def attention(
@@ -157,9 +151,10 @@ def attention(
             (``(Tq - num_prefix_tokens, D)`` or per head ``(H, ..., D)``) rotating q and k after the
             norms; needs ``Tq == Tk`` (self-attention).
         num_prefix_tokens: the leading tokens (class / register) that the rotation skips.
-        The prologue (norms, rotation) follows ``vitkern.ops.attention.prologue``: float32 inside,
-        q / k's dtype out; gradients flow to q, k, the norms' weights and the tables. It currently runs
-        as PyTorch ops before the attention kernel (not yet fused into its q / k loads).
+        The prologue (norms, rotation) follows ``vitkern.ops.qk_prologue``: float32 inside, q / k's
+        dtype out; gradients flow to q, k, the norms' weights and the tables. It runs as its own
+        pass over q and k (one kernel each way) before the attention kernel, not yet inside the
+        attention kernels' q / k loads.
 
     Returns:
         ``out`` ``(B, H, Tq, D)`` in the compute dtype, or ``(out, lse)`` with ``lse`` float32

@@ -1,6 +1,5 @@
 """The q / k prologue of attention: per-head normalisation (QK-norm) and 2-D rotary position
-embeddings (RoPE), as the data the attention ops take, and the pure-PyTorch reference that applies
-them.
+embeddings (RoPE), as the data the attention ops take.
 
 Modern ViTs (EVA-02, timm's RoPE ViTs, DINOv3, Qwen-VL vision towers) normalise q and k over the
 head dim and rotate them by position before the scores. Both act on one token's head vector at a
@@ -30,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["QKNorm", "RopeTables", "apply_qk_prologue_ref", "ROPE_LAYOUTS", "QK_NORM_KINDS"]
+__all__ = ["QKNorm", "RopeTables", "check_prologue", "prologue_requested", "ROPE_LAYOUTS", "QK_NORM_KINDS"]
 
 ROPE_LAYOUTS = ("interleaved", "half")
 QK_NORM_KINDS = ("layer", "rms")
@@ -149,50 +148,6 @@ class RopeTables:
             raise ValueError(f"{what}: per-head tables for {self.sin.shape[0]} heads; the input has {heads}")
         if self.sin.device != device or self.cos.device != device:
             raise ValueError(f"{what}: the tables are on {self.sin.device}, the inputs on {device}")
-
-
-def _norm_ref(x: Tensor, norm: QKNorm) -> Tensor:
-    """``norm`` over the last dim in float32 (returns float32)."""
-    x = x.float()
-    if norm.kind == "layer":
-        mean = x.mean(dim=-1, keepdim=True)
-        x = x - mean
-    var = x.pow(2).mean(dim=-1, keepdim=True)
-    x = x * torch.rsqrt(var + norm.eps)
-    if norm.weight is not None:
-        x = x * norm.weight.float()
-    if norm.bias is not None:
-        x = x + norm.bias.float()
-    return x
-
-
-def _rotate_ref(x: Tensor, rope: RopeTables) -> Tensor:
-    """``x * cos + rot(x) * sin`` in float32; ``x`` is ``(B, H, N, D)`` float32."""
-    if rope.layout == "interleaved":
-        # rot([x0, x1, x2, x3, ...]) = [-x1, x0, -x3, x2, ...]
-        rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).reshape(x.shape)
-    else:
-        # rot([a, b]) = [-b, a] with a, b the two halves
-        first, second = x.chunk(2, dim=-1)
-        rotated = torch.cat([-second, first], dim=-1)
-    return x * rope.cos.float() + rotated * rope.sin.float()
-
-
-def apply_qk_prologue_ref(x: Tensor, norm: Optional[QKNorm] = None, rope: Optional[RopeTables] = None,
-                          num_prefix_tokens: int = 0) -> Tensor:
-    """The reference prologue of q or k, ``x`` of shape ``(B, H, T, D)``: ``norm`` over the head dim,
-    then ``rope`` on tokens ``num_prefix_tokens:``; float32 inside, ``x.dtype`` out. Differentiable
-    (autograd) in ``x``, the norm's weight and bias and the tables."""
-    if norm is None and rope is None:
-        return x
-    y = _norm_ref(x, norm) if norm is not None else x.float()
-    if rope is not None:
-        n = int(num_prefix_tokens)
-        if n:
-            y = torch.cat([y[:, :, :n], _rotate_ref(y[:, :, n:], rope)], dim=2)
-        else:
-            y = _rotate_ref(y, rope)
-    return y.to(x.dtype)
 
 
 def check_prologue(q_norm, k_norm, rope, num_prefix_tokens, *, heads: int, tokens: int, head_dim: int,
