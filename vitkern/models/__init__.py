@@ -4,6 +4,7 @@ with their factories, and weight conversion (``vitkern.models.convert``).
 Every factory in the registry (``vit_base_patch16_224``, ...) is exported here under its name."""
 
 from vitkern.models.vit import ViT
+from vitkern.models.eva import Eva
 from vitkern.models.registry import (
     create_model,
     get_pretrained_cfg,
@@ -17,6 +18,7 @@ globals().update({name: model_entrypoint(name) for name in list_models()})
 
 __all__ = [
     "ViT",
+    "Eva",
     "create_model",
     "get_pretrained_cfg",
     "list_models",

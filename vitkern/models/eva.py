@@ -1,0 +1,446 @@
+"""``Eva``: timm's EVA family (EVA-02, the RoPE ViTs, DINOv3-style models) on vitkern's ops, with
+timm's module names, so a timm ``Eva`` state_dict loads as it is.
+
+What it covers of ``timm.models.eva.Eva``: both attention classes (``EvaAttention``: the fused
+qkv projection with timm's q / v biases, k has none, or separate q / k / v projections;
+``AttentionRope``: qkv with its bias, or separate projections with grouped-query attention);
+QK-norm (LayerNorm or RMSNorm over the head dim),
+2-D RoPE of the "cat" (axial, with ``ref_feat_shape``), "mixed" (learnable per-block
+frequencies) and "dinov3" kinds, applied by the attention op's q / k prologue
+(:mod:`vitkern.ops.qk_prologue`) with the class / register tokens left unrotated; the inner
+attention norm (``scale_attn_inner``); LayerScale (``gamma_1`` / ``gamma_2``, in the proj / fc2
+GEMMs' residual epilogues); the GELU MLP (with its optional norm, ``scale_mlp``) and the SwiGLU
+MLPs (timm's packed ``GluMlp`` and its ``SwiGLU`` with separate gate / value projections and
+optional norm); class and register tokens, absolute position embeddings with or without the
+prefix tokens, pre / post / fc norms and timm's global pools. The SwiGLU gate
+(``silu(gate) * value``) runs as PyTorch ops between the two GEMMs.
+
+``dynamic_img_size=True`` takes any input size divisible by the patch: the RoPE tables are built for
+its grid and the position embedding resampled as timm does (antialiased bicubic).
+
+Refused by name (``Eva.from_timm`` raises a ValueError): gated attention, the post-norm block, the
+multimodal "mrope", RoPE coordinate augmentation, patch dropout, dynamic padding, MAP pooling.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkern.models.vit import global_pool_nlc, GLOBAL_POOLS
+from vitkern.nn.layer_norm import apply_norm
+from vitkern.nn.linear import Linear, Mlp
+from vitkern.nn.patch_embed import PatchEmbed
+from vitkern.nn.rope import Rope2D
+from vitkern.ops.attention import attention, attention_qkvpacked
+from vitkern.ops.linear import linear
+from vitkern.ops.patch_embed import resample_pos_embed
+from vitkern.ops.qk_prologue import QKNorm, RopeTables
+
+__all__ = ["Eva", "EvaAttention", "EvaBlock", "SwiGLU", "GluMlp"]
+
+
+def _layer_norm(dim: int, **dd) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6, **dd)
+
+
+def _norm_or_identity(norm_layer, dim: int, use: bool, **dd) -> nn.Module:
+    return norm_layer(dim, **dd) if use else nn.Identity()
+
+
+class EvaAttention(nn.Module):
+    """timm's ``EvaAttention`` (``attn_type="eva"``: keys ``qkv`` + ``q_bias`` / ``v_bias`` (k has no
+    bias), or ``q_proj`` / ``k_proj`` / ``v_proj``) and ``AttentionRope`` (``attn_type="rope"``: ``qkv``
+    with its bias, or the three projections with biases and ``num_kv_heads`` for grouped-query
+    attention), both with ``q_norm`` / ``k_norm``, ``norm`` and ``proj``. One qkv GEMM, then one
+    attention call whose q / k prologue applies the QK-norms and the rotation."""
+
+    def __init__(self, dim: int, num_heads: int, *, attn_type: str = "eva", qkv_bias: bool = True,
+                 qkv_fused: bool = True, num_prefix_tokens: int = 1, head_dim: Optional[int] = None,
+                 num_kv_heads: Optional[int] = None, qk_norm: bool = False, scale_norm: bool = False,
+                 proj_bias: bool = True, rotate_half: bool = False, norm_layer=_layer_norm, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if attn_type not in ("eva", "rope"):
+            raise ValueError(f"EvaAttention: attn_type must be 'eva' or 'rope', got {attn_type!r}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"EvaAttention: num_kv_heads ({self.num_kv_heads}) must divide num_heads ({num_heads})")
+        if self.num_kv_heads != num_heads and (attn_type != "rope" or qkv_fused):
+            raise ValueError("EvaAttention: grouped-query attention needs attn_type='rope' and qkv_fused=False")
+        self.head_dim = head_dim or dim // num_heads
+        attn_dim = self.head_dim * num_heads
+        kv_dim = self.head_dim * self.num_kv_heads
+        self.num_prefix_tokens = num_prefix_tokens
+        self.rotate_half = rotate_half
+        self.q_proj = self.k_proj = self.v_proj = self.qkv = None
+        if qkv_fused:
+            self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias and attn_type == "rope", **dd)
+        if qkv_fused and qkv_bias and attn_type == "eva":
+            self.q_bias = nn.Parameter(torch.zeros(attn_dim, **dd))
+            self.register_buffer("k_bias", torch.zeros(attn_dim, **dd), persistent=False)
+            self.v_bias = nn.Parameter(torch.zeros(attn_dim, **dd))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        if not qkv_fused:
+            self.q_proj = nn.Linear(dim, attn_dim, bias=qkv_bias, **dd)
+            self.k_proj = nn.Linear(dim, kv_dim, bias=qkv_bias and attn_type == "rope", **dd)
+            self.v_proj = nn.Linear(dim, kv_dim, bias=qkv_bias, **dd)
+        self.q_norm = _norm_or_identity(norm_layer, self.head_dim, qk_norm, **dd)
+        self.k_norm = _norm_or_identity(norm_layer, self.head_dim, qk_norm, **dd)
+        self.norm = _norm_or_identity(norm_layer, attn_dim, scale_norm, **dd)
+        self.proj = Linear(attn_dim, dim, bias=proj_bias, **dd)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the q, k and v projections as one GEMM: ``(B, T, (H + 2 Hkv) D)``."""
+        if self.qkv is not None:
+            bias = self.qkv.bias
+            if self.q_bias is not None:
+                bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            return linear(x, self.qkv.weight, bias)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projs])
+        bias = None
+        if any(p.bias is not None for p in projs):
+            bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs])
+        return linear(x, weight, bias)
+
+    def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None, *,
+                residual: Optional[torch.Tensor] = None, residual_scale: Optional[torch.Tensor] = None,
+                row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        prologue = dict(q_norm=QKNorm.from_module(self.q_norm), k_norm=QKNorm.from_module(self.k_norm), rope=rope,
+                        num_prefix_tokens=self.num_prefix_tokens if rope is not None else 0)
+        qkv = self._qkv(x)
+        if Hkv == H:
+            o = attention_qkvpacked(qkv.view(B, T, 3, H, D), **prologue)
+        else:
+            q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+            q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+            o = attention(q, k, v, **prologue).transpose(1, 2)
+        o = apply_norm(self.norm, o.reshape(B, T, -1))
+        return linear(o, self.proj.weight, self.proj.bias, residual=residual, residual_scale=residual_scale,
+                      row_scale=row_scale)
+
+
+class GluMlp(nn.Module):
+    """timm's packed SwiGLU (``GluMlp`` with SiLU, gate first): ``fc1`` of width 2 x hidden, ``norm``,
+    ``fc2``; ``fc2(norm(silu(a) * b))`` with ``a, b = fc1(x).chunk(2)``."""
+
+    def __init__(self, in_features: int, hidden_features: int, *, norm_layer=None, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if hidden_features % 2:
+            raise ValueError(f"GluMlp: hidden_features must be even (gate and value halves), got {hidden_features}")
+        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
+        self.norm = norm_layer(hidden_features // 2, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features // 2, in_features, **dd)
+
+    def forward(self, x, *, residual=None, residual_scale=None, row_scale=None):
+        gate, value = linear(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)
+        h = apply_norm(self.norm, F.silu(gate) * value)
+        return linear(h, self.fc2.weight, self.fc2.bias, residual=residual, residual_scale=residual_scale,
+                      row_scale=row_scale)
+
+
+class SwiGLU(nn.Module):
+    """timm's ``SwiGLU`` (``fc1_g``, ``fc1_x``, ``norm``, ``fc2``): ``fc2(norm(silu(fc1_g(x)) * fc1_x(x)))``;
+    the two first projections run as one GEMM."""
+
+    def __init__(self, in_features: int, hidden_features: int, *, norm_layer=None, align_to: int = 0,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if align_to:
+            hidden_features = hidden_features + (-hidden_features % align_to)
+        self.fc1_g = nn.Linear(in_features, hidden_features, **dd)
+        self.fc1_x = nn.Linear(in_features, hidden_features, **dd)
+        self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
+
+    def forward(self, x, *, residual=None, residual_scale=None, row_scale=None):
+        weight = torch.cat((self.fc1_g.weight, self.fc1_x.weight))
+        bias = torch.cat((self.fc1_g.bias, self.fc1_x.bias))
+        gate, value = linear(x, weight, bias).chunk(2, dim=-1)
+        h = apply_norm(self.norm, F.silu(gate) * value)
+        return linear(h, self.fc2.weight, self.fc2.bias, residual=residual, residual_scale=residual_scale,
+                      row_scale=row_scale)
+
+
+class EvaBlock(nn.Module):
+    """timm's pre-norm ``EvaBlock`` (``norm1``, ``attn``, ``gamma_1``, ``norm2``, ``mlp``, ``gamma_2``);
+    the residual adds and LayerScale run in the proj / fc2 epilogues."""
+
+    def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, swiglu_mlp: bool = False,
+                 swiglu_align_to: int = 0, scale_mlp: bool = False, init_values: Optional[float] = None,
+                 attn_only_layer_scale: bool = False, norm_layer=_layer_norm, mlp_hidden_features: Optional[int] = None,
+                 device=None, dtype=None, **attn_kwargs):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = EvaAttention(dim, num_heads, norm_layer=norm_layer, **attn_kwargs, **dd)
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values), **dd)) if init_values is not None else None
+        self.norm2 = norm_layer(dim, **dd)
+        hidden = mlp_hidden_features or int(dim * mlp_ratio)
+        mlp_norm = norm_layer if scale_mlp else None
+        if swiglu_mlp and (scale_mlp or swiglu_align_to):
+            # timm's rule: a norm or an alignment takes the separate-projection layout
+            self.mlp = SwiGLU(dim, hidden, norm_layer=mlp_norm, align_to=swiglu_align_to, **dd)
+        elif swiglu_mlp:
+            self.mlp = GluMlp(dim, hidden * 2, **dd)
+        else:
+            self.mlp = Mlp(dim, hidden, norm_layer=mlp_norm, **dd)
+        use_mlp_ls = init_values is not None and not attn_only_layer_scale
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values), **dd)) if use_mlp_ls else None
+
+    def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None) -> torch.Tensor:
+        x = self.attn(apply_norm(self.norm1, x), rope, residual=x, residual_scale=self.gamma_1)
+        return self.mlp(apply_norm(self.norm2, x), residual=x, residual_scale=self.gamma_2)
+
+
+class Eva(nn.Module):
+    """The EVA / RoPE ViT (see the module docstring), timm's ``Eva`` constructor keywords for what
+    it covers and its state_dict keys. ``rope_type``: "cat", "mixed" or "dinov3"; ``attn_type``:
+    "eva" (``EvaAttention``) or "rope" (``AttentionRope``, with ``num_kv_heads`` per block or one
+    for all)."""
+
+    def __init__(self, img_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "avg", embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, qkv_bias: bool = True, qkv_fused: bool = True, qk_norm: bool = False,
+                 mlp_ratio: float = 4.0, swiglu_mlp: bool = False, swiglu_align_to: int = 0,
+                 scale_mlp: bool = False, scale_attn_inner: bool = False, norm_layer=_layer_norm,
+                 init_values: Optional[float] = None, attn_only_layer_scale: bool = False,
+                 class_token: bool = True, num_reg_tokens: int = 0, no_embed_class: bool = False,
+                 use_abs_pos_emb: bool = True, use_rot_pos_emb: bool = False, rope_type: str = "cat",
+                 rope_grid_offset: float = 0.0, rope_grid_indexing: str = "ij", rope_temperature: float = 10000.0,
+                 rope_rotate_half: bool = False, use_pre_transformer_norm: bool = False,
+                 use_post_transformer_norm: Optional[bool] = None, use_fc_norm: Optional[bool] = None,
+                 ref_feat_shape=None, head_dim: Optional[int] = None, mlp_hidden_features: Optional[int] = None,
+                 rope_normalize_coords: str = "separate", rope_min_period: Optional[float] = None,
+                 rope_max_period: Optional[float] = None, dynamic_img_size: bool = False, attn_type: str = "eva",
+                 proj_bias: bool = True, num_kv_heads=None, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"Eva: global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("Eva: global_pool='token' needs the class token")
+        if rope_type not in ("cat", "mixed", "dinov3"):
+            raise ValueError(f"Eva: rope_type must be 'cat', 'mixed' or 'dinov3', got {rope_type!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = (1 if class_token else 0) + num_reg_tokens
+        self.no_embed_class = no_embed_class
+        self.dynamic_img_size = dynamic_img_size
+        fc_norm = global_pool == "avg" if use_fc_norm is None else use_fc_norm
+        post_norm = (not fc_norm) if use_post_transformer_norm is None else use_post_transformer_norm
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not use_pre_transformer_norm,
+                                      strict_img_size=not dynamic_img_size, **dd)
+        grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, num_reg_tokens, embed_dim, **dd)) if num_reg_tokens else None
+        n_pos = self.patch_embed.num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim, **dd)) if use_abs_pos_emb else None
+        hd = head_dim or embed_dim // num_heads
+        self.rope_mixed = use_rot_pos_emb and rope_type == "mixed"
+        if not use_rot_pos_emb:
+            self.rope = None
+        elif rope_type == "cat":
+            self.rope = Rope2D(hd, kind="axial", grid_size=grid, temperature=rope_temperature, in_pixels=False,
+                               ref_grid_size=ref_feat_shape, grid_offset=rope_grid_offset,
+                               grid_indexing=rope_grid_indexing, layout="half" if rope_rotate_half else "interleaved")
+        elif rope_type == "mixed":
+            self.rope = Rope2D(hd, kind="mixed", grid_size=grid, temperature=rope_temperature,
+                               grid_indexing=rope_grid_indexing, depth=depth, num_heads=num_heads)
+        else:
+            self.rope = Rope2D(hd, kind="dinov3", grid_size=grid, temperature=rope_temperature,
+                               grid_offset=rope_grid_offset, grid_indexing=rope_grid_indexing,
+                               normalize_coords=rope_normalize_coords, min_period=rope_min_period,
+                               max_period=rope_max_period, layout="half" if rope_rotate_half else "interleaved")
+        self.norm_pre = norm_layer(embed_dim, **dd) if use_pre_transformer_norm else nn.Identity()
+        if num_kv_heads is None or isinstance(num_kv_heads, int):
+            num_kv_heads = (num_kv_heads,) * depth
+        if len(num_kv_heads) != depth:
+            raise ValueError(f"Eva: num_kv_heads needs one entry per block ({depth}), got {len(num_kv_heads)}")
+        self.blocks = nn.ModuleList([
+            EvaBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, swiglu_mlp=swiglu_mlp, swiglu_align_to=swiglu_align_to,
+                     scale_mlp=scale_mlp, init_values=init_values, attn_only_layer_scale=attn_only_layer_scale,
+                     norm_layer=norm_layer, mlp_hidden_features=mlp_hidden_features, qkv_bias=qkv_bias,
+                     qkv_fused=qkv_fused,
+                     num_prefix_tokens=self.num_prefix_tokens, head_dim=head_dim, qk_norm=qk_norm,
+                     scale_norm=scale_attn_inner, rotate_half=rope_rotate_half, attn_type=attn_type,
+                     proj_bias=proj_bias, num_kv_heads=num_kv_heads[i], **dd)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim, **dd) if post_norm else nn.Identity()
+        self.fc_norm = norm_layer(embed_dim, **dd) if fc_norm else nn.Identity()
+        self.head = Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def _rope_tables(self, layer: int, grid) -> Optional[RopeTables]:
+        if self.rope is None:
+            return None
+        return self.rope.tables(grid, layer=layer if self.rope_mixed else None)
+
+    def _pos_embed(self, grid) -> Optional[torch.Tensor]:
+        """The position embedding for a ``grid`` of patches: timm's antialiased bicubic resampling
+        when it differs from the model's (dynamic image sizes)."""
+        if self.pos_embed is None or tuple(grid) == tuple(self.patch_embed.grid_size):
+            return self.pos_embed
+        return resample_pos_embed(self.pos_embed, grid, old_size=self.patch_embed.grid_size,
+                                  num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+                                  antialias=True)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_embed.patch_size
+        grid = (x.shape[-2] // p[0], x.shape[-1] // p[1]) if self.dynamic_img_size else self.patch_embed.grid_size
+        prefix = [t for t in (self.cls_token, self.reg_token) if t is not None]
+        prefix = torch.cat(prefix, dim=1) if prefix else None
+        x = self.patch_embed(x, pos_embed=self._pos_embed(grid), prefix_tokens=prefix)
+        x = apply_norm(self.norm_pre, x)
+        shared = None if self.rope_mixed else self._rope_tables(0, grid)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, self._rope_tables(i, grid) if self.rope_mixed else shared)
+        return apply_norm(self.norm, x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = global_pool_nlc(x, self.global_pool, self.num_prefix_tokens)
+        x = apply_norm(self.fc_norm, x)
+        return x if pre_logits or isinstance(self.head, nn.Identity) else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def no_weight_decay(self) -> set:
+        names = {"pos_embed", "cls_token", "reg_token"}
+        if self.rope_mixed:
+            names.add("rope.freqs")
+        return names
+
+    @classmethod
+    def from_timm(cls, model: nn.Module) -> "Eva":
+        """A vitkern ``Eva`` with ``model``'s (a ``timm.models.eva.Eva``) configuration and weights;
+        what it does not cover raises a ValueError naming it (nothing is loaded partly)."""
+        config = _config_from_timm(model)
+        p = next(model.parameters())
+        out = cls(**config, device=p.device, dtype=p.dtype)
+        try:
+            out.load_state_dict(model.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"Eva.from_timm: the state_dict of {type(model).__name__} does not map: {e}") from None
+        return out.train(model.training)
+
+
+def _is_identity(m) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _norm_factory(norm: nn.Module):
+    """A ``norm_layer`` building ``norm``'s kind with its eps (LayerNorm or RMSNorm)."""
+    name = type(norm).__name__
+    eps = float(getattr(norm, "eps", 1e-6) or 1e-6)
+    if isinstance(norm, nn.LayerNorm) or name in ("LayerNorm", "LayerNormFp32"):
+        return lambda dim, **dd: nn.LayerNorm(dim, eps=eps, **dd)
+    if name in ("RmsNorm", "RMSNorm", "RmsNormFp32"):
+        return lambda dim, **dd: nn.RMSNorm(dim, eps=eps, **dd)
+    raise ValueError(f"Eva.from_timm: norm layer {name} is not supported (LayerNorm or RMSNorm)")
+
+
+def _config_from_timm(model: nn.Module) -> dict:
+    """The :class:`Eva` keywords of a timm ``Eva`` instance, refusing what vitkern's does not cover."""
+    if type(model).__name__ != "Eva":
+        raise ValueError(f"Eva.from_timm: expected a timm.models.eva.Eva, got {type(model).__name__}")
+
+    def refuse(what):
+        raise ValueError(f"Eva.from_timm: {what} is not supported by vitkern's Eva")
+
+    blk = model.blocks[0]
+    if type(blk).__name__ != "EvaBlock":
+        refuse(f"the {type(blk).__name__} block")
+    attn = blk.attn
+    attn_kind = type(attn).__name__
+    if attn_kind not in ("EvaAttention", "AttentionRope"):
+        refuse(f"the {attn_kind} attention")
+    if getattr(attn, "gate", None) is not None:
+        refuse("gated attention")
+    if getattr(model, "patch_drop", None) is not None:
+        refuse("patch dropout")
+    if getattr(model.patch_embed, "dynamic_img_pad", False):
+        refuse("dynamic_img_pad")
+    if getattr(model, "attn_pool", None) is not None:
+        refuse("MAP pooling (global_pool='map')")
+    dim = model.embed_dim
+    pe = model.patch_embed
+    cfg = dict(img_size=pe.img_size, patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels,
+               num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=dim,
+               depth=len(model.blocks), num_heads=attn.num_heads, norm_layer=_norm_factory(blk.norm1),
+               dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)))
+    if pe.patch_size[0] != pe.patch_size[1]:
+        refuse(f"a non-square patch {pe.patch_size}")
+    if attn.head_dim != dim // attn.num_heads:
+        cfg["head_dim"] = attn.head_dim
+    cfg["attn_type"] = "rope" if attn_kind == "AttentionRope" else "eva"
+    cfg["qkv_fused"] = attn.qkv is not None
+    if attn.qkv is not None:
+        cfg["qkv_bias"] = (attn.qkv.bias is not None) if attn_kind == "AttentionRope" else attn.q_bias is not None
+    else:
+        cfg["qkv_bias"] = attn.q_proj.bias is not None
+    cfg["proj_bias"] = attn.proj.bias is not None
+    if getattr(attn, "num_kv_heads", attn.num_heads) != attn.num_heads:
+        cfg["num_kv_heads"] = tuple(b.attn.num_kv_heads for b in model.blocks)
+    if not all(type(b.attn).__name__ == attn_kind for b in model.blocks):
+        refuse("blocks with different attention classes")
+    cfg["qk_norm"] = not _is_identity(attn.q_norm)
+    cfg["scale_attn_inner"] = not _is_identity(attn.norm)
+    mlp = blk.mlp
+    kind = type(mlp).__name__
+    if kind == "SwiGLU":
+        cfg.update(swiglu_mlp=True, scale_mlp=not _is_identity(mlp.norm), mlp_hidden_features=mlp.fc1_g.out_features)
+        if _is_identity(mlp.norm):
+            cfg["swiglu_align_to"] = 1  # the separate-projection layout without a norm
+    elif kind == "GluMlp":
+        if getattr(mlp, "gate_last", False) or not isinstance(mlp.act, nn.SiLU):
+            refuse("a GluMlp other than SwiGLU with the gate first")
+        if not _is_identity(mlp.norm):
+            refuse("a packed GluMlp with a norm")
+        cfg.update(swiglu_mlp=True, mlp_hidden_features=mlp.fc1.out_features // 2)
+    elif kind == "Mlp":
+        if not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != "none":
+            refuse(f"the MLP activation {type(mlp.act).__name__}")
+        cfg.update(scale_mlp=not _is_identity(mlp.norm), mlp_hidden_features=mlp.fc1.out_features)
+    else:
+        refuse(f"the {kind} MLP")
+    if blk.gamma_1 is not None:
+        cfg["init_values"] = 1.0
+        cfg["attn_only_layer_scale"] = blk.gamma_2 is None
+    cfg.update(class_token=model.cls_token is not None,
+               num_reg_tokens=model.reg_token.shape[1] if model.reg_token is not None else 0,
+               no_embed_class=model.no_embed_class, use_abs_pos_emb=model.pos_embed is not None,
+               use_pre_transformer_norm=not _is_identity(model.norm_pre),
+               use_post_transformer_norm=not _is_identity(model.norm), use_fc_norm=not _is_identity(model.fc_norm))
+    rope = model.rope
+    if rope is not None:
+        if getattr(rope, "aug_active", False):
+            refuse("RoPE coordinate augmentation (shift / jitter / rescale)")
+        rkind = type(rope).__name__
+        cfg["use_rot_pos_emb"] = True
+        if rkind == "RotaryEmbeddingCat":
+            if rope.in_pixels or rope.grid_type != "index":
+                refuse("a pixel-grid RotaryEmbeddingCat")
+            cfg.update(rope_type="cat", rope_temperature=rope.temperature, ref_feat_shape=rope.ref_feat_shape,
+                       rope_grid_offset=rope.grid_offset, rope_grid_indexing=rope.grid_indexing,
+                       rope_rotate_half=rope.rotate_half)
+        elif rkind == "RotaryEmbeddingMixed":
+            cfg.update(rope_type="mixed", rope_temperature=rope.temperature, rope_grid_indexing=rope.grid_indexing)
+        elif rkind == "RotaryEmbeddingDinoV3":
+            cfg.update(rope_type="dinov3", rope_temperature=rope.temperature or 100.0,
+                       rope_min_period=rope.min_period, rope_max_period=rope.max_period,
+                       rope_normalize_coords=rope.normalize_coords, rope_grid_offset=rope.grid_offset,
+                       rope_grid_indexing=rope.grid_indexing, rope_rotate_half=rope.rotate_half)
+        else:
+            refuse(f"the {rkind} position embedding")
+    return cfg
