@@ -254,3 +254,28 @@ def test_attention_prologue_compiles_fullgraph():
         return vitkern.attention(q, k, v, q_norm=norm, k_norm=norm, rope=tables, num_prefix_tokens=1)
 
     torch.testing.assert_close(torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v), f(q, k, v))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_nn_attention_with_rope_matches_timm_attention_rope(qk_norm, masked):
+    """vitkern.nn.Attention(num_prefix_tokens=...)(x, rope=...) against timm's AttentionRope (same
+    state_dict keys), through the packed prologue path and the masked SDPA path."""
+    import vitkern
+    from timm.layers.attention import AttentionRope
+
+    torch.manual_seed(5)
+    dim, heads, grid, prefix = 64, 4, (3, 4), 1
+    ref = AttentionRope(dim, num_heads=heads, qkv_bias=True, num_prefix_tokens=prefix, qk_norm=qk_norm,
+                        norm_layer=nn.LayerNorm).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    ours = vitkern.nn.Attention(dim, num_heads=heads, qkv_bias=True, qk_norm=qk_norm, num_prefix_tokens=prefix,
+                                norm_layer=nn.LayerNorm).eval()
+    ours.load_state_dict(ref.state_dict())
+    rope = vitkern.Rope2D(dim // heads, grid_size=grid)
+    emb = torch.cat([rope.tables().sin, rope.tables().cos], dim=-1)
+    x = torch.randn(2, prefix + grid[0] * grid[1], dim)
+    mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril() if masked else None
+    torch.testing.assert_close(ours(x, mask, rope=rope), ref(x, rope=emb, attn_mask=mask), rtol=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
+from vitkern.ops.qk_prologue import QKNorm, check_prologue, qk_prologue
 from vitkern.ops.linear import linear
 from vitkern.nn.layer_norm import apply_norm, default_norm_layer
 from vitkern.nn.linear import Linear, add_scaled_residual
@@ -33,6 +34,15 @@ def _warn_attn_drop_once() -> None:
     )
 
 
+def _prologue_norms(q_norm: nn.Module, k_norm: nn.Module):
+    """``(q_norm, k_norm)`` as the attention prologue's :class:`QKNorm` s (None for
+    ``nn.Identity``), or None when a norm is a module the prologue does not implement."""
+    try:
+        return QKNorm.from_module(q_norm), QKNorm.from_module(k_norm)
+    except ValueError:
+        return None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with the parameters and state_dict keys of timm 1.0's
     ``timm.layers.Attention``: ``qkv``, ``q_norm``/``k_norm`` (with ``qk_norm``), ``norm``
@@ -40,9 +50,11 @@ class Attention(nn.Module):
 
     Fast path (eval, or ``attn_drop == 0``): ``qkv = x @ Wqkv^T + b`` is viewed as
     ``(B, T, 3, H, d)`` without a permute and fed to ``attention_qkvpacked``, which writes
-    ``(B, T, H, d)``; reshaped to ``(B, T, C)`` it goes through the proj GEMM. With ``qk_norm``
-    the q and k views are normalised by ``layer_norm`` over the head dim and passed to
-    ``attention`` as strided ``(B, H, T, d)`` views.
+    ``(B, T, H, d)``; reshaped to ``(B, T, C)`` it goes through the proj GEMM. ``qk_norm`` (a
+    LayerNorm or RMSNorm ``norm_layer``) and ``forward(x, rope=...)`` (a
+    :class:`vitkern.RopeTables` or :class:`vitkern.Rope2D` for the tokens after the first
+    ``num_prefix_tokens``) run in the attention op's q / k prologue; other norm modules run their
+    own forward on strided q / k views first.
 
     ``forward(x, residual=r, residual_scale=g, row_scale=s)`` returns
     ``r + s[:, None] * g * proj(attn(x))`` with that epilogue fused into the proj GEMM (how
@@ -72,6 +84,7 @@ class Attention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         norm_layer=None,
+        num_prefix_tokens: int = 0,
         device=None,
         dtype=None,
     ) -> None:
@@ -91,6 +104,7 @@ class Attention(nn.Module):
         self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
         self.proj = Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.num_prefix_tokens = num_prefix_tokens
 
     def forward(
         self,
@@ -98,6 +112,7 @@ class Attention(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
         *,
+        rope=None,
         residual: Optional[torch.Tensor] = None,
         residual_scale: Optional[torch.Tensor] = None,
         row_scale: Optional[torch.Tensor] = None,
@@ -108,26 +123,37 @@ class Attention(nn.Module):
         B, T, C = x.shape
         H, d = self.num_heads, self.head_dim
         qkv = linear(x, self.qkv.weight, self.qkv.bias).reshape(B, T, 3, H, d)
-        has_qk_norm = not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
         drop_p = self.attn_drop.p if self.training else 0.0
+        # forward is also bound to timm's Attention instances (vitkern.patch_model): only the
+        # attributes both have, and num_prefix_tokens where it exists
+        npt = getattr(self, "num_prefix_tokens", 0) if rope is not None else 0
+        norms = _prologue_norms(self.q_norm, self.k_norm)
 
-        if drop_p > 0 or attn_mask is not None:
+        if drop_p > 0 or attn_mask is not None or norms is None:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d) views
-            q, k = apply_norm(self.q_norm, q), apply_norm(self.k_norm, k)
-            if drop_p > 0:
-                _warn_attn_drop_once()
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop_p, is_causal=is_causal)
+            if norms is None:  # norm modules the prologue does not know run their own forward
+                q, k = apply_norm(self.q_norm, q), apply_norm(self.k_norm, k)
+                q_norm = k_norm = None
             else:
-                o = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-            o = o.transpose(1, 2).reshape(B, T, C)
-        elif has_qk_norm:
-            q = apply_norm(self.q_norm, qkv[:, :, 0])  # (B, T, H, d)
-            k = apply_norm(self.k_norm, qkv[:, :, 1])
-            v = qkv[:, :, 2]
-            o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal)
+                q_norm, k_norm = norms
+            if drop_p > 0 or attn_mask is not None:
+                if q_norm is not None or k_norm is not None or rope is not None:
+                    q_norm, k_norm, rope, npt = check_prologue(q_norm, k_norm, rope, npt, heads=H, tokens=T,
+                                                               head_dim=d, device=x.device)
+                    q, k = qk_prologue(q, q_norm, rope, npt), qk_prologue(k, k_norm, rope, npt)
+                if drop_p > 0:
+                    _warn_attn_drop_once()
+                    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop_p,
+                                                       is_causal=is_causal)
+                else:
+                    o = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+            else:
+                o = attention(q, k, v, causal=is_causal, rope=rope, num_prefix_tokens=npt)
             o = o.transpose(1, 2).reshape(B, T, C)
         else:
-            o = attention_qkvpacked(qkv, causal=is_causal).reshape(B, T, C)
+            q_norm, k_norm = norms
+            o = attention_qkvpacked(qkv, causal=is_causal, q_norm=q_norm, k_norm=k_norm, rope=rope,
+                                    num_prefix_tokens=npt).reshape(B, T, C)
 
         o = apply_norm(self.norm, o)
         if self.training and self.proj_drop.p > 0:
