@@ -80,7 +80,6 @@ def test_state_dict_keys_are_timms():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(use_post_norm=True), "EvaBlockPostNorm"),
     (dict(patch_drop_rate=0.1), "patch dropout"),
-    (dict(rope_jitter_coords=2.0), "augmentation"),
 ])
 def test_refusals_name_what_is_not_supported(kwargs, match):
     try:
@@ -109,3 +108,31 @@ def test_bf16_autocast_close_to_timm():
     expected = ref(x)
     err = (got.float() - expected).abs().max() / expected.abs().max()
     assert err < 5e-2, err
+
+
+def test_rope_augmentation_warns():
+    ref = timm.create_model("vit_small_patch16_rope_224", pretrained=False, **SMALL, rope_jitter_coords=2.0)
+    with pytest.warns(UserWarning, match="augments RoPE coordinates"):
+        Eva.from_timm(ref)
+
+
+@pytest.mark.parametrize("gated, registers, key_bias", [(False, 0, False), (True, 4, False), (True, 1, True)])
+def test_from_hf_dinov3_matches_transformers(gated, registers, key_bias):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ViTModel"):
+        pytest.skip("this transformers has no DINOv3ViTModel")
+    cfg = transformers.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=96, image_size=64, patch_size=16,
+                                       num_register_tokens=registers, use_gated_mlp=gated,
+                                       hidden_act="silu" if gated else "gelu", key_bias=key_bias,
+                                       pos_embed_rescale=None)
+    torch.manual_seed(0)
+    ref = _randomize(transformers.DINOv3ViTModel(cfg)).eval()
+    ours = Eva.from_hf(ref)
+    for hw in ((64, 64), (48, 80)):
+        x = torch.randn(2, 3, *hw)
+        out = ref(pixel_values=x)
+        torch.testing.assert_close(ours.forward_features(x), out.last_hidden_state, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(x), out.pooler_output, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="expected a transformers DINOv3ViTModel"):
+        Eva.from_hf(torch.nn.Linear(2, 2))

@@ -19,11 +19,17 @@ prefix tokens, pre / post / fc norms and timm's global pools. The SwiGLU gate
 its grid and the position embedding resampled as timm does (antialiased bicubic).
 
 Refused by name (``Eva.from_timm`` raises a ValueError): gated attention, the post-norm block, the
-multimodal "mrope", RoPE coordinate augmentation, patch dropout, dynamic padding, MAP pooling.
+multimodal "mrope", patch dropout, dynamic padding, MAP pooling. RoPE coordinate augmentation
+(a training-time regulariser of timm's and DINOv3's RoPE) is not implemented: converting a model
+that has it warns, and its training then runs without it.
+
+``Eva.from_hf`` converts Hugging Face's ``DINOv3ViTModel`` (registers, LayerScale, GELU or gated
+SiLU MLP, the DINOv3 RoPE) to timm's key names.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -334,9 +340,89 @@ class Eva(nn.Module):
             raise ValueError(f"Eva.from_timm: the state_dict of {type(model).__name__} does not map: {e}") from None
         return out.train(model.training)
 
+    @classmethod
+    def from_hf(cls, model: nn.Module) -> "Eva":
+        """A vitkern ``Eva`` (no classifier, class-token pooling) with the configuration and weights
+        of a Hugging Face ``DINOv3ViTModel``: ``forward_features`` gives its ``last_hidden_state``,
+        ``forward`` its ``pooler_output``. Parameters that do not map raise a ValueError naming them
+        (the mask token, used only to replace masked patches in pretraining, is not needed)."""
+        if type(model).__name__ != "DINOv3ViTModel":
+            raise ValueError(f"Eva.from_hf: expected a transformers DINOv3ViTModel, got {type(model).__name__}")
+        cfg, state = _hf_dinov3(model)
+        c = model.config
+        if any(getattr(c, n, None) is not None for n in ("pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale")):
+            _warn_rope_augmentation("from_hf")
+        p = next(model.parameters())
+        out = cls(**cfg, device=p.device, dtype=p.dtype)
+        try:
+            out.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"Eva.from_hf: the state_dict of {type(model).__name__} does not map: {e}") from None
+        return out.train(model.training)
+
+
+def _hf_dinov3(model: nn.Module) -> tuple[dict, dict]:
+    """``(Eva keywords, state_dict)`` of a Hugging Face ``DINOv3ViTModel`` (in timm's key names)."""
+    c = model.config
+    attn_biases = (c.query_bias, c.key_bias, c.value_bias)
+    if attn_biases == (True, False, True):
+        attn = dict(attn_type="eva", qkv_bias=True)
+    elif all(attn_biases) or not any(attn_biases):
+        attn = dict(attn_type="rope", qkv_bias=all(attn_biases))
+    else:
+        raise ValueError(f"Eva.from_hf: attention biases (query, key, value) = {attn_biases} are not supported")
+    if c.hidden_act not in (("silu",) if c.use_gated_mlp else ("gelu",)):
+        raise ValueError(f"Eva.from_hf: hidden_act {c.hidden_act!r} with use_gated_mlp={c.use_gated_mlp} is not "
+                         "supported (gelu, or silu gated)")
+    if not c.mlp_bias:
+        raise ValueError("Eva.from_hf: an MLP without biases (mlp_bias=False) is not supported")
+    eps = c.layer_norm_eps
+    patch = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
+    cfg = dict(img_size=c.image_size, patch_size=patch, in_chans=c.num_channels, num_classes=0, global_pool="token",
+               embed_dim=c.hidden_size, depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
+               qkv_fused=False, proj_bias=c.proj_bias, swiglu_mlp=c.use_gated_mlp, swiglu_align_to=1,
+               mlp_hidden_features=c.intermediate_size, init_values=1.0, num_reg_tokens=c.num_register_tokens,
+               use_abs_pos_emb=False, use_rot_pos_emb=True, rope_type="dinov3", rope_temperature=c.rope_theta,
+               rope_rotate_half=True, use_fc_norm=False, use_post_transformer_norm=True, dynamic_img_size=True,
+               norm_layer=lambda dim, **dd: nn.LayerNorm(dim, eps=eps, **dd), **attn)
+    src = model.state_dict()
+    state = {"cls_token": src["embeddings.cls_token"],
+             "patch_embed.proj.weight": src["embeddings.patch_embeddings.weight"],
+             "patch_embed.proj.bias": src["embeddings.patch_embeddings.bias"],
+             "norm.weight": src["norm.weight"], "norm.bias": src["norm.bias"]}
+    if c.num_register_tokens:
+        state["reg_token"] = src["embeddings.register_tokens"]
+    used = {"embeddings.cls_token", "embeddings.patch_embeddings.weight", "embeddings.patch_embeddings.bias",
+            "norm.weight", "norm.bias", "embeddings.register_tokens",
+            "embeddings.mask_token"}  # the mask token only replaces masked patches in pretraining
+    mlp_names = ({"gate_proj": "fc1_g", "up_proj": "fc1_x", "down_proj": "fc2"} if c.use_gated_mlp
+                 else {"up_proj": "fc1", "down_proj": "fc2"})
+    for i in range(c.num_hidden_layers):
+        hf, tm = f"model.layer.{i}.", f"blocks.{i}."
+        names = {"norm1": "norm1", "norm2": "norm2", "attention.q_proj": "attn.q_proj",
+                 "attention.k_proj": "attn.k_proj", "attention.v_proj": "attn.v_proj", "attention.o_proj": "attn.proj",
+                 **{f"mlp.{a}": f"mlp.{b}" for a, b in mlp_names.items()}}
+        for a, b in names.items():
+            for leaf in ("weight", "bias"):
+                if hf + a + "." + leaf in src:
+                    state[tm + b + "." + leaf] = src[hf + a + "." + leaf]
+                    used.add(hf + a + "." + leaf)
+        state[tm + "gamma_1"] = src[hf + "layer_scale1.lambda1"]
+        state[tm + "gamma_2"] = src[hf + "layer_scale2.lambda1"]
+        used.update({hf + "layer_scale1.lambda1", hf + "layer_scale2.lambda1"})
+    unmapped = sorted(k for k in src if k not in used)
+    if unmapped:
+        raise ValueError(f"Eva.from_hf: parameters that do not map: {unmapped}")
+    return cfg, state
+
 
 def _is_identity(m) -> bool:
     return m is None or isinstance(m, nn.Identity)
+
+
+def _warn_rope_augmentation(source: str) -> None:
+    warnings.warn(f"Eva.{source}: the source model augments RoPE coordinates in training (shift / jitter / rescale); "
+                  "vitkern's Eva does not (inference is unaffected)", stacklevel=3)
 
 
 def _norm_factory(norm: nn.Module):
@@ -425,7 +511,7 @@ def _config_from_timm(model: nn.Module) -> dict:
     rope = model.rope
     if rope is not None:
         if getattr(rope, "aug_active", False):
-            refuse("RoPE coordinate augmentation (shift / jitter / rescale)")
+            _warn_rope_augmentation("from_timm")
         rkind = type(rope).__name__
         cfg["use_rot_pos_emb"] = True
         if rkind == "RotaryEmbeddingCat":
