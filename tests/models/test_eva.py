@@ -136,3 +136,11 @@ def test_from_hf_dinov3_matches_transformers(gated, registers, key_bias):
         torch.testing.assert_close(ours(x), out.pooler_output, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="expected a transformers DINOv3ViTModel"):
         Eva.from_hf(torch.nn.Linear(2, 2))
+
+
+def test_compiles_fullgraph():
+    ref = _randomize(timm.create_model("eva02_tiny_patch14_224", pretrained=False, **CASE_EVA02)).eval()
+    ours = Eva.from_timm(ref)
+    x = torch.randn(1, 3, 56, 56)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), ours(x))
