@@ -185,22 +185,32 @@ def test_what_each_family_patches():
 
 
 def test_unsupported_modules_are_reported_and_keep_working():
-    from timm.layers import QuickGELU
-
-    model = _timm(act_layer=QuickGELU).eval()
+    model = _timm(act_layer=torch.nn.SiLU).eval()
     x = torch.randn(2, 3, 32, 32)
     want = model(x)
     with vitkern.use_backend("reference"):
         report = vitkern.patch_model(model)
         got = model(x)
     skipped = {e.kind: e.detail for e in report.skipped}
-    assert "QuickGELU" in skipped["timm Mlp"]
+    assert "SiLU" in skipped["timm Mlp"]
     assert "not patched" in skipped["timm Block"]  # its MLP is not, so the residual adds stay
     assert any(e.kind == "timm Attention" for e in report.patched)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    clip = _hf("clip")
-    clip_skipped = {e.kind: e.detail for e in vitkern.patch_model(clip).skipped}
-    assert "QuickGELUActivation" in clip_skipped["transformers CLIPMLP"]
+
+
+def test_quick_gelu_mlps_are_patched():
+    # OpenAI CLIP's QuickGELU rides in the fc1 epilogue: timm's Mlp and Hugging Face's CLIPMLP
+    from timm.layers import QuickGELU
+
+    x = torch.randn(2, 3, 32, 32)
+    for model, kind in ((_timm(act_layer=QuickGELU).eval(), "timm Mlp"), (_hf("clip").eval(), "transformers CLIPMLP")):
+        want = _output(model(x))
+        with vitkern.use_backend("reference"), ops_called() as seen:
+            report = vitkern.patch_model(model)
+            got = _output(model(x))
+        patched = {e.kind: e.detail for e in report.patched}
+        assert "quick_gelu" in patched[kind] and "mlp" in seen
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_siglip_map_head_is_reported_and_its_blocks_patched():

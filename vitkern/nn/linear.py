@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from vitkern.ops.activation import Activation
+from vitkern.ops.activation import Activation, QuickGELU
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
 from vitkern.nn.layer_norm import apply_norm
@@ -16,17 +16,19 @@ from vitkern.nn.layer_norm import apply_norm
 __all__ = ["Linear", "Mlp", "resolve_activation", "ACTIVATIONS"]
 
 # Activation names the GEMM epilogues compute. "gelu" is the erf GELU (torch.nn.GELU's default),
-# "gelu_tanh" the tanh approximation.
+# "gelu_tanh" the tanh approximation, "quick_gelu" OpenAI CLIP's x * sigmoid(1.702 x).
 ACTIVATIONS = tuple(a.public_name for a in Activation)
 
 
 def resolve_activation(act) -> Optional[str]:
-    """Map an activation spec to the op's ``activation`` argument (None, "gelu" or "gelu_tanh").
+    """Map an activation spec to the op's ``activation`` argument (None, "gelu", "gelu_tanh" or
+    "quick_gelu").
 
     Accepts None, a name ("gelu", "gelu_tanh", and the Hugging Face names "gelu_new",
     "gelu_pytorch_tanh"), ``nn.GELU`` (class or instance, ``approximate="tanh"`` honoured),
     ``functools.partial(nn.GELU, approximate="tanh")``, ``nn.Identity``, timm's ``GELU`` /
-    ``GELUTanh`` classes and ``F.gelu``. Anything else raises ``ValueError``: the fused epilogues
+    ``GELUTanh`` classes and ``F.gelu``, and QuickGELU ("quick_gelu", timm's ``QuickGELU``, Hugging
+    Face's ``QuickGELUActivation``). Anything else raises ``ValueError``: the fused epilogues
     compute only these activations (:meth:`vitkern.ops.activation.Activation.resolve`).
     """
     return Activation.resolve(act).public_name
@@ -34,7 +36,9 @@ def resolve_activation(act) -> Optional[str]:
 
 def _act_module(name: Optional[str]) -> nn.Module:
     act = Activation.parse(name)
-    return nn.Identity() if act is Activation.NONE else nn.GELU(approximate=act.approximate)
+    if act is Activation.NONE:
+        return nn.Identity()
+    return QuickGELU() if act is Activation.QUICK_GELU else nn.GELU(approximate=act.approximate)
 
 
 def _to_2tuple(v):

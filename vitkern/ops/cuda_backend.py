@@ -58,11 +58,21 @@ def tensor_reason(**tensors: Optional[torch.Tensor]) -> Optional[str]:
 
 
 def activation_reason(activation) -> Optional[str]:
-    """Why the extension cannot compute ``activation`` (not a public activation name), or None."""
+    """Why the extension cannot compute ``activation`` (not a public activation name, or one its
+    cuBLASLt epilogues have no counterpart for), or None."""
     names = tuple(a.public_name for a in Activation)
     if activation not in names:
         return f"activation {activation!r} is not one of {names}"
+    if activation not in _EXTENSION_ACTIVATIONS:
+        return (f"activation {activation!r}: the CUDA extension's epilogues compute only "
+                f"{_EXTENSION_ACTIVATIONS} (cuBLASLt has no QuickGELU epilogue); the Triton and torch "
+                "backends compute it")
     return None
+
+
+# The activations csrc/dense_epilogue.h's ActCode covers (cuBLASLt's GELU epilogues and their own
+# erf pass).
+_EXTENSION_ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def _mlp_reason(m) -> tuple[Optional[str], Optional[str]]:
     try:
         activation = resolve_activation(m.act)
     except ValueError:
-        return None, f"activation {type(m.act).__name__}: the fused epilogues compute GELU (erf / tanh) or none"
+        return None, (f"activation {type(m.act).__name__}: the fused epilogues compute GELU (erf / tanh), "
+                      "QuickGELU or none")
     if not isinstance(m.fc1, nn.Linear) or not isinstance(m.fc2, nn.Linear):
         return None, "fc1 / fc2 are not nn.Linear (a conv MLP)"
     return activation, None
