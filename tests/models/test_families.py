@@ -344,3 +344,20 @@ def test_checkpoint_of_another_head_fine_tunes_one_step(tmp_path, family):
         assert "attn_pool.latent" in changed
     else:
         assert {"head_dist.weight", "dist_token"} <= changed
+
+
+@pytest.mark.parametrize("family", ["siglip-map", "deit-distilled", "clip-quickgelu"])
+def test_layer_decay_groups_equal_timms(family):
+    from timm.optim import param_groups_layer_decay
+
+    def groups(model):
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: (round(g["lr_scale"], 12), g["weight_decay"])
+                for g in param_groups_layer_decay(model, weight_decay=0.05,
+                                                  no_weight_decay_list=model.no_weight_decay(), layer_decay=0.65)
+                for p in g["params"]}
+
+    src = _timm_model(family)
+    ours = ViT.from_timm(src)
+    assert ours.group_matcher() == src.group_matcher() and ours.no_weight_decay() == src.no_weight_decay()
+    assert groups(ours) == groups(src)

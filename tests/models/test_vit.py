@@ -259,7 +259,7 @@ def test_reset_classifier_and_head_api():
     assert isinstance(ours.head, torch.nn.Identity)
     assert ours(_images(1)).shape == (1, 64)
     assert ours.get_classifier() is ours.head
-    assert ours.no_weight_decay() == {"pos_embed", "cls_token", "reg_token"}
+    assert ours.no_weight_decay() == {"pos_embed", "cls_token", "reg_token", "dist_token"}  # timm's
     with pytest.raises(ValueError, match="global_pool"):
         ours.reset_classifier(3, global_pool="map")
 

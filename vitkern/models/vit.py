@@ -344,7 +344,7 @@ class ViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {"pos_embed", "cls_token", "reg_token"} | ({"dist_token"} if self.distilled else set())
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}  # timm's set, for every ViT
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -354,7 +354,9 @@ class ViT(nn.Module):
         ``create_optimizer_v2(model, layer_decay=...)``) groups this model as it groups timm's.
         ``coarse`` is accepted for timm's signature and, as there, changes nothing."""
         return dict(
-            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre" + ("|dist_token" if self.distilled else ""),
+            # VisionTransformerDistilled's own stem pattern for the distilled DeiT
+            stem=r"^cls_token|pos_embed|patch_embed|dist_token" if self.distilled
+            else r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         )
 
