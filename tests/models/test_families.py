@@ -126,17 +126,29 @@ def test_timm_distilled_training_returns_both_heads():
         ViT(**SMALL).set_distilled_training(True)
 
 
-def test_timm_families_under_the_triton_interpreter():
-    """The MAP head's single-query attention, QuickGELU's epilogue and the two-prefix-token patch
-    embedding through the Triton kernels (the interpreter on the CPU)."""
-    for family in ("siglip-map", "clip-quickgelu", "deit-distilled"):
-        src = _timm_model(family).eval()
-        ours = ViT.from_timm(src).eval()
-        x = _images()
-        with vitkern.use_backend("triton"), torch.no_grad():
-            got = ours(x)
-        with torch.no_grad():
-            torch.testing.assert_close(got, src(x), atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("family", [
+    "siglip-map", "clip-quickgelu",
+    pytest.param("siglip-map-so400m-heads", marks=pytest.mark.slow),
+    pytest.param("deit-distilled", marks=pytest.mark.slow),
+])
+def test_timm_families_under_the_triton_interpreter(family):
+    """The MAP head's single-query attention (head dim 72 too), QuickGELU's epilogue and the
+    two-prefix-token patch embedding through the Triton kernels (the interpreter on the CPU)."""
+    src = _timm_model(family).eval()
+    ours = ViT.from_timm(src).eval()
+    size = src.patch_embed.img_size[0]
+    x = _images(size=size)
+    with vitkern.use_backend("triton"):
+        got = ours(x)
+    want = src(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # backward through the kernels: the MAP head's broadcast query, QuickGELU's derivative
+    got.square().mean().backward()
+    want.square().mean().backward()
+    ref_grads = dict(src.named_parameters())
+    for name, p in ours.named_parameters():
+        g = ref_grads[name].grad
+        torch.testing.assert_close(p.grad, g, atol=1e-4 * (1 + g.abs().max().item()), rtol=1e-3, msg=name)
 
 
 def test_map_head_reset_classifier_and_prune_follow_timm():
