@@ -28,6 +28,7 @@ class AttentionPoolLatent(nn.Module):
         y = y + mlp(norm(y))                      residual add in fc2's epilogue
         token: y[:, 0]; avg: y.mean(1); "": (B, L, D)
 
+    ``patch_model`` binds this forward on timm's ``AttentionPoolLatent`` instances (same attributes).
     ``latent_len`` queries (1 in every SigLIP), ``num_heads`` heads of ``dim // num_heads`` (72 for
     the so400m towers), an MLP of ``int(dim * mlp_ratio)`` hidden units with ``act_layer`` ("gelu",
     "gelu_tanh", ...). Only timm's SigLIP configuration is built: a query projection, no qk-norm,
@@ -101,7 +102,10 @@ class AttentionPoolLatent(nn.Module):
             y = self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
         else:
             y = linear(o, self.proj.weight, self.proj.bias)
-        y = self.mlp(apply_norm(self.norm, y), residual=y)
+        if isinstance(self.mlp, Mlp):  # the residual add in fc2's epilogue
+            y = self.mlp(apply_norm(self.norm, y), residual=y)
+        else:  # timm's Mlp on a patched timm AttentionPoolLatent (itself patched or not)
+            y = y + self.mlp(apply_norm(self.norm, y))
         if self.pool == "token":
             return y[:, 0]
         if self.pool == "avg":
