@@ -373,3 +373,23 @@ def test_layer_decay_groups_equal_timms(family):
     ours = ViT.from_timm(src)
     assert ours.group_matcher() == src.group_matcher() and ours.no_weight_decay() == src.no_weight_decay()
     assert groups(ours) == groups(src)
+
+
+@pytest.mark.parametrize("config", [
+    dict(class_token=False, global_pool="map"),
+    dict(distilled=True),
+    dict(act="quick_gelu", pre_norm=True),
+    dict(mlp_layer="swiglu_packed", init_values=0.1),
+], ids=["siglip-map", "deit-distilled", "clip-quickgelu", "dinov2-swiglu"])
+def test_compile_fullgraph_of_each_family(config):
+    """torch.compile(fullgraph=True) over the Triton custom ops (their fakes: the MAP head's
+    broadcast query, two prefix tokens, QuickGELU, the SwiGLU gate), forward and backward."""
+    torch._dynamo.reset()
+    model = ViT(**dict(SMALL, depth=1), num_classes=5, **config).eval()
+    x = _images()
+    with vitkern.use_backend("triton"):
+        want = model(x)
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        got.square().mean().backward()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert all(p.grad is not None for p in model.parameters())
