@@ -393,3 +393,16 @@ def test_compile_fullgraph_of_each_family(config):
         got.square().mean().backward()
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["siglip-map", "deit-distilled", "clip-quickgelu"])
+def test_safetensors_round_trip_keeps_the_family(tmp_path, family):
+    src = _timm_model(family).eval()
+    ours = ViT.from_timm(src).eval()
+    path = tmp_path / "model.safetensors"
+    ours.save_safetensors(path)
+    back = ViT.load_safetensors(path).eval()
+    assert back.config == ours.config
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), src(x), atol=ATOL, rtol=RTOL)
