@@ -462,8 +462,8 @@ def hf_config(config, num_classes: Optional[int] = None, family: Optional[str] =
         lambda k, d=None: getattr(config, k, d)
     )
     family = family or get("model_type") or "vit"
-    swiglu_ffn = family.startswith("dinov2") and bool(get("use_swiglu_ffn", False))
-    act = "gelu" if swiglu_ffn else _hf_activation(get("hidden_act", "gelu"))  # SwiGLU: SiLU, not `act`
+    swiglu = family.startswith("dinov2") and bool(get("use_swiglu_ffn", False))
+    act = "gelu" if swiglu else _hf_activation(get("hidden_act", "gelu"))  # SwiGLU: SiLU, not `act`
     dim = int(get("hidden_size"))
     heads = int(get("num_attention_heads"))
     if get("head_dim") is not None and int(get("head_dim")) * heads != dim:
@@ -474,7 +474,6 @@ def hf_config(config, num_classes: Optional[int] = None, family: Optional[str] =
             id2label = get("id2label")
             labels = len(id2label) if id2label else 0
         num_classes = int(labels)
-    swiglu = family.startswith("dinov2") and bool(get("use_swiglu_ffn", False))
     if swiglu:
         # Dinov2SwiGLUFFN keeps two thirds of the hidden width, rounded up to a multiple of 8; the
         # packed fc1 holds the gate and the value halves (timm's SwiGLUPacked)

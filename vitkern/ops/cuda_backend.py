@@ -63,16 +63,11 @@ def activation_reason(activation) -> Optional[str]:
     names = tuple(a.public_name for a in Activation)
     if activation not in names:
         return f"activation {activation!r} is not one of {names}"
-    if activation not in _EXTENSION_ACTIVATIONS:
-        return (f"activation {activation!r}: the CUDA extension's epilogues compute only "
-                f"{_EXTENSION_ACTIVATIONS} (cuBLASLt has no QuickGELU epilogue); the Triton and torch "
-                "backends compute it")
+    supported = tuple(a.public_name for a in _extension.EXTENSION_ACTIVATIONS)
+    if activation not in supported:
+        return (f"activation {activation!r}: the CUDA extension's epilogues compute only {supported} "
+                "(cuBLASLt has no QuickGELU epilogue); the Triton and torch backends compute it")
     return None
-
-
-# The activations csrc/dense_epilogue.h's ActCode covers (cuBLASLt's GELU epilogues and their own
-# erf pass).
-_EXTENSION_ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
 
 # --------------------------------------------------------------------------------------------
