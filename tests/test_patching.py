@@ -108,6 +108,8 @@ FAMILIES = {
     "timm-deit3-layerscale": lambda: _timm(init_values=0.1, drop_path_rate=0.0),
     "timm-dinov2-registers": lambda: _timm(reg_tokens=4, no_embed_class=True, init_values=1.0),
     "timm-siglip-avg-qknorm": lambda: _timm(class_token=False, global_pool="avg", qk_norm=True, fc_norm=False),
+    "timm-siglip-map": lambda: _timm(class_token=False, global_pool="map"),
+    "timm-clip-quickgelu": lambda: _timm(pre_norm=True, act_layer="quick_gelu"),
     "torchvision-vit": _torchvision,
     "hf-vit": lambda: _hf("vit"),
     "hf-deit": lambda: _hf("deit"),
@@ -185,35 +187,53 @@ def test_what_each_family_patches():
 
 
 def test_unsupported_modules_are_reported_and_keep_working():
-    from timm.layers import QuickGELU
-
-    model = _timm(act_layer=QuickGELU).eval()
+    model = _timm(act_layer=torch.nn.SiLU).eval()
     x = torch.randn(2, 3, 32, 32)
     want = model(x)
     with vitkern.use_backend("reference"):
         report = vitkern.patch_model(model)
         got = model(x)
     skipped = {e.kind: e.detail for e in report.skipped}
-    assert "QuickGELU" in skipped["timm Mlp"]
+    assert "SiLU" in skipped["timm Mlp"]
     assert "not patched" in skipped["timm Block"]  # its MLP is not, so the residual adds stay
     assert any(e.kind == "timm Attention" for e in report.patched)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    clip = _hf("clip")
-    clip_skipped = {e.kind: e.detail for e in vitkern.patch_model(clip).skipped}
-    assert "QuickGELUActivation" in clip_skipped["transformers CLIPMLP"]
 
 
-def test_siglip_map_head_is_reported_and_its_blocks_patched():
+def test_quick_gelu_mlps_are_patched():
+    # OpenAI CLIP's QuickGELU rides in the fc1 epilogue: timm's Mlp and Hugging Face's CLIPMLP
+    from timm.layers import QuickGELU
+
+    x = torch.randn(2, 3, 32, 32)
+    for model, kind in ((_timm(act_layer=QuickGELU).eval(), "timm Mlp"), (_hf("clip").eval(), "transformers CLIPMLP")):
+        want = _output(model(x))
+        with vitkern.use_backend("reference"), ops_called() as seen:
+            report = vitkern.patch_model(model)
+            got = _output(model(x))
+        patched = {e.kind: e.detail for e in report.patched}
+        assert "quick_gelu" in patched[kind] and "mlp" in seen
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_siglip_map_head_and_its_blocks_are_patched():
     model = _timm(class_token=False, global_pool="map").eval()
     x = torch.randn(2, 3, 32, 32)
     want = model(x)
     with vitkern.use_backend("reference"):
         report = vitkern.patch_model(model)
         got = model(x)
-    skipped = {e.kind: e.detail for e in report.skipped}
-    assert "MAP pooling head" in skipped["timm AttentionPoolLatent"]
+    patched = {e.kind: e.detail for e in report.patched}
+    assert "MAP head" in patched["timm AttentionPoolLatent"]
     assert sum(e.kind == "timm Block" for e in report.patched) == 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # its backward, and a head vitkern does not fuse stays timm's and is reported
+    with vitkern.use_backend("reference"), ops_called() as seen:
+        model(x).square().mean().backward()
+    assert "attention" in seen and model.attn_pool.latent.grad is not None
+    qk = _timm(class_token=False, global_pool="map").eval()
+    qk.attn_pool.q_norm = torch.nn.LayerNorm(qk.attn_pool.head_dim)
+    skipped = {e.kind: e.detail for e in vitkern.patch_model(qk).skipped}
+    assert "qk-norm" in skipped["timm AttentionPoolLatent"]
 
 
 def test_flags_select_what_is_patched():

@@ -353,7 +353,7 @@ test_attention_qkvpacked, test_attention_qkvpacked_slow = _property(_packed_body
 # linear and mlp, every epilogue
 # --------------------------------------------------------------------------------------------
 
-ACTS = st.sampled_from([None, "gelu", "gelu_tanh"])
+ACTS = st.sampled_from([None, "gelu", "gelu_tanh", "quick_gelu"])
 
 
 @st.composite

@@ -233,8 +233,13 @@ def _fail(op: str, message: str):
     raise RuntimeError(f"vitkern_cuda::{op}: {message}")
 
 
+# The activations csrc/dense_epilogue.h's ActCode covers (cuBLASLt's GELU epilogues and the
+# extension's own erf pass); QuickGELU (3) is not one of them.
+EXTENSION_ACTIVATIONS = (Activation.NONE, Activation.GELU, Activation.GELU_TANH)
+
+
 def _check_activation_id(op: str, activation: int) -> None:
-    if activation not in tuple(Activation):
+    if activation not in EXTENSION_ACTIVATIONS:
         _fail(op, f"activation must be 0 (none), 1 (gelu, erf) or 2 (gelu_tanh), got {activation}")
 
 

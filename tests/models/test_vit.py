@@ -13,6 +13,7 @@ import vitkern
 from vitkern.models import ViT, create_model, list_models, model_config
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
+timm = pytest.importorskip("timm")
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 ATOL = 1e-5
@@ -258,14 +259,18 @@ def test_reset_classifier_and_head_api():
     assert isinstance(ours.head, torch.nn.Identity)
     assert ours(_images(1)).shape == (1, 64)
     assert ours.get_classifier() is ours.head
-    assert ours.no_weight_decay() == {"pos_embed", "cls_token", "reg_token"}
+    assert ours.no_weight_decay() == {"pos_embed", "cls_token", "reg_token", "dist_token"}  # timm's
     with pytest.raises(ValueError, match="global_pool"):
         ours.reset_classifier(3, global_pool="map")
 
 
 def test_constructor_errors_and_init():
     with pytest.raises(ValueError, match="global_pool"):
-        ViT(**dict(TINY, global_pool="map"))
+        ViT(**dict(TINY, global_pool="prr"))
+    with pytest.raises(ValueError, match="distilled"):
+        ViT(**dict(TINY, distilled=True, class_token=False, global_pool="avg"))
+    with pytest.raises(ValueError, match="mlp_layer"):
+        ViT(**dict(TINY, mlp_layer="glu"))
     with pytest.raises(ValueError, match="class_token"):
         ViT(**dict(TINY, class_token=False))
     with pytest.raises(ValueError, match="act"):
@@ -288,18 +293,38 @@ def test_factories_match_timm_shapes():
             "vit_large_patch16_224",
             "vit_huge_patch14_224",
             "vit_base_patch16_384",
+            "vit_base_patch16_siglip_224",
+            "vit_base_patch16_siglip_256",
+            "vit_large_patch16_siglip_256",
+            "vit_so400m_patch14_siglip_224",
+            "vit_so400m_patch14_siglip_384",
+            "vit_base_patch32_clip_quickgelu_224",
+            "vit_base_patch16_clip_quickgelu_224",
+            "vit_large_patch14_clip_quickgelu_224",
+            "vit_large_patch14_clip_quickgelu_336",
+            "deit_tiny_distilled_patch16_224",
+            "deit_small_distilled_patch16_224",
+            "deit_base_distilled_patch16_224",
+            "deit_base_distilled_patch16_384",
+            "vit_small_patch14_dinov2",
+            "vit_base_patch14_dinov2",
+            "vit_large_patch14_dinov2",
+            "vit_giant_patch14_dinov2",
+            "vit_small_patch14_reg4_dinov2",
+            "vit_base_patch14_reg4_dinov2",
+            "vit_giant_patch14_reg4_dinov2",
         ]
     )
     for name in list_models():
         ours = create_model(name, device="meta")
-        ref_fn = getattr(timm_vit, name)
-        with torch.device("meta"):
-            ref = ref_fn(pretrained=False)
+        ref = timm.create_model(name, pretrained=False, device="meta")
         ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
         assert list(ours_sd) == list(ref_sd), name
         assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd), name
     huge = model_config("vit_huge_patch14_224")
     assert huge["embed_dim"] // huge["num_heads"] == 80
+    so400m = create_model("vit_so400m_patch14_siglip_224", device="meta")
+    assert so400m.attn_pool.head_dim == 72 and so400m.blocks[0].mlp.fc1.out_features == 4304
     assert vitkern.models.vit_tiny_patch16_224(num_classes=3, device="meta").head.out_features == 3
     for name in list_models():  # every registered factory is exported, under its name, with a docstring
         factory = getattr(vitkern.models, name)

@@ -79,7 +79,7 @@ CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 def test_module_exports_and_registration():
     from vitkern import _backend
 
-    assert {a.public_name: int(a) for a in Activation} == {None: 0, "gelu": 1, "gelu_tanh": 2}
+    assert {a.public_name: int(a) for a in Activation} == {None: 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
     for op in ("linear", "mlp", "patch_embed"):
         assert "cuda" in _backend.registered_backends(op), op
     assert _backend.CUDA_EXTENSION_OPS == {"linear", "mlp", "patch_embed"}
@@ -167,6 +167,18 @@ def test_on_load_hook_runs_once_loaded(monkeypatch):
 
 def _fake_cuda(*shape, dtype=BF16, requires_grad=False):
     return torch.empty(*shape, dtype=dtype, device=FAKE_CUDA, requires_grad=requires_grad)
+
+
+def test_quick_gelu_refused_by_reason():
+    # The extension's epilogues have no QuickGELU: its supports predicates say so before looking at
+    # the tensors, so an explicit "cuda" backend raises with the reason and "auto" skips it.
+    x, w = torch.zeros(4, 8), torch.zeros(5, 8)
+    for reason in (lcuda._linear_supports(x, w, None, activation="quick_gelu"),
+                   mcuda._mlp_supports(x, torch.zeros(6, 8), None, torch.zeros(5, 6), None, activation="quick_gelu")):
+        assert "'quick_gelu'" in reason and "QuickGELU" in reason
+    with pytest.raises(Exception, match="QuickGELU"):
+        with vitkern.use_backend("cuda"):
+            vitkern.linear(x, w, activation="quick_gelu")
 
 
 @needs_extension

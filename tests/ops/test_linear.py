@@ -100,6 +100,8 @@ DEFAULT_CASES = [
     (50, 1000, 384, F16, "gelu", False, None, False, False),
     (197, 3072, 768, BF16, "gelu", True, None, False, False),       # fc1, ViT-B
     (1000, 192, 768, BF16, None, True, F32, True, True),           # fc2, ViT-Ti, M = 1000
+    (197, 768, 192, BF16, "quick_gelu", True, None, False, False),  # fc1, OpenAI CLIP
+    (37, 100, 64, F32, "quick_gelu", True, F32, True, True),       # fp32, with the residual epilogue
 ]
 
 
@@ -112,7 +114,7 @@ def test_linear_forward_backward(device, m, n, k, dtype, activation, bias, res, 
 def _slow_cases():
     out = []
     for dtype in (F32, F16, BF16):
-        for activation in (None, "gelu", "gelu_tanh"):
+        for activation in (None, "gelu", "gelu_tanh", "quick_gelu"):
             for d in (192, 384, 768):
                 for m in (1, 197, 394, 1000):
                     for n, k in ((3 * d, d), (4 * d, d), (d, 4 * d)):

@@ -80,6 +80,8 @@ DEFAULT_CASES = [
     (1, 192, 768, 100, F32, "gelu_tanh", True, F32, True, True),       # one row, N = 100
     (37, 588, 200, 96, F16, "gelu", True, None, False, False),         # K = 588, hidden 200 (plain loads)
     (197, 768, 3072, 768, BF16, "gelu", True, F32, True, True),        # ViT-B block MLP
+    (197, 64, 256, 64, BF16, "quick_gelu", True, F32, True, True),     # OpenAI CLIP's block MLP
+    (37, 64, 200, 48, F32, "quick_gelu", True, None, False, False),
 ]
 
 
@@ -98,7 +100,7 @@ def test_mlp_forward_backward(device, m, d, hidden, n, dtype, activation, bias, 
 def _slow_cases():
     out = []
     for dtype in (F32, F16, BF16):
-        for activation in (None, "gelu", "gelu_tanh"):
+        for activation in (None, "gelu", "gelu_tanh", "quick_gelu"):
             for d in (192, 384, 768):
                 for m in (1, 197, 394, 1000):
                     for res, scale, rs in ((None, False, False), (dtype, True, False), (F32, True, True)):

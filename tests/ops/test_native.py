@@ -168,6 +168,7 @@ LINEAR_CASES = [
     (197, 192, 192, F32, None, True, F32, False, False),
     (50, 1000, 384, F16, "gelu", False, None, False, False),
     (197, 384, 192, BF16, "gelu_tanh", True, BF16, True, True),    # bf16 stream, row_scale cast to bf16
+    (37, 100, 64, F32, "quick_gelu", True, F32, True, True),       # OpenAI CLIP's activation
 ]
 
 
@@ -204,6 +205,7 @@ MLP_CASES = [
     (394, 64, 256, 64, BF16, None, False, BF16, True, False),
     (1, 192, 768, 100, F32, "gelu_tanh", True, F32, True, True),       # one row, N = 100
     (37, 588, 200, 96, F16, "gelu", True, None, False, False),
+    (50, 64, 256, 64, BF16, "quick_gelu", True, F32, True, True),
 ]
 
 

@@ -94,13 +94,16 @@ def _check_timm_class(model: nn.Module) -> None:
     """Only timm's ``VisionTransformer`` (or a subclass keeping its forward) converts; every other
     class is refused by name."""
     from timm.models.vision_transformer import VisionTransformer
+    from timm.models.deit import VisionTransformerDistilled
 
     cls = type(model)
     name = f"{cls.__module__}.{cls.__qualname__}"
+    if cls is VisionTransformerDistilled:
+        return  # the distilled DeiT: distilled=True
     if getattr(model, "dist_token", None) is not None or hasattr(model, "head_dist"):
         raise ValueError(
-            f"ViT.from_timm: {name} is a distilled DeiT (a distillation token dist_token and a second "
-            "head head_dist), which is not supported"
+            f"ViT.from_timm: {name} has a distillation token or head but is not timm's "
+            "VisionTransformerDistilled; it is not supported"
         )
     if not isinstance(model, VisionTransformer):
         raise ValueError(
@@ -116,13 +119,68 @@ def _check_timm_class(model: nn.Module) -> None:
         )
 
 
+def _is_timm_swiglu_packed(mlp: nn.Module) -> bool:
+    """timm's ``SwiGLUPacked`` (a ``GluMlp`` with SiLU, gate first, no hidden norm, linear layers):
+    the MLP of DINOv2 giant."""
+    from timm.layers import GluMlp
+
+    if type(mlp) is not GluMlp:
+        return False
+    if mlp.gate_last or not isinstance(mlp.act, nn.SiLU) or not isinstance(mlp.norm, nn.Identity) \
+            or not isinstance(mlp.fc1, nn.Linear):
+        raise ValueError("ViT.from_timm: a GluMlp other than SwiGLUPacked (SiLU, gate first, no hidden norm) "
+                         "is not supported")
+    return True
+
+
+def _check_timm_attn_pool(model: nn.Module, pool: nn.Module) -> None:
+    """timm's ``attn_pool`` converts when it is SigLIP's MAP head as timm's ViT builds it for
+    ``global_pool="map"``: an ``AttentionPoolLatent`` with one latent query, a query projection,
+    no qk-norm or position embedding, the blocks' head count and MLP ratio, token pooling. Anything
+    else (timm's "prr" pooling, a modified head) is refused naming what differs."""
+    from timm.layers import Mlp as TimmMlp
+
+    def unsupported(what: str):
+        return ValueError(f"ViT.from_timm: {what} is not supported")
+
+    kind = type(pool).__name__
+    if kind != "AttentionPoolLatent" or model.global_pool != "map":
+        raise unsupported(f"global_pool={model.global_pool!r} ({kind} attention pooling; only SigLIP's MAP head, "
+                          "AttentionPoolLatent, converts)")
+    dim = model.embed_dim
+    heads = model.blocks[0].attn.num_heads if len(model.blocks) else pool.num_heads
+    problems = []
+    if pool.latent_len != 1 or pool.latent_dim != dim:
+        problems.append(f"latent_len {pool.latent_len} / latent_dim {pool.latent_dim} (1 and embed_dim expected)")
+    if not isinstance(pool.q, nn.Linear) or not isinstance(pool.kv, nn.Linear):
+        problems.append("no query projection")
+    if not (isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity)):
+        problems.append("qk-norm")
+    if pool.pos_embed is not None:
+        problems.append("a position embedding")
+    if pool.pool != "token":
+        problems.append(f"pool_type {pool.pool!r}")
+    if pool.num_heads != heads:
+        problems.append(f"{pool.num_heads} heads (the blocks have {heads})")
+    if getattr(pool, "mlp", None) is None or type(pool.mlp) is not TimmMlp or not isinstance(pool.proj, nn.Linear):
+        problems.append("no output projection / MLP (out_features=0) or another MLP type")
+    elif len(model.blocks) and pool.mlp.fc1.out_features != model.blocks[0].mlp.fc1.out_features:
+        problems.append("an MLP width other than the blocks'")
+    if (pool.q.bias is None if isinstance(pool.q, nn.Linear) else False) or pool.kv.bias is None:
+        problems.append("q / kv without bias")
+    if problems:
+        raise unsupported(f"an attention-pooling head ({kind}) with " + "; ".join(problems))
+
+
 def timm_config(model: nn.Module) -> Dict[str, Any]:
     """ViT constructor keywords equivalent to a timm ``VisionTransformer``.
 
-    Raises ``ValueError`` for features this ViT does not implement (attention pooling, custom block
-    or MLP types, non-LayerNorm norms, patch-embed norms, non-GELU activations, a head-dim override)
+    SigLIP's MAP head (``global_pool="map"``) converts to ``attn_pool``; QuickGELU (the
+    ``*_clip_quickgelu_*`` models) to ``act="quick_gelu"``. Raises ``ValueError`` for features this
+    ViT does not implement (other attention pooling, custom block or MLP types, non-LayerNorm
+    norms, patch-embed norms, activations the epilogues do not compute, a head-dim override)
     and for model classes other than ``VisionTransformer`` (Eva, Beit, VisionTransformerRelPos,
-    NaFlexVit, the distilled DeiT, a subclass overriding the forward), naming the class.
+    NaFlexVit, a subclass overriding the forward; the distilled DeiT converts), naming the class.
     """
     from timm.layers import Attention as TimmAttention, LayerScale as TimmLayerScale, Mlp as TimmMlp
     from timm.models.vision_transformer import Block as TimmBlock
@@ -131,13 +189,15 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
         return ValueError(f"ViT.from_timm: {what} is not supported")
 
     _check_timm_class(model)
-    if getattr(model, "attn_pool", None) is not None:
-        raise unsupported(f"global_pool={model.global_pool!r} (attention pooling)")
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None:
+        _check_timm_attn_pool(model, attn_pool)
     pe = model.patch_embed
     if not isinstance(getattr(pe, "norm", nn.Identity()), nn.Identity):
         raise unsupported("a norm layer in the patch embedding")
     if not isinstance(getattr(pe, "proj", None), nn.Conv2d) or hasattr(pe, "backbone"):
-        raise unsupported("a hybrid or non-conv patch embedding")
+        raise unsupported(f"{type(model).__name__} with {type(pe).__name__}: a hybrid (CNN stem) or non-conv "
+                          "patch embedding")
     if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
         warnings.warn("ViT.from_timm: patch dropout (patch_drop_rate) is not supported and is dropped", stacklevel=3)
     blocks = list(model.blocks)
@@ -155,6 +215,7 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
         pos_embed="learn" if model.pos_embed is not None else "none",
         no_embed_class=bool(model.no_embed_class),
         reg_tokens=int(model.num_reg_tokens),
+        distilled=getattr(model, "dist_token", None) is not None,
         pre_norm=not isinstance(model.norm_pre, nn.Identity),
         fc_norm=not isinstance(model.fc_norm, nn.Identity),
         pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
@@ -173,7 +234,8 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
             raise unsupported(f"attention type {type(b.attn).__name__}")
         if b.attn.head_dim * b.attn.num_heads != dim or b.attn.proj.out_features != dim:
             raise unsupported("an attention head dim or output dim other than embed_dim / num_heads")
-        if type(b.mlp) is not TimmMlp:
+        swiglu = _is_timm_swiglu_packed(b.mlp)
+        if type(b.mlp) is not TimmMlp and not swiglu:
             raise unsupported(f"MLP type {type(b.mlp).__name__}")
         if (
             (b.mlp.fc1.bias is None) != (b.attn.proj.bias is None)
@@ -186,13 +248,15 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
             qkv_bias=b.attn.qkv.bias is not None,
             qk_norm=not isinstance(b.attn.q_norm, nn.Identity),
             scale_attn_norm=not isinstance(b.attn.norm, nn.Identity),
-            scale_mlp_norm=not isinstance(b.mlp.norm, nn.Identity),
+            scale_mlp_norm=not isinstance(b.mlp.norm, nn.Identity) and not swiglu,
             proj_bias=b.attn.proj.bias is not None,
             init_values=float(b.ls1.init_values) if isinstance(b.ls1, TimmLayerScale) else None,
             proj_drop_rate=float(b.attn.proj_drop.p),
             attn_drop_rate=float(b.attn.attn_drop.p),
-            act=resolve_activation(b.mlp.act),
+            act="gelu" if swiglu else resolve_activation(b.mlp.act),  # SwiGLU's SiLU gate is not `act`
         )
+        if swiglu:
+            cfg["mlp_layer"] = "swiglu_packed"
         last = blocks[-1].drop_path1
         cfg["drop_path_rate"] = float(getattr(last, "drop_prob", 0.0))
         for blk in blocks:
@@ -201,6 +265,10 @@ def timm_config(model: nn.Module) -> Dict[str, Any]:
             norms += [m for m in inner if not isinstance(m, nn.Identity)]
     else:
         cfg.update(num_heads=1)
+    if attn_pool is not None:
+        norms.append(attn_pool.norm)
+        if depth and resolve_activation(attn_pool.mlp.act) != cfg["act"]:
+            raise unsupported("an attention-pooling MLP activation other than the blocks'")
     for m in norms:
         if not isinstance(m, nn.LayerNorm):
             raise unsupported(f"norm layer {type(m).__name__} (LayerNorm only)")
@@ -225,6 +293,7 @@ def from_timm(model: nn.Module, **overrides) -> ViT:
     device, dtype = _param_device_dtype(model)
     out = _build(cfg, model.state_dict(), device, dtype)
     out.train(model.training)
+    out.distilled_training = bool(getattr(model, "distilled_training", False))
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(pretrained_cfg, Mapping):
         out.pretrained_cfg = copy.deepcopy(dict(pretrained_cfg))
@@ -322,33 +391,79 @@ def from_torchvision(model: nn.Module, **overrides) -> ViT:
 
 
 def _hf_activation(act) -> str:
-    """``hidden_act`` as the ViT's ``act``: one of the GELU names :class:`Activation` knows (Hugging
-    Face's "gelu" is the erf GELU; "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" the tanh one)."""
+    """``hidden_act`` as the ViT's ``act``: one of the names :class:`Activation` knows (Hugging
+    Face's "gelu" is the erf GELU; "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" the tanh one;
+    "quick_gelu" OpenAI CLIP's)."""
     try:
         parsed = Activation.resolve(act) if isinstance(act, str) else Activation.NONE
     except ValueError:
         parsed = Activation.NONE
     if parsed is Activation.NONE:
         raise ValueError(f"ViT.from_hf: hidden_act {act!r} is not supported (a GELU: 'gelu', 'gelu_new', "
-                         "'gelu_pytorch_tanh' or 'gelu_fast')")
+                         "'gelu_pytorch_tanh' or 'gelu_fast', or 'quick_gelu')")
     return parsed.public_name
 
 
-def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
-    """ViT constructor keywords for a Hugging Face ``ViTConfig`` (object or dict).
+# The Hugging Face vision encoders from_hf converts, by config.model_type. Each maps onto a ViT
+# configuration: ViT / ViT-MSN (class token), DeiT (class and distillation tokens), DINOv2
+# (LayerScale; with registers: register tokens outside the position embedding), CLIP (pre-norm,
+# the post-norm on the pooled class token only: fc_norm) and SigLIP (no class token, the MAP head).
+_HF_FAMILIES = ("vit", "vit_msn", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model",
+                "siglip_vision_model")
+
+# Classes refused by name: their forward is not one the converted ViT computes.
+_HF_REFUSED = {
+    "DeiTForImageClassification": "its classifier reads the class token only, next to a distillation "
+                                  "token (the ViT's distilled head averages two heads, as timm's and "
+                                  "DeiTForImageClassificationWithTeacher); convert its .deit (a DeiTModel)",
+    "Dinov2ForImageClassification": "its classifier reads the class token and the mean patch token "
+                                    "concatenated; convert its .dinov2 (a Dinov2Model)",
+    "Dinov2WithRegistersForImageClassification": "its classifier reads the class token and the mean "
+                                                 "patch token concatenated; convert its .dinov2_with_registers",
+    "CLIPVisionModelWithProjection": "the projection (visual_projection, no bias) is not the ViT's head; "
+                                     "convert its .vision_model",
+}
+
+
+def _hf_family(config, model=None) -> str:
+    get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else (
+        lambda k, d=None: getattr(config, k, d))
+    family = get("model_type") or "vit"  # a bare dict of ViT keys
+    if model is not None and type(model).__name__ in _HF_REFUSED:
+        raise ValueError(f"ViT.from_hf: {type(model).__name__} is not supported: {_HF_REFUSED[type(model).__name__]}")
+    if family not in _HF_FAMILIES:
+        name = type(model).__name__ if model is not None else type(config).__name__
+        hint = ""
+        if family.startswith("siglip2"):
+            hint = " (SigLIP2's NaFlex towers take flattened variable-size patches; timm's fixed-size " \
+                   "vit_*_siglip2_* models convert with from_timm)"
+        elif family in ("clip", "siglip"):
+            hint = " (convert the image tower: model.vision_model)"
+        raise ValueError(f"ViT.from_hf: {name} (model_type {family!r}) is not supported{hint}; supported: "
+                         f"{', '.join(_HF_FAMILIES)}")
+    return family
+
+
+def hf_config(config, num_classes: Optional[int] = None, family: Optional[str] = None) -> Dict[str, Any]:
+    """ViT constructor keywords for a Hugging Face vision config (object or dict): ``ViTConfig``,
+    ``DeiTConfig``, ``Dinov2Config``, ``Dinov2WithRegistersConfig``, ``CLIPVisionConfig``,
+    ``SiglipVisionConfig`` (``family``, the ``model_type``, defaults to the config's).
 
     ``hidden_act`` "gelu" is the erf GELU; "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" the tanh
-    approximation. ``num_classes`` defaults to ``num_labels`` (pass 0 for a ``ViTModel``).
-    ``attention_probs_dropout_prob`` becomes ``attn_drop_rate``; ``hidden_dropout_prob`` (applied
-    after each branch in HF) has no exact counterpart and is not carried over. The position
-    embedding resamples as ``interpolate_pos_encoding=True`` does (bicubic to the new grid size
-    without antialias: ``pos_embed_antialias=False``) when the model runs with
-    ``dynamic_img_size=True`` (a keyword of :func:`from_hf`) or after ``set_input_size``.
+    approximation; "quick_gelu" CLIP's. ``num_classes`` defaults to ``num_labels`` (pass 0 for a
+    ``ViTModel``). ``attention_probs_dropout_prob`` / ``attention_dropout`` becomes
+    ``attn_drop_rate``; ``hidden_dropout_prob`` (applied after each branch in HF) has no exact
+    counterpart and is not carried over. The position embedding resamples as
+    ``interpolate_pos_encoding=True`` does (bicubic to the new grid size without antialias:
+    ``pos_embed_antialias=False``) when the model runs with ``dynamic_img_size=True`` (a keyword of
+    :func:`from_hf`; DINOv2, which always interpolates, sets it) or after ``set_input_size``.
     """
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, Mapping) else (
         lambda k, d=None: getattr(config, k, d)
     )
-    act = _hf_activation(get("hidden_act", "gelu"))
+    family = family or get("model_type") or "vit"
+    swiglu = family.startswith("dinov2") and bool(get("use_swiglu_ffn", False))
+    act = "gelu" if swiglu else _hf_activation(get("hidden_act", "gelu"))  # SwiGLU: SiLU, not `act`
     dim = int(get("hidden_size"))
     heads = int(get("num_attention_heads"))
     if get("head_dim") is not None and int(get("head_dim")) * heads != dim:
@@ -359,8 +474,16 @@ def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
             id2label = get("id2label")
             labels = len(id2label) if id2label else 0
         num_classes = int(labels)
+    if swiglu:
+        # Dinov2SwiGLUFFN keeps two thirds of the hidden width, rounded up to a multiple of 8; the
+        # packed fc1 holds the gate and the value halves (timm's SwiGLUPacked)
+        hidden = 2 * ((int(int(dim * float(get("mlp_ratio", 4))) * 2 / 3) + 7) // 8 * 8)
+    elif family.startswith("dinov2"):
+        hidden = int(dim * float(get("mlp_ratio", 4)))
+    else:
+        hidden = int(get("intermediate_size"))
     patch = _img_size(get("patch_size"))
-    return dict(
+    cfg = dict(
         img_size=_img_size(get("image_size")),
         patch_size=patch,
         in_chans=int(get("num_channels", 3)),
@@ -369,17 +492,33 @@ def hf_config(config, num_classes: Optional[int] = None) -> Dict[str, Any]:
         embed_dim=dim,
         depth=int(get("num_hidden_layers")),
         num_heads=heads,
-        mlp_ratio=_mlp_ratio(dim, int(get("intermediate_size"))),
+        mlp_ratio=_mlp_ratio(dim, hidden),
         qkv_bias=bool(get("qkv_bias", True)),
         class_token=True,
-        attn_drop_rate=float(get("attention_probs_dropout_prob", 0.0) or 0.0),
+        attn_drop_rate=float(get("attention_probs_dropout_prob", get("attention_dropout", 0.0)) or 0.0),
         norm_eps=float(get("layer_norm_eps", 1e-12)),
         act=act,
-        pos_embed_antialias=False,  # ViTEmbeddings.interpolate_pos_encoding: F.interpolate(size=, bicubic)
+        pos_embed_antialias=False,  # interpolate_pos_encoding: F.interpolate(size=, bicubic)
     )
+    if family == "deit":
+        cfg["distilled"] = True
+    elif family.startswith("dinov2"):
+        cfg.update(init_values=float(get("layerscale_value", 1.0)), dynamic_img_size=True)
+        if swiglu:
+            cfg["mlp_layer"] = "swiglu_packed"
+        if family == "dinov2_with_registers":
+            # timm's layout of these weights: the class token carries its position embedding, the
+            # register tokens have none (no_embed_class)
+            # and its interpolate_pos_encoding antialiases (Dinov2Model's does not)
+            cfg.update(reg_tokens=int(get("num_register_tokens")), no_embed_class=True, pos_embed_antialias=True)
+    elif family == "clip_vision_model":
+        cfg.update(pre_norm=True, fc_norm=True)  # post_layernorm normalises the pooled class token only
+    elif family == "siglip_vision_model":
+        cfg.update(class_token=False, global_pool="map" if get("vision_use_head", True) else "avg", fc_norm=False)
+    return cfg
 
 
-# (regex on the key after the "vit." / "layers.N." prefixes are split off) -> timm name
+# (key after the model's prefix) -> timm name, per family; keys outside the tables raise
 _HF_EMBED = {
     "embeddings.cls_token": "cls_token",
     "embeddings.position_embeddings": "pos_embed",
@@ -390,13 +529,56 @@ _HF_EMBED = {
     "classifier.weight": "head.weight",
     "classifier.bias": "head.bias",
 }
+_HF_EMBED_FAMILY = {
+    "deit": {
+        "embeddings.distillation_token": "dist_token",
+        "cls_classifier.weight": "head.weight",
+        "cls_classifier.bias": "head.bias",
+        "distillation_classifier.weight": "head_dist.weight",
+        "distillation_classifier.bias": "head_dist.bias",
+    },
+    "dinov2_with_registers": {"embeddings.register_tokens": "reg_token"},
+    "clip_vision_model": {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+        "embeddings.position_embedding.weight": "pos_embed",
+        "pre_layrnorm.weight": "norm_pre.weight",
+        "pre_layrnorm.bias": "norm_pre.bias",
+        "post_layernorm.weight": "fc_norm.weight",
+        "post_layernorm.bias": "fc_norm.bias",
+    },
+    "siglip_vision_model": {
+        "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+        "embeddings.position_embedding.weight": "pos_embed",
+        "post_layernorm.weight": "norm.weight",
+        "post_layernorm.bias": "norm.bias",
+        "head.probe": "attn_pool.latent",
+        "head.attention.out_proj.weight": "attn_pool.proj.weight",
+        "head.attention.out_proj.bias": "attn_pool.proj.bias",
+        "head.layernorm.weight": "attn_pool.norm.weight",
+        "head.layernorm.bias": "attn_pool.norm.bias",
+        "head.mlp.fc1.weight": "attn_pool.mlp.fc1.weight",
+        "head.mlp.fc1.bias": "attn_pool.mlp.fc1.bias",
+        "head.mlp.fc2.weight": "attn_pool.mlp.fc2.weight",
+        "head.mlp.fc2.bias": "attn_pool.mlp.fc2.bias",
+    },
+}
 _HF_LAYER = {
-    # transformers 5.x
+    # transformers 5.x (ViT, DeiT, DINOv2)
     "layernorm_before": "norm1",
     "layernorm_after": "norm2",
     "attention.o_proj": "attn.proj",
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "layer_scale1": "ls1",
+    "layer_scale2": "ls2",
+    # CLIP / SigLIP
+    "layer_norm1": "norm1",
+    "layer_norm2": "norm2",
+    "self_attn.out_proj": "attn.proj",
     # transformers 4.x
     "attention.output.dense": "attn.proj",
     "intermediate.dense": "mlp.fc1",
@@ -406,54 +588,103 @@ _HF_QKV = {
     "attention.q_proj": 0,
     "attention.k_proj": 1,
     "attention.v_proj": 2,
+    "self_attn.q_proj": 0,
+    "self_attn.k_proj": 1,
+    "self_attn.v_proj": 2,
     "attention.attention.query": 0,
     "attention.attention.key": 1,
     "attention.attention.value": 2,
 }
+# DINOv2's SwiGLU MLP: transformers 5.x gate / up / down, 4.x the packed weights_in / weights_out
+_HF_SWIGLU = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.weights_in", "mlp.weights_out")
 _HF_IGNORED = ("pooler.", "embeddings.mask_token")
+_HF_PREFIXES = ("vit.", "deit.", "dinov2.", "dinov2_with_registers.", "vision_model.")
 
 
-def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Hugging Face ViT state_dict (``ViTModel`` or ``ViTForImageClassification``; transformers
-    5.x ``layers.N.attention.q_proj`` or 4.x ``encoder.layer.N.attention.attention.query`` names)
-    -> timm/vitkern keys. The separate q/k/v projections are concatenated into ``qkv``; the
-    ``ViTModel`` pooler (dense + tanh) and the mask token are dropped."""
+def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor], family: str = "vit") -> Dict[str, torch.Tensor]:
+    """A Hugging Face vision encoder's state_dict -> timm/vitkern keys (``family``: the config's
+    ``model_type``, see :func:`hf_config`; transformers 5.x ``layers.N.attention.q_proj`` or 4.x
+    ``encoder.layer.N.attention.attention.query`` names). The separate q/k/v projections are
+    concatenated into ``qkv``; DINOv2's ``layer_scale{1,2}.lambda1`` become ``ls{1,2}.gamma``;
+    SigLIP's head (``probe``, ``nn.MultiheadAttention``'s packed ``in_proj``, ``layernorm``,
+    ``mlp``) becomes timm's ``attn_pool`` (``latent``, ``q``, ``kv``, ``proj``, ``norm``, ``mlp``);
+    CLIP's ``class_embedding`` (D,) and the ``position_embedding`` tables gain their batch dims.
+    The ``ViTModel`` pooler (dense + tanh) and the mask token are dropped; any other key raises
+    ``ValueError`` naming it."""
     out: Dict[str, torch.Tensor] = {}
     qkv: Dict[Tuple[str, str], Dict[int, torch.Tensor]] = {}
-    layer_re = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$")
+    swiglu: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    embed = dict(_HF_EMBED, **_HF_EMBED_FAMILY.get(family, {}))
+    layer_re = re.compile(r"^(?:encoder\.layers?|layers)\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
     for key, value in state_dict.items():
-        k = key[len("vit.") :] if key.startswith("vit.") else key
-        if k in _HF_EMBED:
-            out[_HF_EMBED[k]] = value
+        k = next((key[len(p):] for p in _HF_PREFIXES if key.startswith(p)), key)
+        if k in embed:
+            name = embed[k]
+            if name == "cls_token" and value.dim() == 1:
+                value = value.reshape(1, 1, -1)  # CLIP's class_embedding
+            elif name == "pos_embed" and value.dim() == 2:
+                value = value.unsqueeze(0)  # CLIP's / SigLIP's nn.Embedding table
+            out[name] = value
+            continue
+        if family == "siglip_vision_model" and k in ("head.attention.in_proj_weight", "head.attention.in_proj_bias"):
+            q, kv = value[: value.shape[0] // 3], value[value.shape[0] // 3 :]
+            kind = k.rsplit("_", 1)[-1]
+            out[f"attn_pool.q.{kind}"], out[f"attn_pool.kv.{kind}"] = q, kv
             continue
         if k.startswith(_HF_IGNORED):
             continue
         m = layer_re.match(k)
         if m is None:
-            raise ValueError(f"unexpected Hugging Face ViT key {key!r}")
+            raise ValueError(f"unexpected Hugging Face {family} key {key!r}")
         i, name, kind = m.groups()
-        if name in _HF_QKV:
+        if name in _HF_SWIGLU and kind != "lambda1" and family.startswith("dinov2"):
+            swiglu.setdefault((i, kind), {})[name] = value
+        elif name in _HF_QKV and kind != "lambda1":
             qkv.setdefault((i, kind), {})[_HF_QKV[name]] = value
-        elif name in _HF_LAYER:
+        elif name in ("layer_scale1", "layer_scale2") and kind == "lambda1" and family.startswith("dinov2"):
+            out[f"blocks.{i}.{_HF_LAYER[name]}.gamma"] = value
+        elif name in _HF_LAYER and kind != "lambda1" and not name.startswith("layer_scale"):
             out[f"blocks.{i}.{_HF_LAYER[name]}.{kind}"] = value
         else:
-            raise ValueError(f"unexpected Hugging Face ViT key {key!r}")
+            raise ValueError(f"unexpected Hugging Face {family} key {key!r}")
     for (i, kind), parts in qkv.items():
         if sorted(parts) != [0, 1, 2]:
-            raise ValueError(f"Hugging Face ViT layer {i}: query/key/value {kind} incomplete")
+            raise ValueError(f"Hugging Face layer {i}: query/key/value {kind} incomplete")
         out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
+    for (i, kind), parts in swiglu.items():
+        if "mlp.weights_in" in parts:  # 4.x: one packed projection, already the gate first
+            out[f"blocks.{i}.mlp.fc1.{kind}"] = parts["mlp.weights_in"]
+        elif "mlp.gate_proj" in parts and "mlp.up_proj" in parts:
+            out[f"blocks.{i}.mlp.fc1.{kind}"] = torch.cat([parts["mlp.gate_proj"], parts["mlp.up_proj"]], dim=0)
+        elif set(parts) & {"mlp.gate_proj", "mlp.up_proj"}:
+            raise ValueError(f"Hugging Face layer {i}: SwiGLU gate_proj / up_proj {kind} incomplete")
+        down = parts.get("mlp.down_proj", parts.get("mlp.weights_out"))
+        if down is not None:
+            out[f"blocks.{i}.mlp.fc2.{kind}"] = down
+    if family == "dinov2_with_registers" and "cls_token" in out and "pos_embed" in out:
+        # as timm's _convert_dinov2: the class token takes its position embedding along
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
     return out
 
 
 def from_hf(model, state_dict: Optional[Mapping[str, torch.Tensor]] = None, **overrides) -> ViT:
-    """A ViT from a Hugging Face ``ViTModel`` / ``ViTForImageClassification``.
+    """A ViT from a Hugging Face vision encoder: ``ViTModel`` / ``ViTForImageClassification`` /
+    ``ViTMSNModel``, ``DeiTModel`` / ``DeiTForImageClassificationWithTeacher`` (the distilled ViT:
+    two heads averaged), ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel`` and
+    ``SiglipVisionModel`` (with its MAP head).
 
-    ``model`` may also be a ``ViTConfig`` (or its dict) when ``state_dict`` is given. A ``ViTModel``
-    has no classifier (``num_classes=0``; ``forward_features`` equals its ``last_hidden_state``);
-    its pooler is dropped.
+    ``model`` may also be a config (or its dict) when ``state_dict`` is given. A model without a
+    classifier has ``num_classes=0``: ``forward_features`` equals its ``last_hidden_state`` (CLIP:
+    before ``post_layernorm``, which is the ViT's fc_norm on the class token) and
+    ``forward_head(x, pre_logits=True)`` its ``pooler_output`` for CLIP and SigLIP. The ViT pooler
+    is dropped. Other classes are refused by name (``ValueError``): DeiT / DINOv2 classifiers
+    whose head reads other tokens, SigLIP2's NaFlex towers, DINOv2 giant's SwiGLU MLP, and every
+    model_type outside the list.
     """
     if isinstance(model, nn.Module):
         config = model.config
+        family = _hf_family(config, model)
         sd = model.state_dict() if state_dict is None else state_dict
         device, dtype = _param_device_dtype(model)
         training = model.training
@@ -461,11 +692,12 @@ def from_hf(model, state_dict: Optional[Mapping[str, torch.Tensor]] = None, **ov
         if state_dict is None:
             raise ValueError("ViT.from_hf: pass a model, or a config together with state_dict=")
         config, sd = model, state_dict
+        family = _hf_family(config)
         first = next(iter(sd.values()))
         device, dtype, training = first.device, first.dtype, False
-    converted = convert_hf_state_dict(sd)
+    converted = convert_hf_state_dict(sd, family)
     num_classes = converted["head.weight"].shape[0] if "head.weight" in converted else 0
-    cfg = hf_config(config, num_classes=num_classes)
+    cfg = hf_config(config, num_classes=num_classes, family=family)
     cfg.update(overrides)
     out = _build(cfg, converted, device, dtype)
     out.train(training)
@@ -549,16 +781,55 @@ class _NpzLayout:
             return self.get(f"Transformer/encoderblock/{key}")[i]
         return self.get(f"Transformer/encoderblock_{i}/{key}")
 
-    def refuse_unsupported(self) -> None:
-        """Refuse, by name, the layouts whose arrays the ViT has no place for (before anything is
-        built): a MAP (multihead attention pooling) head, as SigLIP's image towers have."""
-        map_keys = sorted(k for k in self.w.files if k.startswith(f"{self.p}MAPHead_"))
-        if map_keys:
+    def map_keys(self):
+        """The arrays of a MAP (multihead attention pooling) head, as SigLIP's image towers have."""
+        return sorted(k for k in self.w.files if k.startswith(f"{self.p}MAPHead_"))
+
+    def refuse_map_head(self, model: ViT) -> None:
+        """Refuse, by name and before anything is copied, a MAP head for a model without one:
+        pooling otherwise would give other features and logits."""
+        keys = self.map_keys()
+        if keys and model.attn_pool is None:
             raise ValueError(
-                f"the checkpoint has a MAP (attention pooling) head: {len(map_keys)} arrays under "
-                f"{self.p}MAPHead_*, e.g. {map_keys[0]!r} (SigLIP's image towers have one). MAP heads "
-                "are not supported yet; pooling without one would give other features and logits"
+                f"the checkpoint has a MAP (attention pooling) head: {len(keys)} arrays under "
+                f"{self.p}MAPHead_*, e.g. {keys[0]!r} (SigLIP's image towers have one), and the model "
+                f"has none (global_pool={model.global_pool!r}); build it with global_pool='map' "
+                "(ViT.from_npz infers it)"
             )
+        if model.attn_pool is not None and not keys:
+            raise ValueError(f"the model has a MAP head (global_pool='map') but the checkpoint has no "
+                             f"{self.p}MAPHead_0 arrays")
+
+
+# big_vision's MAPHead_0 arrays (relative to "MAPHead_0/")
+_MAP_HEAD_ARRAYS = (
+    ("probe",)
+    + tuple(f"MultiHeadDotProductAttention_0/{n}/{p}"
+            for n in ("query", "key", "value", "out") for p in ("kernel", "bias"))
+    + ("LayerNorm_0/scale", "LayerNorm_0/bias")
+    + tuple(f"MlpBlock_0/Dense_{r}/{p}" for r in (0, 1) for p in ("kernel", "bias"))
+)
+
+
+def _stage_map_head(pool: nn.Module, lay: "_NpzLayout", copy) -> None:
+    """big_vision's ``MAPHead_0`` into timm's ``AttentionPoolLatent`` layout (timm's loader: the
+    probe is the latent, query -> q, key and value concatenated -> kv, out -> proj)."""
+    p = "MAPHead_0/"
+    mha = p + "MultiHeadDotProductAttention_0/"
+    copy(pool.latent, _t(lay.get(p + "probe"), False), p + "probe")
+    copy(pool.q.weight, _t(lay.get(mha + "query/kernel"), False).flatten(1).T, mha + "query/kernel")
+    copy(pool.q.bias, _t(lay.get(mha + "query/bias"), False).reshape(-1), mha + "query/bias")
+    copy(pool.kv.weight, torch.cat([_t(lay.get(mha + f"{n}/kernel"), False).flatten(1).T for n in ("key", "value")]),
+         mha + "key/value kernels")
+    copy(pool.kv.bias, torch.cat([_t(lay.get(mha + f"{n}/bias"), False).reshape(-1) for n in ("key", "value")]),
+         mha + "key/value biases")
+    copy(pool.proj.weight, _t(lay.get(mha + "out/kernel")).flatten(1), mha + "out/kernel")
+    copy(pool.proj.bias, _t(lay.get(mha + "out/bias")), mha + "out/bias")
+    copy(pool.norm.weight, _t(lay.get(p + "LayerNorm_0/scale")), p + "LayerNorm_0/scale")
+    copy(pool.norm.bias, _t(lay.get(p + "LayerNorm_0/bias")), p + "LayerNorm_0/bias")
+    for r, fc in enumerate((pool.mlp.fc1, pool.mlp.fc2)):
+        copy(fc.weight, _t(lay.get(p + f"MlpBlock_0/Dense_{r}/kernel")), p + f"MlpBlock_0/Dense_{r}/kernel")
+        copy(fc.bias, _t(lay.get(p + f"MlpBlock_0/Dense_{r}/bias")), p + f"MlpBlock_0/Dense_{r}/bias")
 
 
 def _t(a, transpose: bool = True) -> torch.Tensor:
@@ -586,7 +857,6 @@ def npz_config(path, prefix: Optional[str] = None) -> Dict[str, Any]:
     """
     with _open_npz(path) as w:
         lay = _NpzLayout(w, _npz_prefix(w, prefix))
-        lay.refuse_unsupported()
         kernel = lay.get("embedding/kernel")
         if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
             raise ValueError(f"embedding/kernel must be (P, P, C, D), got {kernel.shape}")
@@ -617,7 +887,13 @@ def npz_config(path, prefix: Optional[str] = None) -> Dict[str, Any]:
         else:
             cfg["pos_embed"] = "none"
         cfg["num_classes"] = int(lay.get("head/kernel").shape[-1]) if lay.has("head/kernel") else 0
-        cfg["global_pool"] = "token" if class_token else "avg"
+        if lay.map_keys():
+            if sorted(lay.map_keys()) != sorted(f"{lay.p}MAPHead_0/{k}" for k in _MAP_HEAD_ARRAYS):
+                raise ValueError(f"the MAP head's arrays are not big_vision's MAPHead_0 (one head, its "
+                                 f"{len(_MAP_HEAD_ARRAYS)} arrays): {lay.map_keys()[:8]}")
+            cfg["global_pool"] = "map"  # SigLIP: the MAP head pools the normed patch tokens
+        else:
+            cfg["global_pool"] = "token" if class_token else "avg"
         cfg["fc_norm"] = False
         cfg["final_norm"] = lay.has("Transformer/encoder_norm/scale")
         cfg["act"] = "gelu_tanh"
@@ -642,7 +918,7 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
 
     with _open_npz(path) as w:
         lay = _NpzLayout(w, _npz_prefix(w, prefix))
-        lay.refuse_unsupported()
+        lay.refuse_map_head(model)
         # Every array is read and checked first, and copied only when all of them fit: a failed
         # load leaves the model unchanged.
         staged: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -707,6 +983,8 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
                         + (" and the representation layer (pre_logits) is dropped" if pre_logits else ""),
                         stacklevel=3,
                     )
+        if model.attn_pool is not None:
+            _stage_map_head(model.attn_pool, lay, copy)
         mha = f"MultiHeadDotProductAttention_{lay.mha}"
         for i, blk in enumerate(model.blocks):
             copy(blk.norm1.weight, _t(lay.block(i, "LayerNorm_0/scale")), f"block {i} LayerNorm_0/scale")
@@ -843,15 +1121,22 @@ class _Adaptation:
         self.old_grid: Optional[Tuple[int, int]] = None
         self.num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
         self.new_grid = tuple(model.patch_embed.grid_size)
-        head_w, head_b = shapes.get("head.weight"), shapes.get("head.bias")
+        # the classifier, and a distilled model's second one (DeiT's head_dist), dropped together
+        heads = ("head", "head_dist") if getattr(model, "distilled", False) else ("head",)
+        head_w = shapes.get("head.weight")
         if head_w is not None and own.get("head.weight") != tuple(head_w):
             classes = head_w[0] if len(head_w) == 2 else None
-            if (classes is not None and head_w[1] == model.num_features
-                    and (head_b is None or tuple(head_b) == (classes,))):
-                self.drop = tuple(k for k in ("head.weight", "head.bias") if k in shapes)
+            consistent = all(
+                shapes.get(f"{h}.weight") in (None, (classes, model.num_features))
+                and shapes.get(f"{h}.bias") in (None, (classes,))
+                for h in heads
+            )
+            if classes is not None and head_w[1] == model.num_features and consistent:
+                self.drop = tuple(f"{h}.{p}" for h in heads for p in ("weight", "bias") if f"{h}.{p}" in shapes)
                 if model.num_classes > 0:
                     self.note = (f"{path!r}: the checkpoint's head has {classes} classes, the model "
-                                 f"{model.num_classes}; the head is left as initialised")
+                                 f"{model.num_classes}; the head{'s are' if len(heads) > 1 else ' is'} left "
+                                 "as initialised")
         pos = shapes.get("pos_embed")
         mine = own.get("pos_embed")
         if pos is not None and mine is not None and tuple(pos) != mine and len(pos) == 3 and pos[0] == 1 \

@@ -228,3 +228,176 @@ def vit_huge_patch14_224() -> Dict[str, Any]:
 def vit_base_patch16_384() -> Dict[str, Any]:
     """ViT-B/16 at 384 px."""
     return dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+
+
+# SigLIP / SigLIP2 image towers (timm's vit_*_siglip_*: no class token, the MAP head pools the
+# normed patch tokens; timm's default weights for these names are SigLIP2's "v2_webli", except
+# so400m at 384 px). No classifier: the MAP head's output is the image embedding.
+def _siglip_cfg(tag: str = "v2_webli", size: int = 224) -> Dict[str, Any]:
+    return _cfg(tag, input_size=(3, size, size), num_classes=0, crop_pct=0.9)
+
+
+@register_model(pretrained_cfg=_siglip_cfg())
+def vit_base_patch16_siglip_224() -> Dict[str, Any]:
+    """SigLIP / SigLIP2 ViT-B/16 image tower at 224 px, with the MAP (attention pooling) head."""
+    return dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, class_token=False, global_pool="map",
+                num_classes=0)
+
+
+@register_model(pretrained_cfg=_siglip_cfg(size=256))
+def vit_base_patch16_siglip_256() -> Dict[str, Any]:
+    """SigLIP / SigLIP2 ViT-B/16 image tower at 256 px, with the MAP head."""
+    return dict(img_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=12, class_token=False,
+                global_pool="map", num_classes=0)
+
+
+@register_model(pretrained_cfg=_siglip_cfg(size=256))
+def vit_large_patch16_siglip_256() -> Dict[str, Any]:
+    """SigLIP / SigLIP2 ViT-L/16 image tower at 256 px, with the MAP head."""
+    return dict(img_size=256, patch_size=16, embed_dim=1024, depth=24, num_heads=16, class_token=False,
+                global_pool="map", num_classes=0)
+
+
+@register_model(pretrained_cfg=_siglip_cfg())
+def vit_so400m_patch14_siglip_224() -> Dict[str, Any]:
+    """SigLIP / SigLIP2 shape-optimised 400M image tower ("So400m/14") at 224 px: width 1152, 16
+    heads of 72, MLP 4304, with the MAP head."""
+    return dict(patch_size=14, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, class_token=False,
+                global_pool="map", num_classes=0)
+
+
+@register_model(pretrained_cfg=_siglip_cfg("webli", 384))
+def vit_so400m_patch14_siglip_384() -> Dict[str, Any]:
+    """SigLIP So400m/14 image tower at 384 px, with the MAP head."""
+    return dict(img_size=384, patch_size=14, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362,
+                class_token=False, global_pool="map", num_classes=0)
+
+
+# OpenAI-style CLIP image towers with QuickGELU (timm's *_clip_quickgelu_*: pre-norm, LayerNorm eps
+# 1e-5, the final norm, then a projection "head" to the joint embedding, with the class count timm's
+# default weights give it).
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_QUICKGELU_NOTE = ("natively QuickGELU, use quickgelu model variant for original results",)
+
+
+def _clip_cfg(tag: str, num_classes: int, license: str, size: int = 224, crop_pct: float = 1.0) -> Dict[str, Any]:
+    return _cfg(tag, input_size=(3, size, size), crop_pct=crop_pct, mean=_CLIP_MEAN, std=_CLIP_STD,
+                num_classes=num_classes, license=license, notes=_QUICKGELU_NOTE)
+
+
+def _clip(**kw) -> Dict[str, Any]:
+    return dict(pre_norm=True, norm_eps=1e-5, act="quick_gelu", **kw)
+
+
+@register_model(pretrained_cfg=_clip_cfg("laion400m_e32", 512, "mit", crop_pct=0.9))
+def vit_base_patch32_clip_quickgelu_224() -> Dict[str, Any]:
+    """CLIP ViT-B/32 image tower with QuickGELU at 224 px."""
+    return _clip(patch_size=32, embed_dim=768, depth=12, num_heads=12, num_classes=512)
+
+
+@register_model(pretrained_cfg=_clip_cfg("metaclip_2pt5b", 512, "cc-by-nc-4.0"))
+def vit_base_patch16_clip_quickgelu_224() -> Dict[str, Any]:
+    """CLIP ViT-B/16 image tower with QuickGELU at 224 px."""
+    return _clip(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=512)
+
+
+@register_model(pretrained_cfg=_clip_cfg("dfn2b", 768, "apple-ascl"))
+def vit_large_patch14_clip_quickgelu_224() -> Dict[str, Any]:
+    """CLIP ViT-L/14 image tower with QuickGELU at 224 px."""
+    return _clip(patch_size=14, embed_dim=1024, depth=24, num_heads=16, num_classes=768)
+
+
+@register_model(pretrained_cfg=_clip_cfg("openai", 768, "apache-2.0", size=336))
+def vit_large_patch14_clip_quickgelu_336() -> Dict[str, Any]:
+    """OpenAI CLIP ViT-L/14 image tower at 336 px (QuickGELU)."""
+    return _clip(img_size=336, patch_size=14, embed_dim=1024, depth=24, num_heads=16, num_classes=768)
+
+
+# Distilled DeiT (timm's deit_*_distilled_*: class and distillation tokens, two heads averaged)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _deit_cfg(size: int = 224, crop_pct: float = 0.9) -> Dict[str, Any]:
+    return _cfg("fb_in1k", input_size=(3, size, size), crop_pct=crop_pct, mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+                classifier=("head", "head_dist"))
+
+
+@register_model(pretrained_cfg=_deit_cfg())
+def deit_tiny_distilled_patch16_224() -> Dict[str, Any]:
+    """DeiT-Ti/16 distilled (Touvron et al., 2021) at 224 px."""
+    return dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, distilled=True)
+
+
+@register_model(pretrained_cfg=_deit_cfg())
+def deit_small_distilled_patch16_224() -> Dict[str, Any]:
+    """DeiT-S/16 distilled at 224 px."""
+    return dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, distilled=True)
+
+
+@register_model(pretrained_cfg=_deit_cfg())
+def deit_base_distilled_patch16_224() -> Dict[str, Any]:
+    """DeiT-B/16 distilled at 224 px."""
+    return dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, distilled=True)
+
+
+@register_model(pretrained_cfg=_deit_cfg(384, 1.0))
+def deit_base_distilled_patch16_384() -> Dict[str, Any]:
+    """DeiT-B/16 distilled at 384 px."""
+    return dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12, distilled=True)
+
+
+# DINOv2 (Oquab et al., 2023; timm's vit_*_patch14_dinov2 / *_reg4_dinov2): LayerScale 1e-5, 518
+# px, no classifier; giant's MLP is SwiGLU (timm's SwiGLUPacked, the gate in PyTorch ops), the
+# register variants keep the class token's position embedding in the token (no_embed_class).
+def _dinov2_cfg() -> Dict[str, Any]:
+    return _cfg("lvd142m", input_size=(3, 518, 518), crop_pct=1.0, mean=_IMAGENET_MEAN, std=_IMAGENET_STD,
+                num_classes=0)
+
+
+def _dinov2(reg_tokens: int = 0, **kw) -> Dict[str, Any]:
+    extra = dict(reg_tokens=reg_tokens, no_embed_class=True) if reg_tokens else {}
+    return dict(img_size=518, patch_size=14, init_values=1e-5, num_classes=0, **extra, **kw)
+
+
+@register_model(pretrained_cfg=_dinov2_cfg())
+def vit_small_patch14_dinov2() -> Dict[str, Any]:
+    """DINOv2 ViT-S/14 at 518 px."""
+    return _dinov2(embed_dim=384, depth=12, num_heads=6)
+
+
+@register_model(pretrained_cfg=_dinov2_cfg())
+def vit_base_patch14_dinov2() -> Dict[str, Any]:
+    """DINOv2 ViT-B/14 at 518 px."""
+    return _dinov2(embed_dim=768, depth=12, num_heads=12)
+
+
+@register_model(pretrained_cfg=_dinov2_cfg())
+def vit_large_patch14_dinov2() -> Dict[str, Any]:
+    """DINOv2 ViT-L/14 at 518 px."""
+    return _dinov2(embed_dim=1024, depth=24, num_heads=16)
+
+
+@register_model(pretrained_cfg=_dinov2_cfg())
+def vit_giant_patch14_dinov2() -> Dict[str, Any]:
+    """DINOv2 ViT-g/14 at 518 px, with the SwiGLU MLP (fc1 8192 = gate and value halves of 4096)."""
+    return _dinov2(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer="swiglu_packed")
+
+
+@register_model(pretrained_cfg=_dinov2_cfg())
+def vit_small_patch14_reg4_dinov2() -> Dict[str, Any]:
+    """DINOv2 ViT-S/14 with 4 register tokens at 518 px."""
+    return _dinov2(4, embed_dim=384, depth=12, num_heads=6)
+
+
+@register_model(pretrained_cfg=_dinov2_cfg())
+def vit_base_patch14_reg4_dinov2() -> Dict[str, Any]:
+    """DINOv2 ViT-B/14 with 4 register tokens at 518 px."""
+    return _dinov2(4, embed_dim=768, depth=12, num_heads=12)
+
+
+@register_model(pretrained_cfg=_dinov2_cfg())
+def vit_giant_patch14_reg4_dinov2() -> Dict[str, Any]:
+    """DINOv2 ViT-g/14 with 4 register tokens at 518 px, with the SwiGLU MLP."""
+    return _dinov2(4, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer="swiglu_packed")

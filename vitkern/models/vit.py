@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkern.ops.patch_embed import resample_pos_embed
+from vitkern.nn.attention_pool import AttentionPoolLatent
 from vitkern.nn.block import Block
 from vitkern.nn.layer_norm import LayerNorm, apply_norm
 from vitkern.nn.linear import Linear, resolve_activation
@@ -28,7 +29,7 @@ from vitkern.nn.patch_embed import PatchEmbed
 
 __all__ = ["ViT", "CONFIG_KEYS", "feature_take_indices"]
 
-GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max")
+GLOBAL_POOLS = ("", "token", "avg", "avgmax", "max", "map")
 
 
 def global_pool_nlc(
@@ -102,9 +103,16 @@ class ViT(nn.Module):
     ``timm.models.FeatureGetterNet`` wraps a ViT) and :meth:`set_input_size` with ``patch_size``
     (FlexiViT kernel resampling). Extra keywords:
 
+    - ``global_pool="map"``: SigLIP's multihead attention pooling head (``attn_pool``, a
+      :class:`vitkern.nn.AttentionPoolLatent` with timm's keys, ``num_heads`` heads and an MLP of
+      ``mlp_ratio``) over the patch tokens after the final norm.
+    - ``mlp_layer``: "mlp" (fc1 -> act -> fc2, one fused ``mlp`` call) or "swiglu_packed"
+      (timm's ``SwiGLUPacked``, DINOv2 giant: ``fc2(silu(gate) * value)`` with both halves from
+      fc1; the gate runs as PyTorch ops, there is no fused SwiGLU epilogue; ``act`` is unused).
     - ``norm_eps``: the eps of every LayerNorm (timm 1e-6, Hugging Face ViT 1e-12).
     - ``act``: the MLP activation, "gelu" (erf, timm/torchvision) or "gelu_tanh" (the tanh
-      approximation the original JAX checkpoints were trained with; Hugging Face "gelu_new").
+      approximation the original JAX checkpoints were trained with; Hugging Face "gelu_new") or
+      "quick_gelu" (OpenAI CLIP's ``x * sigmoid(1.702 x)``), each fused in the fc1 epilogue.
 
     ``dynamic_img_size=True`` accepts any input size divisible by the patch size (or any size with
     ``dynamic_img_pad``) and resamples the position embedding at run time (bicubic, as timm).
@@ -139,6 +147,7 @@ class ViT(nn.Module):
         pos_embed: str = "learn",
         no_embed_class: bool = False,
         reg_tokens: int = 0,
+        distilled: bool = False,
         pre_norm: bool = False,
         final_norm: bool = True,
         fc_norm: Optional[bool] = None,
@@ -153,6 +162,7 @@ class ViT(nn.Module):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
         act: Any = "gelu",
+        mlp_layer: str = "mlp",
         weight_init: str = "",
         device=None,
         dtype=None,
@@ -170,9 +180,12 @@ class ViT(nn.Module):
             raise TypeError(f"pos_embed_antialias must be a bool, got {type(pos_embed_antialias).__name__}")
         if weight_init not in ("", "jax", "jax_nlhb", "skip", "reset"):
             raise ValueError(f"weight_init must be '', 'jax', 'jax_nlhb', 'reset' or 'skip', got {weight_init!r}")
+        if distilled and (not class_token or global_pool != "token" or reg_tokens):
+            raise ValueError("distilled=True (DeiT's distillation token) needs class_token=True, "
+                             "global_pool='token' and no register tokens")
         act_name = resolve_activation(act)
         if act_name is None:
-            raise ValueError("act must be 'gelu' or 'gelu_tanh'")
+            raise ValueError("act must be 'gelu', 'gelu_tanh' or 'quick_gelu'")
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
 
         # The constructor arguments (JSON-friendly), stored with safetensors checkpoints.
@@ -190,7 +203,10 @@ class ViT(nn.Module):
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.num_prefix_tokens = (1 if class_token else 0) + (1 if distilled else 0) + reg_tokens
+        self.distilled = distilled
+        # timm's VisionTransformerDistilled: both heads' logits in training only when asked
+        self.distilled_training = False
         self.num_reg_tokens = reg_tokens
         self.has_class_token = class_token
         self.no_embed_class = no_embed_class
@@ -219,6 +235,8 @@ class ViT(nn.Module):
             self.pos_embed = nn.Parameter(torch.empty(1, embed_len, embed_dim, **dd))
         else:
             self.pos_embed = None
+        # after pos_embed: timm's parameter order (VisionTransformerDistilled adds it last)
+        self.dist_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd)) if distilled else None
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
         self.norm_pre = norm_layer(embed_dim, **dd) if pre_norm else nn.Identity()
 
@@ -240,6 +258,7 @@ class ViT(nn.Module):
                     drop_path=dpr[i],
                     norm_layer=norm_layer,
                     act_layer=act_name,
+                    mlp_layer=mlp_layer,
                     **dd,
                 )
                 for i in range(depth)
@@ -250,8 +269,17 @@ class ViT(nn.Module):
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.norm = norm_layer(embed_dim, **dd) if final_norm and not use_fc_norm else nn.Identity()
         self.fc_norm = norm_layer(embed_dim, **dd) if final_norm and use_fc_norm else nn.Identity()
+        # SigLIP's MAP head, between the final norm and fc_norm / head (as timm's attn_pool)
+        self.attn_pool = (
+            AttentionPoolLatent(embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, norm_layer=norm_layer,
+                                act_layer=act_name, **dd)
+            if global_pool == "map"
+            else None
+        )
         self.head_drop = nn.Dropout(drop_rate)
         self.head = Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        if distilled:  # DeiT's distillation head, on the distillation token
+            self.head_dist = Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
         self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
         if weight_init != "skip":
@@ -275,6 +303,8 @@ class ViT(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)
+        if self.dist_token is not None:
+            _trunc_normal_(self.dist_token, std=0.02)  # timm's VisionTransformerDistilled
         head_bias = -math.log(self.num_classes) if "nlhb" in mode and self.num_classes > 0 else 0.0
         for name, m in self.named_modules():
             if m is self:
@@ -305,6 +335,8 @@ class ViT(nn.Module):
                     nn.init.zeros_(m.bias)
             elif needs_reset and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
+        if self.attn_pool is not None:
+            self.attn_pool.init_weights()
 
     # ------------------------------------------------------------------------------------------
     # timm's utility API
@@ -312,7 +344,7 @@ class ViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {"pos_embed", "cls_token", "reg_token"}
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}  # timm's set, for every ViT
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -322,9 +354,20 @@ class ViT(nn.Module):
         ``create_optimizer_v2(model, layer_decay=...)``) groups this model as it groups timm's.
         ``coarse`` is accepted for timm's signature and, as there, changes nothing."""
         return dict(
-            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+            # VisionTransformerDistilled's own stem pattern for the distilled DeiT
+            stem=r"^cls_token|pos_embed|patch_embed|dist_token" if self.distilled
+            else r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         )
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """timm's ``VisionTransformerDistilled.set_distilled_training``: a distilled model in
+        training returns both heads' logits ``(head, head_dist)`` (for the distillation loss)
+        instead of their mean."""
+        if not self.distilled:
+            raise ValueError("set_distilled_training needs a distilled model (distilled=True)")
+        self.distilled_training = enable
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -332,8 +375,8 @@ class ViT(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    def get_classifier(self):
+        return (self.head, self.head_dist) if self.distilled else self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: none)."""
@@ -345,6 +388,12 @@ class ViT(nn.Module):
                 raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             if global_pool == "token" and not self.has_class_token:
                 raise ValueError("global_pool='token' needs the class token")
+            # as timm: attention pooling is kept or removed, never added here
+            if global_pool == "map" and self.attn_pool is None:
+                raise ValueError("reset_classifier cannot add attention pooling (global_pool='map') to a model "
+                                 "built without it")
+            if global_pool != "map":
+                self.attn_pool = None
             self.global_pool = global_pool
             self.config["global_pool"] = global_pool
             self.config["fc_norm"] = not isinstance(self.fc_norm, nn.Identity)
@@ -354,6 +403,13 @@ class ViT(nn.Module):
             else nn.Identity()
         )
         self.head.train(self.training)
+        if self.distilled:
+            self.head_dist = (
+                Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+                if num_classes > 0
+                else nn.Identity()
+            )
+            self.head_dist.train(self.training)
 
     def set_input_size(
         self,
@@ -415,6 +471,8 @@ class ViT(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def _prefix_tokens(self) -> Optional[torch.Tensor]:
+        if self.dist_token is not None:
+            return torch.cat([self.cls_token, self.dist_token], dim=1)  # timm's order: class, distillation
         if self.cls_token is not None and self.reg_token is not None:
             return torch.cat([self.cls_token, self.reg_token], dim=1)
         if self.cls_token is not None:
@@ -549,11 +607,24 @@ class ViT(nn.Module):
         )
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        if self.attn_pool is not None:
+            return self.attn_pool(x if self.pool_include_prefix else x[:, self.num_prefix_tokens:])
         pool_type = self.global_pool if pool_type is None else pool_type
         return global_pool_nlc(x, pool_type, self.num_prefix_tokens, self.pool_include_prefix)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, fc_norm, head dropout and the classifier (skipped with ``pre_logits``)."""
+        """Pool, fc_norm, head dropout and the classifier (skipped with ``pre_logits``). A distilled
+        model (timm's ``VisionTransformerDistilled``) averages ``head`` on the class token and
+        ``head_dist`` on the distillation token (``pre_logits``: the mean of the two tokens); in
+        training with :meth:`set_distilled_training` it returns both logits."""
+        if self.distilled:
+            x, x_dist = x[:, 0], x[:, 1]
+            if pre_logits:
+                return (x + x_dist) / 2
+            x, x_dist = self.head(x), self.head_dist(x_dist)
+            if self.distilled_training and self.training:
+                return x, x_dist
+            return (x + x_dist) / 2
         x = self.pool(x)
         x = apply_norm(self.fc_norm, x)
         if self.training and self.head_drop.p > 0:

@@ -11,7 +11,7 @@ from torch import nn
 
 from vitkern.nn.attention import Attention
 from vitkern.nn.layer_norm import apply_norm, default_norm_layer
-from vitkern.nn.linear import Mlp
+from vitkern.nn.linear import Mlp, SwiGLUPacked
 
 __all__ = ["Block", "LayerScale", "DropPath", "drop_path_row_scale", "layer_scale_gamma"]
 
@@ -132,6 +132,7 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         act_layer=nn.GELU,
         norm_layer=None,
+        mlp_layer: str = "mlp",
         device=None,
         dtype=None,
     ) -> None:
@@ -154,15 +155,22 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(
-            in_features=dim,
-            hidden_features=int(dim * mlp_ratio),
-            act_layer=act_layer,
-            norm_layer=norm_layer if scale_mlp_norm else None,
-            bias=proj_bias,
-            drop=proj_drop,
-            **dd,
-        )
+        if mlp_layer == "swiglu_packed":  # timm's SwiGLUPacked (DINOv2 giant): the gate in PyTorch ops
+            if scale_mlp_norm:
+                raise ValueError("Block: scale_mlp_norm is not supported with mlp_layer='swiglu_packed'")
+            self.mlp = SwiGLUPacked(dim, int(dim * mlp_ratio), bias=proj_bias, drop=proj_drop, **dd)
+        elif mlp_layer == "mlp":
+            self.mlp = Mlp(
+                in_features=dim,
+                hidden_features=int(dim * mlp_ratio),
+                act_layer=act_layer,
+                norm_layer=norm_layer if scale_mlp_norm else None,
+                bias=proj_bias,
+                drop=proj_drop,
+                **dd,
+            )
+        else:
+            raise ValueError(f"Block: mlp_layer must be 'mlp' or 'swiglu_packed', got {mlp_layer!r}")
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 

@@ -8,25 +8,27 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from vitkern.ops.activation import Activation
+from vitkern.ops.activation import Activation, QuickGELU
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
 from vitkern.nn.layer_norm import apply_norm
 
-__all__ = ["Linear", "Mlp", "resolve_activation", "ACTIVATIONS"]
+__all__ = ["Linear", "Mlp", "SwiGLUPacked", "resolve_activation", "ACTIVATIONS"]
 
 # Activation names the GEMM epilogues compute. "gelu" is the erf GELU (torch.nn.GELU's default),
-# "gelu_tanh" the tanh approximation.
+# "gelu_tanh" the tanh approximation, "quick_gelu" OpenAI CLIP's x * sigmoid(1.702 x).
 ACTIVATIONS = tuple(a.public_name for a in Activation)
 
 
 def resolve_activation(act) -> Optional[str]:
-    """Map an activation spec to the op's ``activation`` argument (None, "gelu" or "gelu_tanh").
+    """Map an activation spec to the op's ``activation`` argument (None, "gelu", "gelu_tanh" or
+    "quick_gelu").
 
     Accepts None, a name ("gelu", "gelu_tanh", and the Hugging Face names "gelu_new",
     "gelu_pytorch_tanh"), ``nn.GELU`` (class or instance, ``approximate="tanh"`` honoured),
     ``functools.partial(nn.GELU, approximate="tanh")``, ``nn.Identity``, timm's ``GELU`` /
-    ``GELUTanh`` classes and ``F.gelu``. Anything else raises ``ValueError``: the fused epilogues
+    ``GELUTanh`` classes and ``F.gelu``, and QuickGELU ("quick_gelu", timm's ``QuickGELU``, Hugging
+    Face's ``QuickGELUActivation``). Anything else raises ``ValueError``: the fused epilogues
     compute only these activations (:meth:`vitkern.ops.activation.Activation.resolve`).
     """
     return Activation.resolve(act).public_name
@@ -34,7 +36,9 @@ def resolve_activation(act) -> Optional[str]:
 
 def _act_module(name: Optional[str]) -> nn.Module:
     act = Activation.parse(name)
-    return nn.Identity() if act is Activation.NONE else nn.GELU(approximate=act.approximate)
+    if act is Activation.NONE:
+        return nn.Identity()
+    return QuickGELU() if act is Activation.QUICK_GELU else nn.GELU(approximate=act.approximate)
 
 
 def _to_2tuple(v):
@@ -187,3 +191,42 @@ class Mlp(nn.Module):
             )
         out = self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
         return add_scaled_residual(out, residual, residual_scale, row_scale)
+
+
+class SwiGLUPacked(nn.Module):
+    """timm's ``SwiGLUPacked`` (``GluMlp`` with SiLU, gate first): ``fc1`` computes the gate and
+    the value halves in one GEMM, ``fc2(silu(gate) * value)`` (DINOv2 giant's MLP). Keys ``fc1``
+    (``hidden_features`` outputs, the gate first) and ``fc2`` (``hidden_features // 2`` inputs).
+
+    There is no fused SwiGLU epilogue: fc1 is a plain ``linear`` call, the gate runs as PyTorch
+    ops (``F.silu`` and a multiply, one extra pass over the hidden activations), and fc2 is a fused
+    ``linear`` with the residual / LayerScale / drop-path epilogue."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None,
+                 bias: bool = True, drop: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__()
+        if hidden_features % 2:
+            raise ValueError(f"SwiGLUPacked: hidden_features must be even (gate and value halves), got "
+                             f"{hidden_features}")
+        dd = {"device": device, "dtype": dtype}
+        out_features = out_features or in_features
+        self.activation = None  # the gate is not an epilogue activation
+        self.fc1 = Linear(in_features, hidden_features, bias=bias, **dd)
+        self.act = nn.SiLU()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
+        self.fc2 = Linear(hidden_features // 2, out_features, bias=bias, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                residual_scale: Optional[torch.Tensor] = None,
+                row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        gate, value = linear(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * value
+        if self.training and self.drop1.p > 0:
+            h = self.drop1(h)
+        if self.training and self.drop2.p > 0:
+            out = self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
+            return add_scaled_residual(out, residual, residual_scale, row_scale)
+        return linear(h, self.fc2.weight, self.fc2.bias, residual=residual, residual_scale=residual_scale,
+                      row_scale=row_scale)

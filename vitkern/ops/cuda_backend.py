@@ -58,10 +58,15 @@ def tensor_reason(**tensors: Optional[torch.Tensor]) -> Optional[str]:
 
 
 def activation_reason(activation) -> Optional[str]:
-    """Why the extension cannot compute ``activation`` (not a public activation name), or None."""
+    """Why the extension cannot compute ``activation`` (not a public activation name, or one its
+    cuBLASLt epilogues have no counterpart for), or None."""
     names = tuple(a.public_name for a in Activation)
     if activation not in names:
         return f"activation {activation!r} is not one of {names}"
+    supported = tuple(a.public_name for a in _extension.EXTENSION_ACTIVATIONS)
+    if activation not in supported:
+        return (f"activation {activation!r}: the CUDA extension's epilogues compute only {supported} "
+                "(cuBLASLt has no QuickGELU epilogue); the Triton and torch backends compute it")
     return None
 
 

@@ -9,8 +9,8 @@ Recognised by structure, so the check holds across transformers versions that sh
   flash attention on their strided ``(B, H, T, d)`` views and the output projection, and returns
   ``(output, None)``. A call with an attention mask, ``output_attentions`` or active attention
   dropout runs the module's own forward.
-- MLP: ``fc1`` / ``activation_fn`` / ``fc2`` with a GELU activation (erf or tanh): one fused
-  ``mlp`` call. CLIP's quick GELU and the SwiGLU MLPs are left alone.
+- MLP: ``fc1`` / ``activation_fn`` / ``fc2`` with a GELU activation (erf or tanh) or CLIP's
+  QuickGELU: one fused ``mlp`` call. The SwiGLU MLPs are left alone.
 
 The layers' residual adds stay in Hugging Face's layer forward (their structure changes between
 versions too often to replace it safely); LayerNorms are patched with every other plain
@@ -33,7 +33,7 @@ __all__ = ["patch_hf_modules"]
 
 # transformers' activation modules by class name -> the fused epilogue's activation
 _HF_ACTIVATIONS = {"GELUActivation": "gelu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
-                   "NewGELUActivation": "gelu_tanh"}
+                   "NewGELUActivation": "gelu_tanh", "QuickGELUActivation": "quick_gelu"}
 
 
 def _hf_activation(act) -> Optional[str]:
@@ -113,7 +113,8 @@ def patch_hf_modules(model: nn.Module, report: PatchReport, *, attention: bool, 
             activation = _hf_activation(getattr(m, "activation_fn", None))
             if activation is None:
                 act = type(getattr(m, "activation_fn", None)).__name__
-                report.add(name, label, False, f"activation {act}: the fused epilogues compute GELU (erf / tanh)")
+                report.add(name, label, False, f"activation {act}: the fused epilogues compute GELU (erf / tanh) "
+                                                   "or QuickGELU")
             elif not (isinstance(m.fc1, nn.Linear) and isinstance(getattr(m, "fc2", None), nn.Linear)):
                 report.add(name, label, False, "fc1 / fc2 are not nn.Linear")
             else:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vitkern.nn.attention import Attention as _VkAttention
+from vitkern.nn.attention_pool import AttentionPoolLatent as _VkAttentionPool
 from vitkern.nn.block import Block as _VkBlock
 from vitkern.nn.layer_norm import apply_norm
 from vitkern.nn.linear import Mlp as _VkMlp, resolve_activation
@@ -54,10 +55,35 @@ def _mlp_reason(m) -> tuple[Optional[str], Optional[str]]:
     try:
         activation = resolve_activation(m.act)
     except ValueError:
-        return None, f"activation {type(m.act).__name__}: the fused epilogues compute GELU (erf / tanh) or none"
+        return None, (f"activation {type(m.act).__name__}: the fused epilogues compute GELU (erf / tanh), "
+                      "QuickGELU or none")
     if not isinstance(m.fc1, nn.Linear) or not isinstance(m.fc2, nn.Linear):
         return None, "fc1 / fc2 are not nn.Linear (a conv MLP)"
     return activation, None
+
+
+def _attn_pool_reason(m) -> Optional[str]:
+    """Why timm's MAP head cannot run vitkern's AttentionPoolLatent forward, or None."""
+    if not isinstance(m.q, nn.Linear) or not isinstance(m.kv, nn.Linear) or not isinstance(m.proj, nn.Linear):
+        return "no query / output projection (q_proj=False or out_features=0)"
+    if not (isinstance(m.q_norm, nn.Identity) and isinstance(m.k_norm, nn.Identity)):
+        return "qk-norm in the pooling attention is not fused"
+    if m.pos_embed is not None:
+        return "a position embedding in the pooling head"
+    if getattr(m, "mlp", None) is None:
+        return "no MLP (out_features=0)"
+    if m.pool not in ("token", "avg", ""):
+        return f"pool_type {m.pool!r}"
+    if m.latent_dim != m.num_heads * m.head_dim:
+        return "a latent width other than num_heads x head_dim"
+    return None
+
+
+def _attn_pool_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # a mask runs timm's own forward (vitkern's pooling attention takes none)
+    if attn_mask is not None or x.dim() != 3:
+        return type(self).forward(self, x, attn_mask)
+    return _VkAttentionPool.forward(self, x)
 
 
 def _layer_scale_reason(ls, classes) -> Optional[str]:
@@ -129,10 +155,14 @@ def patch_timm_modules(model: nn.Module, report: PatchReport, *, attention: bool
                 report.add(name, "timm PatchEmbed", True, "patchify + projection in one GEMM")
             else:
                 report.add(name, "timm PatchEmbed", False, reason)
-        elif kind.__module__.startswith("timm.") and kind.__name__ == "AttentionPoolLatent":
-            report.add(name, "timm AttentionPoolLatent", False,
-                       "the MAP pooling head is not fused (its F.scaled_dot_product_attention call can be routed "
-                       "with vitkern.sdpa_override())")
+        elif kind.__module__.startswith("timm.") and kind.__name__ == "AttentionPoolLatent" and attention:
+            reason = _attn_pool_reason(m)
+            if reason is None:
+                install(m, "forward", _attn_pool_forward)
+                report.add(name, "timm AttentionPoolLatent", True,
+                           "MAP head: latent-query GEMM, kv GEMM, flash attention, proj GEMM")
+            else:
+                report.add(name, "timm AttentionPoolLatent", False, reason)
         elif kind.__module__.startswith("timm.") and kind.__name__.endswith(("Attention", "Block", "Mlp", "Embed")) \
                 and kind not in {classes[k] for k in ("Attention", "Mlp", "Block", "PatchEmbed")}:
             report.add(name, f"timm {kind.__name__}", False, "a variant vitkern does not fuse (runs timm's forward)")

@@ -10,7 +10,7 @@ from vitkern.ops.gemm.configs import GEMM_CONFIGS, config_kinds
 from vitkern.ops.gemm.epilogue import Epilogue
 from vitkern.ops.gemm.launch import act_bwd, gemm
 
-GELU, GELU_TANH = Activation.GELU, Activation.GELU_TANH
+GELU, GELU_TANH, QUICK_GELU = Activation.GELU, Activation.GELU_TANH, Activation.QUICK_GELU
 
 
 def _case_tensors(M, N, K, dtype, out_dtype=None):
@@ -86,7 +86,12 @@ def _gemm_cases():
         gemm(a, b, out, Epilogue(bias=torch.empty(N, dtype=bf16), activation=GELU_TANH))
     a, b, out = _case_tensors(197, 192, 192, f32)
     gemm(a, b, out, Epilogue(bias=torch.empty(192, dtype=f32)))
-    for act in (GELU, GELU_TANH):
+    # OpenAI CLIP's fc1 (QuickGELU, its pre-activation stored) and its dU GEMM
+    a, b, out = _case_tensors(4096, 3072, 768, bf16)
+    gemm(a, b, out, Epilogue(bias=torch.empty(3072, dtype=bf16), activation=QUICK_GELU, pre=torch.empty_like(out)))
+    gemm(a, torch.empty(768, 3072, dtype=bf16).t(), out,
+         Epilogue(row_scale=torch.empty(4096, dtype=f32), act_grad=QUICK_GELU, aux=torch.empty_like(out)))
+    for act in (GELU, GELU_TANH, QUICK_GELU):
         for dtype in (bf16, f32):
             g = torch.empty(4096, 3072, dtype=dtype)
             act_bwd(g, torch.empty(4096, 3072, dtype=bf16), act, bf16, col_scale=torch.empty(3072, dtype=bf16),

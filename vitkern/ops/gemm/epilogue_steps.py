@@ -12,12 +12,15 @@ from vitkern.ops._triton import register_helper, round_to
 @register_helper
 @triton.jit
 def activation(x, ACTIVATION: tl.constexpr):
-    """act(x) in fp32: 1 = erf GELU, 2 = tanh GELU (0.5 * (1 + tanh(u)) == sigmoid(2u))."""
+    """act(x) in fp32: 1 = erf GELU, 2 = tanh GELU (0.5 * (1 + tanh(u)) == sigmoid(2u)),
+    3 = QuickGELU x * sigmoid(1.702 x)."""
     if ACTIVATION == 1:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACTIVATION == 2:
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         x = x * tl.sigmoid(2.0 * u)
+    elif ACTIVATION == 3:
+        x = x * tl.sigmoid(1.702 * x)
     return x
 
 
@@ -33,6 +36,9 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
         s = tl.sigmoid(2.0 * u)
         du = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
         g = s + 2.0 * x * s * (1.0 - s) * du
+    elif ACTIVATION == 3:
+        s = tl.sigmoid(1.702 * x)
+        g = s + 1.702 * x * s * (1.0 - s)
     else:
         g = tl.full(x.shape, 1.0, tl.float32)
     return g

@@ -16,7 +16,7 @@ and autograd), ``cuda.py`` (the CUDA extension's backend), ``rows.py`` (the 2-D
 view the backends of linear and mlp compute on). Every implementation is called as
 ``impl(x, weight, bias, activation=..., residual=..., residual_scale=..., row_scale=...)`` with
 the arguments after the public function's checks and autocast casts; ``activation`` is a public
-name (None, "gelu", "gelu_tanh": :class:`vitkern.ops.activation.Activation`) and ``row_scale`` is
+name (None, "gelu", "gelu_tanh", "quick_gelu": :class:`vitkern.ops.activation.Activation`) and ``row_scale`` is
 None or flattened to ``(M,)``, ``M = x.numel() // K``. This module also holds the epilogue's
 argument checks that ``mlp`` shares.
 """
@@ -133,7 +133,8 @@ def linear(
         x: ``(..., K)`` float32 / float16 / bfloat16 tensor, any leading shape and strides.
         weight: ``(N, K)`` (``nn.Linear`` layout).
         bias: optional ``(N,)``.
-        activation: None, ``"gelu"`` (erf) or ``"gelu_tanh"`` (tanh approximation).
+        activation: None, ``"gelu"`` (erf), ``"gelu_tanh"`` (tanh approximation) or
+            ``"quick_gelu"`` (``x * sigmoid(1.702 x)``, OpenAI CLIP).
         residual: optional ``(..., N)`` tensor (``x``'s leading shape) added to the branch. It keeps
             its own dtype, which sets the output's: the compute dtype or float32 (a float32
             residual stream with a bf16 branch gives a float32 result, as timm under autocast).

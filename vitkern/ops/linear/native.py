@@ -17,9 +17,9 @@ __all__ = ["activation_torch", "linear_torch", "residual_epilogue"]
 
 
 def activation_torch(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
-    """The activation in ``y``'s dtype: ``F.gelu(approximate="none" / "tanh")`` or the identity."""
-    approximate = Activation.parse(activation).approximate
-    return y if approximate is None else F.gelu(y, approximate=approximate)
+    """The activation in ``y``'s dtype: ``F.gelu(approximate="none" / "tanh")``, QuickGELU
+    (``y * sigmoid(1.702 y)``, as timm's ``QuickGELU``) or the identity."""
+    return Activation.parse(activation).apply(y)
 
 
 def residual_epilogue(

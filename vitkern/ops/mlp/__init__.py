@@ -63,7 +63,7 @@ def mlp(
         x: ``(..., K)`` float32 / float16 / bfloat16 tensor, any leading shape and strides.
         fc1_weight: ``(H, K)``; fc1_bias: ``(H,)`` or None.
         fc2_weight: ``(N, H)``; fc2_bias: ``(N,)`` or None.
-        activation: ``"gelu"`` (erf, default), ``"gelu_tanh"`` or None (identity).
+        activation: ``"gelu"`` (erf, default), ``"gelu_tanh"``, ``"quick_gelu"`` or None (identity).
         residual, residual_scale, row_scale: as in :func:`vitkern.linear` (output features ``N``).
 
     Returns:
