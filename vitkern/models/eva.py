@@ -10,8 +10,8 @@ frequencies) and "dinov3" kinds, applied by the attention op's q / k prologue
 (:mod:`vitkern.ops.qk_prologue`) with the class / register tokens left unrotated; the inner
 attention norm (``scale_attn_inner``); LayerScale (``gamma_1`` / ``gamma_2``, in the proj / fc2
 GEMMs' residual epilogues); the GELU MLP (with its optional norm, ``scale_mlp``) and the SwiGLU
-MLPs (timm's packed ``GluMlp`` and its ``SwiGLU`` with separate gate / value projections and
-optional norm); class and register tokens, absolute position embeddings with or without the
+MLPs (timm's packed ``GluMlp``, :class:`vitkern.nn.SwiGLUPacked`, and its ``SwiGLU`` with separate
+gate / value projections and optional norm); class and register tokens, absolute position embeddings with or without the
 prefix tokens, pre / post / fc norms and timm's global pools. The SwiGLU gate
 (``silu(gate) * value``) runs as PyTorch ops between the two GEMMs.
 
@@ -38,7 +38,7 @@ from torch import nn
 
 from vitkern.models.vit import global_pool_nlc, GLOBAL_POOLS
 from vitkern.nn.layer_norm import apply_norm
-from vitkern.nn.linear import Linear, Mlp
+from vitkern.nn.linear import Linear, Mlp, SwiGLUPacked
 from vitkern.nn.patch_embed import PatchEmbed
 from vitkern.nn.rope import Rope2D
 from vitkern.ops.attention import attention, attention_qkvpacked
@@ -46,7 +46,7 @@ from vitkern.ops.linear import linear
 from vitkern.ops.patch_embed import resample_pos_embed
 from vitkern.ops.qk_prologue import QKNorm, RopeTables
 
-__all__ = ["Eva", "EvaAttention", "EvaBlock", "SwiGLU", "GluMlp"]
+__all__ = ["Eva", "EvaAttention", "EvaBlock", "SwiGLU"]
 
 
 def _layer_norm(dim: int, **dd) -> nn.LayerNorm:
@@ -134,26 +134,6 @@ class EvaAttention(nn.Module):
                       row_scale=row_scale)
 
 
-class GluMlp(nn.Module):
-    """timm's packed SwiGLU (``GluMlp`` with SiLU, gate first): ``fc1`` of width 2 x hidden, ``norm``,
-    ``fc2``; ``fc2(norm(silu(a) * b))`` with ``a, b = fc1(x).chunk(2)``."""
-
-    def __init__(self, in_features: int, hidden_features: int, *, norm_layer=None, device=None, dtype=None):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        if hidden_features % 2:
-            raise ValueError(f"GluMlp: hidden_features must be even (gate and value halves), got {hidden_features}")
-        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
-        self.norm = norm_layer(hidden_features // 2, **dd) if norm_layer is not None else nn.Identity()
-        self.fc2 = nn.Linear(hidden_features // 2, in_features, **dd)
-
-    def forward(self, x, *, residual=None, residual_scale=None, row_scale=None):
-        gate, value = linear(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)
-        h = apply_norm(self.norm, F.silu(gate) * value)
-        return linear(h, self.fc2.weight, self.fc2.bias, residual=residual, residual_scale=residual_scale,
-                      row_scale=row_scale)
-
-
 class SwiGLU(nn.Module):
     """timm's ``SwiGLU`` (``fc1_g``, ``fc1_x``, ``norm``, ``fc2``): ``fc2(norm(silu(fc1_g(x)) * fc1_x(x)))``;
     the two first projections run as one GEMM."""
@@ -198,7 +178,7 @@ class EvaBlock(nn.Module):
             # timm's rule: a norm or an alignment takes the separate-projection layout
             self.mlp = SwiGLU(dim, hidden, norm_layer=mlp_norm, align_to=swiglu_align_to, **dd)
         elif swiglu_mlp:
-            self.mlp = GluMlp(dim, hidden * 2, **dd)
+            self.mlp = SwiGLUPacked(dim, hidden * 2, **dd)
         else:
             self.mlp = Mlp(dim, hidden, norm_layer=mlp_norm, **dd)
         use_mlp_ls = init_values is not None and not attn_only_layer_scale
