@@ -679,7 +679,6 @@ def _naflexvit():
 
 
 _TIMM_OTHER = {
-    "Eva": ("timm.models.eva", dict(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)),
     "Beit": ("timm.models.beit", dict(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)),
     "VisionTransformerRelPos": (
         "timm.models.vision_transformer_relpos", dict(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)
@@ -698,6 +697,13 @@ def test_from_timm_refuses_other_architectures_by_class(name):
             pytest.skip(f"no {name} in this timm")
         m = cls(**kw)
     with pytest.raises(ValueError, match=rf"\.{name} is not supported: only timm"):
+        ViT.from_timm(m)
+
+
+def test_from_timm_points_eva_to_its_converter():
+    eva = pytest.importorskip("timm.models.eva")
+    m = eva.Eva(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match=r"Eva\.from_timm"):
         ViT.from_timm(m)
 
 

@@ -106,10 +106,13 @@ def _check_timm_class(model: nn.Module) -> None:
             "VisionTransformerDistilled; it is not supported"
         )
     if not isinstance(model, VisionTransformer):
+        if cls.__name__ == "Eva" and cls.__module__.startswith("timm."):
+            raise ValueError(f"ViT.from_timm: {name} is timm's EVA family: convert it with "
+                             "vitkern.models.Eva.from_timm")
         raise ValueError(
             f"ViT.from_timm: {name} is not supported: only timm.models.vision_transformer."
-            "VisionTransformer converts (Eva, Beit, VisionTransformerRelPos, NaFlexVit and the other "
-            "ViT variants are other architectures)"
+            "VisionTransformer converts (Beit, VisionTransformerRelPos, NaFlexVit and the other "
+            "ViT variants are other architectures; timm's Eva converts with vitkern.models.Eva.from_timm)"
         )
     overridden = [m for m in _TIMM_FORWARD_METHODS if getattr(cls, m, None) is not getattr(VisionTransformer, m, None)]
     if overridden:
