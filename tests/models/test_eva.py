@@ -144,3 +144,55 @@ def test_compiles_fullgraph():
     x = torch.randn(1, 3, 56, 56)
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), ours(x))
+
+
+EVA_NAMES = [n for n in __import__("vitkern").list_models()
+             if n.startswith("eva02_") or "_rope_" in n or n.endswith(("_dinov3", "_dinov3_qkvb"))]
+
+
+@pytest.mark.parametrize("name", EVA_NAMES)
+def test_registered_names_build_timms_architecture(name):
+    """create_model(name) has timm's parameters (names and shapes), config and preprocessing."""
+    import vitkern
+    from vitkern.models.eva import _config_from_timm
+
+    ours = vitkern.create_model(name, device="meta")
+    ref = timm.create_model(name, pretrained=False, device="meta")
+    assert isinstance(ours, Eva)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    mine = {k: v for k, v in vitkern.models.model_config(name).items()}
+    theirs = _config_from_timm(ref)
+    for k in ("img_size", "patch_size", "global_pool", "num_classes", "rope_type", "rope_temperature",
+              "rope_grid_indexing", "rope_rotate_half", "ref_feat_shape", "num_reg_tokens", "dynamic_img_size"):
+        if k in theirs:
+            want = theirs[k] if k != "img_size" else theirs[k][0]
+            got = mine.get(k, __import__("inspect").signature(Eva.__init__).parameters[k].default)
+            assert got == want, (k, got, want)
+    assert ours.blocks[0].norm1.eps == ref.blocks[0].norm1.eps
+    assert mine.get("init_values") == ref.blocks[0].init_values  # LayerScale's initial value
+    assert timm.data.resolve_model_data_config(ours) == timm.data.resolve_model_data_config(ref)
+
+
+def test_checkpoint_with_another_head_loads_and_fine_tunes(tmp_path):
+    import vitkern
+
+    src = _randomize(timm.create_model("vit_small_patch16_rope_224", pretrained=False, **SMALL))
+    path = tmp_path / "rope.pth"
+    torch.save(src.state_dict(), path)
+    kw = {k: v for k, v in SMALL.items() if k != "num_classes"}
+    with pytest.warns(UserWarning, match="another class count"):
+        ours = vitkern.create_model("vit_small_patch16_rope_224", checkpoint_path=str(path), num_classes=3, **kw)
+    torch.testing.assert_close(ours.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    loss = torch.nn.functional.cross_entropy(ours(x), torch.tensor([0, 2]))
+    loss.backward()
+    opt.step()
+    assert ours(x).shape == (2, 3)
+    bad = tmp_path / "bad.pth"
+    state = src.state_dict()
+    state["blocks.0.norm1.weight"] = torch.zeros(5)
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match="blocks.0.norm1.weight"):
+        vitkern.create_model("vit_small_patch16_rope_224", checkpoint_path=str(bad), **kw)

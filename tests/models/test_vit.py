@@ -284,7 +284,7 @@ def test_constructor_errors_and_init():
 
 
 def test_factories_match_timm_shapes():
-    assert list_models() == sorted(
+    assert [n for n in list_models() if vitkern.models.model_class(n) is ViT] == sorted(
         [
             "vit_tiny_patch16_224",
             "vit_small_patch16_224",

@@ -1280,9 +1280,22 @@ def load_checkpoint(model: ViT, path, strict: bool = True) -> ViT:
     Keys and shapes are checked before any copy, so a failed load leaves the model unchanged.
     """
     p = os.fspath(path)
-    stored = None
     if p.endswith(".npz"):
         return load_npz(model, p)
+    state, stored = read_checkpoint(p)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    plan = _Adaptation(model, shapes, p, stored)
+    _check_state_against(model, plan.shapes(shapes, model), strict, p, may_miss=plan.drop)
+    model.load_state_dict(plan.apply(state), strict=strict and not plan.drop)
+    return model
+
+
+def read_checkpoint(path) -> tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]]]:
+    """``(state_dict, stored config or None)`` of a ``.safetensors`` file (with vitkern's stored
+    config when its metadata has one) or a torch file (``torch.load(weights_only=True)``; a
+    ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper unwrapped, a ``module.`` prefix dropped)."""
+    p = os.fspath(path)
+    stored = None
     if p.endswith(".safetensors"):
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -1302,8 +1315,4 @@ def load_checkpoint(model: ViT, path, strict: bool = True) -> ViT:
                 break
         state = _as_state_dict(state, p)
         state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    plan = _Adaptation(model, shapes, p, stored)
-    _check_state_against(model, plan.shapes(shapes, model), strict, p, may_miss=plan.drop)
-    model.load_state_dict(plan.apply(state), strict=strict and not plan.drop)
-    return model
+    return state, stored

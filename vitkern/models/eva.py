@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkern.models.registry import register_model
 from vitkern.models.vit import global_pool_nlc, GLOBAL_POOLS
+from vitkern.nn.block import DropPath, drop_path_row_scale
 from vitkern.nn.layer_norm import apply_norm
 from vitkern.nn.linear import Linear, Mlp, SwiGLUPacked
 from vitkern.nn.patch_embed import PatchEmbed
@@ -165,7 +167,7 @@ class EvaBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, swiglu_mlp: bool = False,
                  swiglu_align_to: int = 0, scale_mlp: bool = False, init_values: Optional[float] = None,
                  attn_only_layer_scale: bool = False, norm_layer=_layer_norm, mlp_hidden_features: Optional[int] = None,
-                 device=None, dtype=None, **attn_kwargs):
+                 drop_path: float = 0.0, device=None, dtype=None, **attn_kwargs):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm1 = norm_layer(dim, **dd)
@@ -183,10 +185,14 @@ class EvaBlock(nn.Module):
             self.mlp = Mlp(dim, hidden, norm_layer=mlp_norm, **dd)
         use_mlp_ls = init_values is not None and not attn_only_layer_scale
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values), **dd)) if use_mlp_ls else None
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None) -> torch.Tensor:
-        x = self.attn(apply_norm(self.norm1, x), rope, residual=x, residual_scale=self.gamma_1)
-        return self.mlp(apply_norm(self.norm2, x), residual=x, residual_scale=self.gamma_2)
+        x = self.attn(apply_norm(self.norm1, x), rope, residual=x, residual_scale=self.gamma_1,
+                      row_scale=drop_path_row_scale(self.drop_path1, x))
+        return self.mlp(apply_norm(self.norm2, x), residual=x, residual_scale=self.gamma_2,
+                        row_scale=drop_path_row_scale(self.drop_path2, x))
 
 
 class Eva(nn.Module):
@@ -199,7 +205,7 @@ class Eva(nn.Module):
                  num_classes: int = 1000, global_pool: str = "avg", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, qkv_bias: bool = True, qkv_fused: bool = True, qk_norm: bool = False,
                  mlp_ratio: float = 4.0, swiglu_mlp: bool = False, swiglu_align_to: int = 0,
-                 scale_mlp: bool = False, scale_attn_inner: bool = False, norm_layer=_layer_norm,
+                 scale_mlp: bool = False, scale_attn_inner: bool = False, norm_layer=None, norm_eps: float = 1e-6,
                  init_values: Optional[float] = None, attn_only_layer_scale: bool = False,
                  class_token: bool = True, num_reg_tokens: int = 0, no_embed_class: bool = False,
                  use_abs_pos_emb: bool = True, use_rot_pos_emb: bool = False, rope_type: str = "cat",
@@ -209,9 +215,12 @@ class Eva(nn.Module):
                  ref_feat_shape=None, head_dim: Optional[int] = None, mlp_hidden_features: Optional[int] = None,
                  rope_normalize_coords: str = "separate", rope_min_period: Optional[float] = None,
                  rope_max_period: Optional[float] = None, dynamic_img_size: bool = False, attn_type: str = "eva",
-                 proj_bias: bool = True, num_kv_heads=None, device=None, dtype=None):
+                 proj_bias: bool = True, num_kv_heads=None, drop_path_rate: float = 0.0, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        if norm_layer is None:  # timm's LayerNorm with the config's eps
+            def norm_layer(dim, **kw):
+                return nn.LayerNorm(dim, eps=norm_eps, **kw)
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"Eva: global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
         if global_pool == "token" and not class_token:
@@ -254,6 +263,7 @@ class Eva(nn.Module):
             num_kv_heads = (num_kv_heads,) * depth
         if len(num_kv_heads) != depth:
             raise ValueError(f"Eva: num_kv_heads needs one entry per block ({depth}), got {len(num_kv_heads)}")
+        dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]  # timm's per-block schedule
         self.blocks = nn.ModuleList([
             EvaBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, swiglu_mlp=swiglu_mlp, swiglu_align_to=swiglu_align_to,
                      scale_mlp=scale_mlp, init_values=init_values, attn_only_layer_scale=attn_only_layer_scale,
@@ -261,7 +271,8 @@ class Eva(nn.Module):
                      qkv_fused=qkv_fused,
                      num_prefix_tokens=self.num_prefix_tokens, head_dim=head_dim, qk_norm=qk_norm,
                      scale_norm=scale_attn_inner, rotate_half=rope_rotate_half, attn_type=attn_type,
-                     proj_bias=proj_bias, num_kv_heads=num_kv_heads[i], **dd)
+                     proj_bias=proj_bias, num_kv_heads=num_kv_heads[i],
+                     drop_path=dpr[i], **dd)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim, **dd) if post_norm else nn.Identity()
         self.fc_norm = norm_layer(embed_dim, **dd) if fc_norm else nn.Identity()
@@ -306,6 +317,33 @@ class Eva(nn.Module):
         if self.rope_mixed:
             names.add("rope.freqs")
         return names
+
+    def load_checkpoint(self, path, strict: bool = True) -> "Eva":
+        """Load timm-format weights (``.safetensors`` or a torch file) into this model; returns it.
+        A classifier of another class count is dropped (this model's kept as initialised, with a
+        warning, as timm's pretrained loading adapts a head); any other missing, unexpected or
+        mis-shaped key raises a ValueError naming it before anything is copied (``strict=False``
+        allows missing and unexpected keys)."""
+        from vitkern.models.convert import read_checkpoint
+
+        state, _ = read_checkpoint(path)
+        own = self.state_dict()
+        head = [k for k in ("head.weight", "head.bias")
+                if k in state and (k not in own or own[k].shape != state[k].shape)]
+        if head:
+            if self.num_classes:
+                warnings.warn(f"Eva.load_checkpoint: {path}: the classifier has another class count; it is not loaded",
+                              stacklevel=2)
+            state = {k: v for k, v in state.items() if k not in head}
+        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+               if k in own and own[k].shape != v.shape]
+        missing = [k for k in own if k not in state and not (head and k.startswith("head."))]
+        unexpected = [k for k in state if k not in own]
+        if bad or (strict and (missing or unexpected)):
+            raise ValueError(f"Eva.load_checkpoint: {path} does not fit this model: shapes {bad}, missing {missing}, "
+                             f"unexpected {unexpected}")
+        self.load_state_dict(state, strict=False)
+        return self
 
     @classmethod
     def from_timm(cls, model: nn.Module) -> "Eva":
@@ -445,6 +483,9 @@ def _config_from_timm(model: nn.Module) -> dict:
                num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=dim,
                depth=len(model.blocks), num_heads=attn.num_heads, norm_layer=_norm_factory(blk.norm1),
                dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)))
+    last = getattr(model.blocks[-1], "drop_path1", None)
+    if last is not None and not _is_identity(last):
+        cfg["drop_path_rate"] = float(last.drop_prob)
     if pe.patch_size[0] != pe.patch_size[1]:
         refuse(f"a non-square patch {pe.patch_size}")
     if attn.head_dim != dim // attn.num_heads:
@@ -510,3 +551,86 @@ def _config_from_timm(model: nn.Module) -> dict:
         else:
             refuse(f"the {rkind} position embedding")
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# The named configurations (timm's names and values; create_model builds an Eva for them)
+# ----------------------------------------------------------------------------------------------
+
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _pcfg(tag, size, mean, std, crop_pct, num_classes, license, crop_mode="center"):
+    return dict(tag=tag, input_size=(3, size, size), mean=mean, std=std, crop_pct=crop_pct, crop_mode=crop_mode,
+                interpolation="bicubic", num_classes=num_classes, license=license, fixed_input_size=True,
+                first_conv="patch_embed.proj", classifier="head", pool_size=None)
+
+
+def _eva02(size, width, depth, heads, hidden, *, large=False):
+    cfg = dict(img_size=size, patch_size=14, embed_dim=width, depth=depth, num_heads=heads, swiglu_mlp=True,
+               mlp_hidden_features=hidden, use_rot_pos_emb=True, ref_feat_shape=(16, 16))
+    if large:  # base and large: separate q / k / v projections and the SwiGLU's norm (sub-LN)
+        cfg.update(qkv_fused=False, scale_mlp=True)
+    return cfg
+
+
+def _eva02_pcfg(size):
+    if size == 224:
+        return _pcfg("mim_in22k", 224, _CLIP_MEAN, _CLIP_STD, 0.9, 0, "mit")
+    if size == 336:
+        return _pcfg("mim_in22k_ft_in1k", 336, _CLIP_MEAN, _CLIP_STD, 1.0, 1000, "mit")
+    return _pcfg("mim_in22k_ft_in22k_in1k", size, _CLIP_MEAN, _CLIP_STD, 1.0, 1000, "mit", crop_mode="squash")
+
+
+def _register(name, config, pretrained_cfg, doc):
+    def config_fn():
+        return dict(config)
+
+    config_fn.__name__ = config_fn.__qualname__ = name
+    config_fn.__doc__ = doc
+    globals()[name] = register_model(config_fn, pretrained_cfg=pretrained_cfg, model_cls=Eva)
+
+
+for _size, _sizes in ((224, ("tiny", "small", "base", "large")), (336, ("tiny", "small")), (448, ("base", "large"))):
+    for _s in _sizes:
+        _w, _d, _h, _hid = {"tiny": (192, 12, 3, 512), "small": (384, 12, 6, 1024), "base": (768, 12, 12, 2048),
+                            "large": (1024, 24, 16, 2730)}[_s]
+        _cfg = _eva02(_size, _w, _d, _h, _hid, large=_s in ("base", "large"))
+        if _size == 224:
+            _cfg["num_classes"] = 0
+        _register(f"eva02_{_s}_patch14_{_size}", _cfg, _eva02_pcfg(_size),
+                  f"EVA-02-{_s.capitalize()}/14 at {_size} px (2-D RoPE, SwiGLU).")
+
+_ROPE_VIT = dict(patch_size=16, global_pool="token", attn_type="rope", init_values=1e-5, use_abs_pos_emb=False,
+                 use_fc_norm=False, use_rot_pos_emb=True, rope_temperature=100.0, rope_grid_indexing="xy")
+for _s, (_w, _d, _h) in {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}.items():
+    for _kind, _extra in (("rope", {}), ("rope_mixed", dict(rope_type="mixed", rope_temperature=10.0)),
+                          ("rope_ape", dict(use_abs_pos_emb=True, no_embed_class=True))):
+        if _kind == "rope_ape" and _s == "large":
+            continue
+        _register(f"vit_{_s}_patch16_{_kind}_224", dict(_ROPE_VIT, img_size=224, embed_dim=_w, depth=_d, num_heads=_h,
+                                                        **_extra),
+                  _pcfg("naver_in1k", 224, _IMAGENET_MEAN, _IMAGENET_STD, 0.9, 1000, "apache-2.0"),
+                  f"RoPE-ViT-{_s.capitalize()}/16 ({_kind.replace('_', ' ')}), 224 px.")
+
+_SBB = dict(patch_size=16, img_size=256, init_values=1e-5, class_token=False, use_abs_pos_emb=False,
+            use_rot_pos_emb=True, ref_feat_shape=(16, 16))
+for _name, (_w, _h, _reg, _mean, _std) in {
+        "vit_medium_patch16_rope_reg1_gap_256": (512, 8, 1, (0.5,) * 3, (0.5,) * 3),
+        "vit_base_patch16_rope_reg1_gap_256": (768, 12, 1, (0.5,) * 3, (0.5,) * 3),
+        "vit_betwixt_patch16_rope_reg4_gap_256": (640, 10, 4, _CLIP_MEAN, _CLIP_STD)}.items():
+    _register(_name, dict(_SBB, embed_dim=_w, depth=12, num_heads=_h, num_reg_tokens=_reg),
+              _pcfg("sbb_in1k", 256, _mean, _std, 0.95, 1000, "mit"),
+              "RoPE ViT with register tokens and average pooling, 256 px.")
+
+_DINOV3 = dict(patch_size=16, img_size=256, num_classes=0, dynamic_img_size=True, init_values=1e-5, num_reg_tokens=4,
+               use_abs_pos_emb=False, use_fc_norm=False, use_rot_pos_emb=True, rope_type="dinov3",
+               rope_temperature=100.0, rope_rotate_half=True, norm_eps=1e-5)
+for _name, (_w, _d, _h, _qkvb) in {"vit_small_patch16_dinov3": (384, 12, 6, False),
+                                    "vit_small_patch16_dinov3_qkvb": (384, 12, 6, True),
+                                    "vit_base_patch16_dinov3": (768, 12, 12, False),
+                                    "vit_large_patch16_dinov3": (1024, 24, 16, False)}.items():
+    _register(_name, dict(_DINOV3, embed_dim=_w, depth=_d, num_heads=_h, qkv_bias=_qkvb),
+              _pcfg("lvd1689m", 256, _IMAGENET_MEAN, _IMAGENET_STD, 1.0, 0, "dinov3-license"),
+              "DINOv3 ViT/16 (registers, LayerScale, DINOv3 RoPE), any image size.")

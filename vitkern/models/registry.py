@@ -24,12 +24,15 @@ __all__ = [
     "list_models",
     "model_config",
     "model_entrypoint",
+    "model_class",
     "get_pretrained_cfg",
     "create_model",
 ]
 
 # name -> (constructor keywords, factory)
 _MODELS: Dict[str, tuple[Dict[str, Any], Callable[..., ViT]]] = {}
+# name -> the model class its keywords construct (ViT unless registered with another)
+_MODEL_CLASSES: Dict[str, type] = {}
 # name -> preprocessing config (timm's pretrained_cfg keys, no download source)
 _PRETRAINED_CFGS: Dict[str, Dict[str, Any]] = {}
 
@@ -66,14 +69,16 @@ def register_model(
     config_fn: Optional[Callable[[], Dict[str, Any]]] = None,
     *,
     pretrained_cfg: Optional[Mapping[str, Any]] = None,
+    model_cls: type = ViT,
 ):
-    """Register ``config_fn()`` (ViT constructor keywords) as the model named ``config_fn.__name__``
+    """Register ``config_fn()`` (``model_cls``'s constructor keywords: ViT's by default,
+    :class:`vitkern.models.Eva`'s for the EVA family) as the model named ``config_fn.__name__``
     and return that model's factory ``factory(pretrained=False, **kwargs) -> ViT``, which takes the
     keywords of :func:`create_model`. The factory's docstring is ``config_fn``'s, followed by the
     shape of the configuration. ``@register_model(pretrained_cfg=...)`` also records the name's
     preprocessing config (timm's ``pretrained_cfg`` keys), which models built by name carry."""
     if config_fn is None:
-        return lambda fn: register_model(fn, pretrained_cfg=pretrained_cfg)
+        return lambda fn: register_model(fn, pretrained_cfg=pretrained_cfg, model_cls=model_cls)
     name = config_fn.__name__
     if name in _MODELS:
         raise ValueError(f"a model named {name!r} is registered already")
@@ -92,6 +97,7 @@ def register_model(
         f"(see :func:`create_model`)."
     )
     _MODELS[name] = (args, factory)
+    _MODEL_CLASSES[name] = model_cls
     cfg = dict(pretrained_cfg or {})
     cfg.pop("architecture", None)
     _PRETRAINED_CFGS[name] = {"architecture": name, **cfg}
@@ -112,6 +118,12 @@ def _entry(name: str) -> tuple[Dict[str, Any], Callable[..., ViT]]:
 def model_config(name: str, **kwargs) -> Dict[str, Any]:
     """The constructor keywords of a named model, updated by ``kwargs``."""
     return dict(_entry(name)[0], **kwargs)
+
+
+def model_class(name: str) -> type:
+    """The class a named model is (:class:`ViT`, or :class:`vitkern.models.Eva`)."""
+    _entry(name)
+    return _MODEL_CLASSES[name]
 
 
 def model_entrypoint(name: str) -> Callable[..., ViT]:
@@ -142,8 +154,8 @@ def create_model(
     pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
     **kwargs,
 ) -> ViT:
-    """Build a named ViT (``list_models()``); keywords override the config (e.g. ``num_classes``,
-    ``drop_path_rate``, ``dtype``).
+    """Build a named model (``list_models()``: ViTs, and the EVA family as
+    :class:`vitkern.models.Eva`); keywords override the config (e.g. ``num_classes``, ``dtype``).
 
     Nothing is downloaded. Weights come from local files, as timm's ``create_model`` takes them:
     ``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=PATH)`` loads ``PATH``, and
@@ -172,7 +184,7 @@ def create_model(
     file = cfg.get("file") if pretrained else None
     if pretrained and not file:
         raise ValueError(f"create_model({name!r}, pretrained=True): {_NO_DOWNLOAD}")
-    model = ViT(**model_config(name, **kwargs))
+    model = _MODEL_CLASSES[name](**model_config(name, **kwargs))
     if file:
         model.load_checkpoint(file)
     if checkpoint_path is not None:
