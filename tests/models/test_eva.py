@@ -196,3 +196,23 @@ def test_checkpoint_with_another_head_loads_and_fine_tunes(tmp_path):
     torch.save(state, bad)
     with pytest.raises(ValueError, match="blocks.0.norm1.weight"):
         vitkern.create_model("vit_small_patch16_rope_224", checkpoint_path=str(bad), **kw)
+
+
+@pytest.mark.parametrize("case", ["eva02", "rope_mixed", "dinov3", "gqa_rms"])
+def test_patch_model_runs_timm_eva_attention_through_the_prologue(case):
+    import copy
+
+    import vitkern
+
+    name, kwargs = CASES[case]
+    ref = _randomize(timm.create_model(name, pretrained=False, **kwargs)).eval()
+    patched = copy.deepcopy(ref)
+    report = vitkern.patch_model(patched)
+    attn = f"timm {type(ref.blocks[0].attn).__name__}"
+    assert sum(e.kind == attn for e in report.patched) == len(ref.blocks), str(report)
+    x = torch.randn(2, 3, *ref.patch_embed.img_size, requires_grad=True)
+    torch.testing.assert_close(patched(x), ref(x), rtol=1e-4, atol=1e-4)
+    g = torch.autograd.grad(patched(x).square().sum(), x)[0]
+    torch.testing.assert_close(g, torch.autograd.grad(ref(x).square().sum(), x)[0], rtol=1e-3, atol=1e-4)
+    vitkern.unpatch_model(patched)
+    torch.testing.assert_close(patched(x), ref(x), rtol=0, atol=0)

@@ -103,37 +103,47 @@ class EvaAttention(nn.Module):
         self.norm = _norm_or_identity(norm_layer, attn_dim, scale_norm, **dd)
         self.proj = Linear(attn_dim, dim, bias=proj_bias, **dd)
 
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` through the q, k and v projections as one GEMM: ``(B, T, (H + 2 Hkv) D)``."""
-        if self.qkv is not None:
-            bias = self.qkv.bias
-            if self.q_bias is not None:
-                bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            return linear(x, self.qkv.weight, bias)
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projs])
-        bias = None
-        if any(p.bias is not None for p in projs):
-            bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs])
-        return linear(x, weight, bias)
-
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None, *,
                 residual: Optional[torch.Tensor] = None, residual_scale: Optional[torch.Tensor] = None,
                 row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        prologue = dict(q_norm=QKNorm.from_module(self.q_norm), k_norm=QKNorm.from_module(self.k_norm), rope=rope,
-                        num_prefix_tokens=self.num_prefix_tokens if rope is not None else 0)
-        qkv = self._qkv(x)
-        if Hkv == H:
-            o = attention_qkvpacked(qkv.view(B, T, 3, H, D), **prologue)
-        else:
-            q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
-            q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
-            o = attention(q, k, v, **prologue).transpose(1, 2)
-        o = apply_norm(self.norm, o.reshape(B, T, -1))
-        return linear(o, self.proj.weight, self.proj.bias, residual=residual, residual_scale=residual_scale,
-                      row_scale=row_scale)
+        return eva_attention(self, x, rope, residual=residual, residual_scale=residual_scale, row_scale=row_scale)
+
+
+def _qkv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through the q, k and v projections of ``m`` as one GEMM: ``(B, T, (H + 2 Hkv) D)``."""
+    if m.qkv is not None:
+        bias = m.qkv.bias
+        if getattr(m, "q_bias", None) is not None:
+            bias = torch.cat((m.q_bias, m.k_bias, m.v_bias))
+        return linear(x, m.qkv.weight, bias)
+    projs = (m.q_proj, m.k_proj, m.v_proj)
+    weight = torch.cat([p.weight for p in projs])
+    bias = None
+    if any(p.bias is not None for p in projs):
+        bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs])
+    return linear(x, weight, bias)
+
+
+def eva_attention(m: nn.Module, x: torch.Tensor, rope: Optional[RopeTables] = None, *,
+                  residual: Optional[torch.Tensor] = None, residual_scale: Optional[torch.Tensor] = None,
+                  row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The forward of :class:`EvaAttention` on ``m``: vitkern's module, or timm's ``EvaAttention`` /
+    ``AttentionRope`` (same attributes; :func:`vitkern.patch_model` binds it there)."""
+    B, T, _ = x.shape
+    H, D = m.num_heads, m.head_dim
+    Hkv = getattr(m, "num_kv_heads", H)
+    prologue = dict(q_norm=QKNorm.from_module(m.q_norm), k_norm=QKNorm.from_module(m.k_norm), rope=rope,
+                    num_prefix_tokens=m.num_prefix_tokens if rope is not None else 0)
+    qkv = _qkv(m, x)
+    if Hkv == H:
+        o = attention_qkvpacked(qkv.view(B, T, 3, H, D), **prologue)
+    else:
+        q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+        q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+        o = attention(q, k, v, **prologue).transpose(1, 2)
+    o = apply_norm(m.norm, o.reshape(B, T, -1))
+    return linear(o, m.proj.weight, m.proj.bias, residual=residual, residual_scale=residual_scale,
+                  row_scale=row_scale)
 
 
 class SwiGLU(nn.Module):

@@ -20,7 +20,9 @@ from vitkern.nn.attention_pool import AttentionPoolLatent as _VkAttentionPool
 from vitkern.nn.block import Block as _VkBlock
 from vitkern.nn.layer_norm import apply_norm
 from vitkern.nn.linear import Mlp as _VkMlp, resolve_activation
+from vitkern.models.eva import eva_attention
 from vitkern.ops.patch_embed import patch_embed
+from vitkern.ops.qk_prologue import QKNorm, RopeTables
 from vitkern.patching.core import PatchReport, install, is_patched
 
 __all__ = ["patch_timm_modules"]
@@ -100,6 +102,32 @@ def _drop_path_reason(dp, classes) -> Optional[str]:
     return f"{type(dp).__name__} (only timm's DropPath is fused)"
 
 
+def _eva_attention_reason(m) -> Optional[str]:
+    if getattr(m, "gate", None) is not None:
+        return "gated attention (a sigmoid gate on the output) is not fused"
+    if abs(m.scale - m.head_dim**-0.5) > 1e-12 * m.scale:
+        return f"a score scale ({m.scale}) other than head_dim ** -0.5"
+    for what in ("q_norm", "k_norm"):
+        try:
+            QKNorm.from_module(getattr(m, what))
+        except ValueError as e:
+            return f"{what}: {e}"
+    return None
+
+
+def _eva_attention_forward(self, x, rope=None, attn_mask=None, is_causal=False):
+    # timm's EvaAttention / AttentionRope with the QK-norms and the rotation in the attention op's
+    # prologue; a mask, causal attention, dropout in training and batched RoPE tables (patch
+    # dropout) run timm's forward
+    dropping = self.training and (self.attn_drop.p > 0 or self.proj_drop.p > 0)
+    if attn_mask is not None or is_causal or dropping or (rope is not None and rope.dim() not in (2, 3)):
+        return type(self).forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+    tables = None
+    if rope is not None:
+        tables = RopeTables.from_cat(rope, "half" if getattr(self, "rotate_half", False) else "interleaved")
+    return eva_attention(self, x, tables)
+
+
 def _patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
     # The fused patchify GEMM where timm's own forward would take the plain path; anything else
     # (a size that timm rejects, padding) runs timm's forward, which raises or pads as it does.
@@ -155,6 +183,14 @@ def patch_timm_modules(model: nn.Module, report: PatchReport, *, attention: bool
                 report.add(name, "timm PatchEmbed", True, "patchify + projection in one GEMM")
             else:
                 report.add(name, "timm PatchEmbed", False, reason)
+        elif kind.__module__.startswith("timm.") and kind.__name__ in ("EvaAttention", "AttentionRope") and attention:
+            reason = _eva_attention_reason(m)
+            if reason is None:
+                install(m, "forward", _eva_attention_forward)
+                report.add(name, f"timm {kind.__name__}", True,
+                           "qkv GEMM, QK-norm + RoPE prologue, flash attention, proj GEMM")
+            else:
+                report.add(name, f"timm {kind.__name__}", False, reason)
         elif kind.__module__.startswith("timm.") and kind.__name__ == "AttentionPoolLatent" and attention:
             reason = _attn_pool_reason(m)
             if reason is None:
