@@ -9,7 +9,13 @@ from vitkern._extension import cuda_extension_available
 from vitkern._tuning import tune
 from vitkern.ops._config import set_sm_carveout, sm_carveout
 from vitkern.ops.layer_norm import add_layer_norm, layer_norm
-from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
+from vitkern.ops.attention import (
+    attention,
+    attention_qkvpacked,
+    attention_qkvpacked_varlen,
+    attention_varlen,
+    scaled_dot_product_attention,
+)
 from vitkern.ops.qk_prologue.spec import QKNorm, RopeTables
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
@@ -36,6 +42,8 @@ __all__ = [
     "add_layer_norm",
     "attention",
     "attention_qkvpacked",
+    "attention_varlen",
+    "attention_qkvpacked_varlen",
     "scaled_dot_product_attention",
     "QKNorm",
     "RopeTables",

@@ -20,6 +20,8 @@ from vitkern.ops.attention.tiles import (
     _attn_load_tile,
     _attn_program,
     _attn_rows,
+    _attn_seq_program,
+    _attn_stat_layout,
     _attn_store_tile,
     _attn_zeros,
     _wgmma_rule,
@@ -148,19 +150,27 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvt,
     stride_dqb, stride_dqh, stride_dqt,
     H, HKV, GROUP, Tq, Tk, sm_scale,
+    CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dK, dV of one key block of one kv head, summed over the query heads of its group. With
-    ATOMIC_DQ it also adds this block's share of dQ (times the scale) into the fp32 buffer DQ."""
-    _, b, hk, start_n = _attn_program(Tk, HKV, BLOCK_N, False)
+    ATOMIC_DQ it also adds this block's share of dQ (times the scale) into the fp32 buffer DQ.
+    VARLEN: a key block of one packed sequence (see :func:`_attn_seq_program`)."""
+    bk, bq, hk, start_n, tk, tq = _attn_seq_program(CU_K, CU_Q, NUM_SEQS, SEQ_BLOCKS, Tk, Tq, HKV, BLOCK_N, False,
+                                                    VARLEN)
+    stat_b, stat_h = _attn_stat_layout(bq, H, Tq, VARLEN)
+    Tq, Tk = tq, tk
+    if start_n >= Tk:
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
 
-    k_a, k_b = _attn_load_tile(K + b * stride_kb + hk * stride_kh, stride_kt, offs_n, Tk, offs_da, offs_db,
+    k_a, k_b = _attn_load_tile(K + bk * stride_kb + hk * stride_kh, stride_kt, offs_n, Tk, offs_da, offs_db,
                                HEAD_DIM, BLOCK_DA, BLOCK_DB)
-    v_a, v_b = _attn_load_tile(V + b * stride_vb + hk * stride_vh, stride_vt, offs_n, Tk, offs_da, offs_db,
+    v_a, v_b = _attn_load_tile(V + bk * stride_vb + hk * stride_vh, stride_vt, offs_n, Tk, offs_da, offs_db,
                                HEAD_DIM, BLOCK_DA, BLOCK_DB)
     dk_a, dk_b = _attn_zeros(BLOCK_N, BLOCK_DA, BLOCK_DB)
     dv_a, dv_b = _attn_zeros(BLOCK_N, BLOCK_DA, BLOCK_DB)
@@ -180,17 +190,17 @@ def _attention_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         if HAS_BIAS:
-            bias_n = tl.load(BIAS + b * stride_bb + h * stride_bh + offs_n * stride_bt, mask=offs_n < Tk,
+            bias_n = tl.load(BIAS + bk * stride_bb + h * stride_bh + offs_n * stride_bt, mask=offs_n < Tk,
                              other=float("-inf"))
         elif ATOMIC_DQ:
             bias_n = tl.where(offs_n < Tk, 0.0, float("-inf"))  # keys past Tk must not reach dQ
         else:
             bias_n = tl.zeros([BLOCK_N], dtype=tl.float32)  # rows of keys past Tk are never stored
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        dq_base = DQ + b * stride_dqb + h * stride_dqh
-        lse_base = LSE + (b * H + h) * Tq
-        delta_base = DELTA + (b * H + h) * Tq
+        q_base = Q + bq * stride_qb + h * stride_qh
+        do_base = DO + bq * stride_dob + h * stride_doh
+        dq_base = DQ + bq * stride_dqb + h * stride_dqh
+        lse_base = LSE + stat_b + h * stat_h
+        delta_base = DELTA + stat_b + h * stat_h
         dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
             dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
             dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_lo, m_diag,
@@ -207,9 +217,9 @@ def _attention_bwd_dkdv_kernel(
             Tq, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
             HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
 
-    _attn_store_tile(DK + b * stride_dkb + hk * stride_dkh, stride_dkt, dk_a * sm_scale, dk_b * sm_scale,
+    _attn_store_tile(DK + bk * stride_dkb + hk * stride_dkh, stride_dkt, dk_a * sm_scale, dk_b * sm_scale,
                      offs_n, Tk, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
-    _attn_store_tile(DV + b * stride_dvb + hk * stride_dvh, stride_dvt, dv_a, dv_b,
+    _attn_store_tile(DV + bk * stride_dvb + hk * stride_dvh, stride_dvt, dv_a, dv_b,
                      offs_n, Tk, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
 
 
@@ -267,30 +277,37 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
     H, GROUP, Tq, Tk, sm_scale,
+    CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """dQ of one query block of one head, without atomics (bit-reproducible)."""
-    pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
+    """dQ of one query block of one head (VARLEN: of one packed sequence), without atomics
+    (bit-reproducible)."""
+    bq, bk, h, start_m, tq, tk = _attn_seq_program(CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS, Tq, Tk, H, BLOCK_M, CAUSAL,
+                                                   VARLEN)
+    stat_b, stat_h = _attn_stat_layout(bq, H, Tq, VARLEN)
+    Tq, Tk = tq, tk
+    if start_m >= Tq:
+        return
     hk = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
 
-    q_a, q_b = _attn_load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
+    q_a, q_b = _attn_load_tile(Q + bq * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
                                HEAD_DIM, BLOCK_DA, BLOCK_DB)
-    do_a, do_b = _attn_load_tile(DO + b * stride_dob + h * stride_doh, stride_dot, offs_m, Tq, offs_da, offs_db,
+    do_a, do_b = _attn_load_tile(DO + bq * stride_dob + h * stride_doh, stride_dot, offs_m, Tq, offs_da, offs_db,
                                  HEAD_DIM, BLOCK_DA, BLOCK_DB)
     dq_a, dq_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
-    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    lse = tl.load(LSE + stat_b + h * stat_h + offs_m, mask=offs_m < Tq, other=0.0)
     if HAS_BIAS:
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
     qk_scale = sm_scale * 1.4426950408889634
-    delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    delta = tl.load(DELTA + stat_b + h * stat_h + offs_m, mask=offs_m < Tq, other=0.0)
 
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    bias_base = BIAS + b * stride_bb + h * stride_bh
+    k_base = K + bk * stride_kb + hk * stride_kh
+    v_base = V + bk * stride_vb + hk * stride_vh
+    bias_base = BIAS + bk * stride_bb + h * stride_bh
     n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     dq_a, dq_b = _attn_bwd_dq_inner(
         dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
@@ -301,5 +318,5 @@ def _attention_bwd_dq_kernel(
         stride_bt, offs_m, cols_a, cols_b, n_full, n_end, Tk, sm_scale, qk_scale,
         BLOCK_N, BLOCK_DB, CAUSAL, True, HAS_BIAS, PRECISION)
 
-    _attn_store_tile(DQ + b * stride_dqb + h * stride_dqh, stride_dqt, dq_a * sm_scale, dq_b * sm_scale,
+    _attn_store_tile(DQ + bq * stride_dqb + h * stride_dqh, stride_dqt, dq_a * sm_scale, dq_b * sm_scale,
                      offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)

@@ -23,6 +23,8 @@ from vitkern.ops.attention.tiles import (
     _attn_key_range,
     _attn_load_tile,
     _attn_program,
+    _attn_seq_program,
+    _attn_stat_layout,
     _attn_store_tile,
     _attn_zeros,
     _wgmma_rule,
@@ -105,21 +107,29 @@ def _attention_fwd_kernel(
     stride_bb, stride_bh, stride_bt,
     stride_ob, stride_oh, stride_ot,
     H, GROUP, Tq, Tk, qk_scale,
+    CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """out, lse for one query block of one (batch, head). qk_scale = scale * log2(e), positive."""
-    pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
+    """out, lse for one query block of one (batch, head), or of one packed sequence and head
+    (VARLEN, see :func:`_attn_seq_program`: Tq / Tk are then the totals, and a sequence without
+    keys gives out 0, lse -inf). qk_scale = scale * log2(e), positive."""
+    bq, bk, h, start_m, tq, tk = _attn_seq_program(CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS, Tq, Tk, H, BLOCK_M, CAUSAL,
+                                                   VARLEN)
+    lse_b, lse_h = _attn_stat_layout(bq, H, Tq, VARLEN)
+    Tq, Tk = tq, tk
+    if start_m >= Tq:
+        return
     hk = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
 
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    bias_base = BIAS + b * stride_bb + h * stride_bh
+    k_base = K + bk * stride_kb + hk * stride_kh
+    v_base = V + bk * stride_vb + hk * stride_vh
+    bias_base = BIAS + bk * stride_bb + h * stride_bh
 
-    q_a, q_b = _attn_load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
+    q_a, q_b = _attn_load_tile(Q + bq * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
                                HEAD_DIM, BLOCK_DA, BLOCK_DB)
     acc_a, acc_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -131,15 +141,15 @@ def _attention_fwd_kernel(
         offs_m, cols_a, cols_b, 0, n_full, n_end, Tk, qk_scale,
         BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, False, PRECISION)
 
-    if HAS_BIAS:
-        l_div = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows: out 0, lse -inf
+    if HAS_BIAS or VARLEN != 0:
+        l_div = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows, sequences without keys: out 0, lse -inf
     else:
         l_div = l_i
     inv_l = 1.0 / l_div
-    _attn_store_tile(OUT + b * stride_ob + h * stride_oh, stride_ot, acc_a * inv_l[:, None], acc_b * inv_l[:, None],
+    _attn_store_tile(OUT + bq * stride_ob + h * stride_oh, stride_ot, acc_a * inv_l[:, None], acc_b * inv_l[:, None],
                      offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+    tl.store(LSE + lse_b + h * lse_h + offs_m, lse, mask=offs_m < Tq)
 
 
 @register_kernel(expects_wgmma=_wgmma_rule("Q", "BLOCK_M"))

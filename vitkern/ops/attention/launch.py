@@ -7,7 +7,7 @@ registered ops in :mod:`vitkern.ops.attention.op` and the compile cases call the
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -28,6 +28,7 @@ from vitkern.ops.attention.configs import (
     _attn_pieces,
     _attn_precision,
     _next_pow2,
+    ATTN_TK_BUCKETS,
 )
 from vitkern.ops.attention.forward import (
     _attention_fwd_kernel,
@@ -44,6 +45,58 @@ _FP32_TINY = 2.0 ** -126
 
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+class PackedSeqs(NamedTuple):
+    """The sequences of a packed (variable-length) launch: q / k / v and the outputs are
+    ``(1, H, total, D)`` views of ``(total, H, D)`` tensors, lse / delta ``(1, H, total_q)``.
+
+    ``cu_q`` / ``cu_k``: int32 ``(num_seqs + 1,)`` cumulative lengths on the device (read by the
+    kernels only: nothing here syncs); ``max_q`` / ``max_k``: the longest lengths when the caller
+    knows them (python ints), else None."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: Optional[int] = None
+    max_k: Optional[int] = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_q.shape[0] - 1
+
+
+def _seq_strides(t: torch.Tensor, seqs: Optional[PackedSeqs]) -> tuple[int, int, int]:
+    """The kernels' (batch, head, token) strides: a packed launch offsets each sequence by its first
+    token, so its "batch" stride is the token stride."""
+    return _strides3(t) if seqs is None else (t.stride(2), t.stride(1), t.stride(2))
+
+
+def _seq_grid(seqs: Optional[PackedSeqs], batch: int, heads: int, rows: int, block: int, dummy: torch.Tensor,
+              keys: bool = False) -> tuple[int, tuple, int]:
+    """``(programs, (CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS), VARLEN)`` of a launch over row blocks of
+    ``block`` rows (``keys``: the rows are the keys, dK / dV). Dense: ``cdiv(rows, block)`` per
+    (batch, head). Packed: ``cdiv(max_rows, block)`` per (sequence, head) where the longest
+    sequence is known and that grid is the smaller (VARLEN 1), else ``rows // block + num_seqs``
+    block slots per head, found by the kernels on the device (VARLEN 2; see
+    :func:`~vitkern.ops.attention.tiles._attn_seq_program`)."""
+    if seqs is None:
+        return triton.cdiv(rows, block) * batch * heads, (dummy, dummy, 0, 0), 0
+    n = seqs.num_seqs
+    args = (seqs.cu_q, seqs.cu_k, n)
+    slots = rows // block + n
+    max_rows = seqs.max_k if keys else seqs.max_q
+    if max_rows and n * triton.cdiv(max_rows, block) <= slots:
+        per_seq = triton.cdiv(max_rows, block)
+        return per_seq * n * heads, (*args, per_seq), 1
+    return slots * heads, (*args, 0), 2
+
+
+def _seq_config_tk(tk: int, seqs: Optional[PackedSeqs]) -> int:
+    """The key length the forward's config is chosen for: a packed launch's longest key sequence,
+    or without it the total up to the short-sequence bucket (packed images are short sequences)."""
+    if seqs is None:
+        return tk
+    return seqs.max_k if seqs.max_k is not None else min(tk, ATTN_TK_BUCKETS[-1])
 
 
 def _check_index_range(**tensors: Optional[torch.Tensor]) -> None:
@@ -63,7 +116,7 @@ def _bias_args(bias: Optional[torch.Tensor], b: int, h: int, tk: int, dummy: tor
 
 
 def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor, lse: torch.Tensor,
-                   kv_splits: Optional[int] = None) -> None:
+                   kv_splits: Optional[int] = None, seqs: Optional[PackedSeqs] = None) -> None:
     """Forward into ``out`` (B, H, Tq, D), any strides with unit last stride, and ``lse``
     (contiguous fp32 (B, H, Tq)). q (B, H, Tq, D), k / v (B, Hkv, Tk, D) views with unit last
     stride; ``bias`` None or fp32 broadcastable to (B, H, Tk). Allocates nothing, except for a
@@ -74,7 +127,9 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
     splits): where the grid leaves SMs idle (batch 1), each query block runs against several key
     splits at once into fp32 partial outputs and lses ((splits, B * H, Tq, D) and (splits, B * H, Tq)), and a
     merge kernel combines them through their lse into ``out`` and ``lse`` (the lse the backward
-    reads, exact up to fp32 rounding)."""
+    reads, exact up to fp32 rounding).
+
+    ``seqs``: a packed launch (:class:`PackedSeqs`; no bias, never split)."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     if b * h * tq == 0:
@@ -85,9 +140,11 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
     da, db = _attn_pieces(d, split=q.dtype != torch.float32)
     precision = _attn_precision(q.dtype)
     arch = device_arch(q.device if q.is_cuda else None)
+    if seqs is not None:
+        kv_splits = 1
     sms = num_sms(q.device if q.is_cuda else None) if kv_splits is None and precision == "16bit" else None
-    config, kv_splits, per_split = _attn_fwd_plan(arch, precision, da + db, d != da + db, b * h, tq, tk, sms,
-                                                  kv_splits)
+    config, kv_splits, per_split = _attn_fwd_plan(arch, precision, da + db, d != da + db, b * h, tq,
+                                                  _seq_config_tk(tk, seqs), sms, kv_splits)
     programs = triton.cdiv(tq, config.meta["BLOCK_M"]) * b * h
     bias_args = _bias_args(bias, b, h, tk, q)
     if kv_splits > 1:
@@ -103,20 +160,22 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
                o_part, lse_part, out, lse, o_part.stride(0), lse_part.stride(0), *_strides3(out), h, tq, kv_splits,
                HEAD_DIM=d, BLOCK_D=_next_pow2(d), config=merge)
         return
-    grid = (programs,)
-    launch(_attention_fwd_kernel, grid, q, k, v, bias_args[0], out, lse,
-           *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], *_strides3(out),
-           h, h // hkv, tq, tk, max(scale, _FP32_TINY) * _LOG2E,
+    programs, seq_args, varlen = _seq_grid(seqs, b, h, tq, config.meta["BLOCK_M"], q)
+    st = lambda t: _seq_strides(t, seqs)  # noqa: E731
+    launch(_attention_fwd_kernel, (programs,), q, k, v, bias_args[0], out, lse,
+           *st(q), *st(k), *st(v), *bias_args[1:], *st(out),
+           h, h // hkv, tq, tk, max(scale, _FP32_TINY) * _LOG2E, *seq_args,
            HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
-           PRECISION="ieee" if precision == "16bit" else precision, config=config)
+           PRECISION="ieee" if precision == "16bit" else precision, VARLEN=varlen, config=config)
 
 
 def _attention_bwd(dout, q, k, v, out, lse, dlse, bias, causal: bool, scale: float, deterministic: bool,
-                   dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+                   dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, seqs: Optional[PackedSeqs] = None) -> None:
     """Gradients into ``dq`` (B, H, Tq, D) and ``dk`` / ``dv`` (B, Hkv, Tk, D) (views with unit last
     stride, e.g. slices of one packed dqkv). ``dlse``: None or the gradient of lse. Temporaries:
     delta (B, H, Tq) fp32, and for the atomic dQ path an fp32 (B, H, Tq, D) buffer unless dq is
-    fp32 itself: nothing of size Tq x Tk."""
+    fp32 itself: nothing of size Tq x Tk. ``seqs``: a packed launch (:class:`PackedSeqs`), whose
+    delta is computed as one sequence of all the tokens (a row statistic)."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     if b * h * tq == 0:  # no queries: nothing reaches k and v
@@ -148,21 +207,24 @@ def _attention_bwd(dout, q, k, v, out, lse, dlse, bias, causal: bool, scale: flo
     else:
         dq_acc = dq
     bias_args = _bias_args(bias, b, h, tk, q)
+    st = lambda t: _seq_strides(t, seqs)  # noqa: E731
     config = _attn_config("dkdv", arch, precision, da + db, d != da + db)
-    launch(_attention_bwd_dkdv_kernel, (triton.cdiv(tk, config.meta["BLOCK_N"]) * b * hkv,),
+    programs, seq_args, varlen = _seq_grid(seqs, b, hkv, tk, config.meta["BLOCK_N"], q, keys=True)
+    launch(_attention_bwd_dkdv_kernel, (programs,),
            q, k, v, bias_args[0], dout, lse, delta, dk, dv, dq_acc,
-           *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], *_strides3(dout), *_strides3(dk),
-           *_strides3(dv), *_strides3(dq_acc), h, hkv, h // hkv, tq, tk, scale,
+           *st(q), *st(k), *st(v), *bias_args[1:], *st(dout), *st(dk),
+           *st(dv), *st(dq_acc), h, hkv, h // hkv, tq, tk, scale, *seq_args,
            HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None, ATOMIC_DQ=atomic,
-           PRECISION=dot_precision, config=config)
+           PRECISION=dot_precision, VARLEN=varlen, config=config)
     if atomic:
         if dq_acc is not dq:
             dq.copy_(dq_acc)
         return
     config = _attn_config("dq", arch, precision, da + db, d != da + db)
-    launch(_attention_bwd_dq_kernel, (triton.cdiv(tq, config.meta["BLOCK_M"]) * b * h,),
+    programs, seq_args, varlen = _seq_grid(seqs, b, h, tq, config.meta["BLOCK_M"], q)
+    launch(_attention_bwd_dq_kernel, (programs,),
            q, k, v, bias_args[0], dout, lse, delta, dq,
-           *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], *_strides3(dout), *_strides3(dq),
-           h, h // hkv, tq, tk, scale,
+           *st(q), *st(k), *st(v), *bias_args[1:], *st(dout), *st(dq),
+           h, h // hkv, tq, tk, scale, *seq_args,
            HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
-           PRECISION=dot_precision, config=config)
+           PRECISION=dot_precision, VARLEN=varlen, config=config)

@@ -43,6 +43,10 @@ __all__ = [
     "attention_qkvpacked_torch",
     "attention_torch_supports",
     "attention_qkvpacked_torch_supports",
+    "attention_varlen_torch",
+    "attention_qkvpacked_varlen_torch",
+    "attention_varlen_torch_supports",
+    "attention_qkvpacked_varlen_torch_supports",
 ]
 
 # None: torch picks the SDPA kernel. Otherwise a sequence of torch.nn.attention.SDPBackend members
@@ -125,3 +129,77 @@ def attention_torch_supports(q, k, v, *, return_lse=False, **_) -> Optional[str]
 
 def attention_qkvpacked_torch_supports(qkv, *, return_lse=False, **_) -> Optional[str]:
     return _LSE_REASON if return_lse else None
+
+
+# --------------------------------------------------------------------------------------------
+# Packed (variable-length) sequences
+# --------------------------------------------------------------------------------------------
+# torch's own varlen path, torch.nn.attention.varlen.varlen_attn (torch >= 2.10; flash / cuDNN,
+# CUDA, fp16 / bf16), needs max_seqlen as python ints and aligns a causal mask bottom-right when a
+# sequence has fewer queries than keys: it runs where max_seqlen is given, the inputs are CUDA
+# fp16 / bf16, and either not causal or q and k share one cu_seqlens (equal lengths, where the two
+# alignments agree). Elsewhere each sequence runs through SDPA, which reads cu_seqlens on the host
+# (a device sync, and a graph break under torch.compile: the supports predicate refuses that
+# while compiling, so "auto" takes the kernels there).
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except ImportError:  # torch < 2.10
+    _torch_varlen_attn = None
+
+_SYNC_REASON = ("the per-sequence SDPA loop reads cu_seqlens on the host, a graph break under torch.compile "
+                "(torch's varlen_attn needs CUDA fp16 / bf16 inputs and max_seqlen)")
+
+
+def _torch_varlen_applies(q, cu_q, cu_k, max_q, max_k, causal) -> bool:
+    return (_torch_varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and max_q is not None and max_k is not None and (not causal or cu_q is cu_k))
+
+
+def _varlen_sdpa_loop(q, k, v, cu_q, cu_k, causal, scale):
+    """Each packed sequence through torch's SDPA, as a per-image loop over a mixed batch runs it."""
+    outs = []
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+        if k1 == k0 or q1 == q0:
+            outs.append(torch.zeros_like(q[q0:q1]))
+            continue
+        qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        outs.append(_sdpa(qs, ks, vs, None, causal, scale)[0].transpose(0, 1))
+    return torch.cat(outs, 0) if outs else torch.empty_like(q)
+
+
+def attention_varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None,
+                           causal=False, scale=None, return_lse=False) -> torch.Tensor:
+    """Op ``"attention_varlen"`` on torch: ``varlen_attn`` where it applies, else a per-sequence
+    SDPA loop (see above); out ``(total_q, H, D)`` in q's dtype."""
+    if return_lse:
+        raise ValueError(_LSE_REASON)
+    if _torch_varlen_applies(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+        return _torch_varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
+                                  window_size=(-1, 0) if causal else (-1, -1), enable_gqa=k.shape[1] != q.shape[1])
+    return _varlen_sdpa_loop(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+
+
+def attention_qkvpacked_varlen_torch(qkv, cu_seqlens, *, max_seqlen=None, causal=False, scale=None,
+                                     return_lse=False) -> torch.Tensor:
+    """Op ``"attention_qkvpacked_varlen"`` on torch: ``(total, 3, H, D)`` in, ``(total, H, D)`` out."""
+    q, k, v = qkv.unbind(1)
+    return attention_varlen_torch(q, k, v, cu_seqlens, cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+                                  causal=causal, scale=scale, return_lse=return_lse)
+
+
+def attention_varlen_torch_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None,
+                                    causal=False, return_lse=False, **_) -> list[str]:
+    reasons = [_LSE_REASON] if return_lse else []
+    if torch.compiler.is_compiling() and not _torch_varlen_applies(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                                   max_seqlen_k, causal):
+        reasons.append(_SYNC_REASON)
+    return reasons
+
+
+def attention_qkvpacked_varlen_torch_supports(qkv, cu_seqlens, *, max_seqlen=None, causal=False, return_lse=False,
+                                              **_) -> list[str]:
+    return attention_varlen_torch_supports(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens,
+                                           max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=causal,
+                                           return_lse=return_lse)

@@ -156,6 +156,149 @@ def _attention_qkvpacked_fwd_op(
 
 
 # --------------------------------------------------------------------------------------------
+# Packed (variable-length) sequences: (total, H, D) tensors and int32 cu_seqlens
+# --------------------------------------------------------------------------------------------
+# The kernels see a (total, H, D) tensor as a (1, H, total, D) view and each sequence through
+# cu_seqlens (launch.PackedSeqs); lse is (H, total_q). Nothing on these paths reads a device value
+# on the host: the grid comes from the shapes (and max_seqlen when given).
+
+
+def _seq_view(t: torch.Tensor) -> torch.Tensor:
+    """A (total, H, D) tensor as the (1, H, total, D) view the launchers take."""
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def _packed_seqs(cu_q, cu_k, max_q, max_k):
+    from vitkern.ops.attention.launch import PackedSeqs
+
+    return PackedSeqs(cu_q, cu_k, max_q, max_k)
+
+
+def _varlen_fwd(q, k, v, seqs, causal, scale, out):
+    """Forward of packed q / k / v (total, heads, D) into ``out``'s (total_q, H, D) view; returns lse."""
+    from vitkern.ops.attention import launch as _launch
+
+    lse = torch.empty((q.shape[1], q.shape[0]), device=q.device, dtype=torch.float32)
+    _launch._attention_fwd(_seq_view(q), _seq_view(k), _seq_view(v), None, causal, scale, _seq_view(out),
+                           lse.unsqueeze(0), seqs=seqs)
+    return lse
+
+
+def _varlen_bwd(dout, q, k, v, out, lse, dlse, seqs, causal, scale, deterministic, dq, dk, dv):
+    from vitkern.ops.attention import launch as _launch
+
+    _launch._attention_bwd(_seq_view(dout), _seq_view(q), _seq_view(k), _seq_view(v), _seq_view(out),
+                           lse.unsqueeze(0), None if dlse is None else dlse.unsqueeze(0), None, causal, scale,
+                           deterministic, _seq_view(dq), _seq_view(dk), _seq_view(dv), seqs=seqs)
+
+
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     causal, scale, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@kernel_op("vitkern::attention_varlen_bwd", fake=_varlen_bwd_fake)
+def _attention_varlen_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dlse: Optional[torch.Tensor], cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], causal: bool, scale: float, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, dout = _unit_last(q, 0), _unit_last(k, 0), _unit_last(v, 0), _unit_last(dout, 0)
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    _varlen_bwd(dout, q, k, v, out, lse, dlse, _packed_seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                causal, scale, deterministic, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _varlen_save(inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale = inputs
+    out, lse = output
+    return (q, k, v, out, lse, cu_q, cu_k), (max_q, max_k, causal, scale)
+
+
+def _varlen_backward(state, saved, grads, need):
+    max_q, max_k, causal, scale = state
+    q, k, v, out, lse, cu_q, cu_k = saved
+    dout, dlse = grads
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _attention_varlen_bwd_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, causal, scale,
+                                          torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+@kernel_op("vitkern::attention_varlen_fwd", fake=_varlen_fwd_fake, save=_varlen_save, backward=_varlen_backward)
+def _attention_varlen_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (total_q, H, D) contiguous, lse fp32 (H, total_q)."""
+    q, k, v = _unit_last(q, 0), _unit_last(k, 0), _unit_last(v, 0)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = _varlen_fwd(q, k, v, _packed_seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), causal, scale,
+                      out)
+    return out, lse
+
+
+def _qkvpacked_varlen_fwd_fake(qkv, cu_seqlens, max_seqlen, causal, scale):
+    t, _, h, d = qkv.shape
+    return qkv.new_empty((t, h, d)), qkv.new_empty((h, t), dtype=torch.float32)
+
+
+def _qkvpacked_varlen_bwd_fake(dout, qkv, out, lse, dlse, cu_seqlens, max_seqlen, causal, scale, deterministic):
+    return qkv.new_empty(qkv.shape)
+
+
+@kernel_op("vitkern::attention_qkvpacked_varlen_bwd", fake=_qkvpacked_varlen_bwd_fake)
+def _attention_qkvpacked_varlen_bwd_op(
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+    cu_seqlens: torch.Tensor, max_seqlen: Optional[int], causal: bool, scale: float, deterministic: bool,
+) -> torch.Tensor:
+    """dqkv (total, 3, H, D) contiguous; dq, dk, dv are written straight into its slices."""
+    qkv = _unit_last(qkv, None)
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    _varlen_bwd(_unit_last(dout, 0), *qkv.unbind(1), out, lse, dlse,
+                _packed_seqs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen), causal, scale, deterministic,
+                *dqkv.unbind(1))
+    return dqkv
+
+
+def _qkvpacked_varlen_save(inputs, output):
+    qkv, cu, max_seqlen, causal, scale = inputs
+    out, lse = output
+    return (qkv, out, lse, cu), (max_seqlen, causal, scale)
+
+
+def _qkvpacked_varlen_backward(state, saved, grads, need):
+    max_seqlen, causal, scale = state
+    qkv, out, lse, cu = saved
+    dout, dlse = grads
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dqkv = _attention_qkvpacked_varlen_bwd_op(dout, qkv, out, lse, dlse, cu, max_seqlen, causal, scale,
+                                              torch.are_deterministic_algorithms_enabled())
+    return dqkv, None, None, None, None
+
+
+@kernel_op("vitkern::attention_qkvpacked_varlen_fwd", fake=_qkvpacked_varlen_fwd_fake,
+           save=_qkvpacked_varlen_save, backward=_qkvpacked_varlen_backward)
+def _attention_qkvpacked_varlen_fwd_op(
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: Optional[int], causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (total, H, D) contiguous, lse fp32 (H, total); q / k / v read in place from (total, 3, H, D)."""
+    qkv = _unit_last(qkv, None)
+    t, _, h, d = qkv.shape
+    out = torch.empty((t, h, d), device=qkv.device, dtype=qkv.dtype)
+    lse = _varlen_fwd(*qkv.unbind(1), _packed_seqs(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen), causal, scale,
+                      out)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
 # The "triton" backend of ops "attention" and "attention_qkvpacked"
 # --------------------------------------------------------------------------------------------
 
@@ -204,4 +347,31 @@ def _attention_qkvpacked_triton(qkv, *, causal=False, scale=None, return_lse=Fal
     _check_triton_head_dim("qkv", qkv.shape[-1])
     scale, deterministic = _resolved(scale, qkv.shape[-1], deterministic)
     out, lse = _attention_qkvpacked_fwd_op(qkv, causal, scale, deterministic)
+    return (out, lse) if return_lse else out
+
+
+def _attention_varlen_triton_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, **_):
+    return _attn_head_dim_reason(q.shape[-1])
+
+
+def _attention_qkvpacked_varlen_triton_supports(qkv, cu_seqlens, **_):
+    return _attn_head_dim_reason(qkv.shape[-1])
+
+
+def _attention_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None,
+                             causal=False, scale=None, return_lse=False):
+    """Backend "triton" of op "attention_varlen": (total_q, H, D) out, lse (H, total_q)."""
+    _check_triton_head_dim("q", q.shape[-1])
+    scale, _ = _resolved(scale, q.shape[-1], False)
+    out, lse = _attention_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                        scale)
+    return (out, lse) if return_lse else out
+
+
+def _attention_qkvpacked_varlen_triton(qkv, cu_seqlens, *, max_seqlen=None, causal=False, scale=None,
+                                       return_lse=False):
+    """Backend "triton" of op "attention_qkvpacked_varlen": reads (total, 3, H, D), writes (total, H, D)."""
+    _check_triton_head_dim("qkv", qkv.shape[-1])
+    scale, _ = _resolved(scale, qkv.shape[-1], False)
+    out, lse = _attention_qkvpacked_varlen_fwd_op(qkv, cu_seqlens, max_seqlen, causal, scale)
     return (out, lse) if return_lse else out

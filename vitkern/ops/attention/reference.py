@@ -84,3 +84,70 @@ def attention_qkvpacked_ref(
     out, lse = _attention_core(q, k, v, None, causal, scale)
     out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_lse else out
+
+
+def _seq_slices(cu: torch.Tensor, total: int, name: str) -> list[tuple[int, int]]:
+    """``[(first, end)]`` of each packed sequence (reads ``cu`` on the host: the reference syncs)."""
+    bounds = cu.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"{name} must be nondecreasing from 0 to the total token count {total}, got {bounds}")
+    return list(zip(bounds, bounds[1:]))
+
+
+def _varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    """Packed attention as a loop of :func:`_attention_core` over the sequences: ``(out (total_q, H,
+    D), lse (H, total_q))``; a sequence without keys gives out 0, lse -inf."""
+    heads = q.shape[1]
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outs, lses = [], []
+    for (q0, q1), (k0, k1) in zip(_seq_slices(cu_seqlens_q, q.shape[0], "cu_seqlens_q"),
+                                  _seq_slices(cu_seqlens_k, k.shape[0], "cu_seqlens_k")):
+        if k1 == k0:
+            outs.append(torch.zeros_like(q[q0:q1]))
+            lses.append(torch.full((heads, q1 - q0), float("-inf"), dtype=lse_dtype, device=q.device))
+            continue
+        qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        out, lse = _attention_core(qs, ks, vs, None, causal, scale)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0].to(lse_dtype))
+    if not outs:
+        return q.new_empty(q.shape), q.new_empty((heads, 0), dtype=lse_dtype)
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def attention_varlen_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Reference packed (variable-length) attention: each sequence through the dense reference.
+
+    q ``(total_q, H, D)``, k / v ``(total_k, Hkv, D)``; returns out ``(total_q, H, D)`` (and lse
+    ``(H, total_q)``). It reads ``cu_seqlens`` on the host (a device sync, and a graph break under
+    torch.compile) and checks their values, which the kernels cannot; ``max_seqlen_*`` are unused.
+    """
+    out, lse = _varlen_core(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def attention_qkvpacked_varlen_ref(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    max_seqlen: Optional[int] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Reference packed-qkv variable-length attention: ``(total, 3, H, D)`` in, ``(total, H, D)`` out."""
+    q, k, v = qkv.unbind(1)
+    out, lse = _varlen_core(q, k, v, cu_seqlens, cu_seqlens, causal, scale)
+    return (out, lse) if return_lse else out

@@ -50,6 +50,88 @@ def _attn_program(T, HEADS, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     return pid_bh, pid_bh // HEADS, pid_bh % HEADS, pid_t * BLOCK
 
 
+#: Sequences per step of the packed-sequence block search (:func:`_attn_seq_program`).
+SEQ_SEARCH_WIDTH = tl.constexpr(128)
+
+
+@register_helper
+@triton.jit
+def _attn_seq_bounds(CU, s, TOTAL):
+    """Rows ``[first, first + count)`` of packed sequence ``s``: ``CU[s]``, ``CU[s + 1]`` clamped to
+    ``[0, TOTAL]`` (values that break the contract, which the launcher cannot check without a host
+    sync, give wrong rows but never an access outside the tensor). ``first`` is int64."""
+    first = tl.minimum(tl.maximum(tl.load(CU + s), 0), TOTAL)
+    last = tl.minimum(tl.maximum(tl.load(CU + s + 1), first), TOTAL)
+    return first.to(tl.int64), last - first
+
+
+@register_helper
+@triton.jit
+def _attn_seq_program(CU_ROWS, CU_OTHER, NUM_SEQS, SEQ_BLOCKS, T, T_OTHER, HEADS,
+                      BLOCK: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr):
+    """This program's ``(base, other base, head, first row, rows, other rows)``: the row blocks of
+    ``T`` rows (queries; keys for dK / dV) and the ``T_OTHER`` rows they attend to.
+
+    VARLEN 0, a dense batch: :func:`_attn_program`; the bases are the batch index (times the
+    batch strides), the row counts ``T`` and ``T_OTHER``. Packed sequences (``CU_ROWS`` /
+    ``CU_OTHER``: int32 cumulative lengths of ``NUM_SEQS`` sequences, ``T`` / ``T_OTHER`` the
+    totals): the bases are the sequence's first token (the launcher passes the token strides as
+    the batch strides), the row counts its lengths. VARLEN 1 (the longest sequence known): a
+    grid of ``SEQ_BLOCKS`` row blocks per (sequence, head). VARLEN 2 (nothing known on the host):
+    a grid of ``T // BLOCK + NUM_SEQS`` row-block slots per head, sequence ``s`` owning the slots
+    from ``CU_ROWS[s] // BLOCK + s`` on (strictly increasing, and each sequence's
+    ``ceil(len / BLOCK)`` blocks fit before the next's), found by counting the sequences that
+    start at or before the slot. A program whose block starts at or past its sequence's end has
+    nothing to do: the first row it returns is >= its row count."""
+    if VARLEN == 0:
+        _, b, h, start = _attn_program(T, HEADS, BLOCK, REVERSE)
+        base = b
+        other_base = b
+        rows = T
+        other_rows = T_OTHER
+    else:
+        pid = tl.program_id(0)
+        if VARLEN == 1:
+            pid_sh = pid // SEQ_BLOCKS
+            s = pid_sh // HEADS
+            h = pid_sh % HEADS
+            block = pid % SEQ_BLOCKS
+            if REVERSE:
+                block = SEQ_BLOCKS - 1 - block
+            base, rows = _attn_seq_bounds(CU_ROWS, s, T)
+        else:
+            slots = T // BLOCK + NUM_SEQS
+            h = pid // slots
+            slot = pid % slots
+            if REVERSE:
+                slot = slots - 1 - slot
+            count = 0
+            for c in range(0, NUM_SEQS, SEQ_SEARCH_WIDTH):
+                offs = c + tl.arange(0, SEQ_SEARCH_WIDTH)
+                first = tl.minimum(tl.maximum(tl.load(CU_ROWS + offs, mask=offs < NUM_SEQS, other=0), 0), T)
+                count += tl.sum(((first // BLOCK + offs <= slot) & (offs < NUM_SEQS)).to(tl.int32), 0)
+            s = tl.maximum(count - 1, 0)
+            base, rows = _attn_seq_bounds(CU_ROWS, s, T)
+            block = slot - (base.to(tl.int32) // BLOCK + s)
+        other_base, other_rows = _attn_seq_bounds(CU_OTHER, s, T_OTHER)
+        start = tl.where(block >= 0, block * BLOCK, rows)
+    return base, other_base, h, start, rows, other_rows
+
+
+@register_helper
+@triton.jit
+def _attn_stat_layout(b, HEADS, T, VARLEN: tl.constexpr):
+    """Where the per-row statistics (lse, delta) of query head ``h`` start: ``b_off + h * h_off``,
+    for :func:`_attn_seq_program`'s query base ``b`` and ``T`` (the query rows of the launch).
+    A dense batch: fp32 ``(B, HEADS, T)`` rows; packed sequences: ``(HEADS, T)``, ``b`` the
+    sequence's first token."""
+    if VARLEN == 0:
+        b_off = b * HEADS * T
+    else:
+        b_off = b
+    return b_off, T
+
+
 @register_helper
 @triton.jit
 def _attn_cols(HEAD_DIM: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
