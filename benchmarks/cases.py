@@ -29,8 +29,9 @@ SDPA_BACKENDS = {
 }
 ATTENTION_PROVIDERS = tuple(SDPA_BACKENDS) + ("flash-attn", "xformers")
 # References that only some cases supply, through Case.references: torchvision for the model
-# setups; SDPA held to one backend, flash-attn and xformers for the attention setups.
-EXTRA_PROVIDERS = ("torchvision",) + ATTENTION_PROVIDERS
+# setups; SDPA held to one backend, flash-attn and xformers for the attention setups;
+# vitkern-padded for the mixed-resolution setup (vitkern's model on the padded batch).
+EXTRA_PROVIDERS = ("torchvision", "vitkern-padded") + ATTENTION_PROVIDERS
 ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
 VITKERN_HEADLINE = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-torch", "vitkern-reference")
 

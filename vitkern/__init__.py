@@ -25,6 +25,7 @@ from vitkern import nn
 from vitkern.nn.rope import Rope2D
 from vitkern import models
 from vitkern.models import ViT, create_model, list_models
+from vitkern.models.naflex import NaFlexViT, PackedBatch, cu_seqlens_from_mask, pack_images
 
 # The model factories (vit_base_patch16_224, ...), one per registered name.
 globals().update({name: getattr(models, name) for name in list_models()})
@@ -61,6 +62,10 @@ __all__ = [
     "sdpa_override",
     "nn",
     "ViT",
+    "NaFlexViT",
+    "PackedBatch",
+    "pack_images",
+    "cu_seqlens_from_mask",
     "create_model",
     "list_models",
     *list_models(),

@@ -686,18 +686,20 @@ _TIMM_OTHER = {
 }
 
 
-@pytest.mark.parametrize("name", [*_TIMM_OTHER, "NaFlexVit"])
+@pytest.mark.parametrize("name", list(_TIMM_OTHER))
 def test_from_timm_refuses_other_architectures_by_class(name):
-    if name == "NaFlexVit":
-        m = _naflexvit()
-    else:
-        module, kw = _TIMM_OTHER[name]
-        cls = getattr(pytest.importorskip(module), name, None)
-        if cls is None:
-            pytest.skip(f"no {name} in this timm")
-        m = cls(**kw)
+    module, kw = _TIMM_OTHER[name]
+    cls = getattr(pytest.importorskip(module), name, None)
+    if cls is None:
+        pytest.skip(f"no {name} in this timm")
+    m = cls(**kw)
     with pytest.raises(ValueError, match=rf"\.{name} is not supported: only timm"):
         ViT.from_timm(m)
+
+
+def test_from_timm_points_naflexvit_to_its_converter():
+    with pytest.raises(ValueError, match=r"NaFlex ViT: convert it with vitkern.NaFlexViT.from_timm"):
+        ViT.from_timm(_naflexvit())
 
 
 def test_from_timm_points_eva_to_its_converter():

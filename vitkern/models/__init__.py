@@ -5,6 +5,7 @@ Every factory in the registry (``vit_base_patch16_224``, ...) is exported here u
 
 from vitkern.models.vit import ViT
 from vitkern.models.eva import Eva
+from vitkern.models.naflex import NaFlexViT, PackedBatch, cu_seqlens_from_mask, pack_images
 from vitkern.models.registry import (
     create_model,
     get_pretrained_cfg,
@@ -20,6 +21,10 @@ globals().update({name: model_entrypoint(name) for name in list_models()})
 __all__ = [
     "ViT",
     "Eva",
+    "NaFlexViT",
+    "PackedBatch",
+    "cu_seqlens_from_mask",
+    "pack_images",
     "create_model",
     "get_pretrained_cfg",
     "list_models",

@@ -109,10 +109,14 @@ def _check_timm_class(model: nn.Module) -> None:
         if cls.__name__ == "Eva" and cls.__module__.startswith("timm."):
             raise ValueError(f"ViT.from_timm: {name} is timm's EVA family: convert it with "
                              "vitkern.models.Eva.from_timm")
+        if cls.__name__ == "NaFlexVit" and cls.__module__.startswith("timm."):
+            raise ValueError(f"ViT.from_timm: {name} is timm's NaFlex ViT: convert it with "
+                             "vitkern.NaFlexViT.from_timm")
         raise ValueError(
             f"ViT.from_timm: {name} is not supported: only timm.models.vision_transformer."
-            "VisionTransformer converts (Beit, VisionTransformerRelPos, NaFlexVit and the other "
-            "ViT variants are other architectures; timm's Eva converts with vitkern.models.Eva.from_timm)"
+            "VisionTransformer converts (Beit, VisionTransformerRelPos and the other ViT variants are "
+            "other architectures; timm's Eva converts with vitkern.models.Eva.from_timm, NaFlexVit with "
+            "vitkern.NaFlexViT.from_timm)"
         )
     overridden = [m for m in _TIMM_FORWARD_METHODS if getattr(cls, m, None) is not getattr(VisionTransformer, m, None)]
     if overridden:
@@ -1316,3 +1320,29 @@ def read_checkpoint(path) -> tuple[Dict[str, torch.Tensor], Optional[Dict[str, A
         state = _as_state_dict(state, p)
         state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     return state, stored
+
+
+def load_timm_checkpoint(model: nn.Module, path, strict: bool = True) -> nn.Module:
+    """Load a timm-format checkpoint into a model whose keys are timm's (``Eva``, ``NaFlexViT``):
+    a classifier of another class count is dropped with a warning (the model's own kept, as timm's
+    pretrained loading adapts a head); any other missing, unexpected or mis-shaped key raises a
+    ValueError naming it before anything is copied (``strict=False`` allows missing and unexpected
+    keys). Returns the model."""
+    state, _ = read_checkpoint(path)
+    who = type(model).__name__
+    own = model.state_dict()
+    head = [k for k in ("head.weight", "head.bias") if k in state and (k not in own or own[k].shape != state[k].shape)]
+    if head:
+        if getattr(model, "num_classes", 0):
+            warnings.warn(f"{who}.load_checkpoint: {path}: the classifier has another class count; it is not loaded",
+                          stacklevel=3)
+        state = {k: v for k, v in state.items() if k not in head}
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not (head and k.startswith("head."))]
+    unexpected = [k for k in state if k not in own]
+    if bad or (strict and (missing or unexpected)):
+        raise ValueError(f"{who}.load_checkpoint: {path} does not fit this model: shapes {bad}, missing {missing}, "
+                         f"unexpected {unexpected}")
+    model.load_state_dict(state, strict=False)
+    return model

@@ -334,26 +334,9 @@ class Eva(nn.Module):
         warning, as timm's pretrained loading adapts a head); any other missing, unexpected or
         mis-shaped key raises a ValueError naming it before anything is copied (``strict=False``
         allows missing and unexpected keys)."""
-        from vitkern.models.convert import read_checkpoint
+        from vitkern.models.convert import load_timm_checkpoint
 
-        state, _ = read_checkpoint(path)
-        own = self.state_dict()
-        head = [k for k in ("head.weight", "head.bias")
-                if k in state and (k not in own or own[k].shape != state[k].shape)]
-        if head:
-            if self.num_classes:
-                warnings.warn(f"Eva.load_checkpoint: {path}: the classifier has another class count; it is not loaded",
-                              stacklevel=2)
-            state = {k: v for k, v in state.items() if k not in head}
-        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-               if k in own and own[k].shape != v.shape]
-        missing = [k for k in own if k not in state and not (head and k.startswith("head."))]
-        unexpected = [k for k in state if k not in own]
-        if bad or (strict and (missing or unexpected)):
-            raise ValueError(f"Eva.load_checkpoint: {path} does not fit this model: shapes {bad}, missing {missing}, "
-                             f"unexpected {unexpected}")
-        self.load_state_dict(state, strict=False)
-        return self
+        return load_timm_checkpoint(self, path, strict)
 
     @classmethod
     def from_timm(cls, model: nn.Module) -> "Eva":

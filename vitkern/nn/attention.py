@@ -10,7 +10,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from vitkern.ops.attention import attention, attention_qkvpacked, scaled_dot_product_attention
+from vitkern.ops.attention import (
+    attention,
+    attention_qkvpacked,
+    attention_qkvpacked_varlen,
+    attention_varlen,
+    scaled_dot_product_attention,
+)
 from vitkern.ops.qk_prologue import QKNorm, check_prologue, qk_prologue
 from vitkern.ops.linear import linear
 from vitkern.nn.layer_norm import apply_norm, default_norm_layer
@@ -113,6 +119,9 @@ class Attention(nn.Module):
         is_causal: bool = False,
         *,
         rope=None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
         residual: Optional[torch.Tensor] = None,
         residual_scale: Optional[torch.Tensor] = None,
         row_scale: Optional[torch.Tensor] = None,
@@ -129,7 +138,9 @@ class Attention(nn.Module):
         npt = getattr(self, "num_prefix_tokens", 0) if rope is not None else 0
         norms = _prologue_norms(self.q_norm, self.k_norm)
 
-        if drop_p > 0 or attn_mask is not None or norms is None:
+        if cu_seqlens is not None:
+            o = _packed_attention(self, qkv, cu_seqlens, max_seqlen, rope, drop_p, attn_mask, key_padding_mask)
+        elif drop_p > 0 or attn_mask is not None or norms is None:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d) views
             if norms is None:  # norm modules the prologue does not know run their own forward
                 q, k = apply_norm(self.q_norm, q), apply_norm(self.k_norm, k)
@@ -137,6 +148,7 @@ class Attention(nn.Module):
             else:
                 q_norm, k_norm = norms
             if drop_p > 0 or attn_mask is not None:
+                attn_mask = _with_key_padding(attn_mask, key_padding_mask)
                 if q_norm is not None or k_norm is not None or rope is not None:
                     q_norm, k_norm, rope, npt = check_prologue(q_norm, k_norm, rope, npt, heads=H, tokens=T,
                                                                head_dim=d, device=x.device)
@@ -148,12 +160,13 @@ class Attention(nn.Module):
                 else:
                     o = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
             else:
-                o = attention(q, k, v, causal=is_causal, rope=rope, num_prefix_tokens=npt)
+                o = attention(q, k, v, causal=is_causal, rope=rope, num_prefix_tokens=npt,
+                              key_padding_mask=key_padding_mask)
             o = o.transpose(1, 2).reshape(B, T, C)
         else:
             q_norm, k_norm = norms
             o = attention_qkvpacked(qkv, causal=is_causal, q_norm=q_norm, k_norm=k_norm, rope=rope,
-                                    num_prefix_tokens=npt).reshape(B, T, C)
+                                    num_prefix_tokens=npt, key_padding_mask=key_padding_mask).reshape(B, T, C)
 
         o = apply_norm(self.norm, o)
         if self.training and self.proj_drop.p > 0:
@@ -170,3 +183,36 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+def _with_key_padding(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor]):
+    """``attn_mask`` (None, bool or additive) with the keys ``key_padding_mask`` (B, T) marks
+    invalid masked out too, for the unfused SDPA paths."""
+    if key_padding_mask is None:
+        return attn_mask
+    keep = key_padding_mask.bool()[:, None, None, :]
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
+
+
+def _packed_attention(m: nn.Module, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: Optional[int],
+                      rope, drop_p: float, attn_mask, key_padding_mask) -> torch.Tensor:
+    """Attention over packed sequences: ``qkv`` ``(1, total, 3, H, d)`` of images laid end to end,
+    ``cu_seqlens`` their offsets; one varlen call, ``(1, total, H * d)`` out."""
+    B, T, _, H, d = qkv.shape
+    if B != 1:
+        raise ValueError(f"Attention: with cu_seqlens, x must be packed as (1, total, C), got batch {B}")
+    if rope is not None or drop_p > 0 or attn_mask is not None or key_padding_mask is not None:
+        raise ValueError("Attention: packed sequences (cu_seqlens) take no rope, attn_mask, key_padding_mask "
+                         "or attention dropout")
+    qkv = qkv[0]
+    if not (isinstance(m.q_norm, nn.Identity) and isinstance(m.k_norm, nn.Identity)):
+        q, k, v = qkv.unbind(1)  # (total, H, d) strided views: the norms over d run first
+        q, k = apply_norm(m.q_norm, q), apply_norm(m.k_norm, k)
+        o = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    else:
+        o = attention_qkvpacked_varlen(qkv, cu_seqlens, max_seqlen=max_seqlen)
+    return o.reshape(1, T, H * d)

@@ -82,13 +82,22 @@ def _sample_scale(dp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     return mask
 
 
-def drop_path_row_scale(dp: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+def drop_path_row_scale(
+    dp: nn.Module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None
+) -> Optional[torch.Tensor]:
     """The drop-path multiplier of a drop-path module (vitkern's or timm's ``DropPath``: its
     ``drop_prob`` and ``scale_by_keep``) as a ``(B * T,)`` per-token vector for ``x`` of shape
     ``(B, T, ...)``, the ``row_scale`` of the fused epilogues; None for ``nn.Identity`` or when
-    inactive (eval, ``drop_prob == 0``)."""
+    inactive (eval, ``drop_prob == 0``). With ``cu_seqlens`` ``x`` holds packed sequences
+    ``(1, total, D)``: one draw per sequence, repeated over its tokens on the device (no sync)."""
     if isinstance(dp, nn.Identity):
         return None
+    if cu_seqlens is not None:
+        mask = _sample_scale(dp, x.new_empty((cu_seqlens.numel() - 1, 1)))
+        if mask is None:
+            return None
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        return mask.repeat_interleave(lengths, output_size=math.prod(x.shape[:-1]))
     mask = _sample_scale(dp, x)
     if mask is None:
         return None
@@ -179,21 +188,31 @@ class Block(nn.Module):
         x: torch.Tensor,
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
+        *,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
     ) -> torch.Tensor:
+        """``x`` (B, T, D); ``key_padding_mask`` (B, T) bool marks the valid keys of a padded
+        batch. Packed sequences: ``x`` (1, total, D) with the images' ``cu_seqlens`` (their
+        attention is per image, and drop path draws one sample per image)."""
         h = apply_norm(self.norm1, x)
         x = self.attn(
             h,
             attn_mask,
             is_causal,
+            key_padding_mask=key_padding_mask,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
             residual=x,
             residual_scale=layer_scale_gamma(self.ls1),
-            row_scale=drop_path_row_scale(self.drop_path1, x),
+            row_scale=drop_path_row_scale(self.drop_path1, x, cu_seqlens),
         )
         h = apply_norm(self.norm2, x)
         x = self.mlp(
             h,
             residual=x,
             residual_scale=layer_scale_gamma(self.ls2),
-            row_scale=drop_path_row_scale(self.drop_path2, x),
+            row_scale=drop_path_row_scale(self.drop_path2, x, cu_seqlens),
         )
         return x
