@@ -406,3 +406,68 @@ def test_safetensors_round_trip_keeps_the_family(tmp_path, family):
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(back(x), src(x), atol=ATOL, rtol=RTOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# Export: vitkern weights back into Hugging Face / torchvision models
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_hf_export_round_trip(family):
+    """HF -> vitkern -> a freshly initialised HF model of the same config gives the source's weights
+    back (parameter for parameter, in the target's own naming) and its outputs."""
+    src = _hf_model(family).eval()
+    ours = ViT.from_hf(src)
+    fresh = _randomize(HF_FAMILIES[family](), seed=99).eval()
+    # what vitkern has no counterpart for (a pooler, the mask token) stays as the target has it
+    kept = tuple(k for k in fresh.state_dict() if ".pooler." in f".{k}" or k.endswith("mask_token"))
+    if kept:
+        with pytest.warns(UserWarning, match="keep their values"):
+            out = ours.to_hf(fresh)
+    else:
+        out = ours.to_hf(fresh)
+    assert out is fresh
+    want, got = src.state_dict(), fresh.state_dict()
+    for key, value in want.items():
+        if key.startswith(kept):
+            continue
+        if family == "dinov2-registers" and key.endswith("position_embeddings"):
+            # the class token's position row folds into the class token: exported as 0, the sum kept
+            torch.testing.assert_close(got[key][:, 1:], value[:, 1:], rtol=0, atol=0)
+            assert not got[key][:, :1].any()
+            torch.testing.assert_close(got["embeddings.cls_token"], want["embeddings.cls_token"] + value[:, :1])
+            continue
+        if family == "dinov2-registers" and key.endswith("cls_token"):
+            continue
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
+    if kept:
+        fresh.load_state_dict({k: v for k, v in want.items() if k.startswith(kept)}, strict=False)
+    x = _images()
+    with torch.no_grad():
+        a, b = src(pixel_values=x), fresh(pixel_values=x)
+        for name in ("logits", "last_hidden_state", "pooler_output"):
+            if getattr(a, name, None) is not None:
+                torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=ATOL, rtol=RTOL)
+
+
+def test_hf_export_refuses_another_config():
+    ours = ViT.from_hf(_hf_model("vit"))
+    other = T.ViTForImageClassification(T.ViTConfig(**dict(HF_SMALL, num_hidden_layers=1), num_labels=5))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="model parameters the target lacks .*blocks.1"):
+        ours.to_hf(other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # nothing copied
+    with pytest.raises(ValueError, match="shapes"):
+        ours.to_hf(T.ViTForImageClassification(T.ViTConfig(**HF_SMALL, num_labels=3)))
+
+
+def test_torchvision_export_round_trip():
+    tvm = pytest.importorskip("torchvision.models")
+    src = _randomize(tvm.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32,
+                                           mlp_dim=64, num_classes=3)).eval()
+    ours = ViT.from_torchvision(src)
+    fresh = tvm.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                                  num_classes=3).eval()
+    assert ours.to_torchvision(fresh) is fresh
+    for key, value in src.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)

@@ -712,6 +712,138 @@ def from_hf(model, state_dict: Optional[Mapping[str, torch.Tensor]] = None, **ov
 
 
 # ----------------------------------------------------------------------------------------------
+# Export: vitkern weights into another library's model
+# ----------------------------------------------------------------------------------------------
+
+
+def export_state_dict(
+    state: Mapping[str, torch.Tensor],
+    template: Mapping[str, torch.Tensor],
+    convert,
+    *,
+    kept: Tuple[str, ...] = (),
+    who: str = "export",
+) -> Tuple[Dict[str, torch.Tensor], list]:
+    """The inverse of an import converter, found by running it: ``state`` (timm / vitkern keys)
+    laid out as ``template`` (the target library's state_dict: its keys, shapes and dtypes).
+
+    Every element of ``template`` gets a unique id (float64, exact), ``convert`` (the importer:
+    its state_dict -> timm keys) moves the ids, and each target element takes the value of the
+    vitkern element its id landed on. So the export follows exactly what the import does (renames,
+    q/k/v concatenation, packed projections, reshapes) in either naming the template uses. Target
+    keys starting with ``kept`` (parts vitkern does not have: a pooler, a mask token) keep the
+    template's values and are returned as the second item. Anything that does not map one to one
+    (a target element no vitkern element takes, an id landing twice or combined arithmetically
+    with another, a vitkern key the target lacks or of another shape) raises a ValueError naming
+    it; nothing is returned partly.
+    """
+    ids: Dict[str, torch.Tensor] = {}
+    offset = 0
+    kept_keys = [k for k in template if k.startswith(kept)] if kept else []
+    for key, value in template.items():
+        if key in kept_keys:
+            continue
+        n = value.numel()
+        ids[key] = torch.arange(offset, offset + n, dtype=torch.float64).reshape(value.shape)
+        offset += n
+    if offset >= 2**53:
+        raise ValueError(f"{who}: too many elements to map exactly")
+    moved = convert(ids)
+    missing = [k for k in moved if k not in state]
+    unexpected = [k for k in state if k not in moved]
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(state[k].shape)}" for k, v in moved.items()
+              if k in state and v.shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{who}: the target layout does not fit this model: target parameters with no source "
+                         f"{missing}, model parameters the target lacks {unexpected}, shapes {shapes}")
+    flat_ids = torch.cat([v.reshape(-1) for v in moved.values()]) if moved else torch.zeros(0, dtype=torch.float64)
+    flat_vals = torch.cat([state[k].detach().reshape(-1).to("cpu", torch.float64) for k in moved]) \
+        if moved else torch.zeros(0, dtype=torch.float64)
+    # one to one: every moved value is an id (not a sum of two), and no id lands twice
+    if flat_ids.numel() and ((flat_ids != flat_ids.round()) | (flat_ids < 0) | (flat_ids >= offset)).any():
+        raise ValueError(f"{who}: the importer combines elements arithmetically; it cannot be inverted")
+    flat_ids = flat_ids.long()
+    counts = torch.bincount(flat_ids, minlength=offset)
+    if (counts > 1).any():
+        raise ValueError(f"{who}: one target element feeds several model elements; it cannot be inverted")
+    values = torch.zeros(offset, dtype=torch.float64)
+    values[flat_ids] = flat_vals
+    out: Dict[str, torch.Tensor] = {}
+    unfilled = []
+    for key, idx in ids.items():
+        idx = idx.long()
+        if (counts[idx.reshape(-1)] == 0).any():
+            unfilled.append(key)
+            continue
+        t = template[key]
+        out[key] = values[idx].to(device=t.device, dtype=t.dtype)
+    if unfilled:
+        raise ValueError(f"{who}: target parameters this model does not fill: {unfilled}")
+    for key in kept_keys:
+        out[key] = template[key]
+    return out, kept_keys
+
+
+def to_hf(model: ViT, hf_model: nn.Module) -> nn.Module:
+    """Copy a ViT's weights into a Hugging Face vision encoder of the same configuration (a
+    ``ViTModel`` / ``ViTForImageClassification``, ``DeiTModel`` / ``DeiTForImageClassificationWithTeacher``,
+    ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel`` or ``SiglipVisionModel``, in
+    its own naming): the inverse of :func:`from_hf`, so a fine-tuned vitkern model goes back to
+    transformers. The parts vitkern does not have (the ``ViTModel`` pooler, the mask token) keep
+    ``hf_model``'s values, with a warning naming them; a configuration that does not fit raises a
+    ValueError naming the parameters, before anything is copied. Returns ``hf_model``."""
+    if not isinstance(hf_model, nn.Module) or not hasattr(hf_model, "config"):
+        raise ValueError(f"ViT.to_hf: expected a transformers model, got {type(hf_model).__name__}")
+    family = _hf_family(hf_model.config, hf_model)
+    template = hf_model.state_dict()
+    folded = tuple(k for k in template if family == "dinov2_with_registers"
+                   and k.endswith("embeddings.position_embeddings"))
+    state, kept = _export_with_folded_rows(model.state_dict(), template, family, folded)
+    if kept:
+        warnings.warn(f"ViT.to_hf: {type(hf_model).__name__} parameters vitkern has no counterpart for keep their "
+                      f"values: {kept}", stacklevel=3)
+    hf_model.load_state_dict(state, strict=True)
+    return hf_model
+
+
+def _export_with_folded_rows(state, template, family, folded_tables):
+    if not folded_tables:
+        return export_state_dict(state, template, lambda sd: convert_hf_state_dict(sd, family),
+                                 kept=_HF_IGNORED_EXPORT, who="ViT.to_hf")
+    # DINOv2 with registers: convert folds the position table's first row (the class token's)
+    # into the class token. Export the table without that row (the import sees a zero row there,
+    # so the class token maps one to one), then put the zero row back in front: the sum the
+    # import takes is the same.
+    key = folded_tables[0]
+    table = template[key]
+    rest = {k: v for k, v in template.items() if k != key}
+    rest[key] = table[:, 1:]
+
+    def convert(sd):
+        sd = dict(sd)
+        sd[key] = torch.cat((torch.zeros_like(sd[key][:, :1]), sd[key]), dim=1)
+        return convert_hf_state_dict(sd, family)
+
+    out, kept = export_state_dict(state, rest, convert, kept=_HF_IGNORED_EXPORT, who="ViT.to_hf")
+    out[key] = torch.cat((torch.zeros_like(table[:, :1]), out[key]), dim=1)
+    return {k: out[k] for k in template}, kept
+
+
+# what from_hf drops, which an export leaves as the target has it
+_HF_IGNORED_EXPORT = tuple(p + i for p in ("",) + _HF_PREFIXES for i in _HF_IGNORED)
+
+
+def to_torchvision(model: ViT, tv_model: nn.Module) -> nn.Module:
+    """Copy a ViT's weights into a ``torchvision.models.VisionTransformer`` of the same
+    configuration (the inverse of :func:`from_torchvision`); a configuration that does not fit
+    raises a ValueError naming the parameters before anything is copied. Returns ``tv_model``."""
+    state, _ = export_state_dict(model.state_dict(), tv_model.state_dict(), convert_torchvision_state_dict,
+                                 who="ViT.to_torchvision")
+    tv_model.load_state_dict(state, strict=True)
+    return tv_model
+
+
+# ----------------------------------------------------------------------------------------------
 # Original JAX checkpoints (.npz)
 # ----------------------------------------------------------------------------------------------
 

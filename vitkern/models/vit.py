@@ -668,6 +668,20 @@ class ViT(nn.Module):
 
         return from_hf(model, state_dict=state_dict, **overrides)
 
+    def to_hf(self, hf_model: nn.Module) -> nn.Module:
+        """Copy this model's weights into a Hugging Face vision encoder of the same configuration
+        (the inverse of :meth:`from_hf`, in ``hf_model``'s own naming); returns ``hf_model``."""
+        from vitkern.models.convert import to_hf
+
+        return to_hf(self, hf_model)
+
+    def to_torchvision(self, tv_model: nn.Module) -> nn.Module:
+        """Copy this model's weights into a ``torchvision.models.VisionTransformer`` of the same
+        configuration (the inverse of :meth:`from_torchvision`); returns ``tv_model``."""
+        from vitkern.models.convert import to_torchvision
+
+        return to_torchvision(self, tv_model)
+
     @classmethod
     def from_npz(cls, path, **config) -> "ViT":
         """Build from an original google-research/vision_transformer ``.npz`` checkpoint; the
