@@ -727,7 +727,7 @@ def export_state_dict(
     """The inverse of an import converter, found by running it: ``state`` (timm / vitkern keys)
     laid out as ``template`` (the target library's state_dict: its keys, shapes and dtypes).
 
-    Every element of ``template`` gets a unique id (float64, exact), ``convert`` (the importer:
+    Every element of ``template`` gets a unique integer id, ``convert`` (the importer:
     its state_dict -> timm keys) moves the ids, and each target element takes the value of the
     vitkern element its id landed on. So the export follows exactly what the import does (renames,
     q/k/v concatenation, packed projections, reshapes) in either naming the template uses. Target
@@ -737,17 +737,16 @@ def export_state_dict(
     with another, a vitkern key the target lacks or of another shape) raises a ValueError naming
     it; nothing is returned partly.
     """
+    kept_keys = [k for k in template if k.startswith(kept)] if kept else []
+    mapped = [k for k in template if k not in kept_keys]
+    total = sum(template[k].numel() for k in mapped)
+    id_dtype = torch.int32 if total < 2**31 else torch.int64  # 4 bytes a parameter for every ViT but giants
     ids: Dict[str, torch.Tensor] = {}
     offset = 0
-    kept_keys = [k for k in template if k.startswith(kept)] if kept else []
-    for key, value in template.items():
-        if key in kept_keys:
-            continue
-        n = value.numel()
-        ids[key] = torch.arange(offset, offset + n, dtype=torch.float64).reshape(value.shape)
+    for key in mapped:
+        n = template[key].numel()
+        ids[key] = torch.arange(offset, offset + n, dtype=id_dtype).reshape(template[key].shape)
         offset += n
-    if offset >= 2**53:
-        raise ValueError(f"{who}: too many elements to map exactly")
     moved = convert(ids)
     missing = [k for k in moved if k not in state]
     unexpected = [k for k in state if k not in moved]
@@ -756,29 +755,30 @@ def export_state_dict(
     if missing or unexpected or shapes:
         raise ValueError(f"{who}: the target layout does not fit this model: target parameters with no source "
                          f"{missing}, model parameters the target lacks {unexpected}, shapes {shapes}")
-    flat_ids = torch.cat([v.reshape(-1) for v in moved.values()]) if moved else torch.zeros(0, dtype=torch.float64)
-    flat_vals = torch.cat([state[k].detach().reshape(-1).to("cpu", torch.float64) for k in moved]) \
-        if moved else torch.zeros(0, dtype=torch.float64)
-    # one to one: every moved value is an id (not a sum of two), and no id lands twice
-    if flat_ids.numel() and ((flat_ids != flat_ids.round()) | (flat_ids < 0) | (flat_ids >= offset)).any():
-        raise ValueError(f"{who}: the importer combines elements arithmetically; it cannot be inverted")
-    flat_ids = flat_ids.long()
-    counts = torch.bincount(flat_ids, minlength=offset)
+    # One to one: every moved value is an id in range (a sum of two ids would be out of range, land
+    # twice or leave an element unfilled) and each id lands once.
+    counts = torch.zeros(offset, dtype=torch.int32)
+    for v in moved.values():
+        flat = v.reshape(-1).long()
+        if flat.numel() and (flat.min() < 0 or flat.max() >= offset):
+            raise ValueError(f"{who}: the importer combines elements arithmetically; it cannot be inverted")
+        counts += torch.bincount(flat, minlength=offset).to(torch.int32)
     if (counts > 1).any():
         raise ValueError(f"{who}: one target element feeds several model elements; it cannot be inverted")
-    values = torch.zeros(offset, dtype=torch.float64)
-    values[flat_ids] = flat_vals
-    out: Dict[str, torch.Tensor] = {}
-    unfilled = []
-    for key, idx in ids.items():
-        idx = idx.long()
-        if (counts[idx.reshape(-1)] == 0).any():
-            unfilled.append(key)
-            continue
-        t = template[key]
-        out[key] = values[idx].to(device=t.device, dtype=t.dtype)
+    unfilled = [k for k in mapped if (counts[ids[k].reshape(-1).long()] == 0).any()]
     if unfilled:
         raise ValueError(f"{who}: target parameters this model does not fill: {unfilled}")
+    # every target element once, in one flat buffer per target dtype, then cut back into tensors
+    buffers = {dt: torch.empty(offset, dtype=dt) for dt in {template[k].dtype for k in mapped}}
+    for key, v in moved.items():
+        src = state[key].detach().reshape(-1).cpu()
+        index = v.reshape(-1).long()
+        for buf in buffers.values():
+            buf[index] = src.to(buf.dtype)
+    out: Dict[str, torch.Tensor] = {}
+    for key in mapped:
+        t = template[key]
+        out[key] = buffers[t.dtype][ids[key].reshape(-1).long()].reshape(t.shape).to(t.device)
     for key in kept_keys:
         out[key] = template[key]
     return out, kept_keys
