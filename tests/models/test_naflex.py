@@ -309,3 +309,35 @@ def test_naflex_through_the_kernels_compiles_fullgraph():
         torch._dynamo.reset()
         got = torch.compile(ours.forward_packed, fullgraph=True, backend="aot_eager")(packed)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_from_hf_siglip2_naflex():
+    """Hugging Face's Siglip2VisionModel (the SigLIP2 NaFlex tower): its processor's padded inputs
+    through hf_batch, and the same images packed, give its pooler output and hidden states."""
+    T = pytest.importorskip("transformers")
+    from vitkern.models.naflex import hf_batch
+
+    cfg = T.Siglip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_patches=16, patch_size=16)
+    hf = _randomize(T.Siglip2VisionModel(cfg)).eval()
+    ours = NaFlexViT.from_hf(hf).eval()
+    packed = pack_images(_images(), 16)
+    B, N, cu = packed.num_images, packed.max_seqlen + 2, packed.cu_seqlens.tolist()
+    pixel_values = torch.zeros(B, N, packed.patches.shape[1])
+    mask = torch.zeros(B, N, dtype=torch.long)
+    for i in range(B):
+        pixel_values[i, :cu[i + 1] - cu[i]] = packed.patches[cu[i]:cu[i + 1]]
+        mask[i, :cu[i + 1] - cu[i]] = 1
+    shapes = torch.tensor(packed.grid_sizes)
+    with torch.no_grad():
+        out = hf(pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes)
+        batch = hf_batch(pixel_values, mask, shapes)
+        torch.testing.assert_close(ours(batch), out.pooler_output, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(ours.forward_packed(packed), out.pooler_output, rtol=1e-4, atol=2e-5)
+        feats = ours.forward_features(**batch)["patches"]
+    for i in range(B):
+        n = cu[i + 1] - cu[i]
+        torch.testing.assert_close(feats[i, :n], out.last_hidden_state[i, :n], rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="Siglip2VisionModel"):
+        NaFlexViT.from_hf(T.SiglipVisionModel(T.SiglipVisionConfig(hidden_size=64, num_hidden_layers=1,
+                                                                   num_attention_heads=2, intermediate_size=128)))

@@ -442,8 +442,8 @@ def _hf_family(config, model=None) -> str:
         name = type(model).__name__ if model is not None else type(config).__name__
         hint = ""
         if family.startswith("siglip2"):
-            hint = " (SigLIP2's NaFlex towers take flattened variable-size patches; timm's fixed-size " \
-                   "vit_*_siglip2_* models convert with from_timm)"
+            hint = " (SigLIP2's NaFlex towers take flattened variable-size patches: convert them with " \
+                   "vitkern.NaFlexViT.from_hf; timm's fixed-size vit_*_siglip2_* models convert with from_timm)"
         elif family in ("clip", "siglip"):
             hint = " (convert the image tower: model.vision_model)"
         raise ValueError(f"ViT.from_hf: {name} (model_type {family!r}) is not supported{hint}; supported: "

@@ -42,7 +42,7 @@ from vitkern.nn.linear import Linear, resolve_activation
 
 from vitkern.ops.linear import linear
 
-__all__ = ["NaFlexViT", "NaFlexEmbeds", "PackedBatch", "pack_images", "cu_seqlens_from_mask"]
+__all__ = ["NaFlexViT", "NaFlexEmbeds", "PackedBatch", "pack_images", "cu_seqlens_from_mask", "hf_batch"]
 
 GridSize = Tuple[int, int]
 
@@ -643,6 +643,27 @@ class NaFlexViT(nn.Module):
         return load_timm_checkpoint(self, path, strict)
 
     @classmethod
+    def from_hf(cls, model: nn.Module) -> "NaFlexViT":
+        """A vitkern ``NaFlexViT`` (no classifier) with the configuration and weights of a Hugging
+        Face ``Siglip2VisionModel`` (the SigLIP2 NaFlex image tower): ``forward(hf_batch(pixel_values,
+        pixel_attention_mask, spatial_shapes))`` gives its ``pooler_output`` and
+        ``forward_features(...)["patches"]`` its ``last_hidden_state`` at the valid patches; packed
+        images (:func:`pack_images`) give the same through :meth:`forward_packed`. Parameters that do
+        not map raise a ValueError naming them."""
+        if type(model).__name__ != "Siglip2VisionModel":
+            raise ValueError(f"NaFlexViT.from_hf: expected a transformers Siglip2VisionModel, got "
+                             f"{type(model).__name__}")
+        cfg, state = _hf_siglip2(model)
+        p = next(model.parameters())
+        out = cls(**cfg, device=p.device, dtype=p.dtype)
+        try:
+            out.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"NaFlexViT.from_hf: the state_dict of {type(model).__name__} does not map: {e}") \
+                from None
+        return out.train(model.training)
+
+    @classmethod
     def from_timm(cls, model: nn.Module) -> "NaFlexViT":
         """A vitkern ``NaFlexViT`` with the configuration and weights of ``model`` (a
         ``timm.models.naflexvit.NaFlexVit``); what it does not cover raises a ValueError naming it
@@ -660,6 +681,55 @@ class NaFlexViT(nn.Module):
             out.pretrained_cfg = copy.deepcopy(pretrained_cfg)
             out.default_cfg = out.pretrained_cfg
         return out.train(model.training)
+
+
+def hf_batch(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor,
+             spatial_shapes: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Hugging Face SigLIP2-NaFlex inputs (its processor's ``pixel_values`` (B, N, P*P*C),
+    ``pixel_attention_mask`` (B, N), ``spatial_shapes`` (B, 2) patch rows / cols) as timm's NaFlex
+    batch (``patches``, ``patch_coord``, ``patch_valid``), which :meth:`NaFlexViT.forward` takes.
+    The coordinates are computed on the device (row-major within each image, as the processor lays
+    the patches), no host sync."""
+    if pixel_values.dim() != 3 or pixel_attention_mask.shape != pixel_values.shape[:2] \
+            or spatial_shapes.shape != (pixel_values.shape[0], 2):
+        raise ValueError("hf_batch: expected pixel_values (B, N, P*P*C), pixel_attention_mask (B, N) and "
+                         f"spatial_shapes (B, 2); got {tuple(pixel_values.shape)}, "
+                         f"{tuple(pixel_attention_mask.shape)}, {tuple(spatial_shapes.shape)}")
+    n = torch.arange(pixel_values.shape[1], device=pixel_values.device)[None]
+    cols = spatial_shapes[:, 1:].to(n.device).long().clamp(min=1)
+    valid = pixel_attention_mask.bool()
+    coord = torch.stack((n // cols, n % cols), dim=-1) * valid[..., None]
+    return {"patches": pixel_values, "patch_coord": coord, "patch_valid": valid}
+
+
+def _hf_siglip2(model: nn.Module):
+    """(NaFlexViT keywords, state_dict) of a Hugging Face ``Siglip2VisionModel``."""
+    from vitkern.models.convert import _hf_activation, convert_hf_state_dict
+
+    c = model.config
+    grid = int(round(c.num_patches ** 0.5))
+    if grid * grid != c.num_patches:
+        raise ValueError(f"NaFlexViT.from_hf: num_patches {c.num_patches} is not a square grid")
+    state = convert_hf_state_dict(
+        {k: v for k, v in model.state_dict().items()}, "siglip_vision_model")
+    out = {}
+    for k, v in state.items():
+        if k.startswith("patch_embed.proj."):
+            out["embeds.proj." + k[len("patch_embed.proj."):]] = v
+        elif k == "pos_embed":
+            out["embeds.pos_embed"] = v.reshape(1, grid, grid, -1)
+        else:
+            out[k] = v
+    use_head = bool(getattr(c, "vision_use_head", True))
+    cfg = dict(
+        patch_size=_pair(c.patch_size, "patch_size"), in_chans=c.num_channels, num_classes=0,
+        embed_dim=c.hidden_size, depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
+        mlp_ratio=c.intermediate_size / c.hidden_size, pos_embed_grid_size=(grid, grid),
+        pos_embed_interp_mode="bilinear", pos_embed_antialias=True, global_pool="map" if use_head else "avg",
+        fc_norm=False, act=_hf_activation(c.hidden_act), norm_eps=c.layer_norm_eps,
+        attn_drop_rate=float(c.attention_dropout or 0.0),
+    )
+    return cfg, out
 
 
 def _timm_activation(act: nn.Module) -> str:
