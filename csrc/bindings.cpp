@@ -113,6 +113,16 @@ py::tuple patchify_unit_bytes(int64_t batch, int64_t channels, int64_t height, i
   return py::make_tuple(load, store);
 }
 
+py::dict epilogue_block(int64_t nvec, int64_t rows, int64_t max_row_blocks) {
+  const vitkern::EpilogueBlock b = vitkern::epilogue_block(nvec, rows, max_row_blocks);
+  py::dict d;
+  d["bx"] = b.bx;
+  d["by"] = b.by;
+  d["gx"] = b.gx;
+  d["gy"] = b.gy;
+  return d;
+}
+
 }  // namespace
 
 // The schemas of the vitkern_cuda:: ops are declared once, in Python (vitkern/_extension.py,
@@ -153,4 +163,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("width"), py::arg("patch_h"), py::arg("patch_w"), py::arg("elem_size"), py::arg("channels_last"),
         py::arg("in_addr"), py::arg("out_addr"),
         "(load, store) unit widths in bytes that the patchify kernels use for this geometry and these addresses.");
+  m.def("_epilogue_block", &epilogue_block, py::arg("nvec"), py::arg("rows"), py::arg("max_row_blocks") = 65535,
+        "The launch shape (bx, by, gx, gy) of the elementwise passes of dense_epilogue.cu over rows x nvec column "
+        "vectors (csrc/dense_epilogue.h: EpilogueBlock); host-only.");
 }

@@ -93,13 +93,16 @@ __device__ __forceinline__ float load_row_scale(const void* p, int dtype, int64_
 
 // ----------------------------------------------------------------------- forward epilogue
 
-// threadIdx.x / blockIdx.x walk vectors of V columns; threadIdx.y / blockIdx.y stride over rows.
-// No __restrict__: pre and out may alias t (each element is read before it is written, by the
-// same thread).
+// A block of bx * by threads covers bx vectors of V columns (blockIdx.x) of by rows at a time,
+// striding over the rows by gridDim.y * by (EpilogueBlock). No __restrict__: pre and out may alias
+// t (each element is read before it is written, by the same thread).
 template <typename T, typename R, int V>
-__global__ void __launch_bounds__(kThreads) dense_fwd_epilogue_kernel(const DenseFwdEpilogue e) {
+__global__ void __launch_bounds__(kThreads) dense_fwd_epilogue_kernel(const DenseFwdEpilogue e, const int bx,
+                                                                      const int by) {
+  const int ty = static_cast<int>(threadIdx.x) / bx;
+  const int tx = static_cast<int>(threadIdx.x) - ty * bx;
   const int64_t nvec = e.cols / V;
-  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * bx + tx;
   if (cv >= nvec) return;
   const int64_t c0 = cv * V;
   float bias[V], gamma[V];
@@ -123,8 +126,8 @@ __global__ void __launch_bounds__(kThreads) dense_fwd_epilogue_kernel(const Dens
   T* pre = static_cast<T*>(e.pre);
   const R* residual = static_cast<const R*>(e.residual);
   R* out = static_cast<R*>(e.out);
-  const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < e.rows; r += row_step) {
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * by;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * by + ty; r < e.rows; r += row_step) {
     const auto tv = load_pack<T, V>(t + r * e.ld_t + c0);
     float v[V];
 #pragma unroll
@@ -152,9 +155,12 @@ __global__ void __launch_bounds__(kThreads) dense_fwd_epilogue_kernel(const Dens
 // ---------------------------------------------------------------------- backward epilogue
 
 template <typename T, typename G, int V>
-__global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const DenseBwdEpilogue e) {
+__global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const DenseBwdEpilogue e, const int bx,
+                                                                      const int by) {
+  const int ty = static_cast<int>(threadIdx.x) / bx;
+  const int tx = static_cast<int>(threadIdx.x) - ty * bx;
   const int64_t nvec = e.cols / V;
-  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * bx + tx;
   if (cv >= nvec) return;
   const int64_t c0 = cv * V;
   float gamma[V];
@@ -169,8 +175,8 @@ __global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const Dens
   const G* grad = static_cast<const G*>(e.grad);
   const T* pre = static_cast<const T*>(e.pre);
   T* dt = static_cast<T*>(e.dt);
-  const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < e.rows; r += row_step) {
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * by;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * by + ty; r < e.rows; r += row_step) {
     float g[V];
     if constexpr (V == 1) {
       g[0] = to_f(grad[r * e.grad_stride_row + c0 * e.grad_stride_col]);
@@ -243,24 +249,15 @@ bool vector_ok(const void* p, int64_t ld, int esize, int v) {
   return aligned(p, a) && (ld * esize) % a == 0;
 }
 
-dim3 block_for(int64_t nvec) {
-  int64_t bx = ((nvec < kThreads ? nvec : kThreads) + 31) / 32 * 32;
-  if (bx < 32) bx = 32;
-  return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(kThreads / bx));
-}
+constexpr int64_t kMaxGridY = 65535;
 
-dim3 grid_for(int64_t nvec, int64_t rows, dim3 block) {
-  const int64_t gx = (nvec + block.x - 1) / block.x;
-  int64_t gy = (rows + block.y - 1) / block.y;
-  if (gy > 65535) gy = 65535;
-  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy < 1 ? 1 : gy));
-}
+dim3 grid_of(const EpilogueBlock& b) { return dim3(static_cast<unsigned>(b.gx), static_cast<unsigned>(b.gy)); }
+unsigned threads_of(const EpilogueBlock& b) { return static_cast<unsigned>(b.bx * b.by); }
 
 template <typename T, typename R, int V>
 void run_fwd(const DenseFwdEpilogue& e, cudaStream_t stream) {
-  const int64_t nvec = e.cols / V;
-  const dim3 block = block_for(nvec);
-  dense_fwd_epilogue_kernel<T, R, V><<<grid_for(nvec, e.rows, block), block, 0, stream>>>(e);
+  const EpilogueBlock b = epilogue_block(e.cols / V, e.rows, kMaxGridY);
+  dense_fwd_epilogue_kernel<T, R, V><<<grid_of(b), threads_of(b), 0, stream>>>(e, b.bx, b.by);
 }
 
 template <typename T, typename R>
@@ -274,9 +271,8 @@ void dispatch_fwd(const DenseFwdEpilogue& e, cudaStream_t stream) {
 
 template <typename T, typename G, int V>
 void run_bwd(const DenseBwdEpilogue& e, cudaStream_t stream) {
-  const int64_t nvec = e.cols / V;
-  const dim3 block = block_for(nvec);
-  dense_bwd_epilogue_kernel<T, G, V><<<grid_for(nvec, e.rows, block), block, 0, stream>>>(e);
+  const EpilogueBlock b = epilogue_block(e.cols / V, e.rows, kMaxGridY);
+  dense_bwd_epilogue_kernel<T, G, V><<<grid_of(b), threads_of(b), 0, stream>>>(e, b.bx, b.by);
 }
 
 template <typename T, typename G>
@@ -292,6 +288,39 @@ bool valid_dtype(int d) { return d == kDTypeF32 || d == kDTypeF16 || d == kDType
 bool valid_act(int a) { return a == kActNone || a == kActGelu || a == kActGeluTanh; }
 
 }  // namespace
+
+EpilogueBlock epilogue_block(int64_t nvec, int64_t rows, int64_t max_row_blocks) {
+  EpilogueBlock best;
+  if (nvec <= 0) return best;
+  const int64_t max_rows = rows < 1 ? 1 : rows;
+  double best_use = -1.0;
+  // Column splits from the fewest that fit 256 threads a row: each split's width is the balanced
+  // ceil(nvec / gx); more splits only help when they make the width a better fit for the warps.
+  const int64_t gx_min = (nvec + kThreads - 1) / kThreads;
+  for (int64_t split = gx_min; split < gx_min + 8 && split <= nvec; ++split) {
+    const int bx = static_cast<int>((nvec + split - 1) / split);
+    const int64_t gx = (nvec + bx - 1) / bx;
+    if (gx != split) continue;  // the same width as a smaller split
+    for (int by = 1; by * bx <= kThreads && by <= max_rows; ++by) {
+      const int threads = bx * by;
+      const int lanes = (threads + 31) / 32 * 32;
+      const double use = static_cast<double>(nvec) / static_cast<double>(gx * bx) * threads / lanes;
+      const int best_threads = best.bx * best.by;
+      const bool better = use > best_use + 1e-9 ||
+                          (use > best_use - 1e-9 && (gx < best.gx || (gx == best.gx && threads > best_threads)));
+      if (better) {
+        best_use = use;
+        best.bx = bx;
+        best.by = by;
+        best.gx = gx;
+      }
+    }
+  }
+  int64_t gy = (max_rows + best.by - 1) / best.by;
+  const int64_t cap = max_row_blocks < 1 ? 1 : max_row_blocks;
+  best.gy = gy > cap ? cap : gy;
+  return best;
+}
 
 int dense_fwd_epilogue_vector(const DenseFwdEpilogue& e) {
   const int es = elem_size(e.dtype), os = elem_size(e.out_dtype);

@@ -90,6 +90,23 @@ struct TokenRows {
 };
 cudaError_t launch_token_rows(const TokenRows& t, cudaStream_t stream);
 
+// Launch shape of the elementwise passes over a (rows, nvec) grid of column vectors: gx x gy
+// blocks of bx * by threads, flattened: thread t of a block takes the row t / bx and the column
+// vector t % bx, so a warp may span rows and a width that is not a multiple of 32 vectors wastes
+// no lanes beyond the block's last warp. Each block covers bx column vectors and strides over the
+// rows by gy * by. Chosen from the width (epilogue_block), host-only.
+struct EpilogueBlock {
+  int bx = 1, by = 1;     // column vectors and rows per block
+  int64_t gx = 1, gy = 1;  // blocks along the columns and the rows
+};
+
+// The block shape with the largest share of useful lanes (nvec * rows covered per pass over the
+// launched blocks' warps), at most 256 threads a block; ties go to fewer column blocks (longer
+// contiguous runs of a row per warp), then to more threads a block. gy is capped at max_row_blocks (65535, the grid's y limit, or fewer where
+// each row block writes a partial sum). E.g. bf16 N = 2304 (288 vectors of 8): 3 x 96 vectors,
+// 2 rows a block, every lane busy, where a fixed 256-wide block left 44% of its lanes idle.
+EpilogueBlock epilogue_block(int64_t nvec, int64_t rows, int64_t max_row_blocks);
+
 // Elements per thread the forward / backward epilogue would use (16-byte vectors when every
 // pointer, leading dimension and N allow it, else 1). Host-only.
 int dense_fwd_epilogue_vector(const DenseFwdEpilogue& e);
