@@ -123,6 +123,28 @@ py::dict epilogue_block(int64_t nvec, int64_t rows, int64_t max_row_blocks) {
   return d;
 }
 
+// The backward pass's launch shape for an (M, N) gradient of `elem_size`-byte elements with
+// 256-byte-aligned operands (16-byte vectors when N allows), with or without the partial sums.
+py::dict dense_bwd_epilogue_block(int64_t rows, int64_t cols, int64_t elem_size, bool partial_sums) {
+  TORCH_CHECK(elem_size == 2 || elem_size == 4, "_dense_bwd_epilogue_block: elem_size must be 2 or 4");
+  vitkern::DenseBwdEpilogue e;
+  e.rows = rows;
+  e.cols = cols;
+  e.dtype = e.grad_dtype = elem_size == 2 ? vitkern::kDTypeBF16 : vitkern::kDTypeF32;
+  auto fake = [](int i) { return reinterpret_cast<void*>(static_cast<uintptr_t>(i) << 32); };
+  e.grad = e.pre = fake(1);
+  e.dt = fake(2);
+  e.grad_stride_row = e.ld_pre = e.ld_dt = cols;
+  const vitkern::EpilogueBlock b = vitkern::dense_bwd_epilogue_block(e, partial_sums);
+  py::dict d;
+  d["bx"] = b.bx;
+  d["by"] = b.by;
+  d["gx"] = b.gx;
+  d["gy"] = b.gy;
+  d["vector"] = vitkern::dense_bwd_epilogue_vector(e);
+  return d;
+}
+
 }  // namespace
 
 // The schemas of the vitkern_cuda:: ops are declared once, in Python (vitkern/_extension.py,
@@ -166,4 +188,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_epilogue_block", &epilogue_block, py::arg("nvec"), py::arg("rows"), py::arg("max_row_blocks") = 65535,
         "The launch shape (bx, by, gx, gy) of the elementwise passes of dense_epilogue.cu over rows x nvec column "
         "vectors (csrc/dense_epilogue.h: EpilogueBlock); host-only.");
+  m.def("_dense_bwd_epilogue_block", &dense_bwd_epilogue_block, py::arg("rows"), py::arg("cols"),
+        py::arg("elem_size"), py::arg("partial_sums"),
+        "The launch shape (bx, by, gx, gy, vector) of the backward epilogue pass for an aligned (rows, cols) "
+        "gradient, with or without the LayerScale / row-scale partial sums ((gy, cols) and (gx, rows) fp32); "
+        "host-only.");
 }

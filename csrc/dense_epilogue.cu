@@ -86,6 +86,31 @@ __device__ __forceinline__ float act_grad(float x, int act) {
   return 1.0f;
 }
 
+// z = act(x) and dz = act'(x) of V values, the activation's branch taken once for all of them.
+template <int V>
+__device__ __forceinline__ void act_fwd_and_grad(const float (&x)[V], int act, float (&z)[V], float (&dz)[V]) {
+  if (act == kActGelu) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float cdf = 0.5f * (1.0f + erff(x[i] * kSqrtHalf));
+      z[i] = x[i] * cdf;
+      dz[i] = cdf + x[i] * expf(-0.5f * x[i] * x[i]) * kInvSqrt2Pi;
+    }
+  } else if (act == kActGeluTanh) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      z[i] = gelu_tanh(x[i]);
+      dz[i] = gelu_tanh_grad(x[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      z[i] = x[i];
+      dz[i] = 1.0f;
+    }
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ float load_row_scale(const void* p, int dtype, int64_t r) {
   return dtype == kDTypeF32 ? static_cast<const float*>(p)[r] : to_f(static_cast<const T*>(p)[r]);
@@ -154,15 +179,51 @@ __global__ void __launch_bounds__(kThreads) dense_fwd_epilogue_kernel(const Dens
 
 // ---------------------------------------------------------------------- backward epilogue
 
-template <typename T, typename G, int V>
+// The sum of `v` over the threads of this thread's row (the bx consecutive threads from
+// row * bx), deterministic: a segmented shuffle reduction inside each warp (a warp may hold parts
+// of several rows), then the row's first thread adds the pieces of the warps its row spans, in
+// order, from `stage` (one float per thread). Returns the sum in the row's first thread (tx == 0);
+// every thread of the block must call it (it synchronises the block once).
+__device__ __forceinline__ float row_sum(float v, int tx, int row, int bx, int threads, float* stage) {
+  const int t = static_cast<int>(threadIdx.x);
+  const int lane = t & 31;
+  const int warp_base = t - lane;
+  const int in_warp = threads - warp_base;
+  const unsigned mask = in_warp >= 32 ? 0xffffffffu : (1u << in_warp) - 1u;
+  const int row_end = (row + 1) * bx - 1 - warp_base;  // the row's last lane, relative to the warp
+  const int last = row_end < 31 ? row_end : 31;
+  // After the step with offset `off`, lane i holds the sum over lanes [i, min(i + 2 off, last + 1)).
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float o = __shfl_down_sync(mask, v, off);
+    if (lane + off <= last) v += o;
+  }
+  if (tx == 0 || lane == 0) stage[t] = v;  // the head of each run of the row inside a warp
+  __syncthreads();
+  float s = 0.0f;
+  if (tx == 0) {
+    s = stage[t];
+    for (int w = t / 32 + 1; w * 32 < (row + 1) * bx; ++w) s += stage[w * 32];
+  }
+  return s;
+}
+
+// dt = grad * row_scale * gamma * act'(pre) (when e.dt is set). kScaleGrads: also the partial
+// sums of the LayerScale and row-scale gradients with z = act(pre), the fp32 sums over this
+// block's rows (dgamma_partial[blockIdx.y]) and columns (drow_scale_partial[blockIdx.x]); then
+// every thread of the block runs every row step (the row sums synchronise the block), and
+// `reduce` holds (2 + V) * bx * by floats of dynamic shared memory.
+template <typename T, typename G, int V, bool kScaleGrads>
 __global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const DenseBwdEpilogue e, const int bx,
                                                                       const int by) {
   const int ty = static_cast<int>(threadIdx.x) / bx;
   const int tx = static_cast<int>(threadIdx.x) - ty * bx;
+  const int threads = bx * by;
   const int64_t nvec = e.cols / V;
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * bx + tx;
-  if (cv >= nvec) return;
-  const int64_t c0 = cv * V;
+  const bool active = cv < nvec;
+  if (!kScaleGrads && !active) return;
+  const int64_t c0 = active ? cv * V : 0;  // idle threads of a reducing block read column 0's gamma
   float gamma[V];
   if (e.gamma != nullptr) {
     const auto g = load_pack<T, V>(static_cast<const T*>(e.gamma) + c0);
@@ -175,28 +236,79 @@ __global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const Dens
   const G* grad = static_cast<const G*>(e.grad);
   const T* pre = static_cast<const T*>(e.pre);
   T* dt = static_cast<T*>(e.dt);
+  float dgamma[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) dgamma[i] = 0.0f;
+  extern __shared__ float reduce[];
   const int64_t row_step = static_cast<int64_t>(gridDim.y) * by;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * by + ty; r < e.rows; r += row_step) {
-    float g[V];
-    if constexpr (V == 1) {
-      g[0] = to_f(grad[r * e.grad_stride_row + c0 * e.grad_stride_col]);
-    } else {  // the vector path has a unit column stride
-      const auto gv = load_pack<G, V>(grad + r * e.grad_stride_row + c0);
+  int step = 0;
+  // r0 is the same for the whole block, so a reducing block runs its row steps in lock step.
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * by; r0 < e.rows; r0 += row_step, ++step) {
+    const int64_t r = r0 + ty;
+    const bool valid = active && r < e.rows;
+    float drow = 0.0f;  // this thread's part of sum_n grad * gamma * z
+    if (valid) {
+      float g[V];
+      if constexpr (V == 1) {
+        g[0] = to_f(grad[r * e.grad_stride_row + c0 * e.grad_stride_col]);
+      } else {  // the vector path has a unit column stride
+        const auto gv = load_pack<G, V>(grad + r * e.grad_stride_row + c0);
 #pragma unroll
-      for (int i = 0; i < V; ++i) g[i] = to_f(gv.v[i]);
+        for (int i = 0; i < V; ++i) g[i] = to_f(gv.v[i]);
+      }
+      const float scale = e.row_scale != nullptr ? load_row_scale<T>(e.row_scale, e.row_scale_dtype, r) : 1.0f;
+      float p[V];
+      if (kScaleGrads || e.act != kActNone) {
+        const auto pv = load_pack<T, V>(pre + r * e.ld_pre + c0);
+#pragma unroll
+        for (int i = 0; i < V; ++i) p[i] = to_f(pv.v[i]);
+      }
+      Pack<T, V> ov;
+      if constexpr (kScaleGrads) {
+        float z[V], dz[V];
+        act_fwd_and_grad<V>(p, e.act, z, dz);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float gz = g[i] * z[i];
+          dgamma[i] += gz * scale;
+          drow += gz * gamma[i];
+          ov.v[i] = from_f<T>(g[i] * scale * gamma[i] * dz[i]);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          float d = g[i] * scale * gamma[i];
+          if (e.act != kActNone) d *= act_grad(p[i], e.act);
+          ov.v[i] = from_f<T>(d);
+        }
+      }
+      if (dt != nullptr) store_pack<T, V>(dt + r * e.ld_dt + c0, ov);
     }
-    const float scale = e.row_scale != nullptr ? load_row_scale<T>(e.row_scale, e.row_scale_dtype, r) : 1.0f;
-#pragma unroll
-    for (int i = 0; i < V; ++i) g[i] = g[i] * scale * gamma[i];
-    if (e.act != kActNone) {
-      const auto pv = load_pack<T, V>(pre + r * e.ld_pre + c0);
-#pragma unroll
-      for (int i = 0; i < V; ++i) g[i] *= act_grad(to_f(pv.v[i]), e.act);
+    if constexpr (kScaleGrads) {
+      if (e.drow_scale_partial != nullptr) {
+        // Two stages alternate: a stage is rewritten two steps later, after every reader of it
+        // has passed the next step's barrier.
+        const float s = row_sum(drow, tx, ty, bx, threads, reduce + (step & 1) * threads);
+        if (tx == 0 && r < e.rows) e.drow_scale_partial[static_cast<int64_t>(blockIdx.x) * e.rows + r] = s;
+      }
     }
-    Pack<T, V> ov;
+  }
+  if constexpr (kScaleGrads) {
+    if (e.dgamma_partial != nullptr) {
+      float* stage = reduce + 2 * threads;
 #pragma unroll
-    for (int i = 0; i < V; ++i) ov.v[i] = from_f<T>(g[i]);
-    store_pack<T, V>(dt + r * e.ld_dt + c0, ov);
+      for (int i = 0; i < V; ++i) stage[i * threads + threadIdx.x] = dgamma[i];
+      __syncthreads();
+      if (ty == 0 && active) {
+        float* out = e.dgamma_partial + static_cast<int64_t>(blockIdx.y) * e.cols + c0;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          float s = 0.0f;
+          for (int y = 0; y < by; ++y) s += stage[i * threads + y * bx + tx];
+          out[i] = s;
+        }
+      }
+    }
   }
 }
 
@@ -251,6 +363,10 @@ bool vector_ok(const void* p, int64_t ld, int esize, int v) {
 
 constexpr int64_t kMaxGridY = 65535;
 
+bool scale_grads_requested(const DenseBwdEpilogue& e) {
+  return e.dgamma_partial != nullptr || e.drow_scale_partial != nullptr;
+}
+
 dim3 grid_of(const EpilogueBlock& b) { return dim3(static_cast<unsigned>(b.gx), static_cast<unsigned>(b.gy)); }
 unsigned threads_of(const EpilogueBlock& b) { return static_cast<unsigned>(b.bx * b.by); }
 
@@ -271,8 +387,14 @@ void dispatch_fwd(const DenseFwdEpilogue& e, cudaStream_t stream) {
 
 template <typename T, typename G, int V>
 void run_bwd(const DenseBwdEpilogue& e, cudaStream_t stream) {
-  const EpilogueBlock b = epilogue_block(e.cols / V, e.rows, kMaxGridY);
-  dense_bwd_epilogue_kernel<T, G, V><<<grid_of(b), threads_of(b), 0, stream>>>(e, b.bx, b.by);
+  const bool partial_sums = scale_grads_requested(e);
+  const EpilogueBlock b = dense_bwd_epilogue_block(e, partial_sums);
+  if (partial_sums) {
+    const size_t smem = static_cast<size_t>(2 + V) * threads_of(b) * sizeof(float);
+    dense_bwd_epilogue_kernel<T, G, V, true><<<grid_of(b), threads_of(b), smem, stream>>>(e, b.bx, b.by);
+  } else {
+    dense_bwd_epilogue_kernel<T, G, V, false><<<grid_of(b), threads_of(b), 0, stream>>>(e, b.bx, b.by);
+  }
 }
 
 template <typename T, typename G>
@@ -322,6 +444,16 @@ EpilogueBlock epilogue_block(int64_t nvec, int64_t rows, int64_t max_row_blocks)
   return best;
 }
 
+EpilogueBlock dense_bwd_epilogue_block(const DenseBwdEpilogue& e, bool partial_sums) {
+  const int64_t nvec = e.cols / dense_bwd_epilogue_vector(e);
+  EpilogueBlock b = epilogue_block(nvec, e.rows, kMaxGridY);
+  if (partial_sums) {
+    const int64_t cap = kScaleGradBlocks / b.gx;
+    b = epilogue_block(nvec, e.rows, cap < 1 ? 1 : cap);
+  }
+  return b;
+}
+
 int dense_fwd_epilogue_vector(const DenseFwdEpilogue& e) {
   const int es = elem_size(e.dtype), os = elem_size(e.out_dtype);
   const int v = 16 / es;
@@ -363,7 +495,9 @@ cudaError_t launch_dense_fwd_epilogue(const DenseFwdEpilogue& e, cudaStream_t st
 cudaError_t launch_dense_bwd_epilogue(const DenseBwdEpilogue& e, cudaStream_t stream) {
   if (!valid_dtype(e.dtype) || !valid_act(e.act)) return cudaErrorInvalidValue;
   if (e.grad_dtype != e.dtype && e.grad_dtype != kDTypeF32) return cudaErrorInvalidValue;
-  if (e.grad == nullptr || e.dt == nullptr || (e.act != kActNone && e.pre == nullptr)) return cudaErrorInvalidValue;
+  const bool scale = scale_grads_requested(e);
+  if (e.grad == nullptr || (e.dt == nullptr && !scale)) return cudaErrorInvalidValue;
+  if ((e.act != kActNone || scale) && e.pre == nullptr) return cudaErrorInvalidValue;
   if (e.rows == 0 || e.cols == 0) return cudaSuccess;
   const bool same = e.grad_dtype == e.dtype;
   switch (e.dtype) {

@@ -50,6 +50,13 @@ cudaError_t launch_dense_fwd_epilogue(const DenseFwdEpilogue& e, cudaStream_t st
 // Backward epilogue: dt = grad * row_scale[m] * gamma[n] * act'(pre)  (each factor optional),
 // written in the compute dtype; `grad` has any strides (expanded gradients have stride 0) and the
 // compute dtype or fp32. dt may alias grad when both have the compute dtype and the same layout.
+// In the same pass, when their buffers are set, the partial sums of the LayerScale and row-scale
+// gradients with z = act(pre) (pre: the branch before its scales; z = pre without activation):
+//   dgamma_partial[j, n]     = sum of grad * row_scale[m] * z over the rows m of row block j
+//   drow_scale_partial[i, m] = sum of grad * gamma[n] * z over the columns n of column block i
+// fp32, (gy, N) and (gx, M) for the shape dense_bwd_epilogue_block returns; the caller sums them
+// over the blocks. The partition depends only on the shape and the alignment, so the sums are the
+// same on every run and every GPU. dt may be null when only the partial sums are wanted.
 struct DenseBwdEpilogue {
   int64_t rows = 0, cols = 0;
   int dtype = kDTypeF32;       // compute dtype: pre, gamma, dt
@@ -64,6 +71,8 @@ struct DenseBwdEpilogue {
   int row_scale_dtype = kDTypeF32;
   void* dt = nullptr;
   int64_t ld_dt = 0;
+  float* dgamma_partial = nullptr;
+  float* drow_scale_partial = nullptr;
 };
 cudaError_t launch_dense_bwd_epilogue(const DenseBwdEpilogue& e, cudaStream_t stream);
 
@@ -106,6 +115,14 @@ struct EpilogueBlock {
 // each row block writes a partial sum). E.g. bf16 N = 2304 (288 vectors of 8): 3 x 96 vectors,
 // 2 rows a block, every lane busy, where a fixed 256-wide block left 44% of its lanes idle.
 EpilogueBlock epilogue_block(int64_t nvec, int64_t rows, int64_t max_row_blocks);
+
+// With partial sums the backward pass launches at most this many blocks (gx * gy, gy >= 1), so
+// the (gy, N) partials stay small (a few MB) while about 8 blocks per SM fill an H100.
+constexpr int64_t kScaleGradBlocks = 1024;
+
+// The launch shape of launch_dense_bwd_epilogue for these pointers and sizes, with or without the
+// partial sums (whose shapes come from it: allocate them, then set their pointers). Host-only.
+EpilogueBlock dense_bwd_epilogue_block(const DenseBwdEpilogue& e, bool partial_sums);
 
 // Elements per thread the forward / backward epilogue would use (16-byte vectors when every
 // pointer, leading dimension and N allow it, else 1). Host-only.

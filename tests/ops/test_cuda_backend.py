@@ -562,6 +562,27 @@ def test_epilogue_block_covers_every_element_once(nvec, rows):
         assert all(v == 1 for row in _covered(block, nvec, rows) for v in row), block
 
 
+@needs_extension
+@pytest.mark.parametrize("rows, cols, elem_size", [(256 * 197, 768, 2), (256 * 197, 1280, 4), (256 * 257, 1280, 2),
+                                                   (64 * 197, 384, 4), (394, 384, 2), (3001, 130, 2), (5, 40, 4)])
+def test_scale_gradient_partials_stay_small(rows, cols, elem_size):
+    """The backward pass with the LayerScale / row-scale partial sums launches at most 1024 blocks,
+    so its (gy, N) and (gx, M) fp32 partials stay far below one fp32 pass over the gradient; its
+    rows stride over the capped row blocks and still visit every element once."""
+    ext_C = ext.load()
+    plain = ext_C._dense_bwd_epilogue_block(rows, cols, elem_size, False)
+    block = ext_C._dense_bwd_epilogue_block(rows, cols, elem_size, True)
+    nvec = cols // block["vector"]
+    assert {k: plain[k] for k in ("bx", "by", "gx", "gy")} == ext_C._epilogue_block(nvec, rows)
+    assert (block["bx"], block["by"], block["gx"]) == (plain["bx"], plain["by"], plain["gx"])
+    assert block["gx"] * block["gy"] <= 1024 and block["gy"] <= plain["gy"]
+    partial_bytes = 4 * (block["gy"] * cols + block["gx"] * rows)
+    if rows >= 50000:  # training batches: the partials are < 1/16 of one fp32 pass
+        assert partial_bytes <= rows * cols * 4 / 16, block
+    if rows * nvec <= 200_000:
+        assert all(v == 1 for row in _covered(block, nvec, rows) for v in row)
+
+
 # ================================================================================ GPU numerics
 
 
@@ -662,6 +683,33 @@ def test_linear_matches_reference(device, dtype, activation, mode, unfused):
                 _compare(run, ref, ins, dtype)
         else:
             _compare(run, ref, ins, dtype)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("n", [384, 130])
+def test_scale_gradients_over_many_row_steps(device, dtype, n):
+    """LayerScale and row-scale gradients at 9003 rows, where each block of the backward pass
+    strides over several row steps (the partial sums' blocks are capped), at a 16-byte (384) and
+    a 1-element (130) width, with an fp32 residual stream; twice, bitwise equal."""
+    ins = _dense_inputs((3, 3001), 64, n, dtype, device, residual=F32, scale=True, row_scale=True)
+
+    def run(**a):
+        with vitkern.use_backend("cuda"):
+            return vitkern.linear(**a, activation="gelu")
+
+    def ref(**a):
+        return linear_ref(**a, activation="gelu")
+
+    _compare(run, ref, ins, dtype)
+    leaves = {k: (v.detach().requires_grad_(True) if v is not None else None) for k, v in ins.items()}
+    grads = []
+    for _ in range(2):
+        y = run(**leaves)
+        grads.append(torch.autograd.grad(y, [leaves["residual_scale"], leaves["row_scale"]], torch.ones_like(y)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
