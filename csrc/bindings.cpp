@@ -145,6 +145,38 @@ py::dict dense_bwd_epilogue_block(int64_t rows, int64_t cols, int64_t elem_size,
   return d;
 }
 
+// The token-row pass's plan (csrc/dense_epilogue.h) for out rows [row0, row0 + rows) of each of
+// `batch` blocks `batch_stride` elements apart, from one source whose rows start at src_row0
+// (src_elem_size 0: none), at these offsets from a 256-byte-aligned address.
+py::dict token_rows_plan(int64_t batch, int64_t batch_stride, int64_t row0, int64_t rows, int64_t dim,
+                         int64_t out_elem_size, uintptr_t out_addr, int64_t src_elem_size, uintptr_t src_addr,
+                         int64_t src_row0) {
+  auto code = [](int64_t es) { return es == 4 ? vitkern::kDTypeF32 : vitkern::kDTypeBF16; };
+  constexpr uintptr_t kBase = uintptr_t{1} << 32;  // never null: null means "no operand"
+  vitkern::TokenRows t;
+  t.out = reinterpret_cast<void*>(kBase + out_addr);
+  t.out_dtype = code(out_elem_size);
+  t.batch = batch;
+  t.batch_stride = batch_stride;
+  t.row0 = row0;
+  t.rows = rows;
+  t.dim = dim;
+  if (src_elem_size > 0) {
+    t.src_a = reinterpret_cast<const void*>(kBase + src_addr);
+    t.a_dtype = code(src_elem_size);
+    t.a_row0 = src_row0;
+  }
+  const vitkern::EpilogueBlock b = vitkern::token_rows_block(t);
+  py::dict d;
+  d["vector"] = vitkern::token_rows_vector(t);
+  d["index_bits"] = vitkern::token_rows_index_bits(t);
+  d["bx"] = b.bx;
+  d["by"] = b.by;
+  d["gx"] = b.gx;
+  d["gy"] = b.gy;
+  return d;
+}
+
 }  // namespace
 
 // The schemas of the vitkern_cuda:: ops are declared once, in Python (vitkern/_extension.py,
@@ -192,5 +224,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("elem_size"), py::arg("partial_sums"),
         "The launch shape (bx, by, gx, gy, vector) of the backward epilogue pass for an aligned (rows, cols) "
         "gradient, with or without the LayerScale / row-scale partial sums ((gy, cols) and (gx, rows) fp32); "
+        "host-only.");
+  m.def("_token_rows_plan", &token_rows_plan, py::arg("batch"), py::arg("batch_stride"), py::arg("row0"),
+        py::arg("rows"), py::arg("dim"), py::arg("out_elem_size") = 2, py::arg("out_addr") = 0,
+        py::arg("src_elem_size") = 0, py::arg("src_addr") = 0, py::arg("src_row0") = 0,
+        "The token-row pass's plan (vector, index_bits, bx, by, gx, gy) for this geometry, the operands at these "
+        "offsets from an aligned address; "
         "host-only.");
 }

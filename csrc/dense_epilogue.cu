@@ -7,7 +7,9 @@
 // Memory-bound; the epilogue passes move 16-byte vectors per thread when the layout allows.
 // fp32 math, one rounding per store. Only CUDA headers here (no ATen) to keep the compile short.
 
+#include <climits>
 #include <cstdint>
+#include <initializer_list>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -94,7 +96,7 @@ __device__ __forceinline__ void act_fwd_and_grad(const float (&x)[V], int act, f
     for (int i = 0; i < V; ++i) {
       const float cdf = 0.5f * (1.0f + erff(x[i] * kSqrtHalf));
       z[i] = x[i] * cdf;
-      dz[i] = cdf + x[i] * expf(-0.5f * x[i] * x[i]) * kInvSqrt2Pi;
+      dz[i] = cdf + x[i] * (expf(-0.5f * x[i] * x[i]) * kInvSqrt2Pi);  // gelu_erf_grad's rounding
     }
   } else if (act == kActGeluTanh) {
 #pragma unroll
@@ -330,20 +332,101 @@ __device__ __forceinline__ void store_any(void* p, int dtype, int64_t i, float v
   }
 }
 
-__global__ void __launch_bounds__(kThreads) token_rows_kernel(const TokenRows t) {
-  const int64_t total = t.batch * t.rows * t.dim;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
-    const int64_t c = idx % t.dim;
-    const int64_t rest = idx / t.dim;
-    const int64_t r = rest % t.rows;
-    const int64_t b = rest / t.rows;
-    const int64_t o = b * t.batch_stride + (t.row0 + r) * t.dim + c;
-    float v = t.accumulate ? load_any(t.out, t.out_dtype, o) : 0.0f;
-    if (t.src_a != nullptr) v += load_any(t.src_a, t.a_dtype, (t.a_row0 + r) * t.dim + c);
-    if (t.src_b != nullptr) v += load_any(t.src_b, t.b_dtype, (t.b_row0 + r) * t.dim + c);
-    if (t.vec != nullptr) v += load_any(t.vec, t.vec_dtype, c);
-    store_any(t.out, t.out_dtype, o, v);
+// n <= V consecutive values of a `dtype` array from element i, as fp32: one V-wide access when
+// n == V (token_rows_vector checked the alignment), else n scalar ones (a row's tail).
+template <typename U, int V>
+__device__ __forceinline__ void load_vector_as_float(const void* p, int64_t i, float (&v)[V]) {
+  const auto x = load_pack<U, V>(static_cast<const U*>(p) + i);
+#pragma unroll
+  for (int k = 0; k < V; ++k) v[k] = to_f(x.v[k]);
+}
+
+template <int V>
+__device__ __forceinline__ void load_part(const void* p, int dtype, int64_t i, int n, float (&v)[V]) {
+  if (n == V) {
+    switch (dtype) {
+      case kDTypeF16: load_vector_as_float<__half, V>(p, i, v); break;
+      case kDTypeBF16: load_vector_as_float<__nv_bfloat16, V>(p, i, v); break;
+      default: load_vector_as_float<float, V>(p, i, v); break;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = k < n ? load_any(p, dtype, i + k) : 0.0f;
+  }
+}
+
+template <typename U, int V>
+__device__ __forceinline__ void store_vector_from_float(void* p, int64_t i, const float (&v)[V]) {
+  Pack<U, V> x;
+#pragma unroll
+  for (int k = 0; k < V; ++k) x.v[k] = from_f<U>(v[k]);
+  store_pack<U, V>(static_cast<U*>(p) + i, x);
+}
+
+template <int V>
+__device__ __forceinline__ void store_part(void* p, int dtype, int64_t i, int n, const float (&v)[V]) {
+  if (n == V) {
+    switch (dtype) {
+      case kDTypeF16: store_vector_from_float<__half, V>(p, i, v); break;
+      case kDTypeBF16: store_vector_from_float<__nv_bfloat16, V>(p, i, v); break;
+      default: store_vector_from_float<float, V>(p, i, v); break;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (k < n) store_any(p, dtype, i + k, v[k]);
+    }
+  }
+}
+
+// The flattened B * rows token rows in blocks of bx * by threads (EpilogueBlock over the rows'
+// V-wide slots, the last slot of a row holding its dim % V tail). The row index and its split
+// into (b, r) are `Index` (int32 where token_rows_index_bits allows), once per row; the element
+// offsets of a row's start are int64, the columns within it `Index`.
+template <int V, typename Index>
+__global__ void __launch_bounds__(kThreads) token_rows_kernel(const TokenRows t, const int bx, const int by) {
+  const int ty = static_cast<int>(threadIdx.x) / bx;
+  const int tx = static_cast<int>(threadIdx.x) - ty * bx;
+  const Index dim = static_cast<Index>(t.dim);
+  const Index slots = (dim + V - 1) / V;
+  const Index cv = static_cast<Index>(blockIdx.x) * bx + tx;
+  if (cv >= slots) return;
+  const Index c0 = cv * V;
+  const int n = dim - c0 < V ? static_cast<int>(dim - c0) : V;
+  float vec[V];
+  if (t.vec != nullptr) {
+    load_part<V>(t.vec, t.vec_dtype, c0, n, vec);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) vec[k] = 0.0f;
+  }
+  const Index rows = static_cast<Index>(t.rows);
+  const Index tasks = static_cast<Index>(t.batch) * rows;
+  const Index step = static_cast<Index>(gridDim.y) * by;
+  for (Index q = static_cast<Index>(blockIdx.y) * by + ty; q < tasks; q += step) {
+    const Index b = q / rows;
+    const Index r = q - b * rows;
+    const int64_t o = static_cast<int64_t>(b) * t.batch_stride + (t.row0 + static_cast<int64_t>(r)) * t.dim + c0;
+    float v[V], x[V];
+    if (t.accumulate) {
+      load_part<V>(t.out, t.out_dtype, o, n, v);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] = 0.0f;
+    }
+    if (t.src_a != nullptr) {
+      load_part<V>(t.src_a, t.a_dtype, (t.a_row0 + static_cast<int64_t>(r)) * t.dim + c0, n, x);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] += x[k];
+    }
+    if (t.src_b != nullptr) {
+      load_part<V>(t.src_b, t.b_dtype, (t.b_row0 + static_cast<int64_t>(r)) * t.dim + c0, n, x);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] += x[k];
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] += vec[k];
+    store_part<V>(t.out, t.out_dtype, o, n, v);
   }
 }
 
@@ -512,17 +595,65 @@ cudaError_t launch_dense_bwd_epilogue(const DenseBwdEpilogue& e, cudaStream_t st
   return cudaSuccess;
 }
 
+int token_rows_vector(const TokenRows& t) {
+  for (int v : {8, 4, 2}) {
+    // Every row start of every operand, and its pointer, aligned to its V-wide access.
+    auto ok = [&](const void* p, int dtype, std::initializer_list<int64_t> offsets) {
+      if (p == nullptr) return true;
+      const int es = elem_size(dtype);
+      for (int64_t off : offsets) {
+        if (!vector_ok(p, off, es, v)) return false;
+      }
+      return vector_ok(p, 0, es, v);
+    };
+    const int64_t pitch = t.rows > 1 ? t.dim : 0;  // between a batch's rows
+    if (ok(t.out, t.out_dtype, {t.batch > 1 ? t.batch_stride : 0, pitch, t.row0 * t.dim}) &&
+        ok(t.src_a, t.a_dtype, {pitch, t.a_row0 * t.dim}) && ok(t.src_b, t.b_dtype, {pitch, t.b_row0 * t.dim}) &&
+        ok(t.vec, t.vec_dtype, {})) {
+      return v;
+    }
+  }
+  return 1;
+}
+
+int token_rows_index_bits(const TokenRows& t) {
+  // The row loop's index passes the last row by at most one grid step; the slots' by a block.
+  const int64_t tasks = t.batch * t.rows;
+  const bool fits = tasks <= INT32_MAX - kMaxGridY * kThreads && t.dim <= INT32_MAX - 8 * kThreads;
+  return fits ? 32 : 64;
+}
+
+EpilogueBlock token_rows_block(const TokenRows& t) {
+  const int v = token_rows_vector(t);
+  return epilogue_block((t.dim + v - 1) / v, t.batch * t.rows, kMaxGridY);
+}
+
+namespace {
+
+template <int V>
+void run_token_rows(const TokenRows& t, cudaStream_t stream) {
+  const EpilogueBlock b = token_rows_block(t);
+  if (token_rows_index_bits(t) == 32) {
+    token_rows_kernel<V, int32_t><<<grid_of(b), threads_of(b), 0, stream>>>(t, b.bx, b.by);
+  } else {
+    token_rows_kernel<V, int64_t><<<grid_of(b), threads_of(b), 0, stream>>>(t, b.bx, b.by);
+  }
+}
+
+}  // namespace
+
 cudaError_t launch_token_rows(const TokenRows& t, cudaStream_t stream) {
   for (int d : {t.out_dtype, t.a_dtype, t.b_dtype, t.vec_dtype}) {
     if (!valid_dtype(d)) return cudaErrorInvalidValue;
   }
-  if (t.out == nullptr) return cudaErrorInvalidValue;
-  const int64_t total = t.batch * t.rows * t.dim;
-  if (total == 0) return cudaSuccess;
-  int64_t blocks = (total + kThreads - 1) / kThreads;
-  const int64_t max_blocks = 1 << 20;  // the kernel strides over the rest
-  if (blocks > max_blocks) blocks = max_blocks;
-  token_rows_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t);
+  if (t.out == nullptr || t.batch < 0 || t.rows < 0 || t.dim < 0) return cudaErrorInvalidValue;
+  if (t.batch * t.rows * t.dim == 0) return cudaSuccess;
+  switch (token_rows_vector(t)) {
+    case 8: run_token_rows<8>(t, stream); break;
+    case 4: run_token_rows<4>(t, stream); break;
+    case 2: run_token_rows<2>(t, stream); break;
+    default: run_token_rows<1>(t, stream); break;
+  }
   return cudaSuccess;
 }
 

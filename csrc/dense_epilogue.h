@@ -20,6 +20,23 @@ enum DTypeCode : int { kDTypeF32 = 0, kDTypeF16 = 1, kDTypeBF16 = 2 };
 // Activation ids; the op schemas carry the same integers (vitkern/ops/cuda_backend.py).
 enum ActCode : int { kActNone = 0, kActGelu = 1, kActGeluTanh = 2 };
 
+// Launch shape of the elementwise passes over a (rows, nvec) grid of column vectors: gx x gy
+// blocks of bx * by threads, flattened: thread t of a block takes the row t / bx and the column
+// vector t % bx, so a warp may span rows and a width that is not a multiple of 32 vectors wastes
+// no lanes beyond the block's last warp. Each block covers bx column vectors and strides over the
+// rows by gy * by. Chosen from the width (epilogue_block), host-only.
+struct EpilogueBlock {
+  int bx = 1, by = 1;     // column vectors and rows per block
+  int64_t gx = 1, gy = 1;  // blocks along the columns and the rows
+};
+
+// The block shape with the largest share of useful lanes (nvec * rows covered per pass over the
+// launched blocks' warps), at most 256 threads a block; ties go to fewer column blocks (longer
+// contiguous runs of a row per warp), then to more threads a block. gy is capped at
+// max_row_blocks (65535, the grid's y limit, or fewer where each row block writes a partial sum). E.g. bf16 N = 2304 (288 vectors of 8): 3 x 96 vectors,
+// 2 rows a block, every lane busy, where a fixed 256-wide block left 44% of its lanes idle.
+EpilogueBlock epilogue_block(int64_t nvec, int64_t rows, int64_t max_row_blocks);
+
 // Forward epilogue, one pass over an (M, N) GEMM result `t` (compute dtype):
 //   v    = round_to_compute(t + bias)        (bias only when not already added by cuBLASLt)
 //   pre  = v                                  (optional; may alias t)
@@ -99,22 +116,13 @@ struct TokenRows {
 };
 cudaError_t launch_token_rows(const TokenRows& t, cudaStream_t stream);
 
-// Launch shape of the elementwise passes over a (rows, nvec) grid of column vectors: gx x gy
-// blocks of bx * by threads, flattened: thread t of a block takes the row t / bx and the column
-// vector t % bx, so a warp may span rows and a width that is not a multiple of 32 vectors wastes
-// no lanes beyond the block's last warp. Each block covers bx column vectors and strides over the
-// rows by gy * by. Chosen from the width (epilogue_block), host-only.
-struct EpilogueBlock {
-  int bx = 1, by = 1;     // column vectors and rows per block
-  int64_t gx = 1, gy = 1;  // blocks along the columns and the rows
-};
-
-// The block shape with the largest share of useful lanes (nvec * rows covered per pass over the
-// launched blocks' warps), at most 256 threads a block; ties go to fewer column blocks (longer
-// contiguous runs of a row per warp), then to more threads a block. gy is capped at max_row_blocks (65535, the grid's y limit, or fewer where
-// each row block writes a partial sum). E.g. bf16 N = 2304 (288 vectors of 8): 3 x 96 vectors,
-// 2 rows a block, every lane busy, where a fixed 256-wide block left 44% of its lanes idle.
-EpilogueBlock epilogue_block(int64_t nvec, int64_t rows, int64_t max_row_blocks);
+// The token-row pass's plan, host-only: the elements per access (8, 4, 2 or 1: the widest for
+// which every operand's pointer and row starts are aligned to min(16, width * element size)
+// bytes; a row's dim % width tail is then written by scalar accesses), whether its row and
+// column indices fit 32 bits (32, else 64), and its block shape over the rows' slots.
+int token_rows_vector(const TokenRows& t);
+int token_rows_index_bits(const TokenRows& t);
+EpilogueBlock token_rows_block(const TokenRows& t);
 
 // With partial sums the backward pass launches at most this many blocks (gx * gy, gy >= 1), so
 // the (gy, N) partials stay small (a few MB) while about 8 blocks per SM fill an H100.

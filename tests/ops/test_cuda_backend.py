@@ -583,6 +583,37 @@ def test_scale_gradient_partials_stay_small(rows, cols, elem_size):
         assert all(v == 1 for row in _covered(block, nvec, rows) for v in row)
 
 
+_VIT_B = dict(batch=256, batch_stride=197 * 768, dim=768)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "args, vector, index_bits",
+    [
+        (dict(_VIT_B, row0=0, rows=1, src_elem_size=4), 8, 32),  # class token + fp32 pos_embed row
+        (dict(_VIT_B, row0=1, rows=196, src_elem_size=4, src_row0=1), 8, 32),  # patch rows + pos (unfused)
+        (dict(batch=8, batch_stride=257 * 1280, row0=0, rows=5, dim=1280, out_elem_size=4, src_elem_size=4), 8, 32),
+        (dict(batch=3, batch_stride=8 * 100, row0=0, rows=1, dim=100), 8, 32),  # 12 vectors + a 4-element tail
+        (dict(batch=2, batch_stride=5 * 99, row0=0, rows=5, dim=99), 1, 32),  # odd rows: scalar
+        (dict(batch=2, batch_stride=5 * 98, row0=0, rows=5, dim=98), 2, 32),  # 196-byte rows: 4-byte units
+        (dict(_VIT_B, row0=0, rows=1, out_addr=4), 2, 32),  # a 4-byte-aligned output
+        (dict(_VIT_B, row0=0, rows=1, src_elem_size=2, src_addr=2), 1, 32),  # a misaligned source
+        (dict(batch=2**22, batch_stride=1024 * 8, row0=0, rows=1024, dim=8), 8, 64),  # 2^32 token rows
+    ],
+)
+def test_token_rows_plan(args, vector, index_bits):
+    """The token-row pass moves 16-byte vectors where every row start is aligned (a scalar tail
+    for the rest of a row), narrower units otherwise, and 32-bit row / column indices where the
+    sizes allow."""
+    plan = ext.load()._token_rows_plan(**args)
+    assert (plan["vector"], plan["index_bits"]) == (vector, index_bits), plan
+    slots = -(-args["dim"] // plan["vector"])
+    tasks = args["batch"] * args["rows"]
+    assert plan["bx"] * plan["by"] <= 256 and plan["gx"] * plan["bx"] >= slots
+    if tasks * slots <= 200_000:
+        assert all(v == 1 for row in _covered(plan, slots, tasks) for v in row)
+
+
 # ================================================================================ GPU numerics
 
 
@@ -846,6 +877,33 @@ def test_patch_embed_unfused_and_same_dtype_pos(device, dtype):
 
 @pytest.mark.gpu
 @needs_extension
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("d", [100, 57])
+def test_patch_embed_token_rows_at_odd_widths(device, dtype, d):
+    """The token-row pass at widths that are not a multiple of 8 (100: 16-byte vectors and a
+    4-element tail for the prefix rows; 57: scalar), for the prefix rows and, unfused, the patch
+    rows' bias + position embedding."""
+    b, c, h, w, p = 3, 3, 32, 48, 16
+    n = (h // p) * (w // p)
+    g = torch.Generator().manual_seed(d)
+
+    def rnd(*shape, std=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dt).requires_grad_(True)
+
+    def run(**a):
+        with vitkern.use_backend("cuda"):
+            return vitkern.patch_embed(**a)
+
+    for prefix in (1, 5):
+        ins = dict(images=rnd(b, c, h, w), weight=rnd(d, c, p, p, std=(c * p * p) ** -0.5), bias=rnd(d, std=0.5),
+                   pos_embed=rnd(1, prefix + n, d, dt=F32), prefix_tokens=rnd(1, prefix, d, dt=F32))
+        _compare(run, patch_embed_ref, ins, dtype)
+        with cb.force_unfused_epilogues():
+            _compare(run, patch_embed_ref, ins, dtype)
+
+
+@pytest.mark.gpu
+@needs_extension
 def test_empty_and_degenerate_shapes(device):
     with vitkern.use_backend("cuda"):
         x = torch.randn(0, 16, device=device, requires_grad=True)
@@ -915,22 +973,28 @@ def test_opcheck(device):
     x, w, b = rnd(50, 64), rnd(72, 64), rnd(72)
     r, gm, rs = rnd(50, 72, dt=F32), rnd(72), rnd(50, dt=F32)
     for act in (0, 1, 2):
-        torch.library.opcheck(ops.fused_dense_fwd.default, (x, w, b, act, None, None, None, True))
-        torch.library.opcheck(ops.fused_dense_fwd.default, (x, w, b, act, r, gm, rs, True))
-    _, pre = ops.fused_dense_fwd(x.detach(), w.detach(), b.detach(), 1, None, None, None, True)
+        torch.library.opcheck(ops.fused_dense_fwd.default, (x, w, b, act, None, None, None, True, False))
+        torch.library.opcheck(ops.fused_dense_fwd.default, (x, w, b, act, r, gm, rs, True, False))
+    _, pre = ops.fused_dense_fwd(x.detach(), w.detach(), b.detach(), 1, None, None, None, True, False)
     grad = rnd(50, 72, grad=False)
     torch.library.opcheck(ops.fused_dense_bwd.default,
-                          (grad, x.detach(), w.detach(), None, None, pre, 1, True, True, True, False, False))
+                          (grad, x.detach(), w.detach(), None, None, pre, 1, True, True, True, False, False, False))
     w1, b1, w2, b2 = rnd(96, 64), rnd(96), rnd(72, 96), rnd(72)
     for act in (1, 2):
-        torch.library.opcheck(ops.mlp_fwd.default, (x, w1, b1, w2, b2, act, r, gm, rs, True, True))
+        torch.library.opcheck(ops.mlp_fwd.default, (x, w1, b1, w2, b2, act, r, gm, rs, True, True, False))
     images = rnd(2, 3, 32, 48).detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     pw, pb = rnd(64, 3, 16, 16), rnd(64)
     pos, cls = rnd(1, 7, 64, dt=F32), rnd(1, 1, 64, dt=F32)
-    torch.library.opcheck(ops.patch_embed_fwd.default, (images, pw, pb, pos, cls))
-    torch.library.opcheck(ops.patch_embed_fwd.default, (images.detach().contiguous(), pw, None, None, None))
+    torch.library.opcheck(ops.patch_embed_fwd.default, (images, pw, pb, pos, cls, False))
+    torch.library.opcheck(ops.patch_embed_fwd.default, (images.detach().contiguous(), pw, None, None, None, False))
     tok_grad = rnd(2, 7, 64, dt=F32, grad=False)
-    torch.library.opcheck(ops.patch_embed_bwd.default, (tok_grad, images.detach(), pw.detach(), 1, True, True, True))
+    torch.library.opcheck(ops.patch_embed_bwd.default,
+                          (tok_grad, images.detach(), pw.detach(), 1, True, True, True, False))
+    # 14 x 14 x 3 patches: K = 588 padded to 592, the weight gradient a view with row stride 592
+    images14, pw14 = rnd(2, 3, 28, 42, grad=False), rnd(64, 3, 14, 14, grad=False)
+    torch.library.opcheck(ops.patch_embed_bwd.default,
+                          (rnd(2, 7, 64, grad=False), images14, pw14, 1, True, True, True, False))
+    torch.library.opcheck(ops.patch_embed_fwd.default, (images14, pw14, None, None, None, False))
 
 
 @pytest.mark.gpu
