@@ -105,8 +105,8 @@ py::dict cublaslt_describe(const std::string& kind, const std::string& dtype, in
 
 py::tuple patchify_unit_bytes(int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t patch_h,
                               int64_t patch_w, int64_t elem_size, bool channels_last, uintptr_t in_addr,
-                              uintptr_t out_addr) {
-  const vitkern::PatchifyShape s{batch, channels, height, width, patch_h, patch_w, elem_size, channels_last};
+                              uintptr_t out_addr, int64_t out_ld) {
+  const vitkern::PatchifyShape s{batch, channels, height, width, patch_h, patch_w, elem_size, channels_last, out_ld};
   int load = 0, store = 0;
   vitkern::patchify_unit_bytes(reinterpret_cast<const void*>(in_addr), reinterpret_cast<const void*>(out_addr), s,
                                &load, &store);
@@ -215,8 +215,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The most recent GEMMs that cuBLASLt had no fused algorithm for: 'op: status for GEMM'.");
   m.def("_patchify_unit_bytes", &patchify_unit_bytes, py::arg("batch"), py::arg("channels"), py::arg("height"),
         py::arg("width"), py::arg("patch_h"), py::arg("patch_w"), py::arg("elem_size"), py::arg("channels_last"),
-        py::arg("in_addr"), py::arg("out_addr"),
-        "(load, store) unit widths in bytes that the patchify kernels use for this geometry and these addresses.");
+        py::arg("in_addr"), py::arg("out_addr"), py::arg("out_ld") = 0,
+        "(load, store) unit widths in bytes that the patchify kernels use for this geometry and these addresses "
+        "(out_ld: elements between patch rows, 0 for C * Ph * Pw).");
+  m.def("_padded_patch_k", &vitkern::padded_patch_k, py::arg("k"), py::arg("elem_size"),
+        "The K of the patch-embedding GEMMs for k pixels of elem_size bytes (csrc/patchify.h); host-only.");
   m.def("_epilogue_block", &epilogue_block, py::arg("nvec"), py::arg("rows"), py::arg("max_row_blocks") = 65535,
         "The launch shape (bx, by, gx, gy) of the elementwise passes of dense_epilogue.cu over rows x nvec column "
         "vectors (csrc/dense_epilogue.h: EpilogueBlock); host-only.");

@@ -289,7 +289,21 @@ def test_patch_embed_fake_on_meta(channels_last, pos, prefix):
     dimages, dw, db = torch.ops.vitkern_cuda.patch_embed_bwd(out, images, weight, prefix, True, True, True, False)
     assert dimages.shape == images.shape and dimages.dtype == BF16
     assert dimages.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert dw.shape == weight.shape and db.shape == (d,)
+    assert dw.shape == weight.shape and dw.is_contiguous() and db.shape == (d,)  # K = 384: no padding
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype, stride", [(BF16, (592, 196, 14, 1)), (F16, (592, 196, 14, 1)),
+                                           (F32, (588, 196, 14, 1))])
+def test_patch_embed_fake_weight_grad_of_padded_k(dtype, stride):
+    """14 x 14 x 3 patches: K = 588 pads to 592 in 16-bit dtypes; the weight gradient is the view
+    of the first 588 of 592 columns, the weight's shape, no padding in it."""
+    images = torch.empty(2, 3, 28, 42, dtype=dtype, device="meta")
+    weight = torch.empty(64, 3, 14, 14, dtype=dtype, device="meta")
+    grad = torch.empty(2, 7, 64, dtype=dtype, device="meta")
+    for imgs in (images, images.to(memory_format=torch.channels_last)):
+        _, dw, _ = torch.ops.vitkern_cuda.patch_embed_bwd(grad, imgs, weight, 1, False, True, False, False)
+        assert dw.shape == weight.shape and dw.stride() == stride and dw.dtype == dtype
 
 
 @needs_extension
@@ -511,6 +525,33 @@ def test_cublaslt_stats_and_switch():
 )
 def test_patchify_unit_widths(geometry, addresses, expected):
     assert ext.load()._patchify_unit_bytes(*geometry, *addresses) == expected
+
+
+@needs_extension
+def test_patch_gemm_k_padding_matches_the_fakes_rule():
+    """The "cuda" backend pads K = C * PH * PW to 16 bytes of elements (csrc/patchify.h); the fakes
+    lay the weight gradient out by the Python mirror of that rule."""
+    from vitkern.ops.patch_embed.layout import _cuda_patch_k
+
+    for elem_size in (2, 4):
+        for k in range(0, 1300):
+            assert ext.load()._padded_patch_k(k, elem_size) == _cuda_patch_k(k, elem_size)
+    assert _cuda_patch_k(588, 2) == 592 and _cuda_patch_k(588, 4) == 588 and _cuda_patch_k(768, 2) == 768
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "geometry, out_ld, expected",
+    [
+        ((2, 3, 224, 224, 14, 14, 2, False), 592, (4, 4)),  # NCHW bf16, 588 -> 592: 28-byte runs as before
+        ((2, 3, 224, 224, 14, 14, 2, True), 592, (4, 4)),  # NHWC: 84-byte staged rows
+        ((2, 3, 224, 224, 16, 16, 2, False), 776, (16, 16)),  # a padded pitch keeps 16-byte units
+        ((2, 3, 224, 224, 16, 16, 2, False), 772, (8, 8)),  # a pitch of 1544 bytes: 8-byte units
+    ],
+)
+def test_patchify_unit_widths_with_padded_rows(geometry, out_ld, expected):
+    """With padded patch rows (out_ld > C * PH * PW) a store unit also divides the row pitch."""
+    assert ext.load()._patchify_unit_bytes(*geometry, 0, 0, out_ld) == expected
 
 
 def _lane_use(block: dict, nvec: int, rows: int) -> float:
