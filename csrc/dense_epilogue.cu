@@ -44,9 +44,35 @@ template <typename U, int V>
 __device__ __forceinline__ Pack<U, V> load_pack(const U* p) {
   return *reinterpret_cast<const Pack<U, V>*>(p);
 }
+__device__ __forceinline__ uint32_t bits_of(float a) { return __float_as_uint(a); }
+__device__ __forceinline__ uint32_t bits_of(__half a) { return __half_as_ushort(a); }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 a) { return __bfloat16_as_ushort(a); }
+
+// Stores a pack. Whole 16-byte words go out as st.global.v4 (inline PTX, the pointers are global
+// memory): with the flattened block indexing the compiler split both a struct copy and a uint4
+// store into four 4-byte stores (st.global.v2.u16 / .f32 in the PTX).
 template <typename U, int V>
 __device__ __forceinline__ void store_pack(U* p, const Pack<U, V>& v) {
-  *reinterpret_cast<Pack<U, V>*>(p) = v;
+  constexpr int kBytes = static_cast<int>(V * sizeof(U));
+  if constexpr (kBytes % 16 == 0) {
+    constexpr int kPerWord = static_cast<int>(4 / sizeof(U));  // elements in a 4-byte word
+    uint4* dst = reinterpret_cast<uint4*>(p);
+#pragma unroll
+    for (int q = 0; q < kBytes / 16; ++q) {
+      uint32_t w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int i = (q * 4 + k) * kPerWord;
+        w[k] = bits_of(v.v[i]);
+        if constexpr (kPerWord == 2) w[k] |= bits_of(v.v[i + 1]) << 16;
+      }
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst + q), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+                   "r"(w[3])
+                   : "memory");
+    }
+  } else {
+    *reinterpret_cast<Pack<U, V>*>(p) = v;
+  }
 }
 
 // ------------------------------------------------------------------------------ activations
@@ -259,15 +285,12 @@ __global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const Dens
         for (int i = 0; i < V; ++i) g[i] = to_f(gv.v[i]);
       }
       const float scale = e.row_scale != nullptr ? load_row_scale<T>(e.row_scale, e.row_scale_dtype, r) : 1.0f;
-      float p[V];
-      if (kScaleGrads || e.act != kActNone) {
+      Pack<T, V> ov;
+      if constexpr (kScaleGrads) {
+        float p[V], z[V], dz[V];
         const auto pv = load_pack<T, V>(pre + r * e.ld_pre + c0);
 #pragma unroll
         for (int i = 0; i < V; ++i) p[i] = to_f(pv.v[i]);
-      }
-      Pack<T, V> ov;
-      if constexpr (kScaleGrads) {
-        float z[V], dz[V];
         act_fwd_and_grad<V>(p, e.act, z, dz);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
@@ -276,15 +299,19 @@ __global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const Dens
           drow += gz * gamma[i];
           ov.v[i] = from_f<T>(g[i] * scale * gamma[i] * dz[i]);
         }
-      } else {
+        if (dt != nullptr) store_pack<T, V>(dt + r * e.ld_dt + c0, ov);
+      } else {  // dt is set (launch_dense_bwd_epilogue checks)
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-          float d = g[i] * scale * gamma[i];
-          if (e.act != kActNone) d *= act_grad(p[i], e.act);
-          ov.v[i] = from_f<T>(d);
+        for (int i = 0; i < V; ++i) g[i] = g[i] * scale * gamma[i];
+        if (e.act != kActNone) {
+          const auto pv = load_pack<T, V>(pre + r * e.ld_pre + c0);
+#pragma unroll
+          for (int i = 0; i < V; ++i) g[i] *= act_grad(to_f(pv.v[i]), e.act);
         }
+#pragma unroll
+        for (int i = 0; i < V; ++i) ov.v[i] = from_f<T>(g[i]);
+        store_pack<T, V>(dt + r * e.ld_dt + c0, ov);
       }
-      if (dt != nullptr) store_pack<T, V>(dt + r * e.ld_dt + c0, ov);
     }
     if constexpr (kScaleGrads) {
       if (e.drow_scale_partial != nullptr) {
