@@ -73,7 +73,7 @@ cudaError_t launch_dense_fwd_epilogue(const DenseFwdEpilogue& e, cudaStream_t st
 //   drow_scale_partial[i, m] = sum of grad * gamma[n] * z over the columns n of column block i
 // fp32, (gy, N) and (gx, M) for the shape dense_bwd_epilogue_block returns; the caller sums them
 // over the blocks. The partition depends only on the shape and the alignment, so the sums are the
-// same on every run and every GPU. dt may be null when only the partial sums are wanted.
+// same on every run. dt may be null when only the partial sums are wanted.
 struct DenseBwdEpilogue {
   int64_t rows = 0, cols = 0;
   int dtype = kDTypeF32;       // compute dtype: pre, gamma, dt
