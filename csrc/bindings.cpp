@@ -105,12 +105,76 @@ py::dict cublaslt_describe(const std::string& kind, const std::string& dtype, in
 
 py::tuple patchify_unit_bytes(int64_t batch, int64_t channels, int64_t height, int64_t width, int64_t patch_h,
                               int64_t patch_w, int64_t elem_size, bool channels_last, uintptr_t in_addr,
-                              uintptr_t out_addr) {
-  const vitkern::PatchifyShape s{batch, channels, height, width, patch_h, patch_w, elem_size, channels_last};
+                              uintptr_t out_addr, int64_t out_ld) {
+  const vitkern::PatchifyShape s{batch, channels, height, width, patch_h, patch_w, elem_size, channels_last, out_ld};
   int load = 0, store = 0;
   vitkern::patchify_unit_bytes(reinterpret_cast<const void*>(in_addr), reinterpret_cast<const void*>(out_addr), s,
                                &load, &store);
   return py::make_tuple(load, store);
+}
+
+py::dict epilogue_block(int64_t nvec, int64_t rows, int64_t max_row_blocks) {
+  const vitkern::EpilogueBlock b = vitkern::epilogue_block(nvec, rows, max_row_blocks);
+  py::dict d;
+  d["bx"] = b.bx;
+  d["by"] = b.by;
+  d["gx"] = b.gx;
+  d["gy"] = b.gy;
+  return d;
+}
+
+// The backward pass's launch shape for an (M, N) gradient of `elem_size`-byte elements with
+// 256-byte-aligned operands (16-byte vectors when N allows), with or without the partial sums.
+py::dict dense_bwd_epilogue_block(int64_t rows, int64_t cols, int64_t elem_size, bool partial_sums) {
+  TORCH_CHECK(elem_size == 2 || elem_size == 4, "_dense_bwd_epilogue_block: elem_size must be 2 or 4");
+  vitkern::DenseBwdEpilogue e;
+  e.rows = rows;
+  e.cols = cols;
+  e.dtype = e.grad_dtype = elem_size == 2 ? vitkern::kDTypeBF16 : vitkern::kDTypeF32;
+  auto fake = [](int i) { return reinterpret_cast<void*>(static_cast<uintptr_t>(i) << 32); };
+  e.grad = e.pre = fake(1);
+  e.dt = fake(2);
+  e.grad_stride_row = e.ld_pre = e.ld_dt = cols;
+  const vitkern::EpilogueBlock b = vitkern::dense_bwd_epilogue_block(e, partial_sums);
+  py::dict d;
+  d["bx"] = b.bx;
+  d["by"] = b.by;
+  d["gx"] = b.gx;
+  d["gy"] = b.gy;
+  d["vector"] = vitkern::dense_bwd_epilogue_vector(e);
+  return d;
+}
+
+// The token-row pass's plan (csrc/dense_epilogue.h) for out rows [row0, row0 + rows) of each of
+// `batch` blocks `batch_stride` elements apart, from one source whose rows start at src_row0
+// (src_elem_size 0: none), at these offsets from a 256-byte-aligned address.
+py::dict token_rows_plan(int64_t batch, int64_t batch_stride, int64_t row0, int64_t rows, int64_t dim,
+                         int64_t out_elem_size, uintptr_t out_addr, int64_t src_elem_size, uintptr_t src_addr,
+                         int64_t src_row0) {
+  auto code = [](int64_t es) { return es == 4 ? vitkern::kDTypeF32 : vitkern::kDTypeBF16; };
+  constexpr uintptr_t kBase = uintptr_t{1} << 32;  // never null: null means "no operand"
+  vitkern::TokenRows t;
+  t.out = reinterpret_cast<void*>(kBase + out_addr);
+  t.out_dtype = code(out_elem_size);
+  t.batch = batch;
+  t.batch_stride = batch_stride;
+  t.row0 = row0;
+  t.rows = rows;
+  t.dim = dim;
+  if (src_elem_size > 0) {
+    t.src_a = reinterpret_cast<const void*>(kBase + src_addr);
+    t.a_dtype = code(src_elem_size);
+    t.a_row0 = src_row0;
+  }
+  const vitkern::EpilogueBlock b = vitkern::token_rows_block(t);
+  py::dict d;
+  d["vector"] = vitkern::token_rows_vector(t);
+  d["index_bits"] = vitkern::token_rows_index_bits(t);
+  d["bx"] = b.bx;
+  d["by"] = b.by;
+  d["gx"] = b.gx;
+  d["gy"] = b.gy;
+  return d;
 }
 
 }  // namespace
@@ -151,6 +215,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The most recent GEMMs that cuBLASLt had no fused algorithm for: 'op: status for GEMM'.");
   m.def("_patchify_unit_bytes", &patchify_unit_bytes, py::arg("batch"), py::arg("channels"), py::arg("height"),
         py::arg("width"), py::arg("patch_h"), py::arg("patch_w"), py::arg("elem_size"), py::arg("channels_last"),
-        py::arg("in_addr"), py::arg("out_addr"),
-        "(load, store) unit widths in bytes that the patchify kernels use for this geometry and these addresses.");
+        py::arg("in_addr"), py::arg("out_addr"), py::arg("out_ld") = 0,
+        "(load, store) unit widths in bytes that the patchify kernels use for this geometry and these addresses "
+        "(out_ld: elements between patch rows, 0 for C * Ph * Pw).");
+  m.def("_padded_patch_k", &vitkern::padded_patch_k, py::arg("k"), py::arg("elem_size"),
+        "The K of the patch-embedding GEMMs for k pixels of elem_size bytes (csrc/patchify.h); host-only.");
+  m.def("_epilogue_block", &epilogue_block, py::arg("nvec"), py::arg("rows"), py::arg("max_row_blocks") = 65535,
+        "The launch shape (bx, by, gx, gy) of the elementwise passes of dense_epilogue.cu over rows x nvec column "
+        "vectors (csrc/dense_epilogue.h: EpilogueBlock); host-only.");
+  m.def("_dense_bwd_epilogue_block", &dense_bwd_epilogue_block, py::arg("rows"), py::arg("cols"),
+        py::arg("elem_size"), py::arg("partial_sums"),
+        "The launch shape (bx, by, gx, gy, vector) of the backward epilogue pass for an aligned (rows, cols) "
+        "gradient, with or without the LayerScale / row-scale partial sums ((gy, cols) and (gx, rows) fp32); "
+        "host-only.");
+  m.def("_token_rows_plan", &token_rows_plan, py::arg("batch"), py::arg("batch_stride"), py::arg("row0"),
+        py::arg("rows"), py::arg("dim"), py::arg("out_elem_size") = 2, py::arg("out_addr") = 0,
+        py::arg("src_elem_size") = 0, py::arg("src_addr") = 0, py::arg("src_row0") = 0,
+        "The token-row pass's plan (vector, index_bits, bx, by, gx, gy) for this geometry, the operands at these "
+        "offsets from an aligned address; "
+        "host-only.");
 }

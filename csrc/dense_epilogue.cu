@@ -7,7 +7,9 @@
 // Memory-bound; the epilogue passes move 16-byte vectors per thread when the layout allows.
 // fp32 math, one rounding per store. Only CUDA headers here (no ATen) to keep the compile short.
 
+#include <climits>
 #include <cstdint>
+#include <initializer_list>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -42,9 +44,35 @@ template <typename U, int V>
 __device__ __forceinline__ Pack<U, V> load_pack(const U* p) {
   return *reinterpret_cast<const Pack<U, V>*>(p);
 }
+__device__ __forceinline__ uint32_t bits_of(float a) { return __float_as_uint(a); }
+__device__ __forceinline__ uint32_t bits_of(__half a) { return __half_as_ushort(a); }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 a) { return __bfloat16_as_ushort(a); }
+
+// Stores a pack. Whole 16-byte words go out as st.global.v4 (inline PTX, the pointers are global
+// memory): with the flattened block indexing the compiler split both a struct copy and a uint4
+// store into four 4-byte stores (st.global.v2.u16 / .f32 in the PTX).
 template <typename U, int V>
 __device__ __forceinline__ void store_pack(U* p, const Pack<U, V>& v) {
-  *reinterpret_cast<Pack<U, V>*>(p) = v;
+  constexpr int kBytes = static_cast<int>(V * sizeof(U));
+  if constexpr (kBytes % 16 == 0) {
+    constexpr int kPerWord = static_cast<int>(4 / sizeof(U));  // elements in a 4-byte word
+    uint4* dst = reinterpret_cast<uint4*>(p);
+#pragma unroll
+    for (int q = 0; q < kBytes / 16; ++q) {
+      uint32_t w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int i = (q * 4 + k) * kPerWord;
+        w[k] = bits_of(v.v[i]);
+        if constexpr (kPerWord == 2) w[k] |= bits_of(v.v[i + 1]) << 16;
+      }
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst + q), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+                   "r"(w[3])
+                   : "memory");
+    }
+  } else {
+    *reinterpret_cast<Pack<U, V>*>(p) = v;
+  }
 }
 
 // ------------------------------------------------------------------------------ activations
@@ -86,6 +114,31 @@ __device__ __forceinline__ float act_grad(float x, int act) {
   return 1.0f;
 }
 
+// z = act(x) and dz = act'(x) of V values, the activation's branch taken once for all of them.
+template <int V>
+__device__ __forceinline__ void act_fwd_and_grad(const float (&x)[V], int act, float (&z)[V], float (&dz)[V]) {
+  if (act == kActGelu) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float cdf = 0.5f * (1.0f + erff(x[i] * kSqrtHalf));
+      z[i] = x[i] * cdf;
+      dz[i] = cdf + x[i] * (expf(-0.5f * x[i] * x[i]) * kInvSqrt2Pi);  // gelu_erf_grad's rounding
+    }
+  } else if (act == kActGeluTanh) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      z[i] = gelu_tanh(x[i]);
+      dz[i] = gelu_tanh_grad(x[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      z[i] = x[i];
+      dz[i] = 1.0f;
+    }
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ float load_row_scale(const void* p, int dtype, int64_t r) {
   return dtype == kDTypeF32 ? static_cast<const float*>(p)[r] : to_f(static_cast<const T*>(p)[r]);
@@ -93,13 +146,16 @@ __device__ __forceinline__ float load_row_scale(const void* p, int dtype, int64_
 
 // ----------------------------------------------------------------------- forward epilogue
 
-// threadIdx.x / blockIdx.x walk vectors of V columns; threadIdx.y / blockIdx.y stride over rows.
-// No __restrict__: pre and out may alias t (each element is read before it is written, by the
-// same thread).
+// A block of bx * by threads covers bx vectors of V columns (blockIdx.x) of by rows at a time,
+// striding over the rows by gridDim.y * by (EpilogueBlock). No __restrict__: pre and out may alias
+// t (each element is read before it is written, by the same thread).
 template <typename T, typename R, int V>
-__global__ void __launch_bounds__(kThreads) dense_fwd_epilogue_kernel(const DenseFwdEpilogue e) {
+__global__ void __launch_bounds__(kThreads) dense_fwd_epilogue_kernel(const DenseFwdEpilogue e, const int bx,
+                                                                      const int by) {
+  const int ty = static_cast<int>(threadIdx.x) / bx;
+  const int tx = static_cast<int>(threadIdx.x) - ty * bx;
   const int64_t nvec = e.cols / V;
-  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * bx + tx;
   if (cv >= nvec) return;
   const int64_t c0 = cv * V;
   float bias[V], gamma[V];
@@ -123,8 +179,8 @@ __global__ void __launch_bounds__(kThreads) dense_fwd_epilogue_kernel(const Dens
   T* pre = static_cast<T*>(e.pre);
   const R* residual = static_cast<const R*>(e.residual);
   R* out = static_cast<R*>(e.out);
-  const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < e.rows; r += row_step) {
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * by;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * by + ty; r < e.rows; r += row_step) {
     const auto tv = load_pack<T, V>(t + r * e.ld_t + c0);
     float v[V];
 #pragma unroll
@@ -151,12 +207,51 @@ __global__ void __launch_bounds__(kThreads) dense_fwd_epilogue_kernel(const Dens
 
 // ---------------------------------------------------------------------- backward epilogue
 
-template <typename T, typename G, int V>
-__global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const DenseBwdEpilogue e) {
+// The sum of `v` over the threads of this thread's row (the bx consecutive threads from
+// row * bx), deterministic: a segmented shuffle reduction inside each warp (a warp may hold parts
+// of several rows), then the row's first thread adds the pieces of the warps its row spans, in
+// order, from `stage` (one float per thread). Returns the sum in the row's first thread (tx == 0);
+// every thread of the block must call it (it synchronises the block once).
+__device__ __forceinline__ float row_sum(float v, int tx, int row, int bx, int threads, float* stage) {
+  const int t = static_cast<int>(threadIdx.x);
+  const int lane = t & 31;
+  const int warp_base = t - lane;
+  const int in_warp = threads - warp_base;
+  const unsigned mask = in_warp >= 32 ? 0xffffffffu : (1u << in_warp) - 1u;
+  const int row_end = (row + 1) * bx - 1 - warp_base;  // the row's last lane, relative to the warp
+  const int last = row_end < 31 ? row_end : 31;
+  // After the step with offset `off`, lane i holds the sum over lanes [i, min(i + 2 off, last + 1)).
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float o = __shfl_down_sync(mask, v, off);
+    if (lane + off <= last) v += o;
+  }
+  if (tx == 0 || lane == 0) stage[t] = v;  // the head of each run of the row inside a warp
+  __syncthreads();
+  float s = 0.0f;
+  if (tx == 0) {
+    s = stage[t];
+    for (int w = t / 32 + 1; w * 32 < (row + 1) * bx; ++w) s += stage[w * 32];
+  }
+  return s;
+}
+
+// dt = grad * row_scale * gamma * act'(pre) (when e.dt is set). kScaleGrads: also the partial
+// sums of the LayerScale and row-scale gradients with z = act(pre), the fp32 sums over this
+// block's rows (dgamma_partial[blockIdx.y]) and columns (drow_scale_partial[blockIdx.x]); then
+// every thread of the block runs every row step (the row sums synchronise the block), and
+// `reduce` holds (2 + V) * bx * by floats of dynamic shared memory.
+template <typename T, typename G, int V, bool kScaleGrads>
+__global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const DenseBwdEpilogue e, const int bx,
+                                                                      const int by) {
+  const int ty = static_cast<int>(threadIdx.x) / bx;
+  const int tx = static_cast<int>(threadIdx.x) - ty * bx;
+  const int threads = bx * by;
   const int64_t nvec = e.cols / V;
-  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (cv >= nvec) return;
-  const int64_t c0 = cv * V;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * bx + tx;
+  const bool active = cv < nvec;
+  if (!kScaleGrads && !active) return;
+  const int64_t c0 = active ? cv * V : 0;  // idle threads of a reducing block read column 0's gamma
   float gamma[V];
   if (e.gamma != nullptr) {
     const auto g = load_pack<T, V>(static_cast<const T*>(e.gamma) + c0);
@@ -169,28 +264,80 @@ __global__ void __launch_bounds__(kThreads) dense_bwd_epilogue_kernel(const Dens
   const G* grad = static_cast<const G*>(e.grad);
   const T* pre = static_cast<const T*>(e.pre);
   T* dt = static_cast<T*>(e.dt);
-  const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < e.rows; r += row_step) {
-    float g[V];
-    if constexpr (V == 1) {
-      g[0] = to_f(grad[r * e.grad_stride_row + c0 * e.grad_stride_col]);
-    } else {  // the vector path has a unit column stride
-      const auto gv = load_pack<G, V>(grad + r * e.grad_stride_row + c0);
+  float dgamma[V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) g[i] = to_f(gv.v[i]);
+  for (int i = 0; i < V; ++i) dgamma[i] = 0.0f;
+  extern __shared__ float reduce[];
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * by;
+  int step = 0;
+  // r0 is the same for the whole block, so a reducing block runs its row steps in lock step.
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * by; r0 < e.rows; r0 += row_step, ++step) {
+    const int64_t r = r0 + ty;
+    const bool valid = active && r < e.rows;
+    float drow = 0.0f;  // this thread's part of sum_n grad * gamma * z
+    if (valid) {
+      float g[V];
+      if constexpr (V == 1) {
+        g[0] = to_f(grad[r * e.grad_stride_row + c0 * e.grad_stride_col]);
+      } else {  // the vector path has a unit column stride
+        const auto gv = load_pack<G, V>(grad + r * e.grad_stride_row + c0);
+#pragma unroll
+        for (int i = 0; i < V; ++i) g[i] = to_f(gv.v[i]);
+      }
+      const float scale = e.row_scale != nullptr ? load_row_scale<T>(e.row_scale, e.row_scale_dtype, r) : 1.0f;
+      Pack<T, V> ov;
+      if constexpr (kScaleGrads) {
+        float p[V], z[V], dz[V];
+        const auto pv = load_pack<T, V>(pre + r * e.ld_pre + c0);
+#pragma unroll
+        for (int i = 0; i < V; ++i) p[i] = to_f(pv.v[i]);
+        act_fwd_and_grad<V>(p, e.act, z, dz);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float gz = g[i] * z[i];
+          dgamma[i] += gz * scale;
+          drow += gz * gamma[i];
+          ov.v[i] = from_f<T>(g[i] * scale * gamma[i] * dz[i]);
+        }
+        if (dt != nullptr) store_pack<T, V>(dt + r * e.ld_dt + c0, ov);
+      } else {  // dt is set (launch_dense_bwd_epilogue checks)
+#pragma unroll
+        for (int i = 0; i < V; ++i) g[i] = g[i] * scale * gamma[i];
+        if (e.act != kActNone) {
+          const auto pv = load_pack<T, V>(pre + r * e.ld_pre + c0);
+#pragma unroll
+          for (int i = 0; i < V; ++i) g[i] *= act_grad(to_f(pv.v[i]), e.act);
+        }
+#pragma unroll
+        for (int i = 0; i < V; ++i) ov.v[i] = from_f<T>(g[i]);
+        store_pack<T, V>(dt + r * e.ld_dt + c0, ov);
+      }
     }
-    const float scale = e.row_scale != nullptr ? load_row_scale<T>(e.row_scale, e.row_scale_dtype, r) : 1.0f;
-#pragma unroll
-    for (int i = 0; i < V; ++i) g[i] = g[i] * scale * gamma[i];
-    if (e.act != kActNone) {
-      const auto pv = load_pack<T, V>(pre + r * e.ld_pre + c0);
-#pragma unroll
-      for (int i = 0; i < V; ++i) g[i] *= act_grad(to_f(pv.v[i]), e.act);
+    if constexpr (kScaleGrads) {
+      if (e.drow_scale_partial != nullptr) {
+        // Two stages alternate: a stage is rewritten two steps later, after every reader of it
+        // has passed the next step's barrier.
+        const float s = row_sum(drow, tx, ty, bx, threads, reduce + (step & 1) * threads);
+        if (tx == 0 && r < e.rows) e.drow_scale_partial[static_cast<int64_t>(blockIdx.x) * e.rows + r] = s;
+      }
     }
-    Pack<T, V> ov;
+  }
+  if constexpr (kScaleGrads) {
+    if (e.dgamma_partial != nullptr) {
+      float* stage = reduce + 2 * threads;
 #pragma unroll
-    for (int i = 0; i < V; ++i) ov.v[i] = from_f<T>(g[i]);
-    store_pack<T, V>(dt + r * e.ld_dt + c0, ov);
+      for (int i = 0; i < V; ++i) stage[i * threads + threadIdx.x] = dgamma[i];
+      __syncthreads();
+      if (ty == 0 && active) {
+        float* out = e.dgamma_partial + static_cast<int64_t>(blockIdx.y) * e.cols + c0;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          float s = 0.0f;
+          for (int y = 0; y < by; ++y) s += stage[i * threads + y * bx + tx];
+          out[i] = s;
+        }
+      }
+    }
   }
 }
 
@@ -212,20 +359,101 @@ __device__ __forceinline__ void store_any(void* p, int dtype, int64_t i, float v
   }
 }
 
-__global__ void __launch_bounds__(kThreads) token_rows_kernel(const TokenRows t) {
-  const int64_t total = t.batch * t.rows * t.dim;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
-    const int64_t c = idx % t.dim;
-    const int64_t rest = idx / t.dim;
-    const int64_t r = rest % t.rows;
-    const int64_t b = rest / t.rows;
-    const int64_t o = b * t.batch_stride + (t.row0 + r) * t.dim + c;
-    float v = t.accumulate ? load_any(t.out, t.out_dtype, o) : 0.0f;
-    if (t.src_a != nullptr) v += load_any(t.src_a, t.a_dtype, (t.a_row0 + r) * t.dim + c);
-    if (t.src_b != nullptr) v += load_any(t.src_b, t.b_dtype, (t.b_row0 + r) * t.dim + c);
-    if (t.vec != nullptr) v += load_any(t.vec, t.vec_dtype, c);
-    store_any(t.out, t.out_dtype, o, v);
+// n <= V consecutive values of a `dtype` array from element i, as fp32: one V-wide access when
+// n == V (token_rows_vector checked the alignment), else n scalar ones (a row's tail).
+template <typename U, int V>
+__device__ __forceinline__ void load_vector_as_float(const void* p, int64_t i, float (&v)[V]) {
+  const auto x = load_pack<U, V>(static_cast<const U*>(p) + i);
+#pragma unroll
+  for (int k = 0; k < V; ++k) v[k] = to_f(x.v[k]);
+}
+
+template <int V>
+__device__ __forceinline__ void load_part(const void* p, int dtype, int64_t i, int n, float (&v)[V]) {
+  if (n == V) {
+    switch (dtype) {
+      case kDTypeF16: load_vector_as_float<__half, V>(p, i, v); break;
+      case kDTypeBF16: load_vector_as_float<__nv_bfloat16, V>(p, i, v); break;
+      default: load_vector_as_float<float, V>(p, i, v); break;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = k < n ? load_any(p, dtype, i + k) : 0.0f;
+  }
+}
+
+template <typename U, int V>
+__device__ __forceinline__ void store_vector_from_float(void* p, int64_t i, const float (&v)[V]) {
+  Pack<U, V> x;
+#pragma unroll
+  for (int k = 0; k < V; ++k) x.v[k] = from_f<U>(v[k]);
+  store_pack<U, V>(static_cast<U*>(p) + i, x);
+}
+
+template <int V>
+__device__ __forceinline__ void store_part(void* p, int dtype, int64_t i, int n, const float (&v)[V]) {
+  if (n == V) {
+    switch (dtype) {
+      case kDTypeF16: store_vector_from_float<__half, V>(p, i, v); break;
+      case kDTypeBF16: store_vector_from_float<__nv_bfloat16, V>(p, i, v); break;
+      default: store_vector_from_float<float, V>(p, i, v); break;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (k < n) store_any(p, dtype, i + k, v[k]);
+    }
+  }
+}
+
+// The flattened B * rows token rows in blocks of bx * by threads (EpilogueBlock over the rows'
+// V-wide slots, the last slot of a row holding its dim % V tail). The row index and its split
+// into (b, r) are `Index` (int32 where token_rows_index_bits allows), once per row; the element
+// offsets of a row's start are int64, the columns within it `Index`.
+template <int V, typename Index>
+__global__ void __launch_bounds__(kThreads) token_rows_kernel(const TokenRows t, const int bx, const int by) {
+  const int ty = static_cast<int>(threadIdx.x) / bx;
+  const int tx = static_cast<int>(threadIdx.x) - ty * bx;
+  const Index dim = static_cast<Index>(t.dim);
+  const Index slots = (dim + V - 1) / V;
+  const Index cv = static_cast<Index>(blockIdx.x) * bx + tx;
+  if (cv >= slots) return;
+  const Index c0 = cv * V;
+  const int n = dim - c0 < V ? static_cast<int>(dim - c0) : V;
+  float vec[V];
+  if (t.vec != nullptr) {
+    load_part<V>(t.vec, t.vec_dtype, c0, n, vec);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) vec[k] = 0.0f;
+  }
+  const Index rows = static_cast<Index>(t.rows);
+  const Index tasks = static_cast<Index>(t.batch) * rows;
+  const Index step = static_cast<Index>(gridDim.y) * by;
+  for (Index q = static_cast<Index>(blockIdx.y) * by + ty; q < tasks; q += step) {
+    const Index b = q / rows;
+    const Index r = q - b * rows;
+    const int64_t o = static_cast<int64_t>(b) * t.batch_stride + (t.row0 + static_cast<int64_t>(r)) * t.dim + c0;
+    float v[V], x[V];
+    if (t.accumulate) {
+      load_part<V>(t.out, t.out_dtype, o, n, v);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] = 0.0f;
+    }
+    if (t.src_a != nullptr) {
+      load_part<V>(t.src_a, t.a_dtype, (t.a_row0 + static_cast<int64_t>(r)) * t.dim + c0, n, x);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] += x[k];
+    }
+    if (t.src_b != nullptr) {
+      load_part<V>(t.src_b, t.b_dtype, (t.b_row0 + static_cast<int64_t>(r)) * t.dim + c0, n, x);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] += x[k];
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] += vec[k];
+    store_part<V>(t.out, t.out_dtype, o, n, v);
   }
 }
 
@@ -243,24 +471,19 @@ bool vector_ok(const void* p, int64_t ld, int esize, int v) {
   return aligned(p, a) && (ld * esize) % a == 0;
 }
 
-dim3 block_for(int64_t nvec) {
-  int64_t bx = ((nvec < kThreads ? nvec : kThreads) + 31) / 32 * 32;
-  if (bx < 32) bx = 32;
-  return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(kThreads / bx));
+constexpr int64_t kMaxGridY = 65535;
+
+bool scale_grads_requested(const DenseBwdEpilogue& e) {
+  return e.dgamma_partial != nullptr || e.drow_scale_partial != nullptr;
 }
 
-dim3 grid_for(int64_t nvec, int64_t rows, dim3 block) {
-  const int64_t gx = (nvec + block.x - 1) / block.x;
-  int64_t gy = (rows + block.y - 1) / block.y;
-  if (gy > 65535) gy = 65535;
-  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy < 1 ? 1 : gy));
-}
+dim3 grid_of(const EpilogueBlock& b) { return dim3(static_cast<unsigned>(b.gx), static_cast<unsigned>(b.gy)); }
+unsigned threads_of(const EpilogueBlock& b) { return static_cast<unsigned>(b.bx * b.by); }
 
 template <typename T, typename R, int V>
 void run_fwd(const DenseFwdEpilogue& e, cudaStream_t stream) {
-  const int64_t nvec = e.cols / V;
-  const dim3 block = block_for(nvec);
-  dense_fwd_epilogue_kernel<T, R, V><<<grid_for(nvec, e.rows, block), block, 0, stream>>>(e);
+  const EpilogueBlock b = epilogue_block(e.cols / V, e.rows, kMaxGridY);
+  dense_fwd_epilogue_kernel<T, R, V><<<grid_of(b), threads_of(b), 0, stream>>>(e, b.bx, b.by);
 }
 
 template <typename T, typename R>
@@ -274,9 +497,14 @@ void dispatch_fwd(const DenseFwdEpilogue& e, cudaStream_t stream) {
 
 template <typename T, typename G, int V>
 void run_bwd(const DenseBwdEpilogue& e, cudaStream_t stream) {
-  const int64_t nvec = e.cols / V;
-  const dim3 block = block_for(nvec);
-  dense_bwd_epilogue_kernel<T, G, V><<<grid_for(nvec, e.rows, block), block, 0, stream>>>(e);
+  const bool partial_sums = scale_grads_requested(e);
+  const EpilogueBlock b = dense_bwd_epilogue_block(e, partial_sums);
+  if (partial_sums) {
+    const size_t smem = static_cast<size_t>(2 + V) * threads_of(b) * sizeof(float);
+    dense_bwd_epilogue_kernel<T, G, V, true><<<grid_of(b), threads_of(b), smem, stream>>>(e, b.bx, b.by);
+  } else {
+    dense_bwd_epilogue_kernel<T, G, V, false><<<grid_of(b), threads_of(b), 0, stream>>>(e, b.bx, b.by);
+  }
 }
 
 template <typename T, typename G>
@@ -292,6 +520,49 @@ bool valid_dtype(int d) { return d == kDTypeF32 || d == kDTypeF16 || d == kDType
 bool valid_act(int a) { return a == kActNone || a == kActGelu || a == kActGeluTanh; }
 
 }  // namespace
+
+EpilogueBlock epilogue_block(int64_t nvec, int64_t rows, int64_t max_row_blocks) {
+  EpilogueBlock best;
+  if (nvec <= 0) return best;
+  const int64_t max_rows = rows < 1 ? 1 : rows;
+  double best_use = -1.0;
+  // Column splits from the fewest that fit 256 threads a row: each split's width is the balanced
+  // ceil(nvec / gx); more splits only help when they make the width a better fit for the warps.
+  const int64_t gx_min = (nvec + kThreads - 1) / kThreads;
+  for (int64_t split = gx_min; split < gx_min + 8 && split <= nvec; ++split) {
+    const int bx = static_cast<int>((nvec + split - 1) / split);
+    const int64_t gx = (nvec + bx - 1) / bx;
+    if (gx != split) continue;  // the same width as a smaller split
+    for (int by = 1; by * bx <= kThreads && by <= max_rows; ++by) {
+      const int threads = bx * by;
+      const int lanes = (threads + 31) / 32 * 32;
+      const double use = static_cast<double>(nvec) / static_cast<double>(gx * bx) * threads / lanes;
+      const int best_threads = best.bx * best.by;
+      const bool better = use > best_use + 1e-9 ||
+                          (use > best_use - 1e-9 && (gx < best.gx || (gx == best.gx && threads > best_threads)));
+      if (better) {
+        best_use = use;
+        best.bx = bx;
+        best.by = by;
+        best.gx = gx;
+      }
+    }
+  }
+  int64_t gy = (max_rows + best.by - 1) / best.by;
+  const int64_t cap = max_row_blocks < 1 ? 1 : max_row_blocks;
+  best.gy = gy > cap ? cap : gy;
+  return best;
+}
+
+EpilogueBlock dense_bwd_epilogue_block(const DenseBwdEpilogue& e, bool partial_sums) {
+  const int64_t nvec = e.cols / dense_bwd_epilogue_vector(e);
+  EpilogueBlock b = epilogue_block(nvec, e.rows, kMaxGridY);
+  if (partial_sums) {
+    const int64_t cap = kScaleGradBlocks / b.gx;
+    b = epilogue_block(nvec, e.rows, cap < 1 ? 1 : cap);
+  }
+  return b;
+}
 
 int dense_fwd_epilogue_vector(const DenseFwdEpilogue& e) {
   const int es = elem_size(e.dtype), os = elem_size(e.out_dtype);
@@ -334,7 +605,9 @@ cudaError_t launch_dense_fwd_epilogue(const DenseFwdEpilogue& e, cudaStream_t st
 cudaError_t launch_dense_bwd_epilogue(const DenseBwdEpilogue& e, cudaStream_t stream) {
   if (!valid_dtype(e.dtype) || !valid_act(e.act)) return cudaErrorInvalidValue;
   if (e.grad_dtype != e.dtype && e.grad_dtype != kDTypeF32) return cudaErrorInvalidValue;
-  if (e.grad == nullptr || e.dt == nullptr || (e.act != kActNone && e.pre == nullptr)) return cudaErrorInvalidValue;
+  const bool scale = scale_grads_requested(e);
+  if (e.grad == nullptr || (e.dt == nullptr && !scale)) return cudaErrorInvalidValue;
+  if ((e.act != kActNone || scale) && e.pre == nullptr) return cudaErrorInvalidValue;
   if (e.rows == 0 || e.cols == 0) return cudaSuccess;
   const bool same = e.grad_dtype == e.dtype;
   switch (e.dtype) {
@@ -349,17 +622,65 @@ cudaError_t launch_dense_bwd_epilogue(const DenseBwdEpilogue& e, cudaStream_t st
   return cudaSuccess;
 }
 
+int token_rows_vector(const TokenRows& t) {
+  for (int v : {8, 4, 2}) {
+    // Every row start of every operand, and its pointer, aligned to its V-wide access.
+    auto ok = [&](const void* p, int dtype, std::initializer_list<int64_t> offsets) {
+      if (p == nullptr) return true;
+      const int es = elem_size(dtype);
+      for (int64_t off : offsets) {
+        if (!vector_ok(p, off, es, v)) return false;
+      }
+      return vector_ok(p, 0, es, v);
+    };
+    const int64_t pitch = t.rows > 1 ? t.dim : 0;  // between a batch's rows
+    if (ok(t.out, t.out_dtype, {t.batch > 1 ? t.batch_stride : 0, pitch, t.row0 * t.dim}) &&
+        ok(t.src_a, t.a_dtype, {pitch, t.a_row0 * t.dim}) && ok(t.src_b, t.b_dtype, {pitch, t.b_row0 * t.dim}) &&
+        ok(t.vec, t.vec_dtype, {})) {
+      return v;
+    }
+  }
+  return 1;
+}
+
+int token_rows_index_bits(const TokenRows& t) {
+  // The row loop's index passes the last row by at most one grid step; the slots' by a block.
+  const int64_t tasks = t.batch * t.rows;
+  const bool fits = tasks <= INT32_MAX - kMaxGridY * kThreads && t.dim <= INT32_MAX - 8 * kThreads;
+  return fits ? 32 : 64;
+}
+
+EpilogueBlock token_rows_block(const TokenRows& t) {
+  const int v = token_rows_vector(t);
+  return epilogue_block((t.dim + v - 1) / v, t.batch * t.rows, kMaxGridY);
+}
+
+namespace {
+
+template <int V>
+void run_token_rows(const TokenRows& t, cudaStream_t stream) {
+  const EpilogueBlock b = token_rows_block(t);
+  if (token_rows_index_bits(t) == 32) {
+    token_rows_kernel<V, int32_t><<<grid_of(b), threads_of(b), 0, stream>>>(t, b.bx, b.by);
+  } else {
+    token_rows_kernel<V, int64_t><<<grid_of(b), threads_of(b), 0, stream>>>(t, b.bx, b.by);
+  }
+}
+
+}  // namespace
+
 cudaError_t launch_token_rows(const TokenRows& t, cudaStream_t stream) {
   for (int d : {t.out_dtype, t.a_dtype, t.b_dtype, t.vec_dtype}) {
     if (!valid_dtype(d)) return cudaErrorInvalidValue;
   }
-  if (t.out == nullptr) return cudaErrorInvalidValue;
-  const int64_t total = t.batch * t.rows * t.dim;
-  if (total == 0) return cudaSuccess;
-  int64_t blocks = (total + kThreads - 1) / kThreads;
-  const int64_t max_blocks = 1 << 20;  // the kernel strides over the rest
-  if (blocks > max_blocks) blocks = max_blocks;
-  token_rows_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t);
+  if (t.out == nullptr || t.batch < 0 || t.rows < 0 || t.dim < 0) return cudaErrorInvalidValue;
+  if (t.batch * t.rows * t.dim == 0) return cudaSuccess;
+  switch (token_rows_vector(t)) {
+    case 8: run_token_rows<8>(t, stream); break;
+    case 4: run_token_rows<4>(t, stream); break;
+    case 2: run_token_rows<2>(t, stream); break;
+    default: run_token_rows<1>(t, stream); break;
+  }
   return cudaSuccess;
 }
 

@@ -16,7 +16,8 @@
 //   dX = dT W, and dW = dT^T X with the BGRADB epilogue giving db. The MLP's hidden gradient uses
 //   DGELU_BGRAD (the derivative of the tanh GELU and db1 in the dX GEMM of fc2) for "gelu_tanh",
 //   a plain GEMM and the elementwise erf derivative for "gelu". LayerScale and row-scale
-//   gradients (only when asked for) are ATen reductions.
+//   gradients (only when asked for) come from the same pass as dT: its blocks write fp32 partial
+//   sums, added over the blocks afterwards (branch_grads).
 // Where cuBLASLt has no algorithm for an epilogue or the C matrix, the same results come from the
 // unfused equivalent (plain GEMM + the elementwise pass / a reduction); lt_stats() counts these.
 
@@ -734,15 +735,36 @@ void check_pre(const char* op, const at::Tensor& pre, int64_t M, int64_t N, cons
               " must have x's dtype and device");
 }
 
-// dT = grad * row_scale * gamma * act'(pre) in the compute dtype (grad itself when there is
-// nothing to apply).
-at::Tensor branch_grad(const at::Tensor& grad, const at::Tensor* pre, int64_t act,
-                       const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& rs,
-                       at::ScalarType T) {
-  if (act == kActNone && !gamma && !rs) return grad.scalar_type() == T ? grad : grad.to(T);
+// The branch's gradients from the upstream gradient of out = residual + row_scale * gamma * act(pre):
+//   dt     = grad * row_scale * gamma * act'(pre)  (the compute dtype; grad itself when there is
+//            nothing to apply), when need_dt;
+//   dscale = sum_m grad * row_scale * z,  drs = sum_n grad * gamma * z,  z = act(pre)  (pre: the
+//            branch before its scales), when asked for;
+// all in one pass over grad and pre (launch_dense_bwd_epilogue), whose blocks write fp32 partial
+// sums that are added here over the blocks (a few MB; deterministic). The gradients not asked
+// for are empty tensors with `opts` (x's dtype, as the fakes make them).
+struct BranchGrads {
+  at::Tensor dt, dscale, drs;
+};
+
+BranchGrads branch_grads(const at::Tensor& grad, const at::Tensor* pre, int64_t act,
+                         const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& rs,
+                         at::ScalarType T, bool need_dt, bool need_dscale, bool need_drs,
+                         const at::TensorOptions& opts) {
+  BranchGrads out{at::Tensor(), empty0(opts), empty0(opts)};
+  const bool scale = need_dscale || need_drs;
+  if (!scale && act == kActNone && !gamma && !rs) {
+    if (need_dt) out.dt = grad.scalar_type() == T ? grad : grad.to(T);
+    return out;
+  }
   const int64_t M = grad.size(0), N = grad.size(1);
-  at::Tensor dt = at::empty({M, N}, grad.options().dtype(T));
-  if (M == 0 || N == 0) return dt;
+  if (need_dt) out.dt = at::empty({M, N}, grad.options().dtype(T));
+  if (M == 0 || N == 0) {
+    if (need_dscale) out.dscale = at::zeros({N}, opts.dtype(gamma->scalar_type()));
+    if (need_drs) out.drs = at::zeros({M}, opts.dtype(rs->scalar_type()));
+    return out;
+  }
+  if (!need_dt && !scale) return out;
   const auto g = contiguous_opt(gamma);
   const auto r = contiguous_opt(rs);
   DenseBwdEpilogue e;
@@ -754,44 +776,35 @@ at::Tensor branch_grad(const at::Tensor& grad, const at::Tensor* pre, int64_t ac
   e.grad = grad.const_data_ptr();
   e.grad_stride_row = grad.stride(0);
   e.grad_stride_col = grad.stride(1);
-  if (act != kActNone) {
+  if (act != kActNone || scale) {
     e.pre = pre->const_data_ptr();
     e.ld_pre = M <= 1 ? pre->size(1) : pre->stride(0);
   }
   e.gamma = g ? g->const_data_ptr() : nullptr;
   e.row_scale = r ? r->const_data_ptr() : nullptr;
   e.row_scale_dtype = r ? dtype_code(r->scalar_type()) : kDTypeF32;
-  e.dt = dt.mutable_data_ptr();
-  e.ld_dt = N;
+  if (need_dt) {
+    e.dt = out.dt.mutable_data_ptr();
+    e.ld_dt = N;
+  }
+  at::Tensor dscale_part, drs_part;
+  if (scale) {
+    const EpilogueBlock b = dense_bwd_epilogue_block(e, true);
+    const auto f32 = opts.dtype(at::kFloat);
+    if (need_dscale) {
+      dscale_part = at::empty({b.gy, N}, f32);
+      e.dgamma_partial = dscale_part.mutable_data_ptr<float>();
+    }
+    if (need_drs) {
+      drs_part = at::empty({b.gx, M}, f32);
+      e.drow_scale_partial = drs_part.mutable_data_ptr<float>();
+    }
+  }
   C10_CUDA_CHECK(launch_dense_bwd_epilogue(e, current_stream(grad)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return dt;
-}
-
-// LayerScale and row-scale gradients: z = act(branch) (the branch before its scales),
-// dgamma[n] = sum_m grad * row_scale * z, drow_scale[m] = sum_n grad * gamma * z. ATen
-// reductions in fp32, only when asked for.
-// The gradients not asked for are empty tensors with `opts` (x's dtype, as the fakes make them).
-std::tuple<at::Tensor, at::Tensor> scale_grads(const at::Tensor& grad, const at::Tensor& branch, int64_t act,
-                                               const std::optional<at::Tensor>& gamma,
-                                               const std::optional<at::Tensor>& rs, bool need_dscale,
-                                               bool need_drs, const at::TensorOptions& opts) {
-  at::Tensor dscale = empty0(opts), drs = empty0(opts);
-  if (!need_dscale && !need_drs) return {dscale, drs};
-  const int64_t N = grad.size(1);
-  at::Tensor z = branch.narrow(1, 0, N).to(at::kFloat);
-  if (act == kActGelu) z = at::gelu(z, "none");
-  if (act == kActGeluTanh) z = at::gelu(z, "tanh");
-  const at::Tensor gz = grad.to(at::kFloat) * z;
-  if (need_dscale) {
-    at::Tensor s = rs ? gz * rs->to(at::kFloat).unsqueeze(1) : gz;
-    dscale = s.sum(0).to(gamma->scalar_type());
-  }
-  if (need_drs) {
-    at::Tensor s = gamma ? gz * gamma->to(at::kFloat).unsqueeze(0) : gz;
-    drs = s.sum(1).to(rs->scalar_type());
-  }
-  return {dscale, drs};
+  if (need_dscale) out.dscale = dscale_part.sum(0).to(gamma->scalar_type());
+  if (need_drs) out.drs = drs_part.sum(0).to(rs->scalar_type());
+  return out;
 }
 
 }  // namespace
@@ -878,11 +891,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_den
   if ((need_branch && activation != kActNone) || need_dscale || need_drow_scale) {
     check_pre(op, pre, M, N, x, "pre");
   }
-  at::Tensor dt;
-  if (need_branch) dt = branch_grad(grad, &pre, activation, residual_scale, row_scale, T);
   const auto opts = x.options();
-  auto [dscale, drs] =
-      scale_grads(grad, pre, activation, residual_scale, row_scale, need_dscale, need_drow_scale, opts);
+  auto [dt, dscale, drs] = branch_grads(grad, &pre, activation, residual_scale, row_scale, T, need_branch, need_dscale,
+                                        need_drow_scale, opts);
   at::Tensor dx = need_dx ? dense_input_grad(op, dt, weight) : empty0(opts);
   at::Tensor dw = empty0(opts), db = empty0(opts);
   if (need_dweight || need_dbias) std::tie(dw, db) = dense_weight_grad(op, dt, x, need_dweight, need_dbias);
@@ -936,10 +947,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (need_dscale || need_drow_scale) check_pre(op, branch, M, N, x, "branch");
 
   const bool need_dt2 = need_dp || need_dfc2_weight || need_dfc2_bias;
-  at::Tensor dt2;
-  if (need_dt2) dt2 = branch_grad(grad, nullptr, kActNone, residual_scale, row_scale, T);
-  auto [dscale, drs] =
-      scale_grads(grad, branch, kActNone, residual_scale, row_scale, need_dscale, need_drow_scale, opts);
+  // fc2 has no activation: z is the saved branch itself.
+  auto [dt2, dscale, drs] = branch_grads(grad, &branch, kActNone, residual_scale, row_scale, T, need_dt2, need_dscale,
+                                         need_drow_scale, opts);
   at::Tensor dw2 = empty0(opts), db2 = empty0(opts);
   if (need_dfc2_weight || need_dfc2_bias) {
     std::tie(dw2, db2) = dense_weight_grad(op, dt2, h, need_dfc2_weight, need_dfc2_bias);

@@ -56,7 +56,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd_cuda(const at::Te
                                                                     bool need_dweight, bool need_dbias, bool allow_tf32);
 
 // The (B * N, C * Ph * Pw) patch matrix of NCHW-contiguous or channels_last images (other layouts
-// are copied to NCHW first), on the current stream.  (patchify_op.cpp)
-at::Tensor patch_matrix(const char* op, const at::Tensor& images, int64_t patch_h, int64_t patch_w);
+// are copied to NCHW first), on the current stream; with row_elems > C * Ph * Pw a (B * N,
+// row_elems) matrix whose columns past C * Ph * Pw are zero.  (patchify_op.cpp)
+at::Tensor patch_matrix(const char* op, const at::Tensor& images, int64_t patch_h, int64_t patch_w,
+                        int64_t row_elems = 0);
 
 }  // namespace vitkern

@@ -1,7 +1,10 @@
 // vitkern_cuda::patch_embed_fwd / patch_embed_bwd: the ViT stem on cuBLASLt (host code only).
 //
 // Forward, images (B, C, H, W) -> tokens (B, K + N, D):
-//   1. patchify (patchify.cu, NCHW or channels_last) into the (B * N, C * Ph * Pw) patch matrix;
+//   1. patchify (patchify.cu, NCHW or channels_last) into the (B * N, K') patch matrix, K' the
+//      C * Ph * Pw pixels rounded up to 16 bytes (padded_patch_k: 588 -> 592 in bf16), the
+//      padding columns zero in it and in the weight, so every row of both GEMM operands is 16-byte
+//      aligned (rows of 1176 bytes would restrict cuBLASLt to kernels for 8-byte alignment);
 //   2. one strided-batched GEMM (batch b = image b) writing straight into the token buffer at row
 //      offset K of each image (D's batch stride (K + N) * D), with the bias in the BIAS epilogue
 //      and the position embedding of the patch tokens as the C matrix with batch stride 0
@@ -12,7 +15,9 @@
 //   Where cuBLASLt cannot broadcast C or add the bias for this layout, the GEMM runs plain and the
 //   token-row kernel adds both afterwards.
 // Backward: dW = Gp^T P (+ db through BGRADB) with Gp the patch rows of the token gradient and P
-//   the recomputed patch matrix; dImages = scatter(Gp W) (an ATen permute-copy, rarely needed).
+//   the recomputed (padded) patch matrix, a (D, K') result returned as the view of its first
+//   C * Ph * Pw columns (the layout vitkern/ops/patch_embed/layout.py's _cuda_dw gives the fake);
+//   dImages = scatter(Gp W') with the padded weight (an ATen permute-copy, rarely needed).
 //   The gradients of pos_embed and prefix_tokens are batch sums, taken in Python.
 
 #include <ATen/ATen.h>
@@ -23,6 +28,7 @@
 #include "dense_epilogue.h"
 #include "fused_dense.h"
 #include "ops.h"
+#include "patchify.h"
 
 namespace vitkern {
 namespace {
@@ -54,6 +60,15 @@ PatchGeometry check_patch_embed(const char* op, const at::Tensor& images, const 
               g.W, " must be multiples of the patch size (", g.Ph, ", ", g.Pw, ")");
   g.N = (g.H / g.Ph) * (g.W / g.Pw);
   return g;
+}
+
+// The weight as the (D, K') GEMM operand: its C * Ph * Pw columns in (c, py, px) order, then
+// K' - C * Ph * Pw zero columns (a copy of D x K' elements when padded).
+Matrix padded_weight(const at::Tensor& weight, int64_t padded_k) {
+  const int64_t D = weight.size(0), K = weight.size(1) * weight.size(2) * weight.size(3);
+  const at::Tensor w = weight.reshape({D, K});
+  if (padded_k == K) return as_matrix(w);
+  return {at::constant_pad_nd(w, {0, padded_k - K}, 0), padded_k};
 }
 
 }  // namespace
@@ -110,15 +125,16 @@ at::Tensor patch_embed_fwd_cuda(const at::Tensor& images, const at::Tensor& weig
     if (CPP == 0) {
       out.narrow(1, K, N).zero_();
     } else {
-      const at::Tensor P = patch_matrix(op, images, g.Ph, g.Pw);
-      const Matrix w = as_matrix(weight.reshape({D, CPP}));
+      const int64_t Kp = padded_patch_k(CPP, images.element_size());
+      const at::Tensor P = patch_matrix(op, images, g.Ph, g.Pw, Kp);
+      const Matrix w = padded_weight(weight, Kp);
       const bool flat = (K == 0 && !pos_embed) || B == 1;
-      LtGemm gm = gemm_forward_spec(op, T, O, flat ? B * N : N, D, CPP, P.const_data_ptr(), CPP,
+      LtGemm gm = gemm_forward_spec(op, T, O, flat ? B * N : N, D, Kp, P.const_data_ptr(), Kp,
                                     w.t.const_data_ptr(), w.ld, patch_rows, D);
       if (!flat) {
         gm.batch = B;
-        gm.stride_a = 0;        // the weight, shared
-        gm.stride_b = N * CPP;  // image b's patches
+        gm.stride_a = 0;       // the weight, shared
+        gm.stride_b = N * Kp;  // image b's patches
         gm.stride_d = (K + N) * D;
       }
       const at::Tensor bias_o = bias ? bias->to(O).contiguous() : at::Tensor();
@@ -206,12 +222,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd_cuda(const at::Te
   at::Tensor gp = grad.narrow(1, K, N);
   if (gp.scalar_type() != T) gp = gp.to(T);
   gp = gp.reshape({B * N, D});
+  const int64_t Kp = padded_patch_k(CPP, images.element_size());
   if (need_dweight || need_dbias) {
     if (need_dweight) {
-      const at::Tensor P = CPP > 0 ? patch_matrix(op, images, g.Ph, g.Pw) : at::empty({B * N, 0}, opts);
-      at::Tensor dw2;
+      const at::Tensor P = CPP > 0 ? patch_matrix(op, images, g.Ph, g.Pw, Kp) : at::empty({B * N, 0}, opts);
+      at::Tensor dw2;  // (D, Kp); its padding columns (zero for a finite gradient) are not returned
       std::tie(dw2, dbias) = dense_weight_grad(op, gp, P, true, need_dbias);
-      dweight = dw2.view({D, g.C, g.Ph, g.Pw});
+      dweight = dw2.narrow(1, 0, CPP).view({D, g.C, g.Ph, g.Pw});
     } else {
       dbias = gp.to(at::kFloat).sum(0).to(T);
     }
@@ -222,9 +239,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd_cuda(const at::Te
                          : at::MemoryFormat::Contiguous;
     dimages = at::empty({B, g.C, g.H, g.W}, opts.memory_format(fmt));
     if (dimages.numel() > 0) {
-      const at::Tensor dp = dense_input_grad(op, gp, weight.reshape({D, CPP}));  // (B * N, C * Ph * Pw)
+      const Matrix w = padded_weight(weight, Kp);
+      const at::Tensor dp = dense_input_grad(op, gp, w.t);  // (B * N, Kp)
       const int64_t Hp = g.H / g.Ph, Wp = g.W / g.Pw;
-      const at::Tensor src = dp.view({B, Hp, Wp, g.C, g.Ph, g.Pw});
+      const at::Tensor src = dp.narrow(1, 0, CPP).view({B, Hp, Wp, g.C, g.Ph, g.Pw});
       if (fmt == at::MemoryFormat::Contiguous) {
         dimages.view({B, g.C, Hp, g.Ph, Wp, g.Pw}).copy_(src.permute({0, 3, 1, 4, 2, 5}));
       } else {

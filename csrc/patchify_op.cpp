@@ -12,7 +12,8 @@
 
 namespace vitkern {
 
-at::Tensor patch_matrix(const char* op, const at::Tensor& images, int64_t patch_h, int64_t patch_w) {
+at::Tensor patch_matrix(const char* op, const at::Tensor& images, int64_t patch_h, int64_t patch_w,
+                        int64_t row_elems) {
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
   const int64_t N = (H / patch_h) * (W / patch_w);
   at::Tensor src = images;
@@ -24,10 +25,14 @@ at::Tensor patch_matrix(const char* op, const at::Tensor& images, int64_t patch_
       src = images.contiguous();
     }
   }
-  at::Tensor out = at::empty({B * N, C * patch_h * patch_w}, images.options());
+  const int64_t K = C * patch_h * patch_w;
+  TORCH_CHECK(row_elems == 0 || row_elems >= K, op, ": patch rows of ", row_elems, " elements cannot hold ", K);
+  const int64_t ld = row_elems > 0 ? row_elems : K;
+  at::Tensor out = at::empty({B * N, ld}, images.options());
   if (out.numel() == 0) return out;
   const c10::cuda::CUDAGuard device_guard(images.device());
-  const PatchifyShape shape{B, C, H, W, patch_h, patch_w, static_cast<int64_t>(images.element_size()), channels_last};
+  const PatchifyShape shape{B, C, H, W, patch_h, patch_w, static_cast<int64_t>(images.element_size()), channels_last,
+                            ld};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(images.device().index()).stream();
   const cudaError_t err = launch_patchify(src.const_data_ptr(), out.mutable_data_ptr(), shape, stream);
   TORCH_CHECK(err == cudaSuccess, op, ": launching the patchify kernel failed: ", cudaGetErrorString(err));

@@ -398,9 +398,11 @@ def _patch_embed_bwd_fake(grad, images, weight, num_prefix_tokens, need_dimages,
         dimages = torch.empty((b, c, h, w), dtype=images.dtype, device=images.device, memory_format=fmt)
     else:
         dimages = images.new_empty(e)
+    from vitkern.ops.patch_embed.layout import _cuda_dw  # not at import: the op package imports this module
+
     return (
         dimages,
-        images.new_empty(tuple(weight.shape) if need_dweight else e),
+        _cuda_dw(weight) if need_dweight else images.new_empty(e),
         images.new_empty((d,) if need_dbias else e),
     )
 

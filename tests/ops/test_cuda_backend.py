@@ -289,7 +289,21 @@ def test_patch_embed_fake_on_meta(channels_last, pos, prefix):
     dimages, dw, db = torch.ops.vitkern_cuda.patch_embed_bwd(out, images, weight, prefix, True, True, True, False)
     assert dimages.shape == images.shape and dimages.dtype == BF16
     assert dimages.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert dw.shape == weight.shape and db.shape == (d,)
+    assert dw.shape == weight.shape and dw.is_contiguous() and db.shape == (d,)  # K = 384: no padding
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype, stride", [(BF16, (592, 196, 14, 1)), (F16, (592, 196, 14, 1)),
+                                           (F32, (588, 196, 14, 1))])
+def test_patch_embed_fake_weight_grad_of_padded_k(dtype, stride):
+    """14 x 14 x 3 patches: K = 588 pads to 592 in 16-bit dtypes; the weight gradient is the view
+    of the first 588 of 592 columns, the weight's shape, no padding in it."""
+    images = torch.empty(2, 3, 28, 42, dtype=dtype, device="meta")
+    weight = torch.empty(64, 3, 14, 14, dtype=dtype, device="meta")
+    grad = torch.empty(2, 7, 64, dtype=dtype, device="meta")
+    for imgs in (images, images.to(memory_format=torch.channels_last)):
+        _, dw, _ = torch.ops.vitkern_cuda.patch_embed_bwd(grad, imgs, weight, 1, False, True, False, False)
+        assert dw.shape == weight.shape and dw.stride() == stride and dw.dtype == dtype
 
 
 @needs_extension
@@ -513,6 +527,134 @@ def test_patchify_unit_widths(geometry, addresses, expected):
     assert ext.load()._patchify_unit_bytes(*geometry, *addresses) == expected
 
 
+@needs_extension
+def test_patch_gemm_k_padding_matches_the_fakes_rule():
+    """The "cuda" backend pads K = C * PH * PW to 16 bytes of elements (csrc/patchify.h); the fakes
+    lay the weight gradient out by the Python mirror of that rule."""
+    from vitkern.ops.patch_embed.layout import _cuda_patch_k
+
+    for elem_size in (2, 4):
+        for k in range(0, 1300):
+            assert ext.load()._padded_patch_k(k, elem_size) == _cuda_patch_k(k, elem_size)
+    assert _cuda_patch_k(588, 2) == 592 and _cuda_patch_k(588, 4) == 588 and _cuda_patch_k(768, 2) == 768
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "geometry, out_ld, expected",
+    [
+        ((2, 3, 224, 224, 14, 14, 2, False), 592, (4, 4)),  # NCHW bf16, 588 -> 592: 28-byte runs as before
+        ((2, 3, 224, 224, 14, 14, 2, True), 592, (4, 4)),  # NHWC: 84-byte staged rows
+        ((2, 3, 224, 224, 16, 16, 2, False), 776, (16, 16)),  # a padded pitch keeps 16-byte units
+        ((2, 3, 224, 224, 16, 16, 2, False), 772, (8, 8)),  # a pitch of 1544 bytes: 8-byte units
+    ],
+)
+def test_patchify_unit_widths_with_padded_rows(geometry, out_ld, expected):
+    """With padded patch rows (out_ld > C * PH * PW) a store unit also divides the row pitch."""
+    assert ext.load()._patchify_unit_bytes(*geometry, 0, 0, out_ld) == expected
+
+
+def _lane_use(block: dict, nvec: int, rows: int) -> float:
+    """Useful (row, column vector) pairs per launched lane in one pass of the grid over the rows
+    (threads are launched in whole warps)."""
+    threads = block["bx"] * block["by"]
+    lanes = block["gx"] * block["gy"] * -(-threads // 32) * 32
+    return nvec * min(rows, block["gy"] * block["by"]) / lanes
+
+
+def _covered(block: dict, nvec: int, rows: int) -> list[list[int]]:
+    """How often the epilogue kernels' loops visit each (row, column vector) under this shape."""
+    seen = [[0] * nvec for _ in range(rows)]
+    bx, by, gx, gy = block["bx"], block["by"], block["gx"], block["gy"]
+    for bi in range(gx):
+        for bj in range(gy):
+            for t in range(bx * by):
+                ty, tx = divmod(t, bx)
+                cv = bi * bx + tx
+                if cv >= nvec:
+                    continue
+                for r in range(bj * by + ty, rows, gy * by):
+                    seen[r][cv] += 1
+    return seen
+
+
+@needs_extension
+@pytest.mark.parametrize("n", [384, 768, 1024, 1152, 1280, 2304, 3072, 4096, 5120])
+@pytest.mark.parametrize("elem_size", [2, 4])
+def test_epilogue_block_keeps_lanes_busy(n, elem_size):
+    """The elementwise passes' block shape leaves at most 10% of the launched lanes idle at ViT
+    widths (16-byte vectors: 8 elements of 16 bits, 4 of fp32), at batch 256 x 197 tokens and at
+    one image; the fixed 256-wide block left 44% idle at 2304 and 25% at 3072."""
+    nvec = n // (16 // elem_size)
+    for rows in (256 * 197, 197):
+        block = ext.load()._epilogue_block(nvec, rows)
+        assert block["bx"] * block["by"] <= 256
+        assert _lane_use(block, nvec, rows) >= 0.9, (n, rows, block)
+
+
+@needs_extension
+@pytest.mark.parametrize("nvec, rows", [(1001, 3), (130, 50), (7, 197), (1, 1), (257, 2), (40, 1), (3, 700)])
+def test_epilogue_block_covers_every_element_once(nvec, rows):
+    """Odd widths (the 1-element path) and few rows: the grid visits each element exactly once,
+    also when the row blocks are capped (rows stride over them)."""
+    for cap in (65535, 2):
+        block = ext.load()._epilogue_block(nvec, rows, cap)
+        assert block["gy"] <= cap and block["by"] <= rows
+        assert all(v == 1 for row in _covered(block, nvec, rows) for v in row), block
+
+
+@needs_extension
+@pytest.mark.parametrize("rows, cols, elem_size", [(256 * 197, 768, 2), (256 * 197, 1280, 4), (256 * 257, 1280, 2),
+                                                   (64 * 197, 384, 4), (394, 384, 2), (3001, 130, 2), (5, 40, 4)])
+def test_scale_gradient_partials_stay_small(rows, cols, elem_size):
+    """The backward pass with the LayerScale / row-scale partial sums launches at most 1024 blocks,
+    so its (gy, N) and (gx, M) fp32 partials stay far below one fp32 pass over the gradient; its
+    rows stride over the capped row blocks and still visit every element once."""
+    ext_C = ext.load()
+    plain = ext_C._dense_bwd_epilogue_block(rows, cols, elem_size, False)
+    block = ext_C._dense_bwd_epilogue_block(rows, cols, elem_size, True)
+    nvec = cols // block["vector"]
+    assert {k: plain[k] for k in ("bx", "by", "gx", "gy")} == ext_C._epilogue_block(nvec, rows)
+    assert (block["bx"], block["by"], block["gx"]) == (plain["bx"], plain["by"], plain["gx"])
+    assert block["gx"] * block["gy"] <= 1024 and block["gy"] <= plain["gy"]
+    partial_bytes = 4 * (block["gy"] * cols + block["gx"] * rows)
+    if rows >= 50000:  # training batches: the partials are < 1/16 of one fp32 pass
+        assert partial_bytes <= rows * cols * 4 / 16, block
+    if rows * nvec <= 200_000:
+        assert all(v == 1 for row in _covered(block, nvec, rows) for v in row)
+
+
+_VIT_B = dict(batch=256, batch_stride=197 * 768, dim=768)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "args, vector, index_bits",
+    [
+        (dict(_VIT_B, row0=0, rows=1, src_elem_size=4), 8, 32),  # class token + fp32 pos_embed row
+        (dict(_VIT_B, row0=1, rows=196, src_elem_size=4, src_row0=1), 8, 32),  # patch rows + pos (unfused)
+        (dict(batch=8, batch_stride=257 * 1280, row0=0, rows=5, dim=1280, out_elem_size=4, src_elem_size=4), 8, 32),
+        (dict(batch=3, batch_stride=8 * 100, row0=0, rows=1, dim=100), 8, 32),  # 12 vectors + a 4-element tail
+        (dict(batch=2, batch_stride=5 * 99, row0=0, rows=5, dim=99), 1, 32),  # odd rows: scalar
+        (dict(batch=2, batch_stride=5 * 98, row0=0, rows=5, dim=98), 2, 32),  # 196-byte rows: 4-byte units
+        (dict(_VIT_B, row0=0, rows=1, out_addr=4), 2, 32),  # a 4-byte-aligned output
+        (dict(_VIT_B, row0=0, rows=1, src_elem_size=2, src_addr=2), 1, 32),  # a misaligned source
+        (dict(batch=2**22, batch_stride=1024 * 8, row0=0, rows=1024, dim=8), 8, 64),  # 2^32 token rows
+    ],
+)
+def test_token_rows_plan(args, vector, index_bits):
+    """The token-row pass moves 16-byte vectors where every row start is aligned (a scalar tail
+    for the rest of a row), narrower units otherwise, and 32-bit row / column indices where the
+    sizes allow."""
+    plan = ext.load()._token_rows_plan(**args)
+    assert (plan["vector"], plan["index_bits"]) == (vector, index_bits), plan
+    slots = -(-args["dim"] // plan["vector"])
+    tasks = args["batch"] * args["rows"]
+    assert plan["bx"] * plan["by"] <= 256 and plan["gx"] * plan["bx"] >= slots
+    if tasks * slots <= 200_000:
+        assert all(v == 1 for row in _covered(plan, slots, tasks) for v in row)
+
+
 # ================================================================================ GPU numerics
 
 
@@ -613,6 +755,33 @@ def test_linear_matches_reference(device, dtype, activation, mode, unfused):
                 _compare(run, ref, ins, dtype)
         else:
             _compare(run, ref, ins, dtype)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("n", [384, 130])
+def test_scale_gradients_over_many_row_steps(device, dtype, n):
+    """LayerScale and row-scale gradients at 9003 rows, where each block of the backward pass
+    strides over several row steps (the partial sums' blocks are capped), at a 16-byte (384) and
+    a 1-element (130) width, with an fp32 residual stream; twice, bitwise equal."""
+    ins = _dense_inputs((3, 3001), 64, n, dtype, device, residual=F32, scale=True, row_scale=True)
+
+    def run(**a):
+        with vitkern.use_backend("cuda"):
+            return vitkern.linear(**a, activation="gelu")
+
+    def ref(**a):
+        return linear_ref(**a, activation="gelu")
+
+    _compare(run, ref, ins, dtype)
+    leaves = {k: (v.detach().requires_grad_(True) if v is not None else None) for k, v in ins.items()}
+    grads = []
+    for _ in range(2):
+        y = run(**leaves)
+        grads.append(torch.autograd.grad(y, [leaves["residual_scale"], leaves["row_scale"]], torch.ones_like(y)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
@@ -749,6 +918,33 @@ def test_patch_embed_unfused_and_same_dtype_pos(device, dtype):
 
 @pytest.mark.gpu
 @needs_extension
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("d", [100, 57])
+def test_patch_embed_token_rows_at_odd_widths(device, dtype, d):
+    """The token-row pass at widths that are not a multiple of 8 (100: 16-byte vectors and a
+    4-element tail for the prefix rows; 57: scalar), for the prefix rows and, unfused, the patch
+    rows' bias + position embedding."""
+    b, c, h, w, p = 3, 3, 32, 48, 16
+    n = (h // p) * (w // p)
+    g = torch.Generator().manual_seed(d)
+
+    def rnd(*shape, std=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dt).requires_grad_(True)
+
+    def run(**a):
+        with vitkern.use_backend("cuda"):
+            return vitkern.patch_embed(**a)
+
+    for prefix in (1, 5):
+        ins = dict(images=rnd(b, c, h, w), weight=rnd(d, c, p, p, std=(c * p * p) ** -0.5), bias=rnd(d, std=0.5),
+                   pos_embed=rnd(1, prefix + n, d, dt=F32), prefix_tokens=rnd(1, prefix, d, dt=F32))
+        _compare(run, patch_embed_ref, ins, dtype)
+        with cb.force_unfused_epilogues():
+            _compare(run, patch_embed_ref, ins, dtype)
+
+
+@pytest.mark.gpu
+@needs_extension
 def test_empty_and_degenerate_shapes(device):
     with vitkern.use_backend("cuda"):
         x = torch.randn(0, 16, device=device, requires_grad=True)
@@ -818,22 +1014,28 @@ def test_opcheck(device):
     x, w, b = rnd(50, 64), rnd(72, 64), rnd(72)
     r, gm, rs = rnd(50, 72, dt=F32), rnd(72), rnd(50, dt=F32)
     for act in (0, 1, 2):
-        torch.library.opcheck(ops.fused_dense_fwd.default, (x, w, b, act, None, None, None, True))
-        torch.library.opcheck(ops.fused_dense_fwd.default, (x, w, b, act, r, gm, rs, True))
-    _, pre = ops.fused_dense_fwd(x.detach(), w.detach(), b.detach(), 1, None, None, None, True)
+        torch.library.opcheck(ops.fused_dense_fwd.default, (x, w, b, act, None, None, None, True, False))
+        torch.library.opcheck(ops.fused_dense_fwd.default, (x, w, b, act, r, gm, rs, True, False))
+    _, pre = ops.fused_dense_fwd(x.detach(), w.detach(), b.detach(), 1, None, None, None, True, False)
     grad = rnd(50, 72, grad=False)
     torch.library.opcheck(ops.fused_dense_bwd.default,
-                          (grad, x.detach(), w.detach(), None, None, pre, 1, True, True, True, False, False))
+                          (grad, x.detach(), w.detach(), None, None, pre, 1, True, True, True, False, False, False))
     w1, b1, w2, b2 = rnd(96, 64), rnd(96), rnd(72, 96), rnd(72)
     for act in (1, 2):
-        torch.library.opcheck(ops.mlp_fwd.default, (x, w1, b1, w2, b2, act, r, gm, rs, True, True))
+        torch.library.opcheck(ops.mlp_fwd.default, (x, w1, b1, w2, b2, act, r, gm, rs, True, True, False))
     images = rnd(2, 3, 32, 48).detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     pw, pb = rnd(64, 3, 16, 16), rnd(64)
     pos, cls = rnd(1, 7, 64, dt=F32), rnd(1, 1, 64, dt=F32)
-    torch.library.opcheck(ops.patch_embed_fwd.default, (images, pw, pb, pos, cls))
-    torch.library.opcheck(ops.patch_embed_fwd.default, (images.detach().contiguous(), pw, None, None, None))
+    torch.library.opcheck(ops.patch_embed_fwd.default, (images, pw, pb, pos, cls, False))
+    torch.library.opcheck(ops.patch_embed_fwd.default, (images.detach().contiguous(), pw, None, None, None, False))
     tok_grad = rnd(2, 7, 64, dt=F32, grad=False)
-    torch.library.opcheck(ops.patch_embed_bwd.default, (tok_grad, images.detach(), pw.detach(), 1, True, True, True))
+    torch.library.opcheck(ops.patch_embed_bwd.default,
+                          (tok_grad, images.detach(), pw.detach(), 1, True, True, True, False))
+    # 14 x 14 x 3 patches: K = 588 padded to 592, the weight gradient a view with row stride 592
+    images14, pw14 = rnd(2, 3, 28, 42, grad=False), rnd(64, 3, 14, 14, grad=False)
+    torch.library.opcheck(ops.patch_embed_bwd.default,
+                          (rnd(2, 7, 64, grad=False), images14, pw14, 1, True, True, True, False))
+    torch.library.opcheck(ops.patch_embed_fwd.default, (images14, pw14, None, None, None, False))
 
 
 @pytest.mark.gpu

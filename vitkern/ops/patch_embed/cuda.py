@@ -4,6 +4,8 @@ the C++/CUDA extension (schemas and fakes in :mod:`vitkern._extension`, kernels 
 Forward: patchify (NCHW or channels_last) + one strided-batched GEMM straight into the
 ``(B, K + N, D)`` token buffer at row offset K, bias in the epilogue and the patch tokens' position
 embedding as the C matrix with batch stride 0; class / register tokens written by a small kernel.
+The GEMMs' K (pixels a patch) is padded to 16 bytes with zero columns (588 -> 592 in bf16), and the
+weight gradient is returned as a view without them (:func:`vitkern.ops.patch_embed.layout._cuda_dw`).
 Backward: ``patch_embed_bwd`` for the image / weight / bias gradients, batch sums here for
 ``pos_embed`` and ``prefix_tokens``. See :mod:`vitkern.ops.cuda_backend` for the numerics.
 
