@@ -51,7 +51,7 @@ def _attn_program(T, HEADS, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
 
 
 #: Sequences per step of the packed-sequence block search (:func:`_attn_seq_program`).
-SEQ_SEARCH_WIDTH = tl.constexpr(128)
+SEQ_SEARCH_WIDTH = tl.constexpr(32)
 
 
 @register_helper
