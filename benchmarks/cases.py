@@ -19,6 +19,9 @@ from typing import Iterable, Optional
 PROVIDERS = (
     "vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-torch", "vitkern-reference", "torch", "torch.compile",
 )
+# The packed variable-length attention setup's references: SDPA on the padded batch with a dense
+# mask (as timm's NaFlexVit runs it) and torch's own varlen_attn.
+VARLEN_PROVIDERS = ("sdpa-padded", "torch-varlen")
 # The attention setups' SDPA held to one backend (provider name -> torch.nn.attention.SDPBackend
 # member), then the attention libraries.
 SDPA_BACKENDS = {
@@ -29,8 +32,9 @@ SDPA_BACKENDS = {
 }
 ATTENTION_PROVIDERS = tuple(SDPA_BACKENDS) + ("flash-attn", "xformers")
 # References that only some cases supply, through Case.references: torchvision for the model
-# setups; SDPA held to one backend, flash-attn and xformers for the attention setups.
-EXTRA_PROVIDERS = ("torchvision",) + ATTENTION_PROVIDERS
+# setups; SDPA held to one backend, flash-attn and xformers for the attention setups; the packed
+# attention setup's own.
+EXTRA_PROVIDERS = ("torchvision",) + ATTENTION_PROVIDERS + VARLEN_PROVIDERS
 ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
 VITKERN_HEADLINE = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-torch", "vitkern-reference")
 
