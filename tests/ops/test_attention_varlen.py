@@ -140,6 +140,30 @@ def test_varlen_grids_agree(device):
         assert torch.equal(a, b)
 
 
+def test_deterministic_algorithms_take_the_dq_kernel(device, monkeypatch):
+    # under torch.use_deterministic_algorithms the backward computes dQ in its own kernel (no
+    # atomics): two runs give the same bits
+    launched = []
+    original = attn_launch.launch
+    monkeypatch.setattr(attn_launch, "launch", lambda kernel, *a, **kw: launched.append(kernel) or
+                        original(kernel, *a, **kw))
+    lens = (33, 0, 70)
+    q, k, v, dout = _inputs(lens, lens, 2, 2, 64, BF16, device, False, seed=9)
+    cu = _cu(lens, device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            runs.append(torch.autograd.grad(vitkern.attention_varlen(*leaves, cu, cu), leaves, dout))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert attn_launch._attention_bwd_dq_kernel in launched
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_varlen_grid_choice():
     cu = torch.zeros(4, dtype=torch.int32)
     dummy = torch.empty(1)
