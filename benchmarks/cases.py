@@ -19,6 +19,9 @@ from typing import Iterable, Optional
 PROVIDERS = (
     "vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-torch", "vitkern-reference", "torch", "torch.compile",
 )
+# The packed variable-length attention setup's references: SDPA on the padded batch with a dense
+# mask (as timm's NaFlexVit runs it) and torch's own varlen_attn.
+VARLEN_PROVIDERS = ("sdpa-padded", "torch-varlen")
 # The attention setups' SDPA held to one backend (provider name -> torch.nn.attention.SDPBackend
 # member), then the attention libraries.
 SDPA_BACKENDS = {
@@ -29,9 +32,10 @@ SDPA_BACKENDS = {
 }
 ATTENTION_PROVIDERS = tuple(SDPA_BACKENDS) + ("flash-attn", "xformers")
 # References that only some cases supply, through Case.references: torchvision for the model
-# setups; SDPA held to one backend, flash-attn and xformers for the attention setups;
-# vitkern-padded for the mixed-resolution setup (vitkern's model on the padded batch).
-EXTRA_PROVIDERS = ("torchvision", "vitkern-padded") + ATTENTION_PROVIDERS
+# setups; SDPA held to one backend, flash-attn and xformers for the attention setups; the packed
+# attention setup's own; vitkern-padded for the mixed-resolution model setup (vitkern's model on
+# the padded batch).
+EXTRA_PROVIDERS = ("torchvision", "vitkern-padded") + ATTENTION_PROVIDERS + VARLEN_PROVIDERS
 ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
 VITKERN_HEADLINE = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-torch", "vitkern-reference")
 

@@ -216,6 +216,14 @@ def attention_cost(
     return _cost(fwd_flops, int(2.5 * fwd_flops), fwd_bytes, bwd_bytes)
 
 
+def attention_varlen_cost(lengths, h: int, d: int, dtype: Any, *, causal: bool = False) -> Cost:
+    """Packed variable-length self-attention: :func:`attention_cost` of each sequence, summed (the
+    FLOPs are the sequences' own, no padding; the bytes are linear in the total token count)."""
+    costs = [attention_cost(1, h, n, n, d, dtype, causal=causal) for n in lengths if n > 0]
+    return Cost(flops={m: sum(c.flops[m] for c in costs) for m in ("fwd", "fwd+bwd")},
+                bytes={m: sum(c.bytes[m] for c in costs) for m in ("fwd", "fwd+bwd")})
+
+
 # ------------------------------------------------------------------------------------------------
 # Normalisation (memory bound: FLOPs are not counted)
 # ------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ BACKENDS = {
     "add_layer_norm": ("auto", "triton", "torch", "reference"),
     "attention": ("auto", "triton", "torch", "reference"),
     "attention_qkvpacked": ("auto", "triton", "torch", "reference"),
+    "attention_varlen": ("auto", "triton", "torch", "reference"),
+    "attention_qkvpacked_varlen": ("auto", "triton", "torch", "reference"),
     "scaled_dot_product_attention": ("auto", "triton", "torch", "reference"),
     "linear": ("auto", "triton", "cuda", "torch", "reference"),
     "mlp": ("auto", "triton", "cuda", "torch", "reference"),
@@ -78,6 +80,17 @@ def _cases(device) -> dict[str, Callable]:
     def attention_qkvpacked(dt):
         return (lambda qkv: vitkern.attention_qkvpacked(qkv), [r(B, T, 3, H, hd, dtype=dt)])
 
+    # packed variable-length sequences: B images of 197, 1, 0 and 577 tokens
+    lengths = (197, 1, 0, 577)
+    cu = torch.tensor([sum(lengths[:i]) for i in range(len(lengths) + 1)], dtype=torch.int32, device=device)
+
+    def attention_varlen(dt):
+        return (lambda q, k, v: vitkern.attention_varlen(q, k, v, cu, cu, max_seqlen_q=577, max_seqlen_k=577),
+                [r(sum(lengths), H, hd, dtype=dt) for _ in range(3)])
+
+    def attention_qkvpacked_varlen(dt):
+        return (lambda qkv: vitkern.attention_qkvpacked_varlen(qkv, cu), [r(sum(lengths), 3, H, hd, dtype=dt)])
+
     def sdpa_key_padding(dt):
         mask = torch.ones(B, 1, 1, T, dtype=torch.bool, device=device)
         mask[0, ..., T // 2:] = False
@@ -110,6 +123,7 @@ def _cases(device) -> dict[str, Callable]:
     return {
         "layer_norm": layer_norm, "add_layer_norm": add_layer_norm, "attention": attention,
         "attention_qkvpacked": attention_qkvpacked, "scaled_dot_product_attention": sdpa_key_padding,
+        "attention_varlen": attention_varlen, "attention_qkvpacked_varlen": attention_qkvpacked_varlen,
         "linear": linear, "mlp": mlp, "patch_embed": patch_embed, "resample_pos_embed": resample_pos_embed,
     }
 

@@ -289,8 +289,15 @@ def test_int32_overflow_rule():
                                     PE_kernels._patch_embed_colsum_kernel])
 def test_kernels_take_int64_program_bases(kernel):
     """The per-program bases (rows, batch x head) are int64 in each kernel the table above
-    treats as int64 (in its own source or in a registered helper it calls, inlined into it)."""
-    src = inspect.getsource(kernel.fn)
-    src += "".join(inspect.getsource(obj.fn) for name, obj in kernel.fn.__globals__.items()
-                   if f"{name}(" in src and is_registered_helper(obj))
+    treats as int64 (in its own source or in a registered helper it calls, directly or through
+    another helper: all of them are inlined into it)."""
+    seen, pending, src = set(), [kernel.fn], ""
+    while pending:
+        fn = pending.pop()
+        body = inspect.getsource(fn)
+        src += body
+        for name, obj in fn.__globals__.items():
+            if f"{name}(" in body and is_registered_helper(obj) and name not in seen:
+                seen.add(name)
+                pending.append(obj.fn)
     assert "tl.int64" in src

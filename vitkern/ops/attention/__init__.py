@@ -2,8 +2,9 @@
 
 Public functions (re-exported from ``vitkern``):
 
-- ``attention(q, k, v, *, causal, scale, return_lse, deterministic)``: ``(B, H, T, D)`` layout,
-  grouped-query attention when k / v have fewer heads.
+- ``attention(q, k, v, *, causal, scale, return_lse, deterministic, ..., key_padding_mask)``:
+  ``(B, H, T, D)`` layout, grouped-query attention when k / v have fewer heads; a ``(B, Tk)``
+  bool key-padding mask for padded batches.
 - ``attention_qkvpacked(qkv, ...)``: reads q / k / v out of the ``(B, T, 3, H, D)`` output of a
   fused qkv projection and returns ``(B, T, H, D)``, so neither side needs a permute.
 - ``attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)`` and

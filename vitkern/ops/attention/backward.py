@@ -4,7 +4,9 @@ delta = rowsum(dO * O) (a small kernel); dK / dV per key block of a kv head, loo
 blocks and over the query heads of its group (GQA gradients summed in registers, no atomics); dQ
 either by a separate kernel per query block (bit-reproducible: deterministic=True) or accumulated
 by the dK/dV kernel with fp32 atomics (deterministic=False, for head dims without a masked tail).
-Which of the two is faster on a GPU is still to be measured.
+Which of the two is faster on a GPU is still to be measured. With VARLEN the dK/dV and dQ
+kernels run over packed variable-length sequences (:func:`_attn_seq_program`); delta runs on
+the packed tokens as one sequence.
 """
 
 from __future__ import annotations

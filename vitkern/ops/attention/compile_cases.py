@@ -8,12 +8,26 @@ shapes, the slow set every config of the tables.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from vitkern.ops.attention.configs import _attn_pieces
-from vitkern.ops.attention.launch import _attention_bwd, _attention_fwd
-from vitkern.ops.attention.op import _packed_views
+from vitkern.ops.attention.launch import PackedSeqs, _attention_bwd, _attention_fwd
+from vitkern.ops.attention.op import _packed_views, _seq_view
 from vitkern.testing.compile_check import compile_cases
+
+
+@contextlib.contextmanager
+def _case_dtype(dtype):
+    """The torch dtype of a case's dtype ("tf32": fp32 with TF32 dots, torch's matmul precision
+    set for the duration)."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if dtype == "tf32" else "ieee"
+    try:
+        yield torch.float32 if dtype == "tf32" else dtype
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
 
 
 def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=False, deterministic=False,
@@ -21,10 +35,7 @@ def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=F
     """Call the launchers the way the ops do (dtype "tf32" = fp32 with TF32 dots). The cases'
     batches are small stand-ins (they only size the grid), so the forward's key split is given:
     ``kv_splits`` 1 (the plain kernel) unless asked, None for the launcher's own choice."""
-    previous = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if dtype == "tf32" else "ieee"
-    try:
-        dtype = torch.float32 if dtype == "tf32" else dtype
+    with _case_dtype(dtype) as dtype:
         if packed:
             qkv = torch.empty((b, tq, 3, h, d), dtype=dtype)
             q, k, v = _packed_views(qkv)
@@ -40,8 +51,34 @@ def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=F
         _attention_fwd(q, k, v, key_bias, causal, d ** -0.5, out, lse, kv_splits=kv_splits)
         if backward:
             _attention_bwd(out, q, k, v, out, lse, None, key_bias, causal, d ** -0.5, deterministic, dq, dk, dv)
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def _varlen_case_run(dtype, lens, h, hkv, d, *, causal=False, max_known=False, packed=False, deterministic=False):
+    """A packed (variable-length) launch as ``attention_varlen`` / ``attention_qkvpacked_varlen``
+    issue it: (total, H, D) tensors seen as (1, H, total, D), int32 cu_seqlens; ``max_known``
+    gives the launchers the longest sequence (the per-sequence grid, VARLEN 1), else the
+    token-count grid with the on-device block search (VARLEN 2)."""
+    with _case_dtype(dtype) as dtype:
+        _varlen_launches(dtype, lens, h, hkv, d, causal, max_known, packed, deterministic)
+
+
+def _varlen_launches(dtype, lens, h, hkv, d, causal, max_known, packed, deterministic):
+    total = sum(lens)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    longest = max(lens) if max_known else None
+    seqs = PackedSeqs(cu, cu, longest, longest)
+    if packed:
+        qkv = torch.empty((total, 3, h, d), dtype=dtype)
+        q, k, v = (_seq_view(t) for t in qkv.unbind(1))
+        dq, dk, dv = (_seq_view(t) for t in torch.empty_like(qkv).unbind(1))
+    else:
+        q = _seq_view(torch.empty((total, h, d), dtype=dtype))
+        k, v = (_seq_view(torch.empty((total, hkv, d), dtype=dtype)) for _ in range(2))
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    out = _seq_view(torch.empty((total, h, d), dtype=dtype))
+    lse = torch.empty((1, h, total), dtype=torch.float32)
+    _attention_fwd(q, k, v, None, causal, d ** -0.5, out, lse, seqs=seqs)
+    _attention_bwd(out, q, k, v, out, lse, None, None, causal, d ** -0.5, deterministic, dq, dk, dv, seqs=seqs)
 
 
 @compile_cases
@@ -64,6 +101,14 @@ def _attention_compile_cases():
     _case_run(torch.float16, 2, 8, 2, 100, 197, 72, causal=True, bias=True, deterministic=True)
     _case_run(torch.float32, 2, 4, 4, 197, 197, 64, deterministic=True)
     _case_run("tf32", 2, 4, 4, 197, 197, 64)
+    # packed variable-length sequences: a mixed-resolution batch through the packed qkv at ViT-B's
+    # heads (the on-device block search), equal lengths with max_seqlen (the per-sequence grid),
+    # causal + GQA + a masked head-dim tail with the deterministic dQ, head dim 80, and fp32
+    _varlen_case_run(torch.bfloat16, (196, 577, 17), 12, 12, 64, packed=True)
+    _varlen_case_run(torch.bfloat16, (197, 197, 197), 12, 12, 64, packed=True, max_known=True)
+    _varlen_case_run(torch.float16, (197, 50), 8, 2, 72, causal=True, deterministic=True)
+    _varlen_case_run(torch.bfloat16, (257, 100), 16, 16, 80, packed=True)
+    _varlen_case_run(torch.float32, (197, 197), 4, 4, 64, causal=True, max_known=True)
 
 
 @compile_cases(slow=True)
@@ -81,3 +126,10 @@ def _attention_compile_cases_all():
             _case_run(dtype, 1, 2, 2, 2100, 2100, d, causal=True, bias=True, backward=False)
             if dtype == torch.bfloat16:
                 _case_run(dtype, 1, 2, 2, 197, 197, d, causal=True, bias=True, backward=False, kv_splits=2)
+    # the packed launches at every width class of the 16-bit tables (atomic and deterministic dQ
+    # where both run) and the fp32 precisions, with the block search and the per-sequence grid
+    for d in (32, 64, 72, 128, 256):
+        _varlen_case_run(torch.bfloat16, (197, 50), 4, 2, d, causal=True)
+        _varlen_case_run(torch.bfloat16, (197, 197), 4, 4, d, causal=True, max_known=True, deterministic=True)
+    for dtype in (torch.float32, "tf32"):
+        _varlen_case_run(dtype, (197, 50), 4, 2, 72, causal=True)

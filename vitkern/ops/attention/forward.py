@@ -9,7 +9,8 @@ key block; the blocks on the causal diagonal and the Tk tail apply the score mas
 runtime test, so their K / V loads pipeline with the blocks before them. Grouped-query
 attention maps query head h to kv head h // (H // Hkv). q / k / v / out are read and written
 through their strides (last dim unit stride), so the packed (B, T, 3, H, D) qkv is read in place
-and (B, T, H, D) written directly.
+and (B, T, H, D) written directly. VARLEN runs the same kernel over packed variable-length
+sequences (one program per query block of a sequence: :func:`_attn_seq_program`).
 """
 
 from __future__ import annotations

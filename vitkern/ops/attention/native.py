@@ -30,6 +30,7 @@ How the op's arguments map onto SDPA:
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -146,14 +147,27 @@ try:
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
 except ImportError:  # torch < 2.10
     _torch_varlen_attn = None
+# Its keywords changed between versions: a causal mask is ``window_size=(-1, 0)`` in newer ones,
+# ``is_causal=True`` in the first; grouped-query attention needs ``enable_gqa``.
+_TORCH_VARLEN_PARAMS = (frozenset(inspect.signature(_torch_varlen_attn).parameters)
+                        if _torch_varlen_attn is not None else frozenset())
+
+
+def _torch_varlen_kwargs(causal: bool, gqa: bool) -> dict:
+    kwargs = ({"window_size": (-1, 0) if causal else (-1, -1)} if "window_size" in _TORCH_VARLEN_PARAMS
+              else {"is_causal": causal})
+    if gqa:
+        kwargs["enable_gqa"] = True
+    return kwargs
 
 _SYNC_REASON = ("the per-sequence SDPA loop reads cu_seqlens on the host, a graph break under torch.compile "
                 "(torch's varlen_attn needs CUDA fp16 / bf16 inputs and max_seqlen)")
 
 
-def _torch_varlen_applies(q, cu_q, cu_k, max_q, max_k, causal) -> bool:
+def _torch_varlen_applies(q, k, cu_q, cu_k, max_q, max_k, causal) -> bool:
     return (_torch_varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and max_q is not None and max_k is not None and (not causal or cu_q is cu_k))
+            and max_q is not None and max_k is not None and (not causal or cu_q is cu_k)
+            and (k.shape[1] == q.shape[1] or "enable_gqa" in _TORCH_VARLEN_PARAMS))
 
 
 def _varlen_sdpa_loop(q, k, v, cu_q, cu_k, causal, scale):
@@ -175,9 +189,9 @@ def attention_varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=
     SDPA loop (see above); out ``(total_q, H, D)`` in q's dtype."""
     if return_lse:
         raise ValueError(_LSE_REASON)
-    if _torch_varlen_applies(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    if _torch_varlen_applies(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
         return _torch_varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
-                                  window_size=(-1, 0) if causal else (-1, -1), enable_gqa=k.shape[1] != q.shape[1])
+                                  **_torch_varlen_kwargs(causal, k.shape[1] != q.shape[1]))
     return _varlen_sdpa_loop(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
 
 
@@ -192,7 +206,7 @@ def attention_qkvpacked_varlen_torch(qkv, cu_seqlens, *, max_seqlen=None, causal
 def attention_varlen_torch_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None,
                                     causal=False, return_lse=False, **_) -> list[str]:
     reasons = [_LSE_REASON] if return_lse else []
-    if torch.compiler.is_compiling() and not _torch_varlen_applies(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    if torch.compiler.is_compiling() and not _torch_varlen_applies(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                                    max_seqlen_k, causal):
         reasons.append(_SYNC_REASON)
     return reasons

@@ -2,7 +2,9 @@
 implementation functions with their ``supports`` predicates.
 
 ``vitkern::attention_fwd`` / ``attention_bwd`` / ``attention_qkvpacked_fwd`` /
-``attention_qkvpacked_bwd`` are ``torch.library`` custom ops, so torch.compile sees each kernel
+``attention_qkvpacked_bwd`` and their packed variable-length forms ``attention_varlen_fwd`` /
+``attention_varlen_bwd`` / ``attention_qkvpacked_varlen_fwd`` / ``attention_qkvpacked_varlen_bwd``
+are ``torch.library`` custom ops, so torch.compile sees each kernel
 launch as one opaque op. The kernels are reached through :mod:`vitkern.ops.attention.launch`,
 imported where an op runs them: this module imports without Triton.
 """

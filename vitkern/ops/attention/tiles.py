@@ -1,7 +1,8 @@
 """Device helpers shared by the attention kernels (inlined into them), and their wgmma rule.
 
 Every kernel runs one program per row block (query block, or key block for dK / dV) of one
-(batch, head) on a 1-D grid (:func:`_attn_program`), and holds each ``(rows, D)`` tile as the two
+(batch, head) on a 1-D grid (:func:`_attn_program`; of one packed sequence and head,
+:func:`_attn_seq_program`), and holds each ``(rows, D)`` tile as the two
 power-of-two head-dim pieces of :func:`~vitkern.ops.attention.configs._attn_pieces` (the second of
 width 0 when D pads into one tile). The tiles a program keeps (q in the forward and dQ kernels,
 k / v in the dK/dV kernel) are loaded once with masks, zero past T and past D
@@ -51,7 +52,7 @@ def _attn_program(T, HEADS, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
 
 
 #: Sequences per step of the packed-sequence block search (:func:`_attn_seq_program`).
-SEQ_SEARCH_WIDTH = tl.constexpr(128)
+SEQ_SEARCH_WIDTH = tl.constexpr(32)
 
 
 @register_helper
