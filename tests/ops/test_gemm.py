@@ -504,3 +504,27 @@ def test_blocks_per_sm():
     assert blocks_per_sm(32, 4, 100 * 1024, 90) == 2   # shared memory bound
     assert blocks_per_sm(16, 1, 0, 90) == 32           # the block limit
     assert blocks_per_sm(None, 4, 0, 90) is None
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_a_copy_writes_the_16bit_operand(device, split_k):
+    """``a_copy``: the float32 A operand, rounded to B's dtype once, written from the pid_n == 0
+    tiles while the GEMM reads it (odd M / K, three column tiles, K splits); the product is the
+    16-bit product either way. N = 0 still fills it; a wrong shape or dtype is refused by name."""
+    M, N, K = 77, 300, 100
+    cfg = _gemm.GEMM_CONFIGS["h100_16_small" if device_arch() >= 90 else "a100_16_small"]
+    for dtype in (BF16, F16):
+        g = torch.randn(M, K, device=device)
+        w = torch.randn(N, K, device=device).to(dtype)
+        out = poisoned((M, N), F32, device)
+        low = poisoned((M, K), dtype, device)
+        _launch.gemm(g, w, out, a_copy=low, split_k=split_k, config=cfg)
+        torch.testing.assert_close(low, g.to(dtype), rtol=0, atol=0)
+        assert_2x_rounding("out", out, g.to(dtype).double() @ w.double().T, op="gemm")
+    low = poisoned((M, K), BF16, device)
+    _launch.gemm(g, torch.empty(0, K, device=device, dtype=BF16), torch.empty(M, 0, device=device), a_copy=low)
+    torch.testing.assert_close(low, g.to(BF16), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="a_copy"):
+        _launch.gemm(g, w, out, a_copy=torch.empty(M, K + 1, device=device, dtype=w.dtype))
+    with pytest.raises(ValueError, match="a_copy"):
+        _launch.gemm(g, w, out, a_copy=torch.empty(M, K, device=device, dtype=F32))

@@ -164,6 +164,24 @@ def test_add_layer_norm(device, x_dtype, r_dtype, n, affine):
     _check_add_layer_norm(x, r, w, b)
 
 
+@pytest.mark.parametrize("n", [768, 16384])  # the register and the looped backward kernels
+def test_sum_gradient_in_the_branch_dtype(device, n):
+    """An fp32 sum of a 16-bit branch and an fp32 residual stream: the backward writes the sum's
+    gradient in fp32 (the residual's) and in the branch's 16-bit dtype in one pass, the latter
+    exactly the fp32 gradient rounded once, and add_layer_norm hands that copy to the branch."""
+    x = _rand((2, 37, n), BF16, device, scale=2.0)
+    r = _rand((2, 37, n), F32, device, scale=3.0)
+    w, b = _params(n, BF16, device, "wb")
+    _, s, mean, rstd = ln_launch._layer_norm_fwd(x, r, w, b, 1e-6)
+    dy, ds = _rand(s.shape, F32, device), _rand(s.shape, F32, device)
+    dx, dw, db, dx_low = ln_launch._layer_norm_bwd(dy, s, w, mean, rstd, ds, True, BF16, BF16)
+    assert dx.dtype == F32 and dx_low.dtype == BF16
+    torch.testing.assert_close(dx_low, dx.to(BF16), rtol=0, atol=0)
+    _check_add_layer_norm(x, r, w, b)
+    with pytest.raises(TypeError, match="dx_low_dtype"):
+        ln_launch._layer_norm_bwd(dy, s, w, mean, rstd, ds, True, BF16, torch.int8)
+
+
 def test_statistics_saved_in_fp32(device):
     x = _rand((3, T, 384), BF16, device, scale=4.0, shift=-2.0)
     y, mean, rstd = torch.ops.vitkern.layer_norm_fwd(x, None, None, 1e-5)
@@ -230,8 +248,8 @@ def test_expanded_gradient_in_launcher(device):
     x = _rand((5, 256), F32, device)
     _, _, mean, rstd = ln_launch._layer_norm_fwd(x, None, None, None, 1e-5)
     dy = torch.full((), 0.5, device=device).expand(5, 256)
-    dx, dw, db = ln_launch._layer_norm_bwd(dy, x, None, mean, rstd, None, False, F32)
-    assert dw is None
+    dx, dw, db, dx_low = ln_launch._layer_norm_bwd(dy, x, None, mean, rstd, None, False, F32)
+    assert dw is None and dx_low is None
     torch.testing.assert_close(dx, torch.zeros_like(dx), atol=1e-5, rtol=0)  # d(sum y)/dx = 0
     torch.testing.assert_close(db, torch.full((256,), 2.5, device=device))
 
@@ -426,8 +444,8 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.vitkern.add_layer_norm_fwd.default, (xg, r.requires_grad_(True), wg, None, 1e-5))
     _, mean, rstd = torch.ops.vitkern.layer_norm_fwd(x, w, b, 1e-5)
     dy = _rand(x.shape, BF16, device)
-    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, w, mean, rstd, None, True, BF16))
-    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, None, mean, rstd, dy, False, None))
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, w, mean, rstd, None, True, BF16, None))
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, None, mean, rstd, dy, False, None, F16))
 
 
 def test_torch_compile_fullgraph(device):

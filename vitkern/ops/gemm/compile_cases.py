@@ -81,6 +81,14 @@ def _gemm_cases():
         a, b, out = _case_tensors(4096, 3072, 768, dtype)
         gemm(a, torch.empty(768, 3072, dtype=dtype).t(), out,
              Epilogue(row_scale=torch.empty(4096, dtype=f32), act_grad=GELU, aux=torch.empty_like(out)))
+    # the fp32 residual stream's backward: the MLP's dP and linear's dX GEMMs read the float32 dY
+    # and write it in bf16 (a_copy) for the dW GEMM that follows
+    g = torch.empty(4096, 768, dtype=f32)
+    gemm(g, torch.empty(768, 3072, dtype=bf16).t(), torch.empty(4096, 3072, dtype=bf16),
+         Epilogue(row_scale=torch.empty(4096, dtype=f32), act_grad=GELU, aux=torch.empty(4096, 3072, dtype=bf16)),
+         a_copy=torch.empty(4096, 768, dtype=bf16))
+    gemm(g, torch.empty(768, 768, dtype=bf16).t(), torch.empty(4096, 768, dtype=bf16),
+         Epilogue(row_scale=torch.empty(4096, dtype=f32)), a_copy=torch.empty(4096, 768, dtype=bf16))
     for M, N, K in ((197, 1000, 768), (8, 21843, 768), (3152, 768, 588), (197, 100, 192), (1, 1000, 768)):
         a, b, out = _case_tensors(M, N, K, bf16)
         gemm(a, b, out, Epilogue(bias=torch.empty(N, dtype=bf16), activation=GELU_TANH))

@@ -12,7 +12,9 @@ and a cast to B's dtype (a float32 gradient against bf16 weights). The epilogue 
 accumulator: the steps of :mod:`vitkern.ops.gemm.epilogue`, each behind its constexpr switch
 (bias, pre-activation store, row dots, activation, LayerScale, row scale, activation grad,
 residual), then one cast to C's dtype. Besides, ``ROW_SUM`` stores ``rowsum[s, m] = sum_k
-A'[m, k]`` (the bias grad) from the pid_n == 0 tiles.
+A'[m, k]`` (the bias grad) from the pid_n == 0 tiles, and ``A_COPY`` stores A' itself, in B's
+dtype, from the same tiles (``acopy[m, k]``): a float32 gradient read once, written once in the
+16-bit compute dtype for the backward's next GEMM on it.
 
 Loads: TMA tensor descriptors (``A_MODE`` / ``B_MODE`` 1: rows contiguous along K; 2: the operand
 is stored transposed) where the launcher found a unit inner stride and 16-byte-aligned base and
@@ -99,10 +101,11 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr,
     bias_ptr, col_scale_ptr, row_scale_ptr, red_scale_ptr, res_ptr, pre_ptr, aux_ptr,
-    rowsum_ptr, dotw_ptr, dotpart_ptr,
+    rowsum_ptr, dotw_ptr, dotpart_ptr, acopy_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
     stride_rm, stride_rn, stride_pm, stride_pn, stride_xm, stride_xn, stride_wm, stride_wn,
+    stride_qm, stride_qk,
     a_args, c_args,
     num_progs, k_tiles_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -113,7 +116,7 @@ def _gemm_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, HAS_RED_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT_GRAD: tl.constexpr, ROW_SUM: tl.constexpr, ROW_DOT: tl.constexpr,
-    TF32: tl.constexpr,
+    A_COPY: tl.constexpr, TF32: tl.constexpr,
 ):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -226,6 +229,10 @@ def _gemm_kernel(
             if ROW_SUM:
                 if pid_n == 0:
                     rsum += tl.sum(a.to(tl.float32), axis=1)
+            if A_COPY:  # A' in B's dtype, for the next GEMM of the same operand (once per row block)
+                if pid_n == 0:
+                    tl.store(acopy_ptr + (off_m + tm).to(tl.int64)[:, None] * stride_qm + offs_k[None, :] * stride_qk,
+                             a, mask=lm[:, None] & (offs_k < K)[None, :])
             acc = tl.dot(dot_operand(a), dot_operand(b), acc, input_precision="tf32" if TF32 else "ieee")
 
         # ---------------- epilogue (fp32, one cast on store)

@@ -92,6 +92,7 @@ def gemm(
     *,
     red_scale: Optional[torch.Tensor] = None,
     row_sum: bool = False,
+    a_copy: Optional[torch.Tensor] = None,
     split_k: Optional[int] = None,
     config: Optional[GemmConfig] = None,
     a_gather=None,
@@ -108,7 +109,10 @@ def gemm(
     ``a``, ``b``, ``out`` and the epilogue's matrices are 2-D views with any strides. Returns
     ``(out, row_sums, row_dots)``: with ``row_sum`` the fp32 ``(M,)`` sums of ``A'`` over K, with
     ``epilogue.row_dot`` (an ``(M, N)`` tensor W) the fp32 ``(M,)`` values
-    ``sum_n acc[m, n] * W[m, n]`` of the pre-scale accumulator. ``split_k`` (None:
+    ``sum_n acc[m, n] * W[m, n]`` of the pre-scale accumulator. ``a_copy`` (an ``(M, K)`` tensor of
+    ``b``'s dtype, any strides) receives ``A'`` as the dot reads it, rounded to ``b``'s dtype: the
+    backward's float32 gradient written once in the 16-bit compute dtype while this GEMM reads it,
+    so the next GEMM on the same gradient (the dW GEMM) reads half the bytes. ``split_k`` (None:
     :func:`~vitkern.ops.gemm.configs.plan_gemm` decides, for split-safe epilogues, against the
     free SMs) splits the reduction; each split
     writes an fp32 partial (and its row-sum partial) to a workspace that is summed here in a fixed
@@ -134,19 +138,26 @@ def gemm(
         raise ValueError(f"gemm: shapes a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)} do not match")
     if (a_gather is not None or row_map is not None) and K == 0:
         raise ValueError("gemm: K = 0 with a gather / row map")
+    if a_copy is not None and (a_gather is not None or tuple(a_copy.shape) != (M, K) or a_copy.dtype != b.dtype):
+        raise ValueError(f"gemm: a_copy must be an ({M}, {K}) tensor of b's dtype {b.dtype} (no gather), got "
+                         f"{tuple(a_copy.shape)} {a_copy.dtype}")
     dev = a.device
     row_sums = torch.zeros(M, device=dev, dtype=torch.float32) if row_sum else None
     row_dots = torch.zeros(M, device=dev, dtype=torch.float32) if epilogue.row_dot is not None else None
     if M == 0 or N == 0:
-        if row_sum and M and K and a_gather is None:  # no output columns, but A' still has rows
+        if (row_sum or a_copy is not None) and M and K and a_gather is None:  # no output columns, but A' has rows
             a32 = a.float() if red_scale is None else a.float() * red_scale.float()[None, :]
-            row_sums = a32.to(b.dtype).float().sum(1)
+            if row_sum:
+                row_sums = a32.to(b.dtype).float().sum(1)
+            if a_copy is not None:
+                a_copy.copy_(a32)
         return out, row_sums, row_dots
     # the epilogue reads its vectors with unit stride (the views below replace the epilogue's
     # tensors; which steps run, its constexprs, stays)
     bias, col_scale, row_scale, red_scale = contiguous_vectors(
         epilogue.bias, epilogue.col_scale, epilogue.row_scale, red_scale)
-    if K == 0:  # an empty reduction: the epilogue of a zero accumulator
+    if K == 0:  # an empty reduction: the epilogue of a zero accumulator (a_copy is empty)
+        a_copy = None
         a = torch.zeros((M, 1), device=dev, dtype=a.dtype)
         b = torch.zeros((N, 1), device=dev, dtype=b.dtype)
         K = 1
@@ -180,6 +191,8 @@ def gemm(
     for name, t in (("out", None if col_map is not None else c_view), ("pre", pre), ("aux", aux)):
         if t is not None:
             check_int32("gemm", f"{name} (column offsets)", (N, t.stride(1)))
+    if a_copy is not None:
+        check_int32("gemm", "a_copy (column offsets)", (K, a_copy.stride(1)))
     a_mode = _operand_mode(a, use_tma) if a_gather is None else LOAD_PLAIN
     b_mode = _operand_mode(b, use_tma)
     mapped = row_map is not None
@@ -195,16 +208,16 @@ def gemm(
     launch(
         _gemm_kernel, (progs, split_k),
         a, b, c_view,
-        bias, col_scale, row_scale, red_scale, residual, pre, aux, rs_buf, row_dot, dp_buf,
+        bias, col_scale, row_scale, red_scale, residual, pre, aux, rs_buf, row_dot, dp_buf, a_copy,
         M, N, K,
         *_strides(a), *_strides(b), *_strides(c_view), stride_cs,
-        *_strides(residual), *_strides(pre), *_strides(aux), *_strides(row_dot),
+        *_strides(residual), *_strides(pre), *_strides(aux), *_strides(row_dot), *_strides(a_copy),
         tuple(a_args), tuple(c_args),
         progs, per_split,
         A_MODE=a_mode, B_MODE=b_mode, C_MODE=c_mode, R_MODE=r_mode,
         EVEN_K=K % cfg.block_k == 0, SPLIT_K=split_k > 1,
         A_GATHER=a_gather, ROW_MAP=row_map, COL_MAP=col_map, PROLOGUE=prologue,
-        HAS_RED_SCALE=red_scale is not None, ROW_SUM=row_sum, **epilogue.constexprs(),
+        HAS_RED_SCALE=red_scale is not None, ROW_SUM=row_sum, A_COPY=a_copy is not None, **epilogue.constexprs(),
         TF32=dot_precision(b.dtype) == "tf32",
         config=kcfg,
     )

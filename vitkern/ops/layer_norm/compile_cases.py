@@ -24,8 +24,10 @@ def _compile_case(shape, dtype, *, affine=True, residual=False, res_dtype=None, 
     y, s, mean, rstd = _layer_norm_fwd(x, r, w, b, 1e-6)
     if backward:
         src = s if residual else x
+        # an fp32 sum of a 16-bit x: its gradient is written in x's dtype too (the 16-bit stream)
+        low = dtype if residual and src.dtype != dtype else None
         _layer_norm_bwd(torch.empty(src.shape, dtype=src.dtype), src, w, mean, rstd,
-                        torch.empty_like(src) if residual else None, affine, b.dtype if affine else None)
+                        torch.empty_like(src) if residual else None, affine, b.dtype if affine else None, low)
 
 
 @compile_cases
@@ -45,6 +47,8 @@ def _layer_norm_cases():
     _layer_norm_bwd(torch.empty((), dtype=torch.bfloat16).expand(x.shape), x, w, mean, rstd, None, True, w.dtype)
     _compile_case((197, 16384), torch.bfloat16)
     _compile_case((197, 16384), torch.float32, affine=False, residual=True)
+    _compile_case((197, 16384), torch.bfloat16, residual=True, res_dtype=torch.float32)
+    _compile_case((128 * 197, 768), torch.bfloat16, residual=True, res_dtype=torch.float32)
 
 
 @compile_cases(slow=True)

@@ -7,7 +7,9 @@ M2, then a normalising pass). Backward: ``_layer_norm_bwd_kernel`` (register pat
 ``_layer_norm_bwd_looped_kernel`` write dX in one pass and keep dW / dB partial sums per program
 over a persistent grid, which ``_layer_norm_bwd_dwdb_kernel`` reduces. The add variant is the
 same kernels with HAS_RESIDUAL (forward writes ``s`` too) / HAS_DS (backward adds the gradient of
-``s``).
+``s``); HAS_DX_LOW writes dX a second time in a 16-bit dtype in the same pass (the gradient of a
+16-bit input whose sum with a float32 residual was normalised: the GEMM backward that consumes it
+reads 16 bits, and no separate cast pass runs).
 
 Rows are the flattened leading dims: row r of x starts at X + r * stride_xm. Row offsets are
 int64; statistics and all arithmetic are fp32; each output is cast once, on store. Column
@@ -136,25 +138,30 @@ def _layer_norm_fwd_looped_kernel(
 
 @register_helper
 @triton.jit
-def _bwd_store_dx(DX, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
-                  HAS_DS: tl.constexpr):
+def _bwd_store_dx(DX, DX_LOW, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
+                  HAS_DS: tl.constexpr, HAS_DX_LOW: tl.constexpr):
     """dx = rstd * (w*dy - xhat * c1 - c2) (c1 = mean(xhat * w*dy), c2 = mean(w*dy) over the row),
     plus with HAS_DS the gradient of the returned sum s = x + residual (add variant); stored in
-    DX's dtype."""
+    DX's dtype and, with HAS_DX_LOW, also in DX_LOW's (the 16-bit gradient stream: the same row
+    stride as DX)."""
     dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
     if HAS_DS:
         ds = tl.load(DS + rows[:, None] * stride_dsm + cols[None, :] * stride_dsn, mask=mask, other=0.0)
         dx = dx + ds.to(tl.float32)
-    tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], round_to(dx, DX.dtype.element_ty), mask=mask)
+    offs = rows[:, None] * stride_dxm + cols[None, :]
+    tl.store(DX + offs, round_to(dx, DX.dtype.element_ty), mask=mask)
+    if HAS_DX_LOW:
+        tl.store(DX_LOW + offs, round_to(dx, DX_LOW.dtype.element_ty), mask=mask)
 
 
 @register_kernel
 @triton.jit
 def _layer_norm_bwd_kernel(
-    DY, X, W, MEAN, RSTD, DS, DX, DW_PARTIAL, DB_PARTIAL,
+    DY, X, W, MEAN, RSTD, DS, DX, DX_LOW, DW_PARTIAL, DB_PARTIAL,
     M, N,
     stride_dym, stride_dyn, stride_xm, stride_xn, stride_dsm, stride_dsn, stride_dxm,
-    HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, HAS_DX_LOW: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """dX for BLOCK_M whole rows at a time (N <= BLOCK_N), persistent over row blocks.
@@ -191,7 +198,8 @@ def _layer_norm_bwd_kernel(
             wdy = dy
         c1 = tl.sum(xhat * wdy, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
-        _bwd_store_dx(DX, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm, HAS_DS)
+        _bwd_store_dx(DX, DX_LOW, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
+                      HAS_DS, HAS_DX_LOW)
         if COMPUTE_DW:
             dw_acc += dy * xhat
         if COMPUTE_DB:
@@ -224,10 +232,11 @@ def _bwd_looped_chunk(DY, X, W, rows, row_mask, start, mean, rstd, N, stride_dym
 @register_kernel
 @triton.jit
 def _layer_norm_bwd_looped_kernel(
-    DY, X, W, MEAN, RSTD, DS, DX, DW_PARTIAL, DB_PARTIAL,
+    DY, X, W, MEAN, RSTD, DS, DX, DX_LOW, DW_PARTIAL, DB_PARTIAL,
     M, N,
     stride_dym, stride_dyn, stride_xm, stride_xn, stride_dsm, stride_dsn, stride_dxm,
-    HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, HAS_DX_LOW: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dX for rows wider than the register path, BLOCK_M rows at a time (1 on the GPU),
@@ -268,8 +277,8 @@ def _layer_norm_bwd_looped_kernel(
             cols, col_mask, mask, dy, xhat, wdy = _bwd_looped_chunk(DY, X, W, rows, row_mask, start, mean, rstd, N,
                                                                     stride_dym, stride_dyn, stride_xm, stride_xn,
                                                                     HAS_WEIGHT, BLOCK_N)
-            _bwd_store_dx(DX, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
-                          HAS_DS)
+            _bwd_store_dx(DX, DX_LOW, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn,
+                          stride_dxm, HAS_DS, HAS_DX_LOW)
             if COMPUTE_DW:
                 dw_ptrs = DW_PARTIAL + partial_row + cols
                 dw = tl.load(dw_ptrs, mask=col_mask, other=0.0) + tl.sum(dy * xhat, axis=0)

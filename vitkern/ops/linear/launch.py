@@ -33,6 +33,12 @@ from vitkern.ops.gemm.launch import act_bwd, gemm
 __all__ = ["linear_forward", "linear_backward"]
 
 
+def _narrows(grad: torch.Tensor, compute: torch.dtype) -> bool:
+    """A gradient wider than the 16-bit compute dtype (float32 dY of an fp32 residual stream):
+    the first GEMM that reads it also writes it in the compute dtype for the next one."""
+    return grad.dtype == torch.float32 and compute in (torch.float16, torch.bfloat16)
+
+
 def linear_forward(x, weight, bias, residual, residual_scale, row_scale, activation: Activation,
                    pre: Optional[torch.Tensor]) -> torch.Tensor:
     """``y (M, N) = residual + row_scale * gamma * act(x @ W^T + b)``; with ``pre`` (M, N) also the
@@ -71,16 +77,22 @@ def linear_backward(grad, x, weight, bias, residual_scale, row_scale, pre, activ
         a = grad
         w_eff = weight if gamma is None else (weight.float() * gamma.float()[:, None]).to(cdt)
         dx_rs, red, dw_rs = row_scale, row_scale, gamma
+    need_gemm_dw = need_dw or (need_dscale and act == Activation.NONE)
     if need_dx or (need_drs and act == Activation.NONE):
         dx = torch.empty((m, k), device=dev, dtype=cdt)
+        # a float32 dY (the fp32 residual stream) is written in the compute dtype while the dX GEMM
+        # reads it, and the dW GEMM reads that 16-bit copy
+        a_copy = torch.empty((m, n), device=dev, dtype=cdt) if need_gemm_dw and _narrows(a, cdt) else None
         _, _, rdot = gemm(a, w_eff.t(), dx, Epilogue(row_scale=dx_rs,
-                                                     row_dot=x if need_drs and act == Activation.NONE else None))
+                                                     row_dot=x if need_drs and act == Activation.NONE else None),
+                          a_copy=a_copy)
+        if a_copy is not None:
+            a = a_copy
         if need_drs and act == Activation.NONE:
             if bias is not None:
                 gb = bias.float() * (gamma.float() if gamma is not None else 1.0)
                 rdot = rdot + grad.float() @ gb
             drs = rdot.to(row_scale.dtype)
-    need_gemm_dw = need_dw or (need_dscale and act == Activation.NONE)
     s = None
     if need_gemm_dw:
         dw = torch.empty((n, k), device=dev, dtype=weight.dtype)
