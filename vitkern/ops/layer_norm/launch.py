@@ -19,6 +19,7 @@ from vitkern.ops._triton import launch
 from vitkern.ops._index import rows_int32_safe
 from vitkern.ops.layer_norm.configs import (
     _dwdb_config,
+    _dwdb_splits,
     _PARTIAL_BYTES_CAP,
     MAX_WIDTH,
     _bwd_config,
@@ -105,7 +106,7 @@ def _layer_norm_fwd(
     rstd = _empty(x.shape[:-1], torch.float32, x.device)
     if m == 0:
         return y, s, mean, rstd
-    looped, config = _fwd_config(n)
+    looped, config = _fwd_config(n, y_dtype)
     kernel = _layer_norm_fwd_looped_kernel if looped else _layer_norm_fwd_kernel
     launch(
         kernel, (triton.cdiv(m, config.meta["BLOCK_M"]),),
@@ -184,11 +185,26 @@ def _layer_norm_bwd(
         config=config,
     )
     if compute_dw or compute_db:
-        dwdb_config = _for_interpreter(_dwdb_config(n, sms), grow="BLOCK_N", other="BLOCK_G")
-        launch(
-            _layer_norm_bwd_dwdb_kernel, (triton.cdiv(n, dwdb_config.meta["BLOCK_N"]),),
-            dw_partial, db_partial, dw, db, programs, n,
-            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            config=dwdb_config,
-        )
+        _reduce_dwdb(dw_partial, db_partial, dw, db, programs, n, sms)
     return dx, dw, db, dx_low
+
+
+def _reduce_dwdb(dw_partial, db_partial, dw, db, rows: int, n: int, sms: int) -> None:
+    """dw / db = the sums of the (rows, n) fp32 partials over their rows, in a fixed order: one
+    launch over column strips x row splits (:func:`_dwdb_splits`), and where it split, a second
+    over the (splits, n) partials it wrote."""
+    config = _for_interpreter(_dwdb_config(n, sms), grow="BLOCK_N", other="BLOCK_G")
+    splits = _dwdb_splits(rows, n, config, sms)
+    if splits > 1:
+        dw_out = _empty((splits, n), torch.float32, dw_partial.device) if dw is not None else None
+        db_out = _empty((splits, n), torch.float32, db_partial.device) if db is not None else None
+    else:
+        dw_out, db_out = dw, db
+    launch(
+        _layer_norm_bwd_dwdb_kernel, (triton.cdiv(n, config.meta["BLOCK_N"]), splits),
+        dw_partial, db_partial, dw_out, db_out, rows, n, triton.cdiv(rows, splits),
+        COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
+        config=config,
+    )
+    if splits > 1:
+        _reduce_dwdb(dw_out, db_out, dw, db, splits, n, 1)
