@@ -94,10 +94,17 @@ def test_activation_grad_epilogue_and_act_bwd(device, act):
     assert_2x_rounding("out", out, (g.double() @ w2.double()) * rs.double()[:, None] * dp, op="gemm")
     gg = torch.randn(M, H, device=device)
     col = torch.rand(H, device=device).to(BF16)
-    d, dscale = _launch.act_bwd(gg, pre, act, F32, col_scale=col, row_scale=rs, want_dscale=True)
+    d, dscale, drow = _launch.act_bwd(gg, pre, act, F32, col_scale=col, row_scale=rs, want_dscale=True,
+                                      want_drow=True)
     assert_2x_rounding("d", d, gg.double() * rs.double()[:, None] * col.double() * dp, op="gemm")
     torch.testing.assert_close(dscale.double(), (gg.double() * rs.double()[:, None] * y.detach()).sum(0),
                                atol=1e-3, rtol=1e-4)
+    # drop path's row-scale grad from the same pass: per-block partials over 3 column blocks
+    torch.testing.assert_close(drow.double(), (gg.double() * col.double() * y.detach()).sum(1),
+                               atol=1e-3, rtol=1e-4)
+    _, again, drow2 = _launch.act_bwd(gg, pre, act, F32, col_scale=col, row_scale=rs, want_dscale=True,
+                                      want_drow=True)
+    assert torch.equal(drow, drow2) and torch.equal(dscale, again)  # deterministic
 
 
 def test_empty_shapes(device):
@@ -504,3 +511,46 @@ def test_blocks_per_sm():
     assert blocks_per_sm(32, 4, 100 * 1024, 90) == 2   # shared memory bound
     assert blocks_per_sm(16, 1, 0, 90) == 32           # the block limit
     assert blocks_per_sm(None, 4, 0, 90) is None
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_a_copy_writes_the_16bit_operand(device, split_k):
+    """``a_copy``: the float32 A operand, rounded to B's dtype once, written from the pid_n == 0
+    tiles while the GEMM reads it (odd M / K, three column tiles, K splits); the product is the
+    16-bit product either way. N = 0 still fills it; a wrong shape or dtype is refused by name."""
+    M, N, K = 77, 300, 100
+    cfg = _gemm.GEMM_CONFIGS["h100_16_small" if device_arch() >= 90 else "a100_16_small"]
+    for dtype in (BF16, F16):
+        g = torch.randn(M, K, device=device)
+        w = torch.randn(N, K, device=device).to(dtype)
+        out = poisoned((M, N), F32, device)
+        low = poisoned((M, K), dtype, device)
+        _launch.gemm(g, w, out, a_copy=low, split_k=split_k, config=cfg)
+        torch.testing.assert_close(low, g.to(dtype), rtol=0, atol=0)
+        assert_2x_rounding("out", out, g.to(dtype).double() @ w.double().T, op="gemm")
+    low = poisoned((M, K), BF16, device)
+    _launch.gemm(g, torch.empty(0, K, device=device, dtype=BF16), torch.empty(M, 0, device=device), a_copy=low)
+    torch.testing.assert_close(low, g.to(BF16), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="a_copy"):
+        _launch.gemm(g, w, out, a_copy=torch.empty(M, K + 1, device=device, dtype=w.dtype))
+    with pytest.raises(ValueError, match="a_copy"):
+        _launch.gemm(g, w, out, a_copy=torch.empty(M, K, device=device, dtype=F32))
+
+
+def test_weighted_row_sums(device):
+    """``row_sum_weight``: ``sum_k A'[m, k] * w[k]`` from the tiles the GEMM reads (odd M / K,
+    three column tiles, one row-sum store per row block), the bias term of drop path's
+    row-scale grad; refused without row_sum or with a wrong shape."""
+    M, N, K = 77, 300, 100
+    cfg = _gemm.GEMM_CONFIGS["h100_16_small" if device_arch() >= 90 else "a100_16_small"]
+    g = torch.randn(M, K, device=device)
+    w = torch.randn(N, K, device=device).to(BF16)
+    vec = torch.randn(K, device=device)
+    out = poisoned((M, N), F32, device)
+    _, s, _ = _launch.gemm(g, w, out, row_sum=True, row_sum_weight=vec, config=cfg)
+    torch.testing.assert_close(s.double(), g.to(BF16).double() @ vec.double(), atol=1e-3, rtol=1e-4)
+    assert_2x_rounding("out", out, g.to(BF16).double() @ w.double().T, op="gemm")
+    with pytest.raises(ValueError, match="row_sum_weight"):
+        _launch.gemm(g, w, out, row_sum_weight=vec)
+    with pytest.raises(ValueError, match="row_sum_weight"):
+        _launch.gemm(g, w, out, row_sum=True, row_sum_weight=vec[:-1])

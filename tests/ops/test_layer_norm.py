@@ -135,6 +135,11 @@ LN_CASES = [
     (F32, 16384, 1, "wb"),
     (BF16, 16384, 1, "b"),
     (F16, 16384, 1, ""),
+    # two-piece rows (no padding lanes), and odd widths with a masked second piece
+    (F32, 1152, 1, "wb"),
+    (BF16, 1280, 1, "w"),
+    (F16, 1100, 1, "wb"),  # 1024 + 128, 76 columns used
+    (BF16, 330, 1, "b"),   # 256 + 128, 74 used
 ]
 
 
@@ -162,6 +167,24 @@ def test_add_layer_norm(device, x_dtype, r_dtype, n, affine):
     r = _rand((1, T, n), r_dtype, device, scale=3.0, shift=1.0)
     w, b = _params(n, x_dtype, device, affine)
     _check_add_layer_norm(x, r, w, b)
+
+
+@pytest.mark.parametrize("n", [768, 16384])  # the register and the looped backward kernels
+def test_sum_gradient_in_the_branch_dtype(device, n):
+    """An fp32 sum of a 16-bit branch and an fp32 residual stream: the backward writes the sum's
+    gradient in fp32 (the residual's) and in the branch's 16-bit dtype in one pass, the latter
+    exactly the fp32 gradient rounded once, and add_layer_norm hands that copy to the branch."""
+    x = _rand((2, 37, n), BF16, device, scale=2.0)
+    r = _rand((2, 37, n), F32, device, scale=3.0)
+    w, b = _params(n, BF16, device, "wb")
+    _, s, mean, rstd = ln_launch._layer_norm_fwd(x, r, w, b, 1e-6)
+    dy, ds = _rand(s.shape, F32, device), _rand(s.shape, F32, device)
+    dx, dw, db, dx_low = ln_launch._layer_norm_bwd(dy, s, w, mean, rstd, ds, True, BF16, BF16)
+    assert dx.dtype == F32 and dx_low.dtype == BF16
+    torch.testing.assert_close(dx_low, dx.to(BF16), rtol=0, atol=0)
+    _check_add_layer_norm(x, r, w, b)
+    with pytest.raises(TypeError, match="dx_low_dtype"):
+        ln_launch._layer_norm_bwd(dy, s, w, mean, rstd, ds, True, BF16, torch.int8)
 
 
 def test_statistics_saved_in_fp32(device):
@@ -230,8 +253,8 @@ def test_expanded_gradient_in_launcher(device):
     x = _rand((5, 256), F32, device)
     _, _, mean, rstd = ln_launch._layer_norm_fwd(x, None, None, None, 1e-5)
     dy = torch.full((), 0.5, device=device).expand(5, 256)
-    dx, dw, db = ln_launch._layer_norm_bwd(dy, x, None, mean, rstd, None, False, F32)
-    assert dw is None
+    dx, dw, db, dx_low = ln_launch._layer_norm_bwd(dy, x, None, mean, rstd, None, False, F32)
+    assert dw is None and dx_low is None
     torch.testing.assert_close(dx, torch.zeros_like(dx), atol=1e-5, rtol=0)  # d(sum y)/dx = 0
     torch.testing.assert_close(db, torch.full((256,), 2.5, device=device))
 
@@ -259,7 +282,7 @@ def test_looped_kernels_many_chunks(device, monkeypatch, residual):
 
 
 GPU_CONFIG_WIDTHS = [(100, False), (192, True), (384, False), (768, True), (1536, False), (3000, True),
-                     (6000, False), (9000, True)]
+                     (6000, False), (9000, True), (1152, False), (1280, True), (600, False), (330, True)]
 
 
 @pytest.mark.parametrize("n,residual", GPU_CONFIG_WIDTHS)
@@ -312,7 +335,52 @@ def test_backward_grid_on_many_sms(device, monkeypatch, n, residual):
         _check_layer_norm(x, w, b)
     (dwdb_grid, dwdb_cfg), = [(g, c) for k, g, c in grids if k is ln_launch._layer_norm_bwd_dwdb_kernel]
     assert dwdb_cfg.meta["BLOCK_N"] == (8 if -(-n // 16) < 128 else 16)
-    assert dwdb_grid == (-(-n // dwdb_cfg.meta["BLOCK_N"]),)
+    assert dwdb_grid == (-(-n // dwdb_cfg.meta["BLOCK_N"]), 1)  # 50 partial rows: too few to split
+
+
+def test_forward_pieces():
+    """The register-path forward holds a row as one or two power-of-two pieces, two where that
+    pads less: the ViT widths without padding lanes."""
+    pieces = ln_configs._fwd_pieces
+    assert pieces(768) == (512, 256) and pieces(1280) == (1024, 256) and pieces(1152) == (1024, 128)
+    assert pieces(384) == (256, 128) and pieces(192) == (128, 64) and pieces(6144) == (4096, 2048)
+    assert pieces(1024) == (1024, 0) and pieces(1000) == (1024, 0) and pieces(197) == (256, 0)
+    assert pieces(100) == (128, 0) and pieces(1100) == (1024, 128) and pieces(8000) == (8192, 0)
+    assert pieces(1536) == (2048, 0)  # excluded pair (a spill under Triton 3.6)
+    for n in range(1, ln_configs._MAX_FUSED_N + 1, 7):
+        head, tail = pieces(n)
+        assert n <= head + tail <= ln_configs._block_n(n) and (tail == 0 or head <= n)
+
+
+def test_dwdb_reduction_fills_the_sms(device, monkeypatch):
+    """The dW / dB reduction spreads over >= SM count programs (column strips x row splits) and
+    sums the splits' partials in a second launch: ViT-B (768, 660 partial rows) on 132 SMs runs
+    96 x 2 programs; the result is the rows' sum, the same bits on every call."""
+    cfg = ln_configs._dwdb_config(768, 132)
+    assert ln_configs._dwdb_splits(660, 768, cfg, 132) == 2
+    assert ln_configs._dwdb_splits(3 * 132, 1280, ln_configs._dwdb_config(1280, 132), 132) == 1
+    assert ln_configs._dwdb_splits(50, 768, cfg, 132) == 1
+    monkeypatch.setattr(ln_configs, "_WIDE_INTERPRETER_BLOCKS", False)
+    grids = []
+    real = ln_launch.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        grids.append(tuple(grid))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ln_launch, "launch", spy)
+    rows, n = 300, 200
+    dwp, dbp = torch.randn(rows, n, device=device), torch.randn(rows, n, device=device)
+    outs = []
+    for _ in range(2):
+        dw, db = poisoned((n,), BF16, device), poisoned((n,), F32, device)
+        ln_launch._reduce_dwdb(dwp, dbp, dw, db, rows, n, 132)
+        outs.append((dw, db))
+    strips = -(-n // 8)
+    assert grids[:2] == [(strips, 2), (-(-n // 16), 1)]
+    torch.testing.assert_close(outs[0][1], dbp.sum(0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(outs[0][0], dwp.sum(0).to(BF16), atol=0, rtol=1e-2)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -426,8 +494,8 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.vitkern.add_layer_norm_fwd.default, (xg, r.requires_grad_(True), wg, None, 1e-5))
     _, mean, rstd = torch.ops.vitkern.layer_norm_fwd(x, w, b, 1e-5)
     dy = _rand(x.shape, BF16, device)
-    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, w, mean, rstd, None, True, BF16))
-    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, None, mean, rstd, dy, False, None))
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, w, mean, rstd, None, True, BF16, None))
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, None, mean, rstd, dy, False, None, F16))
 
 
 def test_torch_compile_fullgraph(device):

@@ -270,3 +270,27 @@ def test_linear_triton_backend_registered():
     from vitkern import _backend
 
     assert "triton" in _backend.registered_backends("linear")
+
+
+@pytest.mark.parametrize("dtype,activation", [(BF16, None), (F16, None), (BF16, "gelu")])
+def test_fp32_residual_16bit_gradient_stream(device, monkeypatch, dtype, activation):
+    """timm's fp32 residual stream with a 16-bit branch (odd M / N / K): dY arrives float32; the
+    dX GEMM writes it in the compute dtype as it reads it (a_copy) and the dW GEMM reads that copy
+    (with an activation, act_bwd's 16-bit dPre is already the dW operand); every gradient stays
+    within the 2x-torch rule against float64."""
+    from vitkern.ops.linear import launch as linear_launch
+
+    seen = []
+    real = linear_launch.gemm
+
+    def spy(a, b, out, *args, **kw):
+        seen.append((a.dtype, kw.get("a_copy") is not None))
+        return real(a, b, out, *args, **kw)
+
+    monkeypatch.setattr(linear_launch, "gemm", spy)
+    args, kw = make_inputs(97, 200, 136, dtype, device, residual=F32, scale=True, row_scale=True)
+    run_case(args, kw, activation, dtype)
+    dx_gemm, dw_gemm = seen[-2], seen[-1]  # the backward's two GEMMs, dX first
+    assert dw_gemm[0] == dtype
+    if activation is None:
+        assert dx_gemm == (F32, True)

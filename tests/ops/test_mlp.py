@@ -198,3 +198,24 @@ def test_mlp_torch_compile(device):
     leaves = [t for t in ins if t.requires_grad]
     for p, q in zip(torch.autograd.grad(y.square().sum(), leaves), torch.autograd.grad(y_e.square().sum(), leaves)):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_fp32_residual_16bit_gradient_stream(device, monkeypatch, dtype):
+    """timm's fp32 residual stream with a 16-bit MLP (odd M / N / hidden / K): the dP GEMM reads
+    the float32 dY and writes it in the compute dtype (a_copy), the dW2 GEMM reads that copy;
+    every gradient stays within the 2x-torch rule against float64."""
+    from vitkern.ops.mlp import launch as mlp_launch
+
+    seen = []
+    real = mlp_launch.gemm
+
+    def spy(a, b, out, *args, **kw):
+        seen.append((a.dtype, kw.get("a_copy") is not None))
+        return real(a, b, out, *args, **kw)
+
+    monkeypatch.setattr(mlp_launch, "gemm", spy)
+    args, kw = make_inputs(97, 136, 200, 72, dtype, device, residual=F32, scale=True, row_scale=True)
+    run_case(args, kw, "gelu", dtype)
+    dp, dw2 = seen[2], seen[3]  # after the two forward GEMMs
+    assert dp == (F32, True) and dw2[0] == dtype

@@ -81,6 +81,22 @@ def _gemm_cases():
         a, b, out = _case_tensors(4096, 3072, 768, dtype)
         gemm(a, torch.empty(768, 3072, dtype=dtype).t(), out,
              Epilogue(row_scale=torch.empty(4096, dtype=f32), act_grad=GELU, aux=torch.empty_like(out)))
+    # the fp32 residual stream's backward: the MLP's dP and linear's dX GEMMs read the float32 dY
+    # and write it in bf16 (a_copy) for the dW GEMM that follows
+    g = torch.empty(4096, 768, dtype=f32)
+    gemm(g, torch.empty(768, 3072, dtype=bf16).t(), torch.empty(4096, 3072, dtype=bf16),
+         Epilogue(row_scale=torch.empty(4096, dtype=f32), act_grad=GELU, aux=torch.empty(4096, 3072, dtype=bf16)),
+         a_copy=torch.empty(4096, 768, dtype=bf16))
+    gemm(g, torch.empty(768, 768, dtype=bf16).t(), torch.empty(4096, 768, dtype=bf16),
+         Epilogue(row_scale=torch.empty(4096, dtype=f32)), a_copy=torch.empty(4096, 768, dtype=bf16))
+    # with drop path's row-scale grad: row dots with x and the weighted row sums (g @ gamma * b)
+    gemm(g, torch.empty(768, 768, dtype=bf16).t(), torch.empty(4096, 768, dtype=bf16),
+         Epilogue(row_scale=torch.empty(4096, dtype=f32), row_dot=torch.empty(4096, 768, dtype=bf16)),
+         row_sum=True, row_sum_weight=torch.empty(768, dtype=f32), a_copy=torch.empty(4096, 768, dtype=bf16))
+    gemm(g, torch.empty(768, 3072, dtype=bf16).t(), torch.empty(4096, 3072, dtype=bf16),
+         Epilogue(row_scale=torch.empty(4096, dtype=f32), act_grad=GELU, aux=torch.empty(4096, 3072, dtype=bf16),
+                  row_dot=torch.empty(4096, 3072, dtype=bf16)),
+         row_sum=True, row_sum_weight=torch.empty(768, dtype=f32), a_copy=torch.empty(4096, 768, dtype=bf16))
     for M, N, K in ((197, 1000, 768), (8, 21843, 768), (3152, 768, 588), (197, 100, 192), (1, 1000, 768)):
         a, b, out = _case_tensors(M, N, K, bf16)
         gemm(a, b, out, Epilogue(bias=torch.empty(N, dtype=bf16), activation=GELU_TANH))
@@ -95,7 +111,7 @@ def _gemm_cases():
         for dtype in (bf16, f32):
             g = torch.empty(4096, 3072, dtype=dtype)
             act_bwd(g, torch.empty(4096, 3072, dtype=bf16), act, bf16, col_scale=torch.empty(3072, dtype=bf16),
-                    row_scale=torch.empty(4096, dtype=f32), want_dscale=True)
+                    row_scale=torch.empty(4096, dtype=f32), want_dscale=True, want_drow=True)
     act_bwd(torch.empty(4096, 3072, dtype=bf16), torch.empty(4096, 3072, dtype=bf16), GELU, bf16)
 
 

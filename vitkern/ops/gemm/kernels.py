@@ -12,7 +12,10 @@ and a cast to B's dtype (a float32 gradient against bf16 weights). The epilogue 
 accumulator: the steps of :mod:`vitkern.ops.gemm.epilogue`, each behind its constexpr switch
 (bias, pre-activation store, row dots, activation, LayerScale, row scale, activation grad,
 residual), then one cast to C's dtype. Besides, ``ROW_SUM`` stores ``rowsum[s, m] = sum_k
-A'[m, k]`` (the bias grad) from the pid_n == 0 tiles.
+A'[m, k]`` (the bias grad; with ``ROW_SUM_WEIGHTED`` ``sum_k A'[m, k] * w[k]``, the bias term of
+drop path's row-scale grad) from the pid_n == 0 tiles, and ``A_COPY`` stores A' itself, in B's
+dtype, from the same tiles (``acopy[m, k]``): a float32 gradient read once, written once in the
+16-bit compute dtype for the backward's next GEMM on it.
 
 Loads: TMA tensor descriptors (``A_MODE`` / ``B_MODE`` 1: rows contiguous along K; 2: the operand
 is stored transposed) where the launcher found a unit inner stride and 16-byte-aligned base and
@@ -99,10 +102,11 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr,
     bias_ptr, col_scale_ptr, row_scale_ptr, red_scale_ptr, res_ptr, pre_ptr, aux_ptr,
-    rowsum_ptr, dotw_ptr, dotpart_ptr,
+    rowsum_ptr, rowsum_w_ptr, dotw_ptr, dotpart_ptr, acopy_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
     stride_rm, stride_rn, stride_pm, stride_pn, stride_xm, stride_xn, stride_wm, stride_wn,
+    stride_qm, stride_qk,
     a_args, c_args,
     num_progs, k_tiles_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -113,7 +117,7 @@ def _gemm_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, HAS_RED_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT_GRAD: tl.constexpr, ROW_SUM: tl.constexpr, ROW_DOT: tl.constexpr,
-    TF32: tl.constexpr,
+    ROW_SUM_WEIGHTED: tl.constexpr, A_COPY: tl.constexpr, TF32: tl.constexpr,
 ):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -225,7 +229,15 @@ def _gemm_kernel(
             a = round_to(a, b.dtype)
             if ROW_SUM:
                 if pid_n == 0:
-                    rsum += tl.sum(a.to(tl.float32), axis=1)
+                    if ROW_SUM_WEIGHTED:
+                        rw = tl.load(rowsum_w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                        rsum += tl.sum(a.to(tl.float32) * rw[None, :], axis=1)
+                    else:
+                        rsum += tl.sum(a.to(tl.float32), axis=1)
+            if A_COPY:  # A' in B's dtype, for the next GEMM of the same operand (once per row block)
+                if pid_n == 0:
+                    tl.store(acopy_ptr + (off_m + tm).to(tl.int64)[:, None] * stride_qm + offs_k[None, :] * stride_qk,
+                             a, mask=lm[:, None] & (offs_k < K)[None, :])
             acc = tl.dot(dot_operand(a), dot_operand(b), acc, input_precision="tf32" if TF32 else "ieee")
 
         # ---------------- epilogue (fp32, one cast on store)
@@ -272,15 +284,17 @@ def _gemm_kernel(
 @register_kernel
 @triton.jit
 def _act_bwd_kernel(
-    g_ptr, pre_ptr, out_ptr, col_scale_ptr, row_scale_ptr, part_ptr,
+    g_ptr, pre_ptr, out_ptr, col_scale_ptr, row_scale_ptr, part_ptr, rowpart_ptr,
     M, N,
     stride_gm, stride_gn, stride_pm, stride_pn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    WRITE_DSCALE: tl.constexpr,
+    WRITE_DSCALE: tl.constexpr, WRITE_DROW: tl.constexpr,
 ):
-    """dPre = dY * row_scale[m] * col_scale[n] * act'(pre), one pass; with col_scale also the
-    LayerScale-grad partials part[pid_m, n] = sum_m dY * row_scale * act(pre)."""
+    """dPre = dY * row_scale[m] * col_scale[n] * act'(pre), one pass; with WRITE_DSCALE also the
+    LayerScale-grad partials part[pid_m, n] = sum_m dY * row_scale * act(pre), with WRITE_DROW
+    the drop-path row-scale-grad partials rowpart[pid_n, m] = sum_n dY * col_scale * act(pre)
+    (both fp32, per block, summed by the launcher in a fixed order)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -291,9 +305,14 @@ def _act_bwd_kernel(
     rows = offs_m.to(tl.int64)
     g = tl.load(g_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(pre_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn, mask=mask, other=0.0).to(tl.float32)
+    if WRITE_DSCALE or WRITE_DROW:
+        z = activation(x, ACTIVATION)
+    if WRITE_DROW:
+        gz = scale_cols(g * z, col_scale_ptr, offs_n, mask_n, HAS_COL_SCALE)
+        tl.store(rowpart_ptr + pid_n.to(tl.int64) * M + offs_m, tl.sum(gz, axis=1), mask=mask_m)
     g = scale_rows(g, row_scale_ptr, offs_m, mask_m, HAS_ROW_SCALE)
     if WRITE_DSCALE:
-        part = tl.sum(g * activation(x, ACTIVATION), axis=0)
+        part = tl.sum(g * z, axis=0)
         tl.store(part_ptr + pid_m.to(tl.int64) * N + offs_n, part, mask=mask_n)
     g = scale_cols(g, col_scale_ptr, offs_n, mask_n, HAS_COL_SCALE)
     g = g * activation_grad(x, ACTIVATION)

@@ -92,6 +92,8 @@ def gemm(
     *,
     red_scale: Optional[torch.Tensor] = None,
     row_sum: bool = False,
+    row_sum_weight: Optional[torch.Tensor] = None,
+    a_copy: Optional[torch.Tensor] = None,
     split_k: Optional[int] = None,
     config: Optional[GemmConfig] = None,
     a_gather=None,
@@ -108,7 +110,12 @@ def gemm(
     ``a``, ``b``, ``out`` and the epilogue's matrices are 2-D views with any strides. Returns
     ``(out, row_sums, row_dots)``: with ``row_sum`` the fp32 ``(M,)`` sums of ``A'`` over K, with
     ``epilogue.row_dot`` (an ``(M, N)`` tensor W) the fp32 ``(M,)`` values
-    ``sum_n acc[m, n] * W[m, n]`` of the pre-scale accumulator. ``split_k`` (None:
+    ``sum_n acc[m, n] * W[m, n]`` of the pre-scale accumulator. ``row_sum_weight`` (a ``(K,)``
+    vector, with ``row_sum``) weights the row sums: ``sum_k A'[m, k] * w[k]`` (one fp32 value a row,
+    from the tiles the GEMM reads anyway: no pass over A). ``a_copy`` (an ``(M, K)`` tensor of
+    ``b``'s dtype, any strides) receives ``A'`` as the dot reads it, rounded to ``b``'s dtype: the
+    backward's float32 gradient written once in the 16-bit compute dtype while this GEMM reads it,
+    so the next GEMM on the same gradient (the dW GEMM) reads half the bytes. ``split_k`` (None:
     :func:`~vitkern.ops.gemm.configs.plan_gemm` decides, for split-safe epilogues, against the
     free SMs) splits the reduction; each split
     writes an fp32 partial (and its row-sum partial) to a workspace that is summed here in a fixed
@@ -134,23 +141,34 @@ def gemm(
         raise ValueError(f"gemm: shapes a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)} do not match")
     if (a_gather is not None or row_map is not None) and K == 0:
         raise ValueError("gemm: K = 0 with a gather / row map")
+    if a_copy is not None and (a_gather is not None or tuple(a_copy.shape) != (M, K) or a_copy.dtype != b.dtype):
+        raise ValueError(f"gemm: a_copy must be an ({M}, {K}) tensor of b's dtype {b.dtype} (no gather), got "
+                         f"{tuple(a_copy.shape)} {a_copy.dtype}")
+    if row_sum_weight is not None and (not row_sum or tuple(row_sum_weight.shape) != (K,)):
+        raise ValueError(f"gemm: row_sum_weight must be a ({K},) vector given with row_sum, got "
+                         f"{tuple(row_sum_weight.shape)} (row_sum={row_sum})")
     dev = a.device
     row_sums = torch.zeros(M, device=dev, dtype=torch.float32) if row_sum else None
     row_dots = torch.zeros(M, device=dev, dtype=torch.float32) if epilogue.row_dot is not None else None
     if M == 0 or N == 0:
-        if row_sum and M and K and a_gather is None:  # no output columns, but A' still has rows
+        if (row_sum or a_copy is not None) and M and K and a_gather is None:  # no output columns, but A' has rows
             a32 = a.float() if red_scale is None else a.float() * red_scale.float()[None, :]
-            row_sums = a32.to(b.dtype).float().sum(1)
+            if row_sum:
+                w32 = row_sum_weight.float()[None, :] if row_sum_weight is not None else 1.0
+                row_sums = (a32.to(b.dtype).float() * w32).sum(1)
+            if a_copy is not None:
+                a_copy.copy_(a32)
         return out, row_sums, row_dots
     # the epilogue reads its vectors with unit stride (the views below replace the epilogue's
     # tensors; which steps run, its constexprs, stays)
-    bias, col_scale, row_scale, red_scale = contiguous_vectors(
-        epilogue.bias, epilogue.col_scale, epilogue.row_scale, red_scale)
-    if K == 0:  # an empty reduction: the epilogue of a zero accumulator
+    bias, col_scale, row_scale, red_scale, row_sum_weight = contiguous_vectors(
+        epilogue.bias, epilogue.col_scale, epilogue.row_scale, red_scale, row_sum_weight)
+    if K == 0:  # an empty reduction: the epilogue of a zero accumulator (a_copy is empty)
+        a_copy = None
         a = torch.zeros((M, 1), device=dev, dtype=a.dtype)
         b = torch.zeros((N, 1), device=dev, dtype=b.dtype)
         K = 1
-        red_scale = None  # K-indexed, empty: the zero operands need no scale
+        red_scale = row_sum_weight = None  # K-indexed, empty: the zero operands need neither
     arch = device_arch(dev if dev.type == "cuda" else None)
     cfg = config if config is not None else select_config(M, N, K, b.dtype, arch, epilogue.kind)
     use_tma = cfg.tma and arch >= 90
@@ -180,6 +198,8 @@ def gemm(
     for name, t in (("out", None if col_map is not None else c_view), ("pre", pre), ("aux", aux)):
         if t is not None:
             check_int32("gemm", f"{name} (column offsets)", (N, t.stride(1)))
+    if a_copy is not None:
+        check_int32("gemm", "a_copy (column offsets)", (K, a_copy.stride(1)))
     a_mode = _operand_mode(a, use_tma) if a_gather is None else LOAD_PLAIN
     b_mode = _operand_mode(b, use_tma)
     mapped = row_map is not None
@@ -195,16 +215,17 @@ def gemm(
     launch(
         _gemm_kernel, (progs, split_k),
         a, b, c_view,
-        bias, col_scale, row_scale, red_scale, residual, pre, aux, rs_buf, row_dot, dp_buf,
+        bias, col_scale, row_scale, red_scale, residual, pre, aux, rs_buf, row_sum_weight, row_dot, dp_buf, a_copy,
         M, N, K,
         *_strides(a), *_strides(b), *_strides(c_view), stride_cs,
-        *_strides(residual), *_strides(pre), *_strides(aux), *_strides(row_dot),
+        *_strides(residual), *_strides(pre), *_strides(aux), *_strides(row_dot), *_strides(a_copy),
         tuple(a_args), tuple(c_args),
         progs, per_split,
         A_MODE=a_mode, B_MODE=b_mode, C_MODE=c_mode, R_MODE=r_mode,
         EVEN_K=K % cfg.block_k == 0, SPLIT_K=split_k > 1,
         A_GATHER=a_gather, ROW_MAP=row_map, COL_MAP=col_map, PROLOGUE=prologue,
-        HAS_RED_SCALE=red_scale is not None, ROW_SUM=row_sum, **epilogue.constexprs(),
+        HAS_RED_SCALE=red_scale is not None, ROW_SUM=row_sum, ROW_SUM_WEIGHTED=row_sum_weight is not None,
+        A_COPY=a_copy is not None, **epilogue.constexprs(),
         TF32=dot_precision(b.dtype) == "tf32",
         config=kcfg,
     )
@@ -230,9 +251,12 @@ def act_bwd(
     col_scale: Optional[torch.Tensor] = None,
     row_scale: Optional[torch.Tensor] = None,
     want_dscale: bool = False,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``dPre = grad * row_scale * col_scale * act'(pre)`` (M, N) in ``out_dtype``, and with
-    ``want_dscale`` the fp32 (N,) LayerScale grad ``sum_m grad * row_scale * act(pre)``."""
+    want_drow: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dPre, dscale, drow)``: ``dPre = grad * row_scale * col_scale * act'(pre)`` (M, N) in
+    ``out_dtype``; with ``want_dscale`` the fp32 (N,) LayerScale grad ``sum_m grad * row_scale *
+    act(pre)``; with ``want_drow`` the fp32 (M,) row-scale grad ``sum_n grad * col_scale *
+    act(pre)``. Both from per-block partials of the same pass, summed in a fixed order."""
     M, N = grad.shape
     col_scale, row_scale = contiguous_vectors(col_scale, row_scale)
     if not fits_int32((N, grad.stride(1))):  # column offsets are int32 in the kernel
@@ -241,19 +265,23 @@ def act_bwd(
     out = torch.empty((M, N), device=grad.device, dtype=out_dtype)
     bm, bn = _ACT_BWD_BLOCK
     grid_m = triton.cdiv(M, bm)
+    grid_n = triton.cdiv(N, bn)
     part = torch.empty((grid_m, N), device=grad.device, dtype=torch.float32) if want_dscale else None
+    rowpart = torch.empty((grid_n, M), device=grad.device, dtype=torch.float32) if want_drow else None
     if M and N:
-        launch(_act_bwd_kernel, (grid_m, triton.cdiv(N, bn)),
-               grad, pre, out, col_scale, row_scale, part, M, N,
+        launch(_act_bwd_kernel, (grid_m, grid_n),
+               grad, pre, out, col_scale, row_scale, part, rowpart, M, N,
                *_strides(grad), *_strides(pre), *_strides(out),
                BLOCK_M=bm, BLOCK_N=bn, ACTIVATION=int(activation),
                HAS_COL_SCALE=col_scale is not None, HAS_ROW_SCALE=row_scale is not None,
-               WRITE_DSCALE=want_dscale, num_warps=4, num_stages=1)
-    dscale = None
+               WRITE_DSCALE=want_dscale, WRITE_DROW=want_drow, num_warps=4, num_stages=1)
+    dscale = drow = None
     if capturing():
-        return out, dscale
+        return out, dscale, drow
     if want_dscale:
         dscale = part.sum(0) if M else torch.zeros(N, device=grad.device, dtype=torch.float32)
-    return out, dscale
+    if want_drow:
+        drow = rowpart.sum(0) if N else torch.zeros(M, device=grad.device, dtype=torch.float32)
+    return out, dscale, drow
 
 

@@ -24,8 +24,10 @@ def _compile_case(shape, dtype, *, affine=True, residual=False, res_dtype=None, 
     y, s, mean, rstd = _layer_norm_fwd(x, r, w, b, 1e-6)
     if backward:
         src = s if residual else x
+        # an fp32 sum of a 16-bit x: its gradient is written in x's dtype too (the 16-bit stream)
+        low = dtype if residual and src.dtype != dtype else None
         _layer_norm_bwd(torch.empty(src.shape, dtype=src.dtype), src, w, mean, rstd,
-                        torch.empty_like(src) if residual else None, affine, b.dtype if affine else None)
+                        torch.empty_like(src) if residual else None, affine, b.dtype if affine else None, low)
 
 
 @compile_cases
@@ -37,6 +39,8 @@ def _layer_norm_cases():
     # every kernel variant once: dtypes, no affine, an fp32 residual stream, a misaligned row
     # stride, an expanded gradient, narrow and looped widths
     _compile_case((2, 197, 192), torch.float32, affine=False)
+    _compile_case((197, 1152), torch.float32)  # two pieces, fp32
+    _compile_case((197, 6144), torch.bfloat16, residual=True)  # two pieces at 8 warps
     _compile_case((2, 197, 384), torch.float16, residual=True, res_dtype=torch.float32)
     _compile_case((197, 1001), torch.bfloat16, view=lambda t: t[:, 1:])
     x = torch.empty(197, 8192, dtype=torch.bfloat16)
@@ -45,12 +49,15 @@ def _layer_norm_cases():
     _layer_norm_bwd(torch.empty((), dtype=torch.bfloat16).expand(x.shape), x, w, mean, rstd, None, True, w.dtype)
     _compile_case((197, 16384), torch.bfloat16)
     _compile_case((197, 16384), torch.float32, affine=False, residual=True)
+    _compile_case((197, 16384), torch.bfloat16, residual=True, res_dtype=torch.float32)
+    _compile_case((128 * 197, 768), torch.bfloat16, residual=True, res_dtype=torch.float32)
 
 
 @compile_cases(slow=True)
 def _layer_norm_all_configs():
     # every config of every kernel, each dtype, each flag combination
-    widths = sorted(_FWD_CONFIGS) + [2 * _MAX_FUSED_N]
+    # one-piece widths (each table entry), two-piece widths (every head entry with a tail), looped
+    widths = sorted(_FWD_CONFIGS) + [192, 384, 768, 1152, 1280, 3072, 6144] + [2 * _MAX_FUSED_N]
     for dtype in FLOAT_DTYPES:
         for n in widths:
             for affine in (False, True):

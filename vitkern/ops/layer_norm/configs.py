@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from vitkern.ops._config import device_arch, INTERPRETING, KernelConfig
 
 
@@ -48,7 +50,9 @@ _FWD_LOOPED_CONFIG = KernelConfig({"BLOCK_M": 1, "BLOCK_N": 4096}, num_warps=8, 
 _BWD_CONFIGS: dict[int, tuple[KernelConfig, int]] = {
     128: (KernelConfig({"BLOCK_M": 8, "BLOCK_N": 128, "NUM_STAGES": 2}, num_warps=4, num_stages=1), 6),  # 80 / 80, 6
     256: (KernelConfig({"BLOCK_M": 4, "BLOCK_N": 256, "NUM_STAGES": 3}, num_warps=4, num_stages=1), 5),  # 80 / 85, 5
-    512: (KernelConfig({"BLOCK_M": 2, "BLOCK_N": 512, "NUM_STAGES": 3}, num_warps=4, num_stages=1), 6),  # 80 / 80, 6
+    # 5: the fp32 sum with its 16-bit gradient copy (DX_LOW) takes 28 KB of shared memory on sm_80
+    # (24 KB without the copy: 6 blocks)
+    512: (KernelConfig({"BLOCK_M": 2, "BLOCK_N": 512, "NUM_STAGES": 3}, num_warps=4, num_stages=1), 5),  # 80 / 80, 5
     1024: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 1024, "NUM_STAGES": 3}, num_warps=4, num_stages=1), 5),  # 80 / 89, 5
     2048: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 2048, "NUM_STAGES": 3}, num_warps=8, num_stages=1), 3),  # 74 / 75, 3
     4096: (KernelConfig({"BLOCK_M": 1, "BLOCK_N": 4096, "NUM_STAGES": 1}, num_warps=16, num_stages=1), 1),  # 64 / 72, 1
@@ -96,11 +100,45 @@ def _for_interpreter(config: KernelConfig, grow: str = "BLOCK_M", other: str = "
     return dataclasses.replace(config, meta=meta)
 
 
-def _fwd_config(n: int) -> tuple[bool, KernelConfig]:
-    """(looped, config) of the forward kernel for width ``n``."""
+#: The smallest second piece of a two-piece forward row (narrower tails round up to it).
+_MIN_PIECE = 32
+#: Piece pairs kept as one piece: 1536 = 1024 + 512 spilled 8 bytes on sm_80 under Triton 3.6
+#: (fp16, 4 warps; 8 warps spill 16-bit rows elsewhere), so it stays one 2048-wide piece.
+_FWD_PIECES_EXCLUDED = {(1024, 512)}
+
+
+def _fwd_pieces(n: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_N2) of the register-path forward for width ``n`` (1..8192): the row as
+    one power-of-two piece, or as two (the largest power of two <= n, then the next power of two
+    >= the rest, at least _MIN_PIECE) where those hold fewer padded lanes: 768 = 512 + 256, 1280 =
+    1024 + 256, 1152 = 1024 + 128, 384 = 256 + 128, 192 = 128 + 64 (no padding); 1000 and 197 keep
+    one piece (1024, 256: two pieces would pad as much), and so do the pairs in
+    _FWD_PIECES_EXCLUDED."""
+    single = _block_n(n)
+    head = 1 << (n.bit_length() - 1)
+    rest = n - head
+    if head < 128 or rest == 0:
+        return single, 0
+    tail = max(_MIN_PIECE, 1 << (rest - 1).bit_length())
+    if head + tail >= single or (head, tail) in _FWD_PIECES_EXCLUDED:
+        return single, 0
+    return head, tail
+
+
+def _fwd_config(n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[bool, KernelConfig]:
+    """(looped, config) of the forward kernel for width ``n`` and ``dtype`` rows. A two-piece row
+    takes its first piece's entry. For fp32 rows under 8 warps the warps double, so a thread holds
+    no more elements than in a one-piece tile: with the entry's 4 warps the fp32 rows of 1536 and
+    384 spilled 4 bytes on sm_90 under Triton 3.8. 16-bit rows keep the entry's warps: doubled,
+    768 spilled 8 bytes on sm_90 under Triton 3.6 (ptxas kept 32 registers)."""
     if n > _MAX_FUSED_N:
         return True, _for_interpreter(_FWD_LOOPED_CONFIG)
-    return False, _for_interpreter(_FWD_CONFIGS[_block_n(n)])
+    head, tail = _fwd_pieces(n)
+    config = _FWD_CONFIGS[head]
+    if tail and dtype == torch.float32 and config.num_warps < 8:
+        config = dataclasses.replace(config, num_warps=2 * config.num_warps)
+    config = dataclasses.replace(config, meta={**config.meta, "BLOCK_N2": tail})
+    return False, _for_interpreter(config)
 
 
 def _bwd_config(n: int, device=None) -> tuple[bool, KernelConfig, int]:
@@ -113,6 +151,17 @@ def _bwd_config(n: int, device=None) -> tuple[bool, KernelConfig, int]:
     table = _BWD_CONFIGS_SM90 if block_n in _BWD_CONFIGS_SM90 and device_arch(device) == 90 else _BWD_CONFIGS
     config, per_sm = table[block_n]
     return False, _for_interpreter(config), per_sm
+
+
+def _dwdb_splits(partial_rows: int, n: int, config: KernelConfig, sms: int) -> int:
+    """Row splits of the dW / dB reduction (a pure function): enough that column strips x splits
+    >= ``sms`` programs, each split keeping at least one BLOCK_G step of the ``partial_rows``; 1
+    when the strips alone fill the SMs (a second, one-split launch sums the splits' partials).
+    ViT-B (768, 660 partial rows, 8-column strips) on 132 SMs: 96 strips -> 2 splits, 192
+    programs; ViT-H (1280): 160 strips, 1 split."""
+    strips = -(-n // config.meta["BLOCK_N"])
+    wanted = -(-sms // strips)
+    return max(1, min(wanted, partial_rows // config.meta["BLOCK_G"]))
 
 
 def _dwdb_config(n: int, sms: int) -> KernelConfig:

@@ -1,13 +1,16 @@
 """The LayerNorm Triton kernels and their device helpers.
 
 Forward: ``_layer_norm_fwd_kernel`` holds BLOCK_M whole rows in registers (rows up to 8192 wide;
-several rows per program for narrow ones) and saves fp32 mean / rstd;
+several rows per program for narrow ones; a row as one or two power-of-two pieces, so that 768 or
+1280 wide rows carry no padding lanes) and saves fp32 mean / rstd;
 ``_layer_norm_fwd_looped_kernel`` takes wider rows in chunks (Chan's merge of per-chunk mean and
 M2, then a normalising pass). Backward: ``_layer_norm_bwd_kernel`` (register path) and
 ``_layer_norm_bwd_looped_kernel`` write dX in one pass and keep dW / dB partial sums per program
 over a persistent grid, which ``_layer_norm_bwd_dwdb_kernel`` reduces. The add variant is the
 same kernels with HAS_RESIDUAL (forward writes ``s`` too) / HAS_DS (backward adds the gradient of
-``s``).
+``s``); HAS_DX_LOW writes dX a second time in a 16-bit dtype in the same pass (the gradient of a
+16-bit input whose sum with a float32 residual was normalised: the GEMM backward that consumes it
+reads 16 bits, and no separate cast pass runs).
 
 Rows are the flattened leading dims: row r of x starts at X + r * stride_xm. Row offsets are
 int64; statistics and all arithmetic are fp32; each output is cast once, on store. Column
@@ -39,6 +42,19 @@ def _fwd_input(X, R, S, rows, cols, mask, stride_xm, stride_xn, stride_rm, strid
     return x
 
 
+@register_helper
+@triton.jit
+def _fwd_store(Y, W, B, rows, cols, col_mask, mask, xc, rstd, stride_ym,
+               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y = xc * rstd (* w + b) for the columns ``cols``, stored in Y's dtype."""
+    y = xc * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
+
+
 @register_kernel
 @triton.jit
 def _layer_norm_fwd_kernel(
@@ -47,13 +63,17 @@ def _layer_norm_fwd_kernel(
     stride_xm, stride_xn, stride_rm, stride_rn, stride_ym, stride_sm,
     eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):
-    """BLOCK_M whole rows per program, N <= BLOCK_N: the rows live in registers.
+    """BLOCK_M whole rows per program, N <= BLOCK_N + BLOCK_N2: the rows live in registers.
 
-    Two-pass statistics over the registers (mean, then the centred variance). With HAS_RESIDUAL the
-    normalised row is s = x + r rounded to S's dtype, so y is exactly the LayerNorm of the sum that
-    is returned (and that backward reads), and s is written to S.
+    A row is one power-of-two piece of BLOCK_N columns or, with BLOCK_N2 > 0, two pieces
+    (BLOCK_N, then BLOCK_N2 from column BLOCK_N): 768 = 512 + 256, 1280 = 1024 + 256, 1152 =
+    1024 + 128, 384 = 256 + 128 are held without padding lanes (one 1024-wide piece left a
+    quarter of the lanes idle at 768). Two-pass statistics over the registers (mean, then the
+    centred variance). With HAS_RESIDUAL the normalised row is s = x + r rounded to S's dtype,
+    so y is exactly the LayerNorm of the sum that is returned (and that backward reads), and s is
+    written to S.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -61,18 +81,24 @@ def _layer_norm_fwd_kernel(
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
     x = _fwd_input(X, R, S, rows, cols, mask, stride_xm, stride_xn, stride_rm, stride_rn, stride_sm, HAS_RESIDUAL)
-    mean = tl.sum(x, axis=1) / N
+    total = tl.sum(x, axis=1)
+    if BLOCK_N2 > 0:
+        cols2 = BLOCK_N + tl.arange(0, BLOCK_N2)
+        col_mask2 = cols2 < N
+        mask2 = row_mask[:, None] & col_mask2[None, :]
+        x2 = _fwd_input(X, R, S, rows, cols2, mask2, stride_xm, stride_xn, stride_rm, stride_rn, stride_sm,
+                        HAS_RESIDUAL)
+        total += tl.sum(x2, axis=1)
+    mean = total / N
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / N
-    rstd = tl.math.rsqrt(var + eps)
-    y = xc * rstd[:, None]
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        y = y * w[None, :]
-    if HAS_BIAS:
-        b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
-        y = y + b[None, :]
-    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
+    m2 = tl.sum(xc * xc, axis=1)
+    if BLOCK_N2 > 0:
+        xc2 = tl.where(mask2, x2 - mean[:, None], 0.0)
+        m2 += tl.sum(xc2 * xc2, axis=1)
+    rstd = tl.math.rsqrt(m2 / N + eps)
+    _fwd_store(Y, W, B, rows, cols, col_mask, mask, xc, rstd, stride_ym, HAS_WEIGHT, HAS_BIAS)
+    if BLOCK_N2 > 0:
+        _fwd_store(Y, W, B, rows, cols2, col_mask2, mask2, xc2, rstd, stride_ym, HAS_WEIGHT, HAS_BIAS)
     tl.store(MEAN + rows, mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -124,37 +150,37 @@ def _layer_norm_fwd_looped_kernel(
             x = tl.load(S + rows[:, None] * stride_sm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         else:
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        y = (x - mean[:, None]) * rstd[:, None]
-        if HAS_WEIGHT:
-            y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], round_to(y, Y.dtype.element_ty), mask=mask)
+        _fwd_store(Y, W, B, rows, cols, col_mask, mask, x - mean[:, None], rstd, stride_ym, HAS_WEIGHT, HAS_BIAS)
     tl.store(MEAN + rows, mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @register_helper
 @triton.jit
-def _bwd_store_dx(DX, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
-                  HAS_DS: tl.constexpr):
+def _bwd_store_dx(DX, DX_LOW, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
+                  HAS_DS: tl.constexpr, HAS_DX_LOW: tl.constexpr):
     """dx = rstd * (w*dy - xhat * c1 - c2) (c1 = mean(xhat * w*dy), c2 = mean(w*dy) over the row),
     plus with HAS_DS the gradient of the returned sum s = x + residual (add variant); stored in
-    DX's dtype."""
+    DX's dtype and, with HAS_DX_LOW, also in DX_LOW's (the 16-bit gradient stream: the same row
+    stride as DX)."""
     dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
     if HAS_DS:
         ds = tl.load(DS + rows[:, None] * stride_dsm + cols[None, :] * stride_dsn, mask=mask, other=0.0)
         dx = dx + ds.to(tl.float32)
-    tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], round_to(dx, DX.dtype.element_ty), mask=mask)
+    offs = rows[:, None] * stride_dxm + cols[None, :]
+    tl.store(DX + offs, round_to(dx, DX.dtype.element_ty), mask=mask)
+    if HAS_DX_LOW:
+        tl.store(DX_LOW + offs, round_to(dx, DX_LOW.dtype.element_ty), mask=mask)
 
 
 @register_kernel
 @triton.jit
 def _layer_norm_bwd_kernel(
-    DY, X, W, MEAN, RSTD, DS, DX, DW_PARTIAL, DB_PARTIAL,
+    DY, X, W, MEAN, RSTD, DS, DX, DX_LOW, DW_PARTIAL, DB_PARTIAL,
     M, N,
     stride_dym, stride_dyn, stride_xm, stride_xn, stride_dsm, stride_dsn, stride_dxm,
-    HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, HAS_DX_LOW: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """dX for BLOCK_M whole rows at a time (N <= BLOCK_N), persistent over row blocks.
@@ -191,7 +217,8 @@ def _layer_norm_bwd_kernel(
             wdy = dy
         c1 = tl.sum(xhat * wdy, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
-        _bwd_store_dx(DX, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm, HAS_DS)
+        _bwd_store_dx(DX, DX_LOW, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
+                      HAS_DS, HAS_DX_LOW)
         if COMPUTE_DW:
             dw_acc += dy * xhat
         if COMPUTE_DB:
@@ -224,10 +251,11 @@ def _bwd_looped_chunk(DY, X, W, rows, row_mask, start, mean, rstd, N, stride_dym
 @register_kernel
 @triton.jit
 def _layer_norm_bwd_looped_kernel(
-    DY, X, W, MEAN, RSTD, DS, DX, DW_PARTIAL, DB_PARTIAL,
+    DY, X, W, MEAN, RSTD, DS, DX, DX_LOW, DW_PARTIAL, DB_PARTIAL,
     M, N,
     stride_dym, stride_dyn, stride_xm, stride_xn, stride_dsm, stride_dsn, stride_dxm,
-    HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, HAS_DX_LOW: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dX for rows wider than the register path, BLOCK_M rows at a time (1 on the GPU),
@@ -268,8 +296,8 @@ def _layer_norm_bwd_looped_kernel(
             cols, col_mask, mask, dy, xhat, wdy = _bwd_looped_chunk(DY, X, W, rows, row_mask, start, mean, rstd, N,
                                                                     stride_dym, stride_dyn, stride_xm, stride_xn,
                                                                     HAS_WEIGHT, BLOCK_N)
-            _bwd_store_dx(DX, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
-                          HAS_DS)
+            _bwd_store_dx(DX, DX_LOW, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn,
+                          stride_dxm, HAS_DS, HAS_DX_LOW)
             if COMPUTE_DW:
                 dw_ptrs = DW_PARTIAL + partial_row + cols
                 dw = tl.load(dw_ptrs, mask=col_mask, other=0.0) + tl.sum(dy * xhat, axis=0)
@@ -283,21 +311,31 @@ def _layer_norm_bwd_looped_kernel(
 @triton.jit
 def _layer_norm_bwd_dwdb_kernel(
     DW_PARTIAL, DB_PARTIAL, DW, DB,
-    G, N,
+    G, N, rows_per_split,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """Sum the (G, N) fp32 partials over G in a fixed order (deterministic); cast once on store."""
+    """Sum the (G, N) fp32 partials over G in a fixed order (deterministic); cast once on store.
+
+    Program (c, s) sums rows [s * rows_per_split, (s + 1) * rows_per_split) of column strip c
+    into row s of DW / DB: with one split DW / DB are the (N,) results; with several they are
+    (splits, N) fp32 partials that a second launch (one split) sums, so a narrow layer's few
+    column strips still spread over the SMs."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
+    pid_s = tl.program_id(1)
+    g_lo = pid_s * rows_per_split
+    g_hi = tl.minimum(G, g_lo + rows_per_split)
     if COMPUTE_DW:
+        DW += pid_s.to(tl.int64) * N
         dw = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
     if COMPUTE_DB:
+        DB += pid_s.to(tl.int64) * N
         db = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    for g0 in tl.range(0, G, BLOCK_G, num_stages=NUM_STAGES):
+    for g0 in tl.range(g_lo, g_hi, BLOCK_G, num_stages=NUM_STAGES):
         g = g0 + tl.arange(0, BLOCK_G)
         offs = g[:, None].to(tl.int64) * N + cols[None, :]
-        mask = (g < G)[:, None] & col_mask[None, :]
+        mask = (g < g_hi)[:, None] & col_mask[None, :]
         if COMPUTE_DW:
             dw += tl.load(DW_PARTIAL + offs, mask=mask, other=0.0)
         if COMPUTE_DB:

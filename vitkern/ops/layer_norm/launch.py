@@ -19,6 +19,7 @@ from vitkern.ops._triton import launch
 from vitkern.ops._index import rows_int32_safe
 from vitkern.ops.layer_norm.configs import (
     _dwdb_config,
+    _dwdb_splits,
     _PARTIAL_BYTES_CAP,
     MAX_WIDTH,
     _bwd_config,
@@ -105,7 +106,7 @@ def _layer_norm_fwd(
     rstd = _empty(x.shape[:-1], torch.float32, x.device)
     if m == 0:
         return y, s, mean, rstd
-    looped, config = _fwd_config(n)
+    looped, config = _fwd_config(n, y_dtype)
     kernel = _layer_norm_fwd_looped_kernel if looped else _layer_norm_fwd_kernel
     launch(
         kernel, (triton.cdiv(m, config.meta["BLOCK_M"]),),
@@ -130,12 +131,14 @@ def _layer_norm_bwd(
     ds: Optional[torch.Tensor],
     compute_dw: bool,
     db_dtype: Optional[torch.dtype],
-) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Backward launcher: ``(dx, dw, db)``.
+    dx_low_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Backward launcher: ``(dx, dw, db, dx_low)``.
 
     ``x`` is the tensor that was normalised (the sum ``s`` for the add variant) and ``dx`` has its
     dtype; ``ds`` (add variant) is the gradient of the returned sum, added to ``dx``. ``dw`` (in
-    ``weight``'s dtype) is computed when ``compute_dw``; ``db`` when ``db_dtype`` is given.
+    ``weight``'s dtype) is computed when ``compute_dw``; ``db`` when ``db_dtype`` is given;
+    ``dx_low``, the same ``dx`` in ``dx_low_dtype``, when that is given (one pass writes both).
     ``dy`` / ``ds`` may have any strides, including the stride 0 of an expanded gradient.
     """
     n = _check_launch(x, dy=dy, weight=weight, ds=ds)
@@ -152,13 +155,16 @@ def _layer_norm_bwd(
     mean, rstd = mean.reshape(m), rstd.reshape(m)
     dx = _empty(x.shape, x.dtype, x.device)
     dx2 = dx.view(m, n)
+    if dx_low_dtype is not None and dx_low_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"layer_norm (triton): dx_low_dtype must be float32, float16 or bfloat16, got {dx_low_dtype}")
+    dx_low = _empty(x.shape, dx_low_dtype, x.device) if dx_low_dtype is not None else None
     dw = _empty((n,), weight.dtype, x.device) if compute_dw else None
     db = _empty((n,), db_dtype, x.device) if compute_db else None
     if m == 0:
         for t in (dw, db):
             if t is not None:
                 t.zero_()
-        return dx, dw, db
+        return dx, dw, db, dx_low
     looped, config, per_sm = _bwd_config(n, x.device if x.device.type == "cuda" else None)
     kernel = _layer_norm_bwd_looped_kernel if looped else _layer_norm_bwd_kernel
     sms = available_sms(x.device)
@@ -168,20 +174,37 @@ def _layer_norm_bwd(
     db_partial = _empty((programs, n), torch.float32, x.device) if compute_db else None
     launch(
         kernel, (programs,),
-        dy2, x2, weight, mean, rstd, ds2, dx2, dw_partial, db_partial,
+        dy2, x2, weight, mean, rstd, ds2, dx2, dx_low.view(m, n) if dx_low is not None else None,
+        dw_partial, db_partial,
         m, n,
         dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
         ds2.stride(0) if ds2 is not None else 0, ds2.stride(1) if ds2 is not None else 1,
         dx2.stride(0),
-        HAS_WEIGHT=weight is not None, HAS_DS=ds is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+        HAS_WEIGHT=weight is not None, HAS_DS=ds is not None, HAS_DX_LOW=dx_low is not None,
+        COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
         config=config,
     )
     if compute_dw or compute_db:
-        dwdb_config = _for_interpreter(_dwdb_config(n, sms), grow="BLOCK_N", other="BLOCK_G")
-        launch(
-            _layer_norm_bwd_dwdb_kernel, (triton.cdiv(n, dwdb_config.meta["BLOCK_N"]),),
-            dw_partial, db_partial, dw, db, programs, n,
-            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            config=dwdb_config,
-        )
-    return dx, dw, db
+        _reduce_dwdb(dw_partial, db_partial, dw, db, programs, n, sms)
+    return dx, dw, db, dx_low
+
+
+def _reduce_dwdb(dw_partial, db_partial, dw, db, rows: int, n: int, sms: int) -> None:
+    """dw / db = the sums of the (rows, n) fp32 partials over their rows, in a fixed order: one
+    launch over column strips x row splits (:func:`_dwdb_splits`), and where it split, a second
+    over the (splits, n) partials it wrote."""
+    config = _for_interpreter(_dwdb_config(n, sms), grow="BLOCK_N", other="BLOCK_G")
+    splits = _dwdb_splits(rows, n, config, sms)
+    if splits > 1:
+        dw_out = _empty((splits, n), torch.float32, dw_partial.device) if dw is not None else None
+        db_out = _empty((splits, n), torch.float32, db_partial.device) if db is not None else None
+    else:
+        dw_out, db_out = dw, db
+    launch(
+        _layer_norm_bwd_dwdb_kernel, (triton.cdiv(n, config.meta["BLOCK_N"]), splits),
+        dw_partial, db_partial, dw_out, db_out, rows, n, triton.cdiv(rows, splits),
+        COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None,
+        config=config,
+    )
+    if splits > 1:
+        _reduce_dwdb(dw_out, db_out, dw, db, splits, n, 1)

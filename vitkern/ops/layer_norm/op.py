@@ -33,13 +33,15 @@ def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps):
     return y, s, _stats_fake(x), _stats_fake(x)
 
 
-def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, ds, compute_dw, db_dtype):
+def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, ds, compute_dw, db_dtype, dx_low_dtype):
     n = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw_dtype = weight.dtype if weight is not None else x.dtype
     dw = torch.empty((n if compute_dw and weight is not None else 0,), dtype=dw_dtype, device=x.device)
     db = torch.empty((n if db_dtype is not None else 0,), dtype=db_dtype or x.dtype, device=x.device)
-    return dx, dw, db
+    dx_low = torch.empty(x.shape if dx_low_dtype is not None else (0,), dtype=dx_low_dtype or x.dtype,
+                         device=x.device)
+    return dx, dw, db, dx_low
 
 
 @kernel_op("vitkern::layer_norm_bwd", fake=_layer_norm_bwd_fake)
@@ -52,15 +54,18 @@ def _layer_norm_bwd_op(
     ds: Optional[torch.Tensor],
     compute_dw: bool,
     db_dtype: Optional[torch.dtype],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx_low_dtype: Optional[torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from vitkern.ops.layer_norm import launch as _launch
 
-    dx, dw, db = _launch._layer_norm_bwd(dy, x, weight, mean, rstd, ds, compute_dw, db_dtype)
+    dx, dw, db, dx_low = _launch._layer_norm_bwd(dy, x, weight, mean, rstd, ds, compute_dw, db_dtype, dx_low_dtype)
     if dw is None:
         dw = torch.empty((0,), dtype=(weight if weight is not None else x).dtype, device=x.device)
     if db is None:
         db = torch.empty((0,), dtype=db_dtype or x.dtype, device=x.device)
-    return dx, dw, db
+    if dx_low is None:
+        dx_low = torch.empty((0,), dtype=x.dtype, device=x.device)
+    return dx, dw, db, dx_low
 
 
 def _layer_norm_save(inputs, output):
@@ -72,8 +77,8 @@ def _layer_norm_save(inputs, output):
 def _layer_norm_backward(bias_dtype, saved, grads, need):
     x, weight, mean, rstd = saved
     dy = grads[0]
-    dx, dw, db = torch.ops.vitkern.layer_norm_bwd(dy, x, weight, mean, rstd, None, need[1],
-                                                  bias_dtype if need[2] else None)
+    dx, dw, db, _ = torch.ops.vitkern.layer_norm_bwd(dy, x, weight, mean, rstd, None, need[1],
+                                                     bias_dtype if need[2] else None, None)
     return dx, dw, db, None
 
 
@@ -103,10 +108,18 @@ def _add_layer_norm_backward(state, saved, grads, need):
     x_dtype, residual_dtype, bias_dtype = state
     s, weight, mean, rstd = saved
     dy, ds = grads[0], grads[1]
-    dsum, dw, db = torch.ops.vitkern.layer_norm_bwd(dy, s, weight, mean, rstd, ds, need[2],
-                                                    bias_dtype if need[3] else None)
-    gx = dsum.to(x_dtype) if need[0] else None
-    gr = dsum.to(residual_dtype) if need[1] else None
+    # the gradient of the sum, in s's dtype and, when one input is narrower (a 16-bit branch on
+    # a float32 residual stream), in that input's dtype too, from the same pass: the branch's GEMM
+    # backward reads 16 bits and no cast pass runs
+    low = next((d for d, n in ((x_dtype, need[0]), (residual_dtype, need[1])) if n and d != s.dtype), None)
+    dsum, dw, db, dsum_low = torch.ops.vitkern.layer_norm_bwd(dy, s, weight, mean, rstd, ds, need[2],
+                                                              bias_dtype if need[3] else None, low)
+
+    def grad_in(dtype):
+        return dsum_low if dtype == low else dsum.to(dtype)
+
+    gx = grad_in(x_dtype) if need[0] else None
+    gr = grad_in(residual_dtype) if need[1] else None
     return gx, gr, dw, db, None
 
 

@@ -14,7 +14,9 @@ rejected too: act would run once per (D / BLOCK_M) output row tiles, and an erf 
 a 64 x 128 B tile costs more issue slots than the tile's wgmma. A GPU session measures both.
 
 Backward, g = dY (the residual's grad is g itself):
-  dP  = (row_scale * (g @ (gamma * W2))) * act'(p)   one GEMM, act' fused in its epilogue
+  dP  = (row_scale * (g @ (gamma * W2))) * act'(p)   one GEMM, act' fused in its epilogue; the
+                                                     row-scale grad from its tiles (ROW_DOT with h,
+                                                     weighted row sums of g for the bias term)
   dW2 = gamma * (g^T @ (row_scale * h))              + row sums (db2) and ROW_DOT (dgamma)
   dX  = dP @ W1
   dW1 = dP^T @ x                                     + row sums of dP^T (db1)
@@ -29,6 +31,7 @@ import torch
 from vitkern.ops.activation import Activation
 from vitkern.ops.gemm import Epilogue
 from vitkern.ops.gemm.launch import gemm
+from vitkern.ops.linear.launch import _gamma_bias, _narrows
 
 __all__ = ["mlp_forward", "mlp_backward"]
 
@@ -60,21 +63,26 @@ def mlp_backward(grad, x, fc1_weight, fc2_weight, fc2_bias, residual_scale, row_
     w2g = fc2_weight if gamma is None else (fc2_weight.float() * gamma.float()[:, None]).to(cdt)
     # dP = act'(p) * row_scale * (g @ (gamma * W2))  (+ rowdot with h for the row_scale grad)
     need_dp = need_dx or need_dw1 or need_db1
+    g16 = None
     if need_dp or need_drs:
         dp = torch.empty((m, hidden), device=dev, dtype=cdt)
         ep = Epilogue(row_scale=row_scale, act_grad=act, aux=pre if act != Activation.NONE else None,
                       row_dot=h if need_drs else None)
-        _, _, rdot = gemm(grad, w2g.t(), dp, ep)
+        # a float32 dY (the fp32 residual stream): written in the compute dtype while dP reads it,
+        # so dW2 reads 16 bits
+        want_dw2 = need_dw2 or need_db2 or need_dscale
+        g16 = torch.empty((m, n), device=dev, dtype=cdt) if want_dw2 and _narrows(grad, cdt) else None
+        # the row-scale grad's bias term g @ (gamma * b2): weighted row sums of this GEMM's A tiles
+        gb = _gamma_bias(gamma, fc2_bias) if need_drs else None
+        _, rsum, rdot = gemm(grad, w2g.t(), dp, ep, row_sum=gb is not None, row_sum_weight=gb, a_copy=g16)
         if need_drs:
-            if fc2_bias is not None:
-                gb = fc2_bias.float() * (gamma.float() if gamma is not None else 1.0)
-                rdot = rdot + grad.float() @ gb
-            drs = rdot.to(row_scale.dtype)
+            drs = (rdot if gb is None else rdot + rsum).to(row_scale.dtype)
     if need_dw2 or need_db2 or need_dscale:
         dw2 = torch.empty((n, hidden), device=dev, dtype=fc2_weight.dtype)
         want_sum = need_db2 or (need_dscale and fc2_bias is not None)
         ep = Epilogue(row_scale=gamma, row_dot=fc2_weight if need_dscale else None)
-        _, s, rdot = gemm(grad.t(), h.t(), dw2, ep, red_scale=row_scale, row_sum=want_sum)
+        g_dw2 = g16 if g16 is not None else grad
+        _, s, rdot = gemm(g_dw2.t(), h.t(), dw2, ep, red_scale=row_scale, row_sum=want_sum)
         if need_db2:
             db2 = (s if gamma is None else s * gamma.float()).to(fc2_bias.dtype)
         if need_dscale:

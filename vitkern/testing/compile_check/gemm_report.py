@@ -84,14 +84,16 @@ def vit_gemms(batch: int = 256, models: Optional[Sequence[str]] = None) -> list[
         add("qkv", "dW", 3 * D, D, M,
             lambda M=M, D=D: gemm(e(M, 3 * D, dtype=bf16).t(), e(M, D, dtype=bf16).t(), e(3 * D, D, dtype=bf16),
                                   row_sum=True))
-        # proj: y = r + (a @ Wo^T + b), r fp32; the gradient g is fp32
+        # proj: y = r + (a @ Wo^T + b), r fp32; the gradient g is fp32: the dX GEMM writes it in
+        # bf16 as it reads it (a_copy), the dW GEMM reads that copy
         add("proj", "fwd", M, D, D,
             lambda M=M, D=D: gemm(e(M, D, dtype=bf16), e(D, D, dtype=bf16), e(M, D, dtype=f32),
                                   Epilogue(bias=e(D, dtype=bf16), residual=e(M, D, dtype=f32))))
         add("proj", "dX", M, D, D,
-            lambda M=M, D=D: gemm(e(M, D, dtype=f32), e(D, D, dtype=bf16).t(), e(M, D, dtype=bf16)))
+            lambda M=M, D=D: gemm(e(M, D, dtype=f32), e(D, D, dtype=bf16).t(), e(M, D, dtype=bf16),
+                                  a_copy=e(M, D, dtype=bf16)))
         add("proj", "dW", D, D, M,
-            lambda M=M, D=D: gemm(e(M, D, dtype=f32).t(), e(M, D, dtype=bf16).t(), e(D, D, dtype=bf16),
+            lambda M=M, D=D: gemm(e(M, D, dtype=bf16).t(), e(M, D, dtype=bf16).t(), e(D, D, dtype=bf16),
                                   row_sum=True))
         # fc1: h = GELU(x @ W1^T + b1), pre stored; dX = dP @ W1; dW1 = dP^T @ x (+ db1)
         add("fc1", "fwd", M, H, D,
@@ -103,15 +105,17 @@ def vit_gemms(batch: int = 256, models: Optional[Sequence[str]] = None) -> list[
         add("fc1", "dW", H, D, M,
             lambda M=M, D=D, H=H: gemm(e(M, H, dtype=bf16).t(), e(M, D, dtype=bf16).t(), e(H, D, dtype=bf16),
                                        row_sum=True))
-        # fc2: y = r + (h @ W2^T + b2); dP = (g @ W2) * gelu'(pre) (the dU GEMM); dW2 = g^T @ h (+ db2)
+        # fc2: y = r + (h @ W2^T + b2); dP = (g @ W2) * gelu'(pre) (the dU GEMM, g fp32, written in
+        # bf16 as it is read); dW2 = g^T @ h (+ db2) on that bf16 copy
         add("fc2", "fwd", M, D, H,
             lambda M=M, D=D, H=H: gemm(e(M, H, dtype=bf16), e(D, H, dtype=bf16), e(M, D, dtype=f32),
                                        Epilogue(bias=e(D, dtype=bf16), residual=e(M, D, dtype=f32))))
         add("fc2", "dX", M, H, D,
             lambda M=M, D=D, H=H: gemm(e(M, D, dtype=f32), e(D, H, dtype=bf16).t(), e(M, H, dtype=bf16),
-                                       Epilogue(act_grad=Activation.GELU, aux=e(M, H, dtype=bf16))))
+                                       Epilogue(act_grad=Activation.GELU, aux=e(M, H, dtype=bf16)),
+                                       a_copy=e(M, D, dtype=bf16)))
         add("fc2", "dW", D, H, M,
-            lambda M=M, D=D, H=H: gemm(e(M, D, dtype=f32).t(), e(M, H, dtype=bf16).t(), e(D, H, dtype=bf16),
+            lambda M=M, D=D, H=H: gemm(e(M, D, dtype=bf16).t(), e(M, H, dtype=bf16).t(), e(D, H, dtype=bf16),
                                        row_sum=True))
     return out
 
