@@ -850,3 +850,42 @@ def test_checkpoint_adaptation_is_only_the_head_and_the_grid(tmp_path):
     wide = _small_vit(depth=3)
     with pytest.raises(ValueError, match=r"missing \['blocks\.2\."):
         wide.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(global_pool="map", class_token=False, act="gelu_tanh"),
+                                dict(num_classes=0, qkv_bias=False, global_pool="avg", class_token=False, fc_norm=False)],
+                         ids=["vit", "siglip-map", "no-head-no-qkv-bias"])
+def test_save_npz_round_trip_and_timm_reads_it(tmp_path, kw):
+    """ViT.save_npz writes the JAX layout load_npz reads back exactly, and that timm's npz loader
+    reads into the same model (the original layout for a ViT, big_vision's with a MAP head)."""
+    cfg = dict(dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5), **kw)
+    src = ViT(**cfg).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "vit.npz"
+    src.save_npz(path)
+    back = ViT(**cfg).load_npz(path)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    if cfg.get("qkv_bias", True):  # timm's loader always reads q / k / v biases
+        timm_vit = pytest.importorskip("timm.models.vision_transformer")
+        ref = timm_vit.VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=cfg["num_classes"],
+            global_pool=cfg.get("global_pool", "token"), class_token=cfg.get("class_token", True),
+            act_layer="gelu_tanh" if cfg.get("act") == "gelu_tanh" else None).eval()
+        timm_vit._load_weights(ref, str(path))
+        x = torch.randn(2, 3, 32, 32)
+        with vitkern.use_backend("reference"), torch.no_grad():
+            torch.testing.assert_close(src(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(reg_tokens=1), "register tokens"), (dict(init_values=0.1), "LayerScale"), (dict(qk_norm=True), "QK-norm"),
+    (dict(pre_norm=True), "pre-norm"),
+])
+def test_save_npz_refuses_what_the_layout_cannot_hold(tmp_path, kw, match):
+    model = ViT(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, **kw)
+    with pytest.raises(ValueError, match=match):
+        model.save_npz(tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()

@@ -1159,6 +1159,106 @@ def load_npz(model: ViT, path, prefix: Optional[str] = None) -> ViT:
     return model
 
 
+def npz_arrays(model: ViT) -> Dict[str, Any]:
+    """A ViT's weights as the arrays of the original JAX layout (numpy, float32): the inverse of
+    :func:`load_npz`. A model with a MAP head (SigLIP) is written in big_vision's naming
+    (``pos_embedding``, ``MultiHeadDotProductAttention_0``, ``MlpBlock_0``, ``MAPHead_0/...``), every
+    other one in google-research/vision_transformer's (``Transformer/posembed_input/...``,
+    ``MultiHeadDotProductAttention_1``, ``MlpBlock_3``). Kernels are HWIO / (in, out), q / k / v /
+    out kernels (D, H, d) / (H, d, D), as those checkpoints store them. What the layout cannot hold
+    raises a ValueError naming it: register or distillation tokens, LayerScale, QK-norm, the
+    attention / MLP norms, a pre-norm or fc_norm, a SwiGLU MLP, a position embedding without the
+    class token's row."""
+    import numpy as np
+
+    unsupported = {
+        "register tokens": model.reg_token is not None,
+        "a distillation token": model.dist_token is not None,
+        "LayerScale": any(not isinstance(b.ls1, nn.Identity) for b in model.blocks),
+        "QK-norm or the inner attention norm": any(
+            not isinstance(m, nn.Identity) for b in model.blocks for m in (b.attn.q_norm, b.attn.k_norm, b.attn.norm)),
+        "the MLP norm or a SwiGLU MLP": any(
+            not hasattr(b.mlp, "fc1") or not isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity)
+            for b in model.blocks),
+        "a pre-norm (norm_pre)": not isinstance(model.norm_pre, nn.Identity),
+        "an fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "a position embedding without the class token (no_embed_class)": model.no_embed_class
+        and model.cls_token is not None,
+    }
+    bad = [name for name, yes in unsupported.items() if yes]
+    if bad:
+        raise ValueError(f"save_npz: the JAX .npz layout has no place for {', '.join(bad)}")
+
+    def a(t: torch.Tensor, transpose: bool = True):
+        x = t.detach().to("cpu", torch.float32).numpy()
+        if transpose and x.ndim == 4:
+            return np.ascontiguousarray(x.transpose([2, 3, 1, 0]))  # OIHW -> HWIO
+        if transpose and x.ndim == 2:
+            return np.ascontiguousarray(x.T)  # (out, in) -> (in, out)
+        return np.ascontiguousarray(x)
+
+    big_vision = model.attn_pool is not None
+    mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
+    D = model.embed_dim
+    out: Dict[str, Any] = {"embedding/kernel": a(model.patch_embed.proj.weight)}
+    if model.patch_embed.proj.bias is not None:
+        out["embedding/bias"] = a(model.patch_embed.proj.bias)
+    if model.cls_token is not None:
+        out["cls"] = a(model.cls_token, False)
+    if model.pos_embed is not None:
+        out["pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"] = a(model.pos_embed, False)
+    if not isinstance(model.norm, nn.Identity):
+        out["Transformer/encoder_norm/scale"] = a(model.norm.weight)
+        out["Transformer/encoder_norm/bias"] = a(model.norm.bias)
+    if isinstance(model.head, nn.Linear):
+        out["head/kernel"] = a(model.head.weight)
+        if model.head.bias is not None:
+            out["head/bias"] = a(model.head.bias)
+
+    def attention(prefix: str, q_w, q_b, kv_w, kv_b, proj, heads: int):
+        d = D // heads
+        kv_w = kv_w.chunk(2) if kv_w is not None else (None, None)
+        kv_b = kv_b.chunk(2) if kv_b is not None else (None, None)
+        for name, w, b in (("query", q_w, q_b), ("key", kv_w[0], kv_b[0]), ("value", kv_w[1], kv_b[1])):
+            out[f"{prefix}/{name}/kernel"] = a(w.T.reshape(D, heads, d), False)
+            if b is not None:
+                out[f"{prefix}/{name}/bias"] = a(b.reshape(heads, d), False)
+        out[f"{prefix}/out/kernel"] = a(proj.weight.T.reshape(heads, d, D), False)
+        if proj.bias is not None:
+            out[f"{prefix}/out/bias"] = a(proj.bias)
+
+    for i, blk in enumerate(model.blocks):
+        p = f"Transformer/encoderblock_{i}/"
+        out[p + "LayerNorm_0/scale"], out[p + "LayerNorm_0/bias"] = a(blk.norm1.weight), a(blk.norm1.bias)
+        q_w, kv_w = blk.attn.qkv.weight[:D], blk.attn.qkv.weight[D:]
+        qkv_b = blk.attn.qkv.bias
+        attention(p + f"MultiHeadDotProductAttention_{mha}", q_w, None if qkv_b is None else qkv_b[:D], kv_w,
+                  None if qkv_b is None else qkv_b[D:], blk.attn.proj, blk.attn.num_heads)
+        out[p + f"LayerNorm_{ln2}/scale"], out[p + f"LayerNorm_{ln2}/bias"] = a(blk.norm2.weight), a(blk.norm2.bias)
+        for r, fc in enumerate((blk.mlp.fc1, blk.mlp.fc2)):
+            out[p + f"MlpBlock_{mlp}/Dense_{r}/kernel"] = a(fc.weight)
+            if fc.bias is not None:
+                out[p + f"MlpBlock_{mlp}/Dense_{r}/bias"] = a(fc.bias)
+    if big_vision:
+        pool = model.attn_pool
+        p = "MAPHead_0/"
+        out[p + "probe"] = a(pool.latent, False)
+        attention(p + "MultiHeadDotProductAttention_0", pool.q.weight, pool.q.bias, pool.kv.weight, pool.kv.bias,
+                  pool.proj, pool.num_heads)
+        out[p + "LayerNorm_0/scale"], out[p + "LayerNorm_0/bias"] = a(pool.norm.weight), a(pool.norm.bias)
+        for r, fc in enumerate((pool.mlp.fc1, pool.mlp.fc2)):
+            out[p + f"MlpBlock_0/Dense_{r}/kernel"], out[p + f"MlpBlock_0/Dense_{r}/bias"] = a(fc.weight), a(fc.bias)
+    return out
+
+
+def save_npz(model: ViT, path) -> None:
+    """Write a ViT as an original JAX ``.npz`` checkpoint (:func:`npz_arrays`'s layout), which
+    :func:`load_npz` / :func:`from_npz` and timm's npz loader read back."""
+    import numpy as np
+
+    np.savez(path, **npz_arrays(model))
+
+
 def from_npz(path, prefix: Optional[str] = None, device=None, dtype=None, **config) -> ViT:
     """Build a ViT from a JAX ``.npz`` checkpoint: config from :func:`npz_config`, updated by
     ``config`` (e.g. ``act="gelu"`` to match timm, which loads these with the erf GELU)."""

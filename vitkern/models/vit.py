@@ -697,6 +697,13 @@ class ViT(nn.Module):
 
         return load_npz(self, path, prefix=prefix)
 
+    def save_npz(self, path) -> None:
+        """Write this model as an original JAX ``.npz`` checkpoint (the inverse of
+        :meth:`load_npz`; big_vision's naming when it has a MAP head)."""
+        from vitkern.models.convert import save_npz
+
+        save_npz(self, path)
+
     def save_safetensors(self, path, metadata: Optional[Dict[str, str]] = None) -> None:
         """Save the state_dict (timm's keys) and the constructor config to a safetensors file."""
         from vitkern.models.convert import save_safetensors
