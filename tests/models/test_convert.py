@@ -853,7 +853,8 @@ def test_checkpoint_adaptation_is_only_the_head_and_the_grid(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(global_pool="map", class_token=False, act="gelu_tanh"),
-                                dict(num_classes=0, qkv_bias=False, global_pool="avg", class_token=False, fc_norm=False)],
+                                dict(num_classes=0, qkv_bias=False, global_pool="avg", class_token=False,
+                                     fc_norm=False)],
                          ids=["vit", "siglip-map", "no-head-no-qkv-bias"])
 def test_save_npz_round_trip_and_timm_reads_it(tmp_path, kw):
     """ViT.save_npz writes the JAX layout load_npz reads back exactly, and that timm's npz loader
