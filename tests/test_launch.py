@@ -130,9 +130,9 @@ def test_launch_runs_on_the_tensors_device(monkeypatch):
     monkeypatch.setattr(_triton, "_run", lambda *a, **k: ran_on.append(current["index"]))
     a = _fake_cuda(1)
     kernel = _gemm_kernels._act_bwd_kernel
-    args = (a, a, a, None, None, None, 8, 2, 2, 1, 2, 1, 2, 1)
+    args = (a, a, a, None, None, None, None, 8, 2, 2, 1, 2, 1, 2, 1)
     meta = dict(BLOCK_M=64, BLOCK_N=64, ACTIVATION=1, HAS_COL_SCALE=False, HAS_ROW_SCALE=False,
-                WRITE_DSCALE=False, num_warps=4, num_stages=1)
+                WRITE_DSCALE=False, WRITE_DROW=False, num_warps=4, num_stages=1)
     _triton.launch(kernel, (1, 1), *args, **meta)
     assert entered == [1] and ran_on == [1] and current["index"] == 0
     current["index"] = 1
