@@ -29,21 +29,6 @@ def image_sizes(count: int, min_px: int, max_px: int, patch: int, seed: int = 0)
     return sizes
 
 
-def padded_batch(packed, device) -> dict:
-    """timm's NaFlex collator layout of a packed batch: each image's patches first, zeros after."""
-    B, N = packed.num_images, packed.max_seqlen
-    cu = packed.cu_seqlens.tolist()
-    patches = torch.zeros(B, N, packed.patches.shape[1], device=device, dtype=packed.patches.dtype)
-    coord = torch.zeros(B, N, 2, device=device, dtype=torch.long)
-    valid = torch.zeros(B, N, device=device, dtype=torch.bool)
-    for i in range(B):
-        n = cu[i + 1] - cu[i]
-        patches[i, :n] = packed.patches[cu[i]:cu[i + 1]]
-        coord[i, :n] = packed.patch_coord[cu[i]:cu[i + 1]]
-        valid[i, :n] = True
-    return {"patches": patches, "patch_coord": coord, "patch_valid": valid}
-
-
 def _cost(kw, sizes, dtype) -> Cost:
     # the real tokens' work: a ViT of this width / depth on each image at its own size
     cfg = vit_config(dict(kw, class_token=False, reg_tokens=4, global_pool="avg", num_classes=1000))
@@ -74,7 +59,7 @@ def build(shape, dtype, device):
     sizes = image_sizes(shape["images"], shape["min_px"], shape["max_px"], kw["patch_size"])
     images = [torch.randn(3, h, w, device=device) for h, w in sizes]
     packed = vitkern.pack_images(images, kw["patch_size"])
-    batch = padded_batch(packed, device)
+    batch = packed.padded()
     amp = dtype != torch.float32
 
     def run(model, x):

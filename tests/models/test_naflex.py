@@ -59,18 +59,8 @@ def _images(grids=GRIDS, patch=16):
 
 
 def _padded(packed: PackedBatch, pad_value: float = 0.0):
-    """timm's collator layout of a packed batch: valid patches first, padding after."""
-    B, N = packed.num_images, packed.max_seqlen + 3  # extra padding columns on every row
-    cu = packed.cu_seqlens.tolist()
-    patches = torch.full((B, N, packed.patches.shape[1]), pad_value)
-    coord = torch.zeros(B, N, 2, dtype=torch.long)
-    valid = torch.zeros(B, N, dtype=torch.bool)
-    for i in range(B):
-        n = cu[i + 1] - cu[i]
-        patches[i, :n] = packed.patches[cu[i]:cu[i + 1]]
-        coord[i, :n] = packed.patch_coord[cu[i]:cu[i + 1]]
-        valid[i, :n] = True
-    return {"patches": patches, "patch_coord": coord, "patch_valid": valid}
+    """timm's collator layout, with extra padding columns on every row."""
+    return packed.padded(packed.max_seqlen + 3, pad_value)
 
 
 def _pair(case):
@@ -187,6 +177,13 @@ def test_pack_images_layout_and_round_trip():
     chw = pack_images(imgs, 16, channels_last=False)
     torch.testing.assert_close(chw.patches[5], imgs[0][:, 16:32, 32:48].flatten())
     torch.testing.assert_close(patchify(imgs[0], (16, 16)), packed.patches[:6])
+    # timm's padded layout of the same images
+    batch = packed.padded()
+    assert batch["patches"].shape == (3, 6, 16 * 16 * 3) and batch["patch_valid"].sum(1).tolist() == [6, 1, 6]
+    torch.testing.assert_close(batch["patches"][2], packed.patches[7:])
+    assert not batch["patches"][1, 1:].any() and batch["patch_coord"][0, 5].tolist() == [1, 2]
+    with pytest.raises(ValueError, match="seq_len"):
+        packed.padded(seq_len=5)
     # a (B, C, H, W) batch packs like its images
     batch = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(pack_images(batch, 16).patches, pack_images(list(batch), 16).patches)

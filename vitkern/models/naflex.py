@@ -81,6 +81,26 @@ class PackedBatch:
     def max_seqlen(self) -> int:
         return max(self.seqlens, default=0)
 
+    def padded(self, seq_len: Optional[int] = None, pad_value: float = 0.0) -> Dict[str, torch.Tensor]:
+        """timm's NaFlex collator layout of these images: ``{"patches": (B, N, P*P*C),
+        "patch_coord": (B, N, 2), "patch_valid": (B, N)}``, each image's patches first and
+        ``pad_value`` after, ``N = seq_len`` (default: the longest image). What timm's NaFlexVit
+        and :meth:`NaFlexViT.forward` take."""
+        N = self.max_seqlen if seq_len is None else seq_len
+        if N < self.max_seqlen:
+            raise ValueError(f"PackedBatch.padded: seq_len {N} is shorter than the longest image ({self.max_seqlen})")
+        B, dev = self.num_images, self.patches.device
+        patches = torch.full((B, N, self.patches.shape[1]), pad_value, device=dev, dtype=self.patches.dtype)
+        coord = torch.zeros(B, N, 2, device=dev, dtype=self.patch_coord.dtype)
+        valid = torch.zeros(B, N, device=dev, dtype=torch.bool)
+        start = 0
+        for i, n in enumerate(self.seqlens):  # host lengths: no device read
+            patches[i, :n] = self.patches[start:start + n]
+            coord[i, :n] = self.patch_coord[start:start + n]
+            valid[i, :n] = True
+            start += n
+        return {"patches": patches, "patch_coord": coord, "patch_valid": valid}
+
     def to(self, device=None, dtype=None, non_blocking: bool = False) -> "PackedBatch":
         """Moved to ``device``; ``dtype`` converts the pixel values only."""
         return PackedBatch(
