@@ -81,7 +81,7 @@ def _attention_compile_cases():
 def _attention_compile_cases_all():
     # every config of the tables: head dims of every width class, with and without a masked tail,
     # every backward path (the atomic one only runs without a masked tail, the fused one at the
-    # widths with a tile of its own), GQA, every precision class; the
+    # widths with a tile of its own), every precision class; the
     # forward at a short (197) and a long (2100) key length, one per key-length bucket
     dims_16 = (24, 32, 40, 56, 64, 72, 80, 88, 96, 104, 128, 136, 160, 176, 192, 200, 256)
     for dtype, dims in ((torch.bfloat16, dims_16),
@@ -92,7 +92,7 @@ def _attention_compile_cases_all():
             if dtype == torch.bfloat16 and d == da + db and any(da + db in t for t in _ATTN_FUSED_CONFIGS.values()):
                 modes += ("fused",)
             for mode in modes:
-                _case_run(dtype, 2, 4, 2, 197, 197, d, causal=True, bias=True, bwd_mode=mode)
+                _case_run(dtype, 2, 4, 4, 197, 197, d, causal=True, bias=True, bwd_mode=mode)
             _case_run(dtype, 1, 2, 2, 2100, 2100, d, causal=True, bias=True, backward=False)
             if dtype == torch.bfloat16:
                 _case_run(dtype, 1, 2, 2, 197, 197, d, causal=True, bias=True, backward=False, kv_splits=2)

@@ -95,10 +95,12 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     # Up to 128 (no masked tail): 16 x 16 with 8 warps on both versions since the single query
     # loop (64..106 registers; 16 warps spilled 4 bytes at 64 under 3.8, 4 warps 16). Before it
     # 16 warps spilled 12 bytes at 72 under 3.6, 8 warps 8-16 bytes at 72 / 128 under 3.8. At 256,
-    # 32 x 16 tiles with 8 warps hold on both (128..176 / 128..255 registers).
+    # 32 x 16 tiles with 8 warps held on both (128..176 / 128..255 registers); under 3.8 they
+    # spilled 8 bytes with the single loop, 16 x 16 with 8 warps holds (90..144)
     ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8, 1)),
-                           (256, _attn_cfg(80, 32, 16, 8, 1))),
-    ("dq", 80, "ieee"): ((64, _attn_cfg(80, 32, 16, 4, 1)), (256, _attn_cfg(80, 16, 16, 4, 1))),
+                           (256, _attn_cfg(80, 32, 16, 8, 1) if TRITON_36 else _attn_cfg(80, 16, 16, 8, 1))),
+    # 3.8, single key loop: 256 spilled 4 bytes with 4 warps (8 warps: 74 registers)
+    ("dq", 80, "ieee"): ((64, _attn_cfg(80, 32, 16, 4, 1)), (256, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 8, 1))),
 }
 
 # Head dims whose last tile has a masked tail (72 = 64 + 16 with 8 masked, 88, 104..120, 136..152,
@@ -113,8 +115,9 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
     # 3.6: 48 (40) spilled 12 bytes with 64 x 128 tiles, 48 with 64 x 64 in the single query loop
     ("dkdv", 90, "16bit"): ((64, _attn_cfg(90, 32, 64, 4, 2)), (96, _attn_cfg(90, 16, 64, 8, 2)),
                             (128, _attn_cfg(90, 32, 32, 8, 2)), (256, _attn_cfg(90, 16, 16, 8, 1))),
+    # 3.8, single key loop: 160 (136) spilled 4 bytes with 8 warps (4 warps: 166 registers)
     ("dq", 90, "16bit"): ((64, _attn_cfg(90, 128, 64, 8, 2)), (128, _attn_cfg(90, 64, 32, 8, 2)),
-                          (160, _attn_cfg(90, 16, 32, 8, 1)), (256, _attn_cfg(90, 32, 32, 8, 2))),
+                          (160, _attn_cfg(90, 16, 32, 8 if TRITON_36 else 4, 1)), (256, _attn_cfg(90, 32, 32, 8, 2))),
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 32, 8, 2)), (128, _attn_cfg(80, 64, 32, 8, 2)),
                            (256, _attn_cfg(80, 32, 16, 8, 2))),
     # 3.6: 128 (72 = 64 + 16) spilled 24 bytes with 2 stages; 3.8: 32 (24, 8 masked) spilled 24
@@ -122,13 +125,15 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
     ("dkdv", 80, "16bit"): ((32, _attn_cfg(80, 16, 64, 8, 1)), (64, _attn_cfg(80, 16, 64, 8, 2)),
                             (128, _attn_cfg(80, 16, 64, 8, 1)),
                             (256, _attn_cfg(80, 16, 16, 8, 1))),
+    # 3.8, single key loop: 160 (136) spilled 20 bytes with 8 warps (4 warps: 157 registers)
     ("dq", 80, "16bit"): ((64, _attn_cfg(80, 64, 32, 8, 2)), (128, _attn_cfg(80, 64, 32, 8, 2)),
-                          (160, _attn_cfg(80, 16, 16, 8, 1)), (256, _attn_cfg(80, 32, 32, 8, 2))),
+                          (160, _attn_cfg(80, 16, 16, 8 if TRITON_36 else 4, 1)), (256, _attn_cfg(80, 32, 32, 8, 2))),
     # fp32 pads the head dim to one masked tile (no split): 72 -> 128, 200 -> 256. IEEE dK/dV at
     # 200..248: the unmasked table's 32 x 16 tiles spilled 48 bytes under 3.6; 16 x 16 tiles with
     # 4 warps (3.6) / 16 warps (3.8) hold
+    # (3.8, single loop: 16 warps spilled 12 bytes at 200, 8 warps hold)
     ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8 if TRITON_36 else 16, 1)),
-                           (256, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 16, 1))),
+                           (256, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 8, 1))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 64, 32, 4, 2)),
                           (256, _attn_cfg(80, 16, 16, 4, 1))),
 }
