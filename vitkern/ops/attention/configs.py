@@ -70,7 +70,9 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     ("fwd", 90, "ieee"): ((64, _attn_cfg(90, 16, 32, 4, 1)), (256, _attn_cfg(90, 16, 16, 4, 1))),
     # 3.6: 16 warps (128 registers a thread) spilled 4 bytes at 128, 8 warps 8 bytes at 256 (a
     # causal, key-padding variant, where 16 warps hold: 84..106); 4 warps spill on both
-    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 8, 1)), (256, _attn_cfg(90, 16, 16, 16, 1))),
+    # (3.6, single query loop: 128 spilled 8 bytes with 8 warps, 4 hold: 64..122 registers; the
+    # masked 200..248 12 bytes with 16 warps, 8 hold: _ATTN_MASKED_CONFIGS)
+    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 4 if TRITON_36 else 8, 1)), (256, _attn_cfg(90, 16, 16, 16, 1))),
     ("dq", 90, "ieee"): ((64, _attn_cfg(90, 32, 16, 4, 1)), (256, _attn_cfg(90, 16, 16, 4, 1))),
     # ---- sm_80 (A100) and the other non-sm_90 parts: mma.sync, operands in registers
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 64, 8, 3)), (128, _attn_cfg(80, 128, 32, 8, 2)),
@@ -99,8 +101,8 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     # spilled 8 bytes with the single loop, 16 x 16 with 8 warps holds (90..144)
     ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8, 1)),
                            (256, _attn_cfg(80, 32, 16, 8, 1) if TRITON_36 else _attn_cfg(80, 16, 16, 8, 1))),
-    # 3.8, single key loop: 256 spilled 4 bytes with 4 warps (8 warps: 74 registers)
-    ("dq", 80, "ieee"): ((64, _attn_cfg(80, 32, 16, 4, 1)), (256, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 8, 1))),
+    # single key loop: 256 spilled 4 bytes with 4 warps on both versions (8 warps: 74 registers)
+    ("dq", 80, "ieee"): ((64, _attn_cfg(80, 32, 16, 4, 1)), (256, _attn_cfg(80, 16, 16, 8, 1))),
 }
 
 # Head dims whose last tile has a masked tail (72 = 64 + 16 with 8 masked, 88, 104..120, 136..152,
@@ -125,15 +127,19 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
     ("dkdv", 80, "16bit"): ((32, _attn_cfg(80, 16, 64, 8, 1)), (64, _attn_cfg(80, 16, 64, 8, 2)),
                             (128, _attn_cfg(80, 16, 64, 8, 1)),
                             (256, _attn_cfg(80, 16, 16, 8, 1))),
-    # 3.8, single key loop: 160 (136) spilled 20 bytes with 8 warps (4 warps: 157 registers)
+    # single key loop: 160 (136) spilled 16 / 20 bytes with 8 warps under 3.6 / 3.8 (4 warps: 157
+    # registers under 3.8)
     ("dq", 80, "16bit"): ((64, _attn_cfg(80, 64, 32, 8, 2)), (128, _attn_cfg(80, 64, 32, 8, 2)),
-                          (160, _attn_cfg(80, 16, 16, 8 if TRITON_36 else 4, 1)), (256, _attn_cfg(80, 32, 32, 8, 2))),
+                          (160, _attn_cfg(80, 16, 16, 4, 1)), (256, _attn_cfg(80, 32, 32, 8, 2))),
     # fp32 pads the head dim to one masked tile (no split): 72 -> 128, 200 -> 256. IEEE dK/dV at
     # 200..248: the unmasked table's 32 x 16 tiles spilled 48 bytes under 3.6; 16 x 16 tiles with
     # 4 warps (3.6) / 16 warps (3.8) hold
-    # (3.8, single loop: 16 warps spilled 12 bytes at 200, 8 warps hold)
-    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8 if TRITON_36 else 16, 1)),
+    # (single loop: 3.8's 16 warps spilled 12 bytes at 200, 8 hold; 3.6's 8 warps 4 bytes at 72,
+    # 4 hold)
+    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 16, 1)),
                            (256, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 8, 1))),
+    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 4 if TRITON_36 else 8, 1)),
+                           (256, _attn_cfg(90, 16, 16, 8 if TRITON_36 else 16, 1))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 64, 32, 4, 2)),
                           (256, _attn_cfg(80, 16, 16, 4, 1))),
 }
