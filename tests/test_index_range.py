@@ -299,7 +299,13 @@ def test_int32_overflow_rule():
 def test_kernels_take_int64_program_bases(kernel):
     """The per-program bases (rows, batch x head) are int64 in each kernel the table above
     treats as int64 (in its own source or in a registered helper it calls, inlined into it)."""
-    src = inspect.getsource(kernel.fn)
-    src += "".join(inspect.getsource(obj.fn) for name, obj in kernel.fn.__globals__.items()
-                   if f"{name}(" in src and is_registered_helper(obj))
+    src, seen = inspect.getsource(kernel.fn), set()
+    while True:  # the helpers it calls, and theirs
+        called = [(name, obj) for name, obj in kernel.fn.__globals__.items()
+                  if name not in seen and f"{name}(" in src and is_registered_helper(obj)]
+        if not called:
+            break
+        for name, obj in called:
+            seen.add(name)
+            src += inspect.getsource(obj.fn)
     assert "tl.int64" in src
