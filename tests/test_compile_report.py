@@ -19,7 +19,8 @@ from vitkern.testing.compile_check import attention_report
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_report_attention.json"
 
 _KERNELS = {"_attention_fwd_kernel": "fwd", "_attention_fwd_split_kernel": "fwd", "_attention_bwd_dkdv_kernel": "dkdv",
-            "_attention_bwd_dq_kernel": "dq"}
+            "_attention_bwd_dq_kernel": "dq", "_attention_bwd_fused_kernel": "fused"}
+_BACKWARDS = ("_attention_bwd_dkdv_kernel", "_attention_bwd_fused_kernel")
 _FORWARDS = ("_attention_fwd_kernel", "_attention_fwd_split_kernel")
 
 
@@ -38,7 +39,11 @@ def test_report_covers_the_benchmark_shapes_on_both_tritons(report):
             # batch 1 fills the SMs through the split-KV forward and its merge
             split = shape["batch"] == 1
             forward = "_attention_fwd_split_kernel" if split else "_attention_fwd_kernel"
-            assert (arch, forward) in kernels and (arch, "_attention_bwd_dkdv_kernel") in kernels
+            # the backward as the plan runs it at the shape's batch: the fused kernel, or dK/dV
+            fused = attention_report._bwd_plan(shape, arch, attention_report.NUM_SMS[arch]).mode == "fused"
+            backward = "_attention_bwd_fused_kernel" if fused else "_attention_bwd_dkdv_kernel"
+            assert (arch, forward) in kernels and (arch, backward) in kernels
+            assert ((arch, "_attention_bwd_dkdv_kernel") in kernels) != fused
             assert ((arch, "_attention_fwd_merge_kernel") in kernels) == split
         for k in shape["kernels"]:
             assert set(k["triton"]) == set(report["triton_versions"]), (shape["name"], k["kernel"])
@@ -74,6 +79,22 @@ def test_forward_holds_two_blocks_per_sm_on_sm90_for_vit_shapes(report):
                 assert t["blocks_per_sm"] * regs_a_block <= 65536
             checked += 1
     assert checked == 6
+
+
+def test_backward_holds_two_blocks_per_sm_on_sm90_for_vit_shapes(report):
+    # the backward's main kernel (fused where the plan runs it, else dK/dV) at head dims 64 / 80
+    # up to 1025 tokens; the fused kernel runs ViT-B/16 and ViT-L/16 at 224 px
+    fused_shapes = []
+    for shape in report["shapes"]:
+        if shape["head_dim"] in (64, 80) and shape["tokens"] <= 1025:
+            (bwd,) = [k for k in shape["kernels"] if k["arch"] == 90 and k["kernel"] in _BACKWARDS]
+            for version, t in bwd["triton"].items():
+                assert t["blocks_per_sm"] >= 2, (shape["name"], bwd["kernel"], version, t)
+                assert t["blocks_per_sm"] == configs.blocks_per_sm(90, t["regs"], bwd["warps"], t["shared_bytes"])
+            if bwd["kernel"] == "_attention_bwd_fused_kernel":
+                fused_shapes.append(shape["name"])
+                assert bwd["grid"] == min(shape["batch"] * shape["heads"], 2 * bwd["sms"])
+    assert fused_shapes == ["ViT-B/16", "ViT-L/16"]
 
 
 def test_batch_one_forward_splits_the_keys(report):

@@ -97,6 +97,11 @@ _TERMS = {
                                                             ("do", "Tq"), ("dk", "Tk"), ("dv", "Tk"), ("dq", "Tq")]),
     "_attention_bwd_dq_kernel": lambda v: _attn_terms(v, [("q", "Tq"), ("k", "Tk"), ("v", "Tk"), ("b", "Tk"),
                                                           ("do", "Tq"), ("dq", "Tq")]),
+    # the fused backward: as dK/dV, plus g * tq_ceil * width + offs_m * width in its program's
+    # scratch (the program's base is int64)
+    "_attention_bwd_fused_kernel": lambda v: _attn_terms(v, [("q", "Tq"), ("k", "Tk"), ("v", "Tk"), ("b", "Tk"),
+                                                             ("do", "Tq"), ("dk", "Tk"), ("dv", "Tk"), ("dq", "Tq")])
+    + [[(v["GROUP"] * (v["Tq"] + v["BLOCK_M"]), v["BLOCK_DA"] + v["BLOCK_DB"])]],
     # offs = pid * BLOCK + arange < n_tok * D, n * stride_yn
     "_patch_embed_colsum_kernel": lambda v: [[(v["n_tok"] * v["D"] + v["BLOCK"], 1)], [(v["D"], v["stride_yn"])]],
 }
@@ -230,7 +235,10 @@ def test_attention_large_batch_past_int32():
     b, h, t, d = 2**14, 12, 197, 64  # 2.5e9 elements, each (batch, head) slice small
     qkv = _empty(b, t, 3, h, d)
     q, k, v = A_op._packed_views(qkv)
-    _assert_fits(_captured(lambda: _attn_fwd_bwd(q, k, v, _empty(b, t, h, d).transpose(1, 2))))
+    launches = _captured(lambda: _attn_fwd_bwd(q, k, v, _empty(b, t, h, d).transpose(1, 2)))
+    # the backward at this batch is the fused kernel (its persistent grid: 2 programs a SM)
+    assert "_attention_bwd_fused_kernel" in [launch.entry.name.rsplit(":", 1)[-1] for launch in launches]
+    _assert_fits(launches)
 
 
 def test_attention_split_forward_offsets():
@@ -286,6 +294,7 @@ def test_int32_overflow_rule():
                                     GK._gemm_kernel, GK._act_bwd_kernel, A_forward._attention_fwd_kernel,
                                     A_forward._attention_fwd_split_kernel, A_forward._attention_fwd_merge_kernel,
                                     A_backward._attention_bwd_dkdv_kernel, A_backward._attention_bwd_dq_kernel,
+                                    A_backward._attention_bwd_fused_kernel,
                                     PE_kernels._patch_embed_colsum_kernel])
 def test_kernels_take_int64_program_bases(kernel):
     """The per-program bases (rows, batch x head) are int64 in each kernel the table above

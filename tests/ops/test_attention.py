@@ -98,9 +98,10 @@ def _make_inputs(b, h, hkv, tq, tk, d, dtype, device, packed=False, seed=0):
     return q, k, v, dout
 
 
-def _run_kernels(q, k, v, dout, causal, scale, bias, deterministic):
+def _run_kernels(q, k, v, dout, causal, scale, bias, deterministic, bwd_mode=None):
     """The launchers straight, into NaN-poisoned outputs (packed inputs get (B, T, H, D) outputs
-    and one packed gradient buffer, as the packed op uses them)."""
+    and one packed gradient buffer, as the packed op uses them); ``bwd_mode`` forces the
+    backward's path ("fused", "atomic", "dq_kernel"; None: the launcher's plan)."""
     b, h, tq, d = q.shape
     packed = q._base is not None and q._base is k._base and q._base.dim() == 5
     if packed:
@@ -111,12 +112,13 @@ def _run_kernels(q, k, v, dout, causal, scale, bias, deterministic):
         dq, dk, dv = poisoned_like(q), poisoned_like(k), poisoned_like(v)
     lse = poisoned((b, h, tq), F32, q.device)
     attn_launch._attention_fwd(q, k, v, bias, causal, scale, out, lse)
-    attn_launch._attention_bwd(dout, q, k, v, out, lse, None, bias, causal, scale, deterministic, dq, dk, dv)
+    attn_launch._attention_bwd(dout, q, k, v, out, lse, None, bias, causal, scale, deterministic, dq, dk, dv,
+                               mode=bwd_mode)
     return out, lse, dq, dk, dv
 
 
 def _check_case(b, h, hkv, tq, tk, d, dtype, device, causal=False, packed=False, bias_kind=None,
-                deterministic=False, scale=None, seed=0, bias=None):
+                deterministic=False, scale=None, seed=0, bias=None, bwd_mode=None):
     """One case against the references; ``bias_kind`` draws a random key-padding bias (with one
     fully masked sequence when there are two or more), ``bias`` gives one as an fp32 tensor."""
     q, k, v, dout = _make_inputs(b, h, hkv, tq, tk, d, dtype, device, packed, seed)
@@ -132,7 +134,7 @@ def _check_case(b, h, hkv, tq, tk, d, dtype, device, causal=False, packed=False,
             bias[-1] = float("-inf")  # one sequence with every key masked: out 0, lse -inf
         bias = bias.to(device)
     scale_value = d ** -0.5 if scale is None else scale
-    got = _run_kernels(q, k, v, dout, causal, scale_value, bias, deterministic)
+    got = _run_kernels(q, k, v, dout, causal, scale_value, bias, deterministic, bwd_mode)
     ref64, ref_lp = _references(q, k, v, dout, causal, scale, bias)
     out, lse, dq, dk, dv = got
     scale_ref = max((r[torch.isfinite(r)].abs().max().item() if torch.isfinite(r).any() else 0.0)
@@ -259,8 +261,10 @@ def test_kernels_197_tokens_causal_padding(device, dtype, d):
     (200, 64, True),    # causal with Tq > Tk: rows past Tk see every key
     (64, 200, True),    # causal with Tq < Tk: the diagonal, then nothing
 ])
-def test_forward_single_loop_mask_boundaries(device, tq, tk, causal):
-    _check_case(1, 2, 2, tq, tk, 64, BF16, device, causal=causal)
+def test_single_loop_mask_boundaries(device, tq, tk, causal):
+    # the forward's key loop and the backward's query loop (dK/dV) and key loop (dQ kernel for
+    # the causal cases, atomic dQ for the others): each one loop, masked only where needed
+    _check_case(1, 2, 2, tq, tk, 64, BF16, device, causal=causal, deterministic=causal)
 
 
 def test_forward_masked_leading_key_blocks(device):
@@ -313,10 +317,12 @@ def test_kernels_full_matrix(device, dtype, d, tq, tk, causal):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("d", [16, 24, 40, 48, 56, 88, 104, 112, 120, 136, 144, 152, 160, 168, 176, 184, 192,
-                               200, 208, 216, 224, 232, 240, 248])
+@pytest.mark.parametrize("d", A.ATTENTION_HEAD_DIMS)
 def test_kernels_every_head_dim(device, d):
-    _check_case(1, 2, 1, 33, 40, d, BF16, device, causal=True, bias_kind="batch")
+    # every head dim 16..256 in steps of 8, forward and backward: the dQ kernel and the fused
+    # backward in turn (the atomic path where the head dim has no masked tail, at the matrix above)
+    _check_case(1, 2, 1, 33, 40, d, BF16, device, causal=True, bias_kind="batch",
+                bwd_mode="fused" if d % 16 else "dq_kernel")
 
 
 @pytest.mark.slow
@@ -686,6 +692,109 @@ def triton_cdiv(a, b):
 
 def _tiles(config):
     return config.meta["BLOCK_M"], config.meta["BLOCK_N"], config.num_warps, config.num_stages
+
+
+# --------------------------------------------------------------------------------------------
+# The fused short-sequence backward: dQ, dK, dV in one kernel, per-program fp32 dQ scratch
+# --------------------------------------------------------------------------------------------
+
+
+_FUSED_CASES = [
+    # dtype, head dim, causal, kv heads (of 2 query heads)
+    (BF16, 64, False, 2),   # ViT-B/16's head dim
+    (F16, 72, True, 1),     # 72 = 64 + 16 with 8 masked, causal, GQA
+    (F32, 80, True, 2),     # fp32 pads 80 to one masked 128-wide tile
+]
+_FUSED_SLOW_CASES = [
+    (F16, 64, True, 1), (F32, 64, False, 1), (BF16, 72, False, 2), (F32, 72, True, 1), (BF16, 80, False, 1),
+    (F16, 80, True, 2),     # 80 = 64 + 16: two dQ scratch pieces
+]
+
+
+def _check_fused_backward(device, dtype, d, causal, hkv):
+    # 197 tokens (the last key block a tail); against the fp64 reference and torch's SDPA (the
+    # flash rule), bit-identical on a second run (no atomics: each program sums its dQ in a fixed
+    # order), and equal within the dtype's rounding to the separate dQ kernel's path
+    b, h, t = 1, 2, 197
+    fused = _check_case(b, h, hkv, t, t, d, dtype, device, causal=causal, bwd_mode="fused")
+    q, k, v, dout = _make_inputs(b, h, hkv, t, t, d, dtype, device)
+    again = _run_kernels(q, k, v, dout, causal, d ** -0.5, None, False, "fused")
+    other = _run_kernels(q, k, v, dout, causal, d ** -0.5, None, True, "dq_kernel")
+    for name, a, b_, c in zip(("dq", "dk", "dv"), fused[2:], again[2:], other[2:]):
+        assert torch.equal(a, b_), f"{name}: the fused backward is not bit-reproducible"
+        # the same sums in another order: a few roundings of the dtype at the gradients' magnitude
+        tol = {F32: 1e-5, F16: 2e-3, BF16: 2e-2}[dtype] * max(1.0, c.abs().max().item())
+        torch.testing.assert_close(a.float(), c.float(), atol=tol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype,d,causal,hkv", _FUSED_CASES)
+def test_fused_backward_matches_references_and_the_dq_kernel(device, dtype, d, causal, hkv):
+    _check_fused_backward(device, dtype, d, causal, hkv)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,d,causal,hkv", _FUSED_SLOW_CASES)
+def test_fused_backward_matrix(device, dtype, d, causal, hkv):
+    _check_fused_backward(device, dtype, d, causal, hkv)
+
+
+def test_fused_backward_persistent_grid_and_key_padding(device, monkeypatch):
+    # 3 x 4 = 12 (batch, kv head) pairs on the interpreter's 4 SMs: the plan's fused kernel, 8
+    # programs, so 4 of them take a second pair and reuse their scratch; a key-padding bias with
+    # one fully masked sequence, causal, Tq != Tk; then the packed layout
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's SM count sizes the grid here")
+    seen = _recorded_kernels(monkeypatch)
+    _check_case(3, 4, 4, 70, 129, 64, BF16, device, causal=True, bias_kind="batch")
+    (fused,) = [grid for kernel, grid in seen if kernel is attn_launch._attention_bwd_fused_kernel]
+    assert fused == (2 * _config.INTERPRET_NUM_SMS,)
+    seen.clear()
+    _check_case(1, 2, 2, 150, 150, 32, F16, device, packed=True, bwd_mode="fused")
+    assert not any(kernel is attn_launch._attention_bwd_dkdv_kernel for kernel, _ in seen)
+
+
+def test_backward_plan():
+    plan = attn_configs._attn_bwd_plan
+    # ViT-B/16 at batch 256 on an H100: 3072 (batch, head) pairs, 264 programs, each with a
+    # 197 x 64 fp32 scratch (rounded to 224 rows) and its q / dO: 264 x 106 KB = 28 MB of L2
+    p = plan(90, "16bit", 64, False, 256, 12, 12, 197, 197, 132, False)
+    assert p.mode == "fused" and p.programs == 264 and p.dq_config is None
+    assert _tiles(p.config) == (32, 64, 4, 1)
+    assert plan(90, "16bit", 64, False, 256, 12, 12, 197, 197, 132, True).mode == "fused"  # deterministic too
+    assert plan(90, "16bit", 64, False, 256, 16, 16, 257, 257, 132, False).mode == "fused"  # ViT-L/16
+    # past the L2 budget: T = 577 at head dim 64, T = 257 at 80 (ViT-H/14)
+    assert plan(90, "16bit", 64, False, 256, 12, 12, 577, 577, 132, False).mode == "atomic"
+    assert plan(90, "16bit", 64, False, 256, 12, 12, 577, 577, 132, True).mode == "dq_kernel"
+    assert plan(90, "16bit", 80, False, 256, 16, 16, 257, 257, 132, False).mode == "atomic"
+    # fewer pairs than SMs (batch 1): the dK/dV kernel's grid has a program per key block
+    p = plan(90, "16bit", 64, False, 1, 12, 12, 197, 197, 132, False)
+    assert p.mode == "atomic" and p.programs == 4 * 12
+    # no tile of its own: masked head dims, fp32; no keys
+    assert plan(90, "16bit", 80, True, 256, 16, 16, 197, 197, 132, False).mode == "dq_kernel"
+    assert plan(90, "ieee", 64, False, 256, 12, 12, 197, 197, 132, False).mode == "atomic"
+    assert plan(90, "16bit", 64, False, 256, 12, 12, 197, 0, 132, False).mode == "atomic"
+    assert plan(90, "16bit", 64, False, 256, 12, 12, 197, 197, None, False).mode == "atomic"
+    # GQA: the pairs are the kv heads, the scratch holds the group's query heads (4 x 50 rows
+    # pass the budget, 4 x 197 do not)
+    assert plan(90, "16bit", 64, False, 256, 32, 8, 50, 50, 132, False).mode == "fused"
+    assert plan(90, "16bit", 64, False, 256, 32, 8, 197, 197, 132, False).mode == "atomic"
+    assert plan(90, "16bit", 64, False, 16, 32, 8, 50, 50, 132, False).mode == "atomic"  # 128 pairs
+    # forced modes
+    p = plan(90, "16bit", 64, False, 2, 4, 4, 197, 197, None, False, mode="fused")
+    assert p.mode == "fused" and p.programs == 2
+    p = plan(90, "16bit", 80, True, 2, 4, 4, 197, 197, None, False, mode="dq_kernel")
+    assert p.mode == "dq_kernel" and p.dq_config is not None and p.programs == 4 * 2 * 4
+    with pytest.raises(ValueError, match="masked tail"):
+        plan(90, "16bit", 80, True, 2, 4, 4, 197, 197, None, False, mode="atomic")
+    with pytest.raises(ValueError, match="backward mode"):
+        plan(90, "16bit", 64, False, 2, 4, 4, 197, 197, None, False, mode="split")
+
+
+def test_fused_backward_l2_bytes():
+    # per program: the scratch (Tq rounded up to whole query blocks x width x 4 bytes, per query
+    # head of the group) and its q and dO
+    assert attn_configs._attn_fused_bytes(1, 1, 197, 64, 32, 2) == 224 * 64 * 4 + 2 * 197 * 64 * 2
+    assert attn_configs._attn_fused_bytes(264, 2, 50, 80, 16, 2) == 264 * 2 * (64 * 80 * 4 + 2 * 50 * 80 * 2)
 
 
 @pytest.mark.parametrize("d,tk,dtype,arch,tiles", [

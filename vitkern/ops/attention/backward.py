@@ -1,12 +1,20 @@
-"""The attention backward kernels: delta, dK / dV, and the deterministic dQ.
+"""The attention backward kernels: delta, dK / dV, the deterministic dQ, and the fused short-sequence
+backward.
 
 delta = rowsum(dO * O) (a small kernel); dK / dV per key block of a kv head, looping over query
-blocks and over the query heads of its group (GQA gradients summed in registers, no atomics); dQ
-either by a separate kernel per query block (bit-reproducible: deterministic=True) or accumulated
-by the dK/dV kernel with fp32 atomics (deterministic=False, for head dims without a masked tail).
-Which of the two is faster on a GPU is still to be measured. With VARLEN the dK/dV and dQ
-kernels run over packed variable-length sequences (:func:`_attn_seq_program`); delta runs on
-the packed tokens as one sequence.
+blocks and over the query heads of its group (GQA gradients summed in registers, no atomics),
+one key block's work being :func:`_attn_bwd_key_block`; dQ either by a separate kernel per query
+block (bit-reproducible), accumulated by the dK/dV kernel with fp32 atomics (for head dims
+without a masked tail), or, in the fused kernel, by each program in its own fp32 scratch in a
+fixed order (bit-reproducible, no atomics, no dQ buffer the size of dQ: see
+:func:`~vitkern.ops.attention.configs._attn_bwd_plan` for which runs where). With VARLEN the
+dK/dV and dQ kernels run over packed variable-length sequences (:func:`_attn_seq_program`);
+delta runs on the packed tokens as one sequence.
+
+Every query-block or key-block loop is one loop: the blocks that need the score mask (the causal
+diagonal, the Tq or Tk tail) apply it behind a runtime test, so their loads pipeline with the
+blocks before them, as in the forward. The tile math both orientations share (P from the raw
+scores and the mask) is :func:`_attn_bwd_p_tile`.
 """
 
 from __future__ import annotations
@@ -21,13 +29,17 @@ from vitkern.ops.attention.tiles import (
     _attn_load,
     _attn_load_tile,
     _attn_program,
-    _attn_rows,
     _attn_seq_program,
     _attn_stat_layout,
+    _attn_store,
     _attn_store_tile,
     _attn_zeros,
     _wgmma_rule,
 )
+
+#: How the dK/dV step forms dQ (the DQ_MODE constexpr): not at all (the separate dQ kernel runs),
+#: fp32 atomics into a zeroed buffer, or the fused kernel's per-program scratch.
+DQ_NONE, DQ_ATOMIC, DQ_SCRATCH = 0, 1, 2
 
 
 @register_kernel
@@ -78,64 +90,167 @@ def _attn_bwd_p(qk, lse, bias, bias2, sm_scale, qk_scale, USE_BIAS: tl.constexpr
 
 @register_helper
 @triton.jit
-def _attn_bwd_dkdv_inner(
-    dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n,
-    q_base, do_base, lse_base, delta_base, dq_base,
-    stride_qt, stride_dot, stride_dqt,
-    offs_n, offs_da, offs_db, cols_a, cols_b, lo, hi, Tq, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DB: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Query blocks [lo, hi) against one key block, in the transposed orientation (S^T = K Q^T).
-    ``bias_n``: the key block's bias; qk_scale = sm_scale * log2(e).
+def _attn_bwd_p_tile(qk, lse, bias, bias2, q_idx, k_idx, masked, Tq, Tk, sm_scale, qk_scale,
+                     CAUSAL: tl.constexpr, QUERY_TAIL: tl.constexpr, USE_BIAS: tl.constexpr, FP32: tl.constexpr):
+    """P of one tile (fp32) from its raw scores, in either orientation: ``lse`` (per query),
+    ``bias`` / ``bias2`` (per key, see :func:`_attn_bwd_p`) and the query / key indices ``q_idx``
+    / ``k_idx`` come broadcastable against the tile (``[None, :]`` / ``[:, None]`` for the
+    transposed S^T of the dK/dV step). ``masked`` (a runtime flag: the causal diagonal or the
+    tail) zeroes P past the tail (queries >= Tq where QUERY_TAIL, the dK/dV step's, else keys
+    >= Tk, the dQ kernel's; the other side's tail is never stored or carries a -inf bias) and,
+    causal, where key > query."""
+    p = _attn_bwd_p(qk, lse, bias, bias2, sm_scale, qk_scale, USE_BIAS, FP32)
+    if masked:
+        if QUERY_TAIL:
+            valid = q_idx < Tq
+        else:
+            valid = k_idx < Tk
+        if CAUSAL:
+            valid = valid & (k_idx <= q_idx)
+        p = tl.where(valid, p, 0.0)
+    return p
 
-    Mask-free loads as in the forward: rows past Tq repeat row Tq - 1 (their P is masked to 0),
-    columns past the head dim repeat the last one (k's and v's tails are zero; the tails of dK
-    and dV are never stored)."""
-    in_dtype = q_base.dtype.element_ty
-    bias2_n = bias_n * 1.4426950408889634
+
+@register_helper
+@triton.jit
+def _attn_bwd_dq_piece(dq, scratch_ptrs, out_ptrs, offs_m, Tq, offs_c, sm_scale, accumulate, last,
+                       HEAD_DIM: tl.constexpr, MASK_C: tl.constexpr):
+    """The fused kernel's dQ of one query block and head-dim piece: this key block's ``dq`` (fp32,
+    unscaled) plus the earlier key blocks' sum in the scratch where ``accumulate`` (not the first key block), stored
+    back to the scratch, or for the ``last`` key block the query block sees, times the scale
+    into dQ in its dtype. The scratch rows are padded to whole query blocks: no masks."""
+    if accumulate:
+        dq += tl.load(scratch_ptrs)
+    if last:
+        _attn_store(out_ptrs, dq * sm_scale, offs_m, Tq, offs_c, HEAD_DIM, MASK_C)
+    else:
+        tl.store(scratch_ptrs, dq)
+
+
+@register_helper
+@triton.jit
+def _attn_bwd_key_block(
+    Q, K, V, BIAS, DO, LSE, DELTA, DQ, SCRATCH,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_bb, stride_bh, stride_bt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    bq, bk, hk, start_n, stat_b, stat_h, GROUP, Tq, Tk, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DQ_MODE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV (fp32, dK unscaled) of the key block at ``start_n`` of kv head ``hk``, summed over
+    the query heads of its group (queries, dO, dQ at query base ``bq``, keys, values, bias at key
+    base ``bk``, lse / delta of head h at ``stat_b + h * stat_h``: :func:`_attn_seq_program`,
+    :func:`_attn_stat_layout`), in the transposed orientation (S^T = K Q^T); and dQ's share
+    per DQ_MODE: none, fp32 atomics into ``DQ`` (times the scale), or the fused kernel's
+    ``SCRATCH`` ((GROUP, query blocks x BLOCK_M, BLOCK_DA + BLOCK_DB) fp32, this program's),
+    with dQ itself written at each query block's last key block (:func:`_attn_bwd_dq_piece`).
+
+    One loop over the query blocks the key block reaches, ``[m_lo, tq_ceil)``; the causal
+    diagonal ``[m_lo, m_diag)`` and the Tq tail ``[m_full, tq_ceil)`` apply the mask behind a
+    runtime test. Mask-free loads as in the forward: rows past Tq repeat row Tq - 1 (their P is
+    masked to 0), columns past the head dim repeat the last one (k's and v's tails are zero;
+    the tails of dK and dV are never stored)."""
+    in_dtype = Q.dtype.element_ty
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + offs_m0
-        rows = _attn_rows(offs_m, Tq, MASKED)
-        q_a = dot_operand(tl.load(q_base + rows[:, None] * stride_qt + cols_a[None, :]))
-        do_a = dot_operand(tl.load(do_base + rows[:, None] * stride_dot + cols_a[None, :]))
-        lse = tl.load(lse_base + rows)
-        delta = tl.load(delta_base + rows)
+    offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    k_a, k_b = _attn_load_tile(K + bk * stride_kb + hk * stride_kh, stride_kt, offs_n, Tk, offs_da, offs_db,
+                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    v_a, v_b = _attn_load_tile(V + bk * stride_vb + hk * stride_vh, stride_vt, offs_n, Tk, offs_da, offs_db,
+                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    dk_a, dk_b = _attn_zeros(BLOCK_N, BLOCK_DA, BLOCK_DB)
+    dv_a, dv_b = _attn_zeros(BLOCK_N, BLOCK_DA, BLOCK_DB)
+
+    tq_ceil = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        m_lo = start_n // BLOCK_M * BLOCK_M
+        m_diag = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, tq_ceil)
+    else:
+        m_lo = 0
+        m_diag = 0
+    m_full = tl.maximum(Tq // BLOCK_M * BLOCK_M, m_diag)
+    qk_scale = sm_scale * 1.4426950408889634
+    if HAS_BIAS:
+        bias_n = tl.zeros([BLOCK_N], dtype=tl.float32)  # loaded per query head below
+    elif DQ_MODE != 0:
+        bias_n = tl.where(offs_n < Tk, 0.0, float("-inf"))  # keys past Tk must not reach dQ
+    else:
+        bias_n = tl.zeros([BLOCK_N], dtype=tl.float32)  # rows of keys past Tk are never stored
+
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
         if HAS_BIAS:
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
-        qkT = tl.dot(k_a, tl.trans(q_a), input_precision=PRECISION)
-        if BLOCK_DB > 0:
-            q_b = dot_operand(tl.load(q_base + rows[:, None] * stride_qt + cols_b[None, :]))
-            do_b = dot_operand(tl.load(do_base + rows[:, None] * stride_dot + cols_b[None, :]))
-            qkT = tl.dot(k_b, tl.trans(q_b), qkT, input_precision=PRECISION)
-        pT = _attn_bwd_p(qkT, lse[None, :], bias_n[:, None], bias2_n[:, None], sm_scale, qk_scale,
-                         USE_BIAS, in_dtype == tl.float32)
-        if MASKED:
-            valid = offs_m[None, :] < Tq
-            if CAUSAL:
-                valid = valid & (offs_n[:, None] <= offs_m[None, :])
-            pT = tl.where(valid, pT, 0.0)
-        pT_in = dot_operand(round_to(pT, in_dtype))
-        dv_a = tl.dot(pT_in, do_a, dv_a, input_precision=PRECISION)
-        dpT = tl.dot(v_a, tl.trans(do_a), input_precision=PRECISION)
-        if BLOCK_DB > 0:
-            dv_b = tl.dot(pT_in, do_b, dv_b, input_precision=PRECISION)
-            dpT = tl.dot(v_b, tl.trans(do_b), dpT, input_precision=PRECISION)
-        dsT = dot_operand(round_to(pT * (dpT - delta[None, :]), in_dtype))
-        dk_a = tl.dot(dsT, q_a, dk_a, input_precision=PRECISION)
-        if BLOCK_DB > 0:
-            dk_b = tl.dot(dsT, q_b, dk_b, input_precision=PRECISION)
-        if ATOMIC_DQ:
-            ds = tl.trans(dsT)
-            dq_a = tl.dot(ds, k_a, input_precision=PRECISION) * sm_scale
-            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_da[None, :], dq_a,
-                          mask=(offs_m[:, None] < Tq) & (offs_da[None, :] < HEAD_DIM), sem="relaxed")
+            bias_n = tl.load(BIAS + bk * stride_bb + h * stride_bh + offs_n * stride_bt, mask=offs_n < Tk,
+                             other=float("-inf"))
+        bias2_n = bias_n * 1.4426950408889634
+        q_base = Q + bq * stride_qb + h * stride_qh
+        do_base = DO + bq * stride_dob + h * stride_doh
+        dq_base = DQ + bq * stride_dqb + h * stride_dqh
+        scratch_base = SCRATCH + g * tq_ceil * (BLOCK_DA + BLOCK_DB)
+        lse_base = LSE + stat_b + h * stat_h
+        delta_base = DELTA + stat_b + h * stat_h
+        for start_m in range(m_lo, tq_ceil, BLOCK_M):
+            offs_m = start_m + offs_m0
+            rows = tl.minimum(offs_m, Tq - 1)
+            q_a = dot_operand(tl.load(q_base + rows[:, None] * stride_qt + cols_a[None, :]))
+            do_a = dot_operand(tl.load(do_base + rows[:, None] * stride_dot + cols_a[None, :]))
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+            if HAS_BIAS:
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked rows: p = 0
+            qkT = tl.dot(k_a, tl.trans(q_a), input_precision=PRECISION)
             if BLOCK_DB > 0:
-                dq_b = tl.dot(ds, k_b, input_precision=PRECISION) * sm_scale
-                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_db[None, :], dq_b,
-                              mask=(offs_m[:, None] < Tq) & (offs_db[None, :] < HEAD_DIM), sem="relaxed")
+                q_b = dot_operand(tl.load(q_base + rows[:, None] * stride_qt + cols_b[None, :]))
+                do_b = dot_operand(tl.load(do_base + rows[:, None] * stride_dot + cols_b[None, :]))
+                qkT = tl.dot(k_b, tl.trans(q_b), qkT, input_precision=PRECISION)
+            masked = (start_m < m_diag) | (start_m >= m_full)
+            pT = _attn_bwd_p_tile(qkT, lse[None, :], bias_n[:, None], bias2_n[:, None], offs_m[None, :],
+                                  offs_n[:, None], masked, Tq, Tk, sm_scale, qk_scale, CAUSAL, True,
+                                  HAS_BIAS or DQ_MODE != 0, in_dtype == tl.float32)
+            # dV's dots before dP^T's: the fp32 dP^T tile is not live across them
+            pT_in = dot_operand(round_to(pT, in_dtype))
+            dv_a = tl.dot(pT_in, do_a, dv_a, input_precision=PRECISION)
+            dpT = tl.dot(v_a, tl.trans(do_a), input_precision=PRECISION)
+            if BLOCK_DB > 0:
+                dv_b = tl.dot(pT_in, do_b, dv_b, input_precision=PRECISION)
+                dpT = tl.dot(v_b, tl.trans(do_b), dpT, input_precision=PRECISION)
+            dsT_in = dot_operand(round_to(pT * (dpT - delta[None, :]), in_dtype))
+            dk_a = tl.dot(dsT_in, q_a, dk_a, input_precision=PRECISION)
+            if BLOCK_DB > 0:
+                dk_b = tl.dot(dsT_in, q_b, dk_b, input_precision=PRECISION)
+            if DQ_MODE == 1:
+                ds = tl.trans(dsT_in)
+                dq_a = tl.dot(ds, k_a, input_precision=PRECISION) * sm_scale
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_da[None, :], dq_a,
+                              mask=(offs_m[:, None] < Tq) & (offs_da[None, :] < HEAD_DIM), sem="relaxed")
+                if BLOCK_DB > 0:
+                    dq_b = tl.dot(ds, k_b, input_precision=PRECISION) * sm_scale
+                    tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_db[None, :], dq_b,
+                                  mask=(offs_m[:, None] < Tq) & (offs_db[None, :] < HEAD_DIM), sem="relaxed")
+            elif DQ_MODE == 2:
+                ds = tl.trans(dsT_in)
+                # the last key block this query block sees (the causal diagonal's, or Tk's last)
+                if CAUSAL:
+                    n_last = (tl.minimum(start_m + BLOCK_M, Tk) - 1) // BLOCK_N * BLOCK_N
+                else:
+                    n_last = (Tk - 1) // BLOCK_N * BLOCK_N
+                scratch_rows = scratch_base + offs_m[:, None] * (BLOCK_DA + BLOCK_DB)
+                _attn_bwd_dq_piece(tl.dot(ds, k_a, input_precision=PRECISION), scratch_rows + offs_da[None, :],
+                                   dq_base + offs_m[:, None] * stride_dqt + offs_da[None, :], offs_m, Tq, offs_da,
+                                   sm_scale, start_n > 0, start_n == n_last, HEAD_DIM, BLOCK_DA > HEAD_DIM)
+                if BLOCK_DB > 0:
+                    _attn_bwd_dq_piece(tl.dot(ds, k_b, input_precision=PRECISION), scratch_rows + offs_db[None, :],
+                                       dq_base + offs_m[:, None] * stride_dqt + offs_db[None, :], offs_m, Tq,
+                                       offs_db, sm_scale, start_n > 0, start_n == n_last, HEAD_DIM,
+                                       BLOCK_DA + BLOCK_DB > HEAD_DIM)
+    if DQ_MODE == 2:
+        # the next key block reads back what this one stored (another thread's elements)
+        tl.debug_barrier()
     return dk_a, dk_b, dv_a, dv_b
 
 
@@ -155,11 +270,11 @@ def _attention_bwd_dkdv_kernel(
     CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DQ_MODE: tl.constexpr, PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
     """dK, dV of one key block of one kv head, summed over the query heads of its group. With
-    ATOMIC_DQ it also adds this block's share of dQ (times the scale) into the fp32 buffer DQ.
+    DQ_MODE 1 (atomic) it also adds this block's share of dQ (times the scale) into the fp32 buffer DQ.
     VARLEN: a key block of one packed sequence (see :func:`_attn_seq_program`)."""
     bk, bq, hk, start_n, tk, tq = _attn_seq_program(CU_K, CU_Q, NUM_SEQS, SEQ_BLOCKS, Tk, Tq, HKV, BLOCK_N, False,
                                                     VARLEN)
@@ -167,62 +282,62 @@ def _attention_bwd_dkdv_kernel(
     Tq, Tk = tq, tk
     if start_n >= Tk:
         return
+    dk_a, dk_b, dv_a, dv_b = _attn_bwd_key_block(
+        Q, K, V, BIAS, DO, LSE, DELTA, DQ, DQ,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        stride_bb, stride_bh, stride_bt, stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
+        bq, bk, hk, start_n, stat_b, stat_h, GROUP, Tq, Tk, sm_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, HAS_BIAS, DQ_MODE, PRECISION)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
-
-    k_a, k_b = _attn_load_tile(K + bk * stride_kb + hk * stride_kh, stride_kt, offs_n, Tk, offs_da, offs_db,
-                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
-    v_a, v_b = _attn_load_tile(V + bk * stride_vb + hk * stride_vh, stride_vt, offs_n, Tk, offs_da, offs_db,
-                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
-    dk_a, dk_b = _attn_zeros(BLOCK_N, BLOCK_DA, BLOCK_DB)
-    dv_a, dv_b = _attn_zeros(BLOCK_N, BLOCK_DA, BLOCK_DB)
-
-    # query blocks: [m_lo, m_diag) the causal diagonal (masked), [m_diag, m_full) unmasked,
-    # [m_full, tq_ceil) the Tq tail (masked)
-    tq_ceil = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        m_lo = start_n // BLOCK_M * BLOCK_M
-        m_diag = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, tq_ceil)
-    else:
-        m_lo = 0
-        m_diag = 0
-    m_full = tl.maximum(Tq // BLOCK_M * BLOCK_M, m_diag)
-    qk_scale = sm_scale * 1.4426950408889634
-
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        if HAS_BIAS:
-            bias_n = tl.load(BIAS + bk * stride_bb + h * stride_bh + offs_n * stride_bt, mask=offs_n < Tk,
-                             other=float("-inf"))
-        elif ATOMIC_DQ:
-            bias_n = tl.where(offs_n < Tk, 0.0, float("-inf"))  # keys past Tk must not reach dQ
-        else:
-            bias_n = tl.zeros([BLOCK_N], dtype=tl.float32)  # rows of keys past Tk are never stored
-        q_base = Q + bq * stride_qb + h * stride_qh
-        do_base = DO + bq * stride_dob + h * stride_doh
-        dq_base = DQ + bq * stride_dqb + h * stride_dqh
-        lse_base = LSE + stat_b + h * stat_h
-        delta_base = DELTA + stat_b + h * stat_h
-        dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
-            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
-            dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_lo, m_diag,
-            Tq, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
-            HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
-        dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
-            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
-            dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_diag, m_full,
-            Tq, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, False,
-            HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
-        dk_a, dk_b, dv_a, dv_b = _attn_bwd_dkdv_inner(
-            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, bias_n, q_base, do_base, lse_base, delta_base,
-            dq_base, stride_qt, stride_dot, stride_dqt, offs_n, offs_da, offs_db, cols_a, cols_b, m_full, tq_ceil,
-            Tq, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_DB, CAUSAL, True,
-            HAS_BIAS or ATOMIC_DQ, HAS_BIAS, ATOMIC_DQ, PRECISION)
-
+    offs_da, offs_db, _, _ = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
     _attn_store_tile(DK + bk * stride_dkb + hk * stride_dkh, stride_dkt, dk_a * sm_scale, dk_b * sm_scale,
                      offs_n, Tk, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
     _attn_store_tile(DV + bk * stride_dvb + hk * stride_dvh, stride_dvt, dv_a, dv_b,
                      offs_n, Tk, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+
+
+@register_kernel(expects_wgmma=_wgmma_rule("K", "BLOCK_N"))
+@triton.jit
+def _attention_bwd_fused_kernel(
+    Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DQ, SCRATCH,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_bb, stride_bh, stride_bt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    stride_dqb, stride_dqh, stride_dqt,
+    H, HKV, GROUP, Tq, Tk, sm_scale, PAIRS, stride_scratch,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ, dK and dV in one kernel, deterministic and without atomics (short sequences): a
+    persistent grid over the (batch, kv head) pairs; each program walks its pair's key blocks
+    in order, writes dK / dV per key block from registers and sums dQ of every query row of the
+    group in its own fp32 scratch (``SCRATCH + program * stride_scratch``, L2-resident at ViT
+    lengths), writing dQ in its dtype at each query block's last key block."""
+    pid = tl.program_id(0)
+    scratch = SCRATCH + pid.to(tl.int64) * stride_scratch
+    offs_da, offs_db, _, _ = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    for pair in range(pid, PAIRS, tl.num_programs(0)):
+        b = (pair // HKV).to(tl.int64)
+        hk = (pair % HKV).to(tl.int64)
+        stat_b, stat_h = _attn_stat_layout(b, H, Tq, 0)
+        for start_n in range(0, Tk, BLOCK_N):
+            dk_a, dk_b, dv_a, dv_b = _attn_bwd_key_block(
+                Q, K, V, BIAS, DO, LSE, DELTA, DQ, scratch,
+                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                stride_bb, stride_bh, stride_bt, stride_dob, stride_doh, stride_dot,
+                stride_dqb, stride_dqh, stride_dqt,
+                b, b, hk, start_n, stat_b, stat_h, GROUP, Tq, Tk, sm_scale,
+                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, HAS_BIAS, 2, PRECISION)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            _attn_store_tile(DK + b * stride_dkb + hk * stride_dkh, stride_dkt, dk_a * sm_scale, dk_b * sm_scale,
+                             offs_n, Tk, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+            _attn_store_tile(DV + b * stride_dvb + hk * stride_dvh, stride_dvt, dv_a, dv_b,
+                             offs_n, Tk, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
 
 
 @register_helper
@@ -230,17 +345,18 @@ def _attention_bwd_dkdv_kernel(
 def _attn_bwd_dq_inner(
     dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta,
     k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-    offs_m, cols_a, cols_b, lo, hi, Tk, sm_scale, qk_scale,
+    offs_m, cols_a, cols_b, n_full, n_end, Tq, Tk, sm_scale, qk_scale,
     BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr,
-    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Key blocks [lo, hi) for one query block's dQ (mask-free loads as in the forward); P as in
-    the dK/dV kernel (:func:`_attn_bwd_p`), qk_scale = sm_scale * log2(e)."""
+    """Key blocks [0, n_end) for one query block's dQ in one loop, the blocks from ``n_full`` on
+    (the causal diagonal, the Tk tail) masked behind a runtime test (mask-free loads as in the
+    forward); P by :func:`_attn_bwd_p_tile`, qk_scale = sm_scale * log2(e)."""
     in_dtype = k_base.dtype.element_ty
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + offs_n0
-        rows = _attn_rows(offs_n, Tk, MASKED)
+        rows = tl.minimum(offs_n, Tk - 1)
         k_a = dot_operand(tl.load(k_base + rows[:, None] * stride_kt + cols_a[None, :]))
         v_a = dot_operand(tl.load(v_base + rows[:, None] * stride_vt + cols_a[None, :]))
         qk = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
@@ -252,15 +368,12 @@ def _attn_bwd_dq_inner(
             dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=PRECISION)
         if HAS_BIAS:
             bias = tl.load(bias_base + rows * stride_bt)[None, :]
-            p = _attn_bwd_p(qk, lse[:, None], bias, bias * 1.4426950408889634, sm_scale, qk_scale,
-                            True, in_dtype == tl.float32)
+            bias2 = bias * 1.4426950408889634
         else:
-            p = _attn_bwd_p(qk, lse[:, None], 0.0, 0.0, sm_scale, qk_scale, False, in_dtype == tl.float32)
-        if MASKED:
-            valid = offs_n[None, :] < Tk
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(valid, p, 0.0)
+            bias = 0.0
+            bias2 = 0.0
+        p = _attn_bwd_p_tile(qk, lse[:, None], bias, bias2, offs_m[:, None], offs_n[None, :], start_n >= n_full,
+                             Tq, Tk, sm_scale, qk_scale, CAUSAL, False, HAS_BIAS, in_dtype == tl.float32)
         ds = dot_operand(round_to(p * (dp - delta[:, None]), in_dtype))
         dq_a = tl.dot(ds, k_a, dq_a, input_precision=PRECISION)
         if BLOCK_DB > 0:
@@ -307,18 +420,12 @@ def _attention_bwd_dq_kernel(
     qk_scale = sm_scale * 1.4426950408889634
     delta = tl.load(DELTA + stat_b + h * stat_h + offs_m, mask=offs_m < Tq, other=0.0)
 
-    k_base = K + bk * stride_kb + hk * stride_kh
-    v_base = V + bk * stride_vb + hk * stride_vh
-    bias_base = BIAS + bk * stride_bb + h * stride_bh
     n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     dq_a, dq_b = _attn_bwd_dq_inner(
-        dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
-        stride_bt, offs_m, cols_a, cols_b, 0, n_full, Tk, sm_scale, qk_scale,
-        BLOCK_N, BLOCK_DB, CAUSAL, False, HAS_BIAS, PRECISION)
-    dq_a, dq_b = _attn_bwd_dq_inner(
-        dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, bias_base, stride_kt, stride_vt,
-        stride_bt, offs_m, cols_a, cols_b, n_full, n_end, Tk, sm_scale, qk_scale,
-        BLOCK_N, BLOCK_DB, CAUSAL, True, HAS_BIAS, PRECISION)
+        dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, K + bk * stride_kb + hk * stride_kh,
+        V + bk * stride_vb + hk * stride_vh, BIAS + bk * stride_bb + h * stride_bh, stride_kt, stride_vt, stride_bt,
+        offs_m, cols_a, cols_b, n_full, n_end, Tq, Tk, sm_scale, qk_scale,
+        BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, PRECISION)
 
     _attn_store_tile(DQ + bq * stride_dqb + h * stride_dqh, stride_dqt, dq_a * sm_scale, dq_b * sm_scale,
                      offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)

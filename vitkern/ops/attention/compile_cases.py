@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from vitkern.ops.attention.configs import _attn_pieces
+from vitkern.ops.attention.configs import _ATTN_FUSED_CONFIGS, _attn_pieces
 from vitkern.ops.attention.launch import PackedSeqs, _attention_bwd, _attention_fwd
 from vitkern.ops.attention.op import _packed_views, _seq_view
 from vitkern.testing.compile_check import compile_cases
@@ -31,10 +31,12 @@ def _case_dtype(dtype):
 
 
 def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=False, deterministic=False,
-              backward=True, precision="ieee", kv_splits=1):
+              backward=True, kv_splits=1, bwd_mode="plan"):
     """Call the launchers the way the ops do (dtype "tf32" = fp32 with TF32 dots). The cases'
     batches are small stand-ins (they only size the grid), so the forward's key split is given:
-    ``kv_splits`` 1 (the plain kernel) unless asked, None for the launcher's own choice."""
+    ``kv_splits`` 1 (the plain kernel) unless asked, None for the launcher's own choice; and so
+    is the backward's mode (``bwd_mode``: "fused", "atomic", "dq_kernel"), "plan" for the one
+    the deterministic flag picks where the fused kernel does not fit (these batches)."""
     with _case_dtype(dtype) as dtype:
         if packed:
             qkv = torch.empty((b, tq, 3, h, d), dtype=dtype)
@@ -50,7 +52,11 @@ def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=F
         lse = torch.empty((b, h, tq), dtype=torch.float32)
         _attention_fwd(q, k, v, key_bias, causal, d ** -0.5, out, lse, kv_splits=kv_splits)
         if backward:
-            _attention_bwd(out, q, k, v, out, lse, None, key_bias, causal, d ** -0.5, deterministic, dq, dk, dv)
+            if bwd_mode == "plan":
+                masked = d != sum(_attn_pieces(d, dtype != torch.float32))
+                bwd_mode = "dq_kernel" if deterministic or masked else "atomic"
+            _attention_bwd(out, q, k, v, out, lse, None, key_bias, causal, d ** -0.5, deterministic, dq, dk, dv,
+                           mode=bwd_mode)
 
 
 def _varlen_case_run(dtype, lens, h, hkv, d, *, causal=False, max_known=False, packed=False, deterministic=False):
@@ -109,20 +115,29 @@ def _attention_compile_cases():
     _varlen_case_run(torch.float16, (197, 50), 8, 2, 72, causal=True, deterministic=True)
     _varlen_case_run(torch.bfloat16, (257, 100), 16, 16, 80, packed=True)
     _varlen_case_run(torch.float32, (197, 197), 4, 4, 64, causal=True, max_known=True)
+    # the fused short-sequence backward (16-bit, the widths of _ATTN_FUSED_CONFIGS): ViT-B/16's
+    # packed D = 64, 80, and causal + key padding + GQA
+    _case_run(torch.bfloat16, 2, 12, 12, 197, 197, 64, packed=True, bwd_mode="fused")
+    _case_run(torch.bfloat16, 2, 16, 16, 257, 257, 80, packed=True, bwd_mode="fused")
+    _case_run(torch.float16, 2, 8, 2, 100, 197, 64, causal=True, bias=True, bwd_mode="fused")
 
 
 @compile_cases(slow=True)
 def _attention_compile_cases_all():
     # every config of the tables: head dims of every width class, with and without a masked tail,
-    # both dQ paths (the atomic one only runs without a masked tail), every precision class; the
+    # every backward path (the atomic one only runs without a masked tail, the fused one at the
+    # widths with a tile of its own), every precision class; the
     # forward at a short (197) and a long (2100) key length, one per key-length bucket
     dims_16 = (24, 32, 40, 56, 64, 72, 80, 88, 96, 104, 128, 136, 160, 176, 192, 200, 256)
     for dtype, dims in ((torch.bfloat16, dims_16),
                         (torch.float32, (64, 72, 128, 200, 256)), ("tf32", (64, 72, 128, 200, 256))):
         for d in dims:
             da, db = _attn_pieces(d, split=dtype == torch.bfloat16)
-            for deterministic in (True, False) if d == da + db else (True,):
-                _case_run(dtype, 2, 4, 4, 197, 197, d, causal=True, bias=True, deterministic=deterministic)
+            modes = ("dq_kernel", "atomic") if d == da + db else ("dq_kernel",)
+            if dtype == torch.bfloat16 and d == da + db and any(da + db in t for t in _ATTN_FUSED_CONFIGS.values()):
+                modes += ("fused",)
+            for mode in modes:
+                _case_run(dtype, 2, 4, 4, 197, 197, d, causal=True, bias=True, bwd_mode=mode)
             _case_run(dtype, 1, 2, 2, 2100, 2100, d, causal=True, bias=True, backward=False)
             if dtype == torch.bfloat16:
                 _case_run(dtype, 1, 2, 2, 197, 197, d, causal=True, bias=True, backward=False, kv_splits=2)

@@ -22,7 +22,7 @@ that saves nothing over padding (e.g. 112 -> 64 + 64) pads instead, and fp32 alw
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -50,9 +50,15 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     # 3.6: 48 (40 = 32 + 16) spilled 16 bytes with 128 x 128 tiles, 256 spilled 8 with 128 x 64
     ("fwd", 90, "16bit"): ((48, _attn_cfg(90, 128, 64, 8, 3)), (64, _attn_cfg(90, 128, 128, 8, 3)),
                            (128, _attn_cfg(90, 128, 64, 8, 3)), (256, _attn_cfg(90, 128, 32, 8, 2))),
-    # 3.6: 48 spilled 12 bytes with 64 x 128 tiles
-    ("dkdv", 90, "16bit"): ((48, _attn_cfg(90, 64, 64, 8, 2)), (64, _attn_cfg(90, 64, 128, 8, 2)),
-                            (128, _attn_cfg(90, 32, 128, 8, 2)), (256, _attn_cfg(90, 16, 16, 8, 1))),
+    # Up to 80: 4 warps, 32 queries a step against 64 keys, 2 blocks per SM (the 64 x 128 tile
+    # with 8 warps held 1; with the single query loop 64 x 64 / 8 warps spilled 16 bytes at 32
+    # under 3.6). 96 (64 + 32) spilled 44 bytes at 32 x 128 with the single loop. 128: 32 x 64,
+    # 8 warps, 1 stage (221 registers under 3.6; dQ's dot on mma.sync): with the single loop
+    # 32 x 128 spilled 24 bytes under 3.6, 64 x 64 with 8 warps (m64 wgmma for every dot) 4
+    # bytes under 3.6 (causal, key padding, GQA, atomic dQ) and 36 with 2 stages under 3.8,
+    # 64 x 128 148..232 bytes, 16 warps 256+
+    ("dkdv", 90, "16bit"): ((80, _attn_cfg(90, 32, 64, 4, 2)), (96, _attn_cfg(90, 16, 64, 8, 2)),
+                            (128, _attn_cfg(90, 32, 64, 8, 1)), (256, _attn_cfg(90, 16, 16, 8, 1))),
     ("dq", 90, "16bit"): ((64, _attn_cfg(90, 128, 64, 8, 2)), (128, _attn_cfg(90, 128, 64, 8, 2)),
                           (256, _attn_cfg(90, 128, 32, 8, 2))),
     ("fwd", 90, "tf32"): ((64, _attn_cfg(90, 64, 64, 4, 2)), (128, _attn_cfg(90, 64, 32, 4, 2)),
@@ -64,14 +70,18 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     ("fwd", 90, "ieee"): ((64, _attn_cfg(90, 16, 32, 4, 1)), (256, _attn_cfg(90, 16, 16, 4, 1))),
     # 3.6: 16 warps (128 registers a thread) spilled 4 bytes at 128, 8 warps 8 bytes at 256 (a
     # causal, key-padding variant, where 16 warps hold: 84..106); 4 warps spill on both
-    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 8, 1)), (256, _attn_cfg(90, 16, 16, 16, 1))),
+    # (3.6, single query loop: 128 spilled 8 bytes with 8 warps, 4 hold: 64..122 registers; the
+    # masked 200..248 12 bytes with 16 warps, 8 hold: _ATTN_MASKED_CONFIGS)
+    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 4 if TRITON_36 else 8, 1)), (256, _attn_cfg(90, 16, 16, 16, 1))),
     ("dq", 90, "ieee"): ((64, _attn_cfg(90, 32, 16, 4, 1)), (256, _attn_cfg(90, 16, 16, 4, 1))),
     # ---- sm_80 (A100) and the other non-sm_90 parts: mma.sync, operands in registers
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 64, 8, 3)), (128, _attn_cfg(80, 128, 32, 8, 2)),
                            (256, _attn_cfg(80, 32, 16, 8, 2))),
     # 3.6: 256 spilled 12 bytes with 8 warps (128 registers a thread at 16 x 16)
-    ("dkdv", 80, "16bit"): ((64, _attn_cfg(80, 32, 128, 8, 2)), (128, _attn_cfg(80, 16, 64, 8, 2)),
-                            (256, _attn_cfg(80, 16, 16, 4, 1))),
+    # with the single query loop 64 spilled 48 bytes at 32 x 128 and 96 36 bytes at 16 x 64 with 2
+    # stages (causal, key padding, atomic dQ)
+    ("dkdv", 80, "16bit"): ((64, _attn_cfg(80, 16, 128, 8, 2)), (96, _attn_cfg(80, 16, 64, 8, 1)),
+                            (128, _attn_cfg(80, 16, 64, 8, 2)), (256, _attn_cfg(80, 16, 16, 4, 1))),
     ("dq", 80, "16bit"): ((64, _attn_cfg(80, 128, 64, 8, 2)), (128, _attn_cfg(80, 128, 32, 8, 2)),
                           (256, _attn_cfg(80, 32, 32, 8, 2))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 32, 32, 4, 1)),
@@ -84,12 +94,15 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
                          (256, _attn_cfg(80, 16, 16, 4, 1))),
     ("fwd", 80, "ieee"): ((64, _attn_cfg(80, 16, 32, 4, 1)), (128, _attn_cfg(80, 16, 16, 4, 1)),
                           (256, _attn_cfg(80, 16, 16, 8, 1))),
-    # Up to 128 no 16 x 16 tile holds on both versions: 16 warps spill 12 bytes at 72 under 3.6, 8
-    # warps 8-16 bytes at 72 / 128 under 3.8, 4 warps 4 bytes at 64 under 3.8. At 256, 32 x 16
-    # tiles with 8 warps hold on both (128..176 / 128..255 registers).
-    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8 if TRITON_36 else 16, 1)),
-                           (256, _attn_cfg(80, 32, 16, 8, 1))),
-    ("dq", 80, "ieee"): ((64, _attn_cfg(80, 32, 16, 4, 1)), (256, _attn_cfg(80, 16, 16, 4, 1))),
+    # Up to 128 (no masked tail): 16 x 16 with 8 warps on both versions since the single query
+    # loop (64..106 registers; 16 warps spilled 4 bytes at 64 under 3.8, 4 warps 16). Before it
+    # 16 warps spilled 12 bytes at 72 under 3.6, 8 warps 8-16 bytes at 72 / 128 under 3.8. At 256,
+    # 32 x 16 tiles with 8 warps held on both (128..176 / 128..255 registers); under 3.8 they
+    # spilled 8 bytes with the single loop, 16 x 16 with 8 warps holds (90..144)
+    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8, 1)),
+                           (256, _attn_cfg(80, 32, 16, 8, 1) if TRITON_36 else _attn_cfg(80, 16, 16, 8, 1))),
+    # single key loop: 256 spilled 4 bytes with 4 warps on both versions (8 warps: 74 registers)
+    ("dq", 80, "ieee"): ((64, _attn_cfg(80, 32, 16, 4, 1)), (256, _attn_cfg(80, 16, 16, 8, 1))),
 }
 
 # Head dims whose last tile has a masked tail (72 = 64 + 16 with 8 masked, 88, 104..120, 136..152,
@@ -101,12 +114,12 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
     # (128 x 64: 175 / 237 registers under 3.8 / 3.6)
     ("fwd", 90, "16bit"): ((48, _attn_cfg(90, 128, 64, 8, 3)), (64, _attn_cfg(90, 128, 64, 8, 3)),
                            (128, _attn_cfg(90, 128, 64, 8, 3)), (256, _attn_cfg(90, 32, 16, 8, 2))),
-    # 3.6: 48 (40) spilled 12 bytes with 64 x 128 tiles
-    ("dkdv", 90, "16bit"): ((48, _attn_cfg(90, 64, 64, 8, 2)), (64, _attn_cfg(90, 64, 128, 8, 2)),
-                            (96, _attn_cfg(90, 16, 64, 8, 2)),
+    # 3.6: 48 (40) spilled 12 bytes with 64 x 128 tiles, 48 with 64 x 64 in the single query loop
+    ("dkdv", 90, "16bit"): ((64, _attn_cfg(90, 32, 64, 4, 2)), (96, _attn_cfg(90, 16, 64, 8, 2)),
                             (128, _attn_cfg(90, 32, 32, 8, 2)), (256, _attn_cfg(90, 16, 16, 8, 1))),
+    # 3.8, single key loop: 160 (136) spilled 4 bytes with 8 warps (4 warps: 166 registers)
     ("dq", 90, "16bit"): ((64, _attn_cfg(90, 128, 64, 8, 2)), (128, _attn_cfg(90, 64, 32, 8, 2)),
-                          (160, _attn_cfg(90, 16, 32, 8, 1)), (256, _attn_cfg(90, 32, 32, 8, 2))),
+                          (160, _attn_cfg(90, 16, 32, 8 if TRITON_36 else 4, 1)), (256, _attn_cfg(90, 32, 32, 8, 2))),
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 32, 8, 2)), (128, _attn_cfg(80, 64, 32, 8, 2)),
                            (256, _attn_cfg(80, 32, 16, 8, 2))),
     # 3.6: 128 (72 = 64 + 16) spilled 24 bytes with 2 stages; 3.8: 32 (24, 8 masked) spilled 24
@@ -114,15 +127,37 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
     ("dkdv", 80, "16bit"): ((32, _attn_cfg(80, 16, 64, 8, 1)), (64, _attn_cfg(80, 16, 64, 8, 2)),
                             (128, _attn_cfg(80, 16, 64, 8, 1)),
                             (256, _attn_cfg(80, 16, 16, 8, 1))),
+    # single key loop: 160 (136) spilled 16 / 20 bytes with 8 warps under 3.6 / 3.8 (4 warps: 157
+    # registers under 3.8)
     ("dq", 80, "16bit"): ((64, _attn_cfg(80, 64, 32, 8, 2)), (128, _attn_cfg(80, 64, 32, 8, 2)),
-                          (160, _attn_cfg(80, 16, 16, 8, 1)), (256, _attn_cfg(80, 32, 32, 8, 2))),
+                          (160, _attn_cfg(80, 16, 16, 4, 1)), (256, _attn_cfg(80, 32, 32, 8, 2))),
     # fp32 pads the head dim to one masked tile (no split): 72 -> 128, 200 -> 256. IEEE dK/dV at
     # 200..248: the unmasked table's 32 x 16 tiles spilled 48 bytes under 3.6; 16 x 16 tiles with
     # 4 warps (3.6) / 16 warps (3.8) hold
-    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 8 if TRITON_36 else 16, 1)),
-                           (256, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 16, 1))),
+    # (single loop: 3.8's 16 warps spilled 12 bytes at 200, 8 hold; 3.6's 8 warps 4 bytes at 72,
+    # 4 hold)
+    ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 16, 1)),
+                           (256, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 8, 1))),
+    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 4 if TRITON_36 else 8, 1)),
+                           (256, _attn_cfg(90, 16, 16, 8 if TRITON_36 else 16, 1))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 64, 32, 4, 2)),
                           (256, _attn_cfg(80, 16, 16, 4, 1))),
+}
+
+# The fused backward (one kernel for dQ, dK, dV; 16-bit inputs): its own tiles per exact padded
+# width without a masked tail, where the dK/dV step plus the dQ scratch's tile and its read-back
+# compile without spills on both Triton versions (the heaviest variant: causal, key padding,
+# GQA); the widths not listed (masked tails, 96 on sm_90, wider than 128) run the other paths.
+# sm_90 64: 32 x 64 with 4 warps, 1 stage (196 / 230 registers under 3.6, 2 blocks per SM; 2
+# stages spilled 8 bytes on the packed qkv under 3.6); 80 needs 16 x 32 (32 x 64 spilled 4..88
+# bytes); sm_80 32 and 64: 16 x 128 (32 x 128 spilled 4 bytes at
+# 32 under 3.6, 140 at 64).
+_ATTN_FUSED_CONFIGS: dict[tuple[int, str], dict[int, KernelConfig]] = {
+    (90, "16bit"): {32: _attn_cfg(90, 64, 64, 8, 2), 48: _attn_cfg(90, 32, 64, 4, 2), 64: _attn_cfg(90, 32, 64, 4, 1),
+                    80: _attn_cfg(90, 16, 32, 4, 2), 128: _attn_cfg(90, 32, 32, 4, 2)},
+    (80, "16bit"): {32: _attn_cfg(80, 16, 128, 8, 2), 48: _attn_cfg(80, 16, 128, 8, 2),
+                    64: _attn_cfg(80, 16, 128, 8, 2), 80: _attn_cfg(80, 16, 64, 8, 1), 96: _attn_cfg(80, 16, 64, 8, 1),
+                    128: _attn_cfg(80, 16, 64, 8, 2)},
 }
 
 # Key-length buckets of the forward (Tk <= bucket; longer sequences read _ATTN_CONFIGS).
@@ -238,6 +273,73 @@ def _attn_fwd_plan(arch: int, precision: str, width: int, masked: bool, heads: i
     return config, -(-key_blocks // per_split), per_split
 
 
+#: The fused backward's L2 budget per arch family: the resident programs' fp32 dQ scratch plus the
+#: q and dO they re-read once per key block must stay in L2 (H100 / H200: 50 MB, A100: 40 MB;
+#: the rest holds the K / V streams and the dK / dV / dQ writes). See docs/perf-notes.md.
+ATTN_FUSED_L2_BYTES = {90: 40 << 20, 80: 32 << 20}
+
+#: Programs of the fused backward's persistent grid per SM (its tiles hold two blocks a SM on
+#: sm_90 in the compile report; a program without a free slot waits, which stays correct).
+ATTN_FUSED_PROGRAMS_PER_SM = 2
+
+#: The backward's ways of forming dQ.
+ATTN_BWD_MODES = ("fused", "atomic", "dq_kernel")
+
+
+class AttnBwdPlan(NamedTuple):
+    """The backward's launch plan: ``mode`` "fused" (one kernel for dQ, dK, dV: a persistent grid
+    of ``programs`` over the (batch, kv head) pairs, each with its own fp32 dQ scratch), "atomic"
+    (the dK/dV kernel adds dQ into an fp32 buffer with atomics) or "dq_kernel" (the dK/dV kernel,
+    then the dQ kernel); ``config``: the dK/dV or fused kernel's, ``dq_config``: the dQ kernel's
+    (None unless "dq_kernel"); ``programs``: the first kernel's grid."""
+
+    mode: str
+    config: KernelConfig
+    dq_config: Optional[KernelConfig]
+    programs: int
+
+
+def _attn_fused_bytes(programs: int, group: int, tq: int, width: int, block_m: int, itemsize: int) -> int:
+    """L2 bytes the fused backward's resident programs keep: per program its fp32 scratch
+    (group x Tq rounded up to whole query blocks x the padded width) and its q and dO (re-read
+    once per key block)."""
+    return programs * group * (-(-tq // block_m) * block_m * width * 4 + 2 * tq * width * itemsize)
+
+
+def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: int, heads: int, kv_heads: int,
+                   tq: int, tk: int, sms: Optional[int], deterministic: bool, itemsize: int = 2,
+                   mode: Optional[str] = None) -> AttnBwdPlan:
+    """How the backward runs (``mode`` None picks; a given one is checked):
+
+    - "fused" wherever it fits: a tile of its own (_ATTN_FUSED_CONFIGS: 16-bit, head dims
+      without a masked tail up to 128), keys to walk (Tk > 0), at least one (batch, kv head) pair per SM
+      (its grid is the pairs: fewer leave SMs idle where the dK/dV kernel has a program per key
+      block), and the resident programs' scratch, q and dO within :data:`ATTN_FUSED_L2_BYTES`
+      (:func:`_attn_fused_bytes`): on an H100 at head dim 64, T <= 257 (ViT-B/16, ViT-L/16 at
+      224 px), not 577; at head dim 80 not 257 (see docs/perf-notes.md). Deterministic too.
+    - else "dq_kernel" when ``deterministic`` or the head dim has a masked tail (the atomic
+      epilogue's variants spill there), else "atomic"."""
+    if mode is not None and mode not in ATTN_BWD_MODES:
+        raise ValueError(f"backward mode {mode!r}: expected one of {ATTN_BWD_MODES}")
+    config = _attn_config("dkdv", arch, precision, width, masked)
+    group = heads // kv_heads
+    pairs = batch * kv_heads
+    if mode is None:
+        fused = None if masked else _ATTN_FUSED_CONFIGS.get((arch, precision), {}).get(width)
+        programs = min(pairs, (sms or 1) * ATTN_FUSED_PROGRAMS_PER_SM)
+        fits = (fused is not None and sms is not None and tk > 0 and pairs >= sms and _attn_fused_bytes(
+            programs, group, tq, width, fused.meta["BLOCK_M"], itemsize) <= ATTN_FUSED_L2_BYTES[arch])
+        mode = "fused" if fits else "dq_kernel" if deterministic or masked else "atomic"
+    if mode == "fused":
+        programs = min(pairs, (sms or 1) * ATTN_FUSED_PROGRAMS_PER_SM)
+        return AttnBwdPlan("fused", _attn_config("fused", arch, precision, width, masked), None, programs)
+    if mode == "atomic" and masked:
+        raise ValueError(f"backward mode 'atomic' takes head dims without a masked tail (padded width {width})")
+    programs = -(-tk // config.meta["BLOCK_N"]) * pairs
+    dq_config = _attn_config("dq", arch, precision, width, masked) if mode == "dq_kernel" else None
+    return AttnBwdPlan(mode, config, dq_config, programs)
+
+
 def _attn_tk_bucket(tk: Optional[int]) -> Optional[int]:
     """The key-length bucket of ``tk``: the smallest bound of :data:`ATTN_TK_BUCKETS` that holds it,
     None for longer sequences (or when ``tk`` is None)."""
@@ -260,6 +362,11 @@ def _attn_config(kernel: str, arch: int, precision: str, width: int, masked: boo
         for max_width, config in _ATTN_SEQ_CONFIGS.get((kernel, arch, precision, bucket), ()):
             if width <= max_width:
                 return config
+    if kernel == "fused":
+        config = None if masked else _ATTN_FUSED_CONFIGS.get((arch, precision), {}).get(width)
+        # where the fused kernel has no tile of its own (it is forced: tests, fp32) it runs the
+        # dK/dV kernel's
+        return config or _attn_config("dkdv", arch, precision, width, masked)
     key = (kernel, arch, precision)
     table = _ATTN_MASKED_CONFIGS[key] if masked and key in _ATTN_MASKED_CONFIGS else _ATTN_CONFIGS[key]
     for max_width, config in table:

@@ -98,6 +98,36 @@ def _attn_fwd_inner(
     return acc_a, acc_b, l_i, m_i
 
 
+@register_helper
+@triton.jit
+def _attn_fwd_prologue(
+    Q, K, V, BIAS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_bb, stride_bh, bq, bk, h, start_m, GROUP, Tq, Tk,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """What the plain and the split-KV forward set up alike for the query block at ``start_m`` of
+    query batch ``bq`` / key batch ``bk`` (equal but for VARLEN, where both are 0 and the
+    sequence's offsets are in ``start_m`` and the pointers) and head ``h``: the row and column
+    offsets, the kv head's K / V and the bias row's bases (query head h reads kv head
+    h // GROUP), the q tile (zero past Tq and the head dim), the accumulators and row statistics,
+    and the key range (:func:`_attn_key_range`)."""
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    k_base = K + bk * stride_kb + hk * stride_kh
+    v_base = V + bk * stride_vb + hk * stride_vh
+    bias_base = BIAS + bk * stride_bb + h * stride_bh
+    q_a, q_b = _attn_load_tile(Q + bq * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
+                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    acc_a, acc_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    return (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, q_a, q_b,
+            acc_a, acc_b, l_i, m_i, n_full, n_end)
+
+
 @register_kernel(expects_wgmma=_wgmma_rule("Q", "BLOCK_M"))
 @triton.jit
 def _attention_fwd_kernel(
@@ -122,21 +152,11 @@ def _attention_fwd_kernel(
     Tq, Tk = tq, tk
     if start_m >= Tq:
         return
-    hk = h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
-
-    k_base = K + bk * stride_kb + hk * stride_kh
-    v_base = V + bk * stride_vb + hk * stride_vh
-    bias_base = BIAS + bk * stride_bb + h * stride_bh
-
-    q_a, q_b = _attn_load_tile(Q + bq * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
-                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
-    acc_a, acc_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-    n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, q_a, q_b, acc_a, acc_b,
+     l_i, m_i, n_full, n_end) = _attn_fwd_prologue(
+        Q, K, V, BIAS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_bb, stride_bh, bq, bk, h, start_m, GROUP, Tq, Tk,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL)
     acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
         acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
         offs_m, cols_a, cols_b, 0, n_full, n_end, Tk, qk_scale,
@@ -172,22 +192,12 @@ def _attention_fwd_split_kernel(
     ``OUT_PART[split, batch * H + head]`` ((Tq, HEAD_DIM) rows, contiguous) and its natural-log
     lse to ``LSE_PART``; a split no key of which a row sees gives out 0, lse -inf."""
     pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
+    (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, q_a, q_b, acc_a, acc_b,
+     l_i, m_i, n_full, n_end) = _attn_fwd_prologue(
+        Q, K, V, BIAS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_bb, stride_bh, b, b, h, start_m, GROUP, Tq, Tk,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL)
     split = tl.program_id(1).to(tl.int64)
-    hk = h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
-
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    bias_base = BIAS + b * stride_bb + h * stride_bh
-
-    q_a, q_b = _attn_load_tile(Q + b * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
-                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
-    acc_a, acc_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-    n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     lo = tl.program_id(1) * BLOCKS_PER_SPLIT * BLOCK_N
     hi = tl.minimum(lo + BLOCKS_PER_SPLIT * BLOCK_N, n_end)
     acc_a, acc_b, l_i, m_i = _attn_fwd_inner(

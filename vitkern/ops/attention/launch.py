@@ -16,14 +16,17 @@ from vitkern.ops._config import device_arch, num_sms
 from vitkern.ops._index import check_int32
 from vitkern.ops._triton import launch
 from vitkern.ops.attention.backward import (
+    DQ_ATOMIC,
+    DQ_NONE,
     _attention_bwd_dkdv_kernel,
     _attention_bwd_dq_kernel,
+    _attention_bwd_fused_kernel,
     _attention_bwd_preprocess_kernel,
 )
 from vitkern.ops.attention.configs import (
     _ATTN_MERGE_CONFIGS,
     _ATTN_PRE_CONFIGS,
-    _attn_config,
+    _attn_bwd_plan,
     _attn_fwd_plan,
     _attn_pieces,
     _attn_precision,
@@ -170,15 +173,20 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
 
 
 def _attention_bwd(dout, q, k, v, out, lse, dlse, bias, causal: bool, scale: float, deterministic: bool,
-                   dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, seqs: Optional[PackedSeqs] = None) -> None:
+                   dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, mode: Optional[str] = None,
+                   seqs: Optional[PackedSeqs] = None) -> None:
     """Gradients into ``dq`` (B, H, Tq, D) and ``dk`` / ``dv`` (B, Hkv, Tk, D) (views with unit last
-    stride, e.g. slices of one packed dqkv). ``dlse``: None or the gradient of lse. Temporaries:
-    delta (B, H, Tq) fp32, and for the atomic dQ path an fp32 (B, H, Tq, D) buffer unless dq is
-    fp32 itself: nothing of size Tq x Tk. ``seqs``: a packed launch (:class:`PackedSeqs`), whose
-    delta is computed as one sequence of all the tokens (a row statistic)."""
+    stride, e.g. slices of one packed dqkv). ``dlse``: None or the gradient of lse. ``mode``: None
+    picks by ``_attn_bwd_plan`` (the fused kernel where it fits, else the dQ kernel when
+    ``deterministic``, else atomics); "fused", "atomic" or "dq_kernel" forces one. Temporaries:
+    delta (B, H, Tq) fp32; the fused kernel's fp32 scratch (programs x group x Tq x D, its grid
+    being at most 2 programs a SM); for the atomic dQ path an fp32 (B, H, Tq, D) buffer unless dq
+    is fp32 itself: nothing of size Tq x Tk. ``seqs``: a packed launch (:class:`PackedSeqs`; never
+    fused: its grid walks dense (batch, kv head) pairs), whose delta is computed as one sequence of
+    all the tokens (a row statistic)."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    if b * h * tq == 0:  # no queries: nothing reaches k and v
+    if b * h * tq == 0 or tk == 0:  # no queries: nothing reaches k and v; no keys: nothing at all
         dq.zero_()
         dk.zero_()
         dv.zero_()
@@ -189,6 +197,12 @@ def _attention_bwd(dout, q, k, v, out, lse, dlse, bias, causal: bool, scale: flo
     precision = _attn_precision(q.dtype)
     arch = device_arch(q.device if q.is_cuda else None)
     dot_precision = "ieee" if precision == "16bit" else precision
+    if seqs is not None and mode == "fused":
+        raise ValueError("backward mode 'fused' takes dense batches, not packed sequences")
+    # no SM count, no fused plan: a packed launch's grids are its sequences' blocks (_seq_grid)
+    sms = num_sms(q.device if q.is_cuda else None) if mode is None and seqs is None else None
+    plan = _attn_bwd_plan(arch, precision, da + db, d != da + db, b, h, hkv, tq, tk, sms, deterministic,
+                          q.element_size(), mode)
 
     delta = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
     pre = _ATTN_PRE_CONFIGS[64 if _next_pow2(d) <= 64 else 256]
@@ -198,33 +212,37 @@ def _attention_bwd(dout, q, k, v, out, lse, dlse, bias, causal: bool, scale: flo
         # d lse / d s = p: the lse gradient enters as dS = P * (dP - (delta - dlse))
         delta.sub_(dlse)
 
-    # dQ through fp32 atomics from the dK/dV kernel unless asked to be deterministic, or where the
-    # head dim has a masked tail (those variants spill with the atomic epilogue)
-    atomic = not deterministic and d == da + db
+    bias_args = _bias_args(bias, b, h, tk, q)
+    st = lambda t: _seq_strides(t, seqs)  # noqa: E731
+    args = (*st(q), *st(k), *st(v), *bias_args[1:], *st(dout))
+    meta = dict(HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
+                PRECISION=dot_precision)
+    if plan.mode == "fused":
+        block_m = plan.config.meta["BLOCK_M"]
+        # a program's scratch offsets (query head of the group, row, column) are int32
+        check_int32("attention (triton)", "the fused backward's dQ scratch (group x Tq x head dim)",
+                    ((h // hkv) * triton.cdiv(tq, block_m) * block_m, da + db))
+        scratch = torch.empty((plan.programs, h // hkv, triton.cdiv(tq, block_m) * block_m, da + db),
+                              device=q.device, dtype=torch.float32)
+        launch(_attention_bwd_fused_kernel, (plan.programs,), q, k, v, bias_args[0], dout, lse, delta, dk, dv, dq,
+               scratch, *args, *_strides3(dk), *_strides3(dv), *_strides3(dq), h, hkv, h // hkv, tq, tk, scale,
+               b * hkv, scratch.stride(0), **meta, config=plan.config)
+        return
+    atomic = plan.mode == "atomic"
     if atomic:
         dq_acc = dq if dq.dtype == torch.float32 else torch.empty((b, h, tq, d), device=q.device, dtype=torch.float32)
         dq_acc.zero_()
     else:
         dq_acc = dq
-    bias_args = _bias_args(bias, b, h, tk, q)
-    st = lambda t: _seq_strides(t, seqs)  # noqa: E731
-    config = _attn_config("dkdv", arch, precision, da + db, d != da + db)
-    programs, seq_args, varlen = _seq_grid(seqs, b, hkv, tk, config.meta["BLOCK_N"], q, keys=True)
-    launch(_attention_bwd_dkdv_kernel, (programs,),
-           q, k, v, bias_args[0], dout, lse, delta, dk, dv, dq_acc,
-           *st(q), *st(k), *st(v), *bias_args[1:], *st(dout), *st(dk),
-           *st(dv), *st(dq_acc), h, hkv, h // hkv, tq, tk, scale, *seq_args,
-           HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None, ATOMIC_DQ=atomic,
-           PRECISION=dot_precision, VARLEN=varlen, config=config)
+    programs, seq_args, varlen = _seq_grid(seqs, b, hkv, tk, plan.config.meta["BLOCK_N"], q, keys=True)
+    launch(_attention_bwd_dkdv_kernel, (programs,), q, k, v, bias_args[0], dout, lse, delta, dk, dv, dq_acc,
+           *args, *st(dk), *st(dv), *st(dq_acc), h, hkv, h // hkv, tq, tk, scale, *seq_args,
+           DQ_MODE=DQ_ATOMIC if atomic else DQ_NONE, VARLEN=varlen, **meta, config=plan.config)
     if atomic:
         if dq_acc is not dq:
             dq.copy_(dq_acc)
         return
-    config = _attn_config("dq", arch, precision, da + db, d != da + db)
-    programs, seq_args, varlen = _seq_grid(seqs, b, h, tq, config.meta["BLOCK_M"], q)
+    programs, seq_args, varlen = _seq_grid(seqs, b, h, tq, plan.dq_config.meta["BLOCK_M"], q)
     launch(_attention_bwd_dq_kernel, (programs,),
-           q, k, v, bias_args[0], dout, lse, delta, dq,
-           *st(q), *st(k), *st(v), *bias_args[1:], *st(dout), *st(dq),
-           h, h // hkv, tq, tk, scale, *seq_args,
-           HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
-           PRECISION=dot_precision, VARLEN=varlen, config=config)
+           q, k, v, bias_args[0], dout, lse, delta, dq, *args, *st(dq), h, h // hkv, tq, tk, scale, *seq_args,
+           VARLEN=varlen, **meta, config=plan.dq_config)

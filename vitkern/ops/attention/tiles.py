@@ -7,7 +7,7 @@ power-of-two head-dim pieces of :func:`~vitkern.ops.attention.configs._attn_piec
 width 0 when D pads into one tile). The tiles a program keeps (q in the forward and dQ kernels,
 k / v in the dK/dV kernel) are loaded once with masks, zero past T and past D
 (:func:`_attn_load_tile`). Tiles loaded inside the loops take no masks: rows past T and columns
-past D repeat a valid row / column (:func:`_attn_rows`, :func:`_attn_cols`), and the other
+past D repeat a valid row / column (``tl.minimum(offs, T - 1)``, :func:`_attn_cols`), and the other
 operand's zero tail or the score mask cancels them (masked loads in the loops cost registers that
 spilled for head dims like 72 and 104).
 """
@@ -155,17 +155,6 @@ def _attn_cols(HEAD_DIM: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.cons
     else:
         cols_b = offs_db
     return offs_da, offs_db, cols_a, cols_b
-
-
-@register_helper
-@triton.jit
-def _attn_rows(offs, n, MASKED: tl.constexpr):
-    """Row offsets for mask-free loads: in a MASKED block, rows >= n repeat row n - 1."""
-    if MASKED:
-        rows = tl.minimum(offs, n - 1)
-    else:
-        rows = offs
-    return rows
 
 
 @register_helper

@@ -65,7 +65,8 @@ def _make_case(shape: dict):
         b = 1 if shape["batch"] == 1 else 2
         splits = _kv_splits(shape, device_arch(), num_sms())
         _case_run(torch.bfloat16, b, shape["heads"], shape["heads"], shape["tokens"], shape["tokens"],
-                  shape["head_dim"], packed=packed, kv_splits=splits)
+                  shape["head_dim"], packed=packed, kv_splits=splits,
+                  bwd_mode=_bwd_plan(shape, device_arch(), num_sms()).mode)
 
     case.__name__ = case.__qualname__ = _case_name(shape)
     case.__module__ = MODULE
@@ -86,9 +87,22 @@ def _kv_splits(shape: dict, arch: int, sms: int) -> int:
     return _attn_fwd_plan(arch, "16bit", da + db, d != da + db, shape["batch"] * shape["heads"], t, t, sms)[1]
 
 
+def _bwd_plan(shape: dict, arch: int, sms: int):
+    """The backward's plan at the shape's own batch (fused, atomic or the dQ kernel, as the
+    launcher picks it; not deterministic)."""
+    from vitkern.ops.attention.configs import _attn_bwd_plan, _attn_pieces
+
+    d, t = shape["head_dim"], shape["tokens"]
+    da, db = _attn_pieces(d)
+    return _attn_bwd_plan(arch, "16bit", da + db, d != da + db, shape["batch"], shape["heads"], shape["heads"],
+                          t, t, sms, False)
+
+
 def _grid(kernel: str, meta: dict, shape: dict, arch: int) -> int:
     """Programs of a launch at the shape's own batch (the launchers' grids)."""
     b, h, t = shape["batch"], shape["heads"], shape["tokens"]
+    if kernel.endswith("bwd_fused_kernel"):
+        return _bwd_plan(shape, arch, NUM_SMS[arch]).programs
     block = meta["BLOCK_N"] if kernel.endswith("dkdv_kernel") else meta["BLOCK_M"]
     programs = math.ceil(t / block) * b * h
     if kernel.endswith("fwd_split_kernel"):
