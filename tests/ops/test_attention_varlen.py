@@ -164,6 +164,28 @@ def test_deterministic_algorithms_take_the_dq_kernel(device, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_packed_backward_is_never_fused(device, monkeypatch):
+    # the fused backward's persistent grid walks dense (batch, kv head) pairs: a packed launch is
+    # planned without an SM count even where one SM would make the dense plan fuse, and asking
+    # for the fused mode with packed sequences raises
+    launched = []
+    original = attn_launch.launch
+    monkeypatch.setattr(attn_launch, "launch", lambda kernel, *a, **kw: launched.append(kernel) or
+                        original(kernel, *a, **kw))
+    monkeypatch.setattr(attn_launch, "num_sms", lambda device=None: 1)
+    lens = (20, 37)
+    q, k, v, dout = _inputs(lens, lens, 2, 2, 64, BF16, device, False, seed=4)
+    cu = _cu(lens, device)
+    seqs = attn_launch.PackedSeqs(cu, cu, max(lens), max(lens))
+    out, lse, dq, dk, dv = _run_kernels(q, k, v, dout, seqs, False, 0.125, True)
+    assert attn_launch._attention_bwd_fused_kernel not in launched
+    assert attn_launch._attention_bwd_dq_kernel in launched
+    view = attn_op._seq_view
+    with pytest.raises(ValueError, match="fused.*packed"):
+        attn_launch._attention_bwd(view(dout), view(q), view(k), view(v), view(out), lse.unsqueeze(0), None, None,
+                                   False, 0.125, True, view(dq), view(dk), view(dv), mode="fused", seqs=seqs)
+
+
 def test_varlen_grid_choice():
     cu = torch.zeros(4, dtype=torch.int32)
     dummy = torch.empty(1)
