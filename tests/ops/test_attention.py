@@ -20,12 +20,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitkern
 from vitkern import _backend
 from vitkern.ops import attention as A
 from vitkern.ops.attention import configs as attn_configs, launch as attn_launch, op as attn_op, sdpa
+from vitkern.ops.attention.tiles import _attn_desc_load, _attn_desc_store, _attn_descs
 from vitkern.ops import _config
 from vitkern.ops._config import INTERPRETING, KernelConfig
 from vitkern.testing.numerics import assert_flash_rule, poisoned, poisoned_like, tf32_active, tf32_atol
@@ -657,6 +660,139 @@ def test_split_kv_forward_is_16bit_only(device, monkeypatch):
     seen = _recorded_kernels(monkeypatch)
     _check_case(1, 2, 2, 40, 197, 64, F32, device, deterministic=True)
     assert not any(kernel is attn_launch._attention_fwd_split_kernel for kernel, _ in seen)
+
+
+# --------------------------------------------------------------------------------------------
+# TMA descriptors (sm_90): the same results as the pointer path, and where they apply
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_both_ways(q, k, v, bias, causal, out_like, kv_splits=1, seqs=None):
+    """The forward through pointers and through TMA descriptors, into poisoned outputs."""
+    results = []
+    for tma in (False, True):
+        out = poisoned_like(out_like)
+        lse = poisoned((q.shape[0], q.shape[1], q.shape[2]), F32, q.device)
+        attn_launch._attention_fwd(q, k, v, bias, causal, q.shape[-1] ** -0.5, out, lse, kv_splits=kv_splits,
+                                   seqs=seqs, tma=tma)
+        results.append((out, lse))
+    return results
+
+
+@pytest.mark.parametrize("dtype,d,b,h,hkv,tq,tk,causal,packed,bias_kind", [
+    (BF16, 64, 2, 3, 3, 197, 197, False, True, None),     # ViT's packed qkv
+    (F16, 72, 2, 4, 2, 100, 197, True, False, "batch"),   # a masked head-dim piece, GQA, padding
+    (BF16, 80, 1, 2, 1, 257, 50, False, False, "head"),   # two pieces (64 + 16), MQA
+    (BF16, 128, 1, 2, 2, 1, 17, True, False, None),       # one query row
+    (F32, 64, 2, 2, 2, 33, 70, True, False, None),        # fp32, IEEE dots
+])
+def test_tma_forward_equals_the_pointer_forward(device, dtype, d, b, h, hkv, tq, tk, causal, packed, bias_kind):
+    # the descriptors zero-fill rows past T (the pointer path repeats row T - 1) and columns past
+    # D: both are masked or multiplied by zeros, so the two paths compute the same values
+    q, k, v, _ = _make_inputs(b, h, hkv, tq, tk, d, dtype, device, packed, seed=3)
+    bias = None
+    if bias_kind is not None:
+        shape = {"batch": (b, 1, tk), "head": (b, h, tk)}[bias_kind]
+        bias = torch.where(torch.rand(shape, generator=torch.Generator().manual_seed(5)) < 0.3,
+                           float("-inf"), 0.0).to(device)
+    out_like = torch.empty((b, tq, h, d), dtype=dtype, device=device).transpose(1, 2) if packed else q
+    (out_p, lse_p), (out_t, lse_t) = _forward_both_ways(q, k, v, bias, causal, out_like)
+    if INTERPRETING:
+        assert torch.equal(out_t, out_p) and torch.equal(lse_t, lse_p)
+    else:
+        torch.testing.assert_close(out_t, out_p, atol=0, rtol=0) if dtype != F32 else \
+            torch.testing.assert_close(out_t, out_p)
+    assert not out_t.isnan().any()
+
+
+def test_tma_split_kv_forward_equals_the_pointer_forward(device, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's SM count decides the split here")
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 64)
+    q, k, v, _ = _make_inputs(1, 2, 2, 197, 197, 72, BF16, device, seed=8)
+    (out_p, lse_p), (out_t, lse_t) = _forward_both_ways(q, k, v, None, True, q, kv_splits=3)
+    assert torch.equal(out_t, out_p) and torch.equal(lse_t, lse_p)
+
+
+def test_tma_varlen_forward_keeps_each_sequence_to_its_rows(device):
+    # a packed sequence's descriptors end at its last row: the tile stores of a short sequence
+    # must not write the next sequence's rows (which another program writes), and the key tiles
+    # read zeros, not the next sequence, past its end; an empty sequence in between
+    lens = (5, 0, 130, 64, 1)
+    total, h, d = sum(lens), 2, 64
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (_rand((total, h, d), BF16, device, gen=gen) for _ in range(3))
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+    view = attn_op._seq_view
+    for longest in (None, max(lens)):
+        seqs = attn_launch.PackedSeqs(cu, cu, longest, longest)
+        (out_p, lse_p), (out_t, lse_t) = _forward_both_ways(view(q), view(k), view(v), None, False, view(q),
+                                                            seqs=seqs)
+        assert torch.equal(out_t, out_p) and torch.equal(lse_t, lse_p)
+    ref = A.attention_varlen_ref(q.double(), k.double(), v.double(), cu, cu)
+    torch.testing.assert_close(out_t[0].transpose(0, 1).double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@triton.jit
+def _copy_rows_through_descriptors(X, Y, n, stride_t, D: tl.constexpr, BLOCK: tl.constexpr, DA: tl.constexpr,
+                                   DB: tl.constexpr):
+    """Y[:n, :D] = X[:n, :D] + 1 through the attention kernels' descriptor helpers, one tile."""
+    xa, xb = _attn_descs(X, n, stride_t, D, BLOCK, DA, DB)
+    ya, yb = _attn_descs(Y, n, stride_t, D, BLOCK, DA, DB)
+    a, b = _attn_desc_load(xa, xb, 0, DA, DB)
+    _attn_desc_store(ya, yb, 0, a.to(tl.float32) + 1.0, b.to(tl.float32) + 1.0, DA, DB)
+
+
+def test_tma_descriptors_end_at_their_slice(device):
+    # what keeps a packed sequence's tiles to its own rows, checked directly (the interpreter runs
+    # programs in order, so a later sequence would hide an overwrite in the op's own tests): a
+    # descriptor of n rows loads zeros past row n and column D, and drops stores there
+    x = _rand((32, 80), BF16, device)
+    y = torch.zeros_like(x)
+    _copy_rows_through_descriptors[(1,)](x, y, 5, 80, D=72, BLOCK=16, DA=64, DB=16)
+    expected = torch.zeros_like(x)
+    expected[:5, :72] = (x[:5, :72].float() + 1).to(BF16)
+    assert torch.equal(y, expected)
+
+
+def test_tma_choice(device, monkeypatch):
+    calls = []
+    monkeypatch.setattr(attn_launch, "ensure_scratch_allocator", lambda: calls.append(1))
+    x = torch.empty((2, 3, 10, 64), dtype=BF16, device=device)
+    pieces = (64, 0)
+    # sm_90 takes descriptors where every tensor is addressable (and sets the scratch allocator
+    # of the launching thread: autograd's backward thread, a server's workers)
+    assert attn_launch._attn_use_tma(None, 90, "16bit", x, x, pieces=pieces) and calls == [1]
+    assert attn_launch._attn_use_tma(None, 90, "tf32", x, pieces=pieces)
+    assert not attn_launch._attn_use_tma(None, 90, "ieee", x, pieces=pieces)  # fp32 FMA dots
+    assert not attn_launch._attn_use_tma(None, 80, "16bit", x, x, pieces=pieces)
+    assert not attn_launch._attn_use_tma(False, 90, "16bit", x, pieces=pieces)
+    assert attn_launch._attn_use_tma(True, 80, "ieee", x, pieces=pieces)  # forced: tests
+    # not addressable: a token stride of 40 bytes (D = 20), a base off 16 bytes, a 4-byte piece
+    odd = torch.empty((2, 3, 10, 20), dtype=BF16, device=device)
+    shifted = torch.empty((2 * 3 * 10 * 64 + 1,), dtype=BF16, device=device)[1:].view(2, 3, 10, 64)
+    assert not attn_launch._attn_tma_ok(odd, pieces=(16, 4))
+    assert not attn_launch._attn_tma_ok(shifted, pieces=pieces)
+    assert not attn_launch._attn_tma_ok(x, pieces=(64, 2))
+    assert not attn_launch._attn_use_tma(None, 90, "16bit", x, odd, pieces=pieces)
+    with pytest.raises(ValueError, match="tma=True needs 16-byte aligned"):
+        attn_launch._attn_use_tma(True, 90, "16bit", odd, pieces=pieces)
+    # the packed qkv view (B, T, 3, H, D) seen as (B, H, T, D) is addressable at D = 64
+    q, _, _ = attn_op._packed_views(torch.empty((2, 10, 3, 4, 64), dtype=BF16, device=device))
+    assert attn_launch._attn_tma_ok(q, pieces=pieces)
+
+
+def test_forward_launch_takes_tma_on_sm90_only(device, monkeypatch):
+    seen = []
+    real = attn_launch.launch
+    monkeypatch.setattr(attn_launch, "launch", lambda kernel, grid, *a, **kw: seen.append(kw.get("TMA")) or
+                        real(kernel, grid, *a, **kw))
+    q, k, v, _ = _make_inputs(1, 2, 2, 40, 40, 64, BF16, device)
+    for arch, expected in ((90, True), (80, False)):
+        with _config.arch_override(arch):
+            out, lse = poisoned_like(q), poisoned((1, 2, 40), F32, device)
+            attn_launch._attention_fwd(q, k, v, None, False, 0.125, out, lse, kv_splits=1)
+        assert seen[-1] is expected
 
 
 def test_kv_splits_choice():

@@ -31,12 +31,13 @@ def _case_dtype(dtype):
 
 
 def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=False, deterministic=False,
-              backward=True, kv_splits=1, bwd_mode="plan"):
+              backward=True, kv_splits=1, bwd_mode="plan", tma=None):
     """Call the launchers the way the ops do (dtype "tf32" = fp32 with TF32 dots). The cases'
     batches are small stand-ins (they only size the grid), so the forward's key split is given:
     ``kv_splits`` 1 (the plain kernel) unless asked, None for the launcher's own choice; and so
     is the backward's mode (``bwd_mode``: "fused", "atomic", "dq_kernel"), "plan" for the one
-    the deterministic flag picks where the fused kernel does not fit (these batches)."""
+    the deterministic flag picks where the fused kernel does not fit (these batches). ``tma``: the
+    forward's loads (None: the launcher's choice, TMA descriptors on sm_90)."""
     with _case_dtype(dtype) as dtype:
         if packed:
             qkv = torch.empty((b, tq, 3, h, d), dtype=dtype)
@@ -50,7 +51,7 @@ def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=F
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         key_bias = torch.empty((b, 1, tk), dtype=torch.float32) if bias else None
         lse = torch.empty((b, h, tq), dtype=torch.float32)
-        _attention_fwd(q, k, v, key_bias, causal, d ** -0.5, out, lse, kv_splits=kv_splits)
+        _attention_fwd(q, k, v, key_bias, causal, d ** -0.5, out, lse, kv_splits=kv_splits, tma=tma)
         if backward:
             if bwd_mode == "plan":
                 masked = d != sum(_attn_pieces(d, dtype != torch.float32))
@@ -98,6 +99,9 @@ def _attention_compile_cases():
     _case_run(torch.bfloat16, 1, 2, 2, 4096, 4096, 128)
     # the long-sequence forward tile at head dim 64 (the short bucket's tile is the one above)
     _case_run(torch.bfloat16, 1, 2, 2, 2100, 2100, 64, backward=False)
+    # sm_90's pointer-load forward (tensors a TMA descriptor cannot address: a view off 16 bytes)
+    _case_run(torch.bfloat16, 2, 12, 12, 197, 197, 64, packed=True, backward=False, tma=False)
+    _case_run(torch.float16, 2, 8, 2, 100, 197, 72, causal=True, bias=True, backward=False, tma=False)
     # the split-KV forward (fp16 / bf16): ViT-B/16 at batch 1 (the launcher's choice: 4 splits on
     # 132 SMs), and causal + key padding + GQA + a masked head-dim tail
     _case_run(torch.bfloat16, 1, 12, 12, 197, 197, 64, packed=True, kv_splits=None)

@@ -191,6 +191,11 @@ _ATTN_SPLIT_MASKED_CONFIGS = {(90, "16bit", 128): _attn_cfg(90, 128, 32, 8, 3),
 _ATTN_MERGE_CONFIGS = {128: KernelConfig({"BLOCK_M": 32}, num_warps=4, num_stages=1),
                        256: KernelConfig({"BLOCK_M": 16}, num_warps=4, num_stages=1)}
 
+#: Arch families whose forward loads q / k / v and stores out through TMA tensor descriptors
+#: (where the tensors are addressable: vitkern.ops.attention.launch._attn_tma_ok). sm_80 has no
+#: copy engine for them (descriptors lower to plain loads there).
+ATTN_TMA_ARCHS = (90,)
+
 #: The most key splits of the split-KV forward.
 ATTN_MAX_KV_SPLITS = 16
 

@@ -21,6 +21,9 @@ import triton.language as tl
 from vitkern.ops._triton import dot_operand, register_helper, register_kernel, round_to
 from vitkern.ops.attention.tiles import (
     _attn_cols,
+    _attn_desc_load,
+    _attn_desc_store,
+    _attn_descs,
     _attn_key_range,
     _attn_load_tile,
     _attn_program,
@@ -36,10 +39,11 @@ from vitkern.ops.attention.tiles import (
 @triton.jit
 def _attn_fwd_inner(
     acc_a, acc_b, l_i, m_i, q_a, q_b,
-    k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
+    k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt, k_desc_a, k_desc_b, v_desc_a, v_desc_b,
     offs_m, cols_a, cols_b, lo, n_full, n_end, Tk, qk_scale,
-    BLOCK_N: tl.constexpr, BLOCK_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, EMPTY_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Key blocks [lo, n_end) of the online softmax in one loop; the blocks from ``n_full`` on (the
     causal diagonal and the Tk tail) apply the score mask, a runtime test, so the pipeliner
@@ -55,15 +59,20 @@ def _attn_fwd_inner(
     Loads take no masks: ``cols_*`` repeat the last column past the head dim (q's tail is zero,
     so those products vanish, and the output's tail columns are never stored) and rows past Tk
     repeat row Tk - 1 (their scores are masked to -inf), which keeps the loop's registers for
-    the dots."""
+    the dots. TMA: K / V come through the descriptor pairs ``k_desc_*`` / ``v_desc_*``
+    (:func:`_attn_descs`, zero past Tk and the head dim) and the pointers only give the dtype."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, n_end, BLOCK_N):
         offs_n = start_n + offs_n0
         rows = tl.minimum(offs_n, Tk - 1)
-        k_a = tl.load(k_base + rows[:, None] * stride_kt + cols_a[None, :])
+        if TMA:
+            k_a, k_b = _attn_desc_load(k_desc_a, k_desc_b, start_n, BLOCK_DA, BLOCK_DB)
+        else:
+            k_a = tl.load(k_base + rows[:, None] * stride_kt + cols_a[None, :])
         qk = tl.dot(q_a, tl.trans(dot_operand(k_a)), input_precision=PRECISION)
         if BLOCK_DB > 0:
-            k_b = tl.load(k_base + rows[:, None] * stride_kt + cols_b[None, :])
+            if not TMA:
+                k_b = tl.load(k_base + rows[:, None] * stride_kt + cols_b[None, :])
             qk = tl.dot(q_b, tl.trans(dot_operand(k_b)), qk, input_precision=PRECISION)
         if HAS_BIAS:
             bias = tl.load(bias_base + rows * stride_bt) * 1.4426950408889634
@@ -89,10 +98,14 @@ def _attn_fwd_inner(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         p = dot_operand(round_to(p, k_base.dtype.element_ty))
-        v_a = tl.load(v_base + rows[:, None] * stride_vt + cols_a[None, :])
+        if TMA:
+            v_a, v_b = _attn_desc_load(v_desc_a, v_desc_b, start_n, BLOCK_DA, BLOCK_DB)
+        else:
+            v_a = tl.load(v_base + rows[:, None] * stride_vt + cols_a[None, :])
         acc_a = tl.dot(p, dot_operand(v_a), acc_a * alpha[:, None], input_precision=PRECISION)
         if BLOCK_DB > 0:
-            v_b = tl.load(v_base + rows[:, None] * stride_vt + cols_b[None, :])
+            if not TMA:
+                v_b = tl.load(v_base + rows[:, None] * stride_vt + cols_b[None, :])
             acc_b = tl.dot(p, dot_operand(v_b), acc_b * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc_a, acc_b, l_i, m_i
@@ -102,30 +115,39 @@ def _attn_fwd_inner(
 @triton.jit
 def _attn_fwd_prologue(
     Q, K, V, BIAS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
-    stride_bb, stride_bh, bq, bk, h, start_m, GROUP, Tq, Tk,
+    stride_kt, stride_vt, stride_bb, stride_bh, bq, bk, h, start_m, GROUP, Tq, Tk,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr,
 ):
     """What the plain and the split-KV forward set up alike for the query block at ``start_m`` of
     query batch ``bq`` / key batch ``bk`` (equal but for VARLEN, where both are 0 and the
     sequence's offsets are in ``start_m`` and the pointers) and head ``h``: the row and column
     offsets, the kv head's K / V and the bias row's bases (query head h reads kv head
     h // GROUP), the q tile (zero past Tq and the head dim), the accumulators and row statistics,
-    and the key range (:func:`_attn_key_range`)."""
+    and the key range (:func:`_attn_key_range`). TMA: the q tile through a descriptor, and the
+    K / V descriptor pairs of the kv head's (Tk, HEAD_DIM) slices (:func:`_attn_descs`; without
+    TMA the pairs are placeholders)."""
     hk = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
     k_base = K + bk * stride_kb + hk * stride_kh
     v_base = V + bk * stride_vb + hk * stride_vh
     bias_base = BIAS + bk * stride_bb + h * stride_bh
-    q_a, q_b = _attn_load_tile(Q + bq * stride_qb + h * stride_qh, stride_qt, offs_m, Tq, offs_da, offs_db,
-                               HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    q_base = Q + bq * stride_qb + h * stride_qh
+    if TMA:
+        q_desc_a, q_desc_b = _attn_descs(q_base, Tq, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_DA, BLOCK_DB)
+        q_a, q_b = _attn_desc_load(q_desc_a, q_desc_b, start_m, BLOCK_DA, BLOCK_DB)
+        k_desc_a, k_desc_b = _attn_descs(k_base, Tk, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_DA, BLOCK_DB)
+        v_desc_a, v_desc_b = _attn_descs(v_base, Tk, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_DA, BLOCK_DB)
+    else:
+        q_a, q_b = _attn_load_tile(q_base, stride_qt, offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+        k_desc_a, k_desc_b, v_desc_a, v_desc_b = k_base, k_base, v_base, v_base
     acc_a, acc_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     n_full, n_end = _attn_key_range(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
-    return (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, q_a, q_b,
-            acc_a, acc_b, l_i, m_i, n_full, n_end)
+    return (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, k_desc_a, k_desc_b, v_desc_a,
+            v_desc_b, q_a, q_b, acc_a, acc_b, l_i, m_i, n_full, n_end)
 
 
 @register_kernel(expects_wgmma=_wgmma_rule("Q", "BLOCK_M"))
@@ -142,33 +164,41 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """out, lse for one query block of one (batch, head), or of one packed sequence and head
     (VARLEN, see :func:`_attn_seq_program`: Tq / Tk are then the totals, and a sequence without
-    keys gives out 0, lse -inf). qk_scale = scale * log2(e), positive."""
+    keys gives out 0, lse -inf). qk_scale = scale * log2(e), positive. TMA: q, k, v loaded and
+    out stored through tensor descriptors of the program's own slices (sm_90)."""
     bq, bk, h, start_m, tq, tk = _attn_seq_program(CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS, Tq, Tk, H, BLOCK_M, CAUSAL,
                                                    VARLEN)
     lse_b, lse_h = _attn_stat_layout(bq, H, Tq, VARLEN)
     Tq, Tk = tq, tk
     if start_m >= Tq:
         return
-    (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, q_a, q_b, acc_a, acc_b,
-     l_i, m_i, n_full, n_end) = _attn_fwd_prologue(
+    (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, k_desc_a, k_desc_b, v_desc_a, v_desc_b,
+     q_a, q_b, acc_a, acc_b, l_i, m_i, n_full, n_end) = _attn_fwd_prologue(
         Q, K, V, BIAS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
-        stride_bb, stride_bh, bq, bk, h, start_m, GROUP, Tq, Tk,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL)
+        stride_kt, stride_vt, stride_bb, stride_bh, bq, bk, h, start_m, GROUP, Tq, Tk,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, TMA)
     acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
         acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-        offs_m, cols_a, cols_b, 0, n_full, n_end, Tk, qk_scale,
-        BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, False, PRECISION)
+        k_desc_a, k_desc_b, v_desc_a, v_desc_b, offs_m, cols_a, cols_b, 0, n_full, n_end, Tk, qk_scale,
+        BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, HAS_BIAS, False, PRECISION, TMA)
 
     if HAS_BIAS or VARLEN != 0:
         l_div = tl.where(l_i == 0.0, 1.0, l_i)  # fully masked rows, sequences without keys: out 0, lse -inf
     else:
         l_div = l_i
     inv_l = 1.0 / l_div
-    _attn_store_tile(OUT + bq * stride_ob + h * stride_oh, stride_ot, acc_a * inv_l[:, None], acc_b * inv_l[:, None],
-                     offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    out_base = OUT + bq * stride_ob + h * stride_oh
+    if TMA:
+        out_desc_a, out_desc_b = _attn_descs(out_base, Tq, stride_ot, HEAD_DIM, BLOCK_M, BLOCK_DA, BLOCK_DB)
+        _attn_desc_store(out_desc_a, out_desc_b, start_m, acc_a * inv_l[:, None], acc_b * inv_l[:, None],
+                         BLOCK_DA, BLOCK_DB)
+    else:
+        _attn_store_tile(out_base, stride_ot, acc_a * inv_l[:, None], acc_b * inv_l[:, None],
+                         offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + lse_b + h * lse_h + offs_m, lse, mask=offs_m < Tq)
 
@@ -185,25 +215,26 @@ def _attention_fwd_split_kernel(
     H, GROUP, Tq, Tk, qk_scale, BLOCKS_PER_SPLIT,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """Split-KV forward: one query block of one (batch, head) against key split ``program_id(1)``
     (``BLOCKS_PER_SPLIT`` key blocks). Writes the split's normalised fp32 output to
     ``OUT_PART[split, batch * H + head]`` ((Tq, HEAD_DIM) rows, contiguous) and its natural-log
-    lse to ``LSE_PART``; a split no key of which a row sees gives out 0, lse -inf."""
+    lse to ``LSE_PART``; a split no key of which a row sees gives out 0, lse -inf. TMA: q, k, v
+    through descriptors, as the plain kernel."""
     pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
-    (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, q_a, q_b, acc_a, acc_b,
-     l_i, m_i, n_full, n_end) = _attn_fwd_prologue(
+    (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, k_desc_a, k_desc_b, v_desc_a, v_desc_b,
+     q_a, q_b, acc_a, acc_b, l_i, m_i, n_full, n_end) = _attn_fwd_prologue(
         Q, K, V, BIAS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
-        stride_bb, stride_bh, b, b, h, start_m, GROUP, Tq, Tk,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL)
+        stride_kt, stride_vt, stride_bb, stride_bh, b, b, h, start_m, GROUP, Tq, Tk,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, TMA)
     split = tl.program_id(1).to(tl.int64)
     lo = tl.program_id(1) * BLOCKS_PER_SPLIT * BLOCK_N
     hi = tl.minimum(lo + BLOCKS_PER_SPLIT * BLOCK_N, n_end)
     acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
         acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
-        offs_m, cols_a, cols_b, lo, n_full, hi, Tk, qk_scale,
-        BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, True, PRECISION)
+        k_desc_a, k_desc_b, v_desc_a, v_desc_b, offs_m, cols_a, cols_b, lo, n_full, hi, Tk, qk_scale,
+        BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, HAS_BIAS, True, PRECISION, TMA)
 
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     _attn_store_tile(OUT_PART + split * stride_ps + pid_bh * Tq * HEAD_DIM, HEAD_DIM,

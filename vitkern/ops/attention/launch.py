@@ -14,7 +14,7 @@ import triton
 
 from vitkern.ops._config import device_arch, num_sms
 from vitkern.ops._index import check_int32
-from vitkern.ops._triton import launch
+from vitkern.ops._triton import ensure_scratch_allocator, launch
 from vitkern.ops.attention.backward import (
     DQ_ATOMIC,
     DQ_NONE,
@@ -32,6 +32,7 @@ from vitkern.ops.attention.configs import (
     _attn_precision,
     _next_pow2,
     ATTN_TK_BUCKETS,
+    ATTN_TMA_ARCHS,
 )
 from vitkern.ops.attention.forward import (
     _attention_fwd_kernel,
@@ -102,6 +103,40 @@ def _seq_config_tk(tk: int, seqs: Optional[PackedSeqs]) -> int:
     return seqs.max_k if seqs.max_k is not None else min(tk, ATTN_TK_BUCKETS[-1])
 
 
+def _attn_tma_ok(*tensors: torch.Tensor, pieces: tuple[int, int]) -> bool:
+    """Every ``(B, H, T, D)`` view addressable by the kernels' TMA descriptors
+    (:func:`~vitkern.ops.attention.tiles._attn_descs`): unit last stride, 16-byte aligned data and
+    (batch, head, token) strides, so each program's slice base is 16-byte aligned (a packed
+    launch's sequence bases are token offsets), and every head-dim piece at least 16 bytes wide
+    (the copy engine's smallest box row)."""
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any((t.stride(i) * es) % 16 for i in range(3)):
+            return False
+        if any(0 < p * es < 16 for p in pieces):
+            return False
+    return True
+
+
+def _attn_use_tma(tma: Optional[bool], arch: int, precision: str, *tensors: torch.Tensor,
+                  pieces: tuple[int, int]) -> bool:
+    """Whether a launch reads (and writes) through TMA descriptors: ``tma`` None takes them on the
+    arches of :data:`ATTN_TMA_ARCHS` for tensor-core dots (16-bit, TF32) where every tensor is
+    addressable; True insists (a ValueError where they are not), False never. fp32 with IEEE
+    dots keeps pointer loads: its FMA dots read registers, and its 16 x 16 tiles spilled 250..4456
+    bytes from the descriptors' shared-memory tiles (sm_90, D = 72..256, Triton 3.6)."""
+    if tma is False:
+        return False
+    ok = _attn_tma_ok(*tensors, pieces=pieces)
+    if tma and not ok:
+        raise ValueError("attention (triton): tma=True needs 16-byte aligned data and batch / head / token strides, "
+                         "unit last stride and head-dim pieces of at least 16 bytes")
+    use = ok and (tma or (arch in ATTN_TMA_ARCHS and precision != "ieee"))
+    if use:
+        ensure_scratch_allocator()  # the descriptors live in per-launch global scratch (per thread)
+    return use
+
+
 def _check_index_range(**tensors: Optional[torch.Tensor]) -> None:
     """Within one (batch, head) slice the kernels offset tokens in int32 (``offs * stride_t``; the
     batch and head offsets are int64): raise before launch where that would wrap."""
@@ -119,7 +154,8 @@ def _bias_args(bias: Optional[torch.Tensor], b: int, h: int, tk: int, dummy: tor
 
 
 def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor, lse: torch.Tensor,
-                   kv_splits: Optional[int] = None, seqs: Optional[PackedSeqs] = None) -> None:
+                   kv_splits: Optional[int] = None, seqs: Optional[PackedSeqs] = None,
+                   tma: Optional[bool] = None) -> None:
     """Forward into ``out`` (B, H, Tq, D), any strides with unit last stride, and ``lse``
     (contiguous fp32 (B, H, Tq)). q (B, H, Tq, D), k / v (B, Hkv, Tk, D) views with unit last
     stride; ``bias`` None or fp32 broadcastable to (B, H, Tk). Allocates nothing, except for a
@@ -132,7 +168,9 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
     merge kernel combines them through their lse into ``out`` and ``lse`` (the lse the backward
     reads, exact up to fp32 rounding).
 
-    ``seqs``: a packed launch (:class:`PackedSeqs`; no bias, never split)."""
+    ``seqs``: a packed launch (:class:`PackedSeqs`; no bias, never split). ``tma``: q / k / v
+    (and out) through TMA descriptors (:func:`_attn_use_tma`: None where the arch takes them and
+    the tensors are addressable)."""
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     if b * h * tq == 0:
@@ -150,6 +188,7 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
                                                   _seq_config_tk(tk, seqs), sms, kv_splits)
     programs = triton.cdiv(tq, config.meta["BLOCK_M"]) * b * h
     bias_args = _bias_args(bias, b, h, tk, q)
+    use_tma = _attn_use_tma(tma, arch, precision, q, k, v, *(() if kv_splits > 1 else (out,)), pieces=(da, db))
     if kv_splits > 1:
         o_part = torch.empty((kv_splits, b * h, tq, d), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((kv_splits, b * h, tq), device=q.device, dtype=torch.float32)
@@ -157,7 +196,7 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
                *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], o_part.stride(0), lse_part.stride(0),
                h, h // hkv, tq, tk, max(scale, _FP32_TINY) * _LOG2E, per_split,
                HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
-               PRECISION="ieee" if precision == "16bit" else precision, config=config)
+               PRECISION="ieee" if precision == "16bit" else precision, TMA=use_tma, config=config)
         merge = _ATTN_MERGE_CONFIGS[128 if _next_pow2(d) <= 128 else 256]
         launch(_attention_fwd_merge_kernel, (triton.cdiv(tq, merge.meta["BLOCK_M"]) * b * h,),
                o_part, lse_part, out, lse, o_part.stride(0), lse_part.stride(0), *_strides3(out), h, tq, kv_splits,
@@ -169,7 +208,7 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
            *st(q), *st(k), *st(v), *bias_args[1:], *st(out),
            h, h // hkv, tq, tk, max(scale, _FP32_TINY) * _LOG2E, *seq_args,
            HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
-           PRECISION="ieee" if precision == "16bit" else precision, VARLEN=varlen, config=config)
+           PRECISION="ieee" if precision == "16bit" else precision, VARLEN=varlen, TMA=use_tma, config=config)
 
 
 def _attention_bwd(dout, q, k, v, out, lse, dlse, bias, causal: bool, scale: float, deterministic: bool,

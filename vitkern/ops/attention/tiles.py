@@ -10,6 +10,11 @@ k / v in the dK/dV kernel) are loaded once with masks, zero past T and past D
 past D repeat a valid row / column (``tl.minimum(offs, T - 1)``, :func:`_attn_cols`), and the other
 operand's zero tail or the score mask cancels them (masked loads in the loops cost registers that
 spilled for head dims like 72 and 104).
+
+With TMA (sm_90, the launcher's ``TMA`` constexpr) the tiles come through tensor descriptors
+built by each program for its own ``(rows, D)`` slice (:func:`_attn_descs`): the copy engine
+zero-fills rows past T and columns past D and drops stores there, so neither masks nor clamped
+rows are computed, and a packed sequence's descriptor ends at the sequence's last row.
 """
 
 from __future__ import annotations
@@ -211,6 +216,50 @@ def _attn_store_tile(base, stride_t, x_a, x_b, offs_t, n_t, offs_da, offs_db,
     if BLOCK_DB > 0:
         _attn_store(base + offs_t[:, None] * stride_t + offs_db[None, :], x_b,
                     offs_t, n_t, offs_db, HEAD_DIM, BLOCK_DA + BLOCK_DB > HEAD_DIM)
+
+
+@register_helper
+@triton.jit
+def _attn_descs(base, rows, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
+    """TMA descriptors of the ``(rows, HEAD_DIM)`` slice at ``base`` (token stride ``stride_t``,
+    unit last stride), one per head-dim piece: ``(BLOCK_R, BLOCK_DA)`` tiles at column 0 and
+    ``(BLOCK_R, BLOCK_DB)`` tiles at column BLOCK_DA (without a second piece the second is the
+    first, a placeholder). Loads past ``rows`` / HEAD_DIM read 0; stores there are dropped. A slice
+    of no rows (a packed sequence without keys) is given one: it is never loaded from, and a
+    descriptor's extents must be positive. The launcher checks the 16-byte alignment of the base
+    and the strides (:func:`~vitkern.ops.attention.launch._attn_tma_ok`)."""
+    rows = tl.maximum(rows, 1)
+    desc_a = tl.make_tensor_descriptor(base, [rows, HEAD_DIM], [stride_t, 1], [BLOCK_R, BLOCK_DA])
+    if BLOCK_DB > 0:
+        desc_b = tl.make_tensor_descriptor(base, [rows, HEAD_DIM], [stride_t, 1], [BLOCK_R, BLOCK_DB])
+    else:
+        desc_b = desc_a
+    return desc_a, desc_b
+
+
+@register_helper
+@triton.jit
+def _attn_desc_load(desc_a, desc_b, row, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
+    """The tile pieces starting at ``row`` of :func:`_attn_descs`' slice as dot operands (zero past
+    its rows and the head dim); without a second piece the second is the first."""
+    x_a = dot_operand(desc_a.load([row, 0]))
+    if BLOCK_DB > 0:
+        x_b = dot_operand(desc_b.load([row, BLOCK_DA]))
+    else:
+        x_b = x_a
+    return x_a, x_b
+
+
+@register_helper
+@triton.jit
+def _attn_desc_store(desc_a, desc_b, row, x_a, x_b, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr):
+    """Store the fp32 pieces ``x_a`` / ``x_b`` rounded to the slice's dtype as the rows from
+    ``row`` of :func:`_attn_descs`' slice (rows past its end and columns past the head dim are
+    dropped by the copy engine)."""
+    desc_a.store([row, 0], round_to(x_a, desc_a.dtype))
+    if BLOCK_DB > 0:
+        desc_b.store([row, BLOCK_DA], round_to(x_b, desc_b.dtype))
 
 
 @register_helper
