@@ -341,7 +341,7 @@ def test_backward_grid_on_many_sms(device, monkeypatch, n, residual):
 def test_forward_pieces():
     """The register-path forward holds a row as one or two power-of-two pieces, two where that
     pads less: the ViT widths without padding lanes."""
-    pieces = ln_configs._fwd_pieces
+    pieces = ln_configs._row_pieces
     assert pieces(768) == (512, 256) and pieces(1280) == (1024, 256) and pieces(1152) == (1024, 128)
     assert pieces(384) == (256, 128) and pieces(192) == (128, 64) and pieces(6144) == (4096, 2048)
     assert pieces(1024) == (1024, 0) and pieces(1000) == (1024, 0) and pieces(197) == (256, 0)
@@ -396,7 +396,9 @@ def test_backward_programs_fit_on_the_sms(full):
     rows = [r for r in report.rows if r["kernel"] == "_layer_norm_bwd_kernel"]
     assert rows and not report.failures()
     for r in rows:
-        block_n = int(re.search(r"BLOCK_N=(\d+)", r["config"]).group(1))
+        # a two-piece row (BLOCK_N + BLOCK_N2) runs its one-piece entry: the next power of two
+        pieces = [int(v) for v in re.findall(r"BLOCK_N2?=(\d+)", r["config"])]
+        block_n = ln_configs._block_n(sum(pieces))
         table = ln_configs._BWD_CONFIGS_SM90 if r["arch"] == 90 and block_n in ln_configs._BWD_CONFIGS_SM90 \
             else ln_configs._BWD_CONFIGS
         per_sm = table[block_n][1]

@@ -100,27 +100,27 @@ def _for_interpreter(config: KernelConfig, grow: str = "BLOCK_M", other: str = "
     return dataclasses.replace(config, meta=meta)
 
 
-#: The smallest second piece of a two-piece forward row (narrower tails round up to it).
+#: The smallest second piece of a two-piece row (narrower tails round up to it).
 _MIN_PIECE = 32
 #: Piece pairs kept as one piece: 1536 = 1024 + 512 spilled 8 bytes on sm_80 under Triton 3.6
 #: (fp16, 4 warps; 8 warps spill 16-bit rows elsewhere), so it stays one 2048-wide piece.
-_FWD_PIECES_EXCLUDED = {(1024, 512)}
+_ROW_PIECES_EXCLUDED = {(1024, 512)}
 
 
-def _fwd_pieces(n: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_N2) of the register-path forward for width ``n`` (1..8192): the row as
+def _row_pieces(n: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_N2) of the register paths (forward and backward) for width ``n`` (1..8192): the row as
     one power-of-two piece, or as two (the largest power of two <= n, then the next power of two
     >= the rest, at least _MIN_PIECE) where those hold fewer padded lanes: 768 = 512 + 256, 1280 =
     1024 + 256, 1152 = 1024 + 128, 384 = 256 + 128, 192 = 128 + 64 (no padding); 1000 and 197 keep
     one piece (1024, 256: two pieces would pad as much), and so do the pairs in
-    _FWD_PIECES_EXCLUDED."""
+    _ROW_PIECES_EXCLUDED."""
     single = _block_n(n)
     head = 1 << (n.bit_length() - 1)
     rest = n - head
     if head < 128 or rest == 0:
         return single, 0
     tail = max(_MIN_PIECE, 1 << (rest - 1).bit_length())
-    if head + tail >= single or (head, tail) in _FWD_PIECES_EXCLUDED:
+    if head + tail >= single or (head, tail) in _ROW_PIECES_EXCLUDED:
         return single, 0
     return head, tail
 
@@ -133,7 +133,7 @@ def _fwd_config(n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[bool, Kern
     768 spilled 8 bytes on sm_90 under Triton 3.6 (ptxas kept 32 registers)."""
     if n > _MAX_FUSED_N:
         return True, _for_interpreter(_FWD_LOOPED_CONFIG)
-    head, tail = _fwd_pieces(n)
+    head, tail = _row_pieces(n)
     config = _FWD_CONFIGS[head]
     if tail and dtype == torch.float32 and config.num_warps < 8:
         config = dataclasses.replace(config, num_warps=2 * config.num_warps)
@@ -150,6 +150,10 @@ def _bwd_config(n: int, device=None) -> tuple[bool, KernelConfig, int]:
     block_n = _block_n(n)
     table = _BWD_CONFIGS_SM90 if block_n in _BWD_CONFIGS_SM90 and device_arch(device) == 90 else _BWD_CONFIGS
     config, per_sm = table[block_n]
+    # a two-piece row keeps its one-piece entry (rows per block, warps, stages, programs per SM)
+    # and holds fewer elements: no more registers or shared memory per program than the entry's
+    head, tail = _row_pieces(n)
+    config = dataclasses.replace(config, meta={**config.meta, "BLOCK_N": head, "BLOCK_N2": tail})
     return False, _for_interpreter(config), per_sm
 
 

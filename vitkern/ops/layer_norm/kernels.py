@@ -5,7 +5,8 @@ several rows per program for narrow ones; a row as one or two power-of-two piece
 1280 wide rows carry no padding lanes) and saves fp32 mean / rstd;
 ``_layer_norm_fwd_looped_kernel`` takes wider rows in chunks (Chan's merge of per-chunk mean and
 M2, then a normalising pass). Backward: ``_layer_norm_bwd_kernel`` (register path) and
-``_layer_norm_bwd_looped_kernel`` write dX in one pass and keep dW / dB partial sums per program
+``_layer_norm_bwd_looped_kernel`` write dX in one pass (the register path's rows in the forward's
+pieces) and keep dW / dB partial sums per program
 over a persistent grid, which ``_layer_norm_bwd_dwdb_kernel`` reduces. The add variant is the
 same kernels with HAS_RESIDUAL (forward writes ``s`` too) / HAS_DS (backward adds the gradient of
 ``s``); HAS_DX_LOW writes dX a second time in a 16-bit dtype in the same pass (the gradient of a
@@ -173,6 +174,24 @@ def _bwd_store_dx(DX, DX_LOW, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, str
         tl.store(DX_LOW + offs, round_to(dx, DX_LOW.dtype.element_ty), mask=mask)
 
 
+@register_helper
+@triton.jit
+def _bwd_piece(DY, X, w, rows, row_mask, cols, col_mask, mean, rstd, stride_dym, stride_dyn, stride_xm, stride_xn,
+               HAS_WEIGHT: tl.constexpr):
+    """The register-path backward's columns ``cols`` (one power-of-two piece of the row) of its
+    row block: (mask, dy, xhat, w*dy), fp32, zero outside the mask; ``w`` is the piece's weight,
+    loaded once per program."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    if HAS_WEIGHT:
+        wdy = dy * w[None, :]
+    else:
+        wdy = dy
+    return mask, dy, xhat, wdy
+
+
 @register_kernel
 @triton.jit
 def _layer_norm_bwd_kernel(
@@ -181,13 +200,16 @@ def _layer_norm_bwd_kernel(
     stride_dym, stride_dyn, stride_xm, stride_xn, stride_dsm, stride_dsn, stride_dxm,
     HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, HAS_DX_LOW: tl.constexpr,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """dX for BLOCK_M whole rows at a time (N <= BLOCK_N), persistent over row blocks.
+    """dX for BLOCK_M whole rows at a time (N <= BLOCK_N + BLOCK_N2), persistent over row blocks.
 
-    dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)): one pass over x and dy. Each
-    program keeps its dW / dB partial sums in fp32 registers and writes one row of partials at the
-    end (summed by _layer_norm_bwd_dwdb_kernel). With HAS_DS the gradient of the returned sum
+    dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)): one pass over x and dy. A row is
+    one power-of-two piece or, with BLOCK_N2 > 0, two (BLOCK_N, then BLOCK_N2 from column
+    BLOCK_N), as in the forward: 768 = 512 + 256 carries no padding lanes (one 1024-wide piece
+    left a quarter of them idle, with their registers and shared-memory stages). Each program
+    keeps its dW / dB partial sums in fp32 registers and writes one row of partials at the end
+    (summed by _layer_norm_bwd_dwdb_kernel). With HAS_DS the gradient of the returned sum
     s = x + residual is added to dX (add variant). NUM_STAGES > 1 prefetches the next row block
     (cp.async on sm_80+).
     """
@@ -195,38 +217,63 @@ def _layer_norm_bwd_kernel(
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
+    w = 0.0  # without a weight: a placeholder, never read
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     if COMPUTE_DW:
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if COMPUTE_DB:
         db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_N2 > 0:
+        cols2 = BLOCK_N + tl.arange(0, BLOCK_N2)
+        col_mask2 = cols2 < N
+        w2 = 0.0
+        if HAS_WEIGHT:
+            w2 = tl.load(W + cols2, mask=col_mask2, other=0.0).to(tl.float32)
+        if COMPUTE_DW:
+            dw_acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+        if COMPUTE_DB:
+            db_acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
     num_row_blocks = tl.cdiv(M, BLOCK_M)
     for rb in tl.range(pid, num_row_blocks, num_programs, num_stages=NUM_STAGES):
         rows = tl.cast(rb, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
-        mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        if HAS_WEIGHT:
-            wdy = dy * w[None, :]
-        else:
-            wdy = dy
-        c1 = tl.sum(xhat * wdy, axis=1) / N
-        c2 = tl.sum(wdy, axis=1) / N
+        mask, dy, xhat, wdy = _bwd_piece(DY, X, w, rows, row_mask, cols, col_mask, mean, rstd,
+                                         stride_dym, stride_dyn, stride_xm, stride_xn, HAS_WEIGHT)
+        c1 = tl.sum(xhat * wdy, axis=1)
+        c2 = tl.sum(wdy, axis=1)
+        if BLOCK_N2 > 0:
+            mask2, dy2, xhat2, wdy2 = _bwd_piece(DY, X, w2, rows, row_mask, cols2, col_mask2, mean, rstd,
+                                                 stride_dym, stride_dyn, stride_xm, stride_xn, HAS_WEIGHT)
+            c1 += tl.sum(xhat2 * wdy2, axis=1)
+            c2 += tl.sum(wdy2, axis=1)
+        c1 = c1 / N
+        c2 = c2 / N
         _bwd_store_dx(DX, DX_LOW, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
                       HAS_DS, HAS_DX_LOW)
         if COMPUTE_DW:
             dw_acc += dy * xhat
         if COMPUTE_DB:
             db_acc += dy
+        if BLOCK_N2 > 0:
+            _bwd_store_dx(DX, DX_LOW, DS, rows, cols2, mask2, xhat2, wdy2, c1, c2, rstd, stride_dsm, stride_dsn,
+                          stride_dxm, HAS_DS, HAS_DX_LOW)
+            if COMPUTE_DW:
+                dw_acc2 += dy2 * xhat2
+            if COMPUTE_DB:
+                db_acc2 += dy2
+    partial = pid.to(tl.int64) * N
     if COMPUTE_DW:
-        tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        tl.store(DW_PARTIAL + partial + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     if COMPUTE_DB:
-        tl.store(DB_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+        tl.store(DB_PARTIAL + partial + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    if BLOCK_N2 > 0:
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + partial + cols2, tl.sum(dw_acc2, axis=0), mask=col_mask2)
+        if COMPUTE_DB:
+            tl.store(DB_PARTIAL + partial + cols2, tl.sum(db_acc2, axis=0), mask=col_mask2)
 
 
 @register_helper
