@@ -192,6 +192,52 @@ def _bwd_piece(DY, X, w, rows, row_mask, cols, col_mask, mean, rstd, stride_dym,
     return mask, dy, xhat, wdy
 
 
+@register_helper
+@triton.jit
+def _bwd_piece_state(W, cols, N, BLOCK_M: tl.constexpr, PIECE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr):
+    """A piece's per-program state: (column mask, fp32 weight, dW and dB accumulators of
+    (BLOCK_M, PIECE)); 0.0 placeholders, never read, where a flag is off."""
+    col_mask = cols < N
+    w = 0.0
+    dw_acc = 0.0
+    db_acc = 0.0
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if COMPUTE_DW:
+        dw_acc = tl.zeros((BLOCK_M, PIECE), dtype=tl.float32)
+    if COMPUTE_DB:
+        db_acc = tl.zeros((BLOCK_M, PIECE), dtype=tl.float32)
+    return col_mask, w, dw_acc, db_acc
+
+
+@register_helper
+@triton.jit
+def _bwd_piece_finish(DX, DX_LOW, DS, rows, cols, mask, dy, xhat, wdy, c1, c2, rstd, dw_acc, db_acc,
+                      stride_dsm, stride_dsn, stride_dxm, HAS_DS: tl.constexpr, HAS_DX_LOW: tl.constexpr,
+                      COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr):
+    """A piece's dX stored (:func:`_bwd_store_dx`) and its share added to the dW / dB
+    accumulators, which it returns."""
+    _bwd_store_dx(DX, DX_LOW, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
+                  HAS_DS, HAS_DX_LOW)
+    if COMPUTE_DW:
+        dw_acc += dy * xhat
+    if COMPUTE_DB:
+        db_acc += dy
+    return dw_acc, db_acc
+
+
+@register_helper
+@triton.jit
+def _bwd_piece_partials(DW_PARTIAL, DB_PARTIAL, partial, cols, col_mask, dw_acc, db_acc,
+                        COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr):
+    """A piece's columns of this program's dW / dB partial rows (at element ``partial``)."""
+    if COMPUTE_DW:
+        tl.store(DW_PARTIAL + partial + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+    if COMPUTE_DB:
+        tl.store(DB_PARTIAL + partial + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
 @register_kernel
 @triton.jit
 def _layer_norm_bwd_kernel(
@@ -216,24 +262,11 @@ def _layer_norm_bwd_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    w = 0.0  # without a weight: a placeholder, never read
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if COMPUTE_DW:
-        dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if COMPUTE_DB:
-        db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    col_mask, w, dw_acc, db_acc = _bwd_piece_state(W, cols, N, BLOCK_M, BLOCK_N, HAS_WEIGHT, COMPUTE_DW, COMPUTE_DB)
     if BLOCK_N2 > 0:
         cols2 = BLOCK_N + tl.arange(0, BLOCK_N2)
-        col_mask2 = cols2 < N
-        w2 = 0.0
-        if HAS_WEIGHT:
-            w2 = tl.load(W + cols2, mask=col_mask2, other=0.0).to(tl.float32)
-        if COMPUTE_DW:
-            dw_acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
-        if COMPUTE_DB:
-            db_acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+        col_mask2, w2, dw_acc2, db_acc2 = _bwd_piece_state(W, cols2, N, BLOCK_M, BLOCK_N2, HAS_WEIGHT, COMPUTE_DW,
+                                                           COMPUTE_DB)
     num_row_blocks = tl.cdiv(M, BLOCK_M)
     for rb in tl.range(pid, num_row_blocks, num_programs, num_stages=NUM_STAGES):
         rows = tl.cast(rb, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -251,29 +284,18 @@ def _layer_norm_bwd_kernel(
             c2 += tl.sum(wdy2, axis=1)
         c1 = c1 / N
         c2 = c2 / N
-        _bwd_store_dx(DX, DX_LOW, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dsn, stride_dxm,
-                      HAS_DS, HAS_DX_LOW)
-        if COMPUTE_DW:
-            dw_acc += dy * xhat
-        if COMPUTE_DB:
-            db_acc += dy
+        dw_acc, db_acc = _bwd_piece_finish(DX, DX_LOW, DS, rows, cols, mask, dy, xhat, wdy, c1, c2, rstd, dw_acc,
+                                           db_acc, stride_dsm, stride_dsn, stride_dxm, HAS_DS, HAS_DX_LOW,
+                                           COMPUTE_DW, COMPUTE_DB)
         if BLOCK_N2 > 0:
-            _bwd_store_dx(DX, DX_LOW, DS, rows, cols2, mask2, xhat2, wdy2, c1, c2, rstd, stride_dsm, stride_dsn,
-                          stride_dxm, HAS_DS, HAS_DX_LOW)
-            if COMPUTE_DW:
-                dw_acc2 += dy2 * xhat2
-            if COMPUTE_DB:
-                db_acc2 += dy2
+            dw_acc2, db_acc2 = _bwd_piece_finish(DX, DX_LOW, DS, rows, cols2, mask2, dy2, xhat2, wdy2, c1, c2, rstd,
+                                                 dw_acc2, db_acc2, stride_dsm, stride_dsn, stride_dxm, HAS_DS,
+                                                 HAS_DX_LOW, COMPUTE_DW, COMPUTE_DB)
     partial = pid.to(tl.int64) * N
-    if COMPUTE_DW:
-        tl.store(DW_PARTIAL + partial + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
-    if COMPUTE_DB:
-        tl.store(DB_PARTIAL + partial + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    _bwd_piece_partials(DW_PARTIAL, DB_PARTIAL, partial, cols, col_mask, dw_acc, db_acc, COMPUTE_DW, COMPUTE_DB)
     if BLOCK_N2 > 0:
-        if COMPUTE_DW:
-            tl.store(DW_PARTIAL + partial + cols2, tl.sum(dw_acc2, axis=0), mask=col_mask2)
-        if COMPUTE_DB:
-            tl.store(DB_PARTIAL + partial + cols2, tl.sum(db_acc2, axis=0), mask=col_mask2)
+        _bwd_piece_partials(DW_PARTIAL, DB_PARTIAL, partial, cols2, col_mask2, dw_acc2, db_acc2, COMPUTE_DW,
+                            COMPUTE_DB)
 
 
 @register_helper
