@@ -132,19 +132,3 @@ def test_deterministic_run_to_run():
         assert torch.equal(a, c)
 
 
-def test_attention_runs_the_prologue_kernel(monkeypatch):
-    """vitkern.attention with q_norm / rope under "triton" goes through the prologue op."""
-    calls = []
-    real = torch.ops.vitkern.qk_prologue_fwd
-
-    class _Spy:
-        def __call__(self, *a):
-            calls.append(a[0].shape)
-            return real(*a)
-
-    import vitkern.ops.qk_prologue.op as pl_op
-    monkeypatch.setattr(pl_op.torch.ops.vitkern, "qk_prologue_fwd", _Spy(), raising=False)
-    q = torch.randn(1, 2, 5, 16)
-    t = vitkern.Rope2D(16, grid_size=(2, 2)).tables()
-    vitkern.attention(q, q, q, q_norm=QKNorm("rms", torch.ones(16)), rope=t, num_prefix_tokens=1)
-    assert len(calls) == 2

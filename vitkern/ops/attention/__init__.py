@@ -54,7 +54,9 @@ Files (this one: the public functions and the backend registration):
   torch's ``varlen_attn`` where it applies, else a per-sequence SDPA loop.
 - ``sdpa.py``: the drop-in ``scaled_dot_product_attention`` and its routing.
 - ``configs.py``: the kernel config tables and the head-dim split.
-- ``tiles.py``, ``forward.py``, ``backward.py``: the ``@triton.jit`` kernels and their helpers.
+- ``tiles.py``, ``forward.py``, ``backward.py``: the ``@triton.jit`` kernels and their helpers;
+  ``prologue.py``: the QK-norm / RoPE prologue applied inside them (op ``"attention_prologue"``,
+  which ``attention`` calls when a prologue is given).
 - ``launch.py``: the launchers (config, grid, launch).
 - ``op.py``: the registered ops with autograd, and backend "triton"'s implementation functions.
 - ``compile_cases.py``: the static compile check's cases.
@@ -82,6 +84,8 @@ from vitkern.ops.attention.native import (
     attention_varlen_torch_supports,
 )
 from vitkern.ops.attention.op import (
+    _attention_prologue_triton,
+    _attention_prologue_triton_supports,
     _attention_qkvpacked_triton,
     _attention_qkvpacked_triton_supports,
     _attention_qkvpacked_varlen_triton,
@@ -99,7 +103,7 @@ from vitkern.ops.attention.reference import (
     attention_varlen_ref,
 )
 from vitkern.ops.attention.sdpa import scaled_dot_product_attention
-from vitkern.ops.qk_prologue import QKNorm, RopeTables, check_prologue, prologue_requested, qk_prologue
+from vitkern.ops.qk_prologue import QKNorm, RopeTables, check_prologue, prologue_requested, qk_prologue_ref
 
 __all__ = [
     "attention",
@@ -142,16 +146,50 @@ def _key_padding_bias(key_padding_mask, b: int, tk: int, device: torch.device) -
     return torch.where(key_padding_mask, 0.0, float("-inf")).to(torch.float32).unsqueeze(1)
 
 
-def _apply_prologue(q, k, q_norm, k_norm, rope, num_prefix_tokens):
-    """q / k through the QK-norms and the rotation (see :mod:`vitkern.ops.attention.prologue`)."""
+def _prologue_call(q, k, q_norm, k_norm, rope, num_prefix_tokens) -> tuple[tuple, dict]:
+    """The checked prologue arguments flattened for op "attention_prologue": the tensors
+    ``(q_weight, q_bias, k_weight, k_bias, sin, cos)`` and the keywords (kinds, eps, layout,
+    prefix); see :mod:`vitkern.ops.qk_prologue`."""
     b, h, t, d = q.shape
     if rope is not None and k.shape[2] != t:
         raise ValueError(f"rope needs self-attention (Tq == Tk); q has {t} tokens, k {k.shape[2]}")
-    if rope is not None and k.shape[1] != h and getattr(rope, "sin", None) is not None and rope.sin.dim() == 3:
-        raise ValueError(f"rope: per-head tables need as many k heads as q heads ({k.shape[1]} vs {h})")
     q_norm, k_norm, rope, n = check_prologue(q_norm, k_norm, rope, num_prefix_tokens, heads=h, tokens=t,
                                              head_dim=d, device=q.device)
-    return qk_prologue(q, q_norm, rope, n), qk_prologue(k, k_norm, rope, n)
+    if rope is not None and k.shape[1] != h and rope.sin.dim() == 3:
+        raise ValueError(f"rope: per-head tables need as many k heads as q heads ({k.shape[1]} vs {h})")
+
+    def norm_parts(norm):
+        if norm is None:
+            return (None, None), dict(kind=None, eps=0.0)
+        return (norm.weight, norm.bias), dict(kind=norm.kind, eps=float(norm.eps))
+
+    (qw, qb), qn = norm_parts(q_norm)
+    (kw, kb), kn = norm_parts(k_norm)
+    tensors = (qw, qb, kw, kb, rope.sin if rope is not None else None, rope.cos if rope is not None else None)
+    return tensors, dict(q_norm=qn["kind"], q_eps=qn["eps"], k_norm=kn["kind"], k_eps=kn["eps"],
+                         rope_layout=rope.layout if rope is not None else None, num_prefix_tokens=n)
+
+
+def _composed_prologue(attention_fn):
+    """An "attention_prologue" implementation: the reference prologue (PyTorch ops) on q and k,
+    then ``attention_fn``."""
+
+    def impl(q, k, v, q_weight, q_bias, k_weight, k_bias, sin, cos, *, q_norm, q_eps, k_norm, k_eps, rope_layout,
+             num_prefix_tokens, **kwargs):
+        layout = rope_layout or "interleaved"
+        q = qk_prologue_ref(q, q_weight, q_bias, sin, cos, q_norm, q_eps, layout, num_prefix_tokens)
+        k = qk_prologue_ref(k, k_weight, k_bias, sin, cos, k_norm, k_eps, layout, num_prefix_tokens)
+        return attention_fn(q, k, v, **kwargs)
+
+    return impl
+
+
+def _composed_supports(supports):
+    def check(q, k, v, q_weight, q_bias, k_weight, k_bias, sin, cos, *, q_norm, q_eps, k_norm, k_eps, rope_layout,
+              num_prefix_tokens, **kwargs):
+        return supports(q, k, v, **kwargs)
+
+    return check
 
 
 def attention(
@@ -189,9 +227,11 @@ def attention(
             norms; needs ``Tq == Tk`` (self-attention).
         num_prefix_tokens: the leading tokens (class / register) that the rotation skips.
         The prologue (norms, rotation) follows ``vitkern.ops.qk_prologue``: float32 inside, q / k's
-        dtype out; gradients flow to q, k, the norms' weights and the tables. It runs as its own
-        pass over q and k (one kernel each way) before the attention kernel, not yet inside the
-        attention kernels' q / k loads.
+        dtype out; gradients flow to q, k, the norms' weights and the tables. Backend "triton"
+        applies q's inside the forward kernels' q loads and k's in one pass over k, and both
+        inverses in the backward kernels' epilogues (:mod:`vitkern.ops.attention.prologue`;
+        "half" rotations whose head dim is not one power-of-two tile, and negative scales, run
+        the prologue's own kernels before the attention kernels instead).
         key_padding_mask: ``(B, Tk)`` bool, True for the keys each batch element may attend to
             (a padded batch of mixed-length sequences). The kernels read it as one ``(Tk,)`` row
             per batch element (an additive 0 / -inf bias), never a ``(B, 1, Tq, Tk)`` mask. A
@@ -234,14 +274,16 @@ def attention(
         q, k, v = cast_floating(ac, q, k, v)
     else:
         check_same_dtype(q=q, k=k, v=v)
-    if prologue_requested(q_norm, k_norm, rope):
-        q, k = _apply_prologue(q, k, q_norm, k_norm, rope, num_prefix_tokens)
-    elif num_prefix_tokens != 0:
-        check_prologue(None, None, None, num_prefix_tokens, heads=h, tokens=q.shape[2], head_dim=d, device=device)
     kwargs = dict(
         causal=causal, scale=scale, return_lse=return_lse, deterministic=deterministic,
         key_padding_bias=_key_padding_bias(key_padding_mask, b, tk, device),
     )
+    if prologue_requested(q_norm, k_norm, rope):
+        tensors, flags = _prologue_call(q, k, q_norm, k_norm, rope, num_prefix_tokens)
+        impl = select_impl("attention_prologue", device, q, k, v, *tensors, **flags, **kwargs)
+        return impl(q, k, v, *tensors, **flags, **kwargs)
+    if num_prefix_tokens != 0:
+        check_prologue(None, None, None, num_prefix_tokens, heads=h, tokens=q.shape[2], head_dim=d, device=device)
     impl = select_impl("attention", device, q, k, v, **kwargs)
     return impl(q, k, v, **kwargs)
 
@@ -462,6 +504,12 @@ register_impl("attention", "torch", attention_torch, attention_torch_supports)
 register_impl("attention_qkvpacked", "torch", attention_qkvpacked_torch, attention_qkvpacked_torch_supports)
 register_impl("attention", "triton", _attention_triton, _attention_triton_supports, dtypes=TRITON_DTYPES)
 register_impl("attention_qkvpacked", "triton", _attention_qkvpacked_triton, _attention_qkvpacked_triton_supports,
+              dtypes=TRITON_DTYPES)
+
+register_impl("attention_prologue", "reference", _composed_prologue(attention_ref))
+register_impl("attention_prologue", "torch", _composed_prologue(attention_torch),
+              _composed_supports(attention_torch_supports))
+register_impl("attention_prologue", "triton", _attention_prologue_triton, _attention_prologue_triton_supports,
               dtypes=TRITON_DTYPES)
 
 register_impl("attention_varlen", "reference", attention_varlen_ref)

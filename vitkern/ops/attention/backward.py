@@ -36,6 +36,7 @@ from vitkern.ops.attention.tiles import (
     _attn_zeros,
     _wgmma_rule,
 )
+from vitkern.ops.attention.prologue import _attn_prologue_grad
 
 #: How the dK/dV step forms dQ (the DQ_MODE constexpr): not at all (the separate dQ kernel runs),
 #: fp32 atomics into a zeroed buffer, or the fused kernel's per-program scratch.
@@ -125,6 +126,26 @@ def _attn_bwd_dq_piece(dq, scratch_ptrs, out_ptrs, offs_m, Tq, offs_c, sm_scale,
         _attn_store(out_ptrs, dq * sm_scale, offs_m, Tq, offs_c, HEAD_DIM, MASK_C)
     else:
         tl.store(scratch_ptrs, dq)
+
+
+@register_helper
+@triton.jit
+def _attn_bwd_store_dx(DX, stride_dxt, dx_a, dx_b, offs_t, n_t, offs_da, offs_db, h, pid_bh, t_rot,
+                       XRAW, stride_xt, NW, NB, SIN, COS, stride_rh, stride_rt, PREFIX, norm_eps,
+                       DW_PART, DB_PART, DSIN_PART, DCOS_PART,
+                       ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                       NORM: tl.constexpr, ROPE: tl.constexpr):
+    """Store the kept tile's gradient (fp32 pieces, scaled) into ``DX`` (the slice of its (batch,
+    head)), through the prologue's inverse first when NORM / ROPE ask for one
+    (:func:`~vitkern.ops.attention.prologue._attn_prologue_grad`; ``XRAW`` the raw slice, the
+    norm's partial row this program's, the tables' rows those of slice ``pid_bh`` of ``t_rot``
+    rotated tokens)."""
+    if NORM != 0 or ROPE != 0:
+        dx_a, dx_b = _attn_prologue_grad(
+            dx_a, dx_b, XRAW, stride_xt, offs_t, n_t, offs_da, offs_db, NW, NB, SIN, COS, stride_rh, stride_rt, h,
+            PREFIX, norm_eps, DW_PART, DB_PART, tl.program_id(0) * (BLOCK_DA + BLOCK_DB), DSIN_PART, DCOS_PART,
+            pid_bh * t_rot * HEAD_DIM, ROWS, HEAD_DIM, BLOCK_DA, BLOCK_DB, NORM, ROPE)
+    _attn_store_tile(DX, stride_dxt, dx_a, dx_b, offs_t, n_t, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
 
 
 @register_helper
@@ -268,14 +289,18 @@ def _attention_bwd_dkdv_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     H, HKV, GROUP, Tq, Tk, sm_scale,
     CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS,
+    XRAW, stride_xb, stride_xh, stride_xt, NW, NB, SIN, COS, stride_rh, stride_rt, PREFIX, norm_eps,
+    DW_PART, DB_PART, DSIN_PART, DCOS_PART,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DQ_MODE: tl.constexpr, PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
 ):
     """dK, dV of one key block of one kv head, summed over the query heads of its group. With
     DQ_MODE 1 (atomic) it also adds this block's share of dQ (times the scale) into the fp32 buffer DQ.
-    VARLEN: a key block of one packed sequence (see :func:`_attn_seq_program`)."""
+    VARLEN: a key block of one packed sequence (see :func:`_attn_seq_program`). NORM / ROPE
+    (dense batches): K is the prologue's output k', and dK goes through the prologue's inverse on
+    the raw keys ``XRAW`` (:func:`_attn_bwd_store_dx`)."""
     bk, bq, hk, start_n, tk, tq = _attn_seq_program(CU_K, CU_Q, NUM_SEQS, SEQ_BLOCKS, Tk, Tq, HKV, BLOCK_N, False,
                                                     VARLEN)
     stat_b, stat_h = _attn_stat_layout(bq, H, Tq, VARLEN)
@@ -290,10 +315,13 @@ def _attention_bwd_dkdv_kernel(
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, HAS_BIAS, DQ_MODE, PRECISION)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_da, offs_db, _, _ = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
-    _attn_store_tile(DK + bk * stride_dkb + hk * stride_dkh, stride_dkt, dk_a * sm_scale, dk_b * sm_scale,
-                     offs_n, Tk, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
     _attn_store_tile(DV + bk * stride_dvb + hk * stride_dvh, stride_dvt, dv_a, dv_b,
                      offs_n, Tk, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    _attn_bwd_store_dx(DK + bk * stride_dkb + hk * stride_dkh, stride_dkt, dk_a * sm_scale, dk_b * sm_scale,
+                       offs_n, Tk, offs_da, offs_db, hk, bk * HKV + hk, Tk - PREFIX,
+                       XRAW + bk * stride_xb + hk * stride_xh, stride_xt, NW, NB, SIN, COS, stride_rh, stride_rt,
+                       PREFIX, norm_eps, DW_PART, DB_PART, DSIN_PART, DCOS_PART,
+                       BLOCK_N, HEAD_DIM, BLOCK_DA, BLOCK_DB, NORM, ROPE)
 
 
 @register_kernel(expects_wgmma=_wgmma_rule("K", "BLOCK_N"))
@@ -393,12 +421,17 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     H, GROUP, Tq, Tk, sm_scale,
     CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS,
+    XRAW, stride_xb, stride_xh, stride_xt, NW, NB, SIN, COS, stride_rh, stride_rt, PREFIX, norm_eps,
+    DW_PART, DB_PART, DSIN_PART, DCOS_PART,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    NORM: tl.constexpr, ROPE: tl.constexpr,
 ):
     """dQ of one query block of one head (VARLEN: of one packed sequence), without atomics
-    (bit-reproducible)."""
+    (bit-reproducible). NORM / ROPE (dense batches): Q and K are the prologue's outputs q' / k',
+    and dQ goes through the prologue's inverse on the raw queries ``XRAW``
+    (:func:`_attn_bwd_store_dx`)."""
     bq, bk, h, start_m, tq, tk = _attn_seq_program(CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS, Tq, Tk, H, BLOCK_M, CAUSAL,
                                                    VARLEN)
     stat_b, stat_h = _attn_stat_layout(bq, H, Tq, VARLEN)
@@ -427,5 +460,8 @@ def _attention_bwd_dq_kernel(
         offs_m, cols_a, cols_b, n_full, n_end, Tq, Tk, sm_scale, qk_scale,
         BLOCK_N, BLOCK_DB, CAUSAL, HAS_BIAS, PRECISION)
 
-    _attn_store_tile(DQ + bq * stride_dqb + h * stride_dqh, stride_dqt, dq_a * sm_scale, dq_b * sm_scale,
-                     offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    _attn_bwd_store_dx(DQ + bq * stride_dqb + h * stride_dqh, stride_dqt, dq_a * sm_scale, dq_b * sm_scale,
+                       offs_m, Tq, offs_da, offs_db, h, bq * H + h, Tq - PREFIX,
+                       XRAW + bq * stride_xb + h * stride_xh, stride_xt, NW, NB, SIN, COS, stride_rh, stride_rt,
+                       PREFIX, norm_eps, DW_PART, DB_PART, DSIN_PART, DCOS_PART,
+                       BLOCK_M, HEAD_DIM, BLOCK_DA, BLOCK_DB, NORM, ROPE)

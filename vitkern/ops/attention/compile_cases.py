@@ -13,7 +13,8 @@ import contextlib
 import torch
 
 from vitkern.ops.attention.configs import _ATTN_FUSED_CONFIGS, _attn_pieces
-from vitkern.ops.attention.launch import PackedSeqs, _attention_bwd, _attention_fwd
+from vitkern.ops.attention.launch import PackedSeqs, TilePrologue, _attention_bwd, _attention_fwd
+from vitkern.ops.attention.prologue import ROPE_CODES
 from vitkern.ops.attention.op import _packed_views, _seq_view
 from vitkern.testing.compile_check import compile_cases
 
@@ -88,6 +89,31 @@ def _varlen_launches(dtype, lens, h, hkv, d, causal, max_known, packed, determin
     _attention_bwd(out, q, k, v, out, lse, None, None, causal, d ** -0.5, deterministic, dq, dk, dv, seqs=seqs)
 
 
+def _prologue_case_run(dtype, b, h, hkv, t, d, *, norm=1, affine=True, rope="interleaved", per_head=False,
+                       prefix=1, causal=False, packed=False, kv_splits=1):
+    """The fused QK-norm / RoPE launches as ``attention_prologue`` issues them: the forward with q's
+    prologue (k' made by the prologue's own kernel, a case of its own package), storing q'; the
+    backward reading q' / k' with both inverses and the norms' parameter gradients; the tables'
+    gradients where they are learned (the mixed RoPE's per-head tables)."""
+    with _case_dtype(dtype) as dtype:
+        if packed:
+            q, k, v = _packed_views(torch.empty((b, t, 3, h, d), dtype=dtype))
+        else:
+            q = torch.empty((b, h, t, d), dtype=dtype)
+            k, v = (torch.empty((b, hkv, t, d), dtype=dtype) for _ in range(2))
+        weight = torch.empty(d) if norm and affine else None
+        bias = torch.empty(d) if norm == 1 and affine else None
+        tables = torch.empty(((h,) if per_head else ()) + (t - prefix, d)) if rope else None
+        p = TilePrologue(norm, weight, bias, 1e-6, tables, tables, ROPE_CODES[rope], prefix, (True, True, per_head))
+        q_rot, k_rot = torch.empty(q.shape, dtype=dtype), torch.empty(k.shape, dtype=dtype)
+        out = torch.empty(q.shape, dtype=dtype)
+        lse = torch.empty((b, h, t), dtype=torch.float32)
+        _attention_fwd(q, k_rot, v, None, causal, d ** -0.5, out, lse, kv_splits=kv_splits, q_prologue=p, q_rot=q_rot)
+        dq, dk, dv = torch.empty(q.shape, dtype=dtype), torch.empty_like(k_rot), torch.empty_like(k_rot)
+        _attention_bwd(out, q_rot, k_rot, v, out, lse, None, None, causal, d ** -0.5, False, dq, dk, dv,
+                       q_prologue=p, k_prologue=p, q_raw=q, k_raw=k)
+
+
 @compile_cases
 def _attention_compile_cases():
     # the benchmark shapes (ViT-B/16 and ViT-H/14 through the packed path, SigLIP-so400m's head
@@ -124,6 +150,18 @@ def _attention_compile_cases():
     _case_run(torch.bfloat16, 2, 12, 12, 197, 197, 64, packed=True, bwd_mode="fused")
     _case_run(torch.bfloat16, 2, 16, 16, 257, 257, 80, packed=True, bwd_mode="fused")
     _case_run(torch.float16, 2, 8, 2, 100, 197, 64, causal=True, bias=True, bwd_mode="fused")
+    # the fused QK-norm / RoPE prologue: EVA-02 (LayerNorm, interleaved pairs, a class token,
+    # packed qkv), DINOv3 (halves, 5 prefix tokens, no norm), head dim 72's two pieces with GQA
+    # and causal, the mixed RoPE's per-head tables without a norm, RMSNorm alone at 128; fp32
+    # IEEE and TF32; the split-KV forward (B = 1)
+    _prologue_case_run(torch.bfloat16, 2, 12, 12, 197, 64, packed=True)
+    _prologue_case_run(torch.bfloat16, 2, 12, 12, 201, 64, norm=0, rope="half", prefix=5)
+    _prologue_case_run(torch.float16, 2, 8, 2, 100, 72, affine=False, causal=True)
+    _prologue_case_run(torch.bfloat16, 2, 12, 12, 196, 64, norm=0, per_head=True, prefix=0)
+    _prologue_case_run(torch.bfloat16, 2, 8, 8, 197, 128, norm=2, rope=None, prefix=0)
+    _prologue_case_run(torch.float32, 2, 4, 4, 197, 64)
+    _prologue_case_run("tf32", 2, 4, 4, 197, 64, rope="half")
+    _prologue_case_run(torch.bfloat16, 1, 12, 12, 197, 64, packed=True, kv_splits=2)
 
 
 @compile_cases(slow=True)
@@ -152,3 +190,6 @@ def _attention_compile_cases_all():
         _varlen_case_run(torch.bfloat16, (197, 197), 4, 4, d, causal=True, max_known=True, deterministic=True)
     for dtype in (torch.float32, "tf32"):
         _varlen_case_run(dtype, (197, 50), 4, 2, 72, causal=True)
+    # the fused prologue at the masked head dims of the 16-bit tables (_ATTN_PROLOGUE_MASKED_CONFIGS)
+    for d in (40, 72, 88, 104):
+        _prologue_case_run(torch.bfloat16, 2, 4, 2, 197, d, causal=True)

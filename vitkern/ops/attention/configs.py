@@ -108,6 +108,14 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
 # Head dims whose last tile has a masked tail (72 = 64 + 16 with 8 masked, 88, 104..120, 136..152,
 # 168..184, 200..248) need more registers for the same tiles: where a table is given here it
 # replaces the one above for them (every width listed).
+# The backward kernels with the QK-norm / RoPE inverse in their epilogue (prologue.py), masked
+# head dims: where a width is listed here it replaces _ATTN_MASKED_CONFIGS' entry.
+_ATTN_PROLOGUE_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] = {
+    # 3.8: 80 (72 = 64 + 8 masked) spilled 60 bytes at 16 x 64 with 8 warps (GQA, causal: 252
+    # registers without the epilogue)
+    ("dkdv", 80, "16bit"): ((128, _attn_cfg(80, 16, 32, 8, 1)),),
+}
+
 _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] = {
     # 3.6: 256 (200) spilled 140 bytes with 64 x 16 tiles; 48 (40 = 32 + 16, 8 masked) 16 with
     # 128 x 128, and 64 (56, 8 masked) 120 bytes with 128 x 128 in the single-loop kernel
@@ -313,7 +321,7 @@ def _attn_fused_bytes(programs: int, group: int, tq: int, width: int, block_m: i
 
 def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: int, heads: int, kv_heads: int,
                    tq: int, tk: int, sms: Optional[int], deterministic: bool, itemsize: int = 2,
-                   mode: Optional[str] = None) -> AttnBwdPlan:
+                   mode: Optional[str] = None, prologue: bool = False) -> AttnBwdPlan:
     """How the backward runs (``mode`` None picks; a given one is checked):
 
     - "fused" wherever it fits: a tile of its own (_ATTN_FUSED_CONFIGS: 16-bit, head dims
@@ -323,10 +331,13 @@ def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: i
       (:func:`_attn_fused_bytes`): on an H100 at head dim 64, T <= 257 (ViT-B/16, ViT-L/16 at
       224 px), not 577; at head dim 80 not 257 (see docs/perf-notes.md). Deterministic too.
     - else "dq_kernel" when ``deterministic`` or the head dim has a masked tail (the atomic
-      epilogue's variants spill there), else "atomic"."""
+      epilogue's variants spill there), else "atomic".
+
+    ``prologue``: the kernels run the QK-norm / RoPE inverse in their epilogues (always the dQ
+    kernel's mode), whose registers some tiles need (:data:`_ATTN_PROLOGUE_MASKED_CONFIGS`)."""
     if mode is not None and mode not in ATTN_BWD_MODES:
         raise ValueError(f"backward mode {mode!r}: expected one of {ATTN_BWD_MODES}")
-    config = _attn_config("dkdv", arch, precision, width, masked)
+    config = _attn_config("dkdv", arch, precision, width, masked, prologue=prologue)
     group = heads // kv_heads
     pairs = batch * kv_heads
     if mode is None:
@@ -341,7 +352,7 @@ def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: i
     if mode == "atomic" and masked:
         raise ValueError(f"backward mode 'atomic' takes head dims without a masked tail (padded width {width})")
     programs = -(-tk // config.meta["BLOCK_N"]) * pairs
-    dq_config = _attn_config("dq", arch, precision, width, masked) if mode == "dq_kernel" else None
+    dq_config = _attn_config("dq", arch, precision, width, masked, prologue=prologue) if mode == "dq_kernel" else None
     return AttnBwdPlan(mode, config, dq_config, programs)
 
 
@@ -357,7 +368,7 @@ def _attn_tk_bucket(tk: Optional[int]) -> Optional[int]:
 
 
 def _attn_config(kernel: str, arch: int, precision: str, width: int, masked: bool = False,
-                 tk: Optional[int] = None) -> KernelConfig:
+                 tk: Optional[int] = None, prologue: bool = False) -> KernelConfig:
     """The config for a padded head width; ``masked``: the head dim leaves a masked tail in its
     last tile (72, 88, 200, ...), which costs registers: _ATTN_MASKED_CONFIGS overrides there.
     ``tk``: the key length, whose bucket may select a config of _ATTN_SEQ_CONFIGS (the forward's
@@ -373,6 +384,10 @@ def _attn_config(kernel: str, arch: int, precision: str, width: int, masked: boo
         # dK/dV kernel's
         return config or _attn_config("dkdv", arch, precision, width, masked)
     key = (kernel, arch, precision)
+    if prologue and masked:
+        for max_width, config in _ATTN_PROLOGUE_MASKED_CONFIGS.get(key, ()):
+            if width <= max_width:
+                return config
     table = _ATTN_MASKED_CONFIGS[key] if masked and key in _ATTN_MASKED_CONFIGS else _ATTN_CONFIGS[key]
     for max_width, config in table:
         if width <= max_width:

@@ -33,6 +33,7 @@ from vitkern.ops.attention.tiles import (
     _attn_zeros,
     _wgmma_rule,
 )
+from vitkern.ops.attention.prologue import _attn_prologue_tile
 
 
 @register_helper
@@ -116,8 +117,10 @@ def _attn_fwd_inner(
 def _attn_fwd_prologue(
     Q, K, V, BIAS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_kt, stride_vt, stride_bb, stride_bh, bq, bk, h, start_m, GROUP, Tq, Tk,
+    QROT, store_rot, HEADS, NW, NB, SIN, COS, stride_rh, stride_rt, PREFIX, norm_eps,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr,
+    NORM: tl.constexpr, ROPE: tl.constexpr,
 ):
     """What the plain and the split-KV forward set up alike for the query block at ``start_m`` of
     query batch ``bq`` / key batch ``bk`` (equal but for VARLEN, where both are 0 and the
@@ -126,7 +129,13 @@ def _attn_fwd_prologue(
     h // GROUP), the q tile (zero past Tq and the head dim), the accumulators and row statistics,
     and the key range (:func:`_attn_key_range`). TMA: the q tile through a descriptor, and the
     K / V descriptor pairs of the kv head's (Tk, HEAD_DIM) slices (:func:`_attn_descs`; without
-    TMA the pairs are placeholders)."""
+    TMA the pairs are placeholders).
+
+    NORM / ROPE (:mod:`~vitkern.ops.attention.prologue`): the q tile is loaded raw through
+    pointers and normalised (weight ``NW`` / bias ``NB``, None when absent) and rotated (tables
+    ``SIN`` / ``COS``) in fp32, then rounded to q's dtype; where ``QROT`` is given and
+    ``store_rot`` holds it is stored there too (contiguous ``(B, H, Tq, HEAD_DIM)``, for the
+    backward)."""
     hk = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_da, offs_db, cols_a, cols_b = _attn_cols(HEAD_DIM, BLOCK_DA, BLOCK_DB)
@@ -134,13 +143,25 @@ def _attn_fwd_prologue(
     v_base = V + bk * stride_vb + hk * stride_vh
     bias_base = BIAS + bk * stride_bb + h * stride_bh
     q_base = Q + bq * stride_qb + h * stride_qh
-    if TMA:
+    if NORM != 0 or ROPE != 0:
+        y_a, y_b = _attn_prologue_tile(q_base, stride_qt, offs_m, Tq, offs_da, offs_db, NW, NB, SIN, COS,
+                                       stride_rh, stride_rt, h, PREFIX, norm_eps, BLOCK_M, HEAD_DIM, BLOCK_DB, NORM,
+                                       ROPE)
+        if QROT is not None:
+            if store_rot:
+                _attn_store_tile(QROT + (bq * HEADS + h) * Tq * HEAD_DIM, HEAD_DIM, y_a, y_b,
+                                 offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+        q_a = dot_operand(round_to(y_a, Q.dtype.element_ty))
+        q_b = dot_operand(round_to(y_b, Q.dtype.element_ty))
+    elif TMA:
         q_desc_a, q_desc_b = _attn_descs(q_base, Tq, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_DA, BLOCK_DB)
         q_a, q_b = _attn_desc_load(q_desc_a, q_desc_b, start_m, BLOCK_DA, BLOCK_DB)
+    else:
+        q_a, q_b = _attn_load_tile(q_base, stride_qt, offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
+    if TMA:
         k_desc_a, k_desc_b = _attn_descs(k_base, Tk, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_DA, BLOCK_DB)
         v_desc_a, v_desc_b = _attn_descs(v_base, Tk, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_DA, BLOCK_DB)
     else:
-        q_a, q_b = _attn_load_tile(q_base, stride_qt, offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
         k_desc_a, k_desc_b, v_desc_a, v_desc_b = k_base, k_base, v_base, v_base
     acc_a, acc_b = _attn_zeros(BLOCK_M, BLOCK_DA, BLOCK_DB)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -161,15 +182,18 @@ def _attention_fwd_kernel(
     stride_ob, stride_oh, stride_ot,
     H, GROUP, Tq, Tk, qk_scale,
     CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS,
+    QROT, NW, NB, SIN, COS, stride_rh, stride_rt, PREFIX, norm_eps,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
 ):
     """out, lse for one query block of one (batch, head), or of one packed sequence and head
     (VARLEN, see :func:`_attn_seq_program`: Tq / Tk are then the totals, and a sequence without
     keys gives out 0, lse -inf). qk_scale = scale * log2(e), positive. TMA: q, k, v loaded and
-    out stored through tensor descriptors of the program's own slices (sm_90)."""
+    out stored through tensor descriptors of the program's own slices (sm_90). NORM / ROPE: the
+    q prologue (dense batches; see :func:`_attn_fwd_prologue`), q' stored into ``QROT`` unless
+    it is None."""
     bq, bk, h, start_m, tq, tk = _attn_seq_program(CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS, Tq, Tk, H, BLOCK_M, CAUSAL,
                                                    VARLEN)
     lse_b, lse_h = _attn_stat_layout(bq, H, Tq, VARLEN)
@@ -180,7 +204,8 @@ def _attention_fwd_kernel(
      q_a, q_b, acc_a, acc_b, l_i, m_i, n_full, n_end) = _attn_fwd_prologue(
         Q, K, V, BIAS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
         stride_kt, stride_vt, stride_bb, stride_bh, bq, bk, h, start_m, GROUP, Tq, Tk,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, TMA)
+        QROT, True, H, NW, NB, SIN, COS, stride_rh, stride_rt, PREFIX, norm_eps,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, TMA, NORM, ROPE)
     acc_a, acc_b, l_i, m_i = _attn_fwd_inner(
         acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, bias_base, stride_kt, stride_vt, stride_bt,
         k_desc_a, k_desc_b, v_desc_a, v_desc_b, offs_m, cols_a, cols_b, 0, n_full, n_end, Tk, qk_scale,
@@ -213,21 +238,25 @@ def _attention_fwd_split_kernel(
     stride_bb, stride_bh, stride_bt,
     stride_ps, stride_ls,
     H, GROUP, Tq, Tk, qk_scale, BLOCKS_PER_SPLIT,
+    QROT, NW, NB, SIN, COS, stride_rh, stride_rt, PREFIX, norm_eps,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    NORM: tl.constexpr, ROPE: tl.constexpr,
 ):
     """Split-KV forward: one query block of one (batch, head) against key split ``program_id(1)``
     (``BLOCKS_PER_SPLIT`` key blocks). Writes the split's normalised fp32 output to
     ``OUT_PART[split, batch * H + head]`` ((Tq, HEAD_DIM) rows, contiguous) and its natural-log
     lse to ``LSE_PART``; a split no key of which a row sees gives out 0, lse -inf. TMA: q, k, v
-    through descriptors, as the plain kernel."""
+    through descriptors, as the plain kernel. NORM / ROPE: the q prologue, as the plain kernel's
+    (every split applies it; the first stores q' into ``QROT`` unless it is None)."""
     pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
     (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, k_desc_a, k_desc_b, v_desc_a, v_desc_b,
      q_a, q_b, acc_a, acc_b, l_i, m_i, n_full, n_end) = _attn_fwd_prologue(
         Q, K, V, BIAS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
         stride_kt, stride_vt, stride_bb, stride_bh, b, b, h, start_m, GROUP, Tq, Tk,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, TMA)
+        QROT, tl.program_id(1) == 0, H, NW, NB, SIN, COS, stride_rh, stride_rt, PREFIX, norm_eps,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, TMA, NORM, ROPE)
     split = tl.program_id(1).to(tl.int64)
     lo = tl.program_id(1) * BLOCKS_PER_SPLIT * BLOCK_N
     hi = tl.minimum(lo + BLOCKS_PER_SPLIT * BLOCK_N, n_end)

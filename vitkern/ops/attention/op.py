@@ -377,3 +377,162 @@ def _attention_qkvpacked_varlen_triton(qkv, cu_seqlens, *, max_seqlen=None, caus
     scale, _ = _resolved(scale, qkv.shape[-1], False)
     out, lse = _attention_qkvpacked_varlen_fwd_op(qkv, cu_seqlens, max_seqlen, causal, scale)
     return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------
+# Attention with the QK-norm / RoPE prologue fused into the kernels (op "attention_prologue")
+# --------------------------------------------------------------------------------------------
+# The backends take the prologue flattened, as the qk_prologue op does (the backend machinery sees
+# tensors): q_norm / k_norm kinds None, "layer" or "rms" with their eps; rope_layout None,
+# "interleaved" or "half". The Triton backend normalises and rotates q as the forward kernels load
+# it, k in one pass of the prologue's own kernel (the streamed operand: see prologue.py), and runs
+# both inverses in the epilogues of the dQ and dK/dV kernels.
+
+_NORM_CODES = {None: 0, "layer": 1, "rms": 2}
+_NORM_KINDS = {v: k for k, v in _NORM_CODES.items()}
+
+
+def _tile_prologue(norm: int, weight, bias, eps: float, sin, cos, rope: int, prefix: int, need=(False,) * 3):
+    from vitkern.ops.attention.launch import TilePrologue
+
+    if norm == 0 and rope == 0:
+        return None
+    return TilePrologue(norm, weight, bias, eps, sin if rope else None, cos if rope else None, rope, prefix, need)
+
+
+def _prologue_fwd_fake(q, k, v, key_padding_bias, q_weight, q_bias, k_weight, k_bias, sin, cos, q_norm, k_norm,
+                       q_eps, k_eps, rope, prefix, causal, scale, deterministic, save_rot):
+    b, h, tq, d = q.shape
+    q_rot = (b, h, tq, d) if save_rot and (q_norm or rope) else (0,)
+    k_rot = tuple(k.shape) if k_norm or rope else (0,)
+    return (q.new_empty((b, h, tq, d)), q.new_empty((b, h, tq), dtype=torch.float32), q.new_empty(q_rot),
+            k.new_empty(k_rot))
+
+
+def _prologue_bwd_fakes(q, k, v, q_weight, q_bias, k_weight, k_bias, sin, cos):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else q.new_empty((0,))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), like(q_weight), like(q_bias),
+            like(k_weight), like(k_bias), like(sin), like(cos))
+
+
+def _prologue_bwd_fake(dout, q, k, v, out, lse, dlse, q_rot, k_rot, key_padding_bias, q_weight, q_bias, k_weight,
+                       k_bias, sin, cos, q_norm, k_norm, q_eps, k_eps, rope, prefix, causal, scale, deterministic,
+                       need):
+    return _prologue_bwd_fakes(q, k, v, q_weight, q_bias, k_weight, k_bias, sin, cos)
+
+
+@kernel_op("vitkern::attention_prologue_bwd", fake=_prologue_bwd_fake)
+def _attention_prologue_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dlse: Optional[torch.Tensor], q_rot: torch.Tensor, k_rot: torch.Tensor, key_padding_bias: Optional[torch.Tensor],
+    q_weight: Optional[torch.Tensor], q_bias: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
+    k_bias: Optional[torch.Tensor], sin: Optional[torch.Tensor], cos: Optional[torch.Tensor], q_norm: int,
+    k_norm: int, q_eps: float, k_eps: float, rope: int, prefix: int, causal: bool, scale: float,
+    deterministic: bool, need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """dq, dk, dv and the prologue's parameter gradients (``need``: q's weight, q's bias, k's
+    weight, k's bias, the tables); empty tensors for those not asked for."""
+    from vitkern.ops._autograd import fill_outputs
+    from vitkern.ops.attention import launch as _launch
+
+    q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
+    q_p = _tile_prologue(q_norm, q_weight, q_bias, q_eps, sin, cos, rope, prefix, (need[0], need[1], need[4]))
+    k_p = _tile_prologue(k_norm, k_weight, k_bias, k_eps, sin, cos, rope, prefix, (need[2], need[3], need[4]))
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+    grads = _launch._attention_bwd(dout, q_rot if q_p is not None else q, k_rot if k_p is not None else k, v, out,
+                                   lse, dlse, key_padding_bias, causal, scale, deterministic, dq, dk, dv,
+                                   q_prologue=q_p, k_prologue=k_p, q_raw=q, k_raw=k)
+    return fill_outputs((dq, dk, dv, *grads), _prologue_bwd_fakes(q, k, v, q_weight, q_bias, k_weight, k_bias,
+                                                                 sin, cos))
+
+
+def _prologue_save(inputs, output):
+    (q, k, v, key_padding_bias, q_weight, q_bias, k_weight, k_bias, sin, cos, q_norm, k_norm, q_eps, k_eps, rope,
+     prefix, causal, scale, deterministic, save_rot) = inputs
+    out, lse, q_rot, k_rot = output
+    return ((q, k, v, out, lse, q_rot, k_rot, key_padding_bias, q_weight, q_bias, k_weight, k_bias, sin, cos),
+            (q_norm, k_norm, q_eps, k_eps, rope, prefix, causal, scale, deterministic))
+
+
+def _prologue_backward(state, saved, grads, need):
+    q, k, v, out, lse, q_rot, k_rot, key_padding_bias, q_weight, q_bias, k_weight, k_bias, sin, cos = saved
+    q_norm, k_norm, q_eps, k_eps, rope, prefix, causal, scale, deterministic = state
+    dout, dlse = grads[0], grads[1]
+    if dout is None:
+        dout = torch.zeros_like(out)
+    wanted = [need[4], need[5], need[6], need[7], need[8] or need[9]]
+    dq, dk, dv, dqw, dqb, dkw, dkb, dsin, dcos = _attention_prologue_bwd_op(
+        dout, q, k, v, out, lse, dlse, q_rot, k_rot, key_padding_bias, q_weight, q_bias, k_weight, k_bias, sin, cos,
+        q_norm, k_norm, q_eps, k_eps, rope, prefix, causal, scale, deterministic, wanted)
+    return (dq, dk, dv, None, dqw, dqb, dkw, dkb, dsin, dcos) + (None,) * 10
+
+
+@kernel_op("vitkern::attention_prologue_fwd", fake=_prologue_fwd_fake, save=_prologue_save,
+           backward=_prologue_backward, non_differentiable=(2, 3))
+def _attention_prologue_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_bias: Optional[torch.Tensor],
+    q_weight: Optional[torch.Tensor], q_bias: Optional[torch.Tensor], k_weight: Optional[torch.Tensor],
+    k_bias: Optional[torch.Tensor], sin: Optional[torch.Tensor], cos: Optional[torch.Tensor], q_norm: int,
+    k_norm: int, q_eps: float, k_eps: float, rope: int, prefix: int, causal: bool, scale: float,
+    deterministic: bool, save_rot: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out (B, H, Tq, D), lse fp32 (B, H, Tq), and for the backward q' (contiguous, when
+    ``save_rot`` and q has a prologue) and k' (when k has one); empty tensors otherwise. q's
+    prologue runs inside the forward kernels, k's in one pass of the prologue's kernel first."""
+    from vitkern.ops.attention import launch as _launch
+    from vitkern.ops.qk_prologue import launch as _pl_launch
+
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    b, h, tq, d = q.shape
+    q_p = _tile_prologue(q_norm, q_weight, q_bias, q_eps, sin, cos, rope, prefix)
+    if k_norm or rope:
+        k_rot = _pl_launch._qk_prologue_fwd(k, k_weight, k_bias, sin if rope else None, cos if rope else None,
+                                            _NORM_KINDS[k_norm], k_eps, rope == 2, prefix)
+    else:
+        k_rot = k.new_empty((0,))
+    q_rot = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype) if save_rot and q_p is not None else None
+    out = torch.empty((b, h, tq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
+    _launch._attention_fwd(q, k_rot if k_norm or rope else k, v, key_padding_bias, causal, scale, out, lse,
+                           q_prologue=q_p, q_rot=q_rot)
+    return out, lse, q_rot if q_rot is not None else q.new_empty((0,)), k_rot
+
+
+def _attention_prologue_triton_supports(q, k, v, q_weight, q_bias, k_weight, k_bias, sin, cos, *, causal, scale,
+                                        return_lse, deterministic, key_padding_bias=None, **_):
+    return _attention_triton_supports(q, k, v, causal=causal, scale=scale, return_lse=return_lse,
+                                      deterministic=deterministic, key_padding_bias=key_padding_bias)
+
+
+def _attention_prologue_triton(q, k, v, q_weight, q_bias, k_weight, k_bias, sin, cos, *, q_norm, q_eps, k_norm,
+                               k_eps, rope_layout, num_prefix_tokens, causal=False, scale=None, return_lse=False,
+                               deterministic=False, key_padding_bias=None):
+    """Backend "triton" of op "attention_prologue": the fused kernels where the layout allows
+    (:func:`~vitkern.ops.attention.prologue.prologue_fusable`) and the scale is >= 0, else the
+    prologue's kernels composed with the attention kernels."""
+    from vitkern.ops._autograd import requires_grad
+    from vitkern.ops.attention.configs import _attn_pieces
+    from vitkern.ops.attention.prologue import ROPE_CODES, prologue_fusable
+
+    _check_triton_head_dim("q", q.shape[-1])
+    d = q.shape[-1]
+    resolved_scale, deterministic = _resolved(scale, d, deterministic)
+    pieces = _attn_pieces(d, split=q.dtype != torch.float32)
+    if resolved_scale < 0 or not prologue_fusable(d, pieces, rope_layout):
+        from vitkern.ops.qk_prologue import QKNorm, RopeTables, qk_prologue
+
+        tables = RopeTables(sin, cos, rope_layout) if rope_layout is not None else None
+        q = qk_prologue(q, QKNorm(q_norm, q_weight, q_bias, q_eps) if q_norm else None, tables, num_prefix_tokens)
+        k = qk_prologue(k, QKNorm(k_norm, k_weight, k_bias, k_eps) if k_norm else None, tables, num_prefix_tokens)
+        return _attention_triton(q, k, v, causal=causal, scale=scale, return_lse=return_lse,
+                                 deterministic=deterministic, key_padding_bias=key_padding_bias)
+    if key_padding_bias is not None and key_padding_bias.dtype != torch.float32:
+        key_padding_bias = key_padding_bias.float()
+    save_rot = requires_grad(q, k, v, q_weight, q_bias, k_weight, k_bias, sin, cos)
+    out, lse, _, _ = _attention_prologue_fwd_op(
+        q, k, v, key_padding_bias, q_weight, q_bias, k_weight, k_bias, sin, cos, _NORM_CODES[q_norm],
+        _NORM_CODES[k_norm], float(q_eps), float(k_eps), ROPE_CODES[rope_layout], int(num_prefix_tokens), causal,
+        resolved_scale, deterministic, save_rot)
+    return (out, lse) if return_lse else out
