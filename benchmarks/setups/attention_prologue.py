@@ -4,8 +4,8 @@ The input is the packed (B, T, 3, H, d) qkv projection. Reference: timm's ``EvaA
 (permute + unbind, LayerNorm on q and k over the head dim, the rotation of the tokens after the
 prefix (``apply_rot_embed_cat``: x * cos + rot(x) * sin) concatenated back with the prefix tokens,
 SDPA, transpose + reshape), written out with timm's ops so ``torch.compile`` can fuse them. vitkern:
-one ``attention_qkvpacked(qkv, q_norm=, k_norm=, rope=, num_prefix_tokens=)`` call (the prologue
-pass, then the attention kernel).
+one ``attention_qkvpacked(qkv, q_norm=, k_norm=, rope=, num_prefix_tokens=)`` call (q's prologue
+inside the attention kernels, k's in one pass before them; the inverses in the backward kernels).
 """
 
 import torch
