@@ -26,7 +26,9 @@ __all__ = [
     "dot_precision",
     "plan_gemm",
     "select_config",
+    "select_swiglu_config",
     "sm_use",
+    "SWIGLU_CONFIGS",
 ]
 
 
@@ -185,6 +187,45 @@ def select_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int
         raise RuntimeError(f"no GEMM config for {key}")
     return GEMM_CONFIGS[name]
 
+
+# The SwiGLU forward GEMM (vitkern.ops.gemm.kernels._swiglu_gemm_kernel): two fp32 accumulators a
+# tile (the gate and the value rows of the same output columns), so BLOCK_N is half the fc1
+# columns a tile covers: a 128 x 64 SwiGLU tile does the MMA work and holds the accumulator
+# registers of a 128 x 128 tile of the plain GEMM. Keyed on (arch family, dtype class, M bucket
+# "s" / "*"). Static compile figures (registers / spill bytes / dynamic shared KB under Triton
+# 3.8 | 3.6, the compile cases' fc1 shapes with the pre-activation stored):
+SWIGLU_CONFIGS: dict[str, GemmConfig] = {
+    "h100_16_swiglu": GemmConfig(128, 64, 64, 8, num_warps=8, num_stages=3),
+    "h100_16_swiglu_small": GemmConfig(64, 64, 64, 8, num_warps=4, num_stages=3),
+    "h100_tf32_swiglu": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3),
+    "h100_fp32_swiglu": GemmConfig(64, 32, 16, 8, num_warps=8, num_stages=3),
+    "a100_16_swiglu": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3),
+    "a100_16_swiglu_small": GemmConfig(64, 64, 32, 8, num_warps=4, num_stages=3),
+    "a100_tf32_swiglu": GemmConfig(128, 64, 16, 8, num_warps=8, num_stages=3),
+    "a100_fp32_swiglu": GemmConfig(64, 32, 32, 8, num_warps=8, num_stages=3),
+}
+
+SWIGLU_RULES: list[tuple[tuple[int, str, str], str]] = [
+    ((90, "16", "s"), "h100_16_swiglu_small"),
+    ((90, "16", "*"), "h100_16_swiglu"),
+    ((90, "tf32", "*"), "h100_tf32_swiglu"),
+    ((90, "fp32", "*"), "h100_fp32_swiglu"),
+    ((80, "16", "s"), "a100_16_swiglu_small"),
+    ((80, "16", "*"), "a100_16_swiglu"),
+    ((80, "tf32", "*"), "a100_tf32_swiglu"),
+    ((80, "fp32", "*"), "a100_fp32_swiglu"),
+]
+
+
+def select_swiglu_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int] = None) -> GemmConfig:
+    """The SwiGLU forward GEMM's config for ``(M, N, K)`` (N: the hidden width, half of fc1's
+    outputs) with ``dtype`` operands on ``arch`` (default: the current device's family)."""
+    arch = device_arch() if arch is None else arch
+    key = (90 if arch >= 90 else 80, dot_precision(dtype), "s" if M <= 64 else "l")
+    for (r_arch, r_prec, r_m), name in SWIGLU_RULES:
+        if r_arch == key[0] and r_prec == key[1] and r_m in ("*", key[2]):
+            return SWIGLU_CONFIGS[name]
+    raise RuntimeError(f"no SwiGLU GEMM config for {key}")
 
 
 # --------------------------------------------------------------------------------------------
