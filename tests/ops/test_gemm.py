@@ -423,7 +423,8 @@ def test_config_table_epilogue_kinds():
     assert _gemm.select_config(M, 2304, 768, BF16, 80, "bias") == _gemm.GEMM_CONFIGS["a100_16_large"]
     assert _gemm.select_config(1000, 2304, 768, BF16, 90, "bias") == _gemm.GEMM_CONFIGS["h100_16_mid"]
     assert _gemm.config_kinds("h100_16_wide") == ("bias",)
-    assert _gemm.config_kinds("h100_16_large") == _gemm.EPILOGUE_KINDS
+    assert _gemm.config_kinds("h100_16_large") == tuple(k for k in _gemm.EPILOGUE_KINDS if k != "glu_grad")
+    assert _gemm.select_config(M, 4096, 1536, BF16, 90, "glu_grad") == _gemm.GEMM_CONFIGS["h100_16_glu_grad"]
     with pytest.raises(ValueError, match="epilogue kind"):
         _gemm.select_config(M, 2304, 768, BF16, 90, "gelu")
     # every config is reachable from the table

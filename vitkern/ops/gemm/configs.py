@@ -110,14 +110,22 @@ GEMM_CONFIGS: dict[str, GemmConfig] = {
     "a100_fp32": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=3, split_k=16),
     # Triton 3.6: the GELU-backward epilogue (the MLP's dU) spilled 4 bytes at 3 stages
     "a100_fp32_act_grad": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=2, split_k=16),
+    # the SwiGLU MLP's dH GEMM with the SwiGLU-gradient epilogue (two aux tiles read, two output
+    # tiles stored a tile): at 128 x 128 it spilled 12-220 bytes on both arches under Triton 3.8
+    # (255 registers); half the columns a tile holds (figures in docs/perf-notes.md)
+    "h100_16_glu_grad": GemmConfig(128, 64, 64, 8, num_warps=8, num_stages=3, tma=True),
+    "h100_tf32_glu_grad": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3, tma=True),
+    "h100_fp32_glu_grad": GemmConfig(64, 32, 16, 8, num_warps=4, num_stages=3, tma=True),
+    "a100_16_glu_grad": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=4),
 }
 
 #: The epilogue kinds the rules key on (:attr:`vitkern.ops.gemm.epilogue.Epilogue.kind`): "none"
 #: (a bare product: dX, dW without scales), "bias" (bias only: qkv), "act" (an activation, with
 #: bias / pre store: fc1), "residual" (a residual, with bias / scales: proj, fc2), "act_grad" (the
 #: MLP's dU GEMM), "scale" (row / column scales or row dots, with or without a bias, none of the
-#: above: the dW GEMMs with LayerScale or drop path).
-EPILOGUE_KINDS = ("none", "bias", "act", "residual", "act_grad", "scale")
+#: above: the dW GEMMs with LayerScale or drop path), "glu_grad" (the SwiGLU MLP's dH GEMM, whose
+#: epilogue writes the packed gate / value gradient).
+EPILOGUE_KINDS = ("none", "bias", "act", "residual", "act_grad", "scale", "glu_grad")
 
 # The config table, keyed on (arch family, dtype class, M bucket, N bucket, K bucket, epilogue
 # kind) -> config name; "*" matches anything; the first matching rule wins. dtype class: "16"
@@ -125,6 +133,12 @@ EPILOGUE_KINDS = ("none", "bias", "act", "residual", "act_grad", "scale")
 # (M <= 2048), "l". N bucket: "s" (N <= 64), "l". K bucket: "s" (K <= 64), "l". The last rule of
 # each (arch, dtype class) is its default entry.
 GEMM_RULES: list[tuple[tuple[int, str, str, str, str, str], str]] = [
+    ((90, "16", "*", "*", "*", "glu_grad"), "h100_16_glu_grad"),
+    ((90, "tf32", "*", "*", "*", "glu_grad"), "h100_tf32_glu_grad"),
+    ((90, "fp32", "*", "*", "*", "glu_grad"), "h100_fp32_glu_grad"),
+    ((80, "16", "*", "*", "*", "glu_grad"), "a100_16_glu_grad"),
+    ((80, "tf32", "*", "*", "*", "glu_grad"), "a100_tf32_act_grad"),
+    ((80, "fp32", "*", "*", "*", "glu_grad"), "a100_fp32_act_grad"),
     ((90, "16", "s", "*", "*", "*"), "h100_16_small"),
     ((90, "16", "*", "s", "*", "*"), "h100_16_small"),
     ((90, "16", "m", "*", "*", "*"), "h100_16_mid"),
@@ -198,7 +212,7 @@ SWIGLU_CONFIGS: dict[str, GemmConfig] = {
     "h100_16_swiglu": GemmConfig(128, 64, 64, 8, num_warps=8, num_stages=3),
     "h100_16_swiglu_small": GemmConfig(64, 64, 64, 8, num_warps=4, num_stages=3),
     "h100_tf32_swiglu": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3),
-    "h100_fp32_swiglu": GemmConfig(64, 32, 16, 8, num_warps=8, num_stages=3),
+    "h100_fp32_swiglu": GemmConfig(64, 32, 16, 8, num_warps=8, num_stages=2),
     "a100_16_swiglu": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3),
     "a100_16_swiglu_small": GemmConfig(64, 64, 32, 8, num_warps=4, num_stages=3),
     "a100_tf32_swiglu": GemmConfig(128, 64, 16, 8, num_warps=8, num_stages=3),

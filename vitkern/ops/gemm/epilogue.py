@@ -75,13 +75,15 @@ class Epilogue:
     @property
     def kind(self) -> str:
         """The epilogue kind the config table keys on (``vitkern.ops.gemm.configs.EPILOGUE_KINDS``):
-        "residual", "act", "act_grad", "bias" (bias only), "scale" (row / column scales or row dots,
+        "residual", "act", "act_grad", "glu_grad" (the SwiGLU gradient), "bias" (bias only), "scale" (row / column scales or row dots,
         with or without a bias) or "none"."""
         if self.residual is not None:
             return "residual"
         if self.activation != Activation.NONE or self.pre is not None:
             return "act"
-        if self.act_grad != Activation.NONE or self.glu_grad:
+        if self.glu_grad:
+            return "glu_grad"
+        if self.act_grad != Activation.NONE:
             return "act_grad"
         scales = self.col_scale is not None or self.row_scale is not None or self.row_dot is not None
         if self.bias is not None:

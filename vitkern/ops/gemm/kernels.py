@@ -389,8 +389,9 @@ def _swiglu_gemm_kernel(
     r64 = offs_m.to(tl.int64)
     acc_g = add_bias(acc_g, bias_g_ptr, offs_n, ln, HAS_BIAS)
     acc_v = add_bias(acc_v, bias_v_ptr, offs_n, ln, HAS_BIAS)
-    store_aux(acc_g, pre_ptr, r64, offs_n, stride_pm, stride_pn, mask, STORE_PRE)
-    store_aux(acc_v, pre_ptr + N * stride_pn, r64, offs_n, stride_pm, stride_pn, mask, STORE_PRE)
+    if STORE_PRE:
+        store_aux(acc_g, pre_ptr, r64, offs_n, stride_pm, stride_pn, mask, True)
+        store_aux(acc_v, pre_ptr + N * stride_pn, r64, offs_n, stride_pm, stride_pn, mask, True)
     h = swiglu(acc_g, acc_v)
     tl.store(c_ptr + r64[:, None] * stride_cm + offs_n[None, :] * stride_cn, round_to(h, c_ptr.dtype.element_ty),
              mask=mask)
