@@ -8,8 +8,6 @@ its epilogue; backward, the dH GEMM writes the gate's gradient from its epilogue
 :func:`benchmarks.flops.swiglu_mlp_cost`.
 """
 
-import torch
-
 from benchmarks.flops import swiglu_mlp_cost
 from benchmarks.setups import Case, Setup, randn
 

@@ -29,7 +29,8 @@ def make_inputs(m, k, hidden, n, dtype, device, *, packed=True, bias=True, resid
 
     shape = lead + (k,) if lead is not None else (m, k)
     rows = 2 * hidden if packed else hidden
-    args = dict(x=rnd(*shape), fc1_weight=rnd(rows, k, std=max(k, 1) ** -0.5), fc1_bias=rnd(rows, std=0.5) if bias else None)
+    args = dict(x=rnd(*shape), fc1_weight=rnd(rows, k, std=max(k, 1) ** -0.5),
+                fc1_bias=rnd(rows, std=0.5) if bias else None)
     kw = {}
     if not packed:
         kw["value_weight"] = rnd(hidden, k, std=max(k, 1) ** -0.5)

@@ -112,7 +112,15 @@ GEMM_CONFIGS: dict[str, GemmConfig] = {
     "a100_fp32_act_grad": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=2, split_k=16),
     # the SwiGLU MLP's dH GEMM with the SwiGLU-gradient epilogue (two aux tiles read, two output
     # tiles stored a tile): at 128 x 128 it spilled 12-220 bytes on both arches under Triton 3.8
-    # (255 registers); half the columns a tile holds (figures in docs/perf-notes.md)
+    # (255 registers), so half the columns a tile. Registers / spill bytes / shared KB at ViT-g's
+    # dH (M 4096, N 4096, K 1536), Triton 3.8 | 3.6: bf16; with drop path's row dots; a float32
+    # dY written in bf16 (a_copy) with drop path:
+    #   h100_16_glu_grad    sm_90  186 | 184 /0/72 wg; 238 | 188; 249 | 255 /0/88
+    #   h100_tf32_glu_grad  sm_90  (drop path) 240 | 203 /0/56 wg
+    #   h100_fp32_glu_grad  sm_90  (drop path) 165 | 96 /0/12 (64 x 64 at 4 warps: 20 bytes spilled
+    #                              under 3.6)
+    #   a100_16_glu_grad    sm_80  238 | 190 /0/36; 247 | 255; 237 | 255 /0/60
+    #   (a100_tf32_act_grad 255 | 255 /0/36 and a100_fp32_act_grad 128 | 104 /0/16 with drop path)
     "h100_16_glu_grad": GemmConfig(128, 64, 64, 8, num_warps=8, num_stages=3, tma=True),
     "h100_tf32_glu_grad": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3, tma=True),
     "h100_fp32_glu_grad": GemmConfig(64, 32, 16, 8, num_warps=4, num_stages=3, tma=True),
@@ -206,11 +214,22 @@ def select_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int
 # tile (the gate and the value rows of the same output columns), so BLOCK_N is half the fc1
 # columns a tile covers: a 128 x 64 SwiGLU tile does the MMA work and holds the accumulator
 # registers of a 128 x 128 tile of the plain GEMM. Keyed on (arch family, dtype class, M bucket
-# "s" / "*"). Static compile figures (registers / spill bytes / dynamic shared KB under Triton
-# 3.8 | 3.6, the compile cases' fc1 shapes with the pre-activation stored):
+# "s" / "*"). Static compile figures (registers, Triton 3.8 | 3.6 / spill bytes / dynamic shared
+# KB) at ViT-g's fc1 (M 4096, H 4096, K 1536, biases, the pre-activation stored; the small configs
+# at M 32), then at a ragged K = 72 (not a multiple of 16: unvectorised loads), H = 200:
+#   h100_16_swiglu        sm_90  128 | 128 /0/96 wg;  255 | 255 /0/32 (no bias, no pre store)
+#   h100_16_swiglu_small  sm_90  104 | 102 /0/48 wg;  243 | 254 /0/12 (64 x 64 x 64 at 4 warps
+#                                spilled 228-232 bytes at K = 72 on both)
+#   h100_tf32_swiglu      sm_90  142 | 140 /0/96 wg;  178 | 180
+#   h100_fp32_swiglu      sm_90   80 |  80 /0/8;       98 |  94 (4 warps, or 3 stages at 8:
+#                                12-28 bytes spilled)
+#   a100_16_swiglu        sm_80  146 | 146 /0/32;     194 | 188
+#   a100_16_swiglu_small  sm_80  143 | 143 /0/24;     249 | 252
+#   a100_tf32_swiglu      sm_80  142 | 142 /0/32;     192 | 192
+#   a100_fp32_swiglu      sm_80   80 | 172 /0/32;     124 | 206
 SWIGLU_CONFIGS: dict[str, GemmConfig] = {
     "h100_16_swiglu": GemmConfig(128, 64, 64, 8, num_warps=8, num_stages=3),
-    "h100_16_swiglu_small": GemmConfig(64, 64, 64, 8, num_warps=4, num_stages=3),
+    "h100_16_swiglu_small": GemmConfig(64, 64, 32, 8, num_warps=4, num_stages=4),
     "h100_tf32_swiglu": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3),
     "h100_fp32_swiglu": GemmConfig(64, 32, 16, 8, num_warps=8, num_stages=2),
     "a100_16_swiglu": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3),

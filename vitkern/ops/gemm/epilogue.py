@@ -75,8 +75,8 @@ class Epilogue:
     @property
     def kind(self) -> str:
         """The epilogue kind the config table keys on (``vitkern.ops.gemm.configs.EPILOGUE_KINDS``):
-        "residual", "act", "act_grad", "glu_grad" (the SwiGLU gradient), "bias" (bias only), "scale" (row / column scales or row dots,
-        with or without a bias) or "none"."""
+        "residual", "act", "act_grad", "glu_grad" (the SwiGLU gradient), "bias" (bias only), "scale"
+        (row / column scales or row dots, with or without a bias) or "none"."""
         if self.residual is not None:
             return "residual"
         if self.activation != Activation.NONE or self.pre is not None:
