@@ -81,6 +81,8 @@ def swiglu_backward(grad, x, fc1_weight, value_weight, fc2_weight, fc2_bias, res
     hidden = fc1_weight.shape[0] // 2 if packed else fc1_weight.shape[0]
     dev, cdt = x.device, x.dtype
     gamma = residual_scale
+    need_dscale = need_dscale and gamma is not None  # (the defaults ask for every gradient there is)
+    need_drs = need_drs and row_scale is not None
     dx = dw1 = db1 = dwv = dbv = dw2 = db2 = dgamma = drs = None
     need_dpre = need_dx or need_dw1 or need_db1 or need_dwv or need_dbv
     dpre = None
