@@ -39,6 +39,7 @@ __all__ = [
     "gemm_flops",
     "linear_cost",
     "mlp_cost",
+    "swiglu_mlp_cost",
     "attention_flops",
     "attention_cost",
     "layer_norm_cost",
@@ -171,6 +172,33 @@ def mlp_cost(
     out_s = rs if residual else s
     fwd_flops = gemm_flops(m, hidden, k) + gemm_flops(m, n, hidden)
     params = (hidden * k + hidden + n * hidden + n) * s
+    fwd_bytes = m * k * s + params + (m * n * rs if residual else 0) + m * n * out_s
+    bwd_bytes = m * n * out_s + m * k * s + params + m * k * s + params
+    return _cost(fwd_flops, 2 * fwd_flops, fwd_bytes, bwd_bytes)
+
+
+def swiglu_mlp_cost(
+    m: int,
+    k: int,
+    hidden: int,
+    n: int,
+    dtype: Any,
+    *,
+    residual: bool = False,
+    residual_dtype: Any = None,
+) -> Cost:
+    """``fc2(silu(x @ Wg^T + bg) * (x @ Wv^T + bv))`` [+ residual], x (m, k), the gate and value
+    weights (hidden, k) each (one packed (2 hidden, k) fc1 or two), fc2 (n, hidden), with biases.
+
+    FLOPs: fc1 over both halves and fc2, ``2*m*(2 hidden)*k + 2*m*n*hidden``. Minimum bytes, as
+    :func:`mlp_cost`, leave out the hidden activations (the (m, 2 hidden) fc1 output and the
+    (m, hidden) gate output), which a fused MLP may keep on chip in the forward; what the
+    backward reads of them is the implementation's choice and not counted.
+    """
+    s, rs = _sizes(dtype, residual_dtype)
+    out_s = rs if residual else s
+    fwd_flops = gemm_flops(m, 2 * hidden, k) + gemm_flops(m, n, hidden)
+    params = (2 * hidden * k + 2 * hidden + n * hidden + n) * s
     fwd_bytes = m * k * s + params + (m * n * rs if residual else 0) + m * n * out_s
     bwd_bytes = m * n * out_s + m * k * s + params + m * k * s + params
     return _cost(fwd_flops, 2 * fwd_flops, fwd_bytes, bwd_bytes)

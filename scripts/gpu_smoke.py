@@ -46,6 +46,8 @@ BACKENDS = {
     "scaled_dot_product_attention": ("auto", "triton", "torch", "reference"),
     "linear": ("auto", "triton", "cuda", "torch", "reference"),
     "mlp": ("auto", "triton", "cuda", "torch", "reference"),
+    "swiglu": ("auto", "triton", "torch", "reference"),
+    "swiglu_mlp": ("auto", "triton", "torch", "reference"),
     "patch_embed": ("auto", "triton", "cuda", "torch", "reference"),
     "resample_pos_embed": ("reference",),
 }
@@ -108,6 +110,18 @@ def _cases(device) -> dict[str, Callable]:
                 [r(B, T, D, dtype=dt), r(4 * D, D, dtype=dt, scale=D ** -0.5), r(4 * D, dtype=dt),
                  r(D, 4 * D, dtype=dt, scale=(4 * D) ** -0.5), r(D, dtype=dt), r(B, T, D, dtype=torch.float32)])
 
+    def swiglu(dt):  # timm's SwiGLU: two fc1 weights (EVA-02's sub-LN layout: the gate alone)
+        hid = 8 * D // 3
+        return (lambda x, wg, bg, wv, bv: vitkern.swiglu(x, wg, bg, value_weight=wv, value_bias=bv),
+                [r(B, T, D, dtype=dt), r(hid, D, dtype=dt, scale=D ** -0.5), r(hid, dtype=dt),
+                 r(hid, D, dtype=dt, scale=D ** -0.5), r(hid, dtype=dt)])
+
+    def swiglu_mlp(dt):  # timm's SwiGLUPacked (DINOv2 giant): the packed fc1, gate rows first
+        hid = 8 * D // 3
+        return (lambda x, w1, b1, w2, b2, res: vitkern.swiglu_mlp(x, w1, b1, w2, b2, residual=res),
+                [r(B, T, D, dtype=dt), r(2 * hid, D, dtype=dt, scale=D ** -0.5), r(2 * hid, dtype=dt),
+                 r(D, hid, dtype=dt, scale=hid ** -0.5), r(D, dtype=dt), r(B, T, D, dtype=torch.float32)])
+
     def patch_embed(dt):
         n = (IMG // P) ** 2
         return (lambda im, w, b, pos, cls: vitkern.patch_embed(im, w, b, pos_embed=pos, prefix_tokens=cls),
@@ -124,7 +138,8 @@ def _cases(device) -> dict[str, Callable]:
         "layer_norm": layer_norm, "add_layer_norm": add_layer_norm, "attention": attention,
         "attention_qkvpacked": attention_qkvpacked, "scaled_dot_product_attention": sdpa_key_padding,
         "attention_varlen": attention_varlen, "attention_qkvpacked_varlen": attention_qkvpacked_varlen,
-        "linear": linear, "mlp": mlp, "patch_embed": patch_embed, "resample_pos_embed": resample_pos_embed,
+        "linear": linear, "mlp": mlp, "swiglu": swiglu, "swiglu_mlp": swiglu_mlp, "patch_embed": patch_embed,
+        "resample_pos_embed": resample_pos_embed,
     }
 
 

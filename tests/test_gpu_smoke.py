@@ -26,7 +26,7 @@ def smoke():
 def test_every_public_op_has_a_row(smoke):
     public = {"layer_norm", "add_layer_norm", "attention", "attention_qkvpacked", "scaled_dot_product_attention",
               "attention_varlen", "attention_qkvpacked_varlen",
-              "linear", "mlp", "patch_embed", "resample_pos_embed"}
+              "linear", "mlp", "swiglu", "swiglu_mlp", "patch_embed", "resample_pos_embed"}
     assert set(smoke.BACKENDS) == public == set(smoke._cases(torch.device("cpu")))
     assert all(getattr(vitkern, op) for op in public)
 

@@ -54,14 +54,30 @@ def _gemm_terms(v):
                    if abs(v["stride_ak"]) <= INT32_MAX else []]
     groups += [[(min(bn, N), v["stride_bn"]), (min(bk, K), v["stride_bk"])],
                [(2, bk * v["stride_bk"])] if abs(v["stride_bk"]) <= INT32_MAX else []]
+    cols = 2 * N if v["GLU_GRAD"] else N  # the SwiGLU gradient: (dg, dv) and (g, v) side by side
     if v["COL_MAP"] is None:
-        groups.append([(N, v["stride_cn"])])
+        groups.append([(cols, v["stride_cn"])])
     for flag, stride in (("HAS_RESIDUAL", "stride_rn"), ("STORE_PRE", "stride_pn"), ("ROW_DOT", "stride_wn")):
         if v[flag]:
             groups.append([(N, v[stride])])
-    if v["ACT_GRAD"]:
-        groups.append([(N, v["stride_xn"])])
+    if v["ACT_GRAD"] or v["GLU_GRAD"]:
+        groups.append([(cols, v["stride_xn"])])
     groups.append([(max(M, N, K) + max(bm, bn, bk), 1)])  # tile coordinates (off_m + tm, ...)
+    return groups
+
+
+def _swiglu_gemm_terms(v):
+    M, N, K = v["M"], v["N"], v["K"]
+    bm, bn, bk = v["BLOCK_M"], v["BLOCK_N"], v["BLOCK_K"]
+    groups = []
+    for rows, block, s_r, s_k in ((M, bm, "stride_am", "stride_ak"), (N, bn, "stride_gn", "stride_gk"),
+                                  (N, bn, "stride_vn", "stride_vk")):
+        groups.append([(min(block, rows), v[s_r]), (min(bk, K), v[s_k])])
+        groups.append([(2, bk * v[s_k])] if abs(v[s_k]) <= INT32_MAX else [])  # the per-step increment
+    groups.append([(N, v["stride_cn"])])
+    if v["STORE_PRE"]:
+        groups.append([(2 * N, v["stride_pn"])])
+    groups.append([(max(M, N, K) + max(bm, bn, bk), 1)])
     return groups
 
 
@@ -81,6 +97,12 @@ _TERMS = {
     "_layer_norm_bwd_looped_kernel": lambda v: [[(v["N"], v[s])] for s in ("stride_dyn", "stride_xn", "stride_dsn")],
     "_layer_norm_bwd_dwdb_kernel": lambda v: [[(v["N"] + v["BLOCK_N"], 1)]],  # g.to(int64) * N + cols
     "_gemm_kernel": _gemm_terms,
+    # the SwiGLU GEMM: A / gate / value tiles as the GEMM's plain loads, out columns, the packed
+    # pre-activation's 2N columns, tile coordinates
+    "_swiglu_gemm_kernel": lambda v: _swiglu_gemm_terms(v),
+    # offs_n * stride_gn, (N + offs_n) * stride_pn / stride_on (rows are int64)
+    "_swiglu_bwd_kernel": lambda v: [[(v["N"], v["stride_gn"])], [(2 * v["N"], v["stride_pn"])],
+                                     [(2 * v["N"], v["stride_on"])]],
     # offs_n * stride_*n (rows are int64)
     "_act_bwd_kernel": lambda v: [[(v["N"], v[s])] for s in ("stride_gn", "stride_pn", "stride_on")],
     # offs_m * stride_*t within one (batch, head) slice (batch and head offsets are int64)
@@ -191,6 +213,25 @@ def test_linear_transposed_operands_past_int32():
     _assert_fits(_captured(run))
 
 
+def test_swiglu_past_int32():
+    """The SwiGLU forward on a transposed x past 2^31 elements (copied to a layout that fits) and
+    the backward's dH GEMM / elementwise gate backward on 2^31-element packed gradients."""
+    from vitkern.ops.swiglu import launch as SW
+
+    m, k, hidden, n = 2**26, 64, 48, 64
+    x = _empty(k, m).t()
+    w1, w2 = _empty(2 * hidden, k), _empty(n, hidden)
+    grad = _empty(n, m).t()
+
+    def run():
+        pre = _empty(m, 2 * hidden)
+        SW.swiglu_forward(x, w1, _empty(2 * hidden), None, None, w2, _empty(n), None, None, None, pre)
+        SW.swiglu_backward(grad, x, w1, None, w2, _empty(n), None, None, pre, _empty(m, hidden))
+        _gemm.swiglu_bwd(_empty(hidden, m).t(), pre, BF16)
+
+    _assert_fits(_captured(run))
+
+
 def test_gemm_many_rows_past_int32():
     m, k, n = 2**22, 768, 768  # 3.2e9-element input, contiguous
     _assert_fits(_captured(lambda: _gemm.gemm(_empty(m, k), _empty(n, k), _empty(m, n), Epilogue(bias=_empty(n)))))
@@ -291,7 +332,8 @@ def test_int32_overflow_rule():
 
 
 @pytest.mark.parametrize("kernel", [LN_kernels._layer_norm_fwd_kernel, LN_kernels._layer_norm_bwd_kernel,
-                                    GK._gemm_kernel, GK._act_bwd_kernel, A_forward._attention_fwd_kernel,
+                                    GK._gemm_kernel, GK._act_bwd_kernel, GK._swiglu_gemm_kernel,
+                                    GK._swiglu_bwd_kernel, A_forward._attention_fwd_kernel,
                                     A_forward._attention_fwd_split_kernel, A_forward._attention_fwd_merge_kernel,
                                     A_backward._attention_bwd_dkdv_kernel, A_backward._attention_bwd_dq_kernel,
                                     A_backward._attention_bwd_fused_kernel,

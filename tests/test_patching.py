@@ -467,3 +467,37 @@ def test_inductor_compile_of_every_patched_family(family):
         torch._dynamo.reset()
         got = _output(torch.compile(model)(x))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_swiglu_mlps_are_patched():
+    """timm's SwiGLUPacked (GluMlp, SiLU gate first) in a ViT (DINOv2 giant's layout) and timm's
+    SwiGLU (fc1_g / fc1_x, with and without its sub-LN norm) take the fused SwiGLU forwards; the
+    ViT's blocks then carry the residual in fc2's epilogue. A sigmoid GLU (gate last) is left alone."""
+    from timm.layers import GluMlp, SwiGLU, SwiGLUPacked
+
+    x = torch.randn(2, 3, 32, 32)
+    model = _timm(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=2.5, init_values=0.1).eval()
+    want = model(x)
+    with vitkern.use_backend("triton"), ops_called() as seen:
+        report = vitkern.patch_model(model)
+        got = model(x)
+    patched = {e.kind for e in report.patched}
+    assert {"timm GluMlp", "timm Block"} <= patched and "swiglu_mlp" in seen
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    vitkern.unpatch_model(model)
+    torch.testing.assert_close(model(x), want)
+
+    tokens = torch.randn(2, 9, 40)
+    for norm in (None, torch.nn.LayerNorm):
+        m = SwiGLU(40, 56, norm_layer=norm).eval()
+        want = m(tokens)
+        with vitkern.use_backend("triton"), ops_called() as seen:
+            report = vitkern.patch_model(m)
+            got = m(tokens)
+        assert "timm SwiGLU" in [e.kind for e in report.patched]
+        assert ("swiglu_mlp" if norm is None else "swiglu") in seen
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    glu = GluMlp(40, 64)  # timm's default: a sigmoid gate in the second half
+    report = vitkern.patch_model(glu)
+    assert {e.kind: e.detail for e in report.skipped}["timm GluMlp"].startswith("a Sigmoid gate")

@@ -19,6 +19,7 @@ from vitkern.ops.attention import (
 from vitkern.ops.qk_prologue.spec import QKNorm, RopeTables
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
+from vitkern.ops.swiglu import swiglu, swiglu_mlp
 from vitkern.ops.patch_embed import patch_embed, resample_patch_embed, resample_pos_embed
 from vitkern.patching import PatchReport, patch_model, patch_sdpa, sdpa_override, unpatch_model, unpatch_sdpa
 from vitkern import nn
@@ -51,6 +52,8 @@ __all__ = [
     "Rope2D",
     "linear",
     "mlp",
+    "swiglu",
+    "swiglu_mlp",
     "patch_embed",
     "resample_pos_embed",
     "resample_patch_embed",

@@ -277,7 +277,7 @@ def test_hf_refusals_name_the_class(name):
 
 
 def test_dinov2_giant_swiglu_from_timm_and_hf():
-    """DINOv2 giant's SwiGLU MLP (fc1 -> silu(gate) * value -> fc2; the gate in PyTorch ops):
+    """DINOv2 giant's SwiGLU MLP (fc1 -> silu(gate) * value -> fc2; the gate in the SwiGLU GEMM):
     timm's SwiGLUPacked and Hugging Face's use_swiglu_ffn (transformers 5.x gate / up / down)."""
     from timm.layers import SwiGLUPacked
 

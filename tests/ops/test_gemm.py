@@ -423,7 +423,8 @@ def test_config_table_epilogue_kinds():
     assert _gemm.select_config(M, 2304, 768, BF16, 80, "bias") == _gemm.GEMM_CONFIGS["a100_16_large"]
     assert _gemm.select_config(1000, 2304, 768, BF16, 90, "bias") == _gemm.GEMM_CONFIGS["h100_16_mid"]
     assert _gemm.config_kinds("h100_16_wide") == ("bias",)
-    assert _gemm.config_kinds("h100_16_large") == _gemm.EPILOGUE_KINDS
+    assert _gemm.config_kinds("h100_16_large") == tuple(k for k in _gemm.EPILOGUE_KINDS if k != "glu_grad")
+    assert _gemm.select_config(M, 4096, 1536, BF16, 90, "glu_grad") == _gemm.GEMM_CONFIGS["h100_16_glu_grad"]
     with pytest.raises(ValueError, match="epilogue kind"):
         _gemm.select_config(M, 2304, 768, BF16, 90, "gelu")
     # every config is reachable from the table
@@ -452,16 +453,21 @@ def test_vit_gemm_launches_follow_the_plan():
     from vitkern.testing.compile_check.gemm_report import MIN_DW_SM_USE, vit_gemms
 
     gemms = vit_gemms(256)
-    assert len(gemms) == 4 * 4 * 3
+    assert len(gemms) == 5 * 4 * 3  # four GELU ViTs and DINOv2's ViT-g/14 with its SwiGLU MLP
     for g in gemms:
         with capture(90) as launches:
             g.call()
         (launch,) = launches
-        kind = launch.kwargs
-        cfg = _gemm.select_config(g.M, g.N, g.K, BF16, 90, _kind_of(kind))
+        if g.epilogue == "swiglu":  # the SwiGLU forward GEMM: its own table, one program per tile
+            cfg = _gemm.select_swiglu_config(g.M, g.N, g.K, BF16, 90)
+            assert launch.entry.qualname.endswith("_swiglu_gemm_kernel")
+        else:
+            assert _kind_of(launch.kwargs) == g.epilogue, (g.model, g.layer, g.pass_)
+            cfg = _gemm.select_config(g.M, g.N, g.K, BF16, 90, g.epilogue)
         plan = _gemm.plan_gemm(g.M, g.N, g.K, cfg, 132, split_safe=g.pass_ == "dW", row_sum=g.pass_ == "dW")
         assert launch.config.meta["BLOCK_N"] == cfg.block_n and launch.config.meta["BLOCK_M"] == cfg.block_m
-        assert tuple(launch.grid) == (plan.programs, plan.split_k), (g.model, g.layer, g.pass_)
+        grid = tuple(launch.grid) + ((1,) if g.epilogue == "swiglu" else ())
+        assert grid == (plan.programs, plan.split_k), (g.model, g.layer, g.pass_)
         if g.pass_ == "dW":
             assert plan.sm_use >= MIN_DW_SM_USE, (g.model, g.layer, plan.describe())
 
@@ -472,6 +478,8 @@ def _kind_of(kw) -> str:
         return "residual"
     if kw["ACTIVATION"] or kw["STORE_PRE"]:
         return "act"
+    if kw["GLU_GRAD"]:
+        return "glu_grad"
     if kw["ACT_GRAD"]:
         return "act_grad"
     if kw["HAS_COL_SCALE"] or kw["HAS_ROW_SCALE"] or kw["ROW_DOT"]:
@@ -490,11 +498,14 @@ def test_committed_gemm_report_is_current():
 
     report = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "compile_report_gemm.json").read_text())
     rows = report["rows"]
-    assert len(rows) == 48 and not any(report["plan_problems"])
+    assert len(rows) == 60 and not any(report["plan_problems"])
     for r in rows:
         assert r["problems"] == [] and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["wgmma"] and r["blocks_per_sm"] >= 1
-        cfg = _gemm.select_config(r["M"], r["N"], r["K"], BF16, r["arch"], r["epilogue"])
+        if r["epilogue"] == "swiglu":
+            cfg = _gemm.select_swiglu_config(r["M"], r["N"], r["K"], BF16, r["arch"])
+        else:
+            cfg = _gemm.select_config(r["M"], r["N"], r["K"], BF16, r["arch"], r["epilogue"])
         plan = _gemm.plan_gemm(r["M"], r["N"], r["K"], cfg, 132, split_safe=r["pass"] == "dW",
                                row_sum=r["pass"] == "dW")
         assert {k: r[k] for k in plan.describe()} == plan.describe(), (r["model"], r["gemm"], r["pass"])

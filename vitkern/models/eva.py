@@ -13,7 +13,8 @@ GEMMs' residual epilogues); the GELU MLP (with its optional norm, ``scale_mlp``)
 MLPs (timm's packed ``GluMlp``, :class:`vitkern.nn.SwiGLUPacked`, and its ``SwiGLU`` with separate
 gate / value projections and optional norm); class and register tokens, absolute position embeddings with or without the
 prefix tokens, pre / post / fc norms and timm's global pools. The SwiGLU gate
-(``silu(gate) * value``) runs as PyTorch ops between the two GEMMs.
+(``silu(gate) * value``) runs in fc1's GEMM epilogue (``vitkern.swiglu_mlp``, or ``vitkern.swiglu``
+before the sub-LN norm).
 
 ``dynamic_img_size=True`` takes any input size divisible by the patch: the RoPE tables are built for
 its grid and the position embedding resampled as timm does (antialiased bicubic).
@@ -33,14 +34,13 @@ import warnings
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitkern.models.registry import register_model
 from vitkern.models.vit import global_pool_nlc, GLOBAL_POOLS
 from vitkern.nn.block import DropPath, drop_path_row_scale
 from vitkern.nn.layer_norm import apply_norm
-from vitkern.nn.linear import Linear, Mlp, SwiGLUPacked
+from vitkern.nn.linear import Linear, Mlp, SwiGLUPacked, swiglu_forward
 from vitkern.nn.patch_embed import PatchEmbed
 from vitkern.nn.rope import Rope2D
 from vitkern.ops.attention import attention, attention_qkvpacked
@@ -147,8 +147,14 @@ def eva_attention(m: nn.Module, x: torch.Tensor, rope: Optional[RopeTables] = No
 
 
 class SwiGLU(nn.Module):
-    """timm's ``SwiGLU`` (``fc1_g``, ``fc1_x``, ``norm``, ``fc2``): ``fc2(norm(silu(fc1_g(x)) * fc1_x(x)))``;
-    the two first projections run as one GEMM."""
+    """timm's ``SwiGLU`` (``fc1_g``, ``fc1_x``, ``norm``, ``fc2``): ``fc2(norm(silu(fc1_g(x)) * fc1_x(x)))``.
+
+    The two first projections are one SwiGLU GEMM (each tile accumulates the gate and the value
+    rows of its columns from the two weights, no concatenated copy), writing
+    ``silu(gate) * value`` from its epilogue. Without a norm the MLP is one ``swiglu_mlp`` call
+    (fc2's residual / LayerScale / drop-path epilogue, the gate's gradient in the backward's dH GEMM
+    epilogue); with timm's sub-LN ``norm`` the fused gate (``swiglu``), the norm, and fc2 as a
+    fused ``linear``: the gate's backward is then one elementwise pass on the norm's dH."""
 
     def __init__(self, in_features: int, hidden_features: int, *, norm_layer=None, align_to: int = 0,
                  device=None, dtype=None):
@@ -158,16 +164,14 @@ class SwiGLU(nn.Module):
             hidden_features = hidden_features + (-hidden_features % align_to)
         self.fc1_g = nn.Linear(in_features, hidden_features, **dd)
         self.fc1_x = nn.Linear(in_features, hidden_features, **dd)
+        self.drop1 = nn.Dropout(0.0)
         self.norm = norm_layer(hidden_features, **dd) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden_features, in_features, **dd)
+        self.drop2 = nn.Dropout(0.0)
 
     def forward(self, x, *, residual=None, residual_scale=None, row_scale=None):
-        weight = torch.cat((self.fc1_g.weight, self.fc1_x.weight))
-        bias = torch.cat((self.fc1_g.bias, self.fc1_x.bias))
-        gate, value = linear(x, weight, bias).chunk(2, dim=-1)
-        h = apply_norm(self.norm, F.silu(gate) * value)
-        return linear(h, self.fc2.weight, self.fc2.bias, residual=residual, residual_scale=residual_scale,
-                      row_scale=row_scale)
+        return swiglu_forward(self, x, self.fc1_g.weight, self.fc1_g.bias, self.fc1_x.weight, self.fc1_x.bias,
+                              residual, residual_scale, row_scale)
 
 
 class EvaBlock(nn.Module):

@@ -361,7 +361,7 @@ def deit_base_distilled_patch16_384() -> Dict[str, Any]:
 
 
 # DINOv2 (Oquab et al., 2023; timm's vit_*_patch14_dinov2 / *_reg4_dinov2): LayerScale 1e-5, 518
-# px, no classifier; giant's MLP is SwiGLU (timm's SwiGLUPacked, the gate in PyTorch ops), the
+# px, no classifier; giant's MLP is SwiGLU (timm's SwiGLUPacked, on the fused SwiGLU GEMMs), the
 # register variants keep the class token's position embedding in the token (no_embed_class).
 def _dinov2_cfg() -> Dict[str, Any]:
     return _cfg("lvd142m", input_size=(3, 518, 518), crop_pct=1.0, mean=_IMAGENET_MEAN, std=_IMAGENET_STD,

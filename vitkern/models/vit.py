@@ -108,7 +108,7 @@ class ViT(nn.Module):
       ``mlp_ratio``) over the patch tokens after the final norm.
     - ``mlp_layer``: "mlp" (fc1 -> act -> fc2, one fused ``mlp`` call) or "swiglu_packed"
       (timm's ``SwiGLUPacked``, DINOv2 giant: ``fc2(silu(gate) * value)`` with both halves from
-      fc1; the gate runs as PyTorch ops, there is no fused SwiGLU epilogue; ``act`` is unused).
+      fc1; one fused ``swiglu_mlp`` call: the gate in fc1's GEMM epilogue; ``act`` is unused).
     - ``norm_eps``: the eps of every LayerNorm (timm 1e-6, Hugging Face ViT 1e-12).
     - ``act``: the MLP activation, "gelu" (erf, timm/torchvision) or "gelu_tanh" (the tanh
       approximation the original JAX checkpoints were trained with; Hugging Face "gelu_new") or

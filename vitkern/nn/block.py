@@ -164,7 +164,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
-        if mlp_layer == "swiglu_packed":  # timm's SwiGLUPacked (DINOv2 giant): the gate in PyTorch ops
+        if mlp_layer == "swiglu_packed":  # timm's SwiGLUPacked (DINOv2 giant): the fused SwiGLU GEMMs
             if scale_mlp_norm:
                 raise ValueError("Block: scale_mlp_norm is not supported with mlp_layer='swiglu_packed'")
             self.mlp = SwiGLUPacked(dim, int(dim * mlp_ratio), bias=proj_bias, drop=proj_drop, **dd)

@@ -1,5 +1,6 @@
 """``Linear`` (``torch.nn.Linear`` with an optional fused activation and residual epilogue) and
-``Mlp`` (``timm.layers.Mlp``: fc1 -> GELU -> fc2 in one ``mlp`` op)."""
+``Mlp`` (``timm.layers.Mlp``: fc1 -> GELU -> fc2 in one ``mlp`` op) and ``SwiGLUPacked`` (timm's
+``GluMlp`` with SiLU: one ``swiglu_mlp`` op)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from torch import nn
 from vitkern.ops.activation import Activation, QuickGELU
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
+from vitkern.ops.swiglu import swiglu, swiglu_mlp
 from vitkern.nn.layer_norm import apply_norm
 
-__all__ = ["Linear", "Mlp", "SwiGLUPacked", "resolve_activation", "ACTIVATIONS"]
+__all__ = ["Linear", "Mlp", "SwiGLUPacked", "resolve_activation", "swiglu_forward", "ACTIVATIONS"]
 
 # Activation names the GEMM epilogues compute. "gelu" is the erf GELU (torch.nn.GELU's default),
 # "gelu_tanh" the tanh approximation, "quick_gelu" OpenAI CLIP's x * sigmoid(1.702 x).
@@ -195,38 +197,60 @@ class Mlp(nn.Module):
 
 class SwiGLUPacked(nn.Module):
     """timm's ``SwiGLUPacked`` (``GluMlp`` with SiLU, gate first): ``fc1`` computes the gate and
-    the value halves in one GEMM, ``fc2(silu(gate) * value)`` (DINOv2 giant's MLP). Keys ``fc1``
-    (``hidden_features`` outputs, the gate first) and ``fc2`` (``hidden_features // 2`` inputs).
+    the value halves, ``fc2(norm(silu(gate) * value))`` (DINOv2 giant's MLP). Keys ``fc1``
+    (``hidden_features`` outputs, the gate first), ``norm`` (when ``norm_layer`` is given, over
+    ``hidden_features // 2``, as timm's ``GluMlp``) and ``fc2`` (``hidden_features // 2`` inputs).
 
-    There is no fused SwiGLU epilogue: fc1 is a plain ``linear`` call, the gate runs as PyTorch
-    ops (``F.silu`` and a multiply, one extra pass over the hidden activations), and fc2 is a fused
-    ``linear`` with the residual / LayerScale / drop-path epilogue."""
+    Without a norm and without active dropout the whole MLP is one ``swiglu_mlp`` call: fc1's
+    SwiGLU GEMM writes ``silu(gate) * value`` from its epilogue (the ``(T, hidden_features)`` fc1
+    output is not materialised), fc2 carries the residual / LayerScale / drop-path epilogue, and
+    the backward's dH GEMM writes the gate's gradient from its epilogue. With a norm or dropout,
+    the gate is one ``swiglu`` call (the same fused fc1 GEMM) and fc2 a fused ``linear``, the
+    norm / dropout between them (and for the output dropout an unfused residual add)."""
 
     def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None,
-                 bias: bool = True, drop: float = 0.0, device=None, dtype=None) -> None:
+                 bias: Union[bool, Tuple[bool, bool]] = True, drop: Union[float, Tuple[float, float]] = 0.0,
+                 device=None, dtype=None, *, norm_layer=None) -> None:
         super().__init__()
         if hidden_features % 2:
             raise ValueError(f"SwiGLUPacked: hidden_features must be even (gate and value halves), got "
                              f"{hidden_features}")
         dd = {"device": device, "dtype": dtype}
         out_features = out_features or in_features
+        bias = _to_2tuple(bias)
+        drop_probs = _to_2tuple(drop)
         self.activation = None  # the gate is not an epilogue activation
-        self.fc1 = Linear(in_features, hidden_features, bias=bias, **dd)
+        self.fc1 = Linear(in_features, hidden_features, bias=bias[0], **dd)
         self.act = nn.SiLU()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
-        self.fc2 = Linear(hidden_features // 2, out_features, bias=bias, **dd)
-        self.drop2 = nn.Dropout(drop)
+        self.drop1 = nn.Dropout(drop_probs[0])
+        self.norm = norm_layer(hidden_features // 2, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = Linear(hidden_features // 2, out_features, bias=bias[1], **dd)
+        self.drop2 = nn.Dropout(drop_probs[1])
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 residual_scale: Optional[torch.Tensor] = None,
                 row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        gate, value = linear(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)
-        h = torch.nn.functional.silu(gate) * value
-        if self.training and self.drop1.p > 0:
-            h = self.drop1(h)
-        if self.training and self.drop2.p > 0:
-            out = self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
-            return add_scaled_residual(out, residual, residual_scale, row_scale)
-        return linear(h, self.fc2.weight, self.fc2.bias, residual=residual, residual_scale=residual_scale,
-                      row_scale=row_scale)
+        return swiglu_forward(self, x, self.fc1.weight, self.fc1.bias, None, None, residual, residual_scale,
+                              row_scale)
+
+
+def swiglu_forward(m: nn.Module, x, fc1_weight, fc1_bias, value_weight, value_bias, residual, residual_scale,
+                   row_scale) -> torch.Tensor:
+    """The SwiGLU MLP forward of a module with timm's ``drop1`` / ``norm`` / ``fc2`` / ``drop2``
+    (vitkern's :class:`SwiGLUPacked`, ``vitkern.models.eva.SwiGLU``, and timm's ``GluMlp`` /
+    ``SwiGLU`` when patched): one ``swiglu_mlp`` call without a norm or active dropout, else the
+    fused ``swiglu`` gate, the norm / dropout, and fc2 as a fused ``linear``."""
+    drop1 = m.training and m.drop1.p > 0
+    drop2 = m.training and m.drop2.p > 0
+    if not drop1 and not drop2 and isinstance(m.norm, nn.Identity):
+        return swiglu_mlp(x, fc1_weight, fc1_bias, m.fc2.weight, m.fc2.bias, value_weight=value_weight,
+                          value_bias=value_bias, residual=residual, residual_scale=residual_scale,
+                          row_scale=row_scale)
+    h = swiglu(x, fc1_weight, fc1_bias, value_weight=value_weight, value_bias=value_bias)
+    if drop1:
+        h = m.drop1(h)
+    h = apply_norm(m.norm, h)
+    if drop2:
+        out = m.drop2(linear(h, m.fc2.weight, m.fc2.bias))
+        return add_scaled_residual(out, residual, residual_scale, row_scale)
+    return linear(h, m.fc2.weight, m.fc2.bias, residual=residual, residual_scale=residual_scale, row_scale=row_scale)

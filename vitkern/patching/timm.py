@@ -19,8 +19,8 @@ from vitkern.nn.attention import Attention as _VkAttention
 from vitkern.nn.attention_pool import AttentionPoolLatent as _VkAttentionPool
 from vitkern.nn.block import Block as _VkBlock
 from vitkern.nn.layer_norm import apply_norm
-from vitkern.nn.linear import Mlp as _VkMlp, resolve_activation
-from vitkern.models.eva import eva_attention
+from vitkern.nn.linear import Mlp as _VkMlp, SwiGLUPacked as _VkSwiGLUPacked, resolve_activation
+from vitkern.models.eva import SwiGLU as _VkSwiGLU, eva_attention
 from vitkern.ops.patch_embed import patch_embed
 from vitkern.ops.qk_prologue import QKNorm, RopeTables
 from vitkern.patching.core import PatchReport, install, is_patched
@@ -30,12 +30,12 @@ __all__ = ["patch_timm_modules"]
 
 def _classes():
     try:
-        from timm.layers import Attention, DropPath, LayerScale, Mlp, PatchEmbed
+        from timm.layers import Attention, DropPath, GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
         from timm.models.vision_transformer import Block
     except ImportError:
         return None
     return dict(Attention=Attention, Mlp=Mlp, Block=Block, PatchEmbed=PatchEmbed, LayerScale=LayerScale,
-                DropPath=DropPath)
+                DropPath=DropPath, GluMlp=GluMlp, SwiGLU=SwiGLU)
 
 
 def _attention_reason(m) -> Optional[str]:
@@ -62,6 +62,28 @@ def _mlp_reason(m) -> tuple[Optional[str], Optional[str]]:
     if not isinstance(m.fc1, nn.Linear) or not isinstance(m.fc2, nn.Linear):
         return None, "fc1 / fc2 are not nn.Linear (a conv MLP)"
     return activation, None
+
+
+def _swiglu_reason(m, packed: bool) -> Optional[str]:
+    """Why timm's ``GluMlp`` (``packed``) / ``SwiGLU`` cannot run vitkern's fused SwiGLU forward, or None."""
+    if type(m.act) is not nn.SiLU:
+        return f"a {type(m.act).__name__} gate (the SwiGLU epilogue computes SiLU)"
+    linears = (m.fc1, m.fc2) if packed else (m.fc1_g, m.fc1_x, m.fc2)
+    if not all(isinstance(lin, nn.Linear) for lin in linears):
+        return "its projections are not nn.Linear (a conv MLP)"
+    if packed and (m.gate_last or m.chunk_dim not in (-1, 1) or m.fc1.out_features % 2):
+        return "gate_last=True (the gate in the second half; the epilogue takes the gate first)"
+    if not packed and (m.fc1_g.bias is None) != (m.fc1_x.bias is None):
+        return "a bias on one of fc1_g / fc1_x only"
+    return None
+
+
+def _glu_mlp_forward(self, x: torch.Tensor, residual=None, residual_scale=None, row_scale=None) -> torch.Tensor:
+    return _VkSwiGLUPacked.forward(self, x, residual, residual_scale, row_scale)
+
+
+def _swiglu_forward(self, x: torch.Tensor, residual=None, residual_scale=None, row_scale=None) -> torch.Tensor:
+    return _VkSwiGLU.forward(self, x, residual=residual, residual_scale=residual_scale, row_scale=row_scale)
 
 
 def _attn_pool_reason(m) -> Optional[str]:
@@ -176,6 +198,15 @@ def patch_timm_modules(model: nn.Module, report: PatchReport, *, attention: bool
                 report.add(name, "timm Mlp", True, f"fused mlp (fc1 + {activation or 'no activation'} + fc2)")
             else:
                 report.add(name, "timm Mlp", False, reason)
+        elif kind in (classes["GluMlp"], classes["SwiGLU"]) and mlp:
+            packed = kind is classes["GluMlp"]
+            label = "timm GluMlp" if packed else "timm SwiGLU"
+            reason = _swiglu_reason(m, packed)
+            if reason is None:
+                install(m, "forward", _glu_mlp_forward if packed else _swiglu_forward)
+                report.add(name, label, True, "fused SwiGLU MLP (fc1 + silu(gate) * value in one GEMM, fc2)")
+            else:
+                report.add(name, label, False, reason)
         elif kind is classes["PatchEmbed"] and patch_embed:
             reason = _patch_embed_reason(m)
             if reason is None:
@@ -200,7 +231,7 @@ def patch_timm_modules(model: nn.Module, report: PatchReport, *, attention: bool
             else:
                 report.add(name, "timm AttentionPoolLatent", False, reason)
         elif kind.__module__.startswith("timm.") and kind.__name__.endswith(("Attention", "Block", "Mlp", "Embed")) \
-                and kind not in {classes[k] for k in ("Attention", "Mlp", "Block", "PatchEmbed")}:
+                and kind not in {classes[k] for k in ("Attention", "Mlp", "Block", "PatchEmbed", "GluMlp", "SwiGLU")}:
             report.add(name, f"timm {kind.__name__}", False, "a variant vitkern does not fuse (runs timm's forward)")
     if not residual_fusion:
         return

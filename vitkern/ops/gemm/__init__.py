@@ -5,8 +5,9 @@ epilogue, its configs and its launcher.
   launch plan (:func:`plan_gemm`: split-K choice, persistent grid, predicted SM use);
 - ``epilogue.py``: :class:`Epilogue`, a GEMM's choice of epilogue steps (no Triton import);
 - ``epilogue_steps.py``: the steps themselves (``@triton.jit``);
-- ``kernels.py``: the GEMM kernel and the elementwise activation backward;
-- ``launch.py``: :func:`gemm` and :func:`act_bwd`;
+- ``kernels.py``: the GEMM kernel, the elementwise activation backward, the SwiGLU GEMM (gate
+  and value accumulators a tile) and the SwiGLU gate's elementwise backward;
+- ``launch.py``: :func:`gemm`, :func:`act_bwd`, :func:`swiglu_gemm` and :func:`swiglu_bwd`;
 - ``compile_cases.py``: the static compile cases.
 
 No public function: the ops' launchers build an :class:`Epilogue` and call
@@ -24,7 +25,9 @@ from vitkern.ops.gemm.configs import (
     dot_precision,
     plan_gemm,
     select_config,
+    select_swiglu_config,
     sm_use,
+    SWIGLU_CONFIGS,
 )
 from vitkern.ops.gemm.epilogue import Epilogue
 
@@ -40,5 +43,7 @@ __all__ = [
     "dot_precision",
     "plan_gemm",
     "select_config",
+    "select_swiglu_config",
     "sm_use",
+    "SWIGLU_CONFIGS",
 ]

@@ -26,7 +26,9 @@ __all__ = [
     "dot_precision",
     "plan_gemm",
     "select_config",
+    "select_swiglu_config",
     "sm_use",
+    "SWIGLU_CONFIGS",
 ]
 
 
@@ -108,14 +110,30 @@ GEMM_CONFIGS: dict[str, GemmConfig] = {
     "a100_fp32": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=3, split_k=16),
     # Triton 3.6: the GELU-backward epilogue (the MLP's dU) spilled 4 bytes at 3 stages
     "a100_fp32_act_grad": GemmConfig(64, 64, 32, 8, num_warps=8, num_stages=2, split_k=16),
+    # the SwiGLU MLP's dH GEMM with the SwiGLU-gradient epilogue (two aux tiles read, two output
+    # tiles stored a tile): at 128 x 128 it spilled 12-220 bytes on both arches under Triton 3.8
+    # (255 registers), so half the columns a tile. Registers / spill bytes / shared KB at ViT-g's
+    # dH (M 4096, N 4096, K 1536), Triton 3.8 | 3.6: bf16; with drop path's row dots; a float32
+    # dY written in bf16 (a_copy) with drop path:
+    #   h100_16_glu_grad    sm_90  186 | 184 /0/72 wg; 238 | 188; 249 | 255 /0/88
+    #   h100_tf32_glu_grad  sm_90  (drop path) 240 | 203 /0/56 wg
+    #   h100_fp32_glu_grad  sm_90  (drop path) 165 | 96 /0/12 (64 x 64 at 4 warps: 20 bytes spilled
+    #                              under 3.6)
+    #   a100_16_glu_grad    sm_80  238 | 190 /0/36; 247 | 255; 237 | 255 /0/60
+    #   (a100_tf32_act_grad 255 | 255 /0/36 and a100_fp32_act_grad 128 | 104 /0/16 with drop path)
+    "h100_16_glu_grad": GemmConfig(128, 64, 64, 8, num_warps=8, num_stages=3, tma=True),
+    "h100_tf32_glu_grad": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3, tma=True),
+    "h100_fp32_glu_grad": GemmConfig(64, 32, 16, 8, num_warps=4, num_stages=3, tma=True),
+    "a100_16_glu_grad": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=4),
 }
 
 #: The epilogue kinds the rules key on (:attr:`vitkern.ops.gemm.epilogue.Epilogue.kind`): "none"
 #: (a bare product: dX, dW without scales), "bias" (bias only: qkv), "act" (an activation, with
 #: bias / pre store: fc1), "residual" (a residual, with bias / scales: proj, fc2), "act_grad" (the
 #: MLP's dU GEMM), "scale" (row / column scales or row dots, with or without a bias, none of the
-#: above: the dW GEMMs with LayerScale or drop path).
-EPILOGUE_KINDS = ("none", "bias", "act", "residual", "act_grad", "scale")
+#: above: the dW GEMMs with LayerScale or drop path), "glu_grad" (the SwiGLU MLP's dH GEMM, whose
+#: epilogue writes the packed gate / value gradient).
+EPILOGUE_KINDS = ("none", "bias", "act", "residual", "act_grad", "scale", "glu_grad")
 
 # The config table, keyed on (arch family, dtype class, M bucket, N bucket, K bucket, epilogue
 # kind) -> config name; "*" matches anything; the first matching rule wins. dtype class: "16"
@@ -123,6 +141,12 @@ EPILOGUE_KINDS = ("none", "bias", "act", "residual", "act_grad", "scale")
 # (M <= 2048), "l". N bucket: "s" (N <= 64), "l". K bucket: "s" (K <= 64), "l". The last rule of
 # each (arch, dtype class) is its default entry.
 GEMM_RULES: list[tuple[tuple[int, str, str, str, str, str], str]] = [
+    ((90, "16", "*", "*", "*", "glu_grad"), "h100_16_glu_grad"),
+    ((90, "tf32", "*", "*", "*", "glu_grad"), "h100_tf32_glu_grad"),
+    ((90, "fp32", "*", "*", "*", "glu_grad"), "h100_fp32_glu_grad"),
+    ((80, "16", "*", "*", "*", "glu_grad"), "a100_16_glu_grad"),
+    ((80, "tf32", "*", "*", "*", "glu_grad"), "a100_tf32_act_grad"),
+    ((80, "fp32", "*", "*", "*", "glu_grad"), "a100_fp32_act_grad"),
     ((90, "16", "s", "*", "*", "*"), "h100_16_small"),
     ((90, "16", "*", "s", "*", "*"), "h100_16_small"),
     ((90, "16", "m", "*", "*", "*"), "h100_16_mid"),
@@ -185,6 +209,56 @@ def select_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int
         raise RuntimeError(f"no GEMM config for {key}")
     return GEMM_CONFIGS[name]
 
+
+# The SwiGLU forward GEMM (vitkern.ops.gemm.kernels._swiglu_gemm_kernel): two fp32 accumulators a
+# tile (the gate and the value rows of the same output columns), so BLOCK_N is half the fc1
+# columns a tile covers: a 128 x 64 SwiGLU tile does the MMA work and holds the accumulator
+# registers of a 128 x 128 tile of the plain GEMM. Keyed on (arch family, dtype class, M bucket
+# "s" / "*"). Static compile figures (registers, Triton 3.8 | 3.6 / spill bytes / dynamic shared
+# KB) at ViT-g's fc1 (M 4096, H 4096, K 1536, biases, the pre-activation stored; the small configs
+# at M 32), then at a ragged K = 72 (not a multiple of 16: unvectorised loads), H = 200:
+#   h100_16_swiglu        sm_90  128 | 128 /0/96 wg;  255 | 255 /0/32 (no bias, no pre store)
+#   h100_16_swiglu_small  sm_90  104 | 102 /0/48 wg;  243 | 254 /0/12 (64 x 64 x 64 at 4 warps
+#                                spilled 228-232 bytes at K = 72 on both)
+#   h100_tf32_swiglu      sm_90  142 | 140 /0/96 wg;  178 | 180
+#   h100_fp32_swiglu      sm_90   80 |  80 /0/8;       98 |  94 (4 warps, or 3 stages at 8:
+#                                12-28 bytes spilled)
+#   a100_16_swiglu        sm_80  146 | 146 /0/32;     194 | 188
+#   a100_16_swiglu_small  sm_80  143 | 143 /0/24;     249 | 252
+#   a100_tf32_swiglu      sm_80  142 | 142 /0/32;     192 | 192
+#   a100_fp32_swiglu      sm_80   80 | 172 /0/32;     124 | 206
+SWIGLU_CONFIGS: dict[str, GemmConfig] = {
+    "h100_16_swiglu": GemmConfig(128, 64, 64, 8, num_warps=8, num_stages=3),
+    "h100_16_swiglu_small": GemmConfig(64, 64, 32, 8, num_warps=4, num_stages=4),
+    "h100_tf32_swiglu": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3),
+    "h100_fp32_swiglu": GemmConfig(64, 32, 16, 8, num_warps=8, num_stages=2),
+    "a100_16_swiglu": GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=3),
+    "a100_16_swiglu_small": GemmConfig(64, 64, 32, 8, num_warps=4, num_stages=3),
+    "a100_tf32_swiglu": GemmConfig(128, 64, 16, 8, num_warps=8, num_stages=3),
+    "a100_fp32_swiglu": GemmConfig(64, 32, 32, 8, num_warps=8, num_stages=3),
+}
+
+SWIGLU_RULES: list[tuple[tuple[int, str, str], str]] = [
+    ((90, "16", "s"), "h100_16_swiglu_small"),
+    ((90, "16", "*"), "h100_16_swiglu"),
+    ((90, "tf32", "*"), "h100_tf32_swiglu"),
+    ((90, "fp32", "*"), "h100_fp32_swiglu"),
+    ((80, "16", "s"), "a100_16_swiglu_small"),
+    ((80, "16", "*"), "a100_16_swiglu"),
+    ((80, "tf32", "*"), "a100_tf32_swiglu"),
+    ((80, "fp32", "*"), "a100_fp32_swiglu"),
+]
+
+
+def select_swiglu_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int] = None) -> GemmConfig:
+    """The SwiGLU forward GEMM's config for ``(M, N, K)`` (N: the hidden width, half of fc1's
+    outputs) with ``dtype`` operands on ``arch`` (default: the current device's family)."""
+    arch = device_arch() if arch is None else arch
+    key = (90 if arch >= 90 else 80, dot_precision(dtype), "s" if M <= 64 else "l")
+    for (r_arch, r_prec, r_m), name in SWIGLU_RULES:
+        if r_arch == key[0] and r_prec == key[1] and r_m in ("*", key[2]):
+            return SWIGLU_CONFIGS[name]
+    raise RuntimeError(f"no SwiGLU GEMM config for {key}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,3 +114,29 @@ def add_residual(acc, res_ptr, rows, offs_n, stride_m, stride_n, mask, HAS_RESID
                     mask=mask, other=0.0)
         acc = acc + r.to(tl.float32)
     return acc
+
+
+@register_helper
+@triton.jit
+def swiglu(g, v):
+    """silu(g) * v in fp32: the SwiGLU gate on the gate and value accumulators."""
+    return g * tl.sigmoid(g) * v
+
+
+@register_helper
+@triton.jit
+def swiglu_grad_store(acc, aux_ptr, c_ptr, rows, offs_n, N, stride_xm, stride_xn, stride_cm, stride_cn, mask):
+    """The SwiGLU backward on dH = acc: ``aux`` is the packed ``(M, 2N)`` pre-activation (gate
+    columns ``[0, N)``, value columns ``[N, 2N)``); stores ``dg = dH * v * silu'(g)`` at C's columns
+    ``n`` and ``dv = dH * silu(g)`` at ``N + n`` (C is the packed ``(M, 2N)`` gradient of fc1's
+    output), with ``silu'(g) = s (1 + g (1 - s))``, ``s = sigmoid(g)``."""
+    x_offs = rows[:, None] * stride_xm + offs_n[None, :] * stride_xn
+    g = tl.load(aux_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(aux_ptr + N * stride_xn + x_offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    gs = g * s
+    dv = acc * gs
+    dg = acc * v * (s + gs * (1.0 - s))
+    c_offs = rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptr + c_offs, round_to(dg, c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + N * stride_cn + c_offs, round_to(dv, c_ptr.dtype.element_ty), mask=mask)

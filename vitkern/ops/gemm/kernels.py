@@ -62,6 +62,8 @@ from vitkern.ops.gemm.epilogue_steps import (
     scale_cols,
     scale_rows,
     store_aux,
+    swiglu,
+    swiglu_grad_store,
 )
 
 # The interpreter switch as a constexpr global (the compiler folds branches on it away).
@@ -117,7 +119,7 @@ def _gemm_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, HAS_RED_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     STORE_PRE: tl.constexpr, ACT_GRAD: tl.constexpr, ROW_SUM: tl.constexpr, ROW_DOT: tl.constexpr,
-    ROW_SUM_WEIGHTED: tl.constexpr, A_COPY: tl.constexpr, TF32: tl.constexpr,
+    ROW_SUM_WEIGHTED: tl.constexpr, A_COPY: tl.constexpr, TF32: tl.constexpr, GLU_GRAD: tl.constexpr,
 ):
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -266,7 +268,10 @@ def _gemm_kernel(
                 acc = acc + r_desc.load([off_m, off_n]).to(tl.float32)
             else:
                 acc = add_residual(acc, res_ptr, r64, offs_n, stride_rm, stride_rn, mask, HAS_RESIDUAL)
-            if C_MODE == 1:
+            if GLU_GRAD:  # dH -> the packed (dg, dv) of SwiGLU's fc1 output
+                swiglu_grad_store(acc, aux_ptr, c_ptr, r64, offs_n, N, stride_xm, stride_xn, stride_cm, stride_cn,
+                                  mask)
+            elif C_MODE == 1:
                 c_desc.store([off_m, off_n], round_to(acc, c_ptr.dtype.element_ty))
             else:
                 tl.store(c_ptr + r64[:, None] * stride_cm + offs_n[None, :] * stride_cn,
@@ -319,3 +324,96 @@ def _act_bwd_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on, round_to(g, out_ptr.dtype.element_ty),
              mask=mask)
 
+
+
+# --------------------------------------------------------------------------------------------
+# The SwiGLU GEMM: fc1's gate and value halves in one tile, h = silu(g) * v in the epilogue
+# --------------------------------------------------------------------------------------------
+
+
+@register_kernel(expects_wgmma=wgmma_expected(operand="bg_ptr", block_m="BLOCK_M", tf32="TF32"))
+@triton.jit
+def _swiglu_gemm_kernel(
+    a_ptr, bg_ptr, bv_ptr, c_ptr, bias_g_ptr, bias_v_ptr, pre_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_gn, stride_gk, stride_vn, stride_vk, stride_cm, stride_cn, stride_pm, stride_pn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, TF32: tl.constexpr,
+):
+    """``h[M, N] = silu(A @ Bg^T + bg) * (A @ Bv^T + bv)``: each tile accumulates the gate rows
+    ``n..n+BLOCK_N`` of ``Bg`` and the value rows ``n..n+BLOCK_N`` of ``Bv`` (two views of the
+    packed ``(2N, K)`` fc1 weight, or two separate weights) against the same A tile, two fp32
+    accumulators, and stores only h (one cast). With ``STORE_PRE`` the biased gate and value
+    accumulators go to the packed ``(M, 2N)`` pre-activation (gate columns ``[0, N)``, value
+    columns ``[N, 2N)``), rounded to its dtype, for the backward. Plain pointer loads with rows
+    clamped into range (the GEMM kernel's mode 0) and grouped tile order."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    tm = tl.arange(0, BLOCK_M)
+    tn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_base = a_ptr + off_m.to(tl.int64) * stride_am
+    g_base = bg_ptr + off_n.to(tl.int64) * stride_gn
+    v_base = bv_ptr + off_n.to(tl.int64) * stride_vn
+    a_offs = tl.minimum(tm, M - 1 - off_m)[:, None] * stride_am + rk[None, :] * stride_ak
+    cn = tl.minimum(tn, N - 1 - off_n)[None, :]
+    g_offs = cn * stride_gn + rk[:, None] * stride_gk
+    v_offs = cn * stride_vn + rk[:, None] * stride_vk
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_base + a_offs)
+            bg = tl.load(g_base + g_offs)
+            bv = tl.load(v_base + v_offs)
+        else:
+            k_ok = (ki * BLOCK_K + rk) < K
+            a = tl.load(a_base + a_offs, mask=k_ok[None, :], other=0.0)
+            bg = tl.load(g_base + g_offs, mask=k_ok[:, None], other=0.0)
+            bv = tl.load(v_base + v_offs, mask=k_ok[:, None], other=0.0)
+        a = dot_operand(a)
+        acc_g = tl.dot(a, dot_operand(bg), acc_g, input_precision="tf32" if TF32 else "ieee")
+        acc_v = tl.dot(a, dot_operand(bv), acc_v, input_precision="tf32" if TF32 else "ieee")
+        a_base += BLOCK_K * stride_ak
+        g_base += BLOCK_K * stride_gk
+        v_base += BLOCK_K * stride_vk
+
+    offs_m = off_m + tm
+    offs_n = off_n + tn
+    ln = offs_n < N
+    mask = (offs_m < M)[:, None] & ln[None, :]
+    r64 = offs_m.to(tl.int64)
+    acc_g = add_bias(acc_g, bias_g_ptr, offs_n, ln, HAS_BIAS)
+    acc_v = add_bias(acc_v, bias_v_ptr, offs_n, ln, HAS_BIAS)
+    if STORE_PRE:
+        store_aux(acc_g, pre_ptr, r64, offs_n, stride_pm, stride_pn, mask, True)
+        store_aux(acc_v, pre_ptr + N * stride_pn, r64, offs_n, stride_pm, stride_pn, mask, True)
+    h = swiglu(acc_g, acc_v)
+    tl.store(c_ptr + r64[:, None] * stride_cm + offs_n[None, :] * stride_cn, round_to(h, c_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@register_kernel
+@triton.jit
+def _swiglu_bwd_kernel(
+    g_ptr, pre_ptr, out_ptr,
+    M, N,
+    stride_gm, stride_gn, stride_pm, stride_pn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The SwiGLU gate's backward as one elementwise pass (where a norm sits between the gate and
+    fc2, so no GEMM produces dH): ``dH (M, N)`` and the packed pre-activation ``(M, 2N)`` to the
+    packed ``(dg, dv)`` ``(M, 2N)``."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    rows = offs_m.to(tl.int64)
+    dh = tl.load(g_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+    swiglu_grad_store(dh.to(tl.float32), pre_ptr, out_ptr, rows, offs_n, N, stride_pm, stride_pn, stride_om,
+                      stride_on, mask)

@@ -1,5 +1,8 @@
 """The GEMM core's launchers: :func:`gemm` (operand load modes, int32 offset checks, split-K,
-persistent grids, the epilogue's constexprs) and :func:`act_bwd`."""
+persistent grids, the epilogue's constexprs), :func:`act_bwd`, and the SwiGLU pair:
+:func:`swiglu_gemm` (fc1's gate and value halves in one GEMM, ``silu(g) * v`` stored) and
+:func:`swiglu_bwd` (the gate's backward as one elementwise pass; the fused form is
+``Epilogue(glu_grad=True)`` on the dH GEMM)."""
 
 from __future__ import annotations
 
@@ -13,11 +16,11 @@ from vitkern.ops._config import available_sms, device_arch, KernelConfig
 from vitkern.ops._triton import capturing, ensure_scratch_allocator, launch
 from vitkern.ops._index import INT32_MAX, check_int32, fits_int32
 from vitkern.ops.activation import Activation
-from vitkern.ops.gemm.configs import GemmConfig, dot_precision, plan_gemm, select_config
+from vitkern.ops.gemm.configs import GemmConfig, dot_precision, plan_gemm, select_config, select_swiglu_config
 from vitkern.ops.gemm.epilogue import Epilogue
-from vitkern.ops.gemm.kernels import _act_bwd_kernel, _gemm_kernel
+from vitkern.ops.gemm.kernels import _act_bwd_kernel, _gemm_kernel, _swiglu_bwd_kernel, _swiglu_gemm_kernel
 
-__all__ = ["gemm", "act_bwd"]
+__all__ = ["gemm", "act_bwd", "swiglu_gemm", "swiglu_bwd"]
 
 # Operand load modes: plain pointer loads with rows clamped into range (no row mask: fewer
 # registers; for operands contiguous along K), TMA descriptors (rows contiguous along K, or the
@@ -134,10 +137,14 @@ def gemm(
     """
     M, K = a_shape if a_gather is not None else a.shape
     N = b.shape[0]
+    n_out = N * epilogue.out_cols  # glu_grad: the packed (dg, dv), two output columns per column
     if col_map is not None and row_map is None:
         raise ValueError("gemm: col_map needs row_map")
-    if b.shape[1] != K or (row_map is None and tuple(out.shape) != (M, N)) or (
-            col_map is None and out.shape[-1] != N):
+    if epilogue.glu_grad and (row_map is not None or tuple(epilogue.aux.shape) != (M, n_out)):
+        raise ValueError(f"gemm: glu_grad needs an ({M}, {n_out}) aux and no row map, got aux "
+                         f"{tuple(epilogue.aux.shape)}")
+    if b.shape[1] != K or (row_map is None and tuple(out.shape) != (M, n_out)) or (
+            col_map is None and out.shape[-1] != n_out):
         raise ValueError(f"gemm: shapes a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)} do not match")
     if (a_gather is not None or row_map is not None) and K == 0:
         raise ValueError("gemm: K = 0 with a gather / row map")
@@ -197,13 +204,14 @@ def gemm(
     pre, aux = epilogue.pre, epilogue.aux
     for name, t in (("out", None if col_map is not None else c_view), ("pre", pre), ("aux", aux)):
         if t is not None:
-            check_int32("gemm", f"{name} (column offsets)", (N, t.stride(1)))
+            check_int32("gemm", f"{name} (column offsets)", (n_out if name != "pre" else N, t.stride(1)))
     if a_copy is not None:
         check_int32("gemm", "a_copy (column offsets)", (K, a_copy.stride(1)))
     a_mode = _operand_mode(a, use_tma) if a_gather is None else LOAD_PLAIN
     b_mode = _operand_mode(b, use_tma)
     mapped = row_map is not None
-    c_mode = LOAD_TMA if use_tma and split_k == 1 and not mapped and _tma_ok(c_view, 1) else LOAD_PLAIN
+    c_mode = (LOAD_TMA if use_tma and split_k == 1 and not mapped and not epilogue.glu_grad and _tma_ok(c_view, 1)
+              else LOAD_PLAIN)
     r_mode = LOAD_TMA if use_tma and residual is not None and not mapped and _tma_ok(residual, 1) else LOAD_PLAIN
     if LOAD_TMA in (a_mode, b_mode, c_mode, r_mode) or LOAD_TMA_T in (a_mode, b_mode):
         ensure_scratch_allocator()  # per thread: see its docstring
@@ -285,3 +293,99 @@ def act_bwd(
     return out, dscale, drow
 
 
+
+
+def _rows_int32(name: str, t: torch.Tensor, block_rows: int, block_k: int) -> torch.Tensor:
+    """``t`` (rows, K), or a copy of it, whose plain-load tile offsets fit in int32."""
+    if _tile_int32_ok(t, block_rows, block_k):
+        return t
+    for copy in (t.contiguous(), t.t().contiguous().t()):
+        if _tile_int32_ok(copy, block_rows, block_k):
+            return copy
+    raise ValueError(f"swiglu_gemm: operand {name} of shape {tuple(t.shape)} needs in-tile offsets past the "
+                     f"kernels' int32 range (2^31 - 1) in any layout")
+
+
+def swiglu_gemm(
+    a: torch.Tensor,
+    b_gate: torch.Tensor,
+    b_value: torch.Tensor,
+    out: torch.Tensor,
+    bias_gate: Optional[torch.Tensor] = None,
+    bias_value: Optional[torch.Tensor] = None,
+    pre: Optional[torch.Tensor] = None,
+    *,
+    config: Optional[GemmConfig] = None,
+) -> torch.Tensor:
+    """``out[M, N] = silu(a @ b_gate^T + bias_gate) * (a @ b_value^T + bias_value)`` in one GEMM
+    (:func:`vitkern.ops.gemm.kernels._swiglu_gemm_kernel`): ``b_gate`` / ``b_value`` are ``(N, K)``
+    views with any strides (the two row halves of a packed ``(2N, K)`` fc1 weight, or two
+    weights); the biases ``(N,)`` (an absent one is zero). ``pre`` (``(M, 2N)``, any strides)
+    receives the biased gate and value accumulators, gate columns first, for the backward."""
+    M, K = a.shape
+    N = b_gate.shape[0]
+    if tuple(b_gate.shape) != (N, K) or tuple(b_value.shape) != (N, K) or tuple(out.shape) != (M, N):
+        raise ValueError(f"swiglu_gemm: shapes a {tuple(a.shape)}, b_gate {tuple(b_gate.shape)}, b_value "
+                         f"{tuple(b_value.shape)}, out {tuple(out.shape)} do not match")
+    if pre is not None and tuple(pre.shape) != (M, 2 * N):
+        raise ValueError(f"swiglu_gemm: pre must be ({M}, {2 * N}), got {tuple(pre.shape)}")
+    if (bias_gate is None) != (bias_value is None):  # one switch in the kernel: the absent one is zero
+        ref = bias_gate if bias_gate is not None else bias_value
+        zero = torch.zeros(N, device=ref.device, dtype=ref.dtype)
+        bias_gate, bias_value = (bias_gate if bias_gate is not None else zero,
+                                 bias_value if bias_value is not None else zero)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:  # an empty reduction: the gate of the biases alone
+        zeros = torch.zeros(N, device=a.device, dtype=torch.float32)
+        g = bias_gate.float() if bias_gate is not None else zeros
+        v = bias_value.float() if bias_value is not None else zeros
+        if pre is not None:
+            pre.copy_(torch.cat((g, v)).expand(M, 2 * N))
+        out.copy_((torch.nn.functional.silu(g) * v).expand(M, N))
+        return out
+    bias_gate, bias_value = contiguous_vectors(bias_gate, bias_value)
+    dev = a.device
+    arch = device_arch(dev if dev.type == "cuda" else None)
+    cfg = config if config is not None else select_swiglu_config(M, N, K, b_gate.dtype, arch)
+    a = _rows_int32("a", a, cfg.block_m, cfg.block_k)
+    b_gate = _rows_int32("b_gate", b_gate, cfg.block_n, cfg.block_k)
+    b_value = _rows_int32("b_value", b_value, cfg.block_n, cfg.block_k)
+    check_int32("swiglu_gemm", "out (column offsets)", (N, out.stride(1)))
+    if pre is not None:
+        check_int32("swiglu_gemm", "pre (column offsets)", (2 * N, pre.stride(1)))
+    grid = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    kcfg = KernelConfig({"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                         "GROUP_M": cfg.group_m}, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(
+        _swiglu_gemm_kernel, (grid,),
+        a, b_gate, b_value, out, bias_gate, bias_value, pre,
+        M, N, K,
+        *_strides(a), *_strides(b_gate), *_strides(b_value), *_strides(out), *_strides(pre),
+        EVEN_K=K % cfg.block_k == 0, HAS_BIAS=bias_gate is not None, STORE_PRE=pre is not None,
+        TF32=dot_precision(b_gate.dtype) == "tf32",
+        config=kcfg,
+    )
+    return out
+
+
+_SWIGLU_BWD_BLOCK = (64, 64)
+
+
+def swiglu_bwd(grad: torch.Tensor, pre: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The packed ``(M, 2N)`` gradient ``(dg, dv)`` of SwiGLU's fc1 output from ``dH`` (``grad``,
+    ``(M, N)``) and the packed pre-activation ``pre`` (``(M, 2N)``): ``dg = dH * v * silu'(g)``,
+    ``dv = dH * silu(g)``, in ``out_dtype``, one elementwise pass (any strides)."""
+    M, N = grad.shape
+    if tuple(pre.shape) != (M, 2 * N):
+        raise ValueError(f"swiglu_bwd: pre must be ({M}, {2 * N}), got {tuple(pre.shape)}")
+    if not fits_int32((N, grad.stride(1))):
+        grad = grad.contiguous()
+    check_int32("swiglu_bwd", "pre (column offsets)", (2 * N, pre.stride(1)))
+    out = torch.empty((M, 2 * N), device=grad.device, dtype=out_dtype)
+    bm, bn = _SWIGLU_BWD_BLOCK
+    if M and N:
+        launch(_swiglu_bwd_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
+               grad, pre, out, M, N, *_strides(grad), *_strides(pre), *_strides(out),
+               BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+    return out

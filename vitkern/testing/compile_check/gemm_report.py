@@ -1,6 +1,8 @@
 """The static report of the ViT GEMMs: every GEMM of the ViT-S/16, B/16, L/16 and H/14 forward and
-backward (qkv, proj, fc1, fc2: forward, dX, dW) at one batch size, as the launchers issue them
-(``vitkern.ops.linear.launch`` / ``vitkern.ops.mlp.launch``: bf16 operands, the fp32 residual
+backward (qkv, proj, fc1, fc2: forward, dX, dW) at one batch size, and of DINOv2's ViT-g/14 with
+its SwiGLU MLP (fc1: the SwiGLU GEMM, fc2's dX: the dH GEMM with the SwiGLU-gradient epilogue), as
+the launchers issue them (``vitkern.ops.linear.launch`` / ``vitkern.ops.mlp.launch`` /
+``vitkern.ops.swiglu.launch``: bf16 operands, the fp32 residual
 stream of timm under autocast, fp32 gradients of the residual-stream outputs), compiled for sm_90
 (and sm_80 on request) with its launch plan: tile, warps, stages, registers, spills, shared
 memory, blocks per SM, wgmma / TMA, persistent or not, K splits, and the predicted SM use (tiles,
@@ -36,6 +38,10 @@ VIT_MODELS = {
     "ViT-L/16": (1024, 4096, 197),
     "ViT-H/14": (1280, 5120, 257),
 }
+#: (embedding width, gate width H (fc1 has 2H outputs), tokens) of the SwiGLU-MLP models.
+SWIGLU_MODELS = {
+    "ViT-g/14 SwiGLU": (1536, 4096, 257),
+}
 #: The SM counts the plans are sized for (H100 / H200 SXM: 132; A100: 108).
 REPORT_SMS = {90: 132, 80: 108}
 #: Every dW GEMM must keep at least this predicted SM use.
@@ -53,6 +59,7 @@ class VitGemm:
     N: int
     K: int
     call: Callable[[], None]
+    epilogue: str = "none"  # the config table's epilogue kind, or "swiglu" (the SwiGLU forward GEMM)
 
 
 def vit_gemms(batch: int = 256, models: Optional[Sequence[str]] = None) -> list[VitGemm]:
@@ -68,12 +75,16 @@ def vit_gemms(batch: int = 256, models: Optional[Sequence[str]] = None) -> list[
     bf16, f32 = torch.bfloat16, torch.float32
     e = torch.empty
     out: list[VitGemm] = []
-    for model in models or VIT_MODELS:
-        D, H, T = VIT_MODELS[model]
+    for model in models or (*VIT_MODELS, *SWIGLU_MODELS):
+        swiglu = model in SWIGLU_MODELS
+        D, H, T = SWIGLU_MODELS[model] if swiglu else VIT_MODELS[model]
         M = batch * T
 
         def add(layer, pass_, m, n, k, fn):
-            out.append(VitGemm(model, layer, pass_, m, n, k, fn))
+            kind = {"fwd": {"qkv": "bias", "proj": "residual", "fc1": "swiglu" if swiglu else "act",
+                            "fc2": "residual"}[layer],
+                    "dX": ("glu_grad" if swiglu else "act_grad") if layer == "fc2" else "none", "dW": "none"}[pass_]
+            out.append(VitGemm(model, layer, pass_, m, n, k, fn, kind))
 
         # qkv: y = x @ Wqkv^T + b (bf16 out); dX = g @ W; dW = g^T @ x with db from the row sums
         add("qkv", "fwd", M, 3 * D, D,
@@ -95,6 +106,9 @@ def vit_gemms(batch: int = 256, models: Optional[Sequence[str]] = None) -> list[
         add("proj", "dW", D, D, M,
             lambda M=M, D=D: gemm(e(M, D, dtype=bf16).t(), e(M, D, dtype=bf16).t(), e(D, D, dtype=bf16),
                                   row_sum=True))
+        if swiglu:
+            _swiglu_gemms(add, M, D, H)
+            continue
         # fc1: h = GELU(x @ W1^T + b1), pre stored; dX = dP @ W1; dW1 = dP^T @ x (+ db1)
         add("fc1", "fwd", M, H, D,
             lambda M=M, D=D, H=H: gemm(e(M, D, dtype=bf16), e(H, D, dtype=bf16), e(M, H, dtype=bf16),
@@ -120,6 +134,40 @@ def vit_gemms(batch: int = 256, models: Optional[Sequence[str]] = None) -> list[
     return out
 
 
+def _swiglu_gemms(add, M: int, D: int, H: int) -> None:
+    """The SwiGLU MLP's GEMMs as ``vitkern.ops.swiglu.launch`` issues them (packed fc1 weight)."""
+    import torch
+
+    from vitkern.ops.gemm import Epilogue
+    from vitkern.ops.gemm.launch import gemm, swiglu_gemm
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    e = torch.empty
+
+    def fc1_fwd():
+        w = e(2 * H, D, dtype=bf16)
+        b = e(2 * H, dtype=bf16)
+        swiglu_gemm(e(M, D, dtype=bf16), w[:H], w[H:], e(M, H, dtype=bf16), b[:H], b[H:], e(M, 2 * H, dtype=bf16))
+
+    # fc1: h = silu(g) * v from one GEMM (the packed pre-activation stored); dX = (dg, dv) @ W1;
+    # dW1 = (dg, dv)^T @ x (+ db1)
+    add("fc1", "fwd", M, H, D, fc1_fwd)
+    add("fc1", "dX", M, D, 2 * H,
+        lambda: gemm(e(M, 2 * H, dtype=bf16), e(2 * H, D, dtype=bf16).t(), e(M, D, dtype=bf16)))
+    add("fc1", "dW", 2 * H, D, M,
+        lambda: gemm(e(M, 2 * H, dtype=bf16).t(), e(M, D, dtype=bf16).t(), e(2 * H, D, dtype=bf16), row_sum=True))
+    # fc2: y = r + (h @ W2^T + b2); dH = g @ W2 with the SwiGLU-gradient epilogue writing (dg, dv)
+    # (g fp32, written in bf16 as it is read); dW2 = g^T @ h (+ db2) on that copy
+    add("fc2", "fwd", M, D, H,
+        lambda: gemm(e(M, H, dtype=bf16), e(D, H, dtype=bf16), e(M, D, dtype=f32),
+                     Epilogue(bias=e(D, dtype=bf16), residual=e(M, D, dtype=f32))))
+    add("fc2", "dX", M, H, D,
+        lambda: gemm(e(M, D, dtype=f32), e(D, H, dtype=bf16).t(), e(M, 2 * H, dtype=bf16),
+                     Epilogue(glu_grad=True, aux=e(M, 2 * H, dtype=bf16)), a_copy=e(M, D, dtype=bf16)))
+    add("fc2", "dW", D, H, M,
+        lambda: gemm(e(M, D, dtype=bf16).t(), e(M, H, dtype=bf16).t(), e(D, H, dtype=bf16), row_sum=True))
+
+
 def former_sm_use(M: int, N: int, K: int, config, sms: int, split_safe: bool) -> float:
     """Predicted SM use under the rule before the split choice: split K (at most 8 ways, >= 8
     BLOCK_K steps each, K >= 16 steps) only when the tiles are fewer than the SMs."""
@@ -143,8 +191,8 @@ def build_report(batch: int = 256, archs: Sequence[int] = (90,), workers: int = 
     import triton
 
     from vitkern.ops import _config
-    from vitkern.ops.gemm import select_config
-    from vitkern.ops.gemm.configs import GEMM_CONFIGS, plan_gemm
+    from vitkern.ops.gemm import select_config, select_swiglu_config
+    from vitkern.ops.gemm.configs import GEMM_CONFIGS, SWIGLU_CONFIGS, plan_gemm
     from vitkern.testing.compile_check.cases import capture
     from vitkern.testing.compile_check.compiler import _compile_all
     from vitkern.testing.compile_check.plan import add_launches
@@ -152,7 +200,7 @@ def build_report(batch: int = 256, archs: Sequence[int] = (90,), workers: int = 
 
     if _config.INTERPRETING:
         raise RuntimeError("the GEMM report compiles for the GPU: unset TRITON_INTERPRET")
-    names = {id(c): n for n, c in GEMM_CONFIGS.items()}
+    names = {id(c): n for n, c in (*GEMM_CONFIGS.items(), *SWIGLU_CONFIGS.items())}
     previous = _config.set_sm_carveout(0)  # the report sizes for the whole chip
     jobs: dict = {}
     plan_rows: list = []
@@ -163,7 +211,8 @@ def build_report(batch: int = 256, archs: Sequence[int] = (90,), workers: int = 
             for g in vit_gemms(batch, models):
                 with capture(arch) as launches:
                     g.call()
-                gemm_launches = [la for la in launches if la.entry.qualname.endswith("_gemm_kernel")]
+                gemm_launches = [la for la in launches if la.entry.qualname.endswith(("_gemm_kernel",
+                                                                                      "_swiglu_gemm_kernel"))]
                 if len(gemm_launches) != 1:
                     raise RuntimeError(f"{g.model} {g.layer} {g.pass_}: expected one GEMM launch, got {len(launches)}")
                 launch = gemm_launches[0]
@@ -171,16 +220,19 @@ def build_report(batch: int = 256, archs: Sequence[int] = (90,), workers: int = 
                 kw = launch.kwargs
                 meta = launch.config.meta if launch.config is not None else {}
                 split_safe = g.pass_ == "dW"
-                kind = {"fwd": {"qkv": "bias", "proj": "residual", "fc1": "act", "fc2": "residual"}[g.layer],
-                        "dX": "act_grad" if g.layer == "fc2" else "none", "dW": "none"}[g.pass_]
+                kind = g.epilogue
                 dtype = torch.bfloat16
-                cfg = select_config(g.M, g.N, g.K, dtype, arch, kind)
+                if kind == "swiglu":  # its own table; one program per tile, a 1-D grid
+                    cfg = select_swiglu_config(g.M, g.N, g.K, dtype, arch)
+                else:
+                    cfg = select_config(g.M, g.N, g.K, dtype, arch, kind)
                 plan = plan_gemm(g.M, g.N, g.K, cfg, sms, split_safe=split_safe, row_sum=g.pass_ == "dW")
+                grid = tuple(launch.grid) + ((1,) if kind == "swiglu" else ())
                 if (meta.get("BLOCK_M"), meta.get("BLOCK_N"), meta.get("BLOCK_K")) != (
-                        cfg.block_m, cfg.block_n, cfg.block_k) or tuple(launch.grid) != (plan.programs, plan.split_k):
+                        cfg.block_m, cfg.block_n, cfg.block_k) or grid != (plan.programs, plan.split_k):
                     raise RuntimeError(f"{g.model} {g.layer} {g.pass_}: the launcher's launch {meta} grid "
                                        f"{launch.grid} is not the plan's {plan.describe()}")
-                former_cfg = select_config(g.M, g.N, g.K, dtype, arch, "none")
+                former_cfg = cfg if kind == "swiglu" else select_config(g.M, g.N, g.K, dtype, arch, "none")
                 row = {
                     "model": g.model, "gemm": g.layer, "pass": g.pass_, "M": g.M, "N": g.N, "K": g.K,
                     "arch": arch, "epilogue": kind, "config": names.get(id(cfg), cfg.label()),
@@ -248,7 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", help="write the report to this file")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--archs", default="90", help="comma-separated arch families (default 90)")
-    parser.add_argument("--models", default="", help=f"comma-separated subset of {', '.join(VIT_MODELS)}")
+    parser.add_argument("--models", default="",
+                        help=f"comma-separated subset of {', '.join((*VIT_MODELS, *SWIGLU_MODELS))}")
     parser.add_argument("--workers", type=int, default=0, help="compile processes (default: CPU cores)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
