@@ -100,7 +100,8 @@ CASES = [
     (1, 2, 2, 37, 64, None, False, "half", False, 5, False, False, False, False),      # DINOv3: halves, 5 prefix
     (1, 2, 1, 33, 72, "layer", False, "interleaved", False, 1, True, False, False, False),  # 72 = 64 + 8, GQA
     (1, 4, 4, 17, 16, None, False, "interleaved", True, 0, False, False, False, False),  # mixed RoPE: per head
-    (1, 2, 2, 9, 128, "rms", True, None, False, 0, False, False, True, False),        # QK-norm, key padding
+    (1, 2, 2, 9, 96, "rms", True, None, False, 0, False, False, True, False),         # QK-norm, key padding
+    (1, 2, 2, 9, 128, "layer", True, "interleaved", False, 1, False, False, False, False),  # 128: composed
     (2, 2, 2, 20, 32, "layer", True, "interleaved", False, 2, False, False, False, True),  # only q normalised
     (1, 2, 2, 50, 80, "rms", True, "half", False, 0, False, False, False, False),     # 80 halves: composed
 ]
@@ -164,6 +165,29 @@ def test_which_layouts_fuse():
     assert prologue_fusable(80, _attn_pieces(80, split=True), None)
     assert not prologue_fusable(80, _attn_pieces(80, split=True), "half")
     assert not prologue_fusable(48, (64, 0), "half")  # a padded tile: the halves are not its halves
+    assert prologue_fusable(96, _attn_pieces(96, split=True), "interleaved")
+    assert not prologue_fusable(88, _attn_pieces(88, split=True), "interleaved")  # a masked 96
+    assert not prologue_fusable(128, _attn_pieces(128, split=True), None)  # its tiles would spill
+    assert not prologue_fusable(72, _attn_pieces(72, split=False), "interleaved")  # fp32 pads to 128
+
+
+def test_prologue_config_table():
+    """The backward's prologue tiles replace the plain ones only for prologue calls, each entry is
+    for its arch, and none is wider than the fused prologue goes (wider calls compose)."""
+    from vitkern.ops.attention import configs as C
+    from vitkern.ops.attention.prologue import PROLOGUE_MAX_WIDTH
+
+    for (kernel, arch, precision, masked), table in C._ATTN_PROLOGUE_CONFIGS.items():
+        assert kernel in ("dkdv", "dq") and precision in ("16bit", "tf32", "ieee")
+        assert [w for w, _ in table] == sorted(w for w, _ in table)
+        for max_width, config in table:
+            assert config.archs == (arch,) and set(config.meta) == {"BLOCK_M", "BLOCK_N"}
+            width = min(max_width, PROLOGUE_MAX_WIDTH)
+            assert C._attn_config(kernel, arch, precision, width, masked, prologue=True) is config
+    plain = C._attn_bwd_plan(90, "16bit", 64, True, 2, 4, 2, 197, 197, 132, False)
+    fused = C._attn_bwd_plan(90, "16bit", 64, True, 2, 4, 2, 197, 197, 132, False, prologue=True)
+    assert fused.mode == "dq_kernel" and plain.config is not fused.config
+    assert fused.dq_config is C._ATTN_PROLOGUE_CONFIGS[("dq", 90, "16bit", True)][0][1]
 
 
 class _Spy:

@@ -152,13 +152,13 @@ def _attention_compile_cases():
     _case_run(torch.float16, 2, 8, 2, 100, 197, 64, causal=True, bias=True, bwd_mode="fused")
     # the fused QK-norm / RoPE prologue: EVA-02 (LayerNorm, interleaved pairs, a class token,
     # packed qkv), DINOv3 (halves, 5 prefix tokens, no norm), head dim 72's two pieces with GQA
-    # and causal, the mixed RoPE's per-head tables without a norm, RMSNorm alone at 128; fp32
+    # and causal, the mixed RoPE's per-head tables without a norm, RMSNorm alone at 96; fp32
     # IEEE and TF32; the split-KV forward (B = 1)
     _prologue_case_run(torch.bfloat16, 2, 12, 12, 197, 64, packed=True)
     _prologue_case_run(torch.bfloat16, 2, 12, 12, 201, 64, norm=0, rope="half", prefix=5)
     _prologue_case_run(torch.float16, 2, 8, 2, 100, 72, affine=False, causal=True)
     _prologue_case_run(torch.bfloat16, 2, 12, 12, 196, 64, norm=0, per_head=True, prefix=0)
-    _prologue_case_run(torch.bfloat16, 2, 8, 8, 197, 128, norm=2, rope=None, prefix=0)
+    _prologue_case_run(torch.bfloat16, 2, 8, 8, 197, 96, norm=2, rope=None, prefix=0)
     _prologue_case_run(torch.float32, 2, 4, 4, 197, 64)
     _prologue_case_run("tf32", 2, 4, 4, 197, 64, rope="half")
     _prologue_case_run(torch.bfloat16, 1, 12, 12, 197, 64, packed=True, kv_splits=2)
@@ -190,6 +190,7 @@ def _attention_compile_cases_all():
         _varlen_case_run(torch.bfloat16, (197, 197), 4, 4, d, causal=True, max_known=True, deterministic=True)
     for dtype in (torch.float32, "tf32"):
         _varlen_case_run(dtype, (197, 50), 4, 2, 72, causal=True)
-    # the fused prologue at the masked head dims of the 16-bit tables (_ATTN_PROLOGUE_MASKED_CONFIGS)
-    for d in (40, 72, 88, 104):
+    # the fused prologue at every width class it takes (prologue.prologue_fusable), the masked ones
+    # (_ATTN_PROLOGUE_CONFIGS) included
+    for d in (16, 32, 40, 56, 72, 80, 96):
         _prologue_case_run(torch.bfloat16, 2, 4, 2, 197, d, causal=True)

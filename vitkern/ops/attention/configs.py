@@ -1,8 +1,8 @@
 """Attention's kernel configs as data, and the functions that pick one for a call.
 
-Configs are data (_ATTN_CONFIGS, _ATTN_MASKED_CONFIGS, _ATTN_SEQ_CONFIGS), per kernel, arch
-family, precision class, padded head width and, for the forward, the key-length bucket
-(:data:`ATTN_TK_BUCKETS`); each entry compiles for its arch without spills (the static check,
+Configs are data (_ATTN_CONFIGS, _ATTN_MASKED_CONFIGS, _ATTN_SEQ_CONFIGS, _ATTN_PROLOGUE_CONFIGS),
+per kernel, arch family, precision class, padded head width and, for the forward, the key-length
+bucket (:data:`ATTN_TK_BUCKETS`); each entry compiles for its arch without spills (the static check,
 vitkern.testing.compile_check, compiles every entry through the slow compile cases).
 
 The key is ``(kernel, arch, precision)`` plus the padded head width; the sequence-length tables
@@ -108,12 +108,22 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
 # Head dims whose last tile has a masked tail (72 = 64 + 16 with 8 masked, 88, 104..120, 136..152,
 # 168..184, 200..248) need more registers for the same tiles: where a table is given here it
 # replaces the one above for them (every width listed).
-# The backward kernels with the QK-norm / RoPE inverse in their epilogue (prologue.py), masked
-# head dims: where a width is listed here it replaces _ATTN_MASKED_CONFIGS' entry.
-_ATTN_PROLOGUE_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] = {
-    # 3.8: 80 (72 = 64 + 8 masked) spilled 60 bytes at 16 x 64 with 8 warps (GQA, causal: 252
+# The backward kernels with the QK-norm / RoPE inverse in their epilogue (prologue.py), keyed by
+# (kernel, arch, precision, masked tail): where a width is listed it replaces the entry above
+# (_ATTN_MASKED_CONFIGS' for a masked head dim). The fused prologue takes padded widths up to 96
+# (prologue.PROLOGUE_MAX_WIDTH), so these stop there. Figures: Triton 3.8, LayerNorm + RoPE.
+_ATTN_PROLOGUE_CONFIGS: dict[tuple[str, int, str, bool], tuple[tuple[int, KernelConfig], ...]] = {
+    # 64 (56 = 64 with 8 masked, causal): 32 x 64 with 4 warps spilled 120 bytes (255 registers)
+    ("dkdv", 90, "16bit", True): ((64, _attn_cfg(90, 16, 64, 8, 2)),),
+    # 64 (56): 128 x 64 spilled 28 bytes (255 registers)
+    ("dq", 90, "16bit", True): ((64, _attn_cfg(90, 64, 64, 8, 2)),),
+    # 80 (72 = 64 + 8 masked) spilled 60 bytes at 16 x 64 with 8 warps (GQA, causal: 252
     # registers without the epilogue)
-    ("dkdv", 80, "16bit"): ((128, _attn_cfg(80, 16, 32, 8, 1)),),
+    ("dkdv", 80, "16bit", True): ((128, _attn_cfg(80, 16, 32, 8, 1)),),
+    # 32: 16 warps (a 128-register cap) spilled 12 bytes
+    ("dkdv", 80, "tf32", False): ((64, _attn_cfg(80, 32, 32, 8, 1)),),
+    # 32: 8 warps spilled 12 bytes at 64 registers
+    ("dkdv", 90, "ieee", False): ((64, _attn_cfg(90, 16, 16, 4, 1)),),
 }
 
 _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] = {
@@ -334,7 +344,7 @@ def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: i
       epilogue's variants spill there), else "atomic".
 
     ``prologue``: the kernels run the QK-norm / RoPE inverse in their epilogues (always the dQ
-    kernel's mode), whose registers some tiles need (:data:`_ATTN_PROLOGUE_MASKED_CONFIGS`)."""
+    kernel's mode), whose registers some tiles need (:data:`_ATTN_PROLOGUE_CONFIGS`)."""
     if mode is not None and mode not in ATTN_BWD_MODES:
         raise ValueError(f"backward mode {mode!r}: expected one of {ATTN_BWD_MODES}")
     config = _attn_config("dkdv", arch, precision, width, masked, prologue=prologue)
@@ -384,8 +394,8 @@ def _attn_config(kernel: str, arch: int, precision: str, width: int, masked: boo
         # dK/dV kernel's
         return config or _attn_config("dkdv", arch, precision, width, masked)
     key = (kernel, arch, precision)
-    if prologue and masked:
-        for max_width, config in _ATTN_PROLOGUE_MASKED_CONFIGS.get(key, ()):
+    if prologue:
+        for max_width, config in _ATTN_PROLOGUE_CONFIGS.get(key + (masked,), ()):
             if width <= max_width:
                 return config
     table = _ATTN_MASKED_CONFIGS[key] if masked and key in _ATTN_MASKED_CONFIGS else _ATTN_CONFIGS[key]

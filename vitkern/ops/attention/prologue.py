@@ -22,9 +22,11 @@ two head-dim pieces of :func:`~vitkern.ops.attention.configs._attn_pieces`:
   by one program: deterministic sums on the host side.
 
 The register shuffle needs each rotation pair inside one piece: always so for interleaved pairs
-(the pieces have even widths), for "half" only when the head dim is one power-of-two piece. The
-launcher fuses those (:func:`prologue_fusable`); other calls compose the prologue's own kernels
-with the attention kernels.
+(the pieces have even widths), for "half" only when the head dim is one power-of-two piece; and
+the prologue's registers fit the tiles up to a padded width of 96 (80 with a masked tail: D = 72
+but not 88). The launcher fuses those (:func:`prologue_fusable`: EVA-02, DINOv3, the RoPE ViTs
+at 64, SigLIP's 72, 80 interleaved); other calls compose the prologue's own kernels with the
+attention kernels.
 
 NORM: 0 none, 1 LayerNorm, 2 RMSNorm. ROPE: 0 none, 1 interleaved pairs, 2 halves.
 """
@@ -40,10 +42,23 @@ from vitkern.ops._triton import register_helper
 ROPE_CODES = {None: 0, "interleaved": 1, "half": 2}
 
 
+#: The widest padded head dim (both pieces) the fused kernels take, and the widest with a masked
+#: tail: beyond them the prologue's registers spill in the forward / dQ tiles (Triton 3.8, bf16,
+#: LayerNorm + RoPE: 88 = 64 + 32 masked 8 bytes in the sm_80 dQ kernel, 104 36-128 bytes, 128
+#: 76-104 bytes in the sm_80 / sm_90 forward and dQ, 160..256 84-2060 bytes), which would need
+#: tiles of their own.
+PROLOGUE_MAX_WIDTH = 96
+PROLOGUE_MAX_MASKED_WIDTH = 80
+
+
 def prologue_fusable(head_dim: int, pieces: tuple[int, int], rope_layout) -> bool:
-    """Whether the attention kernels can apply this prologue and its inverse themselves (see the
-    module docstring): no rotation or interleaved pairs at any head dim; halves when the head dim
-    is exactly one power-of-two piece."""
+    """Whether the attention kernels apply this prologue and its inverse themselves (see the
+    module docstring): padded head widths up to :data:`PROLOGUE_MAX_WIDTH` (with a masked tail
+    up to :data:`PROLOGUE_MAX_MASKED_WIDTH`: 72, not 88); there, no rotation or interleaved pairs,
+    and halves when the head dim is exactly one power-of-two piece."""
+    width = pieces[0] + pieces[1]
+    if width > PROLOGUE_MAX_WIDTH or (width != head_dim and width > PROLOGUE_MAX_MASKED_WIDTH):
+        return False
     if rope_layout != "half":
         return True
     return pieces[1] == 0 and pieces[0] == head_dim
