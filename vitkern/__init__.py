@@ -21,6 +21,7 @@ from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
 from vitkern.ops.swiglu import swiglu, swiglu_mlp
 from vitkern.ops.patch_embed import patch_embed, resample_patch_embed, resample_pos_embed
+from vitkern.ops.pos_resample import resample_pos_embed_packed
 from vitkern.patching import PatchReport, patch_model, patch_sdpa, sdpa_override, unpatch_model, unpatch_sdpa
 from vitkern import nn
 from vitkern.nn.rope import Rope2D
@@ -56,6 +57,7 @@ __all__ = [
     "swiglu_mlp",
     "patch_embed",
     "resample_pos_embed",
+    "resample_pos_embed_packed",
     "resample_patch_embed",
     "PatchReport",
     "patch_model",

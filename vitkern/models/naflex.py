@@ -13,10 +13,12 @@ Two ways to run a batch of images of different sizes:
   GEMMs over the real tokens only and attention per image with one varlen call
   (:func:`vitkern.attention_varlen`): no padding anywhere, memory linear in the total tokens.
 
-Both give timm's outputs for every valid token and image. The position embedding is resampled
-per distinct grid size (timm's rule: ``F.interpolate`` of the learned grid, bicubic or bilinear,
-antialiased, optionally aspect-preserving, or the factorized y / x tables) and added in the patch
-projection's GEMM epilogue; the class / register tokens are written into the token buffer.
+Both give timm's outputs for every valid token and image. The position embedding follows timm's
+rule (``F.interpolate`` of the learned grid, bicubic or bilinear, antialiased, optionally
+aspect-preserving, or the factorized y / x tables): packed, every image's in one launch of the
+``pos_resample`` op (:func:`vitkern.resample_pos_embed_packed`); padded, one resampling per
+distinct grid size. It is added in the patch projection's GEMM epilogue; the class / register
+tokens are written into the token buffer.
 
 Refused by name (``NaFlexViT.from_timm`` raises a ValueError): RoPE and the EVA-style blocks
 (``attn_type`` "eva" / "rope", SwiGLU, gated attention), the conv patch projection, an input or
@@ -41,6 +43,7 @@ from vitkern.nn.layer_norm import LayerNorm, apply_norm
 from vitkern.nn.linear import Linear, resolve_activation
 
 from vitkern.ops.linear import linear
+from vitkern.ops.pos_resample import grid_pos_embed_ref, resample_pos_embed_packed
 
 __all__ = ["NaFlexViT", "NaFlexEmbeds", "PackedBatch", "pack_images", "cu_seqlens_from_mask", "hf_batch"]
 
@@ -274,26 +277,24 @@ class NaFlexEmbeds(nn.Module):
         tokens = [t for t in (self.cls_token, self.reg_token) if t is not None]
         return torch.cat(tokens, dim=1) if len(tokens) > 1 else (tokens[0] if tokens else None)
 
+    def _resample_args(self):
+        """The tables and timm's resampling options, as the pos_resample op takes them."""
+        if self.pos_embed_type == "factorized":
+            return (self.pos_embed_y, self.pos_embed_x), {"aspect_preserving": self.pos_embed_ar_preserving}
+        return (self.pos_embed, None), {
+            "mode": self.pos_embed_interp_mode, "antialias": self.pos_embed_antialias,
+            "align_corners": self.pos_embed_align_corners, "aspect_preserving": self.pos_embed_ar_preserving}
+
     def pos_table(self, grid: GridSize, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The position embedding of a ``grid`` of patches, ``(rows * cols, D)`` row-major in
         ``dtype``: timm's resampling of the learned table (in fp32, cropped to the grid when
         aspect-preserving), or the sum of the resampled y / x tables."""
-        gh, gw = grid
-        if self.pos_embed_type == "learned":
-            oh, ow = self.pos_embed.shape[1:3]
-            if (gh, gw) == (oh, ow):
-                return self.pos_embed.reshape(oh * ow, -1).to(dtype)
-            size = (max(grid),) * 2 if self.pos_embed_ar_preserving else grid
-            table = F.interpolate(self.pos_embed.permute(0, 3, 1, 2).float(), size=size,
-                                  mode=self.pos_embed_interp_mode, align_corners=self.pos_embed_align_corners,
-                                  antialias=self.pos_embed_antialias)
-            return table[0, :, :gh, :gw].flatten(1).t().to(dtype)
-        if self.pos_embed_type == "factorized":
-            ly, lx = ((max(grid),) * 2) if self.pos_embed_ar_preserving else grid
-            pe_y = _resample_1d(self.pos_embed_y, ly, dtype)[:gh]
-            pe_x = _resample_1d(self.pos_embed_x, lx, dtype)[:gw]
-            return (pe_y[:, None] + pe_x[None]).reshape(gh * gw, -1)
-        return None
+        if self.pos_embed_type == "none":
+            return None
+        (table, table_x), opts = self._resample_args()
+        return grid_pos_embed_ref(table, table_x, tuple(grid), opts.get("mode", "bilinear"),
+                                  opts.get("antialias", False), opts.get("align_corners", False),
+                                  opts["aspect_preserving"], dtype)
 
     def _pos_tables(self, grids: Sequence[GridSize], dtype: torch.dtype) -> Dict[GridSize, torch.Tensor]:
         # one resampling per distinct grid size
@@ -332,8 +333,8 @@ class NaFlexEmbeds(nn.Module):
         dtype = _compute_dtype(self.proj.weight, patches)
         pos = None
         if self.pos_embed_type != "none":
-            tables = self._pos_tables(packed.grid_sizes, dtype)
-            pos = torch.cat([tables[g] for g in packed.grid_sizes])
+            (table, table_x), opts = self._resample_args()
+            pos = resample_pos_embed_packed(table, packed.grid_sizes, pos_embed_x=table_x, dtype=dtype, **opts)
         x = self._project(patches, pos)
         if K == 0:
             out, cu_tokens = x, cu
@@ -355,14 +356,6 @@ def _compute_dtype(weight: torch.Tensor, x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return weight.dtype
-
-
-def _resample_1d(table: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    # timm's factorized table resampling: linear, no antialias, (L, D) out
-    if table.shape[1] == length:
-        return table[0].to(dtype)
-    out = F.interpolate(table.permute(0, 2, 1).float(), size=length, mode="linear", align_corners=False)
-    return out[0].t().to(dtype)
 
 
 def _segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """One package per op (``attention``, ``layer_norm``, ``linear``, ``mlp``, ``patch_embed``,
-``qk_prologue``, ``swiglu``), its
+``pos_resample``, ``qk_prologue``, ``swiglu``), its
 layers as files: ``reference.py`` (``<op>_ref``, the differentiable pure-PyTorch reference),
 ``native.py`` (the "torch" backend: the PyTorch-native fast path in the compute dtype),
 ``configs.py``, the ``@triton.jit`` kernels, ``launch.py``, ``op.py`` (registered custom ops,

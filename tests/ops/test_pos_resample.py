@@ -1,0 +1,193 @@
+"""The packed position-embedding resampling (vitkern.ops.pos_resample): the Triton kernel against
+the float64 per-grid reference (timm NaFlex's F.interpolate rule) for every mode, antialias and
+align_corners setting, aspect-preserving crops and the factorized tables, forward and both table
+gradients in fp32 / bf16 / fp16; the separable weights against F.interpolate itself; argument
+errors; determinism; the registered ops under opcheck; torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkern
+from vitkern.ops.pos_resample import (axis_weights, build_plan, grid_pos_embed_ref, resample_pos_embed_packed,
+                                      resample_pos_embed_packed_ref)
+from vitkern.testing.numerics import assert_flash_rule
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# image grids below, at and above a 4 x 5 learned grid, both aspects, a repeat, a single patch
+GRIDS = ((3, 5), (4, 5), (6, 2), (1, 1), (2, 7), (9, 8), (3, 5))
+SETTINGS = [  # (mode, antialias, align_corners, aspect_preserving)
+    ("bicubic", True, False, False),   # timm NaFlex's default
+    ("bicubic", False, False, True),
+    ("bicubic", False, True, False),
+    ("bilinear", True, False, True),
+    ("bilinear", False, False, False),
+    ("nearest", False, False, False),
+    ("area", False, False, True),
+]
+
+
+def _tables(factorized, dim, device, gh=4, gw=5):
+    if factorized:
+        return (torch.randn(1, gh, dim, dtype=torch.float64, device=device),
+                torch.randn(1, gw, dim, dtype=torch.float64, device=device))
+    return torch.randn(1, gh, gw, dim, dtype=torch.float64, device=device), None
+
+
+def _check(factorized, setting, dtype, device, dim=40, grids=GRIDS):
+    mode, aa, ac, ar = setting
+    table64, table_x64 = _tables(factorized, dim, device)
+    kw = dict(mode=mode, antialias=aa, align_corners=ac, aspect_preserving=ar)
+
+    def run(table, table_x, out_dtype, backend):
+        leaves = [t.detach().requires_grad_() for t in (table, table_x) if t is not None]
+        table_x = leaves[1] if factorized else None
+        if out_dtype == torch.float64:  # the public function takes the kernels' dtypes
+            return resample_pos_embed_packed_ref(leaves[0], table_x, grids, mode, aa, ac, ar, out_dtype), leaves
+        with vitkern.use_backend(backend):
+            out = resample_pos_embed_packed(leaves[0], grids, pos_embed_x=table_x, dtype=out_dtype, **kw)
+        return out, leaves
+
+    ref, ref_leaves = run(table64, table_x64, torch.float64, "reference")
+    lp = (table64.to(dtype), table_x64.to(dtype) if factorized else None)
+    torch_out, torch_leaves = run(*lp, dtype, "reference")
+    got, got_leaves = run(*lp, dtype, "triton")
+    assert got.shape == (sum(h * w for h, w in grids), dim) and got.dtype == dtype
+    # the kernel sums its taps in fp32 (torch's CPU resampling accumulates in double): the
+    # accumulation bound, taps x eps x the largest term, is the atol's scale
+    source = (table64.shape[1], table_x64.shape[1]) if factorized else table64.shape[1:3]
+    plan = build_plan(grids, source, "bilinear" if factorized else mode, aa and not factorized,
+                      ac and not factorized, ar, torch.device("cpu"), learned=not factorized)
+    ty, tx = plan.y_index.shape[1], plan.x_index.shape[1]
+    taps = ty + tx if factorized else ty * tx
+    assert_flash_rule("out", got, ref, torch_out, dtype, scale=taps * table64.abs().max().item())
+    grad = torch.randn(ref.shape, dtype=torch.float64, device=device)
+    for out, leaves in ((ref, ref_leaves), (torch_out, torch_leaves), (got, got_leaves)):
+        out.backward(grad.to(out.dtype))
+    for name, r, t, g in zip(("d pos_embed", "d pos_embed_x"), ref_leaves, torch_leaves, got_leaves):
+        assert g.grad.dtype == dtype
+        assert_flash_rule(name, g.grad, r.grad, t.grad, dtype, scale=grad.abs().sum(0).max().item())
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(str(v) for v in s))
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_learned_grid_matches_reference(setting, dtype, device):
+    _check(False, setting, dtype, device)
+
+
+@pytest.mark.parametrize("ar", [False, True], ids=["crop", "square"])
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_factorized_tables_match_reference(ar, dtype, device):
+    _check(True, ("bilinear", False, False, ar), dtype, device)
+
+
+def test_naflex_base_shape_bf16(device):
+    """A ViT-B NaFlex shape class: the 16 x 16 grid, D = 768, downsampled and upsampled images."""
+    _check(False, SETTINGS[0], BF16, device, dim=96, grids=((8, 24), (16, 16), (32, 11), (5, 5)))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(str(v) for v in s))
+def test_separable_weights_are_f_interpolate(setting):
+    """The claim the kernel rests on: two 1-D weight matrices reproduce F.interpolate's 2-D result."""
+    mode, aa, ac, _ = setting
+    grid = torch.randn(1, 3, 16, 12, dtype=torch.float64)
+    kwargs = {} if mode in ("nearest", "area") else dict(antialias=aa, align_corners=ac)
+    for size in ((5, 7), (16, 12), (32, 9), (3, 40), (1, 1), (64, 2)):
+        want = F.interpolate(grid, size=size, mode=mode, **kwargs)[0]
+        wy, wx = axis_weights(16, size[0], mode, aa, ac), axis_weights(12, size[1], mode, aa, ac)
+        got = torch.einsum("yi,xj,cij->cyx", wy, wx, grid[0])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_plan_tables():
+    plan = build_plan(((2, 3), (1, 4), (2, 3)), (4, 4), "bicubic", False, False, False, torch.device("cpu"))
+    assert plan.total == 6 + 4 + 6 and plan.y_index.shape[1] == 4 and plan.x_index.shape[1] == 4
+    # each row's taps reproduce its dense weight row; padding taps carry weight 0
+    for table, idx, w in ((plan.y_dense, plan.y_index, plan.y_weight), (plan.x_dense, plan.x_index, plan.x_weight)):
+        rebuilt = torch.zeros_like(table).scatter_add_(1, idx.long(), w)
+        torch.testing.assert_close(rebuilt, table)
+    # rows of image 0: y = 0, 0, 0, 1, 1, 1 in the length-2 table; x = 0, 1, 2 in the length-3 table
+    assert plan.y_row[:6].tolist() == [0, 0, 0, 1, 1, 1] and plan.x_row[:6].tolist() == [0, 1, 2, 0, 1, 2]
+    assert plan.y_row[6:10].tolist() == [2] * 4 and plan.y_row[10:].tolist() == plan.y_row[:6].tolist()
+
+
+def test_backward_is_deterministic(device):
+    table = torch.randn(1, 4, 5, 32, device=device, requires_grad=True)
+    grad = torch.randn(sum(h * w for h, w in GRIDS), 32, device=device)
+    with vitkern.use_backend("triton"):
+        grads = [torch.autograd.grad(resample_pos_embed_packed(table, GRIDS), table, grad)[0] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_empty_batch_and_identity(device):
+    table = torch.randn(1, 4, 5, 16, device=device)
+    with vitkern.use_backend("triton"):
+        assert resample_pos_embed_packed(table, ()).shape == (0, 16)
+        # the learned grid's own size is the table itself, exactly
+        assert torch.equal(resample_pos_embed_packed(table, [(4, 5)]), table.reshape(20, 16))
+
+
+def test_bad_arguments_name_themselves():
+    table = torch.randn(1, 4, 5, 16)
+    with pytest.raises(ValueError, match=r"grid_sizes\[1\]"):
+        resample_pos_embed_packed(table, [(2, 2), (0, 3)])
+    with pytest.raises(TypeError, match="grid_sizes"):
+        resample_pos_embed_packed(table, torch.tensor([[2, 2]]))
+    with pytest.raises(ValueError, match="pos_embed must have"):
+        resample_pos_embed_packed(table[0], [(2, 2)])
+    with pytest.raises(ValueError, match="mode"):
+        resample_pos_embed_packed(table, [(2, 2)], mode="trilinear")
+    with pytest.raises(ValueError, match="pos_embed_x"):
+        resample_pos_embed_packed(torch.randn(1, 4, 16), [(2, 2)], pos_embed_x=torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="dtype"):
+        resample_pos_embed_packed(table, [(2, 2)], dtype=torch.float64)
+
+
+def test_opcheck_ops(device):
+    table = torch.randn(4, 5, 24, device=device, requires_grad=True)
+    plan = build_plan(GRIDS[:3], (4, 5), "bicubic", True, False, False, device)
+    args = (table, None, plan.y_row, plan.x_row, plan.y_index, plan.y_weight, plan.y_dense, plan.x_index,
+            plan.x_weight, plan.x_dense, BF16)
+    torch.library.opcheck(torch.ops.vitkern.pos_resample_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    grad = torch.randn(plan.total, 24, device=device)
+    torch.library.opcheck(torch.ops.vitkern.pos_resample_bwd.default,
+                          (grad, table.detach(), None, plan.y_row, plan.x_row, plan.y_dense, plan.x_dense))
+
+
+def test_torch_compile_fullgraph(device):
+    """Under torch.compile the reference's ops trace (no graph break) and give the kernel's values."""
+    torch._dynamo.reset()
+    table = torch.randn(1, 4, 5, 16, device=device)
+
+    def fn(t):
+        return resample_pos_embed_packed(t, GRIDS) * 2
+
+    with vitkern.use_backend("triton"):
+        eager = fn(table)
+    explained = torch._dynamo.explain(fn)(table)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(table)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_grid_reference_is_timm_rule():
+    """grid_pos_embed_ref is F.interpolate of the NCHW grid, cropped when aspect-preserving."""
+    table = torch.randn(1, 4, 5, 8)
+    want = F.interpolate(table.permute(0, 3, 1, 2), size=(7, 7), mode="bicubic", antialias=True,
+                         align_corners=False)[0, :, :3, :7].flatten(1).t()
+    got = grid_pos_embed_ref(table, None, (3, 7), "bicubic", True, False, True, torch.float32)
+    torch.testing.assert_close(got, want)
+    packed = resample_pos_embed_packed_ref(table, None, ((3, 7), (4, 5)), "bicubic", True, False, True, F32)
+    torch.testing.assert_close(packed[:21], want)
+    torch.testing.assert_close(packed[21:], table.reshape(20, 8))  # timm: its own size as it is
+
+
+def test_own_size_is_the_table_when_aspect_preserving(device):
+    table = torch.randn(1, 4, 5, 8, device=device)
+    with vitkern.use_backend("triton"):
+        got = resample_pos_embed_packed(table, [(4, 5), (5, 5)], aspect_preserving=True)
+    torch.testing.assert_close(got[:20], table.reshape(20, 8), rtol=0, atol=0)

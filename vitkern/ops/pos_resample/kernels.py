@@ -1,0 +1,60 @@
+"""The packed position-embedding resampling kernel (see ``plan``): per packed row ``r`` with
+y / x weight rows ``yr = y_row[r]``, ``xr = x_row[r]``
+
+    learned:     out[r] = sum_a sum_c  wy[yr, a] wx[xr, c]  G[iy[yr, a], ix[xr, c]]
+    factorized:  out[r] = sum_a wy[yr, a] Y[iy[yr, a]]  +  sum_c wx[xr, c] X[ix[xr, c]]
+
+in fp32, one cast on the store. One program per (BLOCK_R rows, BLOCK_D columns); the tap loops
+run to the batch's widest tap count, a row's zero-weight padding taps masked off (no load)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from vitkern.ops._triton import register_kernel
+
+
+@register_kernel
+@triton.jit
+def _pos_resample_fwd_kernel(
+    g_ptr, gx_ptr, out_ptr, y_row_ptr, x_row_ptr, y_index_ptr, y_weight_ptr, x_index_ptr, x_weight_ptr,
+    total, dim, y_taps, x_taps, stride_gy, stride_gx, stride_xx, stride_om,
+    FACTORIZED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < total
+    col_ok = cols < dim
+    yr = tl.load(y_row_ptr + rows, mask=row_ok, other=0)
+    xr = tl.load(x_row_ptr + rows, mask=row_ok, other=0)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    if FACTORIZED:
+        for a in range(y_taps):
+            iy = tl.load(y_index_ptr + yr * y_taps + a, mask=row_ok, other=0)
+            wy = tl.load(y_weight_ptr + yr * y_taps + a, mask=row_ok, other=0.0)
+            take = (row_ok & (wy != 0.0))[:, None] & col_ok[None, :]
+            v = tl.load(g_ptr + iy[:, None] * stride_gy + cols[None, :], mask=take, other=0.0)
+            acc += wy[:, None] * v.to(tl.float32)
+        for c in range(x_taps):
+            ix = tl.load(x_index_ptr + xr * x_taps + c, mask=row_ok, other=0)
+            wx = tl.load(x_weight_ptr + xr * x_taps + c, mask=row_ok, other=0.0)
+            take = (row_ok & (wx != 0.0))[:, None] & col_ok[None, :]
+            v = tl.load(gx_ptr + ix[:, None] * stride_xx + cols[None, :], mask=take, other=0.0)
+            acc += wx[:, None] * v.to(tl.float32)
+    else:
+        for a in range(y_taps):
+            iy = tl.load(y_index_ptr + yr * y_taps + a, mask=row_ok, other=0)
+            wy = tl.load(y_weight_ptr + yr * y_taps + a, mask=row_ok, other=0.0)
+            for c in range(x_taps):
+                ix = tl.load(x_index_ptr + xr * x_taps + c, mask=row_ok, other=0)
+                wx = tl.load(x_weight_ptr + xr * x_taps + c, mask=row_ok, other=0.0)
+                w = wy * wx
+                take = (row_ok & (w != 0.0))[:, None] & col_ok[None, :]
+                offs = (iy * stride_gy + ix * stride_gx)[:, None] + cols[None, :]
+                v = tl.load(g_ptr + offs, mask=take, other=0.0)
+                acc += w[:, None] * v.to(tl.float32)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -1,0 +1,134 @@
+"""What a packed resampling reads besides the tables: each output row's weights along y and x.
+
+timm's resampling of a learned position grid (``F.interpolate`` in float32, bilinear or bicubic,
+antialiased or not, ``align_corners`` either way, and for the factorized y / x tables the 1-D
+linear rule) is separable: output ``(y, x)`` of a grid resampled to ``(ly, lx)`` is
+
+    pos[y, x] = sum_i sum_j Wy[y, i] Wx[x, j] G[i, j]
+
+with ``Wy`` the ``(ly, Gh)`` matrix of the 1-D resampling along the rows and ``Wx`` likewise.
+:func:`axis_weights` takes those matrices from ``F.interpolate`` itself (it resamples an
+identity matrix, in float64, along one axis, the other at scale 1), so every mode matches
+PyTorch's by construction, the antialiased bicubic's a = -0.5 filter and its support scaled on
+downsampling included. A row of ``Wy`` has few non-zero weights (its taps: 2 bilinear, 4 bicubic,
+more when an antialiased filter widens on downsampling); :func:`build_plan` stores them per
+distinct output length, and per packed row the index of its y and x weight rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: ``F.interpolate`` modes the resampling takes (each separable, so a tap table describes it).
+RESAMPLE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+
+GridSize = Tuple[int, int]
+
+
+@functools.lru_cache(maxsize=4096)
+def axis_weights(src: int, dst: int, mode: str, antialias: bool, align_corners: bool) -> torch.Tensor:
+    """``(dst, src)`` float64 (CPU, not to be modified): row ``y`` holds the weights of the
+    ``src`` input positions in output position ``y`` of ``F.interpolate(..., size=dst, mode=mode,
+    antialias=antialias, align_corners=align_corners)`` along one axis of a 2-D resampling."""
+    eye = torch.eye(src, dtype=torch.float64)[None, None]
+    if mode in ("nearest", "nearest-exact", "area"):
+        kwargs = {}
+    else:
+        kwargs = {"align_corners": align_corners, "antialias": antialias}
+    # the first axis resampled, the second (the identity's columns) at scale 1, which every mode
+    # leaves unchanged
+    return F.interpolate(eye, size=(dst, src), mode=mode, **kwargs)[0, 0].contiguous()
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_taps(src: int, dst: int, mode: str, antialias: bool, align_corners: bool) -> tuple:
+    """``(index (dst, taps) int32, weight (dst, taps) float32)``: the non-zero weights of each row
+    of :func:`axis_weights`, zero-weight padding (index 0) past a row's own count."""
+    dense = axis_weights(src, dst, mode, antialias, align_corners)
+    nonzero = dense != 0
+    taps = max(1, int(nonzero.sum(1).max()))
+    # stable sort puts each row's non-zero columns first, in order
+    order = torch.sort((~nonzero).to(torch.int8), dim=1, stable=True).indices[:, :taps]
+    weight = torch.gather(dense, 1, order)
+    index = torch.where(weight != 0, order, torch.zeros_like(order))
+    return index.to(torch.int32), weight.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class ResamplePlan:
+    """One packed batch's resampling: for the y axis (and x likewise) the tap tables
+    ``y_index`` / ``y_weight`` ``(rows, taps)`` and the dense weight rows ``y_dense``
+    ``(rows, Gh)`` float32 (the backward's), stacked over the batch's distinct output lengths, and
+    ``y_row`` ``(total,)`` int32: the table row of each packed output row. All on one device."""
+
+    y_index: torch.Tensor
+    y_weight: torch.Tensor
+    y_dense: torch.Tensor
+    y_row: torch.Tensor
+    x_index: torch.Tensor
+    x_weight: torch.Tensor
+    x_dense: torch.Tensor
+    x_row: torch.Tensor
+
+    @property
+    def total(self) -> int:
+        return self.y_row.shape[0]
+
+
+def interp_size(grid: GridSize, aspect_preserving: bool) -> GridSize:
+    """timm's resampling size for an image grid: the grid, or a square of its longer side (then
+    cropped to the grid) when aspect-preserving."""
+    return (max(grid),) * 2 if aspect_preserving else tuple(grid)
+
+
+def _axis_tables(src: int, lengths: Sequence[int], mode: str, antialias: bool, align_corners: bool):
+    """The stacked tables of one axis over the distinct output ``lengths``, and each length's
+    first row."""
+    firsts, index, weight, dense, at = {}, [], [], [], 0
+    for length in dict.fromkeys(lengths):
+        i, w = _axis_taps(src, length, mode, antialias, align_corners)
+        firsts[length] = at
+        at += length
+        index.append(i)
+        weight.append(w)
+        dense.append(axis_weights(src, length, mode, antialias, align_corners))
+    if not index:  # no images
+        return (torch.zeros((0, 1), dtype=torch.int32), torch.zeros((0, 1)), torch.zeros((0, src)), firsts)
+    taps = max(i.shape[1] for i in index)
+    index = torch.cat([F.pad(i, (0, taps - i.shape[1])) for i in index])
+    weight = torch.cat([F.pad(w, (0, taps - w.shape[1])) for w in weight])
+    return index, weight, torch.cat(dense).to(torch.float32), firsts
+
+
+def build_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str, antialias: bool,
+               align_corners: bool, aspect_preserving: bool, device: torch.device,
+               learned: bool = True) -> ResamplePlan:
+    """The plan of the images ``grid_sizes`` (rows, cols of patches, packed in this order, each
+    image's patches row-major) from a grid of ``source_size`` (``learned``: one 2-D table, whose
+    own size timm takes as it is even when aspect-preserving; else the factorized tables): built
+    on the host from host integers, then copied to ``device`` (no device-to-host read)."""
+    source = tuple(source_size)
+    sizes = [tuple(g) if learned and tuple(g) == source else interp_size(g, aspect_preserving) for g in grid_sizes]
+    y_index, y_weight, y_dense, y_first = _axis_tables(source_size[0], [s[0] for s in sizes], mode, antialias,
+                                                       align_corners)
+    x_index, x_weight, x_dense, x_first = _axis_tables(source_size[1], [s[1] for s in sizes], mode, antialias,
+                                                       align_corners)
+    gh = np.array([g[0] for g in grid_sizes], dtype=np.int64)
+    gw = np.array([g[1] for g in grid_sizes], dtype=np.int64)
+    counts = gh * gw
+    image = np.repeat(np.arange(len(grid_sizes)), counts)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    local = np.arange(int(counts.sum())) - starts[image]
+    y0 = np.array([y_first[s[0]] for s in sizes], dtype=np.int64)
+    x0 = np.array([x_first[s[1]] for s in sizes], dtype=np.int64)
+    rows = torch.from_numpy(np.stack((y0[image] + local // gw[image], x0[image] + local % gw[image])).astype(np.int32))
+    non_blocking = device.type == "cuda"
+    moved = [t.to(device, non_blocking=non_blocking) for t in (y_index, y_weight, y_dense, x_index, x_weight, x_dense,
+                                                               rows)]
+    return ResamplePlan(moved[0], moved[1], moved[2], moved[6][0], moved[3], moved[4], moved[5], moved[6][1])
