@@ -104,6 +104,9 @@ def test_separable_weights_are_f_interpolate(setting):
 def test_plan_tables():
     plan = build_plan(((2, 3), (1, 4), (2, 3)), (4, 4), "bicubic", False, False, False, torch.device("cpu"))
     assert plan.total == 6 + 4 + 6 and plan.y_index.shape[1] == 4 and plan.x_index.shape[1] == 4
+    assert torch.equal(plan.y_count, (plan.y_weight != 0).sum(1).int())
+    for w, n in ((plan.y_weight, plan.y_count), (plan.x_weight, plan.x_count)):  # non-zero taps first
+        assert all((w[i, :n[i]] != 0).all() and (w[i, n[i]:] == 0).all() for i in range(w.shape[0]))
     # each row's taps reproduce its dense weight row; padding taps carry weight 0
     for table, idx, w in ((plan.y_dense, plan.y_index, plan.y_weight), (plan.x_dense, plan.x_index, plan.x_weight)):
         rebuilt = torch.zeros_like(table).scatter_add_(1, idx.long(), w)
@@ -148,8 +151,8 @@ def test_bad_arguments_name_themselves():
 def test_opcheck_ops(device):
     table = torch.randn(4, 5, 24, device=device, requires_grad=True)
     plan = build_plan(GRIDS[:3], (4, 5), "bicubic", True, False, False, device)
-    args = (table, None, plan.y_row, plan.x_row, plan.y_index, plan.y_weight, plan.y_dense, plan.x_index,
-            plan.x_weight, plan.x_dense, BF16)
+    args = (table, None, plan.y_row, plan.x_row, plan.y_index, plan.y_weight, plan.y_count, plan.y_dense,
+            plan.x_index, plan.x_weight, plan.x_count, plan.x_dense, BF16)
     torch.library.opcheck(torch.ops.vitkern.pos_resample_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     grad = torch.randn(plan.total, 24, device=device)

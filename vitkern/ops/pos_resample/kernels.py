@@ -5,7 +5,8 @@ y / x weight rows ``yr = y_row[r]``, ``xr = x_row[r]``
     factorized:  out[r] = sum_a wy[yr, a] Y[iy[yr, a]]  +  sum_c wx[xr, c] X[ix[xr, c]]
 
 in fp32, one cast on the store. One program per (BLOCK_R rows, BLOCK_D columns); the tap loops
-run to the batch's widest tap count, a row's zero-weight padding taps masked off (no load)."""
+run to the block's widest tap count (a row's count of non-zero taps, which come first in its
+table row), a shorter row's zero-weight taps masked off (no load)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from vitkern.ops._triton import register_kernel
 @register_kernel
 @triton.jit
 def _pos_resample_fwd_kernel(
-    g_ptr, gx_ptr, out_ptr, y_row_ptr, x_row_ptr, y_index_ptr, y_weight_ptr, x_index_ptr, x_weight_ptr,
-    total, dim, y_taps, x_taps, stride_gy, stride_gx, stride_xx, stride_om,
+    g_ptr, gx_ptr, out_ptr, y_row_ptr, x_row_ptr, y_index_ptr, y_weight_ptr, y_count_ptr, x_index_ptr,
+    x_weight_ptr, x_count_ptr, total, dim, y_taps, x_taps, stride_gy, stride_gx, stride_xx, stride_om,
     FACTORIZED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -30,25 +31,28 @@ def _pos_resample_fwd_kernel(
     col_ok = cols < dim
     yr = tl.load(y_row_ptr + rows, mask=row_ok, other=0)
     xr = tl.load(x_row_ptr + rows, mask=row_ok, other=0)
+    # the tap loops run to this block's widest row (its rows mostly share an image and its taps)
+    ny = tl.max(tl.load(y_count_ptr + yr, mask=row_ok, other=0), axis=0)
+    nx = tl.max(tl.load(x_count_ptr + xr, mask=row_ok, other=0), axis=0)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     if FACTORIZED:
-        for a in range(y_taps):
+        for a in range(ny):
             iy = tl.load(y_index_ptr + yr * y_taps + a, mask=row_ok, other=0)
             wy = tl.load(y_weight_ptr + yr * y_taps + a, mask=row_ok, other=0.0)
             take = (row_ok & (wy != 0.0))[:, None] & col_ok[None, :]
             v = tl.load(g_ptr + iy[:, None] * stride_gy + cols[None, :], mask=take, other=0.0)
             acc += wy[:, None] * v.to(tl.float32)
-        for c in range(x_taps):
+        for c in range(nx):
             ix = tl.load(x_index_ptr + xr * x_taps + c, mask=row_ok, other=0)
             wx = tl.load(x_weight_ptr + xr * x_taps + c, mask=row_ok, other=0.0)
             take = (row_ok & (wx != 0.0))[:, None] & col_ok[None, :]
             v = tl.load(gx_ptr + ix[:, None] * stride_xx + cols[None, :], mask=take, other=0.0)
             acc += wx[:, None] * v.to(tl.float32)
     else:
-        for a in range(y_taps):
+        for a in range(ny):
             iy = tl.load(y_index_ptr + yr * y_taps + a, mask=row_ok, other=0)
             wy = tl.load(y_weight_ptr + yr * y_taps + a, mask=row_ok, other=0.0)
-            for c in range(x_taps):
+            for c in range(nx):
                 ix = tl.load(x_index_ptr + xr * x_taps + c, mask=row_ok, other=0)
                 wx = tl.load(x_weight_ptr + xr * x_taps + c, mask=row_ok, other=0.0)
                 w = wy * wx

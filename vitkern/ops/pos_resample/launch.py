@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 
@@ -14,13 +16,26 @@ from vitkern.ops.pos_resample.kernels import _pos_resample_fwd_kernel
 BWD_SCRATCH_ELEMENTS = 1 << 24
 
 
-def _pos_resample_fwd(table, table_x, y_row, x_row, y_index, y_weight, x_index, x_weight,
+def _aligned(table: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``table`` with rows of a multiple of 16 elements (a zero-padded copy where they are not:
+    the grid is small), so that the gathers' offsets are provably aligned: with D = 40 rows the
+    kernel compiled to 146-255 registers or spilled, with padded rows to ~40."""
+    if table is None:
+        return None
+    dim = table.shape[-1]
+    if dim % 16 == 0:
+        return table.contiguous()
+    padded = table.new_zeros(table.shape[:-1] + (-(-dim // 16) * 16,))
+    padded[..., :dim] = table
+    return padded
+
+
+def _pos_resample_fwd(table, table_x, y_row, x_row, y_index, y_weight, y_count, x_index, x_weight, x_count,
                       out_dtype: torch.dtype) -> torch.Tensor:
     """``(total, D)`` in ``out_dtype``: the learned ``table`` ``(Gh, Gw, D)``, or the factorized y
     ``table`` ``(Gh, D)`` and ``table_x`` ``(Gw, D)``, resampled per row (kernels.py)."""
-    table = table.contiguous()
-    table_x = table_x.contiguous() if table_x is not None else None
     total, dim = y_row.shape[0], table.shape[-1]
+    table, table_x = _aligned(table), _aligned(table_x)
     out = torch.empty((total, dim), dtype=out_dtype, device=table.device)
     if out.numel() == 0:
         return out
@@ -29,8 +44,8 @@ def _pos_resample_fwd(table, table_x, y_row, x_row, y_index, y_weight, x_index, 
     grid = (triton.cdiv(total, config.meta["BLOCK_R"]), triton.cdiv(dim, config.meta["BLOCK_D"]))
     launch(
         _pos_resample_fwd_kernel, grid,
-        table, table_x if factorized else table, out, y_row, x_row, y_index, y_weight, x_index, x_weight,
-        total, dim, y_index.shape[1], x_index.shape[1],
+        table, table_x if factorized else table, out, y_row, x_row, y_index, y_weight, y_count, x_index, x_weight,
+        x_count, total, dim, y_index.shape[1], x_index.shape[1],
         table.stride(0), table.stride(1) if not factorized else 0, table_x.stride(0) if factorized else 0,
         out.stride(0),
         FACTORIZED=factorized, config=config,

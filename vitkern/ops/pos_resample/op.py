@@ -15,7 +15,8 @@ from vitkern.ops.pos_resample.plan import build_plan
 TRITON_DTYPES = FLOAT_DTYPES
 
 
-def _fwd_fake(table, table_x, y_row, x_row, y_index, y_weight, y_dense, x_index, x_weight, x_dense, out_dtype):
+def _fwd_fake(table, table_x, y_row, x_row, y_index, y_weight, y_count, y_dense, x_index, x_weight, x_count, x_dense,
+              out_dtype):
     return torch.empty((y_row.shape[0], table.shape[-1]), dtype=out_dtype, device=table.device)
 
 
@@ -37,28 +38,30 @@ def _pos_resample_bwd_op(
 
 
 def _save(inputs, output):
-    table, table_x, y_row, x_row, _, _, y_dense, _, _, x_dense, _ = inputs
+    table, table_x, y_row, x_row, _, _, _, y_dense, _, _, _, x_dense, _ = inputs
     return (table, table_x, y_row, x_row, y_dense, x_dense), ()
 
 
 def _backward(state, saved, grads, need):
     table, table_x, y_row, x_row, y_dense, x_dense = saved
     if not (need[0] or need[1]):
-        return (None,) * 11
+        return (None,) * 13
     d_table, d_table_x = torch.ops.vitkern.pos_resample_bwd(grads[0], table, table_x, y_row, x_row, y_dense,
                                                             x_dense)
-    return (d_table if need[0] else None, d_table_x if need[1] and table_x is not None else None) + (None,) * 9
+    return (d_table if need[0] else None, d_table_x if need[1] and table_x is not None else None) + (None,) * 11
 
 
 @kernel_op("vitkern::pos_resample_fwd", fake=_fwd_fake, save=_save, backward=_backward)
 def _pos_resample_fwd_op(
     table: torch.Tensor, table_x: Optional[torch.Tensor], y_row: torch.Tensor, x_row: torch.Tensor,
-    y_index: torch.Tensor, y_weight: torch.Tensor, y_dense: torch.Tensor, x_index: torch.Tensor,
-    x_weight: torch.Tensor, x_dense: torch.Tensor, out_dtype: torch.dtype,
+    y_index: torch.Tensor, y_weight: torch.Tensor, y_count: torch.Tensor, y_dense: torch.Tensor,
+    x_index: torch.Tensor, x_weight: torch.Tensor, x_count: torch.Tensor, x_dense: torch.Tensor,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
     from vitkern.ops.pos_resample import launch as _launch
 
-    return _launch._pos_resample_fwd(table, table_x, y_row, x_row, y_index, y_weight, x_index, x_weight, out_dtype)
+    return _launch._pos_resample_fwd(table, table_x, y_row, x_row, y_index, y_weight, y_count, x_index, x_weight,
+                                     x_count, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,4 +78,4 @@ def _pos_resample_triton(table, table_x, grid_sizes, mode, antialias, align_corn
                       learned=not factorized)
     return torch.ops.vitkern.pos_resample_fwd(
         table[0], table_x[0] if factorized else None, plan.y_row, plan.x_row, plan.y_index, plan.y_weight,
-        plan.y_dense, plan.x_index, plan.x_weight, plan.x_dense, dtype)
+        plan.y_count, plan.y_dense, plan.x_index, plan.x_weight, plan.x_count, plan.x_dense, dtype)

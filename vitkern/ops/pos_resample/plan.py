@@ -63,16 +63,19 @@ def _axis_taps(src: int, dst: int, mode: str, antialias: bool, align_corners: bo
 @dataclass(frozen=True)
 class ResamplePlan:
     """One packed batch's resampling: for the y axis (and x likewise) the tap tables
-    ``y_index`` / ``y_weight`` ``(rows, taps)`` and the dense weight rows ``y_dense``
-    ``(rows, Gh)`` float32 (the backward's), stacked over the batch's distinct output lengths, and
-    ``y_row`` ``(total,)`` int32: the table row of each packed output row. All on one device."""
+    ``y_index`` / ``y_weight`` ``(rows, taps)`` (a row's non-zero taps first), ``y_count``
+    ``(rows,)`` int32 (how many), and the dense weight rows ``y_dense`` ``(rows, Gh)`` float32
+    (the backward's), stacked over the batch's distinct output lengths, and ``y_row``
+    ``(total,)`` int32: the table row of each packed output row. All on one device."""
 
     y_index: torch.Tensor
     y_weight: torch.Tensor
+    y_count: torch.Tensor
     y_dense: torch.Tensor
     y_row: torch.Tensor
     x_index: torch.Tensor
     x_weight: torch.Tensor
+    x_count: torch.Tensor
     x_dense: torch.Tensor
     x_row: torch.Tensor
 
@@ -99,11 +102,13 @@ def _axis_tables(src: int, lengths: Sequence[int], mode: str, antialias: bool, a
         weight.append(w)
         dense.append(axis_weights(src, length, mode, antialias, align_corners))
     if not index:  # no images
-        return (torch.zeros((0, 1), dtype=torch.int32), torch.zeros((0, 1)), torch.zeros((0, src)), firsts)
+        return (torch.zeros((0, 1), dtype=torch.int32), torch.zeros((0, 1)), torch.zeros(0, dtype=torch.int32),
+                torch.zeros((0, src)), firsts)
     taps = max(i.shape[1] for i in index)
     index = torch.cat([F.pad(i, (0, taps - i.shape[1])) for i in index])
     weight = torch.cat([F.pad(w, (0, taps - w.shape[1])) for w in weight])
-    return index, weight, torch.cat(dense).to(torch.float32), firsts
+    count = (weight != 0).sum(1).to(torch.int32)
+    return index, weight, count, torch.cat(dense).to(torch.float32), firsts
 
 
 def build_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str, antialias: bool,
@@ -115,9 +120,9 @@ def build_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str,
     on the host from host integers, then copied to ``device`` (no device-to-host read)."""
     source = tuple(source_size)
     sizes = [tuple(g) if learned and tuple(g) == source else interp_size(g, aspect_preserving) for g in grid_sizes]
-    y_index, y_weight, y_dense, y_first = _axis_tables(source_size[0], [s[0] for s in sizes], mode, antialias,
+    y_index, y_weight, y_count, y_dense, y_first = _axis_tables(source_size[0], [s[0] for s in sizes], mode, antialias,
                                                        align_corners)
-    x_index, x_weight, x_dense, x_first = _axis_tables(source_size[1], [s[1] for s in sizes], mode, antialias,
+    x_index, x_weight, x_count, x_dense, x_first = _axis_tables(source_size[1], [s[1] for s in sizes], mode, antialias,
                                                        align_corners)
     gh = np.array([g[0] for g in grid_sizes], dtype=np.int64)
     gw = np.array([g[1] for g in grid_sizes], dtype=np.int64)
@@ -129,6 +134,7 @@ def build_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str,
     x0 = np.array([x_first[s[1]] for s in sizes], dtype=np.int64)
     rows = torch.from_numpy(np.stack((y0[image] + local // gw[image], x0[image] + local % gw[image])).astype(np.int32))
     non_blocking = device.type == "cuda"
-    moved = [t.to(device, non_blocking=non_blocking) for t in (y_index, y_weight, y_dense, x_index, x_weight, x_dense,
-                                                               rows)]
-    return ResamplePlan(moved[0], moved[1], moved[2], moved[6][0], moved[3], moved[4], moved[5], moved[6][1])
+    y = [t.to(device, non_blocking=non_blocking) for t in (y_index, y_weight, y_count, y_dense)]
+    x = [t.to(device, non_blocking=non_blocking) for t in (x_index, x_weight, x_count, x_dense)]
+    rows = rows.to(device, non_blocking=non_blocking)
+    return ResamplePlan(*y, rows[0], *x, rows[1])

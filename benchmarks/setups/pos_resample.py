@@ -1,0 +1,53 @@
+"""A packed mixed-resolution batch's position embeddings: the learned 16 x 16 grid of a NaFlex
+ViT-B resampled to every image's grid (timm's default: bicubic, antialiased), forward and the
+grid's gradient.
+
+Reference: timm's rule as timm runs it, ``F.interpolate`` once per distinct grid size plus a
+concatenation (vitkern's "reference" / "torch" backend), against vitkern's one launch for the
+batch. Judged by GB/s against the output written and the grid read once (the taps' gathers are
+L2 hits); the reference's cost is its launches, several per image in a batch of mixed sizes.
+"""
+
+from benchmarks.flops import _cost, dtype_size
+from benchmarks.setups import Case, Setup, randn
+from benchmarks.setups.naflex import image_sizes
+
+
+def build(shape, dtype, device):
+    from vitkern.ops.pos_resample import resample_pos_embed_packed_ref
+
+    patch, grid, dim = 16, shape["grid"], shape["dim"]
+    sizes = image_sizes(shape["images"], shape["min_px"], shape["max_px"], patch)
+    grids = tuple((h // patch, w // patch) for h, w in sizes)
+    table = randn((1, grid, grid, dim), dtype, device, scale=0.02, requires_grad=True)
+    total = sum(h * w for h, w in grids)
+
+    def torch_fn(t):
+        return resample_pos_embed_packed_ref(t, None, grids, "bicubic", True, False, False, dtype)
+
+    s = dtype_size(dtype)
+    fwd_bytes = grid * grid * dim * s + total * dim * s
+    bwd_bytes = total * dim * s + grid * grid * dim * s
+    return Case(
+        args=(table,),
+        torch_fn=torch_fn,
+        vitkern_fn=lambda vk: lambda t: vk.resample_pos_embed_packed(t, grids),
+        cost=_cost(None, None, fwd_bytes, bwd_bytes),
+        grad_inputs=(table,),
+        torch_label=f"F.interpolate per grid size ({len(set(grids))} of {len(grids)} images) + cat",
+    )
+
+
+def _shape(name, images, min_px, max_px, grid=16, dim=768):
+    return dict(name=name, images=images, min_px=min_px, max_px=max_px, grid=grid, dim=dim)
+
+
+SETUP = Setup(
+    name="pos_resample",
+    description="a packed batch's position embeddings: the learned grid resampled to every image's grid",
+    build=build,
+    gpu_shapes=(_shape("NaFlex ViT-B/16", 128, 128, 512), _shape("NaFlex ViT-B/16", 32, 224, 384)),
+    cpu_shapes=(_shape("NaFlex tiny", 6, 16, 80, grid=4, dim=64),),
+    order=62,
+    formula="bytes only: the grid read once and the rows written (bwd: the rows' gradient read, the grid's written)",
+)
