@@ -51,3 +51,22 @@ SETUP = Setup(
     order=62,
     formula="bytes only: the grid read once and the rows written (bwd: the rows' gradient read, the grid's written)",
 )
+
+
+def tap_stats(images: int, min_px: int, max_px: int, grid: int = 16) -> dict:
+    """The batch's resampling work as the plan has it: images, distinct grid sizes, rows, the
+    tables' padded tap widths and the mean non-zero taps a row (the kernel's gathers per output)."""
+    import torch
+
+    from vitkern.ops.pos_resample import build_plan
+
+    grids = [(h // 16, w // 16) for h, w in image_sizes(images, min_px, max_px, 16)]
+    plan = build_plan(grids, (grid, grid), "bicubic", True, False, False, torch.device("cpu"))
+    taps = plan.y_count[plan.y_row.long()].double() * plan.x_count[plan.x_row.long()].double()
+    return dict(images=images, distinct=len(set(grids)), rows=plan.total,
+                padded_taps=(plan.y_index.shape[1], plan.x_index.shape[1]), mean_taps=round(taps.mean().item(), 1))
+
+
+if __name__ == "__main__":
+    for shape in SETUP.gpu_shapes:
+        print(shape["name"], tap_stats(shape["images"], shape["min_px"], shape["max_px"], shape["grid"]))
