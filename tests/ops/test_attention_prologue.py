@@ -171,23 +171,25 @@ def test_which_layouts_fuse():
     assert not prologue_fusable(72, _attn_pieces(72, split=False), "interleaved")  # fp32 pads to 128
 
 
-def test_prologue_config_table():
-    """The backward's prologue tiles replace the plain ones only for prologue calls, each entry is
-    for its arch, and none is wider than the fused prologue goes (wider calls compose)."""
+def test_variant_config_table():
+    """The backward's variant tiles (the prologue's, packed sequences') replace the plain ones only
+    for their variant, each entry is for its arch, and the prologue's are looked up no wider than
+    the fused prologue goes (wider calls compose)."""
     from vitkern.ops.attention import configs as C
     from vitkern.ops.attention.prologue import PROLOGUE_MAX_WIDTH
 
-    for (kernel, arch, precision, masked), table in C._ATTN_PROLOGUE_CONFIGS.items():
+    for (variant, kernel, arch, precision, masked), table in C._ATTN_VARIANT_CONFIGS.items():
+        assert variant in ("prologue", "packed")
         assert kernel in ("dkdv", "dq") and precision in ("16bit", "tf32", "ieee")
         assert [w for w, _ in table] == sorted(w for w, _ in table)
         for max_width, config in table:
             assert config.archs == (arch,) and set(config.meta) == {"BLOCK_M", "BLOCK_N"}
-            width = min(max_width, PROLOGUE_MAX_WIDTH)
-            assert C._attn_config(kernel, arch, precision, width, masked, prologue=True) is config
+            width = min(max_width, PROLOGUE_MAX_WIDTH) if variant == "prologue" else max_width
+            assert C._attn_config(kernel, arch, precision, width, masked, variant=variant) is config
     plain = C._attn_bwd_plan(90, "16bit", 64, True, 2, 4, 2, 197, 197, 132, False)
-    fused = C._attn_bwd_plan(90, "16bit", 64, True, 2, 4, 2, 197, 197, 132, False, prologue=True)
+    fused = C._attn_bwd_plan(90, "16bit", 64, True, 2, 4, 2, 197, 197, 132, False, variant="prologue")
     assert fused.mode == "dq_kernel" and plain.config is not fused.config
-    assert fused.dq_config is C._ATTN_PROLOGUE_CONFIGS[("dq", 90, "16bit", True)][0][1]
+    assert fused.dq_config is C._ATTN_VARIANT_CONFIGS[("prologue", "dq", 90, "16bit", True)][0][1]
 
 
 class _Spy:

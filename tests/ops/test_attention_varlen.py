@@ -186,6 +186,20 @@ def test_packed_backward_is_never_fused(device, monkeypatch):
                                    False, 0.125, True, view(dq), view(dk), view(dv), mode="fused", seqs=seqs)
 
 
+def test_packed_backward_takes_the_packed_tiles(device, monkeypatch):
+    # the packed dK/dV kernel has tiles of its own where the plain one spilled (configs.py,
+    # _ATTN_VARIANT_CONFIGS "packed"): the launcher plans a packed backward as that variant
+    plans = []
+    original = attn_launch._attn_bwd_plan
+    monkeypatch.setattr(attn_launch, "_attn_bwd_plan",
+                        lambda *a, **kw: plans.append(kw.get("variant")) or original(*a, **kw))
+    lens = (20, 37)
+    q, k, v, dout = _inputs(lens, lens, 2, 2, 64, BF16, device, False, seed=4)
+    cu = _cu(lens, device)
+    _run_kernels(q, k, v, dout, attn_launch.PackedSeqs(cu, cu, None, None), True, 0.125, False)
+    assert plans == ["packed"]
+
+
 def test_varlen_grid_choice():
     cu = torch.zeros(4, dtype=torch.int32)
     dummy = torch.empty(1)

@@ -191,6 +191,6 @@ def _attention_compile_cases_all():
     for dtype in (torch.float32, "tf32"):
         _varlen_case_run(dtype, (197, 50), 4, 2, 72, causal=True)
     # the fused prologue at every width class it takes (prologue.prologue_fusable), the masked ones
-    # (_ATTN_PROLOGUE_CONFIGS) included
+    # (_ATTN_VARIANT_CONFIGS) included
     for d in (16, 32, 40, 56, 72, 80, 96):
         _prologue_case_run(torch.bfloat16, 2, 4, 2, 197, d, causal=True)

@@ -1,6 +1,6 @@
 """Attention's kernel configs as data, and the functions that pick one for a call.
 
-Configs are data (_ATTN_CONFIGS, _ATTN_MASKED_CONFIGS, _ATTN_SEQ_CONFIGS, _ATTN_PROLOGUE_CONFIGS),
+Configs are data (_ATTN_CONFIGS, _ATTN_MASKED_CONFIGS, _ATTN_SEQ_CONFIGS, _ATTN_VARIANT_CONFIGS),
 per kernel, arch family, precision class, padded head width and, for the forward, the key-length
 bucket (:data:`ATTN_TK_BUCKETS`); each entry compiles for its arch without spills (the static check,
 vitkern.testing.compile_check, compiles every entry through the slow compile cases).
@@ -108,24 +108,6 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
 # Head dims whose last tile has a masked tail (72 = 64 + 16 with 8 masked, 88, 104..120, 136..152,
 # 168..184, 200..248) need more registers for the same tiles: where a table is given here it
 # replaces the one above for them (every width listed).
-# The backward kernels with the QK-norm / RoPE inverse in their epilogue (prologue.py), keyed by
-# (kernel, arch, precision, masked tail): where a width is listed it replaces the entry above
-# (_ATTN_MASKED_CONFIGS' for a masked head dim). The fused prologue takes padded widths up to 96
-# (prologue.PROLOGUE_MAX_WIDTH), so these stop there. Figures: Triton 3.8, LayerNorm + RoPE.
-_ATTN_PROLOGUE_CONFIGS: dict[tuple[str, int, str, bool], tuple[tuple[int, KernelConfig], ...]] = {
-    # 64 (56 = 64 with 8 masked, causal): 32 x 64 with 4 warps spilled 120 bytes (255 registers)
-    ("dkdv", 90, "16bit", True): ((64, _attn_cfg(90, 16, 64, 8, 2)),),
-    # 64 (56): 128 x 64 spilled 28 bytes (255 registers)
-    ("dq", 90, "16bit", True): ((64, _attn_cfg(90, 64, 64, 8, 2)),),
-    # 80 (72 = 64 + 8 masked) spilled 60 bytes at 16 x 64 with 8 warps (GQA, causal: 252
-    # registers without the epilogue)
-    ("dkdv", 80, "16bit", True): ((128, _attn_cfg(80, 16, 32, 8, 1)),),
-    # 32: 16 warps (a 128-register cap) spilled 12 bytes
-    ("dkdv", 80, "tf32", False): ((64, _attn_cfg(80, 32, 32, 8, 1)),),
-    # 32: 8 warps spilled 12 bytes at 64 registers
-    ("dkdv", 90, "ieee", False): ((64, _attn_cfg(90, 16, 16, 4, 1)),),
-}
-
 _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] = {
     # 3.6: 256 (200) spilled 140 bytes with 64 x 16 tiles; 48 (40 = 32 + 16, 8 masked) 16 with
     # 128 x 128, and 64 (56, 8 masked) 120 bytes with 128 x 128 in the single-loop kernel
@@ -161,6 +143,31 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 64, 32, 4, 2)),
                           (256, _attn_cfg(80, 16, 16, 4, 1))),
 }
+
+# Kernel variants that need more registers than the plain kernel at some tiles, keyed by
+# (variant, kernel, arch, precision, masked tail): where a width is listed it replaces the entry
+# above (_ATTN_MASKED_CONFIGS' for a masked head dim).
+# - "prologue": the backward kernels with the QK-norm / RoPE inverse in their epilogue
+#   (prologue.py). The fused prologue takes padded widths up to 96 (prologue.PROLOGUE_MAX_WIDTH),
+#   so these stop there. Figures: Triton 3.8, LayerNorm + RoPE.
+# - "packed": the kernels of packed sequences (the sequence search, per-sequence bounds).
+_ATTN_VARIANT_CONFIGS: dict[tuple[str, str, int, str, bool], tuple[tuple[int, KernelConfig], ...]] = {
+    # 64 (56 = 64 with 8 masked, causal): 32 x 64 with 4 warps spilled 120 bytes (255 registers)
+    ("prologue", "dkdv", 90, "16bit", True): ((64, _attn_cfg(90, 16, 64, 8, 2)),),
+    # 64 (56): 128 x 64 spilled 28 bytes (255 registers)
+    ("prologue", "dq", 90, "16bit", True): ((64, _attn_cfg(90, 64, 64, 8, 2)),),
+    # 80 (72 = 64 + 8 masked) spilled 60 bytes at 16 x 64 with 8 warps (GQA, causal: 252
+    # registers without the epilogue)
+    ("prologue", "dkdv", 80, "16bit", True): ((128, _attn_cfg(80, 16, 32, 8, 1)),),
+    # 32: 16 warps (a 128-register cap) spilled 12 bytes
+    ("prologue", "dkdv", 80, "tf32", False): ((64, _attn_cfg(80, 32, 32, 8, 1)),),
+    # 32: 8 warps spilled 12 bytes at 64 registers
+    ("prologue", "dkdv", 90, "ieee", False): ((64, _attn_cfg(90, 16, 16, 4, 1)),),
+    # 3.6: 64 (causal, GQA, atomic dQ, the on-device sequence search) spilled 8 bytes at 255
+    # registers with 2 stages; 1 stage: 193 registers, 2 blocks per SM (3.8 holds 2 stages)
+    ("packed", "dkdv", 90, "16bit", False): ((64, _attn_cfg(90, 32, 64, 4, 1 if TRITON_36 else 2)),),
+}
+
 
 # The fused backward (one kernel for dQ, dK, dV; 16-bit inputs): its own tiles per exact padded
 # width without a masked tail, where the dK/dV step plus the dQ scratch's tile and its read-back
@@ -331,7 +338,7 @@ def _attn_fused_bytes(programs: int, group: int, tq: int, width: int, block_m: i
 
 def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: int, heads: int, kv_heads: int,
                    tq: int, tk: int, sms: Optional[int], deterministic: bool, itemsize: int = 2,
-                   mode: Optional[str] = None, prologue: bool = False) -> AttnBwdPlan:
+                   mode: Optional[str] = None, variant: Optional[str] = None) -> AttnBwdPlan:
     """How the backward runs (``mode`` None picks; a given one is checked):
 
     - "fused" wherever it fits: a tile of its own (_ATTN_FUSED_CONFIGS: 16-bit, head dims
@@ -343,11 +350,12 @@ def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: i
     - else "dq_kernel" when ``deterministic`` or the head dim has a masked tail (the atomic
       epilogue's variants spill there), else "atomic".
 
-    ``prologue``: the kernels run the QK-norm / RoPE inverse in their epilogues (always the dQ
-    kernel's mode), whose registers some tiles need (:data:`_ATTN_PROLOGUE_CONFIGS`)."""
+    ``variant``: "prologue" (the kernels run the QK-norm / RoPE inverse in their epilogues, always
+    in the dQ kernel's mode) or "packed" (packed sequences), whose registers some tiles need
+    (:data:`_ATTN_VARIANT_CONFIGS`)."""
     if mode is not None and mode not in ATTN_BWD_MODES:
         raise ValueError(f"backward mode {mode!r}: expected one of {ATTN_BWD_MODES}")
-    config = _attn_config("dkdv", arch, precision, width, masked, prologue=prologue)
+    config = _attn_config("dkdv", arch, precision, width, masked, variant=variant)
     group = heads // kv_heads
     pairs = batch * kv_heads
     if mode is None:
@@ -362,7 +370,7 @@ def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: i
     if mode == "atomic" and masked:
         raise ValueError(f"backward mode 'atomic' takes head dims without a masked tail (padded width {width})")
     programs = -(-tk // config.meta["BLOCK_N"]) * pairs
-    dq_config = _attn_config("dq", arch, precision, width, masked, prologue=prologue) if mode == "dq_kernel" else None
+    dq_config = _attn_config("dq", arch, precision, width, masked, variant=variant) if mode == "dq_kernel" else None
     return AttnBwdPlan(mode, config, dq_config, programs)
 
 
@@ -378,11 +386,12 @@ def _attn_tk_bucket(tk: Optional[int]) -> Optional[int]:
 
 
 def _attn_config(kernel: str, arch: int, precision: str, width: int, masked: bool = False,
-                 tk: Optional[int] = None, prologue: bool = False) -> KernelConfig:
+                 tk: Optional[int] = None, variant: Optional[str] = None) -> KernelConfig:
     """The config for a padded head width; ``masked``: the head dim leaves a masked tail in its
     last tile (72, 88, 200, ...), which costs registers: _ATTN_MASKED_CONFIGS overrides there.
     ``tk``: the key length, whose bucket may select a config of _ATTN_SEQ_CONFIGS (the forward's
-    short-sequence tiles); None or a long sequence reads the length-independent tables."""
+    short-sequence tiles); None or a long sequence reads the length-independent tables.
+    ``variant``: a kernel variant whose tiles :data:`_ATTN_VARIANT_CONFIGS` may replace."""
     bucket = _attn_tk_bucket(tk)
     if bucket is not None:
         for max_width, config in _ATTN_SEQ_CONFIGS.get((kernel, arch, precision, bucket), ()):
@@ -394,8 +403,8 @@ def _attn_config(kernel: str, arch: int, precision: str, width: int, masked: boo
         # dK/dV kernel's
         return config or _attn_config("dkdv", arch, precision, width, masked)
     key = (kernel, arch, precision)
-    if prologue:
-        for max_width, config in _ATTN_PROLOGUE_CONFIGS.get(key + (masked,), ()):
+    if variant is not None:
+        for max_width, config in _ATTN_VARIANT_CONFIGS.get((variant,) + key + (masked,), ()):
             if width <= max_width:
                 return config
     table = _ATTN_MASKED_CONFIGS[key] if masked and key in _ATTN_MASKED_CONFIGS else _ATTN_CONFIGS[key]
