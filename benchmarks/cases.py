@@ -20,8 +20,9 @@ PROVIDERS = (
     "vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-torch", "vitkern-reference", "torch", "torch.compile",
 )
 # The packed variable-length attention setup's references: SDPA on the padded batch with a dense
-# mask (as timm's NaFlexVit runs it) and torch's own varlen_attn.
-VARLEN_PROVIDERS = ("sdpa-padded", "torch-varlen")
+# mask (as timm's NaFlexVit runs it), torch's own varlen_attn and FlexAttention with a document
+# mask (flash-attn's varlen function is its "flash-attn" row).
+VARLEN_PROVIDERS = ("sdpa-padded", "torch-varlen", "flex-document")
 # The attention setups' SDPA held to one backend (provider name -> torch.nn.attention.SDPBackend
 # member), then the attention libraries.
 SDPA_BACKENDS = {

@@ -6,7 +6,9 @@ The input is the packed qkv projection of every image's tokens, ``(total, 3*H*d)
 per-image loop of SDPA a user would write; ``sdpa-padded`` pads the batch to its longest
 sequence and runs SDPA with a dense ``(B, 1, T, T)`` mask, as timm's NaFlexVit does (the pad and
 unpad gathers included); ``torch-varlen`` is ``torch.nn.attention.varlen.varlen_attn`` where the
-installed torch has it (CUDA, fp16 / bf16). The GPU shapes: 128 images of 128-512 px at aspect
+installed torch has it (CUDA, fp16 / bf16); ``flex-document`` is compiled FlexAttention with a
+document block mask (CUDA); ``flash-attn`` is ``flash_attn_varlen_qkvpacked_func`` where
+flash-attn is installed. The GPU shapes: 128 images of 128-512 px at aspect
 ratios 1:3 to 3:1 (patch 16, a class token), and 128 images of 224 px (197 tokens each, the shape
 of ``attention_qkvpacked``'s ViT-B/16 row: the packed kernel against the dense one). Counted by
 :func:`benchmarks.flops.attention_varlen_cost`: each image's own attention, no padding.
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from benchmarks.flops import attention_varlen_cost
 from benchmarks.setups import Case, Reference, Setup, randn
+from benchmarks.setups._attention_refs import _library_reason
 
 GPU_SHAPES = (
     dict(name="mixed 128-512px x128", images=128, min_px=128, max_px=512, patch=16, heads=12, head_dim=64, seed=0),
@@ -60,6 +63,45 @@ def _torch_varlen_reference(device, dtype, cu, lengths, h, d) -> Reference:
         return varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths)).reshape(total, h * d)
 
     return Reference(fn, "torch.nn.attention.varlen.varlen_attn")
+
+
+def _flex_document_reference(device, cu, lengths, h, d) -> Reference:
+    """FlexAttention (compiled, as it is meant to run) over the packed sequence with a document
+    mask: a query attends to the keys of its own image. The block mask is built once, outside
+    the timed call."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        return Reference(None, f"this torch has no torch.nn.attention.flex_attention ({exc})")
+    if device.type != "cuda":
+        return Reference(None, "FlexAttention is compiled for CUDA here (a CPU compile of it takes minutes)")
+    total = sum(lengths)
+    document = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                       torch.tensor(lengths, device=device))
+
+    def same_image(b, head, q_idx, kv_idx):
+        return document[q_idx] == document[kv_idx]
+
+    block_mask = create_block_mask(same_image, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device)
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def fn(qkv):
+        q, k, v = qkv.view(total, 3, h, d).permute(1, 2, 0, 3)[:, None].unbind(0)
+        return flex(q, k, v, block_mask=block_mask)[0].transpose(0, 1).reshape(total, h * d)
+
+    return Reference(fn, "torch.compile(flex_attention) with a document block mask")
+
+
+def _flash_attn_varlen_reference(device, dtype, cu, longest, total, h, d) -> Reference:
+    mod, why = _library_reason("flash-attn", "flash_attn", device, dtype, half_only=True)
+    if mod is None:
+        return Reference(None, why)
+
+    def fn(qkv):
+        out = mod.flash_attn_varlen_qkvpacked_func(qkv.view(total, 3, h, d), cu, longest)
+        return out.reshape(total, h * d)
+
+    return Reference(fn, f"flash_attn.flash_attn_varlen_qkvpacked_func ({getattr(mod, '__version__', '?')})")
 
 
 def build(shape, dtype, device):
@@ -103,6 +145,8 @@ def build(shape, dtype, device):
         references={
             "sdpa-padded": Reference(padded_fn, f"SDPA on the batch padded to {longest} tokens, (B, 1, T, T) mask"),
             "torch-varlen": _torch_varlen_reference(device, dtype, cu, lengths, h, d),
+            "flex-document": _flex_document_reference(device, cu, lengths, h, d),
+            "flash-attn": _flash_attn_varlen_reference(device, dtype, cu, longest, total, h, d),
         },
     )
 
