@@ -72,7 +72,9 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     # causal, key-padding variant, where 16 warps hold: 84..106); 4 warps spill on both
     # (3.6, single query loop: 128 spilled 8 bytes with 8 warps, 4 hold: 64..122 registers; the
     # masked 200..248 12 bytes with 16 warps, 8 hold: _ATTN_MASKED_CONFIGS)
-    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 4 if TRITON_36 else 8, 1)), (256, _attn_cfg(90, 16, 16, 16, 1))),
+    # 3.8: 256 spilled 20 bytes with 16 warps (causal, key padding); 8 warps hold: 80 registers
+    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 4 if TRITON_36 else 8, 1)),
+                           (256, _attn_cfg(90, 16, 16, 16 if TRITON_36 else 8, 1))),
     ("dq", 90, "ieee"): ((64, _attn_cfg(90, 32, 16, 4, 1)), (256, _attn_cfg(90, 16, 16, 4, 1))),
     # ---- sm_80 (A100) and the other non-sm_90 parts: mma.sync, operands in registers
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 64, 8, 3)), (128, _attn_cfg(80, 128, 32, 8, 2)),
@@ -138,8 +140,9 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
     # 4 hold)
     ("dkdv", 80, "ieee"): ((128, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 16, 1)),
                            (256, _attn_cfg(80, 16, 16, 4 if TRITON_36 else 8, 1))),
+    # 3.8: 256 (200) spilled 4 bytes with 16 warps; 8 warps: 106 registers
     ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 4 if TRITON_36 else 8, 1)),
-                           (256, _attn_cfg(90, 16, 16, 8 if TRITON_36 else 16, 1))),
+                           (256, _attn_cfg(90, 16, 16, 8, 1))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 64, 32, 4, 2)),
                           (256, _attn_cfg(80, 16, 16, 4, 1))),
 }
@@ -176,12 +179,13 @@ _ATTN_VARIANT_CONFIGS: dict[tuple[str, str, int, str, bool], tuple[tuple[int, Ke
 # sm_90 64: 32 x 64 with 4 warps, 1 stage (196 / 230 registers under 3.6, 2 blocks per SM; 2
 # stages spilled 8 bytes on the packed qkv under 3.6); 80 needs 16 x 32 (32 x 64 spilled 4..88
 # bytes); sm_80 32 and 64: 16 x 128 (32 x 128 spilled 4 bytes at
-# 32 under 3.6, 140 at 64).
+# 32 under 3.6, 140 at 64); sm_80 80: 16 x 32 (16 x 64 spilled 8 bytes under 3.8, causal with
+# key padding: 232-240 registers).
 _ATTN_FUSED_CONFIGS: dict[tuple[int, str], dict[int, KernelConfig]] = {
     (90, "16bit"): {32: _attn_cfg(90, 64, 64, 8, 2), 48: _attn_cfg(90, 32, 64, 4, 2), 64: _attn_cfg(90, 32, 64, 4, 1),
                     80: _attn_cfg(90, 16, 32, 4, 2), 128: _attn_cfg(90, 32, 32, 4, 2)},
     (80, "16bit"): {32: _attn_cfg(80, 16, 128, 8, 2), 48: _attn_cfg(80, 16, 128, 8, 2),
-                    64: _attn_cfg(80, 16, 128, 8, 2), 80: _attn_cfg(80, 16, 64, 8, 1), 96: _attn_cfg(80, 16, 64, 8, 1),
+                    64: _attn_cfg(80, 16, 128, 8, 2), 80: _attn_cfg(80, 16, 32, 8, 1), 96: _attn_cfg(80, 16, 64, 8, 1),
                     128: _attn_cfg(80, 16, 64, 8, 2)},
 }
 
