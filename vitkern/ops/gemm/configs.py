@@ -21,6 +21,8 @@ __all__ = [
     "GemmPlan",
     "GEMM_CONFIGS",
     "GEMM_RULES",
+    "WIDE_FALLBACK",
+    "wide_stand_in",
     "choose_split_k",
     "config_kinds",
     "dot_precision",
@@ -39,6 +41,9 @@ class GemmConfig:
     ``persistent``: ``num_sms`` programs stride over the tiles. ``tma``: load operands (and store
     the output) through tensor descriptors where the strides allow (sm_90 family only).
     ``split_k``: the most K splits the launcher may use for split-safe epilogues (the dW GEMMs).
+    ``epilogue_split``: the column slices (1, 2 or 4) the epilogue runs in, one after the other:
+    each slice's steps and output store hold ``block_n / epilogue_split`` columns of registers and
+    of TMA staging, what lets a 128 x 256 tile carry the GELU and residual epilogues.
     """
 
     block_m: int
@@ -50,18 +55,25 @@ class GemmConfig:
     persistent: bool = False
     tma: bool = False
     split_k: int = 1
+    epilogue_split: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epilogue_split not in (1, 2, 4) or self.block_n % (16 * self.epilogue_split):
+            raise ValueError(f"GemmConfig: epilogue_split must be 1, 2 or 4 and leave slices of a multiple of 16 "
+                             f"columns, got {self.epilogue_split} with block_n {self.block_n}")
 
     def kernel_config(self) -> KernelConfig:
         return KernelConfig(
             {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
-             "GROUP_M": self.group_m, "FLATTEN": self.persistent},
+             "GROUP_M": self.group_m, "FLATTEN": self.persistent, "EPI_SPLIT": self.epilogue_split},
             num_warps=self.num_warps, num_stages=self.num_stages,
         )
 
     def label(self) -> str:
         s = f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
         return s + (" persistent" if self.persistent else "") + (" tma" if self.tma else "") + (
-            f" splitk{self.split_k}" if self.split_k > 1 else "")
+            f" splitk{self.split_k}" if self.split_k > 1 else "") + (
+            f" epi/{self.epilogue_split}" if self.epilogue_split > 1 else "")
 
 
 # Named configs. Static compile figures (Triton 3.8, ptxas from its wheel; registers / spill
@@ -69,7 +81,8 @@ class GemmConfig:
 # store), the fc2 epilogue (bias, LayerScale, row scale, fp32 residual) and the dW GEMM (split-K,
 # reduction scale, row sums, row dots), from the compile cases (compile_cases.py):
 #   h100_16_large  sm_90  164/0/160 wg | 125/0/224 wg | (dW runs it unflattened: as h100_16_mid)
-#   h100_16_wide   sm_90  bias-only epilogue (qkv): 214/0/209 wg, persistent + TMA (only that kind)
+#   h100_16_wide   sm_90  202/0/224 wg | (residual: h100_16_wide_res, 178/0/208 wg) | (not for dW);
+#                         bias only (qkv): 160/0/208 wg; 128 x 256, four epilogue slices
 #   h100_16_mid    sm_90  161/0/128 wg | 122/0/160 wg | 233/0/116 wg
 #   h100_16_small  sm_90  168/0/112 wg | 115/0/128 wg | 237/0/113 wg
 #   h100_tf32      sm_90  163/0/160 wg | 150/0/160 wg | 232/0/80 wg
@@ -79,8 +92,8 @@ class GemmConfig:
 #   a100_tf32      sm_80  250/0/48     | 254/0/48     | 255/0/52
 #   a100_fp32      sm_80   80/0/32     |  80/0/32     |  99/0/40
 # The same sm_90 sources compiled for sm_80 spill (TMA descriptors lower to plain loads there), and
-# so do 128x256 tiles on both arches with the residual epilogue; the TMA store of C and TMA load of
-# the residual keep the sm_90 fc2 epilogue at ~125 registers (~240 with pointer stores).
+# so do 128x256 tiles on both arches with the whole-tile residual epilogue; the TMA store of C and
+# TMA load of the residual keep the sm_90 fc2 epilogue at ~125 registers (~240 with pointer stores).
 # tl.range(..., warp_specialize=True) compiles on sm_90 with Triton 3.8 but to the same code
 # (same registers and shared memory: the pass targets Blackwell), so no config uses it and the
 # kernel does not pass the option (Triton 3.6 compatible). Tuning these on an H100 / A100 is
@@ -88,17 +101,30 @@ class GemmConfig:
 GEMM_CONFIGS: dict[str, GemmConfig] = {
     # sm_90 family: wgmma, TMA descriptors (plain loads where strides are not 16-byte aligned)
     "h100_16_large": GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=3, persistent=True, tma=True, split_k=16),
-    # the bias-only epilogue (qkv and other plain projections) at large M: a 128 x 256 tile halves
-    # the A re-reads and the per-tile overhead (figures above). Not for the GELU / residual
-    # epilogues: at 128 x 256 they spill or pass the shared-memory limit without
-    # epilogue subtiling.
-    "h100_16_wide": GemmConfig(128, 256, 64, 8, num_warps=8, num_stages=3, persistent=True, tma=True, split_k=16),
+    # the bias, GELU (fc1) and residual (fc2 / proj) epilogues at large M: a 128 x 256 tile halves
+    # the A re-reads and the per-tile overhead. The epilogue runs in four 64-column slices
+    # (epilogue_split): at 128 x 256 with the whole tile at once, fc1 spilled 136 bytes (3.8; 252
+    # under 3.6) over the shared-memory limit (240 KB), the fp32-residual epilogue needed 400 KB of
+    # staging; in slices (registers 3.8 | 3.6, shared KB, 0 spills): bias (qkv) 160 | 165 at 4
+    # stages, 208 KB; GELU + pre store (fc1) 202 | 212 at 4 stages, 224 KB; fp32 residual with
+    # LayerScale and drop path (fc2) 178 | 203 at 3 stages, 208 KB (4 stages: 256 KB).
+    "h100_16_wide": GemmConfig(128, 256, 64, 8, num_warps=8, num_stages=4, persistent=True, tma=True, split_k=16,
+                               epilogue_split=4),
+    "h100_16_wide_res": GemmConfig(128, 256, 64, 8, num_warps=8, num_stages=3, persistent=True, tma=True,
+                                   split_k=16, epilogue_split=4),
     "h100_16_mid": GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=3, tma=True, split_k=16),
     "h100_16_small": GemmConfig(64, 128, 64, 8, num_warps=4, num_stages=4, tma=True, split_k=16),
     "h100_tf32": GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=3, tma=True, split_k=16),
     "h100_fp32": GemmConfig(64, 64, 16, 8, num_warps=8, num_stages=3, tma=True, split_k=16),
+    # Triton 3.6: the GELU-backward epilogue (the MLP's dU) spilled 8 bytes at 3 stages (64
+    # registers); 2 stages: 79 (3.8: 128)
+    "h100_fp32_act_grad": GemmConfig(64, 64, 16, 8, num_warps=8, num_stages=2, tma=True, split_k=16),
     # sm_80 family: mma.sync, cp.async-pipelined plain loads
-    "a100_16_large": GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=4, split_k=16),
+    # the epilogue in two 64-column slices: whole-tile, the bias + tanh-GELU epilogue spilled 44
+    # bytes under Triton 3.6 (255 registers; 214 before the epilogue became one function per
+    # slice); sliced, 180-198 (the halves are a register split of the mma.sync layout, each half's
+    # store converts to the coalesced layout on its own)
+    "a100_16_large": GemmConfig(128, 128, 32, 8, num_warps=8, num_stages=4, split_k=16, epilogue_split=2),
     # 8 warps: with 4, the bias + tanh-GELU epilogue spilled 68 bytes under Triton 3.6 (M = 1)
     "a100_16_small": GemmConfig(64, 128, 32, 8, num_warps=8, num_stages=4, split_k=16),
     # Triton 3.6: the 128 x 128 tile's dW epilogue (row scale, row sums, row dots) spilled 4 bytes
@@ -151,8 +177,11 @@ GEMM_RULES: list[tuple[tuple[int, str, str, str, str, str], str]] = [
     ((90, "16", "*", "s", "*", "*"), "h100_16_small"),
     ((90, "16", "m", "*", "*", "*"), "h100_16_mid"),
     ((90, "16", "l", "l", "l", "bias"), "h100_16_wide"),
+    ((90, "16", "l", "l", "l", "act"), "h100_16_wide"),
+    ((90, "16", "l", "l", "l", "residual"), "h100_16_wide_res"),
     ((90, "16", "l", "*", "*", "*"), "h100_16_large"),
     ((90, "tf32", "*", "*", "*", "*"), "h100_tf32"),
+    ((90, "fp32", "*", "*", "*", "act_grad"), "h100_fp32_act_grad"),
     ((90, "fp32", "*", "*", "*", "*"), "h100_fp32"),
     ((80, "16", "s", "*", "*", "*"), "a100_16_small"),
     ((80, "16", "*", "s", "*", "*"), "a100_16_small"),
@@ -195,11 +224,34 @@ def _buckets(M: int, N: int, K: int) -> tuple[str, str, str]:
     return ("s" if M <= 64 else "m" if M <= 2048 else "l", "s" if N <= 64 else "l", "s" if K <= 64 else "l")
 
 
+#: A wide tile's narrower stand-in: the 128 x 256 tiles halve the tile count, so at a mid-size M
+#: their last wave may leave more SMs idle than the 128 x 128 tile's (:func:`select_config` with
+#: ``num_sms``); and their register budget holds only with both operands loaded through TMA
+#: (plain loads of rows that are not 16-byte aligned, K = 588, spilled 432 bytes at 128 x 256:
+#: the launcher takes the stand-in there, :func:`wide_stand_in`).
+WIDE_FALLBACK: dict[str, str] = {"h100_16_wide": "h100_16_large", "h100_16_wide_res": "h100_16_large"}
+#: The wide tile is kept while its predicted SM use is at least this fraction of its stand-in's:
+#: its per-tile efficiency gain (half the A re-reads, half the per-tile overhead; ~5%, to be
+#: measured) is what a worse last wave may cost.
+WIDE_MIN_SM_USE_RATIO = 0.95
+
+
+def wide_stand_in(config: GemmConfig) -> Optional[GemmConfig]:
+    """The narrower config a wide one gives way to (:data:`WIDE_FALLBACK`), None for others."""
+    for wide, narrow in WIDE_FALLBACK.items():
+        if GEMM_CONFIGS[wide] == config:
+            return GEMM_CONFIGS[narrow]
+    return None
+
+
 def select_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int] = None,
-                  epilogue: str = "none") -> GemmConfig:
+                  epilogue: str = "none", num_sms: Optional[int] = None) -> GemmConfig:
     """The config for an (M, N, K) GEMM with ``dtype`` operands and an ``epilogue`` kind (one of
     :data:`EPILOGUE_KINDS`) on ``arch`` (default: the current device's family; see
-    :func:`vitkern.ops._config.device_arch`)."""
+    :func:`vitkern.ops._config.device_arch`). With ``num_sms`` (the free SMs the grid runs on) a
+    128 x 256 tile whose waves fill the chip worse than its narrower stand-in's (below
+    :data:`WIDE_MIN_SM_USE_RATIO` of its SM use: ViT-B's fc2 at batch 64, 297 tiles on 132 SMs)
+    gives way to it (:data:`WIDE_FALLBACK`)."""
     if epilogue not in EPILOGUE_KINDS:
         raise ValueError(f"unknown epilogue kind {epilogue!r} (expected one of {EPILOGUE_KINDS})")
     arch = device_arch() if arch is None else arch
@@ -207,6 +259,14 @@ def select_config(M: int, N: int, K: int, dtype: torch.dtype, arch: Optional[int
     name = _first_rule(key)
     if name is None:
         raise RuntimeError(f"no GEMM config for {key}")
+    if num_sms is not None and name in WIDE_FALLBACK:
+        wide, narrow = GEMM_CONFIGS[name], GEMM_CONFIGS[WIDE_FALLBACK[name]]
+
+        def use(cfg: GemmConfig) -> float:
+            return sm_use(math.ceil(M / cfg.block_m) * math.ceil(N / cfg.block_n), 1, num_sms)
+
+        if use(wide) < WIDE_MIN_SM_USE_RATIO * use(narrow):
+            name = WIDE_FALLBACK[name]
     return GEMM_CONFIGS[name]
 
 

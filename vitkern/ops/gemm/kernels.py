@@ -11,7 +11,10 @@ optional scale along the reduction axis (``red_scale[k]``: drop path's row scale
 and a cast to B's dtype (a float32 gradient against bf16 weights). The epilogue runs in fp32 on the
 accumulator: the steps of :mod:`vitkern.ops.gemm.epilogue`, each behind its constexpr switch
 (bias, pre-activation store, row dots, activation, LayerScale, row scale, activation grad,
-residual), then one cast to C's dtype. Besides, ``ROW_SUM`` stores ``rowsum[s, m] = sum_k
+residual), then one cast to C's dtype, in ``EPI_SPLIT`` column slices of the tile one after the
+other (:func:`_epilogue`: the accumulator halved by a register split, each slice's steps, staging
+and store ``BLOCK_N / EPI_SPLIT`` columns wide: what lets a 128 x 256 tile carry the GELU and
+fp32-residual epilogues without spilling or passing the shared-memory limit). Besides, ``ROW_SUM`` stores ``rowsum[s, m] = sum_k
 A'[m, k]`` (the bias grad; with ``ROW_SUM_WEIGHTED`` ``sum_k A'[m, k] * w[k]``, the bias term of
 drop path's row-scale grad) from the pid_n == 0 tiles, and ``A_COPY`` stores A' itself, in B's
 dtype, from the same tiles (``acopy[m, k]``): a float32 gradient read once, written once in the
@@ -94,6 +97,73 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@register_helper
+@triton.jit
+def _epilogue(
+    acc, off_m, off_n, part_n, offs_m, lm, r64, c_rows, r_rows,
+    c_ptr, c_desc, r_desc, bias_ptr, col_scale_ptr, row_scale_ptr, res_ptr, pre_ptr, aux_ptr, dotw_ptr, dotpart_ptr,
+    M, N, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_xm, stride_xn, stride_wm, stride_wn,
+    c_args,
+    SLICE_N: tl.constexpr, SPLIT: tl.constexpr, C_MODE: tl.constexpr, R_MODE: tl.constexpr,
+    ROW_MAP: tl.constexpr, COL_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
+    ACT_GRAD: tl.constexpr, ROW_DOT: tl.constexpr, GLU_GRAD: tl.constexpr,
+):
+    """The epilogue steps on columns ``[off_n, off_n + SLICE_N)`` of a tile (``acc``: that part of
+    the accumulator) in ``SPLIT`` slices, one after the other: with ``SPLIT`` > 1 the columns are
+    halved (a register split in the MMA layout, no data movement) and each half runs with
+    ``SPLIT // 2``, so a slice's steps and output store hold ``SLICE_N / SPLIT`` columns of
+    registers (and, through TMA, of shared-memory staging) instead of the whole tile's.
+    ``part_n`` numbers the row-dot partial: the column tile times the slices a tile, plus the
+    slice. ``c_rows`` / ``r_rows`` are the output's and the residual's rows (``ROW_MAP``; else
+    ``r64``, the int64 output rows)."""
+    if SPLIT > 1:
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, [acc.shape[0], 2, SLICE_N // 2]), [0, 2, 1]))
+        _epilogue(lo, off_m, off_n, 2 * part_n, offs_m, lm, r64, c_rows, r_rows,
+                  c_ptr, c_desc, r_desc, bias_ptr, col_scale_ptr, row_scale_ptr, res_ptr, pre_ptr, aux_ptr,
+                  dotw_ptr, dotpart_ptr, M, N, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn,
+                  stride_xm, stride_xn, stride_wm, stride_wn, c_args,
+                  SLICE_N // 2, SPLIT // 2, C_MODE, R_MODE, ROW_MAP, COL_MAP, HAS_BIAS, ACTIVATION, HAS_COL_SCALE,
+                  HAS_ROW_SCALE, HAS_RESIDUAL, STORE_PRE, ACT_GRAD, ROW_DOT, GLU_GRAD)
+        _epilogue(hi, off_m, off_n + SLICE_N // 2, 2 * part_n + 1, offs_m, lm, r64, c_rows, r_rows,
+                  c_ptr, c_desc, r_desc, bias_ptr, col_scale_ptr, row_scale_ptr, res_ptr, pre_ptr, aux_ptr,
+                  dotw_ptr, dotpart_ptr, M, N, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn,
+                  stride_xm, stride_xn, stride_wm, stride_wn, c_args,
+                  SLICE_N // 2, SPLIT // 2, C_MODE, R_MODE, ROW_MAP, COL_MAP, HAS_BIAS, ACTIVATION, HAS_COL_SCALE,
+                  HAS_ROW_SCALE, HAS_RESIDUAL, STORE_PRE, ACT_GRAD, ROW_DOT, GLU_GRAD)
+    else:
+        offs_n = off_n + tl.arange(0, SLICE_N)
+        ln = offs_n < N
+        mask = lm[:, None] & ln[None, :]
+        acc = add_bias(acc, bias_ptr, offs_n, ln, HAS_BIAS)
+        store_aux(acc, pre_ptr, r64, offs_n, stride_pm, stride_pn, mask, STORE_PRE)
+        row_dot(acc, dotw_ptr, dotpart_ptr, r64, offs_m, offs_n, stride_wm, stride_wn, mask, lm, M, part_n, ROW_DOT)
+        acc = activation(acc, ACTIVATION)
+        acc = scale_cols(acc, col_scale_ptr, offs_n, ln, HAS_COL_SCALE)
+        acc = scale_rows(acc, row_scale_ptr, offs_m, lm, HAS_ROW_SCALE)
+        acc = mul_activation_grad(acc, aux_ptr, r64, offs_n, stride_xm, stride_xn, mask, ACT_GRAD)
+        if ROW_MAP is not None:
+            acc = add_residual(acc, res_ptr, r_rows, offs_n, stride_rm, stride_rn, mask, HAS_RESIDUAL)
+            if COL_MAP is not None:
+                c_cols = COL_MAP(offs_n, c_args)
+            else:
+                c_cols = offs_n
+            tl.store(c_ptr + c_rows.to(tl.int64)[:, None] * stride_cm + c_cols[None, :] * stride_cn,
+                     round_to(acc, c_ptr.dtype.element_ty), mask=mask)
+        else:
+            if R_MODE == 1:  # the residual through its descriptor
+                acc = acc + r_desc.load([off_m, off_n]).to(tl.float32)
+            else:
+                acc = add_residual(acc, res_ptr, r64, offs_n, stride_rm, stride_rn, mask, HAS_RESIDUAL)
+            if GLU_GRAD:  # dH -> the packed (dg, dv) of SwiGLU's fc1 output
+                swiglu_grad_store(acc, aux_ptr, c_ptr, r64, offs_n, N, stride_xm, stride_xn, stride_cm, stride_cn, mask)
+            elif C_MODE == 1:
+                c_desc.store([off_m, off_n], round_to(acc, c_ptr.dtype.element_ty))
+            else:
+                tl.store(c_ptr + r64[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                         round_to(acc, c_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # The GEMM kernel
 # --------------------------------------------------------------------------------------------
@@ -112,7 +182,7 @@ def _gemm_kernel(
     a_args, c_args,
     num_progs, k_tiles_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, C_MODE: tl.constexpr, R_MODE: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     A_GATHER: tl.constexpr, ROW_MAP: tl.constexpr, COL_MAP: tl.constexpr, PROLOGUE: tl.constexpr,
@@ -140,7 +210,7 @@ def _gemm_kernel(
         if ROW_SUM:
             rowsum_ptr += pid_s.to(tl.int64) * M
         if ROW_DOT:
-            dotpart_ptr += pid_s.to(tl.int64) * num_pid_n * M
+            dotpart_ptr += pid_s.to(tl.int64) * (num_pid_n * EPI_SPLIT) * M
 
     if PROLOGUE is not None:
         PROLOGUE(start_pid, num_progs, c_ptr, stride_cm, stride_cn, c_args, BLOCK_M, BLOCK_N)
@@ -153,10 +223,16 @@ def _gemm_kernel(
         b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
     elif B_MODE == 2:
         b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
+    # the output and residual descriptors address one epilogue slice (BLOCK_N // EPI_SPLIT columns);
+    # without them the slice function gets the plain pointers in their place (never used)
     if C_MODE == 1:
-        c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N])
+        c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [stride_cm, 1], [BLOCK_M, BLOCK_N // EPI_SPLIT])
+    else:
+        c_desc = c_ptr
     if R_MODE == 1:
-        r_desc = tl.make_tensor_descriptor(res_ptr, [M, N], [stride_rm, 1], [BLOCK_M, BLOCK_N])
+        r_desc = tl.make_tensor_descriptor(res_ptr, [M, N], [stride_rm, 1], [BLOCK_M, BLOCK_N // EPI_SPLIT])
+    else:
+        r_desc = res_ptr
 
     for tile_id in tl.range(start_pid, num_tiles, num_progs, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
@@ -242,40 +318,21 @@ def _gemm_kernel(
                              a, mask=lm[:, None] & (offs_k < K)[None, :])
             acc = tl.dot(dot_operand(a), dot_operand(b), acc, input_precision="tf32" if TF32 else "ieee")
 
-        # ---------------- epilogue (fp32, one cast on store)
+        # ---------------- epilogue (fp32, one cast on store), in EPI_SPLIT column slices
         offs_m = off_m + tm
-        offs_n = off_n + tn
-        mask = lm[:, None] & ln[None, :]
         r64 = offs_m.to(tl.int64)
-        acc = add_bias(acc, bias_ptr, offs_n, ln, HAS_BIAS)
-        store_aux(acc, pre_ptr, r64, offs_n, stride_pm, stride_pn, mask, STORE_PRE)
-        row_dot(acc, dotw_ptr, dotpart_ptr, r64, offs_m, offs_n, stride_wm, stride_wn, mask, lm, M, pid_n, ROW_DOT)
-        acc = activation(acc, ACTIVATION)
-        acc = scale_cols(acc, col_scale_ptr, offs_n, ln, HAS_COL_SCALE)
-        acc = scale_rows(acc, row_scale_ptr, offs_m, lm, HAS_ROW_SCALE)
-        acc = mul_activation_grad(acc, aux_ptr, r64, offs_n, stride_xm, stride_xn, mask, ACT_GRAD)
         if ROW_MAP is not None:
             c_rows, r_rows = ROW_MAP(offs_m, c_args)
-            acc = add_residual(acc, res_ptr, r_rows, offs_n, stride_rm, stride_rn, mask, HAS_RESIDUAL)
-            if COL_MAP is not None:
-                c_cols = COL_MAP(offs_n, c_args)
-            else:
-                c_cols = offs_n
-            tl.store(c_ptr + c_rows.to(tl.int64)[:, None] * stride_cm + c_cols[None, :] * stride_cn,
-                     round_to(acc, c_ptr.dtype.element_ty), mask=mask)
         else:
-            if R_MODE == 1:  # the residual through its descriptor
-                acc = acc + r_desc.load([off_m, off_n]).to(tl.float32)
-            else:
-                acc = add_residual(acc, res_ptr, r64, offs_n, stride_rm, stride_rn, mask, HAS_RESIDUAL)
-            if GLU_GRAD:  # dH -> the packed (dg, dv) of SwiGLU's fc1 output
-                swiglu_grad_store(acc, aux_ptr, c_ptr, r64, offs_n, N, stride_xm, stride_xn, stride_cm, stride_cn,
-                                  mask)
-            elif C_MODE == 1:
-                c_desc.store([off_m, off_n], round_to(acc, c_ptr.dtype.element_ty))
-            else:
-                tl.store(c_ptr + r64[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-                         round_to(acc, c_ptr.dtype.element_ty), mask=mask)
+            c_rows = r64
+            r_rows = r64
+        _epilogue(
+            acc, off_m, off_n, pid_n, offs_m, lm, r64, c_rows, r_rows,
+            c_ptr, c_desc, r_desc, bias_ptr, col_scale_ptr, row_scale_ptr, res_ptr, pre_ptr, aux_ptr,
+            dotw_ptr, dotpart_ptr, M, N, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn,
+            stride_xm, stride_xn, stride_wm, stride_wn, c_args,
+            BLOCK_N, EPI_SPLIT, C_MODE, R_MODE, ROW_MAP, COL_MAP, HAS_BIAS, ACTIVATION, HAS_COL_SCALE,
+            HAS_ROW_SCALE, HAS_RESIDUAL, STORE_PRE, ACT_GRAD, ROW_DOT, GLU_GRAD)
         if ROW_SUM:
             if pid_n == 0:
                 tl.store(rowsum_ptr + offs_m, rsum, mask=lm)

@@ -16,7 +16,8 @@ from vitkern.ops._config import available_sms, device_arch, KernelConfig
 from vitkern.ops._triton import capturing, ensure_scratch_allocator, launch
 from vitkern.ops._index import INT32_MAX, check_int32, fits_int32
 from vitkern.ops.activation import Activation
-from vitkern.ops.gemm.configs import GemmConfig, dot_precision, plan_gemm, select_config, select_swiglu_config
+from vitkern.ops.gemm.configs import (GemmConfig, dot_precision, plan_gemm, select_config, select_swiglu_config,
+                                      wide_stand_in)
 from vitkern.ops.gemm.epilogue import Epilogue
 from vitkern.ops.gemm.kernels import _act_bwd_kernel, _gemm_kernel, _swiglu_bwd_kernel, _swiglu_gemm_kernel
 
@@ -177,16 +178,21 @@ def gemm(
         K = 1
         red_scale = row_sum_weight = None  # K-indexed, empty: the zero operands need neither
     arch = device_arch(dev if dev.type == "cuda" else None)
-    cfg = config if config is not None else select_config(M, N, K, b.dtype, arch, epilogue.kind)
+    sms = available_sms(dev if dev.type == "cuda" else None)
+    cfg = config if config is not None else select_config(M, N, K, b.dtype, arch, epilogue.kind, num_sms=sms)
     use_tma = cfg.tma and arch >= 90
+    if config is None and wide_stand_in(cfg) is not None and not (
+            a_gather is None and _operand_mode(a, use_tma) in (LOAD_TMA, LOAD_TMA_T)
+            and _operand_mode(b, use_tma) in (LOAD_TMA, LOAD_TMA_T)):
+        cfg = wide_stand_in(cfg)  # the 128 x 256 tile's registers hold with TMA loads only
 
     split_safe = epilogue.split_safe and row_map is None and prologue is None
     if split_k is not None and int(split_k) > 1 and not split_safe:
         raise ValueError("gemm: split-K needs a linear epilogue (no bias, activation, residual, pre or act_grad)")
     # the split (sized against the free SMs: VITKERN_SM_CARVEOUT), the grid, persistent or not
-    plan = plan_gemm(M, N, K, cfg, available_sms(dev if dev.type == "cuda" else None), split_safe=split_safe,
+    plan = plan_gemm(M, N, K, cfg, sms, split_safe=split_safe,
                      row_sum=row_sum, split_k=split_k)
-    num_pid_n = triton.cdiv(N, cfg.block_n)
+    num_parts_n = triton.cdiv(N, cfg.block_n) * cfg.epilogue_split  # row-dot partials: one per column slice
     split_k, per_split = plan.split_k, plan.k_tiles_per_split
 
     if split_k > 1:
@@ -196,7 +202,7 @@ def gemm(
     else:
         c, c_view, stride_cs = out, out, 0
         rs_buf = row_sums
-    dp_buf = (torch.empty((split_k, num_pid_n, M), device=dev, dtype=torch.float32)
+    dp_buf = (torch.empty((split_k, num_parts_n, M), device=dev, dtype=torch.float32)
               if epilogue.row_dot is not None else None)
 
     a, b, residual, row_dot = _int32_views(a if a_gather is None else None, b, epilogue.residual,
@@ -244,7 +250,7 @@ def gemm(
         if row_sum:
             torch.sum(rs_buf, dim=0, out=row_sums)
     if row_dot is not None:
-        torch.sum(dp_buf.view(split_k * num_pid_n, M), dim=0, out=row_dots)
+        torch.sum(dp_buf.view(split_k * num_parts_n, M), dim=0, out=row_dots)
     return out, row_sums, row_dots
 
 

@@ -225,7 +225,7 @@ def build_report(batch: int = 256, archs: Sequence[int] = (90,), workers: int = 
                 if kind == "swiglu":  # its own table; one program per tile, a 1-D grid
                     cfg = select_swiglu_config(g.M, g.N, g.K, dtype, arch)
                 else:
-                    cfg = select_config(g.M, g.N, g.K, dtype, arch, kind)
+                    cfg = select_config(g.M, g.N, g.K, dtype, arch, kind, num_sms=sms)
                 plan = plan_gemm(g.M, g.N, g.K, cfg, sms, split_safe=split_safe, row_sum=g.pass_ == "dW")
                 grid = tuple(launch.grid) + ((1,) if kind == "swiglu" else ())
                 if (meta.get("BLOCK_M"), meta.get("BLOCK_N"), meta.get("BLOCK_K")) != (
