@@ -14,11 +14,11 @@ accumulator: the steps of :mod:`vitkern.ops.gemm.epilogue`, each behind its cons
 residual), then one cast to C's dtype, in ``EPI_SPLIT`` column slices of the tile one after the
 other (:func:`_epilogue`: the accumulator halved by a register split, each slice's steps, staging
 and store ``BLOCK_N / EPI_SPLIT`` columns wide: what lets a 128 x 256 tile carry the GELU and
-fp32-residual epilogues without spilling or passing the shared-memory limit). Besides, ``ROW_SUM`` stores ``rowsum[s, m] = sum_k
-A'[m, k]`` (the bias grad; with ``ROW_SUM_WEIGHTED`` ``sum_k A'[m, k] * w[k]``, the bias term of
-drop path's row-scale grad) from the pid_n == 0 tiles, and ``A_COPY`` stores A' itself, in B's
-dtype, from the same tiles (``acopy[m, k]``): a float32 gradient read once, written once in the
-16-bit compute dtype for the backward's next GEMM on it.
+fp32-residual epilogues without spilling or passing the shared-memory limit). Besides, ``ROW_SUM``
+stores ``rowsum[s, m] = sum_k A'[m, k]`` (the bias grad; with ``ROW_SUM_WEIGHTED`` ``sum_k A'[m, k]
+* w[k]``, the bias term of drop path's row-scale grad) from the pid_n == 0 tiles, and ``A_COPY``
+stores A' itself, in B's dtype, from the same tiles (``acopy[m, k]``): a float32 gradient read
+once, written once in the 16-bit compute dtype for the backward's next GEMM on it.
 
 Loads: TMA tensor descriptors (``A_MODE`` / ``B_MODE`` 1: rows contiguous along K; 2: the operand
 is stored transposed) where the launcher found a unit inner stride and 16-byte-aligned base and
