@@ -324,6 +324,14 @@ def test_tune_covers_every_op_of_a_tiny_vit(tuned, capsys):
     assert _tuning.timer.calls == calls
 
 
+def test_tuning_key_keeps_dtype_options():
+    """An output dtype (layer_norm's out_dtype) is part of the shape class."""
+    x = torch.empty(2, 197, 64)
+    keys = {_tuning.tuning_key("layer_norm", "sm_90", (x,), {"out_dtype": d}, False)
+            for d in (None, torch.bfloat16, torch.float16)}
+    assert len(keys) == 3 and any("out_dtype=bfloat16" in k for k in keys)
+
+
 def test_tuning_key_buckets_and_options():
     a = _tuning.tuning_key("op", "sm_90", (torch.empty(2, 197, 64),), {"causal": True, "scale": 0.1}, False)
     b = _tuning.tuning_key("op", "sm_90", (torch.empty(2, 256, 64),), {"causal": True, "scale": 0.3}, False)

@@ -104,6 +104,8 @@ def _option(value) -> Optional[str]:
     # options (scale, eps) do not change which kernel runs and would split classes needlessly.
     if isinstance(value, (bool, str)) or value is None:
         return str(value)
+    if isinstance(value, torch.dtype):  # an output dtype (layer_norm's out_dtype)
+        return _dtype_name(value)
     if isinstance(value, int):
         return str(value)
     if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):

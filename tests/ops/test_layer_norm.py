@@ -352,6 +352,21 @@ def test_forward_pieces():
         assert n <= head + tail <= ln_configs._block_n(n) and (tail == 0 or head <= n)
 
 
+def test_configs_of_a_16bit_output_on_fp32_rows():
+    """fp32 rows written in 16 bits keep the entry's warps (fp32 outputs double them); a 16-bit
+    dy on fp32 rows prefetches two row blocks (the compile cases check both for spills and
+    programs per SM)."""
+    for n in (768, 1152, 1280):
+        _, fp32_out = ln_configs._fwd_config(n, F32)
+        _, bf16_out = ln_configs._fwd_config(n, F32, BF16)
+        entry = ln_configs._FWD_CONFIGS[ln_configs._row_pieces(n)[0]]
+        assert fp32_out.num_warps == 2 * entry.num_warps and bf16_out.num_warps == entry.num_warps
+        _, plain, per_sm = ln_configs._bwd_config(n, None)
+        _, narrow, narrow_per_sm = ln_configs._bwd_config(n, None, narrow_dy=True)
+        assert plain.meta["NUM_STAGES"] == 3 and narrow.meta["NUM_STAGES"] == 2 and narrow_per_sm == per_sm
+    assert ln_configs._bwd_config(3072, None, narrow_dy=True)[1].meta["NUM_STAGES"] == 1  # the 4096 entry's 1
+
+
 def test_dwdb_reduction_fills_the_sms(device, monkeypatch):
     """The dW / dB reduction spreads over >= SM count programs (column strips x row splits) and
     sums the splits' partials in a second launch: ViT-B (768, 660 partial rows) on 132 SMs runs
@@ -452,6 +467,74 @@ def test_autocast_fp32_out(device):
     torch.testing.assert_close(y2, F.layer_norm(x.to(BF16).float() + x, (384,), w, b), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference", "torch"])
+@pytest.mark.parametrize("out_dtype", [BF16, F16])
+def test_out_dtype_is_one_rounding_of_the_fp32_result(device, backend, out_dtype):
+    """``out_dtype``: ``y`` rounded once from the fp32 result, the same bits as the cast of the
+    fp32 output (what a GEMM's autocast would make of it); the backward reads the 16-bit output
+    gradient and gives the gradients of the composed cast exactly (the cast's backward only widens),
+    dX in x's dtype. Also for add_layer_norm (``s`` keeps its dtype)."""
+    x = _rand((2, T, 768), F32, device)
+    r = _rand((2, T, 768), F32, device)
+    w, b = _params(768, F32, device, "wb")
+    dy = _rand(x.shape, out_dtype, device)
+    with vitkern.use_backend(backend):
+        xs, ws, bs = _leaves([x, w, b])
+        y = vitkern.layer_norm(xs, ws, bs, 1e-6, out_dtype=out_dtype)
+        y.backward(dy)
+        xc, wc, bc = _leaves([x, w, b])
+        yc = vitkern.layer_norm(xc, wc, bc, 1e-6).to(out_dtype)
+        yc.backward(dy)
+        assert y.dtype == out_dtype and xs.grad.dtype == F32
+        assert torch.equal(y, yc)
+        for got, want in ((xs.grad, xc.grad), (ws.grad, wc.grad), (bs.grad, bc.grad)):
+            assert torch.equal(got, want)
+        xa, ra = _leaves([x.to(BF16), r])
+        y2, s2 = vitkern.add_layer_norm(xa, ra, w, b, 1e-6, out_dtype=out_dtype)
+        assert y2.dtype == out_dtype and s2.dtype == F32
+        y2c, s2c = vitkern.add_layer_norm(x.to(BF16), r, w, b, 1e-6)
+        assert torch.equal(y2, y2c.to(out_dtype)) and torch.equal(s2, s2c)
+        (y2.float().sum() + s2.sum()).backward()
+        assert xa.grad.dtype == BF16 and ra.grad.dtype == F32
+    with pytest.raises(TypeError, match="out_dtype"):
+        vitkern.layer_norm(x, w, b, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        vitkern.add_layer_norm(x, r, out_dtype="bfloat16")
+
+
+def test_pre_norm_under_autocast_writes_the_compute_dtype(device):
+    """``apply_pre_norm``: under autocast a LayerNorm feeding a GEMM writes the autocast dtype; a
+    block's outputs and every gradient are bit for bit those of the float32 norm output cast by
+    the GEMM (the path before ``out_dtype``)."""
+    from vitkern.nn import Block
+    from vitkern.nn import block as block_module
+    from vitkern.nn.layer_norm import apply_norm, apply_pre_norm
+
+    norm = vitkern.nn.LayerNorm(192, eps=1e-6)
+    x = _rand((2, 9, 192), F32, device)
+    with torch.autocast(device.type, dtype=BF16):
+        assert apply_pre_norm(norm, x).dtype == BF16 and apply_norm(norm, x).dtype == F32
+    assert apply_pre_norm(norm, x).dtype == F32  # autocast off: the norm's own dtype
+    blk = Block(192, 3, qkv_bias=True, init_values=1e-2).to(device)
+    outs, grads = [], []
+    for pre_norm in (apply_pre_norm, lambda norm, t: apply_norm(norm, t)):
+        blk.zero_grad(set_to_none=True)
+        xs = x.detach().clone().requires_grad_(True)
+        original = block_module.apply_pre_norm
+        block_module.apply_pre_norm = pre_norm
+        try:
+            with torch.autocast(device.type, dtype=BF16):
+                y = blk(xs)
+        finally:
+            block_module.apply_pre_norm = original
+        y.float().square().sum().backward()
+        outs.append(y)
+        grads.append([xs.grad] + [p.grad for p in blk.parameters()])
+    assert torch.equal(outs[0], outs[1])
+    for g0, g1 in zip(*grads):
+        assert torch.equal(g0, g1)
+
+
 def test_bad_inputs_rejected(device):
     x = torch.randn(4, 8, device=device)
     with pytest.raises(TypeError, match="dtype"):
@@ -494,6 +577,9 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.vitkern.layer_norm_fwd.default, (xg, wg, bg, 1e-5))
     torch.library.opcheck(torch.ops.vitkern.layer_norm_fwd.default, (xg, None, None, 1e-6))
     torch.library.opcheck(torch.ops.vitkern.add_layer_norm_fwd.default, (xg, r.requires_grad_(True), wg, None, 1e-5))
+    xf = _rand((2, 7, 192), F32, device).requires_grad_(True)
+    torch.library.opcheck(torch.ops.vitkern.layer_norm_fwd.default, (xf, None, None, 1e-6, BF16))
+    torch.library.opcheck(torch.ops.vitkern.add_layer_norm_fwd.default, (xg, r, wg, bg, 1e-5, F16))
     _, mean, rstd = torch.ops.vitkern.layer_norm_fwd(x, w, b, 1e-5)
     dy = _rand(x.shape, BF16, device)
     torch.library.opcheck(torch.ops.vitkern.layer_norm_bwd.default, (dy, x, w, mean, rstd, None, True, BF16, None))

@@ -39,7 +39,7 @@ from torch import nn
 from vitkern.models.registry import register_model
 from vitkern.models.vit import global_pool_nlc, GLOBAL_POOLS
 from vitkern.nn.block import DropPath, drop_path_row_scale
-from vitkern.nn.layer_norm import apply_norm
+from vitkern.nn.layer_norm import apply_norm, apply_pre_norm
 from vitkern.nn.linear import Linear, Mlp, SwiGLUPacked, swiglu_forward
 from vitkern.nn.patch_embed import PatchEmbed
 from vitkern.nn.rope import Rope2D
@@ -141,7 +141,7 @@ def eva_attention(m: nn.Module, x: torch.Tensor, rope: Optional[RopeTables] = No
         q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
         q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
         o = attention(q, k, v, **prologue).transpose(1, 2)
-    o = apply_norm(m.norm, o.reshape(B, T, -1))
+    o = apply_pre_norm(m.norm, o.reshape(B, T, -1))
     return linear(o, m.proj.weight, m.proj.bias, residual=residual, residual_scale=residual_scale,
                   row_scale=row_scale)
 
@@ -203,9 +203,9 @@ class EvaBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None) -> torch.Tensor:
-        x = self.attn(apply_norm(self.norm1, x), rope, residual=x, residual_scale=self.gamma_1,
+        x = self.attn(apply_pre_norm(self.norm1, x), rope, residual=x, residual_scale=self.gamma_1,
                       row_scale=drop_path_row_scale(self.drop_path1, x))
-        return self.mlp(apply_norm(self.norm2, x), residual=x, residual_scale=self.gamma_2,
+        return self.mlp(apply_pre_norm(self.norm2, x), residual=x, residual_scale=self.gamma_2,
                         row_scale=drop_path_row_scale(self.drop_path2, x))
 
 

@@ -19,7 +19,7 @@ from vitkern.ops.attention import (
 )
 from vitkern.ops.qk_prologue import QKNorm, check_prologue, qk_prologue
 from vitkern.ops.linear import linear
-from vitkern.nn.layer_norm import apply_norm, default_norm_layer
+from vitkern.nn.layer_norm import apply_norm, apply_pre_norm, default_norm_layer
 from vitkern.nn.linear import Linear, add_scaled_residual
 
 __all__ = ["Attention"]
@@ -168,7 +168,7 @@ class Attention(nn.Module):
             o = attention_qkvpacked(qkv, causal=is_causal, q_norm=q_norm, k_norm=k_norm, rope=rope,
                                     num_prefix_tokens=npt, key_padding_mask=key_padding_mask).reshape(B, T, C)
 
-        o = apply_norm(self.norm, o)
+        o = apply_pre_norm(self.norm, o)
         if self.training and self.proj_drop.p > 0:
             out = self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
             return add_scaled_residual(out, residual, residual_scale, row_scale)

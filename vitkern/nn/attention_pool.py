@@ -11,7 +11,7 @@ from torch import nn
 
 from vitkern.ops.attention import attention, attention_varlen
 from vitkern.ops.linear import linear
-from vitkern.nn.layer_norm import apply_norm, default_norm_layer
+from vitkern.nn.layer_norm import apply_pre_norm, default_norm_layer
 from vitkern.nn.linear import Linear, Mlp
 
 __all__ = ["AttentionPoolLatent"]
@@ -131,9 +131,9 @@ def _pool_head(self: nn.Module, o: torch.Tensor) -> torch.Tensor:
     else:
         y = linear(o, self.proj.weight, self.proj.bias)
     if isinstance(self.mlp, Mlp):  # the residual add in fc2's epilogue
-        y = self.mlp(apply_norm(self.norm, y), residual=y)
+        y = self.mlp(apply_pre_norm(self.norm, y), residual=y)
     else:  # timm's Mlp on a patched timm AttentionPoolLatent (itself patched or not)
-        y = y + self.mlp(apply_norm(self.norm, y))
+        y = y + self.mlp(apply_pre_norm(self.norm, y))
     if self.pool == "token":
         return y[:, 0]
     if self.pool == "avg":

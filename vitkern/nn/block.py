@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vitkern.nn.attention import Attention
-from vitkern.nn.layer_norm import apply_norm, default_norm_layer
+from vitkern.nn.layer_norm import apply_pre_norm, default_norm_layer
 from vitkern.nn.linear import Mlp, SwiGLUPacked
 
 __all__ = ["Block", "LayerScale", "DropPath", "drop_path_row_scale", "layer_scale_gamma"]
@@ -196,7 +196,7 @@ class Block(nn.Module):
         """``x`` (B, T, D); ``key_padding_mask`` (B, T) bool marks the valid keys of a padded
         batch. Packed sequences: ``x`` (1, total, D) with the images' ``cu_seqlens`` (their
         attention is per image, and drop path draws one sample per image)."""
-        h = apply_norm(self.norm1, x)
+        h = apply_pre_norm(self.norm1, x)
         x = self.attn(
             h,
             attn_mask,
@@ -208,7 +208,7 @@ class Block(nn.Module):
             residual_scale=layer_scale_gamma(self.ls1),
             row_scale=drop_path_row_scale(self.drop_path1, x, cu_seqlens),
         )
-        h = apply_norm(self.norm2, x)
+        h = apply_pre_norm(self.norm2, x)
         x = self.mlp(
             h,
             residual=x,

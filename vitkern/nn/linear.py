@@ -13,7 +13,7 @@ from vitkern.ops.activation import Activation, QuickGELU
 from vitkern.ops.linear import linear
 from vitkern.ops.mlp import mlp
 from vitkern.ops.swiglu import swiglu, swiglu_mlp
-from vitkern.nn.layer_norm import apply_norm
+from vitkern.nn.layer_norm import apply_pre_norm
 
 __all__ = ["Linear", "Mlp", "SwiGLUPacked", "resolve_activation", "swiglu_forward", "ACTIVATIONS"]
 
@@ -181,7 +181,7 @@ class Mlp(nn.Module):
         h = linear(x, self.fc1.weight, self.fc1.bias, activation=self.activation)
         if drop1:
             h = self.drop1(h)
-        h = apply_norm(self.norm, h)
+        h = apply_pre_norm(self.norm, h)
         if not drop2:
             return linear(
                 h,
@@ -249,7 +249,7 @@ def swiglu_forward(m: nn.Module, x, fc1_weight, fc1_bias, value_weight, value_bi
     h = swiglu(x, fc1_weight, fc1_bias, value_weight=value_weight, value_bias=value_bias)
     if drop1:
         h = m.drop1(h)
-    h = apply_norm(m.norm, h)
+    h = apply_pre_norm(m.norm, h)
     if drop2:
         out = m.drop2(linear(h, m.fc2.weight, m.fc2.bias))
         return add_scaled_residual(out, residual, residual_scale, row_scale)

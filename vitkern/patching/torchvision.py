@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vitkern.nn.layer_norm import apply_norm
+from vitkern.nn.layer_norm import apply_pre_norm
 from vitkern.nn.linear import resolve_activation
 from vitkern.ops.attention import attention_qkvpacked
 from vitkern.ops.linear import linear
@@ -45,7 +45,7 @@ def _encoder_block_forward(self, input: torch.Tensor) -> torch.Tensor:
     attention, fused_mlp, fuse_residual = self._vitkern_options
     b, t, c = input.shape
     mha = self.self_attention
-    h = apply_norm(self.ln_1, input)
+    h = apply_pre_norm(self.ln_1, input)
     if attention:
         qkv = linear(h, mha.in_proj_weight, mha.in_proj_bias).reshape(b, t, 3, mha.num_heads, c // mha.num_heads)
         o = attention_qkvpacked(qkv).reshape(b, t, c)
@@ -55,7 +55,7 @@ def _encoder_block_forward(self, input: torch.Tensor) -> torch.Tensor:
             x = linear(o, mha.out_proj.weight, mha.out_proj.bias) + input
     else:
         x = mha(h, h, h, need_weights=False)[0] + input
-    h = apply_norm(self.ln_2, x)
+    h = apply_pre_norm(self.ln_2, x)
     if not fused_mlp:
         return x + self.mlp(h)
     fc1, fc2 = self.mlp[0], self.mlp[3]

@@ -2,14 +2,16 @@
 
 Public functions (re-exported as ``vitkern.layer_norm`` / ``vitkern.add_layer_norm``):
 
-- ``layer_norm(x, weight=None, bias=None, eps=1e-5)``: ``F.layer_norm(x, (x.shape[-1],), ...)``.
-- ``add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5) -> (y, s)``: ``s = x + residual``
-  and ``y = layer_norm(s)``, for models whose residual add is not already fused into a GEMM
-  epilogue (vitkern's own ViT puts it in the proj / fc2 epilogues instead).
+- ``layer_norm(x, weight=None, bias=None, eps=1e-5, *, out_dtype=None)``: ``F.layer_norm(x,
+  (x.shape[-1],), ...)``, optionally written in another dtype (``out_dtype``: a pre-norm's output
+  in the GEMM's compute dtype under autocast, so the next GEMM reads 16 bits with no cast pass).
+- ``add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, out_dtype=None) -> (y, s)``:
+  ``s = x + residual`` and ``y = layer_norm(s)``, for models whose residual add is not already
+  fused into a GEMM epilogue (vitkern's own ViT puts it in the proj / fc2 epilogues instead).
 
 Backends are registered at the bottom of this module (``register_impl``). Every implementation is
 called with the public function's arguments after its argument checks and autocast casts:
-``impl(x, weight, bias, eps)`` and ``impl(x, residual, weight, bias, eps)``.
+``impl(x, weight, bias, eps, out_dtype)`` and ``impl(x, residual, weight, bias, eps, out_dtype)``.
 
 Numerics: statistics (mean, variance) in fp32 for fp16/bf16/fp32 inputs (fp64 for fp64 inputs of
 the references), biased variance, ``rstd = 1 / sqrt(var + eps)``, one cast on output. The add
@@ -79,6 +81,11 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"out_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {out_dtype!r}")
+
+
 def _check_affine(x: torch.Tensor, weight, bias) -> None:
     n = x.shape[-1]
     check_optional_tensor("weight", weight, shape=(n,))
@@ -90,6 +97,8 @@ def layer_norm(
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """LayerNorm over the last dimension of ``x``.
 
@@ -101,9 +110,14 @@ def layer_norm(
         bias: optional ``(N,)`` shift (beta).
         eps: non-negative number added to the variance (default 1e-5 like torch; timm's ViT uses
             1e-6, Hugging Face's 1e-12).
+        out_dtype: optional dtype of ``y`` (float32, float16 or bfloat16): the fp32 result is
+            rounded to it once, so ``layer_norm(x, out_dtype=torch.bfloat16)`` equals
+            ``layer_norm(x).to(torch.bfloat16)`` without the second pass. The gradient of ``x``
+            keeps ``x``'s dtype.
 
     Returns:
-        ``y`` with ``x``'s shape and dtype. Statistics are computed in fp32.
+        ``y`` with ``x``'s shape, in ``out_dtype`` (default ``x``'s dtype). Statistics are
+        computed in fp32.
 
     Autocast: like torch's ``layer_norm`` on CUDA, the op runs in float32 under autocast (inputs are
     cast to float32 and ``y`` is float32), on every device type. Outside autocast, ``x``, ``weight``
@@ -118,13 +132,14 @@ def layer_norm(
     check_tensor("x", x, min_ndim=1)
     _check_affine(x, weight, bias)
     eps = _check_eps(eps)
+    _check_out_dtype(out_dtype)
     device = check_same_device(x=x, weight=weight, bias=bias)
     if autocast_dtype(device) is not None:
         x, weight, bias = cast_floating(torch.float32, x, weight, bias)
     else:
         check_same_dtype(x=x, weight=weight, bias=bias)
-    impl = select_impl("layer_norm", device, x, weight, bias, eps)
-    return impl(x, weight, bias, eps)
+    impl = select_impl("layer_norm", device, x, weight, bias, eps, out_dtype=out_dtype)
+    return impl(x, weight, bias, eps, out_dtype)
 
 
 def add_layer_norm(
@@ -133,6 +148,8 @@ def add_layer_norm(
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add followed by LayerNorm: returns ``(layer_norm(x + residual), x + residual)``.
 
@@ -144,10 +161,11 @@ def add_layer_norm(
             ``x`` (float32 with a float16 / bfloat16 ``x``); otherwise the dtypes must match.
         weight, bias: optional ``(N,)`` affine parameters, in ``x``'s dtype or the sum's dtype.
         eps: non-negative number added to the variance.
+        out_dtype: optional dtype of ``y`` (float32, float16 or bfloat16; ``s`` keeps its own).
 
     Returns:
         ``(y, s)``: ``s = x + residual`` in the promoted dtype of ``x`` and ``residual``; ``y`` the
-        LayerNorm of ``s``, in ``s``'s dtype.
+        LayerNorm of ``s``, in ``out_dtype`` (default ``s``'s dtype).
 
     Autocast: like torch's ``layer_norm``, the op runs in float32 under autocast: all inputs are
     cast to float32 and both outputs are float32 (with timm's float32 residual stream this is
@@ -163,6 +181,7 @@ def add_layer_norm(
     check_tensor("residual", residual, shape=tuple(x.shape))
     _check_affine(x, weight, bias)
     eps = _check_eps(eps)
+    _check_out_dtype(out_dtype)
     device = check_same_device(x=x, residual=residual, weight=weight, bias=bias)
     if autocast_dtype(device) is not None:
         x, residual, weight, bias = cast_floating(torch.float32, x, residual, weight, bias)
@@ -180,8 +199,8 @@ def add_layer_norm(
                     f"({str(x.dtype).replace('torch.', '')}) or residual's "
                     f"({str(residual.dtype).replace('torch.', '')})"
                 )
-    impl = select_impl("add_layer_norm", device, x, residual, weight, bias, eps)
-    return impl(x, residual, weight, bias, eps)
+    impl = select_impl("add_layer_norm", device, x, residual, weight, bias, eps, out_dtype=out_dtype)
+    return impl(x, residual, weight, bias, eps, out_dtype)
 
 
 register_impl("layer_norm", "reference", layer_norm_ref)

@@ -51,6 +51,13 @@ def _layer_norm_cases():
     _compile_case((197, 16384), torch.float32, affine=False, residual=True)
     _compile_case((197, 16384), torch.bfloat16, residual=True, res_dtype=torch.float32)
     _compile_case((128 * 197, 768), torch.bfloat16, residual=True, res_dtype=torch.float32)
+    # a pre-norm under autocast: float32 rows normalised into bf16 (out_dtype), and the backward
+    # of its bf16 output gradient into the float32 stream, at ViT-B / ViT-H widths
+    for n in (384, 768, 1024, 1152, 1280, 1536, 3072):
+        x = torch.empty(128 * 197, n, dtype=torch.float32)
+        w = torch.empty(n, dtype=torch.float32)
+        _, _, mean, rstd = _layer_norm_fwd(x, None, w, w, 1e-6, torch.bfloat16)
+        _layer_norm_bwd(torch.empty(x.shape, dtype=torch.bfloat16), x, w, mean, rstd, None, True, w.dtype)
 
 
 @compile_cases(slow=True)

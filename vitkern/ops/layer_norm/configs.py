@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import Optional
+
 import torch
 
 from vitkern.ops._config import device_arch, INTERPRETING, KernelConfig
@@ -125,25 +127,35 @@ def _row_pieces(n: int) -> tuple[int, int]:
     return head, tail
 
 
-def _fwd_config(n: int, dtype: torch.dtype = torch.bfloat16) -> tuple[bool, KernelConfig]:
-    """(looped, config) of the forward kernel for width ``n`` and ``dtype`` rows. A two-piece row
-    takes its first piece's entry. For fp32 rows under 8 warps the warps double, so a thread holds
-    no more elements than in a one-piece tile: with the entry's 4 warps the fp32 rows of 1536 and
-    384 spilled 4 bytes on sm_90 under Triton 3.8. 16-bit rows keep the entry's warps: doubled,
-    768 spilled 8 bytes on sm_90 under Triton 3.6 (ptxas kept 32 registers)."""
+def _fwd_config(n: int, dtype: torch.dtype = torch.bfloat16,
+                out_dtype: Optional[torch.dtype] = None) -> tuple[bool, KernelConfig]:
+    """(looped, config) of the forward kernel for width ``n``, ``dtype`` rows and an ``out_dtype``
+    output (None: the rows' dtype). A two-piece row takes its first piece's entry. For fp32 rows
+    with an fp32 output under 8 warps the warps double, so a thread holds no more elements than in
+    a one-piece tile: with the entry's 4 warps the fp32 rows of 1536 and 384 spilled 4 bytes on
+    sm_90 under Triton 3.8. 16-bit rows keep the entry's warps: doubled, 768 spilled 8 bytes on
+    sm_90 under Triton 3.6 (ptxas kept 32 registers); so do fp32 rows written in 16 bits (a
+    pre-norm under autocast): doubled, 1280 spilled 8 bytes on sm_90 under 3.8 (40 registers); at
+    the entry's warps every width from 384 to 4096 holds at 48-72 registers on both versions."""
     if n > _MAX_FUSED_N:
         return True, _for_interpreter(_FWD_LOOPED_CONFIG)
     head, tail = _row_pieces(n)
     config = _FWD_CONFIGS[head]
-    if tail and dtype == torch.float32 and config.num_warps < 8:
+    if tail and dtype == torch.float32 and out_dtype in (None, torch.float32) and config.num_warps < 8:
         config = dataclasses.replace(config, num_warps=2 * config.num_warps)
     config = dataclasses.replace(config, meta={**config.meta, "BLOCK_N2": tail})
     return False, _for_interpreter(config)
 
 
-def _bwd_config(n: int, device=None) -> tuple[bool, KernelConfig, int]:
+def _bwd_config(n: int, device=None, narrow_dy: bool = False) -> tuple[bool, KernelConfig, int]:
     """(looped, config, programs per SM) of the backward kernel for width ``n`` on ``device``'s
-    arch (None: the current device's)."""
+    arch (None: the current device's). ``narrow_dy``: the output gradient is narrower than the
+    rows (a pre-norm's 16-bit output on a float32 stream, ``out_dtype``); its entries prefetch two
+    row blocks instead of three (``NUM_STAGES`` 3 -> 2): at three, Triton 3.6 spilled 4 bytes at
+    768 (sm_90, 72 registers) and fell to 2 blocks per SM at 1152 (94 registers, the entry runs
+    3); at two, 72-80 registers and the entry's programs per SM at 384..1536 on both versions.
+    The bytes in flight per program fall by a third (6 bytes an element where fp32 rows with an
+    fp32 gradient move 8)."""
     if n > _MAX_FUSED_N:
         config, per_sm = _BWD_LOOPED_CONFIG
         return True, _for_interpreter(config), per_sm
@@ -153,7 +165,10 @@ def _bwd_config(n: int, device=None) -> tuple[bool, KernelConfig, int]:
     # a two-piece row keeps its one-piece entry (rows per block, warps, stages, programs per SM)
     # and holds fewer elements: no more registers or shared memory per program than the entry's
     head, tail = _row_pieces(n)
-    config = dataclasses.replace(config, meta={**config.meta, "BLOCK_N": head, "BLOCK_N2": tail})
+    meta = {**config.meta, "BLOCK_N": head, "BLOCK_N2": tail}
+    if narrow_dy and meta["NUM_STAGES"] == 3:
+        meta["NUM_STAGES"] = 2
+    config = dataclasses.replace(config, meta=meta)
     return False, _for_interpreter(config), per_sm
 
 

@@ -78,11 +78,14 @@ def _layer_norm_fwd(
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     eps: float,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Forward launcher: ``(y, s, mean, rstd)``; ``s = x + residual`` (None without a residual).
 
-    ``y`` has ``s``'s dtype (``x``'s without a residual); mean / rstd are fp32 of shape
-    ``x.shape[:-1]``. Outputs are contiguous; inputs may have any strides.
+    ``y`` has ``out_dtype``, default ``s``'s dtype (``x``'s without a residual): the kernel rounds
+    the fp32 result to it once, so a float32 row normalised into bf16 equals
+    ``layer_norm(x).to(bf16)`` bit for bit. mean / rstd are fp32 of shape ``x.shape[:-1]``.
+    Outputs are contiguous; inputs may have any strides.
     """
     n = _check_launch(x, residual=residual, weight=weight, bias=bias)
     if residual is not None and residual.shape != x.shape:
@@ -97,16 +100,18 @@ def _layer_norm_fwd(
         r2 = _as_rows(residual, n)
         s = _empty(x.shape, torch.promote_types(x.dtype, residual.dtype), x.device)
         s2 = s.view(m, n)
-        y_dtype = s.dtype
+        row_dtype = s.dtype
     else:
-        r2, s, s2, y_dtype = None, None, None, x.dtype
-    y = _empty(x.shape, y_dtype, x.device)
+        r2, s, s2, row_dtype = None, None, None, x.dtype
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"layer_norm (triton): out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    y = _empty(x.shape, out_dtype or row_dtype, x.device)
     y2 = y.view(m, n)
     mean = _empty(x.shape[:-1], torch.float32, x.device)
     rstd = _empty(x.shape[:-1], torch.float32, x.device)
     if m == 0:
         return y, s, mean, rstd
-    looped, config = _fwd_config(n, y_dtype)
+    looped, config = _fwd_config(n, row_dtype, out_dtype)
     kernel = _layer_norm_fwd_looped_kernel if looped else _layer_norm_fwd_kernel
     launch(
         kernel, (triton.cdiv(m, config.meta["BLOCK_M"]),),
@@ -165,7 +170,8 @@ def _layer_norm_bwd(
             if t is not None:
                 t.zero_()
         return dx, dw, db, dx_low
-    looped, config, per_sm = _bwd_config(n, x.device if x.device.type == "cuda" else None)
+    looped, config, per_sm = _bwd_config(n, x.device if x.device.type == "cuda" else None,
+                                         narrow_dy=dy.element_size() < x.element_size())
     kernel = _layer_norm_bwd_looped_kernel if looped else _layer_norm_bwd_kernel
     sms = available_sms(x.device)
     programs = sms * per_sm

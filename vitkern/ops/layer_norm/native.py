@@ -24,9 +24,11 @@ def layer_norm_torch(
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Op ``"layer_norm"``: ``F.layer_norm(x, (N,), weight, bias, eps)``."""
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def add_layer_norm_torch(
@@ -35,9 +37,11 @@ def add_layer_norm_torch(
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Op ``"add_layer_norm"``: ``s = x + residual`` (the promoted dtype), ``(F.layer_norm(s), s)``
     with weight and bias cast to ``s``'s dtype."""
     s = x + residual
     weight, bias = cast_floating(s.dtype, weight, bias)
-    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return (y if out_dtype is None else y.to(out_dtype)), s

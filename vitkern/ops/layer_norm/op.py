@@ -2,7 +2,8 @@
 ``vitkern::layer_norm_bwd``: custom ops with fakes), their autograd, and the Triton backend's
 implementations with their ``supports`` predicate.
 
-The forward ops save (x or s, weight, mean, rstd); backward is the registered
+The forward ops take ``out_dtype`` (None: y in the rows' dtype) and save (x or s, weight, mean,
+rstd); the backward reads dy in whatever dtype y had. Backward is the registered
 ``vitkern::layer_norm_bwd``. Outputs never alias inputs and no output is Optional: the backward
 op returns empty (0,) tensors for the parameter gradients it was not asked for. The launchers are
 imported where the ops run, so that importing this module needs no Triton.
@@ -22,13 +23,13 @@ def _stats_fake(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
 
 
-def _layer_norm_fwd_fake(x, weight, bias, eps):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), _stats_fake(x), _stats_fake(x)
+def _layer_norm_fwd_fake(x, weight, bias, eps, out_dtype=None):
+    return torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device), _stats_fake(x), _stats_fake(x)
 
 
-def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps):
+def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps, out_dtype=None):
     dtype = torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype or dtype, device=x.device)
     s = torch.empty(x.shape, dtype=dtype, device=x.device)
     return y, s, _stats_fake(x), _stats_fake(x)
 
@@ -69,7 +70,7 @@ def _layer_norm_bwd_op(
 
 
 def _layer_norm_save(inputs, output):
-    x, weight, bias, _eps = inputs
+    x, weight, bias, _eps, _out_dtype = inputs
     _, mean, rstd = output
     return (x, weight, mean, rstd), (bias.dtype if bias is not None else None)
 
@@ -79,7 +80,7 @@ def _layer_norm_backward(bias_dtype, saved, grads, need):
     dy = grads[0]
     dx, dw, db, _ = torch.ops.vitkern.layer_norm_bwd(dy, x, weight, mean, rstd, None, need[1],
                                                      bias_dtype if need[2] else None, None)
-    return dx, dw, db, None
+    return dx, dw, db, None, None
 
 
 @kernel_op(
@@ -90,16 +91,17 @@ def _layer_norm_backward(bias_dtype, saved, grads, need):
     non_differentiable=(1, 2),
 )
 def _layer_norm_fwd_op(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from vitkern.ops.layer_norm import launch as _launch
 
-    y, _, mean, rstd = _launch._layer_norm_fwd(x, None, weight, bias, eps)
+    y, _, mean, rstd = _launch._layer_norm_fwd(x, None, weight, bias, eps, out_dtype)
     return y, mean, rstd
 
 
 def _add_layer_norm_save(inputs, output):
-    x, residual, weight, bias, _eps = inputs
+    x, residual, weight, bias, _eps, _out_dtype = inputs
     _, s, mean, rstd = output
     return (s, weight, mean, rstd), (x.dtype, residual.dtype, bias.dtype if bias is not None else None)
 
@@ -120,7 +122,7 @@ def _add_layer_norm_backward(state, saved, grads, need):
 
     gx = grad_in(x_dtype) if need[0] else None
     gr = grad_in(residual_dtype) if need[1] else None
-    return gx, gr, dw, db, None
+    return gx, gr, dw, db, None, None
 
 
 @kernel_op(
@@ -136,10 +138,11 @@ def _add_layer_norm_fwd_op(
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     eps: float,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from vitkern.ops.layer_norm import launch as _launch
 
-    return _launch._layer_norm_fwd(x, residual, weight, bias, eps)
+    return _launch._layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,18 +156,18 @@ def _triton_supports_width(n: int) -> Optional[str]:
     return None
 
 
-def _layer_norm_triton_supports(x, weight=None, bias=None, eps=1e-5) -> Optional[str]:
+def _layer_norm_triton_supports(x, weight=None, bias=None, eps=1e-5, out_dtype=None) -> Optional[str]:
     return _triton_supports_width(x.shape[-1])
 
 
-def _add_layer_norm_triton_supports(x, residual, weight=None, bias=None, eps=1e-5) -> Optional[str]:
+def _add_layer_norm_triton_supports(x, residual, weight=None, bias=None, eps=1e-5, out_dtype=None) -> Optional[str]:
     return _triton_supports_width(x.shape[-1])
 
 
-def _layer_norm_triton(x, weight=None, bias=None, eps=1e-5):
-    return torch.ops.vitkern.layer_norm_fwd(x, weight, bias, eps)[0]
+def _layer_norm_triton(x, weight=None, bias=None, eps=1e-5, out_dtype=None):
+    return torch.ops.vitkern.layer_norm_fwd(x, weight, bias, eps, out_dtype)[0]
 
 
-def _add_layer_norm_triton(x, residual, weight=None, bias=None, eps=1e-5):
-    y, s, _, _ = torch.ops.vitkern.add_layer_norm_fwd(x, residual, weight, bias, eps)
+def _add_layer_norm_triton(x, residual, weight=None, bias=None, eps=1e-5, out_dtype=None):
+    y, s, _, _ = torch.ops.vitkern.add_layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
     return y, s

@@ -17,9 +17,11 @@ def layer_norm_ref(
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Reference LayerNorm over the last dimension (no argument checks): ``F.layer_norm``."""
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def add_layer_norm_ref(
@@ -28,6 +30,7 @@ def add_layer_norm_ref(
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference residual add + LayerNorm (no argument checks): ``(layer_norm(x + residual), x + residual)``.
 
@@ -35,4 +38,5 @@ def add_layer_norm_ref(
     """
     s = x + residual
     weight, bias = cast_floating(s.dtype, weight, bias)
-    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return (y if out_dtype is None else y.to(out_dtype)), s
