@@ -490,3 +490,34 @@ def test_group_matcher_layer_decay_groups_as_timm(config):
     opt_ref = timm_optim.create_optimizer_v2(ref, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.65)
     opt = timm_optim.create_optimizer_v2(ours, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.65)
     assert _layer_decay_groups(ours, opt) == _layer_decay_groups(ref, opt_ref)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(global_pool="avg", fc_norm=True), dict(init_values=0.1)],
+                         ids=["final-norm", "fc-norm", "layerscale"])
+def test_deferred_residuals_match_the_plain_blocks(kw):
+    """forward_features runs the blocks with their residual adds deferred into the next norm; a
+    forward hook on a block (it must see the block's output, not an (x, pending) pair) or
+    gradient checkpointing takes the plain blocks: the same outputs and gradients."""
+    torch.manual_seed(0)
+    model = ViT(**dict(TINY, **kw))
+    images = torch.randn(2, 3, TINY["img_size"], TINY["img_size"])
+    assert model._defer_residuals()
+    deferred = model(images)
+    g = torch.randn_like(deferred)
+    deferred.backward(g)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    seen = []
+    handle = model.blocks[0].register_forward_hook(lambda m, args, out: seen.append(out))
+    assert not model._defer_residuals()
+    plain = model(images)
+    handle.remove()
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor) and seen[0].shape[-1] == TINY["embed_dim"]
+    torch.testing.assert_close(deferred, plain, atol=1e-5, rtol=1e-5)
+    plain.backward(g)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    model.set_grad_checkpointing(True)
+    assert not model._defer_residuals()
+    with torch.no_grad():
+        assert model._defer_residuals()  # checkpointing only applies with autograd on

@@ -351,6 +351,71 @@ def test_block_drop_path_training_matches_timm():
     torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=RTOL)
 
 
+def _deferred(blk, *, chained=True):
+    """A Block run through forward_deferred as a module: the stream entering with (or without) a
+    pending branch, the output materialised (the pending branch added)."""
+
+    class Deferred(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = blk
+
+        def forward(self, x):
+            if chained:  # half of the stream arrives as a pending branch, as from a previous block
+                x, pending = 0.5 * x, (0.5 * x).to(x.dtype)
+            else:
+                pending = None
+            s, b = self.blk.forward_deferred(x, pending)
+            return s + b
+
+    return Deferred()
+
+
+@pytest.mark.parametrize("chained", [False, True])
+@pytest.mark.parametrize("kwargs", [dict(), dict(init_values=0.1)], ids=["plain", "layerscale"])
+def test_block_deferred_residual_matches_timm(kwargs, chained):
+    """forward_deferred's adds in the norms (add_layer_norm) give timm's block, forward and every
+    gradient, with a pending branch from a previous block or without one."""
+    ours = Block(64, 2, qkv_bias=True, **kwargs)
+    ref = _timm_block(64, 2, **kwargs)
+    _copy(ours, ref)
+    plain = tnn.Module()
+    plain.blk = ref  # the same parameter names as the deferred wrapper's
+    _check_fwd_bwd(_deferred(ours, chained=chained), plain, torch.randn(2, 11, 64),
+                   call=lambda m, x: m(x) if m is not plain else m.blk(x))
+
+
+def test_block_deferred_drop_path_and_16bit_branch_gradients():
+    """Drop path draws the same masks as forward (and timm); under autocast the pending branch is
+    bf16 and its gradient comes back in bf16 from add_layer_norm's pass, the stream's in fp32."""
+    ours = Block(32, 2, qkv_bias=True, init_values=0.5, drop_path=0.5).train()
+    x = torch.randn(8, 5, 32)
+    torch.manual_seed(7)
+    a = ours(x)
+    torch.manual_seed(7)
+    s, b = ours.forward_deferred(x)
+    torch.testing.assert_close(s + b, a, atol=ATOL, rtol=RTOL)
+    ours.eval()
+    seen = {}
+    xs = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, b = ours.forward_deferred(xs)
+        assert s.dtype == torch.float32 and b.dtype == torch.bfloat16
+        def record(name):
+            def hook(g):
+                seen[name] = g.dtype
+            return hook
+
+        b.register_hook(record("pending"))
+        s2, b2 = ours.forward_deferred(s, b)  # the next block adds b in its norm1
+        s.register_hook(record("stream"))
+        with vitkern.use_backend("reference"):
+            ref2 = ours(ours(x))
+    (s2 + b2).float().sum().backward()
+    assert seen == {"pending": torch.bfloat16, "stream": torch.float32}
+    torch.testing.assert_close((s2 + b2).float(), ref2.float(), atol=0.05, rtol=0.02)
+
+
 def test_drop_path_row_scale_is_per_sample():
     dp = DropPath(0.25).train()
     x = torch.randn(64, 7, 4)

@@ -102,6 +102,8 @@ DEFAULT_CASES = [
     (1000, 192, 768, BF16, None, True, F32, True, True),           # fc2, ViT-Ti, M = 1000
     (197, 768, 192, BF16, "quick_gelu", True, None, False, False),  # fc1, OpenAI CLIP
     (37, 100, 64, F32, "quick_gelu", True, F32, True, True),       # fp32, with the residual epilogue
+    (394, 192, 768, BF16, None, True, None, True, True),           # proj's scaled branch, its add deferred
+    (37, 100, 64, F32, "gelu", True, None, True, False),           # LayerScale alone, no residual
 ]
 
 

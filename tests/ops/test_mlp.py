@@ -82,6 +82,7 @@ DEFAULT_CASES = [
     (197, 768, 3072, 768, BF16, "gelu", True, F32, True, True),        # ViT-B block MLP
     (197, 64, 256, 64, BF16, "quick_gelu", True, F32, True, True),     # OpenAI CLIP's block MLP
     (37, 64, 200, 48, F32, "quick_gelu", True, None, False, False),
+    (197, 192, 768, 192, BF16, "gelu", True, None, True, True),       # the scaled branch, its add deferred
 ]
 
 

@@ -247,10 +247,14 @@ def test_linear_errors(device):
         vitkern.linear(x, w, activation=F.gelu)
     with pytest.raises(ValueError, match=r"residual must have shape \(2, 5, 4\)"):
         vitkern.linear(x, w, residual=_rand(2, 5, 8, device=device))
-    with pytest.raises(ValueError, match="residual_scale was given without residual"):
-        vitkern.linear(x, w, residual_scale=_rand(4, device=device))
-    with pytest.raises(ValueError, match="row_scale was given without residual"):
-        vitkern.linear(x, w, row_scale=_rand(10, device=device))
+    # LayerScale / drop path without a residual scale the branch (its add runs later)
+    g, rs = _rand(4, device=device), _rand(10, device=device)
+    torch.testing.assert_close(vitkern.linear(x, w, residual_scale=g, row_scale=rs),
+                               F.linear(x, w) * g * rs.reshape(2, 5, 1))
+    with pytest.raises(ValueError, match="residual_scale must have shape"):
+        vitkern.linear(x, w, residual_scale=_rand(8, device=device))
+    with pytest.raises(ValueError, match=r"row_scale must have shape \(10,\)"):
+        vitkern.linear(x, w, row_scale=_rand(2, device=device))
     with pytest.raises(ValueError, match="residual_scale must have shape"):
         vitkern.linear(x, w, residual=res, residual_scale=_rand(8, device=device))
     with pytest.raises(ValueError, match=r"row_scale must have shape \(10,\)"):

@@ -87,6 +87,7 @@ CASES = [
     (50, 64, 96, 48, F32, True, False, None, False, False),    # no biases, no residual
     (1, 72, 80, 100, F32, False, True, F32, True, True),       # one row
     (97, 48, 72, 40, BF16, False, False, BF16, True, False),   # separate, no bias, 16-bit stream
+    (97, 48, 72, 40, BF16, True, True, None, True, True),      # the scaled branch, its add deferred
 ]
 
 

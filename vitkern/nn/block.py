@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vitkern.nn.attention import Attention
-from vitkern.nn.layer_norm import apply_pre_norm, default_norm_layer
+from vitkern.nn.layer_norm import add_pre_norm, apply_pre_norm, default_norm_layer
 from vitkern.nn.linear import Mlp, SwiGLUPacked
 
 __all__ = ["Block", "LayerScale", "DropPath", "drop_path_row_scale", "layer_scale_gamma"]
@@ -192,10 +192,22 @@ class Block(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
         max_seqlen: Optional[int] = None,
-    ) -> torch.Tensor:
+        pending: Optional[torch.Tensor] = None,
+        defer_residual: bool = False,
+    ):
         """``x`` (B, T, D); ``key_padding_mask`` (B, T) bool marks the valid keys of a padded
         batch. Packed sequences: ``x`` (1, total, D) with the images' ``cu_seqlens`` (their
-        attention is per image, and drop path draws one sample per image)."""
+        attention is per image, and drop path draws one sample per image).
+
+        ``pending`` (a branch of x's shape not yet added: the stream is ``x + pending``) and
+        ``defer_residual=True`` run :meth:`forward_deferred` and return its ``(x, pending)`` pair
+        (through ``__call__``, so that forward pre-hooks, FSDP's unsharding among them, run)."""
+        if defer_residual:
+            if cu_seqlens is not None:
+                raise ValueError("Block: defer_residual does not take packed sequences (cu_seqlens)")
+            return self.forward_deferred(x, pending, attn_mask, is_causal, key_padding_mask=key_padding_mask)
+        if pending is not None:
+            x = x + pending
         h = apply_pre_norm(self.norm1, x)
         x = self.attn(
             h,
@@ -216,3 +228,41 @@ class Block(nn.Module):
             row_scale=drop_path_row_scale(self.drop_path2, x, cu_seqlens),
         )
         return x
+
+    def forward_deferred(
+        self,
+        x: torch.Tensor,
+        pending: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        *,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block with each residual add deferred into the norm after it: the stream is
+        ``x + pending`` (``pending``: the previous block's MLP branch not yet added, or None), and
+        the result ``(x', pending')`` means the block's output ``x' + pending'``::
+
+            x, h = x + pending, LN1(x + pending)     add_layer_norm (one pass)
+            b = s1 * g1 * (attention(h) @ Wo^T + bo)  proj epilogue, no residual: a 16-bit branch
+            x, h = x + b, LN2(x + b)                 add_layer_norm
+            pending' = s2 * g2 * mlp(h)              fc2 epilogue, no residual
+
+        The next block's norm1 (or the model's final norm, :func:`vitkern.nn.layer_norm.add_pre_norm`)
+        adds ``pending'``. Forward bytes equal :meth:`forward`'s (the add moves from the GEMM's
+        epilogue into the norm's pass); in the backward the norm's pass also adds the stream's
+        gradient (no autograd sum of two float32 gradients) and writes it once more in the
+        branch's 16-bit dtype, which the proj / fc2 GEMMs read (half the bytes of the float32
+        stream gradient, no float32 operand in their backward). The branch is rounded to its
+        dtype before the add, as timm's blocks under autocast do."""
+        x, h = add_pre_norm(self.norm1, x, pending)
+        b = self.attn(
+            h,
+            attn_mask,
+            is_causal,
+            key_padding_mask=key_padding_mask,
+            residual_scale=layer_scale_gamma(self.ls1),
+            row_scale=drop_path_row_scale(self.drop_path1, x),
+        )
+        x, h = add_pre_norm(self.norm2, x, b)
+        b = self.mlp(h, residual_scale=layer_scale_gamma(self.ls2), row_scale=drop_path_row_scale(self.drop_path2, x))
+        return x, b

@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vitkern.ops._common import autocast_dtype
+from vitkern.ops._common import autocast_disabled, autocast_dtype
 from vitkern.ops.layer_norm import add_layer_norm, layer_norm
 
-__all__ = ["LayerNorm", "apply_norm", "apply_pre_norm", "default_norm_layer"]
+__all__ = ["LayerNorm", "add_pre_norm", "apply_norm", "apply_pre_norm", "default_norm_layer"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -93,6 +93,27 @@ def apply_pre_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     to float32 are gone (16 bytes an element per norm in a training step, 8 in inference, and two launches).
     The input gradient keeps ``x``'s dtype (the float32 residual stream)."""
     return apply_norm(norm, x, out_dtype=autocast_dtype(x.device))
+
+
+def add_pre_norm(
+    norm: nn.Module, x: torch.Tensor, pending: Optional[torch.Tensor], out_dtype: Optional[torch.dtype] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + pending, norm(x + pending))`` for a residual add deferred into the norm after it
+    (``pending``: the branch a block has not added yet; None: nothing pending). A last-dimension
+    LayerNorm runs ``add_layer_norm`` in the stream's dtype with autocast off (a 16-bit branch on
+    a float32 stream is added without a cast pass; its gradient comes back in 16 bits from the
+    same pass that writes the stream's), the normed output in ``out_dtype`` (default: under
+    autocast the autocast dtype, as :func:`apply_pre_norm`). Other norms: the add, then the norm."""
+    if out_dtype is None:
+        out_dtype = autocast_dtype(x.device)
+    if pending is None:
+        return x, apply_norm(norm, x, out_dtype=out_dtype)
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
+        with autocast_disabled(x.device):
+            h, s = add_layer_norm(pending, x, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
+        return s, h
+    s = x + pending
+    return s, apply_norm(norm, s, out_dtype=out_dtype)
 
 
 def default_norm_layer(dim: int, **dd) -> LayerNorm:

@@ -57,17 +57,14 @@ def add_scaled_residual(
     residual_scale: Optional[torch.Tensor],
     row_scale: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``residual + row_scale[:, None] * residual_scale * out`` in plain PyTorch: the unfused
-    epilogue, used only where element-wise dropout must sit between the GEMM and the residual."""
-    if residual is None:
-        if residual_scale is not None or row_scale is not None:
-            raise ValueError("residual_scale and row_scale need a residual")
-        return out
+    """``residual + row_scale[:, None] * residual_scale * out`` in plain PyTorch (without a
+    residual: the scaled ``out``): the unfused epilogue, used only where element-wise dropout must
+    sit between the GEMM and the residual."""
     if residual_scale is not None:
         out = out * residual_scale
     if row_scale is not None:
         out = (out.reshape(-1, out.shape[-1]) * row_scale.reshape(-1, 1).to(out.dtype)).reshape(out.shape)
-    return residual + out.to(residual.dtype)
+    return out if residual is None else residual + out.to(residual.dtype)
 
 
 class Linear(nn.Linear):

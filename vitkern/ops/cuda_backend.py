@@ -30,6 +30,7 @@ from vitkern.ops.activation import Activation
 
 __all__ = [
     "activation_reason",
+    "scales_reason",
     "tensor_reason",
     "cublaslt_stats",
     "cublaslt_fallbacks",
@@ -54,6 +55,13 @@ def tensor_reason(**tensors: Optional[torch.Tensor]) -> Optional[str]:
                 f"{name} has dtype {str(t.dtype).replace('torch.', '')}; the CUDA extension takes "
                 "float32, float16 and bfloat16"
             )
+    return None
+
+
+def scales_reason(residual, residual_scale, row_scale) -> Optional[str]:
+    """The extension's epilogues apply LayerScale and drop path only with a residual add."""
+    if residual is None and (residual_scale is not None or row_scale is not None):
+        return "the CUDA extension applies residual_scale / row_scale only with a residual"
     return None
 
 

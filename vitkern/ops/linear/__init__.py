@@ -69,15 +69,12 @@ def check_epilogue(
     residual_scale: Optional[torch.Tensor],
     row_scale: Optional[torch.Tensor],
 ) -> Optional[torch.Tensor]:
-    """Shape checks of the residual epilogue's arguments; returns row_scale flattened to (M,)."""
-    if residual is None:
-        if residual_scale is not None:
-            raise ValueError("residual_scale was given without residual; it scales the branch added to residual")
-        if row_scale is not None:
-            raise ValueError("row_scale was given without residual; it scales the branch added to residual")
-        return None
+    """Shape checks of the residual epilogue's arguments; returns row_scale flattened to (M,).
+    ``residual_scale`` / ``row_scale`` without ``residual`` scale the branch itself (a block whose
+    residual add runs later, in ``add_layer_norm``)."""
     out_shape = tuple(x.shape[:-1]) + (n_out,)
-    check_tensor("residual", residual, shape=out_shape)
+    if residual is not None:
+        check_tensor("residual", residual, shape=out_shape)
     check_optional_tensor("residual_scale", residual_scale, shape=(n_out,))
     if row_scale is not None:
         check_tensor("row_scale", row_scale)
@@ -125,9 +122,9 @@ def linear(
 ) -> torch.Tensor:
     """Linear layer with a fused bias / activation / LayerScale / drop-path / residual epilogue.
 
-    Without ``residual``: ``act(x @ weight.T + bias)``. With it:
     ``residual + row_scale[:, None] * residual_scale * act(x @ weight.T + bias)`` (rows over the
-    flattened leading dims; an absent scale means 1).
+    flattened leading dims; an absent scale means 1, an absent residual 0: without it the result
+    is the scaled branch, for a block whose residual add runs later, in ``add_layer_norm``).
 
     Args:
         x: ``(..., K)`` float32 / float16 / bfloat16 tensor, any leading shape and strides.
@@ -138,10 +135,9 @@ def linear(
         residual: optional ``(..., N)`` tensor (``x``'s leading shape) added to the branch. It keeps
             its own dtype, which sets the output's: the compute dtype or float32 (a float32
             residual stream with a bf16 branch gives a float32 result, as timm under autocast).
-        residual_scale: optional ``(N,)`` LayerScale gamma; needs ``residual``.
-        row_scale: optional per-row multiplier of the branch, shape ``(M,)`` with
-            ``M = x.numel() // K`` or ``x.shape[:-1]``; float32 or the compute dtype; needs
-            ``residual``.
+        residual_scale: optional ``(N,)`` LayerScale gamma.
+        row_scale: optional per-row multiplier of the branch (drop path), shape ``(M,)`` with
+            ``M = x.numel() // K`` or ``x.shape[:-1]``; float32 or the compute dtype.
 
     Returns:
         ``(..., N)`` tensor in the residual's dtype, else the compute dtype.
@@ -154,8 +150,7 @@ def linear(
     Raises:
         TypeError: a non-tensor argument, an unsupported or mismatched dtype, a bad activation type.
         ValueError: a wrong shape (the message names the argument and the expected shape), an
-            unknown activation, ``residual_scale`` / ``row_scale`` without ``residual``, tensors on
-            different devices.
+            unknown activation, tensors on different devices.
         vitkern.BackendUnavailableError: the explicitly selected backend cannot run this call.
     """
     check_tensor("x", x, min_ndim=1)

@@ -23,14 +23,14 @@ from vitkern import _extension
 from vitkern._extension import allow_tf32
 from vitkern.ops._autograd import register_autograd, requires_grad
 from vitkern.ops.activation import Activation
-from vitkern.ops.cuda_backend import activation_reason, tensor_reason
+from vitkern.ops.cuda_backend import activation_reason, scales_reason, tensor_reason
 from vitkern.ops.linear.rows import as_rows
 
 __all__ = ["linear_cuda"]
 
 
 def _linear_supports(x, weight, bias=None, *, activation=None, residual=None, residual_scale=None, row_scale=None):
-    return activation_reason(activation) or tensor_reason(
+    return activation_reason(activation) or scales_reason(residual, residual_scale, row_scale) or tensor_reason(
         x=x, weight=weight, bias=bias, residual=residual, residual_scale=residual_scale, row_scale=row_scale
     )
 

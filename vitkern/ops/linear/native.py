@@ -34,14 +34,13 @@ def residual_epilogue(
     ``x * gamma`` and ``x * random_tensor``: ``row_scale`` is cast to it); the add promotes, so a
     float32 residual with a bf16 branch gives float32. The result has the residual's dtype.
     ``row_scale`` is ``(M,)`` over the flattened leading dims (or the leading dims themselves).
+    Without a residual: the scaled branch.
     """
-    if residual is None:
-        return branch
     if residual_scale is not None:
         branch = branch * residual_scale
     if row_scale is not None:
         branch = branch * row_scale.to(branch.dtype).reshape(branch.shape[:-1] + (1,))
-    return residual + branch
+    return branch if residual is None else residual + branch
 
 
 def linear_torch(

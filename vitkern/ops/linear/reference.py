@@ -25,22 +25,23 @@ def epilogue_ref(
     residual_scale: Optional[torch.Tensor],
     row_scale: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """The GEMM epilogue after the bias: activation, then the scaled residual add.
+    """The GEMM epilogue after the bias: activation, then the scaled residual add (without a
+    residual, the scaled branch).
 
     ``y`` is the ``(..., N)`` GEMM + bias output in the compute dtype. The epilogue computes in fp32
     (fp64 for fp64) and casts once, to the residual's dtype when there is a residual, else to
     ``y``'s dtype. ``row_scale`` is ``(M,)`` over the flattened leading dims of ``y``.
     """
-    if residual is None and activation is None:
+    if residual is None and activation is None and residual_scale is None and row_scale is None:
         return y
     acc = acc_dtype(y.dtype if residual is None else torch.promote_types(y.dtype, residual.dtype))
     out = Activation.parse(activation).apply(y.to(acc))
-    if residual is None:
-        return out.to(y.dtype)
     if residual_scale is not None:
         out = out * residual_scale.to(acc)
     if row_scale is not None:
         out = out * row_scale.to(acc).reshape(y.shape[:-1] + (1,))
+    if residual is None:  # the scaled branch alone (its residual add runs later)
+        return out.to(y.dtype)
     return (residual.to(acc) + out).to(residual.dtype)
 
 

@@ -20,7 +20,7 @@ from vitkern import _extension
 from vitkern._extension import allow_tf32
 from vitkern.ops._autograd import register_autograd, requires_grad
 from vitkern.ops.activation import Activation
-from vitkern.ops.cuda_backend import activation_reason, tensor_reason
+from vitkern.ops.cuda_backend import activation_reason, scales_reason, tensor_reason
 from vitkern.ops.linear.rows import as_rows
 
 __all__ = ["mlp_cuda"]
@@ -28,7 +28,7 @@ __all__ = ["mlp_cuda"]
 
 def _mlp_supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation="gelu", residual=None,
                   residual_scale=None, row_scale=None):
-    return activation_reason(activation) or tensor_reason(
+    return activation_reason(activation) or scales_reason(residual, residual_scale, row_scale) or tensor_reason(
         x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias,
         residual=residual, residual_scale=residual_scale, row_scale=row_scale,
     )
