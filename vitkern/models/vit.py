@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkern.ops.patch_embed import resample_pos_embed
+from vitkern._backend import get_backend
 from vitkern.nn.attention_pool import AttentionPoolLatent
 from vitkern.nn.block import Block
 from vitkern.nn.layer_norm import LayerNorm, add_pre_norm, apply_norm
@@ -521,8 +522,12 @@ class ViT(nn.Module):
         (:meth:`vitkern.nn.Block.forward_deferred`): not under gradient checkpointing (one block a
         checkpoint: the plain forward), not with blocks of another class, and not where a forward
         hook would see a block's output (a deferred block returns ``(x, pending)``, not the
-        stream): a hook on a block (feature extraction, FSDP's reshard) or a global one."""
+        stream): a hook on a block (feature extraction, FSDP's reshard) or a global one; and not
+        with the "cuda" backend selected (the extension's epilogues take LayerScale and drop path
+        only with a residual add)."""
         if self.grad_checkpointing and torch.is_grad_enabled():
+            return False
+        if get_backend() == "cuda":
             return False
         if getattr(nn.modules.module, "_global_forward_hooks", None):
             return False
