@@ -412,20 +412,24 @@ def test_config_table_epilogue_kinds():
     assert Epilogue(bias=bias).kind == "bias"
     assert Epilogue(bias=bias, activation=Activation.GELU).kind == "act"
     assert Epilogue(bias=bias, residual=torch.empty(2, 8)).kind == "residual"
-    assert Epilogue(bias=bias, col_scale=bias).kind == "scale"
+    assert Epilogue(bias=bias, col_scale=bias).kind == "branch"  # a deferred block's proj / fc2
+    assert Epilogue(bias=bias, row_scale=torch.empty(2)).kind == "branch"
+    assert Epilogue(bias=bias, col_scale=bias, row_dot=torch.empty(2, 8)).kind == "scale"
+    assert Epilogue(col_scale=bias).kind == "scale"
     assert Epilogue(row_scale=torch.empty(2)).kind == "scale"
     assert Epilogue(act_grad=Activation.GELU, aux=torch.empty(2, 8)).kind == "act_grad"
     M = _VIT_B_TOKENS
     # the 128 x 256 tiles (epilogue in four slices) for the bias, GELU and residual epilogues at
     # large M on sm_90 only; the rest keep 128 x 128
-    for kind, name in (("bias", "h100_16_wide"), ("act", "h100_16_wide"), ("residual", "h100_16_wide_res")):
+    for kind, name in (("bias", "h100_16_wide"), ("act", "h100_16_wide"), ("residual", "h100_16_wide_res"),
+                       ("branch", "h100_16_wide")):
         assert _gemm.select_config(M, 2304, 768, BF16, 90, kind) == _gemm.GEMM_CONFIGS[name]
         assert _gemm.select_config(M, 2304, 768, BF16, 90, kind, num_sms=132) == _gemm.GEMM_CONFIGS[name]
     for kind in ("none", "scale", "act_grad"):
         assert _gemm.select_config(M, 2304, 768, BF16, 90, kind) == _gemm.GEMM_CONFIGS["h100_16_large"]
     assert _gemm.select_config(M, 2304, 768, BF16, 80, "bias") == _gemm.GEMM_CONFIGS["a100_16_large"]
     assert _gemm.select_config(1000, 2304, 768, BF16, 90, "bias") == _gemm.GEMM_CONFIGS["h100_16_mid"]
-    assert _gemm.config_kinds("h100_16_wide") == ("bias", "act")
+    assert _gemm.config_kinds("h100_16_wide") == ("bias", "act", "branch")
     assert _gemm.config_kinds("h100_16_wide_res") == ("residual",)
     assert _gemm.config_kinds("h100_16_large") == tuple(k for k in _gemm.EPILOGUE_KINDS if k != "glu_grad")
     assert _gemm.select_config(M, 4096, 1536, BF16, 90, "glu_grad") == _gemm.GEMM_CONFIGS["h100_16_glu_grad"]
@@ -459,6 +463,9 @@ def test_wide_tiles(device, name):
     out = poisoned((M, N), F32, device)
     _launch.gemm(a, b, out, Epilogue(bias=bias, col_scale=gamma, row_scale=rs, residual=res), config=cfg)
     assert_2x_rounding("out", out, res.double() + rs.double()[:, None] * gamma.double() * p, op="gemm")
+    out = poisoned((M, N), BF16, device)  # the "branch" kind: the scales without a residual
+    _launch.gemm(a, b, out, Epilogue(bias=bias, col_scale=gamma, row_scale=rs), config=cfg)
+    assert_2x_rounding("out", out, rs.double()[:, None] * gamma.double() * p, op="gemm")
 
 
 def test_wide_tiles_give_way_when_their_last_wave_is_worse():
@@ -582,6 +589,8 @@ def _kind_of(kw) -> str:
         return "glu_grad"
     if kw["ACT_GRAD"]:
         return "act_grad"
+    if kw["HAS_BIAS"] and not kw["ROW_DOT"] and (kw["HAS_COL_SCALE"] or kw["HAS_ROW_SCALE"]):
+        return "branch"
     if kw["HAS_COL_SCALE"] or kw["HAS_ROW_SCALE"] or kw["ROW_DOT"]:
         return "scale"
     return "bias" if kw["HAS_BIAS"] else "none"

@@ -38,6 +38,10 @@ def _config_case(kind: str, cfg, dtype) -> None:
         gemm(g.t(), x.t(), torch.empty(768, 3072, dtype=f32),
              Epilogue(row_scale=torch.empty(768, dtype=dtype), row_dot=torch.empty(768, 3072, dtype=dtype)),
              red_scale=torch.empty(8192, dtype=f32), row_sum=True, split_k=4, config=cfg)
+    elif kind == "branch":  # a deferred block's proj / fc2: bias, LayerScale, drop path, no residual
+        a, b, out = _case_tensors(4096, 768, 3072, dtype)
+        gemm(a, b, out, Epilogue(bias=torch.empty(768, dtype=dtype), col_scale=torch.empty(768, dtype=dtype),
+                                 row_scale=torch.empty(4096, dtype=f32)), config=cfg)
     elif kind == "bias":  # qkv: bias only
         a, b, out = _case_tensors(4096, 2304, 768, dtype)
         gemm(a, b, out, Epilogue(bias=torch.empty(2304, dtype=dtype)), config=cfg)
@@ -115,7 +119,7 @@ def _config_cases(kinds) -> None:
 def _gemm_cases():
     bf16, f32 = torch.bfloat16, torch.float32
     # every config with the fc1, fc2 / proj, dW, qkv and SwiGLU dH epilogues it serves
-    _config_cases(("act", "residual", "scale", "bias", "glu_grad"))
+    _config_cases(("act", "residual", "scale", "bias", "glu_grad", "branch"))
     # the MLP's dU GEMM: dPre = rs * (dY @ W2g) * gelu'(pre); ragged / unaligned shapes (K = 588,
     # N = 1000 / 100 / 21843: plain loads where TMA cannot address the rows)
     for dtype in (bf16, torch.float16):

@@ -156,10 +156,11 @@ GEMM_CONFIGS: dict[str, GemmConfig] = {
 #: The epilogue kinds the rules key on (:attr:`vitkern.ops.gemm.epilogue.Epilogue.kind`): "none"
 #: (a bare product: dX, dW without scales), "bias" (bias only: qkv), "act" (an activation, with
 #: bias / pre store: fc1), "residual" (a residual, with bias / scales: proj, fc2), "act_grad" (the
-#: MLP's dU GEMM), "scale" (row / column scales or row dots, with or without a bias, none of the
-#: above: the dW GEMMs with LayerScale or drop path), "glu_grad" (the SwiGLU MLP's dH GEMM, whose
-#: epilogue writes the packed gate / value gradient).
-EPILOGUE_KINDS = ("none", "bias", "act", "residual", "act_grad", "scale", "glu_grad")
+#: MLP's dU GEMM), "scale" (row / column scales or row dots, none of the above: the dW GEMMs
+#: with LayerScale or drop path), "glu_grad" (the SwiGLU MLP's dH GEMM, whose epilogue writes the
+#: packed gate / value gradient), "branch" (a bias with LayerScale / drop-path scales and no
+#: residual: the proj / fc2 of a block whose residual add is deferred into the next norm).
+EPILOGUE_KINDS = ("none", "bias", "act", "residual", "act_grad", "scale", "glu_grad", "branch")
 
 # The config table, keyed on (arch family, dtype class, M bucket, N bucket, K bucket, epilogue
 # kind) -> config name; "*" matches anything; the first matching rule wins. dtype class: "16"
@@ -179,6 +180,7 @@ GEMM_RULES: list[tuple[tuple[int, str, str, str, str, str], str]] = [
     ((90, "16", "l", "l", "l", "bias"), "h100_16_wide"),
     ((90, "16", "l", "l", "l", "act"), "h100_16_wide"),
     ((90, "16", "l", "l", "l", "residual"), "h100_16_wide_res"),
+    ((90, "16", "l", "l", "l", "branch"), "h100_16_wide"),
     ((90, "16", "l", "*", "*", "*"), "h100_16_large"),
     ((90, "tf32", "*", "*", "*", "*"), "h100_tf32"),
     ((90, "fp32", "*", "*", "*", "act_grad"), "h100_fp32_act_grad"),

@@ -75,8 +75,10 @@ class Epilogue:
     @property
     def kind(self) -> str:
         """The epilogue kind the config table keys on (``vitkern.ops.gemm.configs.EPILOGUE_KINDS``):
-        "residual", "act", "act_grad", "glu_grad" (the SwiGLU gradient), "bias" (bias only), "scale"
-        (row / column scales or row dots, with or without a bias) or "none"."""
+        "residual", "act", "act_grad", "glu_grad" (the SwiGLU gradient), "bias" (bias only),
+        "branch" (a bias with LayerScale / drop-path scales: the proj / fc2 of a block whose
+        residual add runs later), "scale" (row / column scales or row dots otherwise: the dW GEMMs)
+        or "none"."""
         if self.residual is not None:
             return "residual"
         if self.activation != Activation.NONE or self.pre is not None:
@@ -85,10 +87,12 @@ class Epilogue:
             return "glu_grad"
         if self.act_grad != Activation.NONE:
             return "act_grad"
-        scales = self.col_scale is not None or self.row_scale is not None or self.row_dot is not None
+        scales = self.col_scale is not None or self.row_scale is not None
+        if self.bias is not None and self.row_dot is None:
+            return "branch" if scales else "bias"
         if self.bias is not None:
-            return "scale" if scales else "bias"
-        return "scale" if scales else "none"
+            return "scale"
+        return "scale" if scales or self.row_dot is not None else "none"
 
     def constexprs(self) -> dict[str, object]:
         """The kernel's epilogue switches."""
