@@ -216,3 +216,24 @@ def test_patch_model_runs_timm_eva_attention_through_the_prologue(case):
     torch.testing.assert_close(g, torch.autograd.grad(ref(x).square().sum(), x)[0], rtol=1e-3, atol=1e-4)
     vitkern.unpatch_model(patched)
     torch.testing.assert_close(patched(x), ref(x), rtol=0, atol=0)
+
+
+def test_deferred_residuals_and_the_plain_blocks_agree():
+    """Eva.forward_features runs its blocks with the residual adds deferred into the next norm
+    (the timm comparisons above run that path); a forward hook on a block takes the plain blocks,
+    with the same output."""
+    from vitkern.nn.block import can_defer_residuals
+
+    name, kwargs = CASES["qknorm_packed_swiglu"]
+    torch.manual_seed(0)
+    ours = Eva.from_timm(_randomize(timm.create_model(name, pretrained=False, **kwargs))).eval()
+    x = torch.randn(2, 3, *ours.patch_embed.img_size)
+    assert can_defer_residuals(ours.blocks)
+    deferred = ours(x)
+    seen = []
+    handle = ours.blocks[-1].register_forward_hook(lambda m, args, out: seen.append(out))
+    assert not can_defer_residuals(ours.blocks)
+    plain = ours(x)
+    handle.remove()
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor)
+    torch.testing.assert_close(deferred, plain, rtol=1e-5, atol=1e-5)

@@ -38,8 +38,8 @@ from torch import nn
 
 from vitkern.models.registry import register_model
 from vitkern.models.vit import global_pool_nlc, GLOBAL_POOLS
-from vitkern.nn.block import DropPath, drop_path_row_scale
-from vitkern.nn.layer_norm import apply_norm, apply_pre_norm
+from vitkern.nn.block import DropPath, can_defer_residuals, drop_path_row_scale
+from vitkern.nn.layer_norm import add_final_norm, add_pre_norm, apply_norm, apply_pre_norm
 from vitkern.nn.linear import Linear, Mlp, SwiGLUPacked, swiglu_forward
 from vitkern.nn.patch_embed import PatchEmbed
 from vitkern.nn.rope import Rope2D
@@ -202,11 +202,28 @@ class EvaBlock(nn.Module):
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[RopeTables] = None, *,
+                pending: Optional[torch.Tensor] = None, defer_residual: bool = False):
+        """The block on the stream ``x`` (plus ``pending``, a branch not yet added); with
+        ``defer_residual`` :meth:`forward_deferred`'s ``(x, pending)`` pair."""
+        if defer_residual:
+            return self.forward_deferred(x, pending, rope)
+        if pending is not None:
+            x = x + pending
         x = self.attn(apply_pre_norm(self.norm1, x), rope, residual=x, residual_scale=self.gamma_1,
                       row_scale=drop_path_row_scale(self.drop_path1, x))
         return self.mlp(apply_pre_norm(self.norm2, x), residual=x, residual_scale=self.gamma_2,
                         row_scale=drop_path_row_scale(self.drop_path2, x))
+
+    def forward_deferred(self, x: torch.Tensor, pending: Optional[torch.Tensor] = None,
+                         rope: Optional[RopeTables] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block with its residual adds deferred into the norm after each (as
+        :meth:`vitkern.nn.Block.forward_deferred`): returns ``(x', pending')``, the output being
+        ``x' + pending'``."""
+        x, h = add_pre_norm(self.norm1, x, pending)
+        b = self.attn(h, rope, residual_scale=self.gamma_1, row_scale=drop_path_row_scale(self.drop_path1, x))
+        x, h = add_pre_norm(self.norm2, x, b)
+        return x, self.mlp(h, residual_scale=self.gamma_2, row_scale=drop_path_row_scale(self.drop_path2, x))
 
 
 class Eva(nn.Module):
@@ -314,9 +331,16 @@ class Eva(nn.Module):
         x = self.patch_embed(x, pos_embed=self._pos_embed(grid), prefix_tokens=prefix)
         x = apply_norm(self.norm_pre, x)
         shared = None if self.rope_mixed else self._rope_tables(0, grid)
+        if not can_defer_residuals(self.blocks):
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, self._rope_tables(i, grid) if self.rope_mixed else shared)
+            return apply_norm(self.norm, x)
+        # each block's residual adds in the norm after them (EvaBlock.forward_deferred)
+        pending = None
         for i, blk in enumerate(self.blocks):
-            x = blk(x, self._rope_tables(i, grid) if self.rope_mixed else shared)
-        return apply_norm(self.norm, x)
+            x, pending = blk(x, self._rope_tables(i, grid) if self.rope_mixed else shared, pending=pending,
+                             defer_residual=True)
+        return add_final_norm(self.norm, x, pending)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = global_pool_nlc(x, self.global_pool, self.num_prefix_tokens)

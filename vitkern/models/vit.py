@@ -21,10 +21,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitkern.ops.patch_embed import resample_pos_embed
-from vitkern._backend import get_backend
 from vitkern.nn.attention_pool import AttentionPoolLatent
-from vitkern.nn.block import Block
-from vitkern.nn.layer_norm import LayerNorm, add_pre_norm, apply_norm
+from vitkern.nn.block import Block, can_defer_residuals
+from vitkern.nn.layer_norm import LayerNorm, add_final_norm, apply_norm
 from vitkern.nn.linear import Linear, resolve_activation
 from vitkern.nn.patch_embed import PatchEmbed
 
@@ -89,12 +88,6 @@ def _trunc_normal_(t: torch.Tensor, std: float) -> None:
             t.copy_(nn.init.trunc_normal_(torch.empty_like(t, dtype=torch.float32), std=std))
         else:
             nn.init.trunc_normal_(t, std=std)
-
-
-def _norm_dtype(x: torch.Tensor) -> torch.dtype:
-    """The final norm's output dtype: as :func:`~vitkern.nn.layer_norm.apply_norm` gives it
-    (float32 under autocast, like torch's LayerNorm; else the stream's dtype)."""
-    return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 class ViT(nn.Module):
@@ -519,19 +512,8 @@ class ViT(nn.Module):
 
     def _defer_residuals(self) -> bool:
         """Whether the blocks run with their residual adds deferred into the next norm
-        (:meth:`vitkern.nn.Block.forward_deferred`): not under gradient checkpointing (one block a
-        checkpoint: the plain forward), not with blocks of another class, and not where a forward
-        hook would see a block's output (a deferred block returns ``(x, pending)``, not the
-        stream): a hook on a block (feature extraction, FSDP's reshard) or a global one; and not
-        with the "cuda" backend selected (the extension's epilogues take LayerScale and drop path
-        only with a residual add)."""
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return False
-        if get_backend() == "cuda":
-            return False
-        if getattr(nn.modules.module, "_global_forward_hooks", None):
-            return False
-        return all(isinstance(blk, Block) and not blk._forward_hooks for blk in self.blocks)
+        (:func:`vitkern.nn.block.can_defer_residuals`)."""
+        return can_defer_residuals(self.blocks, grad_checkpointing=self.grad_checkpointing)
 
     def forward_features(
         self,
@@ -550,9 +532,7 @@ class ViT(nn.Module):
         pending = None
         for blk in self.blocks:
             x, pending = blk(x, attn_mask, is_causal, pending=pending, defer_residual=True)
-        if pending is None:
-            return apply_norm(self.norm, x)
-        return add_pre_norm(self.norm, x, pending, out_dtype=_norm_dtype(x))[1]
+        return add_final_norm(self.norm, x, pending)
 
     def forward_intermediates(
         self,

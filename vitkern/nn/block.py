@@ -9,11 +9,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vitkern._backend import get_backend
 from vitkern.nn.attention import Attention
 from vitkern.nn.layer_norm import add_pre_norm, apply_pre_norm, default_norm_layer
 from vitkern.nn.linear import Mlp, SwiGLUPacked
 
-__all__ = ["Block", "LayerScale", "DropPath", "drop_path_row_scale", "layer_scale_gamma"]
+__all__ = ["Block", "LayerScale", "DropPath", "can_defer_residuals", "drop_path_row_scale", "layer_scale_gamma"]
 
 
 class LayerScale(nn.Module):
@@ -109,6 +110,21 @@ def layer_scale_gamma(ls: nn.Module) -> Optional[torch.Tensor]:
     """The ``gamma`` of a LayerScale module (vitkern's or timm's), the ``residual_scale`` of the
     fused epilogues; None for ``nn.Identity``."""
     return None if isinstance(ls, nn.Identity) else ls.gamma
+
+
+def can_defer_residuals(blocks, *, grad_checkpointing: bool = False) -> bool:
+    """Whether a model may run ``blocks`` with their residual adds deferred into the next norm
+    (each block's ``forward(..., pending=, defer_residual=True)``, :meth:`Block.forward_deferred`):
+    not under gradient checkpointing with autograd on (one block a checkpoint: the plain forward),
+    not with a block that has no ``forward_deferred``, not where a forward hook would see a
+    block's output (a deferred block returns ``(x, pending)``, not the stream: a hook on a block,
+    feature extraction or FSDP's reshard, or a global one), and not with the "cuda" backend
+    selected (the extension's epilogues take LayerScale and drop path only with a residual)."""
+    if grad_checkpointing and torch.is_grad_enabled():
+        return False
+    if get_backend() == "cuda" or getattr(nn.modules.module, "_global_forward_hooks", None):
+        return False
+    return all(callable(getattr(blk, "forward_deferred", None)) and not blk._forward_hooks for blk in blocks)
 
 
 class Block(nn.Module):

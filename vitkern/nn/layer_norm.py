@@ -11,7 +11,7 @@ from torch import nn
 from vitkern.ops._common import autocast_disabled, autocast_dtype
 from vitkern.ops.layer_norm import add_layer_norm, layer_norm
 
-__all__ = ["LayerNorm", "add_pre_norm", "apply_norm", "apply_pre_norm", "default_norm_layer"]
+__all__ = ["LayerNorm", "add_final_norm", "add_pre_norm", "apply_norm", "apply_pre_norm", "default_norm_layer"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -114,6 +114,16 @@ def add_pre_norm(
         return s, h
     s = x + pending
     return s, apply_norm(norm, s, out_dtype=out_dtype)
+
+
+def add_final_norm(norm: nn.Module, x: torch.Tensor, pending: Optional[torch.Tensor]) -> torch.Tensor:
+    """A model's last norm on the stream ``x`` plus the last block's ``pending`` branch (None:
+    none), its output in the dtype :func:`apply_norm` gives (float32 under autocast, like torch's
+    LayerNorm; else the stream's)."""
+    if pending is None:
+        return apply_norm(norm, x)
+    out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return add_pre_norm(norm, x, pending, out_dtype=out_dtype)[1]
 
 
 def default_norm_layer(dim: int, **dd) -> LayerNorm:
