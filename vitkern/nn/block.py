@@ -219,9 +219,8 @@ class Block(nn.Module):
         ``defer_residual=True`` run :meth:`forward_deferred` and return its ``(x, pending)`` pair
         (through ``__call__``, so that forward pre-hooks, FSDP's unsharding among them, run)."""
         if defer_residual:
-            if cu_seqlens is not None:
-                raise ValueError("Block: defer_residual does not take packed sequences (cu_seqlens)")
-            return self.forward_deferred(x, pending, attn_mask, is_causal, key_padding_mask=key_padding_mask)
+            return self.forward_deferred(x, pending, attn_mask, is_causal, key_padding_mask=key_padding_mask,
+                                         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if pending is not None:
             x = x + pending
         h = apply_pre_norm(self.norm1, x)
@@ -253,6 +252,8 @@ class Block(nn.Module):
         is_causal: bool = False,
         *,
         key_padding_mask: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block with each residual add deferred into the norm after it: the stream is
         ``x + pending`` (``pending``: the previous block's MLP branch not yet added, or None), and
@@ -276,9 +277,12 @@ class Block(nn.Module):
             attn_mask,
             is_causal,
             key_padding_mask=key_padding_mask,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
             residual_scale=layer_scale_gamma(self.ls1),
-            row_scale=drop_path_row_scale(self.drop_path1, x),
+            row_scale=drop_path_row_scale(self.drop_path1, x, cu_seqlens),
         )
         x, h = add_pre_norm(self.norm2, x, b)
-        b = self.mlp(h, residual_scale=layer_scale_gamma(self.ls2), row_scale=drop_path_row_scale(self.drop_path2, x))
+        b = self.mlp(h, residual_scale=layer_scale_gamma(self.ls2),
+                     row_scale=drop_path_row_scale(self.drop_path2, x, cu_seqlens))
         return x, b
