@@ -65,14 +65,16 @@ class VitGemm:
 def vit_gemms(batch: int = 256, models: Optional[Sequence[str]] = None) -> list[VitGemm]:
     """The GEMMs of each model's block, forward and backward, mirroring linear_forward /
     linear_backward (qkv, proj) and mlp_forward / mlp_backward (fc1, fc2) without LayerScale or
-    drop path."""
+    drop path, as ``vitkern.ViT`` runs them: its residual adds deferred into the next norm
+    (``Block.forward_deferred``), so proj and fc2 write a bf16 branch and their backward GEMMs
+    read the bf16 stream gradient that norm's backward writes."""
     import torch
 
     from vitkern.ops.activation import Activation
     from vitkern.ops.gemm import Epilogue
     from vitkern.ops.gemm.launch import gemm
 
-    bf16, f32 = torch.bfloat16, torch.float32
+    bf16 = torch.bfloat16
     e = torch.empty
     out: list[VitGemm] = []
     for model in models or (*VIT_MODELS, *SWIGLU_MODELS):
@@ -81,8 +83,8 @@ def vit_gemms(batch: int = 256, models: Optional[Sequence[str]] = None) -> list[
         M = batch * T
 
         def add(layer, pass_, m, n, k, fn):
-            kind = {"fwd": {"qkv": "bias", "proj": "residual", "fc1": "swiglu" if swiglu else "act",
-                            "fc2": "residual"}[layer],
+            kind = {"fwd": {"qkv": "bias", "proj": "bias", "fc1": "swiglu" if swiglu else "act",
+                            "fc2": "bias"}[layer],
                     "dX": ("glu_grad" if swiglu else "act_grad") if layer == "fc2" else "none", "dW": "none"}[pass_]
             out.append(VitGemm(model, layer, pass_, m, n, k, fn, kind))
 
@@ -95,14 +97,13 @@ def vit_gemms(batch: int = 256, models: Optional[Sequence[str]] = None) -> list[
         add("qkv", "dW", 3 * D, D, M,
             lambda M=M, D=D: gemm(e(M, 3 * D, dtype=bf16).t(), e(M, D, dtype=bf16).t(), e(3 * D, D, dtype=bf16),
                                   row_sum=True))
-        # proj: y = r + (a @ Wo^T + b), r fp32; the gradient g is fp32: the dX GEMM writes it in
-        # bf16 as it reads it (a_copy), the dW GEMM reads that copy
+        # proj: the branch a @ Wo^T + b in bf16 (its residual add runs in the next norm, whose
+        # backward writes the gradient g in bf16 too); dX = g @ Wo; dW = g^T @ a (+ db)
         add("proj", "fwd", M, D, D,
-            lambda M=M, D=D: gemm(e(M, D, dtype=bf16), e(D, D, dtype=bf16), e(M, D, dtype=f32),
-                                  Epilogue(bias=e(D, dtype=bf16), residual=e(M, D, dtype=f32))))
+            lambda M=M, D=D: gemm(e(M, D, dtype=bf16), e(D, D, dtype=bf16), e(M, D, dtype=bf16),
+                                  Epilogue(bias=e(D, dtype=bf16))))
         add("proj", "dX", M, D, D,
-            lambda M=M, D=D: gemm(e(M, D, dtype=f32), e(D, D, dtype=bf16).t(), e(M, D, dtype=bf16),
-                                  a_copy=e(M, D, dtype=bf16)))
+            lambda M=M, D=D: gemm(e(M, D, dtype=bf16), e(D, D, dtype=bf16).t(), e(M, D, dtype=bf16)))
         add("proj", "dW", D, D, M,
             lambda M=M, D=D: gemm(e(M, D, dtype=bf16).t(), e(M, D, dtype=bf16).t(), e(D, D, dtype=bf16),
                                   row_sum=True))
@@ -119,15 +120,14 @@ def vit_gemms(batch: int = 256, models: Optional[Sequence[str]] = None) -> list[
         add("fc1", "dW", H, D, M,
             lambda M=M, D=D, H=H: gemm(e(M, H, dtype=bf16).t(), e(M, D, dtype=bf16).t(), e(H, D, dtype=bf16),
                                        row_sum=True))
-        # fc2: y = r + (h @ W2^T + b2); dP = (g @ W2) * gelu'(pre) (the dU GEMM, g fp32, written in
-        # bf16 as it is read); dW2 = g^T @ h (+ db2) on that bf16 copy
+        # fc2: the branch h @ W2^T + b2 in bf16 (its add in the next norm); dP = (g @ W2) *
+        # gelu'(pre) (the dU GEMM, g bf16 from that norm's backward); dW2 = g^T @ h (+ db2)
         add("fc2", "fwd", M, D, H,
-            lambda M=M, D=D, H=H: gemm(e(M, H, dtype=bf16), e(D, H, dtype=bf16), e(M, D, dtype=f32),
-                                       Epilogue(bias=e(D, dtype=bf16), residual=e(M, D, dtype=f32))))
+            lambda M=M, D=D, H=H: gemm(e(M, H, dtype=bf16), e(D, H, dtype=bf16), e(M, D, dtype=bf16),
+                                       Epilogue(bias=e(D, dtype=bf16))))
         add("fc2", "dX", M, H, D,
-            lambda M=M, D=D, H=H: gemm(e(M, D, dtype=f32), e(D, H, dtype=bf16).t(), e(M, H, dtype=bf16),
-                                       Epilogue(act_grad=Activation.GELU, aux=e(M, H, dtype=bf16)),
-                                       a_copy=e(M, D, dtype=bf16)))
+            lambda M=M, D=D, H=H: gemm(e(M, D, dtype=bf16), e(D, H, dtype=bf16).t(), e(M, H, dtype=bf16),
+                                       Epilogue(act_grad=Activation.GELU, aux=e(M, H, dtype=bf16))))
         add("fc2", "dW", D, H, M,
             lambda M=M, D=D, H=H: gemm(e(M, D, dtype=bf16).t(), e(M, H, dtype=bf16).t(), e(D, H, dtype=bf16),
                                        row_sum=True))
@@ -141,7 +141,7 @@ def _swiglu_gemms(add, M: int, D: int, H: int) -> None:
     from vitkern.ops.gemm import Epilogue
     from vitkern.ops.gemm.launch import gemm, swiglu_gemm
 
-    bf16, f32 = torch.bfloat16, torch.float32
+    bf16 = torch.bfloat16
     e = torch.empty
 
     def fc1_fwd():
@@ -156,14 +156,14 @@ def _swiglu_gemms(add, M: int, D: int, H: int) -> None:
         lambda: gemm(e(M, 2 * H, dtype=bf16), e(2 * H, D, dtype=bf16).t(), e(M, D, dtype=bf16)))
     add("fc1", "dW", 2 * H, D, M,
         lambda: gemm(e(M, 2 * H, dtype=bf16).t(), e(M, D, dtype=bf16).t(), e(2 * H, D, dtype=bf16), row_sum=True))
-    # fc2: y = r + (h @ W2^T + b2); dH = g @ W2 with the SwiGLU-gradient epilogue writing (dg, dv)
-    # (g fp32, written in bf16 as it is read); dW2 = g^T @ h (+ db2) on that copy
+    # fc2: the branch h @ W2^T + b2 in bf16 (its add in the next norm); dH = g @ W2 (g bf16) with
+    # the SwiGLU-gradient epilogue writing (dg, dv); dW2 = g^T @ h (+ db2)
     add("fc2", "fwd", M, D, H,
-        lambda: gemm(e(M, H, dtype=bf16), e(D, H, dtype=bf16), e(M, D, dtype=f32),
-                     Epilogue(bias=e(D, dtype=bf16), residual=e(M, D, dtype=f32))))
+        lambda: gemm(e(M, H, dtype=bf16), e(D, H, dtype=bf16), e(M, D, dtype=bf16),
+                     Epilogue(bias=e(D, dtype=bf16))))
     add("fc2", "dX", M, H, D,
-        lambda: gemm(e(M, D, dtype=f32), e(D, H, dtype=bf16).t(), e(M, 2 * H, dtype=bf16),
-                     Epilogue(glu_grad=True, aux=e(M, 2 * H, dtype=bf16)), a_copy=e(M, D, dtype=bf16)))
+        lambda: gemm(e(M, D, dtype=bf16), e(D, H, dtype=bf16).t(), e(M, 2 * H, dtype=bf16),
+                     Epilogue(glu_grad=True, aux=e(M, 2 * H, dtype=bf16))))
     add("fc2", "dW", D, H, M,
         lambda: gemm(e(M, D, dtype=bf16).t(), e(M, H, dtype=bf16).t(), e(D, H, dtype=bf16), row_sum=True))
 
