@@ -179,13 +179,27 @@ def test_variant_config_table():
     from vitkern.ops.attention.prologue import PROLOGUE_MAX_WIDTH
 
     for (variant, kernel, arch, precision, masked), table in C._ATTN_VARIANT_CONFIGS.items():
-        assert variant in ("prologue", "packed")
+        assert variant in ("prologue", "packed", "dq_kernel")
         assert kernel in ("dkdv", "dq") and precision in ("16bit", "tf32", "ieee")
         assert [w for w, _ in table] == sorted(w for w, _ in table)
         for max_width, config in table:
-            assert config.archs == (arch,) and set(config.meta) == {"BLOCK_M", "BLOCK_N"}
             width = min(max_width, PROLOGUE_MAX_WIDTH) if variant == "prologue" else max_width
-            assert C._attn_config(kernel, arch, precision, width, masked, variant=variant) is config
+            got = C._attn_config(kernel, arch, precision, width, masked, variant=variant)
+            if config is None:  # these widths read the plain tables
+                assert got is C._attn_config(kernel, arch, precision, width, masked)
+                continue
+            assert config.archs == (arch,) and set(config.meta) == {"BLOCK_M", "BLOCK_N"}
+            assert got is config
+    # the dQ-kernel mode's dK/dV kernel at head width 128 on sm_90 (no atomic dQ in its loop:
+    # 64-row tiles); the atomic mode and the narrower widths keep the plain tiles
+    atomic = C._attn_bwd_plan(90, "16bit", 128, False, 1, 2, 2, 4096, 4096, 132, False)
+    separate = C._attn_bwd_plan(90, "16bit", 128, False, 1, 2, 2, 4096, 4096, 132, True)
+    assert atomic.mode == "atomic" and separate.mode == "dq_kernel"
+    assert (separate.config.meta["BLOCK_M"], separate.config.meta["BLOCK_N"]) == (64, 64)
+    assert atomic.config is C._attn_config("dkdv", 90, "16bit", 128)
+    assert separate.programs == 4096 // 64 * 2
+    narrow = C._attn_bwd_plan(90, "16bit", 64, False, 1, 2, 2, 4096, 4096, 132, True)
+    assert narrow.config is C._attn_config("dkdv", 90, "16bit", 64)
     plain = C._attn_bwd_plan(90, "16bit", 64, True, 2, 4, 2, 197, 197, 132, False)
     fused = C._attn_bwd_plan(90, "16bit", 64, True, 2, 4, 2, 197, 197, 132, False, variant="prologue")
     assert fused.mode == "dq_kernel" and plain.config is not fused.config

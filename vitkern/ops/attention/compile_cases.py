@@ -123,6 +123,10 @@ def _attention_compile_cases():
     _case_run(torch.bfloat16, 2, 16, 16, 257, 257, 80, packed=True)
     _case_run(torch.bfloat16, 2, 16, 16, 729, 729, 72, packed=True)
     _case_run(torch.bfloat16, 1, 2, 2, 4096, 4096, 128)
+    # its deterministic backward (the dQ-kernel mode's 64 x 64 dK/dV tile), with causal + key
+    # padding + GQA
+    _case_run(torch.bfloat16, 1, 2, 2, 4096, 4096, 128, deterministic=True)
+    _case_run(torch.float16, 2, 4, 2, 300, 300, 128, causal=True, bias=True, deterministic=True)
     # the long-sequence forward tile at head dim 64 (the short bucket's tile is the one above)
     _case_run(torch.bfloat16, 1, 2, 2, 2100, 2100, 64, backward=False)
     # sm_90's pointer-load forward (tensors a TMA descriptor cannot address: a view off 16 bytes)

@@ -154,7 +154,7 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
 #   (prologue.py). The fused prologue takes padded widths up to 96 (prologue.PROLOGUE_MAX_WIDTH),
 #   so these stop there. Figures: Triton 3.8, LayerNorm + RoPE.
 # - "packed": the kernels of packed sequences (the sequence search, per-sequence bounds).
-_ATTN_VARIANT_CONFIGS: dict[tuple[str, str, int, str, bool], tuple[tuple[int, KernelConfig], ...]] = {
+_ATTN_VARIANT_CONFIGS: dict[tuple[str, str, int, str, bool], tuple[tuple[int, Optional[KernelConfig]], ...]] = {
     # 64 (56 = 64 with 8 masked, causal): 32 x 64 with 4 warps spilled 120 bytes (255 registers)
     ("prologue", "dkdv", 90, "16bit", True): ((64, _attn_cfg(90, 16, 64, 8, 2)),),
     # 64 (56): 128 x 64 spilled 28 bytes (255 registers)
@@ -169,6 +169,11 @@ _ATTN_VARIANT_CONFIGS: dict[tuple[str, str, int, str, bool], tuple[tuple[int, Ke
     # 3.6: 64 (causal, GQA, atomic dQ, the on-device sequence search) spilled 8 bytes at 255
     # registers with 2 stages; 1 stage: 193 registers, 2 blocks per SM (3.8 holds 2 stages)
     ("packed", "dkdv", 90, "16bit", False): ((64, _attn_cfg(90, 32, 64, 4, 1 if TRITON_36 else 2)),),
+    # The dK/dV kernel of the dQ-kernel mode (no atomic dQ in its loop) at 128: 64 x 64 with 8
+    # warps (every dot an m64 wgmma, where the atomic kernel's 32 x 64 runs m64n32): 200..222
+    # registers under 3.6 and 3.8 with causal, key padding and GQA (with atomic dQ it spilled
+    # 12 / 24 bytes there; 64 x 128: 20-344 bytes; 64 x 64 at 2 stages: 148 bytes under 3.6)
+    ("dq_kernel", "dkdv", 90, "16bit", False): ((96, None), (128, _attn_cfg(90, 64, 64, 8, 1))),
 }
 
 
@@ -356,7 +361,8 @@ def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: i
 
     ``variant``: "prologue" (the kernels run the QK-norm / RoPE inverse in their epilogues, always
     in the dQ kernel's mode) or "packed" (packed sequences), whose registers some tiles need
-    (:data:`_ATTN_VARIANT_CONFIGS`)."""
+    (:data:`_ATTN_VARIANT_CONFIGS`). Without one, the dQ-kernel mode's dK/dV kernel reads the
+    "dq_kernel" variant's tiles (no atomic dQ in its loop: 64 x 64 at head width 128 on sm_90)."""
     if mode is not None and mode not in ATTN_BWD_MODES:
         raise ValueError(f"backward mode {mode!r}: expected one of {ATTN_BWD_MODES}")
     config = _attn_config("dkdv", arch, precision, width, masked, variant=variant)
@@ -373,6 +379,8 @@ def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: i
         return AttnBwdPlan("fused", _attn_config("fused", arch, precision, width, masked), None, programs)
     if mode == "atomic" and masked:
         raise ValueError(f"backward mode 'atomic' takes head dims without a masked tail (padded width {width})")
+    if mode == "dq_kernel":  # without the atomic dQ epilogue some widths take wider dK/dV tiles
+        config = _attn_config("dkdv", arch, precision, width, masked, variant=variant or "dq_kernel")
     programs = -(-tk // config.meta["BLOCK_N"]) * pairs
     dq_config = _attn_config("dq", arch, precision, width, masked, variant=variant) if mode == "dq_kernel" else None
     return AttnBwdPlan(mode, config, dq_config, programs)
@@ -410,7 +418,9 @@ def _attn_config(kernel: str, arch: int, precision: str, width: int, masked: boo
     if variant is not None:
         for max_width, config in _ATTN_VARIANT_CONFIGS.get((variant,) + key + (masked,), ()):
             if width <= max_width:
-                return config
+                if config is not None:  # None: the widths up to max_width read the plain tables
+                    return config
+                break
     table = _ATTN_MASKED_CONFIGS[key] if masked and key in _ATTN_MASKED_CONFIGS else _ATTN_CONFIGS[key]
     for max_width, config in table:
         if width <= max_width:
