@@ -519,6 +519,12 @@ def test_deferred_residuals_match_the_plain_blocks(kw):
         torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
     with vitkern.use_backend("cuda"):  # its epilogues scale a branch only with a residual
         assert not model._defer_residuals()
+    inputs = []  # a pre-hook must see the whole stream, not its part without the pending branch
+    handle = model.blocks[1].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    assert not model._defer_residuals()
+    torch.testing.assert_close(model(images), plain, atol=1e-5, rtol=1e-5)
+    handle.remove()
+    assert len(inputs) == 1 and model._defer_residuals()
     model.set_grad_checkpointing(True)
     assert not model._defer_residuals()
     with torch.no_grad():

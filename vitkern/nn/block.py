@@ -116,15 +116,20 @@ def can_defer_residuals(blocks, *, grad_checkpointing: bool = False) -> bool:
     """Whether a model may run ``blocks`` with their residual adds deferred into the next norm
     (each block's ``forward(..., pending=, defer_residual=True)``, :meth:`Block.forward_deferred`):
     not under gradient checkpointing with autograd on (one block a checkpoint: the plain forward),
-    not with a block that has no ``forward_deferred``, not where a forward hook would see a
-    block's output (a deferred block returns ``(x, pending)``, not the stream: a hook on a block,
-    feature extraction or FSDP's reshard, or a global one), and not with the "cuda" backend
-    selected (the extension's epilogues take LayerScale and drop path only with a residual)."""
+    not with a block that has no ``forward_deferred``, not where a hook would see a block's
+    input or output (a deferred block takes the stream as ``(x, pending)`` and returns such a
+    pair: a forward or forward pre-hook on a block, feature extraction or FSDP's unshard /
+    reshard, or a global one), and not with the "cuda" backend selected (the extension's
+    epilogues take LayerScale and drop path only with a residual)."""
     if grad_checkpointing and torch.is_grad_enabled():
         return False
-    if get_backend() == "cuda" or getattr(nn.modules.module, "_global_forward_hooks", None):
+    if get_backend() == "cuda":
         return False
-    return all(callable(getattr(blk, "forward_deferred", None)) and not blk._forward_hooks for blk in blocks)
+    module = nn.modules.module
+    if getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None):
+        return False
+    return all(callable(getattr(blk, "forward_deferred", None)) and not blk._forward_hooks
+               and not blk._forward_pre_hooks for blk in blocks)
 
 
 class Block(nn.Module):
@@ -217,7 +222,7 @@ class Block(nn.Module):
 
         ``pending`` (a branch of x's shape not yet added: the stream is ``x + pending``) and
         ``defer_residual=True`` run :meth:`forward_deferred` and return its ``(x, pending)`` pair
-        (through ``__call__``, so that forward pre-hooks, FSDP's unsharding among them, run)."""
+        (models call it so only where :func:`can_defer_residuals` finds no hook to see it)."""
         if defer_residual:
             return self.forward_deferred(x, pending, attn_mask, is_causal, key_padding_mask=key_padding_mask,
                                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
