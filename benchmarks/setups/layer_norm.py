@@ -29,25 +29,32 @@ def norm_params(d, dtype, device):
     return w, bias
 
 
-def build(shape, dtype, device):
+def layer_norm_case(shape, dtype, device, out_dtype=None) -> Case:
+    """LayerNorm of ``dtype`` rows; with ``out_dtype`` its output written in that dtype (vitkern's
+    ``out_dtype``, against torch's ``F.layer_norm(x).to(out_dtype)``)."""
     b, t, d = shape["batch"], shape["tokens"], shape["dim"]
     x = randn((b, t, d), dtype, device, requires_grad=True)
     w, bias = norm_params(d, dtype, device)
 
     def torch_fn(x, w, bias):
-        return F.layer_norm(x, (d,), w, bias, EPS)
+        y = F.layer_norm(x, (d,), w, bias, EPS)
+        return y if out_dtype is None else y.to(out_dtype)
 
     def vitkern_fn(vk):
-        return lambda x, w, bias: vk.layer_norm(x, w, bias, eps=EPS)
+        return lambda x, w, bias: vk.layer_norm(x, w, bias, eps=EPS, out_dtype=out_dtype)
 
     return Case(
         args=(x, w, bias),
         torch_fn=torch_fn,
         vitkern_fn=vitkern_fn,
-        cost=layer_norm_cost(b * t, d, dtype),
+        cost=layer_norm_cost(b * t, d, dtype, out_dtype=out_dtype),
         grad_inputs=(x, w, bias),
-        torch_label="F.layer_norm",
+        torch_label="F.layer_norm" if out_dtype is None else "F.layer_norm(x).to(dtype)",
     )
+
+
+def build(shape, dtype, device):
+    return layer_norm_case(shape, dtype, device)
 
 
 SETUP = Setup(

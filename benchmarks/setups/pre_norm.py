@@ -10,32 +10,13 @@ the two are the plain LayerNorm.
 """
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks.flops import layer_norm_cost
-from benchmarks.setups import Case, Setup, randn
-from benchmarks.setups.layer_norm import CPU_SHAPES, EPS, GPU_SHAPES, norm_params
+from benchmarks.setups import Setup
+from benchmarks.setups.layer_norm import CPU_SHAPES, GPU_SHAPES, layer_norm_case
 
 
 def build(shape, dtype, device):
-    b, t, d = shape["batch"], shape["tokens"], shape["dim"]
-    x = randn((b, t, d), torch.float32, device, requires_grad=True)
-    w, bias = norm_params(d, torch.float32, device)
-
-    def torch_fn(x, w, bias):
-        return F.layer_norm(x, (d,), w, bias, EPS).to(dtype)
-
-    def vitkern_fn(vk):
-        return lambda x, w, bias: vk.layer_norm(x, w, bias, eps=EPS, out_dtype=dtype)
-
-    return Case(
-        args=(x, w, bias),
-        torch_fn=torch_fn,
-        vitkern_fn=vitkern_fn,
-        cost=layer_norm_cost(b * t, d, torch.float32, out_dtype=dtype),
-        grad_inputs=(x, w, bias),
-        torch_label="F.layer_norm(x).to(dtype)",
-    )
+    return layer_norm_case(shape, torch.float32, device, out_dtype=dtype)
 
 
 SETUP = Setup(

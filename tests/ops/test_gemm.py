@@ -25,9 +25,14 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 def test_every_config_fused_epilogue(device, name):
     """Each config, ragged M / N / K, bias + GELU + pre-activation store; and the residual
     epilogue with LayerScale, row scale and a float32 residual."""
-    cfg = _gemm.GEMM_CONFIGS[name]
     dtype = F32 if ("tf32" in name or "fp32" in name) else BF16
-    M, N, K = 150, 136, 200
+    _check_fused_epilogues(_gemm.GEMM_CONFIGS[name], dtype, device, 150, 136, 200)
+
+
+def _check_fused_epilogues(cfg, dtype, device, M, N, K):
+    """``cfg`` with bias + GELU + pre store and with the float32 residual under LayerScale and a
+    row scale, against float64; returns ``(a, b, bias, p, gamma, rs)`` (``p`` the biased
+    product) for further epilogues."""
     a = torch.randn(M, K, device=device).to(dtype)
     b = (torch.randn(N, K, device=device) * K ** -0.5).to(dtype)
     bias = torch.randn(N, device=device).to(dtype)
@@ -41,6 +46,7 @@ def test_every_config_fused_epilogue(device, name):
     out = poisoned((M, N), F32, device)
     _launch.gemm(a, b, out, Epilogue(bias=bias, col_scale=gamma, row_scale=rs, residual=res), config=cfg)
     assert_2x_rounding("out", out, res.double() + rs.double()[:, None] * gamma.double() * p, op="gemm")
+    return a, b, bias, p, gamma, rs
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16, F32])
@@ -446,23 +452,11 @@ def test_wide_tiles(device, name):
     with LayerScale and drop path."""
     cfg = _gemm.GEMM_CONFIGS[name]
     assert cfg.block_n == 256 and cfg.epilogue_split == 4
-    M, N, K = 150, 300, 200
-    a = torch.randn(M, K, device=device).to(BF16)
-    b = (torch.randn(N, K, device=device) * K ** -0.5).to(BF16)
-    bias = torch.randn(N, device=device).to(BF16)
-    p = a.double() @ b.double().T + bias.double()
+    M, N = 150, 300
+    a, b, bias, p, gamma, rs = _check_fused_epilogues(cfg, BF16, device, M, N, 200)
     out = poisoned((M, N), BF16, device)
     _launch.gemm(a, b, out, Epilogue(bias=bias), config=cfg)
     assert_2x_rounding("out", out, p, op="gemm")
-    out, pre = poisoned((M, N), BF16, device), poisoned((M, N), BF16, device)
-    _launch.gemm(a, b, out, Epilogue(bias=bias, activation=Activation.GELU, pre=pre), config=cfg)
-    assert_2x_rounding("pre", pre, p, op="gemm")
-    assert_2x_rounding("out", out, torch.nn.functional.gelu(p), op="gemm")
-    res = torch.randn(M, N, device=device)
-    gamma, rs = torch.rand(N, device=device).to(BF16), torch.rand(M, device=device)
-    out = poisoned((M, N), F32, device)
-    _launch.gemm(a, b, out, Epilogue(bias=bias, col_scale=gamma, row_scale=rs, residual=res), config=cfg)
-    assert_2x_rounding("out", out, res.double() + rs.double()[:, None] * gamma.double() * p, op="gemm")
     out = poisoned((M, N), BF16, device)  # the "branch" kind: the scales without a residual
     _launch.gemm(a, b, out, Epilogue(bias=bias, col_scale=gamma, row_scale=rs), config=cfg)
     assert_2x_rounding("out", out, rs.double()[:, None] * gamma.double() * p, op="gemm")

@@ -38,8 +38,8 @@ from torch import nn
 
 from vitkern.models.registry import register_model
 from vitkern.models.vit import global_pool_nlc, GLOBAL_POOLS
-from vitkern.nn.block import DropPath, can_defer_residuals, drop_path_row_scale
-from vitkern.nn.layer_norm import add_final_norm, add_pre_norm, apply_norm, apply_pre_norm
+from vitkern.nn.block import DropPath, drop_path_row_scale, run_blocks
+from vitkern.nn.layer_norm import add_pre_norm, apply_norm, apply_pre_norm
 from vitkern.nn.linear import Linear, Mlp, SwiGLUPacked, swiglu_forward
 from vitkern.nn.patch_embed import PatchEmbed
 from vitkern.nn.rope import Rope2D
@@ -331,16 +331,9 @@ class Eva(nn.Module):
         x = self.patch_embed(x, pos_embed=self._pos_embed(grid), prefix_tokens=prefix)
         x = apply_norm(self.norm_pre, x)
         shared = None if self.rope_mixed else self._rope_tables(0, grid)
-        if not can_defer_residuals(self.blocks):
-            for i, blk in enumerate(self.blocks):
-                x = blk(x, self._rope_tables(i, grid) if self.rope_mixed else shared)
-            return apply_norm(self.norm, x)
-        # each block's residual adds in the norm after them (EvaBlock.forward_deferred)
-        pending = None
-        for i, blk in enumerate(self.blocks):
-            x, pending = blk(x, self._rope_tables(i, grid) if self.rope_mixed else shared, pending=pending,
-                             defer_residual=True)
-        return add_final_norm(self.norm, x, pending)
+        # each block's residual adds in the norm after them where allowed (EvaBlock.forward_deferred)
+        return run_blocks(self.blocks, x, self.norm,
+                          block_args=lambda i: (self._rope_tables(i, grid) if self.rope_mixed else shared,))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = global_pool_nlc(x, self.global_pool, self.num_prefix_tokens)

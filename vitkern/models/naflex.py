@@ -38,8 +38,8 @@ from torch import nn
 
 from vitkern.models.vit import GLOBAL_POOLS, global_pool_nlc
 from vitkern.nn.attention_pool import AttentionPoolLatent
-from vitkern.nn.block import Block, can_defer_residuals
-from vitkern.nn.layer_norm import LayerNorm, add_final_norm, apply_norm
+from vitkern.nn.block import Block, run_blocks
+from vitkern.nn.layer_norm import LayerNorm, apply_norm
 from vitkern.nn.linear import Linear, resolve_activation
 
 from vitkern.ops.linear import linear
@@ -537,7 +537,7 @@ class NaFlexViT(nn.Module):
                 raise ValueError(f"NaFlexViT: patch_valid must be {(x.shape[0], x.shape[1] - self.num_prefix_tokens)},"
                                  f" got {tuple(patch_valid.shape)}")
             key_padding_mask = F.pad(patch_valid.bool(), (self.num_prefix_tokens, 0), value=True)
-        x = self._blocks(x, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+        x = run_blocks(self.blocks, x, self.norm, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
         if patch_coord is not None:
             return {"patches": x, "patch_valid": patch_valid}
         return x
@@ -594,18 +594,6 @@ class NaFlexViT(nn.Module):
     # Packed batches
     # ------------------------------------------------------------------------------------------
 
-    def _blocks(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        """The blocks and the final norm on ``x``, with each residual add deferred into the norm
-        after it where :func:`vitkern.nn.block.can_defer_residuals` allows."""
-        if not can_defer_residuals(self.blocks):
-            for blk in self.blocks:
-                x = blk(x, **kwargs)
-            return apply_norm(self.norm, x)
-        pending = None
-        for blk in self.blocks:
-            x, pending = blk(x, pending=pending, defer_residual=True, **kwargs)
-        return add_final_norm(self.norm, x, pending)
-
     def forward_features_packed(self, packed: PackedBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(tokens (total, D) after the final norm, cu_seqlens)`` of a :class:`PackedBatch`:
         each image's prefix tokens then patches; attention per image (one varlen call a block)."""
@@ -614,7 +602,7 @@ class NaFlexViT(nn.Module):
         x, cu = self.embeds.forward_packed(packed)
         x = apply_norm(self.norm_pre, x)[None]
         max_seqlen = packed.max_seqlen + self.num_prefix_tokens
-        return self._blocks(x, cu_seqlens=cu, max_seqlen=max_seqlen)[0], cu
+        return run_blocks(self.blocks, x, self.norm, cu_seqlens=cu, max_seqlen=max_seqlen)[0], cu
 
     def forward_packed(self, packed: PackedBatch, pre_logits: bool = False) -> torch.Tensor:
         """Logits ``(num_images, num_classes)`` (pooled features with ``pre_logits``) of a

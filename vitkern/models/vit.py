@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from vitkern.ops.patch_embed import resample_pos_embed
 from vitkern.nn.attention_pool import AttentionPoolLatent
-from vitkern.nn.block import Block, can_defer_residuals
-from vitkern.nn.layer_norm import LayerNorm, add_final_norm, apply_norm
+from vitkern.nn.block import Block, can_defer_residuals, run_blocks
+from vitkern.nn.layer_norm import LayerNorm, apply_norm
 from vitkern.nn.linear import Linear, resolve_activation
 from vitkern.nn.patch_embed import PatchEmbed
 
@@ -523,16 +523,9 @@ class ViT(nn.Module):
     ) -> torch.Tensor:
         """All tokens (B, K + N, D) after the blocks and the final norm. Each block's residual adds
         run in the norm after them (:meth:`vitkern.nn.Block.forward_deferred`, the last one in the
-        final norm), unless :meth:`_defer_residuals` says no."""
-        x = self.embed(x)
-        if not self._defer_residuals():
-            for blk in self.blocks:
-                x = self._block(blk, x, attn_mask, is_causal)
-            return apply_norm(self.norm, x)
-        pending = None
-        for blk in self.blocks:
-            x, pending = blk(x, attn_mask, is_causal, pending=pending, defer_residual=True)
-        return add_final_norm(self.norm, x, pending)
+        final norm), unless :meth:`_defer_residuals` says no (:func:`vitkern.nn.block.run_blocks`)."""
+        return run_blocks(self.blocks, self.embed(x), self.norm, block_args=lambda i: (attn_mask, is_causal),
+                          plain_call=self._block, grad_checkpointing=self.grad_checkpointing)
 
     def forward_intermediates(
         self,

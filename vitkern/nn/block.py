@@ -4,17 +4,18 @@ path riding in the proj and fc2 GEMM epilogues."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from vitkern._backend import get_backend
 from vitkern.nn.attention import Attention
-from vitkern.nn.layer_norm import add_pre_norm, apply_pre_norm, default_norm_layer
+from vitkern.nn.layer_norm import add_final_norm, add_pre_norm, apply_norm, apply_pre_norm, default_norm_layer
 from vitkern.nn.linear import Mlp, SwiGLUPacked
 
-__all__ = ["Block", "LayerScale", "DropPath", "can_defer_residuals", "drop_path_row_scale", "layer_scale_gamma"]
+__all__ = ["Block", "LayerScale", "DropPath", "can_defer_residuals", "drop_path_row_scale", "layer_scale_gamma",
+           "run_blocks"]
 
 
 class LayerScale(nn.Module):
@@ -130,6 +131,25 @@ def can_defer_residuals(blocks, *, grad_checkpointing: bool = False) -> bool:
         return False
     return all(callable(getattr(blk, "forward_deferred", None)) and not blk._forward_hooks
                and not blk._forward_pre_hooks for blk in blocks)
+
+
+def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module, *, block_args: Optional[Callable] = None,
+               plain_call: Optional[Callable] = None, grad_checkpointing: bool = False, **kwargs) -> torch.Tensor:
+    """A model's blocks on the stream ``x``, then ``final_norm``: with each residual add deferred
+    into the next norm (the last one into ``final_norm``) where :func:`can_defer_residuals`
+    allows, else the plain blocks. Block ``i`` gets ``x``, ``block_args(i)`` (default none) and
+    ``kwargs``; ``plain_call(blk, x, *args, **kwargs)`` runs a plain block (default: calling it;
+    a model's gradient-checkpointing wrapper)."""
+    args = block_args or (lambda i: ())
+    if not can_defer_residuals(blocks, grad_checkpointing=grad_checkpointing):
+        call = plain_call or (lambda blk, *a, **kw: blk(*a, **kw))
+        for i, blk in enumerate(blocks):
+            x = call(blk, x, *args(i), **kwargs)
+        return apply_norm(final_norm, x)
+    pending = None
+    for i, blk in enumerate(blocks):
+        x, pending = blk(x, *args(i), pending=pending, defer_residual=True, **kwargs)
+    return add_final_norm(final_norm, x, pending)
 
 
 class Block(nn.Module):
