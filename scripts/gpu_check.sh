@@ -150,7 +150,7 @@ PY
 # 3b. Smoke stage: every public op forward and backward on the GPU at one ViT-B/16 shape, bf16 and
 #     fp32, each backend; a worker-thread backward; a second device when there is one. A failure
 #     here is reported at the end; the long steps still run.
-TAIL_LINES=70 run_step smoke 100 300 "$python" scripts/gpu_smoke.py --json "$out/smoke.json"
+TAIL_LINES=70 run_step smoke 130 300 "$python" scripts/gpu_smoke.py --json "$out/smoke.json"
 
 if ! "$python" -c "import pytest" 2>/dev/null; then
   echo "gpu_check: pytest is not installed: the test steps will fail"

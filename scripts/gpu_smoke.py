@@ -35,21 +35,27 @@ B, T, D, H, P, IMG = 4, 197, 768, 12, 16, 224
 
 # The backends each op has ("auto" first: its first call of each shape class times the fast
 # backends on the GPU; the reference and torch are every op's; cuda only where the extension
-# has it; resample_pos_embed is a reference-only helper).
+# has it; resample_pos_embed is a reference-only helper; the variants of an op, such as pre_norm,
+# skip the reference row: the op's own row has run it).
 BACKENDS = {
     "layer_norm": ("auto", "triton", "torch", "reference"),
+    "pre_norm": ("auto", "triton", "torch"),
     "add_layer_norm": ("auto", "triton", "torch", "reference"),
+    "add_pre_norm": ("auto", "triton", "torch"),
     "attention": ("auto", "triton", "torch", "reference"),
     "attention_qkvpacked": ("auto", "triton", "torch", "reference"),
+    "attention_prologue": ("auto", "triton", "torch"),
     "attention_varlen": ("auto", "triton", "torch", "reference"),
     "attention_qkvpacked_varlen": ("auto", "triton", "torch", "reference"),
     "scaled_dot_product_attention": ("auto", "triton", "torch", "reference"),
     "linear": ("auto", "triton", "cuda", "torch", "reference"),
+    "linear_branch": ("auto", "triton", "torch"),
     "mlp": ("auto", "triton", "cuda", "torch", "reference"),
     "swiglu": ("auto", "triton", "torch", "reference"),
     "swiglu_mlp": ("auto", "triton", "torch", "reference"),
     "patch_embed": ("auto", "triton", "cuda", "torch", "reference"),
     "resample_pos_embed": ("reference",),
+    "resample_pos_embed_packed": ("auto", "triton", "torch"),
 }
 
 
@@ -76,11 +82,35 @@ def _cases(device) -> dict[str, Callable]:
             return y.float() + s.float()
         return fn, [r(B, T, D, dtype=dt), r(B, T, D, dtype=torch.float32), r(D, dtype=dt), r(D, dtype=dt)]
 
+    def pre_norm(dt):  # a pre-norm: the float32 stream normed straight into the compute dtype
+        return (
+            lambda x, w, b: vitkern.layer_norm(x, w, b, eps=1e-6, out_dtype=dt),
+            [r(B, T, D, dtype=torch.float32), r(D, dtype=torch.float32), r(D, dtype=torch.float32)],
+        )
+
+    def add_pre_norm(dt):  # a deferred residual add: the branch added to the stream inside the next norm
+        def fn(branch, stream, w, b):
+            y, s = vitkern.add_layer_norm(branch, stream, w, b, eps=1e-6, out_dtype=dt)
+            return y.float() + s
+        return fn, [r(B, T, D, dtype=dt), r(B, T, D, dtype=torch.float32), r(D, dtype=torch.float32),
+                    r(D, dtype=torch.float32)]
+
     def attention(dt):
         return (lambda q, k, v: vitkern.attention(q, k, v), [r(B, H, T, hd, dtype=dt) for _ in range(3)])
 
     def attention_qkvpacked(dt):
         return (lambda qkv: vitkern.attention_qkvpacked(qkv), [r(B, T, 3, H, hd, dtype=dt)])
+
+    # EVA-02's q / k LayerNorms and 2-D RoPE (one prefix token), run inside the attention kernels
+    angle = torch.rand(T - 1, hd // 2, device=device) * 2 * math.pi
+    sin, cos = angle.sin().repeat_interleave(2, -1), angle.cos().repeat_interleave(2, -1)
+
+    def attention_prologue(dt):
+        def fn(q, k, v, qw, qb, kw, kb):
+            return vitkern.attention(q, k, v, q_norm=vitkern.QKNorm("layer", qw, qb, 1e-6),
+                                     k_norm=vitkern.QKNorm("layer", kw, kb, 1e-6),
+                                     rope=vitkern.RopeTables(sin, cos), num_prefix_tokens=1)
+        return fn, [r(B, H, T, hd, dtype=dt) for _ in range(3)] + [r(hd, dtype=dt) for _ in range(4)]
 
     # packed variable-length sequences: B images of 197, 1, 0 and 577 tokens
     lengths = (197, 1, 0, 577)
@@ -104,6 +134,10 @@ def _cases(device) -> dict[str, Callable]:
         return (lambda x, w, b, res, g: vitkern.linear(x, w, b, activation="gelu", residual=res, residual_scale=g),
                 [r(B, T, D, dtype=dt), r(D, D, dtype=dt, scale=D ** -0.5), r(D, dtype=dt),
                  r(B, T, D, dtype=torch.float32), r(D, dtype=dt, scale=0.1)])
+
+    def linear_branch(dt):  # proj / fc2 of a deferred block: the layer-scaled branch, no residual read
+        return (lambda x, w, b, g: vitkern.linear(x, w, b, residual_scale=g),
+                [r(B, T, D, dtype=dt), r(D, D, dtype=dt, scale=D ** -0.5), r(D, dtype=dt), r(D, dtype=dt, scale=0.1)])
 
     def mlp(dt):
         return (lambda x, w1, b1, w2, b2, res: vitkern.mlp(x, w1, b1, w2, b2, residual=res),
@@ -134,9 +168,15 @@ def _cases(device) -> dict[str, Callable]:
             [r(1, 1 + 14 * 14, D, dtype=dt)],
         )
 
+    def resample_pos_embed_packed(dt):  # NaFlex: a learned 16 x 16 grid to four image grids
+        grids = [(14, 14), (8, 20), (1, 1), (27, 9)]
+        return (lambda pos: vitkern.resample_pos_embed_packed(pos, grids), [r(1, 16, 16, D, dtype=dt, scale=0.02)])
+
     return {
-        "layer_norm": layer_norm, "add_layer_norm": add_layer_norm, "attention": attention,
-        "attention_qkvpacked": attention_qkvpacked, "scaled_dot_product_attention": sdpa_key_padding,
+        "layer_norm": layer_norm, "pre_norm": pre_norm, "add_layer_norm": add_layer_norm,
+        "add_pre_norm": add_pre_norm, "attention": attention, "attention_prologue": attention_prologue,
+        "attention_qkvpacked": attention_qkvpacked, "linear_branch": linear_branch,
+        "resample_pos_embed_packed": resample_pos_embed_packed, "scaled_dot_product_attention": sdpa_key_padding,
         "attention_varlen": attention_varlen, "attention_qkvpacked_varlen": attention_qkvpacked_varlen,
         "linear": linear, "mlp": mlp, "swiglu": swiglu, "swiglu_mlp": swiglu_mlp, "patch_embed": patch_embed,
         "resample_pos_embed": resample_pos_embed,

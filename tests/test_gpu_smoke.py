@@ -23,12 +23,29 @@ def smoke():
     return module
 
 
+# the rows that run a public op in one of its other modes (its own row runs the plain call)
+VARIANT_ROWS = {"pre_norm", "add_pre_norm", "attention_prologue", "linear_branch"}
+
+
 def test_every_public_op_has_a_row(smoke):
     public = {"layer_norm", "add_layer_norm", "attention", "attention_qkvpacked", "scaled_dot_product_attention",
-              "attention_varlen", "attention_qkvpacked_varlen",
-              "linear", "mlp", "swiglu", "swiglu_mlp", "patch_embed", "resample_pos_embed"}
-    assert set(smoke.BACKENDS) == public == set(smoke._cases(torch.device("cpu")))
+              "attention_varlen", "attention_qkvpacked_varlen", "linear", "mlp", "swiglu", "swiglu_mlp",
+              "patch_embed", "resample_pos_embed", "resample_pos_embed_packed"}
+    assert set(smoke.BACKENDS) == public | VARIANT_ROWS == set(smoke._cases(torch.device("cpu")))
     assert all(getattr(vitkern, op) for op in public)
+
+
+@pytest.mark.parametrize("op", sorted(VARIANT_ROWS | {"resample_pos_embed_packed"}))
+def test_variant_rows_pass(smoke, device, op):
+    """The newer rows, each backend in bfloat16. Off the GPU without "auto" (the same kernels as
+    "triton" there) and the attention prologue's Triton row (the interpreter takes minutes at the
+    smoke shape; its kernels have their own tests)."""
+    make = smoke._cases(device)[op]
+    for backend in smoke.BACKENDS[op]:
+        if device.type != "cuda" and (backend == "auto" or (op == "attention_prologue" and backend != "torch")):
+            continue
+        row = smoke.check(op, make, backend, torch.bfloat16)
+        assert row["ok"], row
 
 
 def test_rows_pass_and_fail_as_they_should(smoke, device, monkeypatch):
