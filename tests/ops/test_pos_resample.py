@@ -194,3 +194,100 @@ def test_own_size_is_the_table_when_aspect_preserving(device):
     with vitkern.use_backend("triton"):
         got = resample_pos_embed_packed(table, [(4, 5), (5, 5)], aspect_preserving=True)
     torch.testing.assert_close(got[:20], table.reshape(20, 8), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The plans kept on the device (plan.device_plan): reuse, CUDA graph capture, streams
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plans(monkeypatch):
+    """The plan cache, empty, with build_plan counted."""
+    from vitkern.ops.pos_resample import plan as plan_module
+
+    plan_module.clear_plan_cache()
+    built = []
+    real = plan_module.build_plan
+    monkeypatch.setattr(plan_module, "build_plan", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    yield plan_module, built
+    plan_module.clear_plan_cache()
+
+
+def test_a_repeated_layout_reuses_its_device_plan(plans, device):
+    plan_module, built = plans
+    table = torch.randn(1, 4, 5, 16, device=device)
+    with vitkern.use_backend("triton"):
+        first = resample_pos_embed_packed(table, GRIDS)
+        again = resample_pos_embed_packed(table, [list(g) for g in GRIDS])   # the same layout, as lists
+        other = resample_pos_embed_packed(table, GRIDS[:3])
+    assert torch.equal(first, again) and torch.equal(other, first[:other.shape[0]])
+    assert len(built) == 2
+    key = lambda grids: (grids, (4, 5), "bicubic", True, False, False, True, table.device)  # noqa: E731
+    assert plan_module.device_plan(GRIDS, (4, 5), "bicubic", True, False, False, table.device) is \
+        plan_module._plans[key(GRIDS)].plan
+
+
+def test_the_least_recent_unpinned_plans_are_evicted(plans, monkeypatch):
+    plan_module, built = plans
+    monkeypatch.setattr(plan_module, "PLAN_CACHE_SIZE", 3)
+    cpu = torch.device("cpu")
+    layouts = [((n, 2),) for n in range(1, 7)]
+
+    def get(layout):
+        return plan_module.device_plan(layout, (4, 5), "bilinear", False, False, False, cpu)
+
+    capturing = []
+    monkeypatch.setattr(plan_module, "_capturing", lambda device: bool(capturing))
+    for layout in layouts[:3]:
+        get(layout)
+    capturing.append(True)
+    pinned = get(layouts[0])                  # read in a capture: pinned
+    assert get(((9, 9),)) is None             # a new layout in a capture: nothing to copy from the host
+    capturing.clear()
+    for layout in layouts[3:]:
+        get(layout)
+    kept = [k[0] for k in plan_module._plans]
+    assert kept == [layouts[0], *layouts[3:]]   # the pinned plan and the three most recent
+    assert get(layouts[0]) is pinned and len(built) == 6
+
+
+def test_a_capture_of_a_new_layout_runs_device_ops_only(plans, monkeypatch, device):
+    """During a CUDA graph capture a layout without a device plan takes the reference's ops (no
+    host-to-device copy), which give the kernel's values; a layout built before the capture
+    keeps the kernel."""
+    plan_module, built = plans
+    table = torch.randn(1, 4, 5, 24, device=device, requires_grad=True)
+    with vitkern.use_backend("triton"):
+        warm = resample_pos_embed_packed(table, GRIDS)
+        monkeypatch.setattr(plan_module, "_capturing", lambda device: True)
+        seen = resample_pos_embed_packed(table, GRIDS)
+        new = resample_pos_embed_packed(table, GRIDS[1:])
+    assert torch.equal(seen, warm) and len(built) == 1
+    assert seen.grad_fn.name() == warm.grad_fn.name() != new.grad_fn.name()
+    torch.testing.assert_close(new, warm[GRIDS[0][0] * GRIDS[0][1]:], rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(new.sum(), table)
+    assert grad.shape == table.shape
+
+
+def test_a_plan_read_on_another_stream_records_it_once(plans, monkeypatch):
+    """Evicting a plan must wait for the work of every stream that read it: its tensors record
+    each stream other than the one they were built on, once."""
+    plan_module, _ = plans
+
+    class Stream:
+        def __init__(self, stream_id):
+            self.stream_id = stream_id
+
+    current, recorded = [Stream(1)], []
+    monkeypatch.setattr(plan_module, "_current_stream", lambda device: current[0])
+    monkeypatch.setattr(plan_module, "_record_stream", lambda t, stream: recorded.append((t, stream.stream_id)))
+    args = (((3, 4), (2, 2)), (4, 5), "bicubic", True, False, False, torch.device("cpu"))
+    plan = plan_module.device_plan(*args)
+    plan_module.device_plan(*args)
+    assert recorded == []                     # read on the stream it was built on
+    current[0] = Stream(7)
+    plan_module.device_plan(*args)
+    plan_module.device_plan(*args)
+    tensors = list(vars(plan).values())
+    assert [s for _, s in recorded] == [7] * len(tensors) and all(a is b for (a, _), b in zip(recorded, tensors))

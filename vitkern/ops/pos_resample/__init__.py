@@ -18,7 +18,10 @@ L2-resident table, and one 16- or 32-bit store; the reference's cost is per dist
 (several launches each), which a batch of mixed sizes pays once per image.
 
 Under ``torch.compile`` the reference's ops trace into the graph (the tap tables are host-built
-per batch, from its grid sizes).
+per batch, from its grid sizes). Eagerly the tables of the last 32 layouts stay on the device
+(``plan.device_plan``): a repeated layout copies nothing from the host, and a CUDA graph can
+capture it once it has run before the capture (a layout first seen during a capture takes the
+reference's ops).
 
 Files: ``plan`` (the separable weights and the per-batch tap tables), ``reference``, ``configs``,
 ``kernels``, ``launch``, ``op`` (registered ops, autograd, the Triton backend), ``compile_cases``.
@@ -34,11 +37,11 @@ import torch
 from vitkern._backend import register_impl, select_impl
 from vitkern.ops._common import FLOAT_DTYPES, check_tensor
 from vitkern.ops.pos_resample.op import TRITON_DTYPES, _pos_resample_triton
-from vitkern.ops.pos_resample.plan import RESAMPLE_MODES, axis_weights, build_plan
+from vitkern.ops.pos_resample.plan import RESAMPLE_MODES, axis_weights, build_plan, clear_plan_cache
 from vitkern.ops.pos_resample.reference import grid_pos_embed_ref, resample_pos_embed_packed_ref
 
 __all__ = ["resample_pos_embed_packed", "resample_pos_embed_packed_ref", "grid_pos_embed_ref", "axis_weights",
-           "build_plan", "RESAMPLE_MODES"]
+           "build_plan", "clear_plan_cache", "RESAMPLE_MODES"]
 
 
 def _check_grids(grid_sizes) -> Tuple[Tuple[int, int], ...]:

@@ -10,7 +10,8 @@ import torch
 
 from vitkern.ops._autograd import kernel_op
 from vitkern.ops._common import FLOAT_DTYPES
-from vitkern.ops.pos_resample.plan import build_plan
+from vitkern.ops.pos_resample.plan import device_plan
+from vitkern.ops.pos_resample.reference import resample_pos_embed_packed_ref
 
 TRITON_DTYPES = FLOAT_DTYPES
 
@@ -73,9 +74,12 @@ def _pos_resample_triton(table, table_x, grid_sizes, mode, antialias, align_corn
     factorized = table_x is not None
     source = (table.shape[1], table_x.shape[1]) if factorized else tuple(table.shape[1:3])
     # the factorized tables resample with the 1-D linear rule: bilinear along one axis
-    plan = build_plan(grid_sizes, source, "bilinear" if factorized else mode, False if factorized else antialias,
-                      False if factorized else align_corners, aspect_preserving, table.device,
-                      learned=not factorized)
+    plan = device_plan(grid_sizes, source, "bilinear" if factorized else mode, False if factorized else antialias,
+                       False if factorized else align_corners, aspect_preserving, table.device,
+                       learned=not factorized)
+    if plan is None:  # a CUDA graph capture of a layout not seen before: the reference's device ops
+        return resample_pos_embed_packed_ref(table, table_x, grid_sizes, mode, antialias, align_corners,
+                                             aspect_preserving, dtype)
     return torch.ops.vitkern.pos_resample_fwd(
         table[0], table_x[0] if factorized else None, plan.y_row, plan.x_row, plan.y_index, plan.y_weight,
         plan.y_count, plan.y_dense, plan.x_index, plan.x_weight, plan.x_count, plan.x_dense, dtype)

@@ -17,9 +17,11 @@ distinct output length, and per packed row the index of its y and x weight rows.
 
 from __future__ import annotations
 
+import collections
 import functools
-from dataclasses import dataclass
-from typing import Sequence, Tuple
+import threading
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -138,3 +140,92 @@ def build_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str,
     x = [t.to(device, non_blocking=non_blocking) for t in (x_index, x_weight, x_count, x_dense)]
     rows = rows.to(device, non_blocking=non_blocking)
     return ResamplePlan(*y, rows[0], *x, rows[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Plans kept on the device, by batch layout
+# --------------------------------------------------------------------------------------------
+
+#: How many unpinned plans stay on their devices (least recently used first out). A plan is
+#: a few bytes a packed row (8 a row plus each distinct length's small tables): a batch of
+#: 128 images of 256 patches keeps 256 KiB.
+PLAN_CACHE_SIZE = 32
+
+
+@dataclass
+class _Entry:
+    plan: ResamplePlan
+    stream: Optional[int]                        # the stream its tensors were allocated on
+    streams: set = field(default_factory=set)    # the others it was used on (record_stream'ed)
+    pinned: bool = False                         # used in a CUDA graph capture: never freed
+
+
+_plans: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
+_plans_lock = threading.Lock()   # autograd's device threads and user threads may share it
+
+
+def _current_stream(device: torch.device) -> Optional[torch.cuda.Stream]:
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def _capturing(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _record_stream(t: torch.Tensor, stream) -> None:
+    t.record_stream(stream)
+
+
+def device_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str, antialias: bool,
+                align_corners: bool, aspect_preserving: bool, device: torch.device,
+                learned: bool = True) -> Optional[ResamplePlan]:
+    """:func:`build_plan`'s plan, kept on ``device`` for the next batch of the same layout (a
+    serving loop's fixed batches, a training run's bucketed ones), so that a repeated layout
+    copies nothing from the host; or None during a CUDA graph capture of a layout not built
+    before it (a host-to-device copy cannot be captured: the caller takes a path of device
+    ops). The rules that keep the cached tensors safe on a real GPU:
+
+    - a plan read during a capture is pinned: the graph replays its addresses, so it is
+      never evicted (as many as the distinct layouts captured);
+    - a plan read on a stream other than the one it was built on records that stream on
+      its tensors (once a stream), so that evicting it later waits for that stream's work
+      before its memory is reused.
+    """
+    key = (tuple(map(tuple, grid_sizes)), tuple(source_size), mode, antialias, align_corners, aspect_preserving,
+           learned, device)
+    capturing = _capturing(device)
+    with _plans_lock:
+        entry = _plans.get(key)
+        if entry is not None:
+            _plans.move_to_end(key)
+    if entry is None:
+        if capturing:
+            return None
+        plan = build_plan(grid_sizes, source_size, mode, antialias, align_corners, aspect_preserving, device, learned)
+        stream = _current_stream(device)
+        entry = _Entry(plan, None if stream is None else stream.stream_id)
+        with _plans_lock:
+            entry = _plans.setdefault(key, entry)   # another thread may have built it meanwhile
+            _plans.move_to_end(key)
+            unpinned = [k for k, e in _plans.items() if not e.pinned]
+            for k in unpinned[:max(0, len(unpinned) - PLAN_CACHE_SIZE)]:
+                del _plans[k]
+    stream = None if capturing else _current_stream(device)
+    with _plans_lock:
+        if capturing:
+            entry.pinned = True
+        elif stream is not None and stream.stream_id != entry.stream and stream.stream_id not in entry.streams:
+            for t in vars(entry.plan).values():
+                _record_stream(t, stream)
+            entry.streams.add(stream.stream_id)
+    return entry.plan
+
+
+def clear_plan_cache() -> None:
+    """Drop the plans kept on the devices (pinned ones too: only once no captured graph that
+    read them is replayed any more)."""
+    with _plans_lock:
+        _plans.clear()
