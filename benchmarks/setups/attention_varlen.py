@@ -28,9 +28,12 @@ from benchmarks.setups._attention_refs import _library_reason
 GPU_SHAPES = (
     dict(name="mixed 128-512px x128", images=128, min_px=128, max_px=512, patch=16, heads=12, head_dim=64, seed=0),
     dict(name="ViT-B/16 224px x128", images=128, min_px=224, max_px=224, patch=16, heads=12, head_dim=64, seed=0),
+    # one image, as a vision encoder serving one request packs it: the split-KV forward's case
+    dict(name="ViT-B/16 224px x1", images=1, min_px=224, max_px=224, patch=16, heads=12, head_dim=64, seed=0),
 )
 CPU_SHAPES = (
     dict(name="mixed 32-160px x4", images=4, min_px=32, max_px=160, patch=16, heads=2, head_dim=64, seed=0),
+    dict(name="160px x1", images=1, min_px=160, max_px=160, patch=16, heads=2, head_dim=64, seed=0),
 )
 
 

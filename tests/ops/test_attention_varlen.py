@@ -140,6 +140,62 @@ def test_varlen_grids_agree(device):
         assert torch.equal(a, b)
 
 
+def _forward(q, k, v, seqs, causal, kv_splits):
+    view = attn_op._seq_view
+    out = poisoned(q.shape, q.dtype, q.device)
+    lse = poisoned((q.shape[1], q.shape[0]), F32, q.device)
+    attn_launch._attention_fwd(view(q), view(k), view(v), None, causal, q.shape[-1] ** -0.5, view(out),
+                               lse.unsqueeze(0), seqs=seqs, kv_splits=kv_splits)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype,lens_q,lens_k,h,hkv,d,causal,max_known,splits", [
+    (BF16, (197,), None, 2, 2, 64, False, True, 4),              # one image: the case split-KV is for
+    (BF16, (197, 0, 1, 60), None, 3, 1, 72, True, False, 3),     # keys bounded by the total, MQA, causal
+    (F16, (40, 5), (150, 0), 2, 2, 80, False, True, 2),          # a keyless sequence: out 0, lse -inf
+])
+def test_varlen_split_kv_matches_the_plain_forward(device, dtype, lens_q, lens_k, h, hkv, d, causal, max_known,
+                                                   splits):
+    lens_k = lens_q if lens_k is None else lens_k
+    q, k, v, _ = _inputs(lens_q, lens_k, h, hkv, d, dtype, device, False, seed=4)
+    cu_q, cu_k = _cu(lens_q, device), _cu(lens_k, device)
+    seqs = attn_launch.PackedSeqs(cu_q, cu_k, max(lens_q) if max_known else None, max(lens_k) if max_known else None)
+    out, lse = _forward(q, k, v, seqs, causal, splits)
+    plain_out, plain_lse = _forward(q, k, v, seqs, causal, 1)
+    out64, lse64 = A.attention_varlen_ref(q.double(), k.double(), v.double(), cu_q, cu_k, causal=causal,
+                                          return_lse=True)
+    assert_flash_rule("out", out, out64, plain_out, dtype)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(plain_lse))
+    fin = torch.isfinite(plain_lse)
+    torch.testing.assert_close(lse[fin], plain_lse[fin], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[fin].double(), lse64[fin], atol=1e-4, rtol=1e-4)
+
+
+def test_varlen_forward_splits_where_the_grid_leaves_sms_idle(device, monkeypatch):
+    """One short image on many SMs takes the split-KV pair on its own; the backward reads its lse."""
+    from vitkern.ops import _config
+
+    seen = []
+    real = attn_launch.launch
+    monkeypatch.setattr(attn_launch, "launch", lambda kernel, grid, *a, **kw: seen.append((kernel, grid)) or
+                        real(kernel, grid, *a, **kw))
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 16)
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's SM count decides the split here")
+    lens = (197,)
+    q, k, v, dout = _inputs(lens, lens, 2, 2, 64, BF16, device, True, seed=6)
+    seqs = attn_launch.PackedSeqs(_cu(lens, device), _cu(lens, device), 197, 197)
+    out, lse, dq, dk, dv = _run_kernels(q, k, v, dout, seqs, False, 0.125, False)
+    kernels = [kernel for kernel, _ in seen]
+    assert attn_launch._attention_fwd_split_kernel in kernels and attn_launch._attention_fwd_kernel not in kernels
+    split_grid = next(grid for kernel, grid in seen if kernel is attn_launch._attention_fwd_split_kernel)
+    assert split_grid[1] > 1
+    ref64, ref_lp = _references(q, k, v, dout, _cu(lens, device), _cu(lens, device), False, 0.125)
+    assert_flash_rule("out", out, ref64[0], ref_lp[0], BF16)
+    for name, g, r64, rlp in zip(("dq", "dk", "dv"), (dq, dk, dv), ref64[2:], ref_lp[1:]):
+        assert_flash_rule(name, g, r64, rlp, BF16, max(r.abs().max().item() for r in ref64[2:]))
+
+
 def test_deterministic_algorithms_take_the_dq_kernel(device, monkeypatch):
     # under torch.use_deterministic_algorithms the backward computes dQ in its own kernel (no
     # atomics): two runs give the same bits

@@ -61,16 +61,18 @@ def _case_run(dtype, b, h, hkv, tq, tk, d, *, causal=False, bias=False, packed=F
                            mode=bwd_mode)
 
 
-def _varlen_case_run(dtype, lens, h, hkv, d, *, causal=False, max_known=False, packed=False, deterministic=False):
+def _varlen_case_run(dtype, lens, h, hkv, d, *, causal=False, max_known=False, packed=False, deterministic=False,
+                     backward=True, kv_splits=1):
     """A packed (variable-length) launch as ``attention_varlen`` / ``attention_qkvpacked_varlen``
     issue it: (total, H, D) tensors seen as (1, H, total, D), int32 cu_seqlens; ``max_known``
     gives the launchers the longest sequence (the per-sequence grid, VARLEN 1), else the
-    token-count grid with the on-device block search (VARLEN 2)."""
+    token-count grid with the on-device block search (VARLEN 2). ``kv_splits`` as
+    :func:`_case_run`'s (1: the plain forward; None: the launcher's choice)."""
     with _case_dtype(dtype) as dtype:
-        _varlen_launches(dtype, lens, h, hkv, d, causal, max_known, packed, deterministic)
+        _varlen_launches(dtype, lens, h, hkv, d, causal, max_known, packed, deterministic, backward, kv_splits)
 
 
-def _varlen_launches(dtype, lens, h, hkv, d, causal, max_known, packed, deterministic):
+def _varlen_launches(dtype, lens, h, hkv, d, causal, max_known, packed, deterministic, backward, kv_splits):
     total = sum(lens)
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     longest = max(lens) if max_known else None
@@ -85,8 +87,9 @@ def _varlen_launches(dtype, lens, h, hkv, d, causal, max_known, packed, determin
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     out = _seq_view(torch.empty((total, h, d), dtype=dtype))
     lse = torch.empty((1, h, total), dtype=torch.float32)
-    _attention_fwd(q, k, v, None, causal, d ** -0.5, out, lse, seqs=seqs)
-    _attention_bwd(out, q, k, v, out, lse, None, None, causal, d ** -0.5, deterministic, dq, dk, dv, seqs=seqs)
+    _attention_fwd(q, k, v, None, causal, d ** -0.5, out, lse, seqs=seqs, kv_splits=kv_splits)
+    if backward:
+        _attention_bwd(out, q, k, v, out, lse, None, None, causal, d ** -0.5, deterministic, dq, dk, dv, seqs=seqs)
 
 
 def _prologue_case_run(dtype, b, h, hkv, t, d, *, norm=1, affine=True, rope="interleaved", per_head=False,
@@ -149,6 +152,10 @@ def _attention_compile_cases():
     _varlen_case_run(torch.float16, (197, 50), 8, 2, 72, causal=True, deterministic=True)
     _varlen_case_run(torch.bfloat16, (257, 100), 16, 16, 80, packed=True)
     _varlen_case_run(torch.float32, (197, 197), 4, 4, 64, causal=True, max_known=True)
+    # the packed split-KV forward: one image at ViT-B's heads (the launcher's choice: 24 programs,
+    # 4 splits on 132 SMs), and the block search with causal + GQA + a masked head-dim tail
+    _varlen_case_run(torch.bfloat16, (197,), 12, 12, 64, packed=True, max_known=True, backward=False, kv_splits=None)
+    _varlen_case_run(torch.float16, (197, 50), 8, 2, 72, causal=True, backward=False, kv_splits=3)
     # the fused short-sequence backward (16-bit, the widths of _ATTN_FUSED_CONFIGS): ViT-B/16's
     # packed D = 64, 80, and causal + key padding + GQA
     _case_run(torch.bfloat16, 2, 12, 12, 197, 197, 64, packed=True, bwd_mode="fused")
@@ -192,6 +199,7 @@ def _attention_compile_cases_all():
     for d in (32, 64, 72, 128, 256):
         _varlen_case_run(torch.bfloat16, (197, 50), 4, 2, d, causal=True)
         _varlen_case_run(torch.bfloat16, (197, 197), 4, 4, d, causal=True, max_known=True, deterministic=True)
+        _varlen_case_run(torch.bfloat16, (197, 50), 4, 2, d, causal=True, backward=False, kv_splits=2)
     for dtype in (torch.float32, "tf32"):
         _varlen_case_run(dtype, (197, 50), 4, 2, 72, causal=True)
     # the fused prologue at every width class it takes (prologue.prologue_fusable), the masked ones

@@ -22,7 +22,7 @@ that saves nothing over padding (e.g. 112 -> 64 + 64) pads instead, and fp32 alw
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -297,20 +297,27 @@ def _attn_split_config(arch: int, precision: str, width: int, masked: bool, tk: 
 
 
 def _attn_fwd_plan(arch: int, precision: str, width: int, masked: bool, heads: int, tq: int, tk: int,
-                   sms: Optional[int], kv_splits: Optional[int] = None) -> tuple[KernelConfig, int, int]:
+                   sms: Optional[int], kv_splits: Optional[int] = None, *,
+                   grid: Optional[Callable[[int], int]] = None,
+                   max_keys: Optional[int] = None) -> tuple[KernelConfig, int, int]:
     """The forward's ``(config, splits, key blocks per split)`` for ``heads`` (batch x heads)
     query-key slices: splits = 1 is the plain kernel. ``kv_splits`` None picks by
-    :func:`_attn_kv_splits` on ``sms``; fp32 never splits (16-bit only)."""
+    :func:`_attn_kv_splits` on ``sms``; fp32 never splits (16-bit only). ``tk`` is the key length
+    the config is chosen for. A packed launch gives ``grid`` (its programs for a BLOCK_M; dense:
+    ``cdiv(tq, BLOCK_M) * heads``) and ``max_keys``, a bound on one sequence's keys (the longest
+    when the caller knows it, else the total: every key block of every sequence must fall in a
+    split; dense: ``tk``)."""
     config = _attn_config("fwd", arch, precision, width, masked, tk=tk)
+    grid = grid or (lambda block_m: -(-tq // block_m) * heads)
+    max_keys = tk if max_keys is None else max_keys
     if precision != "16bit":
         kv_splits = 1
     elif kv_splits is None:
-        programs = -(-tq // config.meta["BLOCK_M"]) * heads
-        kv_splits = _attn_kv_splits(programs, -(-tk // config.meta["BLOCK_N"]), sms)
+        kv_splits = _attn_kv_splits(grid(config.meta["BLOCK_M"]), -(-max_keys // config.meta["BLOCK_N"]), sms)
     if kv_splits <= 1:
-        return config, 1, -(-tk // config.meta["BLOCK_N"])
+        return config, 1, -(-max_keys // config.meta["BLOCK_N"])
     config = _attn_split_config(arch, precision, width, masked, tk)
-    key_blocks = -(-tk // config.meta["BLOCK_N"])
+    key_blocks = max(1, -(-max_keys // config.meta["BLOCK_N"]))
     per_split = -(-key_blocks // min(kv_splits, key_blocks))
     return config, -(-key_blocks // per_split), per_split
 

@@ -238,23 +238,31 @@ def _attention_fwd_split_kernel(
     stride_bb, stride_bh, stride_bt,
     stride_ps, stride_ls,
     H, GROUP, Tq, Tk, qk_scale, BLOCKS_PER_SPLIT,
+    CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS,
     QROT, NW, NB, SIN, COS, stride_rh, stride_rt, PREFIX, norm_eps,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-    NORM: tl.constexpr, ROPE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    TMA: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
 ):
-    """Split-KV forward: one query block of one (batch, head) against key split ``program_id(1)``
-    (``BLOCKS_PER_SPLIT`` key blocks). Writes the split's normalised fp32 output to
-    ``OUT_PART[split, batch * H + head]`` ((Tq, HEAD_DIM) rows, contiguous) and its natural-log
-    lse to ``LSE_PART``; a split no key of which a row sees gives out 0, lse -inf. TMA: q, k, v
-    through descriptors, as the plain kernel. NORM / ROPE: the q prologue, as the plain kernel's
-    (every split applies it; the first stores q' into ``QROT`` unless it is None)."""
-    pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, CAUSAL)
+    """Split-KV forward: one query block of one (batch, head), or of one packed sequence and head
+    (VARLEN, as the plain kernel), against key split ``program_id(1)`` (``BLOCKS_PER_SPLIT`` key
+    blocks of its own keys). Writes the split's normalised fp32 output to ``OUT_PART[split]``,
+    rows laid out as the lse's (``(B * H, Tq)``, or ``(H, total)`` packed) times HEAD_DIM, and its
+    natural-log lse to ``LSE_PART[split]`` alike; a split no key of which a row sees (past a causal
+    row, past a short sequence's keys) gives out 0, lse -inf. TMA: q, k, v through descriptors,
+    as the plain kernel. NORM / ROPE: the q prologue, as the plain kernel's (every split applies
+    it; the first stores q' into ``QROT`` unless it is None)."""
+    bq, bk, h, start_m, tq, tk = _attn_seq_program(CU_Q, CU_K, NUM_SEQS, SEQ_BLOCKS, Tq, Tk, H, BLOCK_M, CAUSAL,
+                                                   VARLEN)
+    lse_b, lse_h = _attn_stat_layout(bq, H, Tq, VARLEN)
+    Tq, Tk = tq, tk
+    if start_m >= Tq:
+        return
     (offs_m, offs_da, offs_db, cols_a, cols_b, k_base, v_base, bias_base, k_desc_a, k_desc_b, v_desc_a, v_desc_b,
      q_a, q_b, acc_a, acc_b, l_i, m_i, n_full, n_end) = _attn_fwd_prologue(
         Q, K, V, BIAS, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
-        stride_kt, stride_vt, stride_bb, stride_bh, b, b, h, start_m, GROUP, Tq, Tk,
+        stride_kt, stride_vt, stride_bb, stride_bh, bq, bk, h, start_m, GROUP, Tq, Tk,
         QROT, tl.program_id(1) == 0, H, NW, NB, SIN, COS, stride_rh, stride_rt, PREFIX, norm_eps,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, TMA, NORM, ROPE)
     split = tl.program_id(1).to(tl.int64)
@@ -266,11 +274,12 @@ def _attention_fwd_split_kernel(
         BLOCK_N, BLOCK_DA, BLOCK_DB, CAUSAL, HAS_BIAS, True, PRECISION, TMA)
 
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-    _attn_store_tile(OUT_PART + split * stride_ps + pid_bh * Tq * HEAD_DIM, HEAD_DIM,
+    row0 = lse_b + h * lse_h
+    _attn_store_tile(OUT_PART + split * stride_ps + row0 * HEAD_DIM, HEAD_DIM,
                      acc_a * inv_l[:, None], acc_b * inv_l[:, None],
                      offs_m, Tq, offs_da, offs_db, HEAD_DIM, BLOCK_DA, BLOCK_DB)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE_PART + split * stride_ls + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+    tl.store(LSE_PART + split * stride_ls + row0 + offs_m, lse, mask=offs_m < Tq)
 
 
 @register_kernel
@@ -283,7 +292,9 @@ def _attention_fwd_merge_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The split-KV forward's merge: ``lse = log(sum_s exp(lse_s))`` and ``out = sum_s
-    exp(lse_s - lse) * out_s`` per row, in fp32; rows no split saw give out 0, lse -inf."""
+    exp(lse_s - lse) * out_s`` per row, in fp32; rows no split saw give out 0, lse -inf. A packed
+    launch merges as one batch of ``Tq`` = total rows (its partials' and lse's ``(H, total)``
+    layout)."""
     pid_bh, b, h, start_m = _attn_program(Tq, H, BLOCK_M, False)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

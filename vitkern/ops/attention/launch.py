@@ -248,7 +248,9 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
     merge kernel combines them through their lse into ``out`` and ``lse`` (the lse the backward
     reads, exact up to fp32 rounding).
 
-    ``seqs``: a packed launch (:class:`PackedSeqs`; no bias, never split). ``tma``: q / k / v
+    ``seqs``: a packed launch (:class:`PackedSeqs`; no bias). It splits too, on the grid of its
+    sequences, with each sequence's keys split alike (a bound on their count: ``max_k``, else the
+    total), and merges as one batch of ``total`` rows. ``tma``: q / k / v
     (and out) through TMA descriptors (:func:`_attn_use_tma`: None where the arch takes them and
     the tensors are addressable).
 
@@ -268,31 +270,32 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
     da, db = _attn_pieces(d, split=q.dtype != torch.float32)
     precision = _attn_precision(q.dtype)
     arch = device_arch(q.device if q.is_cuda else None)
-    if seqs is not None:
-        kv_splits = 1
     sms = num_sms(q.device if q.is_cuda else None) if kv_splits is None and precision == "16bit" else None
-    config, kv_splits, per_split = _attn_fwd_plan(arch, precision, da + db, d != da + db, b * h, tq,
-                                                  _seq_config_tk(tk, seqs), sms, kv_splits)
-    programs = triton.cdiv(tq, config.meta["BLOCK_M"]) * b * h
+    grid = None if seqs is None else (lambda block_m: _seq_grid(seqs, b, h, tq, block_m, q)[0])
+    config, kv_splits, per_split = _attn_fwd_plan(
+        arch, precision, da + db, d != da + db, b * h, tq, _seq_config_tk(tk, seqs), sms, kv_splits, grid=grid,
+        max_keys=None if seqs is None else (seqs.max_k if seqs.max_k is not None else tk))
+    programs, seq_args, varlen = _seq_grid(seqs, b, h, tq, config.meta["BLOCK_M"], q)
+    st = lambda t: _seq_strides(t, seqs)  # noqa: E731
     bias_args = _bias_args(bias, b, h, tk, q)
     use_tma = _attn_use_tma(tma, arch, precision, q, k, v, *(() if kv_splits > 1 else (out,)), pieces=(da, db))
     p_args, p_meta = _prologue_args(q_prologue)
     p_args = (q_rot, *p_args)
     if kv_splits > 1:
+        # partials in the lse's row layout: (B * H, Tq) dense, (H, total) packed
         o_part = torch.empty((kv_splits, b * h, tq, d), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((kv_splits, b * h, tq), device=q.device, dtype=torch.float32)
         launch(_attention_fwd_split_kernel, (programs, kv_splits), q, k, v, bias_args[0], o_part, lse_part,
-               *_strides3(q), *_strides3(k), *_strides3(v), *bias_args[1:], o_part.stride(0), lse_part.stride(0),
-               h, h // hkv, tq, tk, max(scale, _FP32_TINY) * _LOG2E, per_split, *p_args,
+               *st(q), *st(k), *st(v), *bias_args[1:], o_part.stride(0), lse_part.stride(0),
+               h, h // hkv, tq, tk, max(scale, _FP32_TINY) * _LOG2E, per_split, *seq_args, *p_args,
                HEAD_DIM=d, BLOCK_DA=da, BLOCK_DB=db, CAUSAL=causal, HAS_BIAS=bias is not None,
-               PRECISION="ieee" if precision == "16bit" else precision, TMA=use_tma, **p_meta, config=config)
+               PRECISION="ieee" if precision == "16bit" else precision, VARLEN=varlen, TMA=use_tma, **p_meta,
+               config=config)
         merge = _ATTN_MERGE_CONFIGS[128 if _next_pow2(d) <= 128 else 256]
         launch(_attention_fwd_merge_kernel, (triton.cdiv(tq, merge.meta["BLOCK_M"]) * b * h,),
                o_part, lse_part, out, lse, o_part.stride(0), lse_part.stride(0), *_strides3(out), h, tq, kv_splits,
                HEAD_DIM=d, BLOCK_D=_next_pow2(d), config=merge)
         return
-    programs, seq_args, varlen = _seq_grid(seqs, b, h, tq, config.meta["BLOCK_M"], q)
-    st = lambda t: _seq_strides(t, seqs)  # noqa: E731
     launch(_attention_fwd_kernel, (programs,), q, k, v, bias_args[0], out, lse,
            *st(q), *st(k), *st(v), *bias_args[1:], *st(out),
            h, h // hkv, tq, tk, max(scale, _FP32_TINY) * _LOG2E, *seq_args, *p_args,
