@@ -35,8 +35,12 @@ ATTENTION_PROVIDERS = tuple(SDPA_BACKENDS) + ("flash-attn", "xformers")
 # References that only some cases supply, through Case.references: torchvision for the model
 # setups; SDPA held to one backend, flash-attn and xformers for the attention setups; the packed
 # attention setup's own; vitkern-padded for the mixed-resolution model setup (vitkern's model on
-# the padded batch).
-EXTRA_PROVIDERS = ("torchvision", "vitkern-padded") + ATTENTION_PROVIDERS + VARLEN_PROVIDERS
+# the padded batch); the launch variants above.
+# vitkern's attention with one launch choice forced (the attention_*_variants setups): vitkern
+# rows, not references.
+LAUNCH_VARIANT_PROVIDERS = ("vitkern-pointer-loads", "vitkern-no-split", "vitkern-bwd-fused", "vitkern-bwd-atomic",
+                            "vitkern-bwd-dq-kernel")
+EXTRA_PROVIDERS = ("torchvision", "vitkern-padded") + ATTENTION_PROVIDERS + VARLEN_PROVIDERS + LAUNCH_VARIANT_PROVIDERS
 ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
 VITKERN_HEADLINE = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-torch", "vitkern-reference")
 

@@ -149,11 +149,12 @@ def run(
     for index, (shi, si, setup, shape) in enumerate(plan, 1):
         label = shape_label(shape)
         modes = [m for m in ALL_MODES if m in config.modes and m in setup.shape_modes(shape)]
+        setup_order = [p for p in order if setup.providers is None or p in setup.providers]
         rows = results.setdefault((shi, si), [])
         over_budget = config.budget_s is not None and time.perf_counter() - start > config.budget_s
         progress.start(index, f"{setup.name} {label}" + (" (skipped: time budget)" if over_budget else ""))
         if over_budget:
-            rows.extend(_unrun(setup, shape, modes, order, config, device, "skipped",
+            rows.extend(_unrun(setup, shape, modes, setup_order, config, device, "skipped",
                                f"time budget of {config.budget_s:g} s exhausted"))
             progress.done()
             continue
@@ -161,12 +162,12 @@ def run(
             torch.manual_seed(0)
             case = setup.build(shape, dtype, device)
         except Exception as exc:
-            rows.extend(_unrun(setup, shape, modes, order, config, device, "error",
+            rows.extend(_unrun(setup, shape, modes, setup_order, config, device, "error",
                                f"building the case failed: {short_error(exc)}"))
             progress.done()
             continue
         for mode in modes:
-            rows.extend(_run_mode(setup, shape, case, mode, order, config, device, ceilings))
+            rows.extend(_run_mode(setup, shape, case, mode, setup_order, config, device, ceilings))
         del case
         gc.collect()
         if device.type == "cuda":

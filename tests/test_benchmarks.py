@@ -9,7 +9,7 @@ import torch
 from _bench_helpers import run_cli
 
 from benchmarks import flops
-from benchmarks.cases import PROVIDERS
+from benchmarks.cases import ALL_PROVIDERS as PROVIDERS_ALL, PROVIDERS
 from benchmarks.cli import main
 from benchmarks.results import ROW_FIELDS, SCHEMA_VERSION, SchemaError, validate_results, validate_row
 from benchmarks.runner import RunConfig, run
@@ -282,6 +282,29 @@ def test_run_classifies_provider_failures():
     json.dumps(rows, allow_nan=False)  # strict JSON: no NaN / Infinity
     rows = run({"toy": _toy_setup()}, _config(modes=["fwd"], budget_s=0.0), verbose=False)
     assert all(r["status"] == "skipped" and "time budget" in r["note"] for r in rows)
+
+
+def test_a_setup_runs_only_its_providers():
+    import dataclasses
+
+    setup = dataclasses.replace(_toy_setup(), providers=("vitkern-reference", "torch"))
+    for budget in (None, 0.0):   # run, and past the time budget
+        rows = run({"toy": setup}, _config(modes=["fwd"], budget_s=budget), verbose=False)
+        assert [r["provider"] for r in rows] == ["torch", "vitkern-reference"]   # torch first, as always
+
+
+def test_attention_launch_variants_say_when_they_are_the_plan():
+    from benchmarks.setups import attention_variants as av
+
+    plan = dict(arch=90, tma=True, splits=4, mode="fused", masked=False, fused_tile=True, width=64)
+    refs = {name: av._variant(name, plan) for name in av.FWD_VARIANTS + av.BWD_VARIANTS}
+    assert all(r.fn is not None for r in refs.values())
+    assert "plan's choice" in refs["vitkern-bwd-fused"].label and "4 ways" in refs["vitkern-no-split"].label
+    plan.update(arch=80, tma=False, splits=1, mode="dq_kernel", masked=True, fused_tile=False, width=80)
+    refs = {name: av._variant(name, plan) for name in av.FWD_VARIANTS + av.BWD_VARIANTS}
+    assert [n for n, r in refs.items() if r.fn is not None] == ["vitkern-bwd-dq-kernel"]
+    assert "pointers" in refs["vitkern-pointer-loads"].label and "masked tail" in refs["vitkern-bwd-atomic"].label
+    assert set(av.FWD_VARIANTS + av.BWD_VARIANTS) <= set(PROVIDERS_ALL)
 
 
 def test_cli_list(capsys):

@@ -97,6 +97,7 @@ class Setup:
     formula: str = ""  # one line: which benchmarks.flops function counts it, and how
     modes_for: Optional[Callable[[ShapeParams], Sequence[str]]] = None  # a shape's modes (default: all)
     kind: str = "op"  # "op", or "model" for a whole network (selected by the CLI's --models)
+    providers: Optional[Sequence[str]] = None  # the providers it runs (default: every one the run asks for)
 
     def shape_modes(self, shape: ShapeParams) -> list[str]:
         """The modes ``shape`` runs in: ``modes``, narrowed by ``modes_for`` when given."""
