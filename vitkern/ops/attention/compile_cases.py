@@ -201,7 +201,9 @@ def _attention_compile_cases_all():
         _varlen_case_run(torch.bfloat16, (197, 197), 4, 4, d, causal=True, max_known=True, deterministic=True)
         _varlen_case_run(torch.bfloat16, (197, 50), 4, 2, d, causal=True, backward=False, kv_splits=2)
     for dtype in (torch.float32, "tf32"):
-        _varlen_case_run(dtype, (197, 50), 4, 2, 72, causal=True)
+        for d in (72, 128, 200, 256):
+            _varlen_case_run(dtype, (197, 50), 4, 2, d, causal=True)
+            _varlen_case_run(dtype, (197, 50), 4, 4, d, max_known=True)
     # the fused prologue at every width class it takes (prologue.prologue_fusable), the masked ones
     # (_ATTN_VARIANT_CONFIGS) included
     for d in (16, 32, 40, 56, 72, 80, 96):

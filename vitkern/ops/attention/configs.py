@@ -156,7 +156,8 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
 # - "prologue": the backward kernels with the QK-norm / RoPE inverse in their epilogue
 #   (prologue.py). The fused prologue takes padded widths up to 96 (prologue.PROLOGUE_MAX_WIDTH),
 #   so these stop there. Figures: Triton 3.8, LayerNorm + RoPE.
-# - "packed": the kernels of packed sequences (the sequence search, per-sequence bounds).
+# - "packed": the kernels of packed sequences (the sequence search, per-sequence bounds): the
+#   forward and the backward's.
 _ATTN_VARIANT_CONFIGS: dict[tuple[str, str, int, str, bool], tuple[tuple[int, Optional[KernelConfig]], ...]] = {
     # 64 (56 = 64 with 8 masked, causal): 32 x 64 with 4 warps spilled 120 bytes (255 registers)
     ("prologue", "dkdv", 90, "16bit", True): ((64, _attn_cfg(90, 16, 64, 8, 2)),),
@@ -172,6 +173,24 @@ _ATTN_VARIANT_CONFIGS: dict[tuple[str, str, int, str, bool], tuple[tuple[int, Op
     # 3.6: 64 (causal, GQA, atomic dQ, the on-device sequence search) spilled 8 bytes at 255
     # registers with 2 stages; 1 stage: 193 registers, 2 blocks per SM (3.8 holds 2 stages)
     ("packed", "dkdv", 90, "16bit", False): ((64, _attn_cfg(90, 32, 64, 4, 1 if TRITON_36 else 2)),),
+    # fp32 packed launches (GQA + causal with the sequence search, and the per-sequence grid):
+    # sm_80 TF32 dK/dV at 128 spilled 72 bytes at 16 x 32 with 4 warps under 3.8 (8 warps: 136..160
+    # registers on both); sm_80 TF32 forward at 128 8 bytes at 32 x 32 with 4 warps under 3.6 (8
+    # warps: 110..112); sm_80 IEEE forward at 256 8 bytes at 16 x 16 with 8 warps (3.6) and 4
+    # warps (both) at a 128-register target (16 x 32 with 4 warps: 164 / 165, 3 blocks per SM);
+    # sm_90 IEEE dK/dV at 200..248 40 bytes at 16 x 16 with 8 warps under 3.8 (4 warps: 150..168)
+    # and 8..144 with 4 warps under 3.6 (8 warps: 128), at 256 16 bytes with 16 warps under 3.6
+    # (8 warps: 93..112 on both); sm_80 TF32 forward at 64 4..8 bytes at 64 x 64 with 4 warps (8:
+    # 98..124); IEEE dQ at 72 (128 with 56 masked): sm_90 52 bytes at 16 x 16 with 4 warps and
+    # 12..20 with 8 under 3.6 (32 x 16 with 8 warps: 94..114 on both), and at 200 12 bytes with 4
+    # warps under 3.8 (8: 96..98); sm_80 12 bytes at 16 x 16 with 8 warps under 3.6 (32 x 16: 116 / 128)
+    ("packed", "dkdv", 80, "tf32", False): ((64, None), (128, _attn_cfg(80, 16, 32, 8, 1))),
+    ("packed", "fwd", 80, "tf32", False): ((64, _attn_cfg(80, 64, 64, 8, 2)), (128, _attn_cfg(80, 32, 32, 8, 1))),
+    ("packed", "fwd", 80, "ieee", False): ((128, None), (256, _attn_cfg(80, 16, 32, 4, 1))),
+    ("packed", "dkdv", 90, "ieee", False): ((128, None), (256, _attn_cfg(90, 16, 16, 8, 1))),
+    ("packed", "dkdv", 90, "ieee", True): ((128, None), (256, _attn_cfg(90, 16, 16, 8 if TRITON_36 else 4, 1))),
+    ("packed", "dq", 90, "ieee", True): ((128, _attn_cfg(90, 32, 16, 8, 1)), (256, _attn_cfg(90, 16, 16, 8, 1))),
+    ("packed", "dq", 80, "ieee", True): ((128, _attn_cfg(80, 32, 16, 8, 1) if TRITON_36 else None),),
     # The dK/dV kernel of the dQ-kernel mode (no atomic dQ in its loop) at 128: 64 x 64 with 8
     # warps (every dot an m64 wgmma, where the atomic kernel's 32 x 64 runs m64n32): 200..222
     # registers under 3.6 and 3.8 with causal, key padding and GQA (with atomic dQ it spilled
@@ -298,16 +317,16 @@ def _attn_split_config(arch: int, precision: str, width: int, masked: bool, tk: 
 
 def _attn_fwd_plan(arch: int, precision: str, width: int, masked: bool, heads: int, tq: int, tk: int,
                    sms: Optional[int], kv_splits: Optional[int] = None, *,
-                   grid: Optional[Callable[[int], int]] = None,
-                   max_keys: Optional[int] = None) -> tuple[KernelConfig, int, int]:
+                   grid: Optional[Callable[[int], int]] = None, max_keys: Optional[int] = None,
+                   variant: Optional[str] = None) -> tuple[KernelConfig, int, int]:
     """The forward's ``(config, splits, key blocks per split)`` for ``heads`` (batch x heads)
     query-key slices: splits = 1 is the plain kernel. ``kv_splits`` None picks by
     :func:`_attn_kv_splits` on ``sms``; fp32 never splits (16-bit only). ``tk`` is the key length
     the config is chosen for. A packed launch gives ``grid`` (its programs for a BLOCK_M; dense:
     ``cdiv(tq, BLOCK_M) * heads``) and ``max_keys``, a bound on one sequence's keys (the longest
     when the caller knows it, else the total: every key block of every sequence must fall in a
-    split; dense: ``tk``)."""
-    config = _attn_config("fwd", arch, precision, width, masked, tk=tk)
+    split; dense: ``tk``) and ``variant`` "packed" (:data:`_ATTN_VARIANT_CONFIGS`)."""
+    config = _attn_config("fwd", arch, precision, width, masked, tk=tk, variant=variant)
     grid = grid or (lambda block_m: -(-tq // block_m) * heads)
     max_keys = tk if max_keys is None else max_keys
     if precision != "16bit":

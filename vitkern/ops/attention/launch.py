@@ -274,7 +274,8 @@ def _attention_fwd(q, k, v, bias, causal: bool, scale: float, out: torch.Tensor,
     grid = None if seqs is None else (lambda block_m: _seq_grid(seqs, b, h, tq, block_m, q)[0])
     config, kv_splits, per_split = _attn_fwd_plan(
         arch, precision, da + db, d != da + db, b * h, tq, _seq_config_tk(tk, seqs), sms, kv_splits, grid=grid,
-        max_keys=None if seqs is None else (seqs.max_k if seqs.max_k is not None else tk))
+        max_keys=None if seqs is None else (seqs.max_k if seqs.max_k is not None else tk),
+        variant=None if seqs is None else "packed")
     programs, seq_args, varlen = _seq_grid(seqs, b, h, tq, config.meta["BLOCK_M"], q)
     st = lambda t: _seq_strides(t, seqs)  # noqa: E731
     bias_args = _bias_args(bias, b, h, tk, q)
