@@ -90,7 +90,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor) -> dict:
     sms = num_sms(dev)
     _, splits, _ = configs._attn_fwd_plan(arch, precision, width, masked, b * h, t, t, sms)
     bwd = configs._attn_bwd_plan(arch, precision, width, masked, b, h, k.shape[1], t, t, sms, False,
-                                 q.element_size())
+                                 q.element_size(), causal=False)
     fused_tile = (not masked) and configs._ATTN_FUSED_CONFIGS.get((arch, precision), {}).get(width) is not None
     return dict(arch=arch, tma=launch._attn_use_tma(None, arch, precision, q, k, k, q, pieces=(da, db)),
                 splits=splits, mode=bwd.mode, masked=masked, fused_tile=fused_tile, width=width)

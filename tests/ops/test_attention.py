@@ -169,6 +169,7 @@ CASES = [
     (F32, 1, 2, 2, 17, 33, 64, False, False, None, True),      # fp32, IEEE dots
     (F16, 2, 2, 2, 33, 70, 64, False, False, "batch", False),  # key padding, fully masked batch
     (BF16, 2, 4, 2, 40, 70, 80, True, False, "head", True),    # per-head padding bias, causal, GQA
+    (BF16, 2, 4, 2, 70, 130, 128, False, False, "batch", False),  # 128, atomic dQ: sm_90's 64 x 64 tile
 ]
 
 

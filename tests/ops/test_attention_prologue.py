@@ -172,15 +172,17 @@ def test_which_layouts_fuse():
 
 
 def test_variant_config_table():
-    """The backward's variant tiles (the prologue's, packed sequences') replace the plain ones only
-    for their variant, each entry is for its arch, and the prologue's are looked up no wider than
-    the fused prologue goes (wider calls compose)."""
+    """The variant tiles (the prologue's, packed sequences' forward and backward, the dQ-kernel
+    mode's, the non-causal atomic mode's) replace the plain ones only for their variant, each
+    entry is for its arch, and the prologue's are looked up no wider than the fused prologue goes
+    (wider calls compose)."""
     from vitkern.ops.attention import configs as C
     from vitkern.ops.attention.prologue import PROLOGUE_MAX_WIDTH
 
     for (variant, kernel, arch, precision, masked), table in C._ATTN_VARIANT_CONFIGS.items():
-        assert variant in ("prologue", "packed", "dq_kernel")
-        assert kernel in ("dkdv", "dq") and precision in ("16bit", "tf32", "ieee")
+        assert variant in ("prologue", "packed", "dq_kernel", "atomic_noncausal")
+        assert kernel in (("fwd", "dkdv", "dq") if variant == "packed" else ("dkdv", "dq"))
+        assert precision in ("16bit", "tf32", "ieee")
         assert [w for w, _ in table] == sorted(w for w, _ in table)
         for max_width, config in table:
             width = min(max_width, PROLOGUE_MAX_WIDTH) if variant == "prologue" else max_width
@@ -198,6 +200,15 @@ def test_variant_config_table():
     assert (separate.config.meta["BLOCK_M"], separate.config.meta["BLOCK_N"]) == (64, 64)
     assert atomic.config is C._attn_config("dkdv", 90, "16bit", 128)
     assert separate.programs == 4096 // 64 * 2
+    # ... and so does the atomic mode without the causal mask; packed launches keep their tables
+    noncausal = C._attn_bwd_plan(90, "16bit", 128, False, 1, 2, 2, 4096, 4096, 132, False, causal=False)
+    assert noncausal.mode == "atomic" and noncausal.config == separate.config
+    assert noncausal.programs == 4096 // 64 * 2
+    packed = C._attn_bwd_plan(90, "16bit", 128, False, 1, 2, 2, 4096, 4096, None, False, variant="packed",
+                              causal=False)
+    assert packed.config is C._attn_config("dkdv", 90, "16bit", 128)
+    assert C._attn_bwd_plan(80, "16bit", 128, False, 1, 2, 2, 4096, 4096, 108, False, causal=False).config is \
+        C._attn_config("dkdv", 80, "16bit", 128)
     narrow = C._attn_bwd_plan(90, "16bit", 64, False, 1, 2, 2, 4096, 4096, 132, True)
     assert narrow.config is C._attn_config("dkdv", 90, "16bit", 64)
     plain = C._attn_bwd_plan(90, "16bit", 64, True, 2, 4, 2, 197, 197, 132, False)

@@ -130,6 +130,9 @@ def _attention_compile_cases():
     # padding + GQA
     _case_run(torch.bfloat16, 1, 2, 2, 4096, 4096, 128, deterministic=True)
     _case_run(torch.float16, 2, 4, 2, 300, 300, 128, causal=True, bias=True, deterministic=True)
+    # the atomic mode's 64 x 64 dK/dV tile at head width 128 without the causal mask (key padding
+    # + GQA; the T = 4096 row above is the plain one)
+    _case_run(torch.float16, 2, 4, 2, 300, 300, 128, bias=True)
     # the long-sequence forward tile at head dim 64 (the short bucket's tile is the one above)
     _case_run(torch.bfloat16, 1, 2, 2, 2100, 2100, 64, backward=False)
     # sm_90's pointer-load forward (tensors a TMA descriptor cannot address: a view off 16 bytes)

@@ -79,11 +79,15 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     # ---- sm_80 (A100) and the other non-sm_90 parts: mma.sync, operands in registers
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 64, 8, 3)), (128, _attn_cfg(80, 128, 32, 8, 2)),
                            (256, _attn_cfg(80, 32, 16, 8, 2))),
-    # 3.6: 256 spilled 12 bytes with 8 warps (128 registers a thread at 16 x 16)
+    # 3.6: 256 spilled 12 bytes with 8 warps (128 registers a thread at 16 x 16), and 12 / 8 with
+    # 4 warps (causal, key padding, atomic dQ; GQA under 3.8); 16 x 32 with 8 warps holds on both
+    # for every variant (164..247 registers, 1 block per SM; 16 x 32 / 32 x 16 with 4 warps spilled
+    # 20..200 bytes), but spilled 48..204 bytes at 160 (128 + 32), which keeps 16 x 16 with 4 warps
     # with the single query loop 64 spilled 48 bytes at 32 x 128 and 96 36 bytes at 16 x 64 with 2
     # stages (causal, key padding, atomic dQ)
     ("dkdv", 80, "16bit"): ((64, _attn_cfg(80, 16, 128, 8, 2)), (96, _attn_cfg(80, 16, 64, 8, 1)),
-                            (128, _attn_cfg(80, 16, 64, 8, 2)), (256, _attn_cfg(80, 16, 16, 4, 1))),
+                            (128, _attn_cfg(80, 16, 64, 8, 2)), (160, _attn_cfg(80, 16, 16, 4, 1)),
+                            (256, _attn_cfg(80, 16, 32, 8, 1))),
     ("dq", 80, "16bit"): ((64, _attn_cfg(80, 128, 64, 8, 2)), (128, _attn_cfg(80, 128, 32, 8, 2)),
                           (256, _attn_cfg(80, 32, 32, 8, 2))),
     ("fwd", 80, "tf32"): ((64, _attn_cfg(80, 64, 64, 4, 2)), (128, _attn_cfg(80, 32, 32, 4, 1)),
@@ -196,6 +200,10 @@ _ATTN_VARIANT_CONFIGS: dict[tuple[str, str, int, str, bool], tuple[tuple[int, Op
     # registers under 3.6 and 3.8 with causal, key padding and GQA (with atomic dQ it spilled
     # 12 / 24 bytes there; 64 x 128: 20-344 bytes; 64 x 64 at 2 stages: 148 bytes under 3.6)
     ("dq_kernel", "dkdv", 90, "16bit", False): ((96, None), (128, _attn_cfg(90, 64, 64, 8, 1))),
+    # The atomic mode's dK/dV kernel without the causal mask at 128: the same 64 x 64 (222..255
+    # registers under 3.6 and 3.8 with key padding, GQA and the packed qkv, 0 spills; causal
+    # reaches 255 and spilled 16 bytes with GQA, so the causal kernel keeps 32 x 64)
+    ("atomic_noncausal", "dkdv", 90, "16bit", False): ((96, None), (128, _attn_cfg(90, 64, 64, 8, 1))),
 }
 
 
@@ -376,7 +384,7 @@ def _attn_fused_bytes(programs: int, group: int, tq: int, width: int, block_m: i
 
 def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: int, heads: int, kv_heads: int,
                    tq: int, tk: int, sms: Optional[int], deterministic: bool, itemsize: int = 2,
-                   mode: Optional[str] = None, variant: Optional[str] = None) -> AttnBwdPlan:
+                   mode: Optional[str] = None, variant: Optional[str] = None, causal: bool = True) -> AttnBwdPlan:
     """How the backward runs (``mode`` None picks; a given one is checked):
 
     - "fused" wherever it fits: a tile of its own (_ATTN_FUSED_CONFIGS: 16-bit, head dims
@@ -391,7 +399,9 @@ def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: i
     ``variant``: "prologue" (the kernels run the QK-norm / RoPE inverse in their epilogues, always
     in the dQ kernel's mode) or "packed" (packed sequences), whose registers some tiles need
     (:data:`_ATTN_VARIANT_CONFIGS`). Without one, the dQ-kernel mode's dK/dV kernel reads the
-    "dq_kernel" variant's tiles (no atomic dQ in its loop: 64 x 64 at head width 128 on sm_90)."""
+    "dq_kernel" variant's tiles (no atomic dQ in its loop: 64 x 64 at head width 128 on sm_90),
+    and the atomic mode's, without ``causal``, the "atomic_noncausal" variant's (its mask's
+    registers are the ones 64 x 64 lacks at 128 with atomic dQ)."""
     if mode is not None and mode not in ATTN_BWD_MODES:
         raise ValueError(f"backward mode {mode!r}: expected one of {ATTN_BWD_MODES}")
     config = _attn_config("dkdv", arch, precision, width, masked, variant=variant)
@@ -410,6 +420,8 @@ def _attn_bwd_plan(arch: int, precision: str, width: int, masked: bool, batch: i
         raise ValueError(f"backward mode 'atomic' takes head dims without a masked tail (padded width {width})")
     if mode == "dq_kernel":  # without the atomic dQ epilogue some widths take wider dK/dV tiles
         config = _attn_config("dkdv", arch, precision, width, masked, variant=variant or "dq_kernel")
+    elif mode == "atomic" and not causal and variant is None:  # ... and without the causal mask
+        config = _attn_config("dkdv", arch, precision, width, masked, variant="atomic_noncausal")
     programs = -(-tk // config.meta["BLOCK_N"]) * pairs
     dq_config = _attn_config("dq", arch, precision, width, masked, variant=variant) if mode == "dq_kernel" else None
     return AttnBwdPlan(mode, config, dq_config, programs)

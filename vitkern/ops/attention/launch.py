@@ -350,7 +350,7 @@ def _attention_bwd(dout, q, k, v, out, lse, dlse, bias, causal: bool, scale: flo
     sms = num_sms(q.device if q.is_cuda else None) if mode is None and seqs is None else None
     plan = _attn_bwd_plan(arch, precision, da + db, d != da + db, b, h, hkv, tq, tk, sms, deterministic,
                           q.element_size(), mode,
-                          variant="prologue" if prologues else "packed" if seqs is not None else None)
+                          variant="prologue" if prologues else "packed" if seqs is not None else None, causal=causal)
 
     delta = torch.empty((b, h, tq), device=q.device, dtype=torch.float32)
     pre = _ATTN_PRE_CONFIGS[64 if _next_pow2(d) <= 64 else 256]

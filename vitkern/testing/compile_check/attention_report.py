@@ -95,7 +95,7 @@ def _bwd_plan(shape: dict, arch: int, sms: int):
     d, t = shape["head_dim"], shape["tokens"]
     da, db = _attn_pieces(d)
     return _attn_bwd_plan(arch, "16bit", da + db, d != da + db, shape["batch"], shape["heads"], shape["heads"],
-                          t, t, sms, False)
+                          t, t, sms, False, causal=bool(shape.get("causal", False)))
 
 
 def _grid(kernel: str, meta: dict, shape: dict, arch: int) -> int:
