@@ -60,8 +60,12 @@ def test_report_configs_are_the_tables_choices(report):
             kernel = _KERNELS.get(k["kernel"])
             if kernel is None:
                 continue
-            config = configs._attn_config(kernel, k["arch"], configs._attn_precision(torch.bfloat16), da + db,
-                                          d != da + db, tk=t if kernel == "fwd" else None)
+            if kernel in ("dkdv", "dq"):  # the backward plan's (its mode and variant pick the tiles)
+                plan = attention_report._bwd_plan(shape, k["arch"], attention_report.NUM_SMS[k["arch"]])
+                config = plan.config if kernel == "dkdv" else plan.dq_config
+            else:
+                config = configs._attn_config(kernel, k["arch"], configs._attn_precision(torch.bfloat16), da + db,
+                                              d != da + db, tk=t if kernel == "fwd" else None)
             assert k["config"] == config.label(), (shape["name"], k["kernel"], k["arch"])
             assert k["head_dim_pieces"] == [da, db]
 
