@@ -616,13 +616,15 @@ def _recorded_kernels(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("t,splits", [(1, 1), (197, 4), (1025, 3)])
-def test_split_kv_forward_matches_the_plain_forward(device, monkeypatch, t, splits):
+@pytest.mark.parametrize("t,splits,sms", [(1, 1, 64), (197, 4, 64), (1025, 3, 64),
+                                          pytest.param(4096, 4, 256, marks=pytest.mark.slow)])
+def test_split_kv_forward_matches_the_plain_forward(device, monkeypatch, t, splits, sms):
     # batch 1, 2 heads: 2 x ceil(T / 128) query blocks on 64 SMs (the interpreter's SM count,
-    # raised here) take one key split per free SM; T = 1 has one key block and never splits
+    # raised here; 256 for T = 4096's 64 query blocks) take one key split per free SM; T = 1 has
+    # one key block and never splits
     if torch.cuda.is_available():
         pytest.skip("the interpreter's SM count decides the split here")
-    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", 64)
+    monkeypatch.setattr(_config, "INTERPRET_NUM_SMS", sms)
     seen = _recorded_kernels(monkeypatch)
     q, k, v, dout = _make_inputs(1, 2, 2, t, t, 32, BF16, device)
     plain = (poisoned_like(q), poisoned((1, 2, t), F32, device))
