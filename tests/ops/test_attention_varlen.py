@@ -153,6 +153,7 @@ def _forward(q, k, v, seqs, causal, kv_splits):
     (BF16, (197,), None, 2, 2, 64, False, True, 4),              # one image: the case split-KV is for
     (BF16, (197, 0, 1, 60), None, 3, 1, 72, True, False, 3),     # keys bounded by the total, MQA, causal
     (F16, (40, 5), (150, 0), 2, 2, 80, False, True, 2),          # a keyless sequence: out 0, lse -inf
+    (BF16, (30, 97), (20, 150), 2, 1, 64, True, False, 3),       # causal Tq > Tk and Tq < Tk per sequence
 ])
 def test_varlen_split_kv_matches_the_plain_forward(device, dtype, lens_q, lens_k, h, hkv, d, causal, max_known,
                                                    splits):

@@ -194,6 +194,8 @@ def _attention_compile_cases_all():
                 modes += ("fused",)
             for mode in modes:
                 _case_run(dtype, 2, 4, 4, 197, 197, d, causal=True, bias=True, bwd_mode=mode)
+                # GQA: the dK/dV kernel's loop over its group's query heads
+                _case_run(dtype, 2, 4, 2, 197, 197, d, causal=True, bias=True, bwd_mode=mode)
             _case_run(dtype, 1, 2, 2, 2100, 2100, d, causal=True, bias=True, backward=False)
             if dtype == torch.bfloat16:
                 _case_run(dtype, 1, 2, 2, 197, 197, d, causal=True, bias=True, backward=False, kv_splits=2)

@@ -63,7 +63,9 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
                           (256, _attn_cfg(90, 128, 32, 8, 2))),
     ("fwd", 90, "tf32"): ((64, _attn_cfg(90, 64, 64, 4, 2)), (128, _attn_cfg(90, 64, 32, 4, 2)),
                           (256, _attn_cfg(90, 16, 32, 4, 1))),
-    ("dkdv", 90, "tf32"): ((64, _attn_cfg(90, 32, 32, 4, 1)), (128, _attn_cfg(90, 16, 32, 4, 1)),
+    # GQA (the query-head loop): 128 spilled 4 bytes at 16 x 32 with 4 warps under 3.8 (8 warps:
+    # 127..158 registers; under 3.6 8 warps spilled 8..24, 4 hold: 162..234)
+    ("dkdv", 90, "tf32"): ((64, _attn_cfg(90, 32, 32, 4, 1)), (128, _attn_cfg(90, 16, 32, 4 if TRITON_36 else 8, 1)),
                            (256, _attn_cfg(90, 16, 16, 8, 1))),
     ("dq", 90, "tf32"): ((64, _attn_cfg(90, 64, 32, 4, 1)), (128, _attn_cfg(90, 32, 32, 4, 1)),
                          (256, _attn_cfg(90, 32, 16, 4, 1))),
@@ -73,8 +75,11 @@ _ATTN_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig], ...]] 
     # (3.6, single query loop: 128 spilled 8 bytes with 8 warps, 4 hold: 64..122 registers; the
     # masked 200..248 12 bytes with 16 warps, 8 hold: _ATTN_MASKED_CONFIGS)
     # 3.8: 256 spilled 20 bytes with 16 warps (causal, key padding); 8 warps hold: 80 registers
-    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 4 if TRITON_36 else 8, 1)),
-                           (256, _attn_cfg(90, 16, 16, 16 if TRITON_36 else 8, 1))),
+    # GQA (the query-head loop): 64 / 128 spilled 8 / 32 bytes with 8 warps under 3.8 (4 warps:
+    # 64..115 registers on both); 256 28 bytes with 16 warps under 3.6 (16 x 32 with 8 warps:
+    # 138..178, 0 spills; 16 x 16 with 8 warps spilled 20)
+    ("dkdv", 90, "ieee"): ((128, _attn_cfg(90, 16, 16, 4, 1)),
+                           (256, _attn_cfg(90, 16, 32, 8, 1) if TRITON_36 else _attn_cfg(90, 16, 16, 8, 1))),
     ("dq", 90, "ieee"): ((64, _attn_cfg(90, 32, 16, 4, 1)), (256, _attn_cfg(90, 16, 16, 4, 1))),
     # ---- sm_80 (A100) and the other non-sm_90 parts: mma.sync, operands in registers
     ("fwd", 80, "16bit"): ((64, _attn_cfg(80, 128, 64, 8, 3)), (128, _attn_cfg(80, 128, 32, 8, 2)),
@@ -120,9 +125,10 @@ _ATTN_MASKED_CONFIGS: dict[tuple[str, int, str], tuple[tuple[int, KernelConfig],
     # (128 x 64: 175 / 237 registers under 3.8 / 3.6)
     ("fwd", 90, "16bit"): ((48, _attn_cfg(90, 128, 64, 8, 3)), (64, _attn_cfg(90, 128, 64, 8, 3)),
                            (128, _attn_cfg(90, 128, 64, 8, 3)), (256, _attn_cfg(90, 32, 16, 8, 2))),
-    # 3.6: 48 (40) spilled 12 bytes with 64 x 128 tiles, 48 with 64 x 64 in the single query loop
+    # 3.6: 48 (40) spilled 12 bytes with 64 x 128 tiles, 48 with 64 x 64 in the single query loop;
+    # 256 (176, GQA) 32 bytes at 16 x 16 with 8 warps (4 warps: 128..254 registers on both)
     ("dkdv", 90, "16bit"): ((64, _attn_cfg(90, 32, 64, 4, 2)), (96, _attn_cfg(90, 16, 64, 8, 2)),
-                            (128, _attn_cfg(90, 32, 32, 8, 2)), (256, _attn_cfg(90, 16, 16, 8, 1))),
+                            (128, _attn_cfg(90, 32, 32, 8, 2)), (256, _attn_cfg(90, 16, 16, 4, 1))),
     # 3.8, single key loop: 160 (136) spilled 4 bytes with 8 warps (4 warps: 166 registers)
     ("dq", 90, "16bit"): ((64, _attn_cfg(90, 128, 64, 8, 2)), (128, _attn_cfg(90, 64, 32, 8, 2)),
                           (160, _attn_cfg(90, 16, 32, 8 if TRITON_36 else 4, 1)), (256, _attn_cfg(90, 32, 32, 8, 2))),
