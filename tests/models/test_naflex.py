@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import vitkern
+
 from vitkern.models.naflex import NaFlexViT, PackedBatch, cu_seqlens_from_mask, pack_images, patchify
 from vitkern.nn.block import DropPath, drop_path_row_scale
 
@@ -338,3 +340,22 @@ def test_from_hf_siglip2_naflex():
     with pytest.raises(ValueError, match="Siglip2VisionModel"):
         NaFlexViT.from_hf(T.SiglipVisionModel(T.SiglipVisionConfig(hidden_size=64, num_hidden_layers=1,
                                                                    num_attention_heads=2, intermediate_size=128)))
+
+
+def test_packed_forward_reuses_its_layout_plan(monkeypatch):
+    """A packed batch of a layout seen before copies no tap tables from the host: the position
+    embeddings' plan stays on the device (what lets a CUDA graph capture the packed model)."""
+    from vitkern.ops.pos_resample import clear_plan_cache, plan as plan_module
+
+    _, ours = _pair("map_reg")
+    ours.eval()
+    packed = pack_images(_images(GRIDS[:3]), 16)
+    clear_plan_cache()
+    built = []
+    real = plan_module.build_plan
+    monkeypatch.setattr(plan_module, "build_plan", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    with torch.no_grad(), vitkern.use_backend("triton"):
+        first = ours.forward_packed(packed)
+        again = ours.forward_packed(pack_images(_images(GRIDS[:3]), 16))
+    clear_plan_cache()
+    assert torch.equal(first, again) and len(built) == 1
