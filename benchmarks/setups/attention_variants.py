@@ -21,23 +21,22 @@ import torch.nn.functional as F
 
 from benchmarks.flops import attention_cost
 from benchmarks.setups import Case, Reference, Setup, randn
+from benchmarks.setups.attention import GPU_SHAPES as ATTENTION_SHAPES
 
 FWD_VARIANTS = ("vitkern-pointer-loads", "vitkern-no-split")
 BWD_VARIANTS = ("vitkern-bwd-fused", "vitkern-bwd-atomic", "vitkern-bwd-dq-kernel")
 
+# the attention setup's shapes where they are the same, plus batch 1 (the split), SigLIP's masked
+# head dim 72 (TMA's largest predicted effect) and a long sequence at head dim 128
+_ATTENTION = {s["name"]: s for s in ATTENTION_SHAPES}
+_LONG = dict(name="T=4096 D=128", batch=2, heads=16, tokens=4096, head_dim=128)
 FWD_SHAPES = (
-    dict(name="ViT-B/16", batch=128, heads=12, tokens=197, head_dim=64),
-    dict(name="ViT-B/16 batch 1", batch=1, heads=12, tokens=197, head_dim=64),
+    _ATTENTION["ViT-B/16"],
+    dict(_ATTENTION["ViT-B/16"], name="ViT-B/16 batch 1", batch=1),
     dict(name="SigLIP-so400m/14@384", batch=32, heads=16, tokens=729, head_dim=72),
-    dict(name="T=4096 D=128", batch=2, heads=16, tokens=4096, head_dim=128),
+    _LONG,
 )
-BWD_SHAPES = (
-    dict(name="ViT-B/16", batch=128, heads=12, tokens=197, head_dim=64),
-    dict(name="ViT-L/14", batch=64, heads=16, tokens=257, head_dim=64),
-    dict(name="ViT-B/16@384", batch=32, heads=12, tokens=577, head_dim=64),
-    dict(name="ViT-H/14", batch=32, heads=16, tokens=257, head_dim=80),
-    dict(name="T=4096 D=128", batch=2, heads=16, tokens=4096, head_dim=128),
-)
+BWD_SHAPES = tuple(_ATTENTION[n] for n in ("ViT-B/16", "ViT-L/14", "ViT-B/16@384", "ViT-H/14")) + (_LONG,)
 CPU_SHAPES = (
     dict(name="tiny", batch=1, heads=2, tokens=70, head_dim=64),
     dict(name="tiny D=72", batch=1, heads=2, tokens=40, head_dim=72),
