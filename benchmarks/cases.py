@@ -36,10 +36,11 @@ ATTENTION_PROVIDERS = tuple(SDPA_BACKENDS) + ("flash-attn", "xformers")
 # setups; SDPA held to one backend, flash-attn and xformers for the attention setups; the packed
 # attention setup's own; vitkern-padded for the mixed-resolution model setup (vitkern's model on
 # the padded batch); the launch variants above.
-# vitkern's attention with one launch choice forced (the attention_*_variants setups): vitkern
-# rows, not references.
+# vitkern's attention with one launch choice forced (the attention_*_variants setups), and the
+# position-embedding resampling in its one-pass order (the pos_resample setup): vitkern rows, not
+# references.
 LAUNCH_VARIANT_PROVIDERS = ("vitkern-pointer-loads", "vitkern-no-split", "vitkern-bwd-fused", "vitkern-bwd-atomic",
-                            "vitkern-bwd-dq-kernel")
+                            "vitkern-bwd-dq-kernel", "vitkern-one-pass")
 EXTRA_PROVIDERS = ("torchvision", "vitkern-padded") + ATTENTION_PROVIDERS + VARLEN_PROVIDERS + LAUNCH_VARIANT_PROVIDERS
 ALL_PROVIDERS = PROVIDERS + EXTRA_PROVIDERS
 VITKERN_HEADLINE = ("vitkern", "vitkern-triton", "vitkern-cuda", "vitkern-torch", "vitkern-reference")

@@ -168,9 +168,13 @@ def _cases(device) -> dict[str, Callable]:
             [r(1, 1 + 14 * 14, D, dtype=dt)],
         )
 
-    def resample_pos_embed_packed(dt):  # NaFlex: a learned 16 x 16 grid to four image grids
-        grids = [(14, 14), (8, 20), (1, 1), (27, 9)]
-        return (lambda pos: vitkern.resample_pos_embed_packed(pos, grids), [r(1, 16, 16, D, dtype=dt, scale=0.02)])
+    def resample_pos_embed_packed(dt):
+        # NaFlex: a learned 16 x 16 grid to four image grids (the kernel's one-pass order) and to
+        # sixteen (its separable order: x first, through the fp32 intermediate grid)
+        few = [(14, 14), (8, 20), (1, 1), (27, 9)]
+        many = [(h, w) for h in (3, 10, 24, 31) for w in (2, 12, 17, 30)]
+        return (lambda pos: torch.cat([vitkern.resample_pos_embed_packed(pos, g) for g in (few, many)]),
+                [r(1, 16, 16, D, dtype=dt, scale=0.02)])
 
     return {
         "layer_norm": layer_norm, "pre_norm": pre_norm, "add_layer_norm": add_layer_norm,

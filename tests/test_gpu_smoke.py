@@ -48,6 +48,19 @@ def test_variant_rows_pass(smoke, device, op):
         assert row["ok"], row
 
 
+def test_the_packed_resampling_row_runs_both_pass_orders(smoke, device, monkeypatch):
+    """The smoke row's two batches take the kernel's one-pass and a separable order, so a GPU
+    run checks both against the reference."""
+    from vitkern.ops.pos_resample import op
+
+    picked, real = [], op.pick_pass_order
+    monkeypatch.setattr(op, "pick_pass_order", lambda *a: picked.append(real(*a)) or picked[-1])
+    row = smoke.check("resample_pos_embed_packed", smoke._cases(device)["resample_pos_embed_packed"], "triton",
+                      torch.bfloat16)
+    assert row["ok"], row
+    assert "joint" in picked and {"x_first", "y_first"} & set(picked)
+
+
 def test_rows_pass_and_fail_as_they_should(smoke, device, monkeypatch):
     cases = smoke._cases(device)
     row = smoke.check("layer_norm", cases["layer_norm"], "triton", torch.bfloat16)

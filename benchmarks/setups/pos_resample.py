@@ -8,11 +8,14 @@ batch. Judged by GB/s against the output written and the grid read once (the tap
 L2 hits); the reference's cost is its launches, several per image in a batch of mixed sizes.
 vitkern keeps a layout's tap tables on the device (``plan.device_plan``), so a repeated batch
 layout skips their host build and copy; the "new layout" shape drops them before every call, as
-a stream of batches that never repeat a layout pays.
+a stream of batches that never repeat a layout pays. "vitkern-one-pass" forces the kernel's joint
+order (each row's ny * nx taps gathered from the grid in one launch) where the plan takes a
+separable one (two launches through an fp32 intermediate grid, ~3x fewer gathers at the 128-image
+batch): the row that settles ``plan.pick_pass_order``'s threshold.
 """
 
 from benchmarks.flops import _cost, dtype_size
-from benchmarks.setups import Case, Setup, randn
+from benchmarks.setups import Case, Reference, Setup, randn
 from benchmarks.setups.naflex import image_sizes
 
 
@@ -38,6 +41,11 @@ def build(shape, dtype, device):
     def torch_fn(t):
         return resample_pos_embed_packed_ref(t, None, grids, "bicubic", True, False, False, dtype)
 
+    def one_pass(t):
+        from vitkern.ops.pos_resample.op import _pos_resample_triton
+
+        return _pos_resample_triton(t, None, grids, "bicubic", True, False, False, dtype, pass_order="joint")
+
     s = dtype_size(dtype)
     fwd_bytes = grid * grid * dim * s + total * dim * s
     bwd_bytes = total * dim * s + grid * grid * dim * s
@@ -48,6 +56,7 @@ def build(shape, dtype, device):
         cost=_cost(None, None, fwd_bytes, bwd_bytes),
         grad_inputs=(table,),
         torch_label=f"F.interpolate per grid size ({len(set(grids))} of {len(grids)} images) + cat",
+        references={"vitkern-one-pass": Reference(one_pass, "the kernel's one-pass (joint) order forced")},
     )
 
 
@@ -69,18 +78,25 @@ SETUP = Setup(
 )
 
 
-def tap_stats(images: int, min_px: int, max_px: int, grid: int = 16) -> dict:
+def tap_stats(images: int, min_px: int, max_px: int, grid: int = 16, dim: int = 768) -> dict:
     """The batch's resampling work as the plan has it: images, distinct grid sizes, rows, the
-    tables' padded tap widths and the mean non-zero taps a row (the kernel's gathers per output)."""
+    tables' padded tap widths, the mean non-zero taps a row (the joint order's gathers per
+    output row), each order's gathered and written table rows per output row, the separable
+    orders' intermediate grid rows, and the order the launcher picks at width ``dim``."""
     import torch
 
     from vitkern.ops.pos_resample import build_plan
+    from vitkern.ops.pos_resample.plan import pick_pass_order
 
     grids = [(h // 16, w // 16) for h, w in image_sizes(images, min_px, max_px, 16)]
     plan = build_plan(grids, (grid, grid), "bicubic", True, False, False, torch.device("cpu"))
     taps = plan.y_count[plan.y_row.long()].double() * plan.x_count[plan.x_row.long()].double()
+    n_x, n_y = plan.x_index.shape[0], plan.y_index.shape[0]
     return dict(images=images, distinct=len(set(grids)), rows=plan.total,
-                padded_taps=(plan.y_index.shape[1], plan.x_index.shape[1]), mean_taps=round(taps.mean().item(), 1))
+                padded_taps=(plan.y_index.shape[1], plan.x_index.shape[1]), mean_taps=round(taps.mean().item(), 1),
+                loads_per_row={k: round(v / plan.total, 1) for k, v in plan.loads.items()},
+                intermediate_rows={"x_first": grid * n_x, "y_first": grid * n_y},
+                order=pick_pass_order(plan.loads, (grid, grid), dim, n_x, n_y))
 
 
 if __name__ == "__main__":

@@ -71,9 +71,18 @@ def _check(factorized, setting, dtype, device, dim=40, grids=GRIDS):
         assert_flash_rule(name, g.grad, r.grad, t.grad, dtype, scale=grad.abs().sum(0).max().item())
 
 
+@pytest.fixture(params=["joint", "x_first", "y_first"])
+def pass_order(request, monkeypatch):
+    """Each of the kernel's pass orders, forced (the launcher's own choice is tested below)."""
+    from vitkern.ops.pos_resample import op
+
+    monkeypatch.setattr(op, "pick_pass_order", lambda *args: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(str(v) for v in s))
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-def test_learned_grid_matches_reference(setting, dtype, device):
+def test_learned_grid_matches_reference(setting, dtype, pass_order, device):
     _check(False, setting, dtype, device)
 
 
@@ -83,7 +92,7 @@ def test_factorized_tables_match_reference(ar, dtype, device):
     _check(True, ("bilinear", False, False, ar), dtype, device)
 
 
-def test_naflex_base_shape_bf16(device):
+def test_naflex_base_shape_bf16(pass_order, device):
     """A ViT-B NaFlex shape class: the 16 x 16 grid, D = 768, downsampled and upsampled images."""
     _check(False, SETTINGS[0], BF16, device, dim=96, grids=((8, 24), (16, 16), (32, 11), (5, 5)))
 
@@ -114,6 +123,64 @@ def test_plan_tables():
     # rows of image 0: y = 0, 0, 0, 1, 1, 1 in the length-2 table; x = 0, 1, 2 in the length-3 table
     assert plan.y_row[:6].tolist() == [0, 0, 0, 1, 1, 1] and plan.x_row[:6].tolist() == [0, 1, 2, 0, 1, 2]
     assert plan.y_row[6:10].tolist() == [2] * 4 and plan.y_row[10:].tolist() == plan.y_row[:6].tolist()
+
+
+def test_pass_loads_count_the_gathers():
+    """pass_loads against a direct count of what each order gathers and writes."""
+    from vitkern.ops.pos_resample.plan import pass_loads
+
+    grids = ((3, 5), (6, 2), (9, 8), (3, 5))
+    plan = build_plan(grids, (4, 5), "bicubic", True, False, False, torch.device("cpu"))
+    ny, nx = plan.y_count.tolist(), plan.x_count.tolist()
+    ys, xs = plan.y_row.tolist(), plan.x_row.tolist()
+    joint = sum(ny[y] * nx[x] for y, x in zip(ys, xs))
+    x_first = sum(4 * nx[j] + 4 for j in range(len(nx))) + sum(ny[y] for y in ys)
+    y_first = sum(5 * ny[i] + 5 for i in range(len(ny))) + sum(nx[x] for x in xs)
+    assert plan.loads == {"joint": joint, "x_first": x_first, "y_first": y_first}
+    assert plan.loads == pass_loads(plan.y_count, plan.x_count, plan.y_row, plan.x_row, (4, 5))
+    factorized = build_plan(grids, (4, 5), "bilinear", False, False, False, torch.device("cpu"), learned=False)
+    assert factorized.loads == {}
+
+
+def test_pick_pass_order():
+    """The launcher's choice: one launch for a few small images, a separable order for a batch
+    of many (the benchmark's 128-image NaFlex batch: 17.1 gathers a row joint, 5.2 separable),
+    never an intermediate grid past int32 offsets."""
+    from vitkern.ops.pos_resample import plan as plan_module
+    from vitkern.ops.pos_resample.plan import pick_pass_order
+
+    def order(grids, dim=768, source=(16, 16)):
+        p = build_plan(grids, source, "bicubic", True, False, False, torch.device("cpu"))
+        return pick_pass_order(p.loads, source, dim, p.x_index.shape[0], p.y_index.shape[0]), p
+
+    assert order(((14, 14),))[0] == "joint"
+    assert order(((16, 16),))[0] == "joint"           # the grid's own size: one tap a row
+    batch = [(h, w) for h in range(4, 33, 3) for w in range(5, 33, 4)] * 2
+    got, p = order(batch)
+    assert got in ("x_first", "y_first") and p.loads[got] * 2 < p.loads["joint"]
+    assert pick_pass_order({}, (16, 16), 768, 1, 1) == "joint"
+    huge = dict(p.loads, joint=10 ** 12)              # the separable orders win on gathers...
+    assert pick_pass_order(huge, (16, 16), 768, p.x_index.shape[0], p.y_index.shape[0]) != "joint"
+    rows = plan_module.MAX_INTERMEDIATE_ELEMENTS // 768 // 16 + 1   # ...unless their grid overflows int32
+    assert pick_pass_order(huge, (16, 16), 768, rows, rows) == "joint"
+
+
+def test_the_launcher_picks_the_separable_order_for_a_batch(monkeypatch, device):
+    """The order the launcher takes reaches the op, and its output is the joint order's."""
+    from vitkern.ops.pos_resample import op
+    from vitkern.ops.pos_resample import plan as plan_module
+
+    seen, real = [], op.pick_pass_order
+    monkeypatch.setattr(op, "pick_pass_order", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(plan_module, "SECOND_PASS_BYTES", 0)   # the second launch free at this small size
+    table = torch.randn(1, 4, 5, 32, device=device)
+    with vitkern.use_backend("triton"):
+        got = resample_pos_embed_packed(table, GRIDS * 3)
+    assert seen[-1] != "joint"
+    monkeypatch.setattr(op, "pick_pass_order", lambda *a: "joint")
+    with vitkern.use_backend("triton"):
+        want = resample_pos_embed_packed(table, GRIDS * 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_backward_is_deterministic(device):
@@ -153,8 +220,9 @@ def test_opcheck_ops(device):
     plan = build_plan(GRIDS[:3], (4, 5), "bicubic", True, False, False, device)
     args = (table, None, plan.y_row, plan.x_row, plan.y_index, plan.y_weight, plan.y_count, plan.y_dense,
             plan.x_index, plan.x_weight, plan.x_count, plan.x_dense, BF16)
-    torch.library.opcheck(torch.ops.vitkern.pos_resample_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    for order in ("joint", "x_first", "y_first"):
+        torch.library.opcheck(torch.ops.vitkern.pos_resample_fwd.default, args + (order,),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     grad = torch.randn(plan.total, 24, device=device)
     torch.library.opcheck(torch.ops.vitkern.pos_resample_bwd.default,
                           (grad, table.detach(), None, plan.y_row, plan.x_row, plan.y_dense, plan.x_dense))
@@ -289,5 +357,5 @@ def test_a_plan_read_on_another_stream_records_it_once(plans, monkeypatch):
     current[0] = Stream(7)
     plan_module.device_plan(*args)
     plan_module.device_plan(*args)
-    tensors = list(vars(plan).values())
+    tensors = [t for t in vars(plan).values() if isinstance(t, torch.Tensor)]
     assert [s for _, s in recorded] == [7] * len(tensors) and all(a is b for (a, _), b in zip(recorded, tensors))

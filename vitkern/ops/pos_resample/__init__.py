@@ -10,12 +10,14 @@ when aspect-preserving), or the factorized y ``(1, Gh, D)`` / x ``(1, Gw, D)`` t
 with the 1-D linear rule and summed; one cast to ``dtype`` (default: the table's).
 
 Backends: "reference" and "torch" (``F.interpolate`` per distinct grid size, then a
-concatenation: ``reference.py``), "triton" (``kernels.py``: one launch for the whole batch, its
-taps from the separable weights of ``plan.py``; the backward as float32 matmuls of the rows'
-dense weights, deterministic). Per output element: the image's taps (4 x 4 bicubic, 2 x 2
-bilinear; more when antialiasing widens the filter on downsampling) gathered from the grid, an
-L2-resident table, and one 16- or 32-bit store; the reference's cost is per distinct grid size
-(several launches each), which a batch of mixed sizes pays once per image.
+concatenation: ``reference.py``), "triton" (``kernels.py``: one launch for the whole batch, or
+two in the separable order, its taps from the separable weights of ``plan.py``; the backward as
+float32 matmuls of the rows' dense weights, deterministic). Per output element: the image's taps
+(4 x 4 bicubic, 2 x 2 bilinear; more when antialiasing widens the filter on downsampling)
+gathered from the grid, an L2-resident table, or, for a batch of many images, one axis's taps
+gathered from the grid resampled along the other (``plan.pick_pass_order``), and one 16- or
+32-bit store; the reference's cost is per distinct grid size (several launches each), which a
+batch of mixed sizes pays once per image.
 
 Under ``torch.compile`` the reference's ops trace into the graph (the tap tables are host-built
 per batch, from its grid sizes). Eagerly the tables of the last 32 layouts stay on the device

@@ -10,7 +10,7 @@ from vitkern.ops.pos_resample.launch import _pos_resample_fwd
 from vitkern.testing.compile_check import compile_cases
 
 
-def _case(total, grid, dim, dtype, out_dtype, *, factorized=False, taps=(4, 4)):
+def _case(total, grid, dim, dtype, out_dtype, *, factorized=False, taps=(4, 4), order="joint"):
     gh, gw = grid
     table = torch.empty((gh, dim) if factorized else (gh, gw, dim), dtype=dtype)
     table_x = torch.empty((gw, dim), dtype=dtype) if factorized else None
@@ -18,13 +18,14 @@ def _case(total, grid, dim, dtype, out_dtype, *, factorized=False, taps=(4, 4)):
     idx_y, idx_x = torch.empty((64, taps[0]), dtype=torch.int32), torch.empty((64, taps[1]), dtype=torch.int32)
     w_y, w_x = torch.empty((64, taps[0])), torch.empty((64, taps[1]))
     count = torch.empty(64, dtype=torch.int32)
-    _pos_resample_fwd(table, table_x, rows, rows, idx_y, w_y, count, idx_x, w_x, count, out_dtype)
+    _pos_resample_fwd(table, table_x, rows, rows, idx_y, w_y, count, idx_x, w_x, count, out_dtype, order)
 
 
 @compile_cases
 def _pos_resample_cases():
     # NaFlex ViT-B (16 x 16 grid, D = 768) into bf16 tokens from an fp32 and a bf16 table; SO400M's
-    # D = 1152; the factorized tables; the narrow tiles (D = 16, 40, 64)
+    # D = 1152; the factorized tables; the narrow tiles (D = 16, 40, 64); the separable orders'
+    # two passes (grid rows of one axis's taps into the fp32 intermediate, then the other axis)
     _case(35561, (16, 16), 768, torch.float32, torch.bfloat16)
     _case(35561, (16, 16), 768, torch.bfloat16, torch.bfloat16)
     _case(7153, (16, 16), 1152, torch.float32, torch.float16, factorized=True, taps=(2, 2))
@@ -32,3 +33,7 @@ def _pos_resample_cases():
     _case(100, (4, 5), 64, torch.float32, torch.float32, taps=(7, 9))
     _case(100, (4, 5), 16, torch.bfloat16, torch.bfloat16, factorized=True)
     _case(35561, (16, 16), 768, torch.float32, torch.bfloat16, taps=(16, 16))
+    _case(35561, (16, 16), 768, torch.float32, torch.bfloat16, order="x_first")
+    _case(35561, (16, 16), 768, torch.bfloat16, torch.bfloat16, order="y_first", taps=(16, 16))
+    _case(7153, (16, 16), 1152, torch.float32, torch.float16, order="x_first")
+    _case(100, (4, 5), 40, torch.float32, torch.float32, taps=(7, 9), order="y_first")

@@ -6,7 +6,12 @@ y / x weight rows ``yr = y_row[r]``, ``xr = x_row[r]``
 
 in fp32, one cast on the store. One program per (BLOCK_R rows, BLOCK_D columns); the tap loops
 run to the block's widest tap count (a row's count of non-zero taps, which come first in its
-table row), a shorter row's zero-weight taps masked off (no load)."""
+table row), a shorter row's zero-weight taps masked off (no load).
+
+The same kernel runs the two passes of the separable order (``launch._pos_resample_fwd``): an
+axis without taps (``Y_TAPS`` / ``X_TAPS`` off) reads its row index as the grid's index along it,
+with weight 1, and ``GRID_ROWS`` numbers the rows ``r = yr * n_cols + xr`` instead of loading
+``y_row`` / ``x_row`` (the first pass writes every (y, x) pair of its intermediate grid)."""
 
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ from vitkern.ops._triton import register_kernel
 @triton.jit
 def _pos_resample_fwd_kernel(
     g_ptr, gx_ptr, out_ptr, y_row_ptr, x_row_ptr, y_index_ptr, y_weight_ptr, y_count_ptr, x_index_ptr,
-    x_weight_ptr, x_count_ptr, total, dim, y_taps, x_taps, stride_gy, stride_gx, stride_xx, stride_om,
-    FACTORIZED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_weight_ptr, x_count_ptr, total, dim, n_cols, y_taps, x_taps, stride_gy, stride_gx, stride_xx, stride_om,
+    FACTORIZED: tl.constexpr, Y_TAPS: tl.constexpr, X_TAPS: tl.constexpr, GRID_ROWS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -29,11 +35,19 @@ def _pos_resample_fwd_kernel(
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < total
     col_ok = cols < dim
-    yr = tl.load(y_row_ptr + rows, mask=row_ok, other=0)
-    xr = tl.load(x_row_ptr + rows, mask=row_ok, other=0)
+    if GRID_ROWS:
+        yr = rows // n_cols
+        xr = rows % n_cols
+    else:
+        yr = tl.load(y_row_ptr + rows, mask=row_ok, other=0)
+        xr = tl.load(x_row_ptr + rows, mask=row_ok, other=0)
     # the tap loops run to this block's widest row (its rows mostly share an image and its taps)
-    ny = tl.max(tl.load(y_count_ptr + yr, mask=row_ok, other=0), axis=0)
-    nx = tl.max(tl.load(x_count_ptr + xr, mask=row_ok, other=0), axis=0)
+    ny = 1
+    nx = 1
+    if Y_TAPS:
+        ny = tl.max(tl.load(y_count_ptr + yr, mask=row_ok, other=0), axis=0)
+    if X_TAPS:
+        nx = tl.max(tl.load(x_count_ptr + xr, mask=row_ok, other=0), axis=0)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     if FACTORIZED:
         for a in range(ny):
@@ -50,11 +64,19 @@ def _pos_resample_fwd_kernel(
             acc += wx[:, None] * v.to(tl.float32)
     else:
         for a in range(ny):
-            iy = tl.load(y_index_ptr + yr * y_taps + a, mask=row_ok, other=0)
-            wy = tl.load(y_weight_ptr + yr * y_taps + a, mask=row_ok, other=0.0)
+            if Y_TAPS:
+                iy = tl.load(y_index_ptr + yr * y_taps + a, mask=row_ok, other=0)
+                wy = tl.load(y_weight_ptr + yr * y_taps + a, mask=row_ok, other=0.0)
+            else:
+                iy = yr
+                wy = tl.full((BLOCK_R,), 1.0, tl.float32)
             for c in range(nx):
-                ix = tl.load(x_index_ptr + xr * x_taps + c, mask=row_ok, other=0)
-                wx = tl.load(x_weight_ptr + xr * x_taps + c, mask=row_ok, other=0.0)
+                if X_TAPS:
+                    ix = tl.load(x_index_ptr + xr * x_taps + c, mask=row_ok, other=0)
+                    wx = tl.load(x_weight_ptr + xr * x_taps + c, mask=row_ok, other=0.0)
+                else:
+                    ix = xr
+                    wx = tl.full((BLOCK_R,), 1.0, tl.float32)
                 w = wy * wx
                 take = (row_ok & (w != 0.0))[:, None] & col_ok[None, :]
                 offs = (iy * stride_gy + ix * stride_gx)[:, None] + cols[None, :]

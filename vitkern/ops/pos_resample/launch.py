@@ -30,26 +30,58 @@ def _aligned(table: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return padded
 
 
+def _launch_resample(table, table_x, out, rows, dim, y_row, x_row, y_tables, x_tables, *, n_cols=0,
+                     grid_rows=False):
+    """One launch of the kernel over ``rows`` output rows and ``dim`` columns; ``y_tables`` /
+    ``x_tables`` are ``(index, weight, count)``, or None for an axis read as the grid's own index."""
+    factorized = table_x is not None
+    config = _resample_config(dim)
+    grid = (triton.cdiv(rows, config.meta["BLOCK_R"]), triton.cdiv(dim, config.meta["BLOCK_D"]))
+    y_index, y_weight, y_count = y_tables if y_tables is not None else (y_row,) * 3
+    x_index, x_weight, x_count = x_tables if x_tables is not None else (x_row,) * 3
+    launch(
+        _pos_resample_fwd_kernel, grid,
+        table, table_x if factorized else table, out, y_row, x_row, y_index, y_weight, y_count, x_index, x_weight,
+        x_count, rows, dim, n_cols, y_index.shape[-1] if y_tables is not None else 1,
+        x_index.shape[-1] if x_tables is not None else 1,
+        table.stride(0), table.stride(1) if not factorized else 0, table_x.stride(0) if factorized else 0,
+        out.stride(0),
+        FACTORIZED=factorized, Y_TAPS=y_tables is not None, X_TAPS=x_tables is not None, GRID_ROWS=grid_rows,
+        config=config,
+    )
+
+
 def _pos_resample_fwd(table, table_x, y_row, x_row, y_index, y_weight, y_count, x_index, x_weight, x_count,
-                      out_dtype: torch.dtype) -> torch.Tensor:
+                      out_dtype: torch.dtype, pass_order: str = "joint") -> torch.Tensor:
     """``(total, D)`` in ``out_dtype``: the learned ``table`` ``(Gh, Gw, D)``, or the factorized y
-    ``table`` ``(Gh, D)`` and ``table_x`` ``(Gw, D)``, resampled per row (kernels.py)."""
+    ``table`` ``(Gh, D)`` and ``table_x`` ``(Gw, D)``, resampled per row (kernels.py).
+
+    ``pass_order`` (learned tables; :func:`vitkern.ops.pos_resample.plan.pick_pass_order`):
+    "joint" gathers each row's ``ny * nx`` taps from the grid in one launch; "x_first" first
+    resamples every grid row to each of the batch's distinct x weight rows, into a float32
+    ``(Gh, n_x, D)`` grid, then gathers each output row's ``ny`` taps from it ("y_first" the
+    other way round): ``Gh * n_x * nx + total * ny`` gathers for ``total * ny * nx``."""
     total, dim = y_row.shape[0], table.shape[-1]
     table, table_x = _aligned(table), _aligned(table_x)
     out = torch.empty((total, dim), dtype=out_dtype, device=table.device)
     if out.numel() == 0:
         return out
-    factorized = table_x is not None
-    config = _resample_config(dim)
-    grid = (triton.cdiv(total, config.meta["BLOCK_R"]), triton.cdiv(dim, config.meta["BLOCK_D"]))
-    launch(
-        _pos_resample_fwd_kernel, grid,
-        table, table_x if factorized else table, out, y_row, x_row, y_index, y_weight, y_count, x_index, x_weight,
-        x_count, total, dim, y_index.shape[1], x_index.shape[1],
-        table.stride(0), table.stride(1) if not factorized else 0, table_x.stride(0) if factorized else 0,
-        out.stride(0),
-        FACTORIZED=factorized, config=config,
-    )
+    y_tables, x_tables = (y_index, y_weight, y_count), (x_index, x_weight, x_count)
+    if table_x is not None or pass_order == "joint":
+        _launch_resample(table, table_x, out, total, dim, y_row, x_row, y_tables, x_tables)
+        return out
+    if pass_order not in ("x_first", "y_first"):
+        raise ValueError(f"pos_resample: pass_order must be 'joint', 'x_first' or 'y_first', got {pass_order!r}")
+    gh, gw, width = table.shape
+    x_first = pass_order == "x_first"
+    # the intermediate grid: every source row resampled along x (or column along y), float32
+    # (the reference interpolates in float32 and casts once), rows of the aligned width
+    shape = (gh, x_index.shape[0]) if x_first else (y_index.shape[0], gw)
+    mid = torch.empty(shape + (width,), dtype=torch.float32, device=table.device)
+    _launch_resample(table, None, mid.view(-1, width), shape[0] * shape[1], dim, y_row, x_row,
+                     None if x_first else y_tables, x_tables if x_first else None, n_cols=shape[1], grid_rows=True)
+    _launch_resample(mid, None, out, total, dim, y_row, x_row, y_tables if x_first else None,
+                     None if x_first else x_tables)
     return out
 
 

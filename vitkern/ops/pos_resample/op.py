@@ -10,14 +10,14 @@ import torch
 
 from vitkern.ops._autograd import kernel_op
 from vitkern.ops._common import FLOAT_DTYPES
-from vitkern.ops.pos_resample.plan import device_plan
+from vitkern.ops.pos_resample.plan import device_plan, pick_pass_order
 from vitkern.ops.pos_resample.reference import resample_pos_embed_packed_ref
 
 TRITON_DTYPES = FLOAT_DTYPES
 
 
 def _fwd_fake(table, table_x, y_row, x_row, y_index, y_weight, y_count, y_dense, x_index, x_weight, x_count, x_dense,
-              out_dtype):
+              out_dtype, pass_order):
     return torch.empty((y_row.shape[0], table.shape[-1]), dtype=out_dtype, device=table.device)
 
 
@@ -39,17 +39,17 @@ def _pos_resample_bwd_op(
 
 
 def _save(inputs, output):
-    table, table_x, y_row, x_row, _, _, _, y_dense, _, _, _, x_dense, _ = inputs
+    table, table_x, y_row, x_row, _, _, _, y_dense, _, _, _, x_dense, _, _ = inputs
     return (table, table_x, y_row, x_row, y_dense, x_dense), ()
 
 
 def _backward(state, saved, grads, need):
     table, table_x, y_row, x_row, y_dense, x_dense = saved
     if not (need[0] or need[1]):
-        return (None,) * 13
+        return (None,) * 14
     d_table, d_table_x = torch.ops.vitkern.pos_resample_bwd(grads[0], table, table_x, y_row, x_row, y_dense,
                                                             x_dense)
-    return (d_table if need[0] else None, d_table_x if need[1] and table_x is not None else None) + (None,) * 11
+    return (d_table if need[0] else None, d_table_x if need[1] and table_x is not None else None) + (None,) * 12
 
 
 @kernel_op("vitkern::pos_resample_fwd", fake=_fwd_fake, save=_save, backward=_backward)
@@ -57,12 +57,12 @@ def _pos_resample_fwd_op(
     table: torch.Tensor, table_x: Optional[torch.Tensor], y_row: torch.Tensor, x_row: torch.Tensor,
     y_index: torch.Tensor, y_weight: torch.Tensor, y_count: torch.Tensor, y_dense: torch.Tensor,
     x_index: torch.Tensor, x_weight: torch.Tensor, x_count: torch.Tensor, x_dense: torch.Tensor,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, pass_order: str,
 ) -> torch.Tensor:
     from vitkern.ops.pos_resample import launch as _launch
 
     return _launch._pos_resample_fwd(table, table_x, y_row, x_row, y_index, y_weight, y_count, x_index, x_weight,
-                                     x_count, out_dtype)
+                                     x_count, out_dtype, pass_order)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +70,9 @@ def _pos_resample_fwd_op(
 # --------------------------------------------------------------------------------------------
 
 
-def _pos_resample_triton(table, table_x, grid_sizes, mode, antialias, align_corners, aspect_preserving, dtype):
+def _pos_resample_triton(table, table_x, grid_sizes, mode, antialias, align_corners, aspect_preserving, dtype,
+                         pass_order=None):
+    """``pass_order`` None: the plan's (``plan.pick_pass_order``); a benchmark forces one."""
     factorized = table_x is not None
     source = (table.shape[1], table_x.shape[1]) if factorized else tuple(table.shape[1:3])
     # the factorized tables resample with the 1-D linear rule: bilinear along one axis
@@ -80,6 +82,8 @@ def _pos_resample_triton(table, table_x, grid_sizes, mode, antialias, align_corn
     if plan is None:  # a CUDA graph capture of a layout not seen before: the reference's device ops
         return resample_pos_embed_packed_ref(table, table_x, grid_sizes, mode, antialias, align_corners,
                                              aspect_preserving, dtype)
+    order = pass_order or pick_pass_order(plan.loads, source, table.shape[-1], plan.x_index.shape[0],
+                                          plan.y_index.shape[0])
     return torch.ops.vitkern.pos_resample_fwd(
         table[0], table_x[0] if factorized else None, plan.y_row, plan.x_row, plan.y_index, plan.y_weight,
-        plan.y_count, plan.y_dense, plan.x_index, plan.x_weight, plan.x_count, plan.x_dense, dtype)
+        plan.y_count, plan.y_dense, plan.x_index, plan.x_weight, plan.x_count, plan.x_dense, dtype, order)

@@ -13,6 +13,11 @@ PyTorch's by construction, the antialiased bicubic's a = -0.5 filter and its sup
 downsampling included. A row of ``Wy`` has few non-zero weights (its taps: 2 bilinear, 4 bicubic,
 more when an antialiased filter widens on downsampling); :func:`build_plan` stores them per
 distinct output length, and per packed row the index of its y and x weight rows.
+
+The separable form also gives the kernel a cheaper order than gathering each row's ``ny * nx``
+taps: resample every grid row along x to each distinct x weight row first (``Gh * n_x`` rows of
+``nx`` taps), then each output row along y (``ny`` taps) from that intermediate grid, or the
+other way round; :func:`pick_pass_order` chooses by the gathers each order counts.
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ class ResamplePlan:
     x_count: torch.Tensor
     x_dense: torch.Tensor
     x_row: torch.Tensor
+    #: host ints: the gathered table rows of each pass order, ``{"joint": ..., "x_first": ...,
+    #: "y_first": ...}`` (see :func:`pass_loads`); empty for factorized tables
+    loads: dict = field(default_factory=dict, compare=False)
 
     @property
     def total(self) -> int:
@@ -113,6 +121,48 @@ def _axis_tables(src: int, lengths: Sequence[int], mode: str, antialias: bool, a
     return index, weight, count, torch.cat(dense).to(torch.float32), firsts
 
 
+def pass_loads(y_count: torch.Tensor, x_count: torch.Tensor, y_row: torch.Tensor, x_row: torch.Tensor,
+               source_size: GridSize) -> dict:
+    """Host ints: the table rows (of D elements) each pass order gathers and writes besides the
+    output, from the host tap counts and packed rows:
+
+    - "joint": ``sum_r ny[r] * nx[r]`` gathers from the grid;
+    - "x_first": ``Gh * sum_j nx[j]`` gathers for the ``(Gh, n_x)`` intermediate grid, its
+      ``Gh * n_x`` rows written, then ``sum_r ny[r]`` gathers from it;
+    - "y_first": ``Gw * sum_i ny[i] + Gw * n_y + sum_r nx[r]``.
+    """
+    ny, nx = y_count.to(torch.int64), x_count.to(torch.int64)
+    ny_r, nx_r = ny[y_row.long()], nx[x_row.long()]
+    gh, gw = source_size
+    return {"joint": int((ny_r * nx_r).sum()),
+            "x_first": gh * int(nx.sum()) + gh * nx.numel() + int(ny_r.sum()),
+            "y_first": gw * int(ny.sum()) + gw * ny.numel() + int(nx_r.sum())}
+
+
+#: The cost of the separable orders' second launch, in bytes of gathers: ~4 us of launch and
+#: tail at an L2 gather rate of ~8 TB/s (H100 / H200).
+SECOND_PASS_BYTES = 32 << 20
+#: The separable orders' intermediate grid is addressed with int32 offsets.
+MAX_INTERMEDIATE_ELEMENTS = (1 << 31) - 1
+
+
+def pick_pass_order(loads: dict, source_size: GridSize, dim: int, n_x: int, n_y: int) -> str:
+    """The order with the fewest gathered bytes (rows of ``dim`` float32 elements), the separable
+    ones charged :data:`SECOND_PASS_BYTES` for their second launch: "joint" for a few small
+    images, a separable one for a batch (the 128-image NaFlex batch: 17.1 gathered rows per
+    output row joint, 5.2 separable). "joint" when ``loads`` is empty (factorized tables)."""
+    if not loads:
+        return "joint"
+    row_bytes = 4 * max(dim, 1)
+    width = -(-dim // 16) * 16
+    costs = {"joint": loads["joint"] * row_bytes}
+    gh, gw = source_size
+    for order, mid_rows in (("x_first", gh * n_x), ("y_first", gw * n_y)):
+        if mid_rows * width <= MAX_INTERMEDIATE_ELEMENTS:
+            costs[order] = loads[order] * row_bytes + SECOND_PASS_BYTES
+    return min(costs, key=lambda k: (costs[k], k != "joint"))
+
+
 def build_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str, antialias: bool,
                align_corners: bool, aspect_preserving: bool, device: torch.device,
                learned: bool = True) -> ResamplePlan:
@@ -135,11 +185,12 @@ def build_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str,
     y0 = np.array([y_first[s[0]] for s in sizes], dtype=np.int64)
     x0 = np.array([x_first[s[1]] for s in sizes], dtype=np.int64)
     rows = torch.from_numpy(np.stack((y0[image] + local // gw[image], x0[image] + local % gw[image])).astype(np.int32))
+    loads = pass_loads(y_count, x_count, rows[0], rows[1], source) if learned else {}
     non_blocking = device.type == "cuda"
     y = [t.to(device, non_blocking=non_blocking) for t in (y_index, y_weight, y_count, y_dense)]
     x = [t.to(device, non_blocking=non_blocking) for t in (x_index, x_weight, x_count, x_dense)]
     rows = rows.to(device, non_blocking=non_blocking)
-    return ResamplePlan(*y, rows[0], *x, rows[1])
+    return ResamplePlan(*y, rows[0], *x, rows[1], loads=loads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +270,8 @@ def device_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str
             entry.pinned = True
         elif stream is not None and stream.stream_id != entry.stream and stream.stream_id not in entry.streams:
             for t in vars(entry.plan).values():
-                _record_stream(t, stream)
+                if isinstance(t, torch.Tensor):
+                    _record_stream(t, stream)
             entry.streams.add(stream.stream_id)
     return entry.plan
 
