@@ -159,6 +159,12 @@ def test_pick_pass_order():
     got, p = order(batch)
     assert got in ("x_first", "y_first") and p.loads[got] * 2 < p.loads["joint"]
     assert pick_pass_order({}, (16, 16), 768, 1, 1) == "joint"
+    from vitkern.ops.pos_resample.launch import _pos_resample_fwd
+
+    t = torch.zeros(4, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="pass_order"):   # checked for factorized tables too
+        _pos_resample_fwd(torch.zeros(4, 5, 8), torch.zeros(5, 8), t[:, 0], t[:, 0], t, t.float(), t[:, 0], t,
+                          t.float(), t[:, 0], F32, "rows_first")
     huge = dict(p.loads, joint=10 ** 12)              # the separable orders win on gathers...
     assert pick_pass_order(huge, (16, 16), 768, p.x_index.shape[0], p.y_index.shape[0]) != "joint"
     rows = plan_module.MAX_INTERMEDIATE_ELEMENTS // 768 // 16 + 1   # ...unless their grid overflows int32

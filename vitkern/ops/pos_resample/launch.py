@@ -10,6 +10,7 @@ import triton
 from vitkern.ops._triton import launch
 from vitkern.ops.pos_resample.configs import _resample_config
 from vitkern.ops.pos_resample.kernels import _pos_resample_fwd_kernel
+from vitkern.ops.pos_resample.plan import PASS_ORDERS
 
 #: Rows of the backward's (rows, Gh * Gw) float32 weight block per matmul: bounds its scratch
 #: (64 MiB at a 16 x 16 grid), summed chunk after chunk in a fixed order.
@@ -61,6 +62,8 @@ def _pos_resample_fwd(table, table_x, y_row, x_row, y_index, y_weight, y_count, 
     resamples every grid row to each of the batch's distinct x weight rows, into a float32
     ``(Gh, n_x, D)`` grid, then gathers each output row's ``ny`` taps from it ("y_first" the
     other way round): ``Gh * n_x * nx + total * ny`` gathers for ``total * ny * nx``."""
+    if pass_order not in PASS_ORDERS:
+        raise ValueError(f"pos_resample: pass_order must be one of {PASS_ORDERS}, got {pass_order!r}")
     total, dim = y_row.shape[0], table.shape[-1]
     table, table_x = _aligned(table), _aligned(table_x)
     out = torch.empty((total, dim), dtype=out_dtype, device=table.device)
@@ -70,8 +73,6 @@ def _pos_resample_fwd(table, table_x, y_row, x_row, y_index, y_weight, y_count, 
     if table_x is not None or pass_order == "joint":
         _launch_resample(table, table_x, out, total, dim, y_row, x_row, y_tables, x_tables)
         return out
-    if pass_order not in ("x_first", "y_first"):
-        raise ValueError(f"pos_resample: pass_order must be 'joint', 'x_first' or 'y_first', got {pass_order!r}")
     gh, gw, width = table.shape
     x_first = pass_order == "x_first"
     # the intermediate grid: every source row resampled along x (or column along y), float32

@@ -37,6 +37,10 @@ RESAMPLE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 
 GridSize = Tuple[int, int]
 
+#: The kernel's orders (:func:`pick_pass_order`): each row's taps along both axes at once, or
+#: one axis through an intermediate grid first.
+PASS_ORDERS = ("joint", "x_first", "y_first")
+
 
 @functools.lru_cache(maxsize=4096)
 def axis_weights(src: int, dst: int, mode: str, antialias: bool, align_corners: bool) -> torch.Tensor:
