@@ -82,7 +82,8 @@ def tap_stats(images: int, min_px: int, max_px: int, grid: int = 16, dim: int = 
     """The batch's resampling work as the plan has it: images, distinct grid sizes, rows, the
     tables' padded tap widths, the mean non-zero taps a row (the joint order's gathers per
     output row), each order's gathered and written table rows per output row, the separable
-    orders' intermediate grid rows, and the order the launcher picks at width ``dim``."""
+    orders' intermediate grid rows, the order the launcher picks at width ``dim``, and the
+    backward's segments (distinct x weight rows, and the most packed rows one of them sums)."""
     import torch
 
     from vitkern.ops.pos_resample import build_plan
@@ -96,7 +97,8 @@ def tap_stats(images: int, min_px: int, max_px: int, grid: int = 16, dim: int = 
                 padded_taps=(plan.y_index.shape[1], plan.x_index.shape[1]), mean_taps=round(taps.mean().item(), 1),
                 loads_per_row={k: round(v / plan.total, 1) for k, v in plan.loads.items()},
                 intermediate_rows={"x_first": grid * n_x, "y_first": grid * n_y},
-                order=pick_pass_order(plan.loads, (grid, grid), dim, n_x, n_y))
+                order=pick_pass_order(plan.loads, (grid, grid), dim, n_x, n_y),
+                bwd_segments={"x_weight_rows": n_x, "longest": int(plan.x_seg.diff().max())})
 
 
 if __name__ == "__main__":

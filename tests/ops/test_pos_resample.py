@@ -142,6 +142,23 @@ def test_pass_loads_count_the_gathers():
     assert factorized.loads == {}
 
 
+def test_plan_groups_the_rows_of_each_x_weight_row():
+    """The backward's segments: ``x_perm`` lists the packed rows by x weight row, stably (packed
+    order within a segment, so the sum's order is fixed), and ``x_seg`` holds each segment's
+    bounds, empty for an x weight row no packed row uses."""
+    grids = ((3, 5), (6, 2), (9, 8), (3, 5), (1, 1))
+    for ar in (False, True):
+        plan = build_plan(grids, (4, 5), "bicubic", True, False, ar, torch.device("cpu"))
+        x_row, perm, seg = plan.x_row.long(), plan.x_perm.long(), plan.x_seg.long()
+        assert plan.x_perm.dtype == plan.x_seg.dtype == torch.int32
+        assert sorted(perm.tolist()) == list(range(plan.total))
+        assert seg.shape[0] == plan.x_index.shape[0] + 1 and seg[0] == 0 and seg[-1] == plan.total
+        for xr in range(plan.x_index.shape[0]):
+            members = perm[seg[xr]:seg[xr + 1]]
+            assert (x_row[members] == xr).all()
+            assert members.tolist() == (x_row == xr).nonzero().flatten().tolist()
+
+
 def test_pick_pass_order():
     """The launcher's choice: one launch for a few small images, a separable order for a batch
     of many (the benchmark's 128-image NaFlex batch: 17.1 gathers a row joint, 5.2 separable),
@@ -189,6 +206,24 @@ def test_the_launcher_picks_the_separable_order_for_a_batch(monkeypatch, device)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_backward_tiles_a_tall_grid_and_wide_rows(device):
+    """The backward kernel's program grid beyond one tile: a learned grid of 70 rows (five BLOCK_I
+    = 16 blocks) and D = 136 (two BLOCK_D = 128 blocks), rows of one x weight row spread over
+    several images, and x weight rows that no packed row uses (the aspect-preserving crop)."""
+    table = torch.randn(1, 70, 3, 136, dtype=torch.float64, device=device)
+    grids = ((5, 2), (9, 3), (5, 2), (2, 6))
+    grad = torch.randn(sum(h * w for h, w in grids), 136, dtype=torch.float64, device=device)
+    for ar in (False, True):
+        kw = dict(mode="bilinear", antialias=False, align_corners=False, aspect_preserving=ar)
+        ref = table.detach().requires_grad_()
+        want = torch.autograd.grad(resample_pos_embed_packed_ref(ref, None, grids, "bilinear", False, False, ar,
+                                                                 torch.float64), ref, grad)[0]
+        leaf = table.detach().float().requires_grad_()
+        with vitkern.use_backend("triton"):
+            got = torch.autograd.grad(resample_pos_embed_packed(leaf, grids, **kw), leaf, grad.float())[0]
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_backward_is_deterministic(device):
     table = torch.randn(1, 4, 5, 32, device=device, requires_grad=True)
     grad = torch.randn(sum(h * w for h, w in GRIDS), 32, device=device)
@@ -225,13 +260,14 @@ def test_opcheck_ops(device):
     table = torch.randn(4, 5, 24, device=device, requires_grad=True)
     plan = build_plan(GRIDS[:3], (4, 5), "bicubic", True, False, False, device)
     args = (table, None, plan.y_row, plan.x_row, plan.y_index, plan.y_weight, plan.y_count, plan.y_dense,
-            plan.x_index, plan.x_weight, plan.x_count, plan.x_dense, BF16)
+            plan.x_index, plan.x_weight, plan.x_count, plan.x_dense, plan.x_perm, plan.x_seg, BF16)
     for order in ("joint", "x_first", "y_first"):
         torch.library.opcheck(torch.ops.vitkern.pos_resample_fwd.default, args + (order,),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     grad = torch.randn(plan.total, 24, device=device)
     torch.library.opcheck(torch.ops.vitkern.pos_resample_bwd.default,
-                          (grad, table.detach(), None, plan.y_row, plan.x_row, plan.y_dense, plan.x_dense))
+                          (grad, table.detach(), None, plan.y_row, plan.x_row, plan.y_dense, plan.x_dense, plan.x_perm,
+                           plan.x_seg))
 
 
 def test_torch_compile_fullgraph(device):

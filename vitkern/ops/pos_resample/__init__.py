@@ -11,8 +11,9 @@ with the 1-D linear rule and summed; one cast to ``dtype`` (default: the table's
 
 Backends: "reference" and "torch" (``F.interpolate`` per distinct grid size, then a
 concatenation: ``reference.py``), "triton" (``kernels.py``: one launch for the whole batch, or
-two in the separable order, its taps from the separable weights of ``plan.py``; the backward as
-float32 matmuls of the rows' dense weights, deterministic). Per output element: the image's taps
+two in the separable order, its taps from the separable weights of ``plan.py``; the backward
+separable too: a segmented sum over the rows of each x weight row, then one float32 matmul,
+deterministic). Per output element: the image's taps
 (4 x 4 bicubic, 2 x 2 bilinear; more when antialiasing widens the filter on downsampling)
 gathered from the grid, an L2-resident table, or, for a batch of many images, one axis's taps
 gathered from the grid resampled along the other (``plan.pick_pass_order``), and one 16- or

@@ -84,3 +84,40 @@ def _pos_resample_fwd_kernel(
                 acc += w[:, None] * v.to(tl.float32)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@register_kernel
+@triton.jit
+def _pos_resample_bwd_kernel(
+    grad_ptr, wy_ptr, y_row_ptr, perm_ptr, seg_ptr, dh_ptr, dim, gh, stride_gm, stride_wy, stride_hx, stride_hi,
+    BLOCK_S: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The learned grid's backward, first half: per x weight row ``xr``
+
+        dH[xr, i] = sum over the packed rows r with x_row[r] = xr of  Wy[y_row[r], i] * grad[r]
+
+    (``perm[seg[xr]:seg[xr + 1]]``: those rows, in packed order), float32. One program per (xr,
+    BLOCK_I grid rows, BLOCK_D columns) sums its rows BLOCK_S at a time as an IEEE fp32 dot, in a
+    fixed order: each element of dH is one program's, so the result is deterministic. The second
+    half, ``dG[i, j] = sum_xr Wx[xr, j] dH[xr, i]``, is a matmul (launch.py)."""
+    xr = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    ii = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    i_ok = ii < gh
+    col_ok = cols < dim
+    start = tl.load(seg_ptr + xr)
+    end = tl.load(seg_ptr + xr + 1)
+    acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+    for s in range(start, end, BLOCK_S):
+        offs = s + tl.arange(0, BLOCK_S)
+        ok = offs < end
+        r = tl.load(perm_ptr + offs, mask=ok, other=0)
+        yr = tl.load(y_row_ptr + r, mask=ok, other=0)
+        w = tl.load(wy_ptr + yr[None, :] * stride_wy + ii[:, None], mask=i_ok[:, None] & ok[None, :], other=0.0)
+        g = tl.load(grad_ptr + r.to(tl.int64)[:, None] * stride_gm + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(w, g.to(tl.float32), acc, input_precision="ieee")
+    out = dh_ptr + xr.to(tl.int64) * stride_hx + ii[:, None] * stride_hi + cols[None, :]
+    tl.store(out, acc, mask=i_ok[:, None] & col_ok[None, :])

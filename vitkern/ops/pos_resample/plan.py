@@ -89,6 +89,11 @@ class ResamplePlan:
     x_count: torch.Tensor
     x_dense: torch.Tensor
     x_row: torch.Tensor
+    #: the packed rows ordered by their x weight row (stable: packed order within one), int32
+    #: ``(total,)``, and where each x weight row's run starts in it, ``(n_x + 1,)``: the learned
+    #: grid backward's segments (``kernels._pos_resample_bwd_kernel``)
+    x_perm: Optional[torch.Tensor] = None
+    x_seg: Optional[torch.Tensor] = None
     #: host ints: the gathered table rows of each pass order, ``{"joint": ..., "x_first": ...,
     #: "y_first": ...}`` (see :func:`pass_loads`); empty for factorized tables
     loads: dict = field(default_factory=dict, compare=False)
@@ -190,11 +195,15 @@ def build_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str,
     x0 = np.array([x_first[s[1]] for s in sizes], dtype=np.int64)
     rows = torch.from_numpy(np.stack((y0[image] + local // gw[image], x0[image] + local % gw[image])).astype(np.int32))
     loads = pass_loads(y_count, x_count, rows[0], rows[1], source) if learned else {}
+    x_row = rows[1].numpy()
+    x_perm = torch.from_numpy(np.argsort(x_row, kind="stable").astype(np.int32))
+    x_seg = torch.from_numpy(np.concatenate(([0], np.cumsum(np.bincount(x_row, minlength=x_index.shape[0])))
+                                            ).astype(np.int32))
     non_blocking = device.type == "cuda"
     y = [t.to(device, non_blocking=non_blocking) for t in (y_index, y_weight, y_count, y_dense)]
     x = [t.to(device, non_blocking=non_blocking) for t in (x_index, x_weight, x_count, x_dense)]
-    rows = rows.to(device, non_blocking=non_blocking)
-    return ResamplePlan(*y, rows[0], *x, rows[1], loads=loads)
+    rows, x_perm, x_seg = (t.to(device, non_blocking=non_blocking) for t in (rows, x_perm, x_seg))
+    return ResamplePlan(*y, rows[0], *x, rows[1], x_perm=x_perm, x_seg=x_seg, loads=loads)
 
 
 # --------------------------------------------------------------------------------------------
