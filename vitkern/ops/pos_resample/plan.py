@@ -261,6 +261,7 @@ def device_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str
     key = (tuple(map(tuple, grid_sizes)), tuple(source_size), mode, antialias, align_corners, aspect_preserving,
            learned, device)
     capturing = _capturing(device)
+    stream = None if capturing else _current_stream(device)
     with _plans_lock:
         entry = _plans.get(key)
         if entry is not None:
@@ -269,7 +270,6 @@ def device_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str
         if capturing:
             return None
         plan = build_plan(grid_sizes, source_size, mode, antialias, align_corners, aspect_preserving, device, learned)
-        stream = _current_stream(device)
         entry = _Entry(plan, None if stream is None else stream.stream_id)
         with _plans_lock:
             entry = _plans.setdefault(key, entry)   # another thread may have built it meanwhile
@@ -277,7 +277,6 @@ def device_plan(grid_sizes: Sequence[GridSize], source_size: GridSize, mode: str
             unpinned = [k for k, e in _plans.items() if not e.pinned]
             for k in unpinned[:max(0, len(unpinned) - PLAN_CACHE_SIZE)]:
                 del _plans[k]
-    stream = None if capturing else _current_stream(device)
     with _plans_lock:
         if capturing:
             entry.pinned = True
