@@ -18,7 +18,9 @@ import torch
 import triton
 
 from vitkern.ops import _config
-from vitkern.testing.compile_check import SHARED_LIMITS, evaluate, parse_ptxas_log, run_compile_check
+from vitkern.testing.compile_check import SHARED_LIMITS, CheckReport, evaluate, parse_ptxas_log, run_compile_check
+
+from _compile_rows import PACKAGE_CHECKS
 
 TESTS_DIR = Path(__file__).resolve().parent
 FIXTURE = "_compile_fixture_kernels"
@@ -102,7 +104,9 @@ def test_fixture_full_plan_covers_every_config():
 
 
 def test_ops_kernels_compile_check():
-    """Every kernel variant in vitkern.ops, once per arch (plus the configs marked bench)."""
+    """Every kernel variant in vitkern.ops, once per arch (plus the configs marked bench), and
+    each op's own checks over its package's rows (tests/_compile_rows.py): one run compiles
+    each job once, where each op's test compiling its own set repeated the shared GEMM jobs."""
     report = run_compile_check(timeout=TIMEOUT)
     print(report.format())
     print(f"compile check: {len(report.rows)} rows in {report.wall_s:.1f} s with {report.workers} workers")
@@ -110,6 +114,8 @@ def test_ops_kernels_compile_check():
     assert not failures, "kernels failing the static compile check:\n" + "\n".join(
         f"{r['module']}:{r['kernel']} sm_{r['arch']} [{r.get('config', '')}] {r.get('constexprs', '')}: "
         + "; ".join(r["problems"]) for r in failures)
+    for package, check in PACKAGE_CHECKS.items():
+        check(report.of_package(package).rows)
 
 
 @pytest.mark.slow
@@ -165,6 +171,27 @@ def test_evaluate_flags_each_problem():
     assert "no mma.sync" in evaluate(_row(arch=80, wgmma=False, mma=False))[0]
     assert evaluate(_row(error="PTXASError: boom"))[0].startswith("compile error")
     assert evaluate(_row(n_regs=None)) == ["no ptxas statistics"]
+
+
+def test_of_package_keeps_the_rows_a_run_over_the_package_alone_gives():
+    """A kernel of another package that the package's cases launch is its row; a plan problem
+    counts by its module; a package name is not a prefix of another's (gemm vs gemm_extra)."""
+    rows = [
+        _row(kernel="gemm", module="vitkern.ops.gemm.kernels",
+             cases=["vitkern.ops.gemm.compile_cases:_fc1", "vitkern.ops.patch_embed.compile_cases:_fwd"]),
+        _row(kernel="gemm2", module="vitkern.ops.gemm.kernels", cases=["vitkern.ops.mlp.compile_cases:_mlp"]),
+        _row(kernel="colsum", module="vitkern.ops.patch_embed.kernels",
+             cases=["vitkern.ops.patch_embed.compile_cases:_bwd"]),
+        dict(kernel="orphan", module="vitkern.ops.patch_embed.kernels", arch="-", problems=["no compile case"]),
+        _row(kernel="other", module="vitkern.ops.gemm_extra.kernels", cases=["vitkern.ops.gemm_extra.cases:_c"]),
+    ]
+    report = CheckReport(rows=rows, wall_s=1.0, workers=1, command=[])
+    kernels = lambda package: [r["kernel"] for r in report.of_package(package).rows]  # noqa: E731
+    assert kernels("vitkern.ops.patch_embed") == ["gemm", "colsum", "orphan"]
+    assert kernels("vitkern.ops.gemm") == ["gemm"]
+    assert kernels("vitkern.ops.mlp") == ["gemm2"]
+    assert kernels("vitkern.ops") == [r["kernel"] for r in rows]
+    assert report.of_package("vitkern.ops.gemm").wall_s == 1.0 and report.rows == rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from vitkern.ops.gemm import launch as _launch
 from vitkern.ops._config import device_arch
 from vitkern.testing.numerics import assert_2x_rounding, poisoned
 
+from _compile_rows import check_gemm_rows
+
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
@@ -184,38 +186,20 @@ def test_config_selection_covers_every_key():
 # ---- static compile (sm_80 / sm_90, no GPU needed)
 
 
-def _compile_rows(full: bool):
-    from vitkern.testing.compile_check import run_compile_check
-
-    report = run_compile_check(["vitkern.ops.gemm"], full=full, timeout=3000)
-    print(report.format())
-    return report.rows
-
-
-def _check_rows(rows):
-    assert rows, "no compile rows"
-    problems = [(r["kernel"], r["arch"], r.get("config"), r.get("constexprs"), r["problems"]) for r in rows
-                if r["problems"]]
-    assert not problems, problems
-    gemm_rows = [r for r in rows if r["kernel"] == "_gemm_kernel"]
-    assert {r["arch"] for r in gemm_rows} == {80, 90}
-    for r in gemm_rows:
-        sixteen = "b_ptr:*bf16" in r["signature"] or "b_ptr:*fp16" in r["signature"]
-        if r["arch"] == 90 and sixteen:
-            assert r["wgmma"], r
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0
-
-
-def test_static_compile_gemm():
-    """Every config of the arch family with the fc1 / fc2 / dW / dU epilogues and the ragged
-    shapes compiles for sm_80 and sm_90 without spills; 16-bit configs use wgmma on sm_90."""
-    _check_rows(_compile_rows(full=False))
+# The default set's GEMM rows are checked in tests/test_static_compile.py, from its one run over
+# all of vitkern.ops (the same jobs: compiling them here too cost CI minutes).
 
 
 @pytest.mark.slow
 def test_static_compile_gemm_full():
-    """Also the benchmark shapes (ViT-B / ViT-L forward and backward GEMMs)."""
-    _check_rows(_compile_rows(full=True))
+    """Every config of the arch family with the fc1 / fc2 / dW / dU epilogues, the ragged shapes
+    and the benchmark shapes (ViT-B / ViT-L forward and backward GEMMs) compile for sm_80 and
+    sm_90 without spills; 16-bit configs use wgmma on sm_90."""
+    from vitkern.testing.compile_check import run_compile_check
+
+    report = run_compile_check(["vitkern.ops.gemm"], full=True, timeout=3000)
+    print(report.format())
+    check_gemm_rows(report.rows)
 
 
 # ---- the launch plan: split-K choice, persistent grids, the SM carve-out

@@ -26,6 +26,8 @@ from vitkern.ops.layer_norm import configs as ln_configs, launch as ln_launch
 from vitkern.ops._config import KernelConfig
 from vitkern.testing.numerics import assert_2x_torch, poisoned
 
+from _compile_rows import check_layer_norm_backward_rows
+
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 T = 197  # ViT-B/16 tokens at 224 px: an awkward row count
 WIDTHS = (192, 384, 768, 1000, 1024, 4096, 16384)
@@ -398,27 +400,13 @@ def test_dwdb_reduction_fills_the_sms(device, monkeypatch):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_backward_programs_fit_on_the_sms(full):
-    """Each backward entry's programs per SM fits the blocks per SM the static check reports for
-    every variant the compile set builds (no program in a second wave); the full set covers
-    every dtype and flag."""
-    import re
-
+@pytest.mark.slow
+def test_backward_programs_fit_on_the_sms_full():
+    """Each backward entry's programs per SM fit the blocks per SM the static check reports, for
+    every dtype and flag of the full compile set (the default set: tests/test_static_compile.py)."""
     from vitkern.testing.compile_check import run_compile_check
 
-    report = run_compile_check(["vitkern.ops.layer_norm"], full=full, timeout=1800)
-    rows = [r for r in report.rows if r["kernel"] == "_layer_norm_bwd_kernel"]
-    assert rows and not report.failures()
-    for r in rows:
-        # a two-piece row (BLOCK_N + BLOCK_N2) runs its one-piece entry: the next power of two
-        pieces = [int(v) for v in re.findall(r"BLOCK_N2?=(\d+)", r["config"])]
-        block_n = ln_configs._block_n(sum(pieces))
-        table = ln_configs._BWD_CONFIGS_SM90 if r["arch"] == 90 and block_n in ln_configs._BWD_CONFIGS_SM90 \
-            else ln_configs._BWD_CONFIGS
-        per_sm = table[block_n][1]
-        assert r["blocks_per_sm"] >= per_sm, (r["arch"], r["config"], r["n_regs"], r["shared"], per_sm)
-        assert r["spill_stores"] == 0
+    check_layer_norm_backward_rows(run_compile_check(["vitkern.ops.layer_norm"], full=True, timeout=1800).rows)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 9, 64])

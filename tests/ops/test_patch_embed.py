@@ -31,6 +31,8 @@ from vitkern.ops.patch_embed import launch as pe_launch
 from vitkern.ops.patch_embed import patch_embed_ref
 from vitkern.testing.numerics import assert_2x_torch, poisoned, poisoned_like
 
+from _compile_rows import check_gemm_rows
+
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
 
@@ -309,37 +311,20 @@ def test_module_matches_timm_layout(device):
 # --------------------------------------------------------------------------------------------
 
 
-def _compile_rows(full: bool):
-    from vitkern.testing.compile_check import run_compile_check
-
-    report = run_compile_check(["vitkern.ops.patch_embed"], full=full, timeout=3000)
-    print(report.format())
-    return report.rows
-
-
-def _check_rows(rows):
-    assert rows, "no compile rows"
-    problems = [(r["kernel"], r["arch"], r.get("config"), r["problems"]) for r in rows if r["problems"]]
-    assert not problems, problems
-    gemm_rows = [r for r in rows if r["kernel"] == "_gemm_kernel"]
-    assert {r["arch"] for r in gemm_rows} == {80, 90}
-    for r in gemm_rows:
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        sixteen = "b_ptr:*bf16" in r["signature"] or "b_ptr:*fp16" in r["signature"]
-        if sixteen:
-            assert r["wgmma"] if r["arch"] == 90 else r["mma"], r
-
-
-def test_static_compile_patch_embed():
-    """The forward, weight-gradient and image-gradient GEMMs and the column sums at the benchmark
-    shapes and every variant compile for sm_80 and sm_90 without spills (wgmma on sm_90)."""
-    _check_rows(_compile_rows(full=False))
+# The default set's rows (the forward, weight-gradient and image-gradient GEMMs and the column sums
+# at the benchmark shapes and every variant) are checked in tests/test_static_compile.py, from its
+# one run over all of vitkern.ops.
 
 
 @pytest.mark.slow
 def test_static_compile_patch_embed_full():
-    """Also every GEMM config of the core with the three patch-embedding GEMMs."""
-    _check_rows(_compile_rows(full=True))
+    """Every GEMM config of the core with the three patch-embedding GEMMs and every variant
+    compiles for sm_80 and sm_90 without spills (wgmma on sm_90, mma.sync on sm_80)."""
+    from vitkern.testing.compile_check import run_compile_check
+
+    report = run_compile_check(["vitkern.ops.patch_embed"], full=True, timeout=3000)
+    print(report.format())
+    check_gemm_rows(report.rows)
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,5 +147,20 @@ class CheckReport:
     def failures(self) -> list[dict]:
         return [r for r in self.rows if r.get("problems")]
 
+    def of_package(self, package: str) -> "CheckReport":
+        """The rows a run over ``package`` alone gives: the kernels its compile cases launch (a
+        kernel of another package, as patch_embed's GEMMs, included) and its plan problems. A job
+        two packages launch alike is one row with both cases, so a whole-tree run answers for
+        each package without compiling twice."""
+        def inside(module: str) -> bool:
+            return module == package or module.startswith(package + ".")
+
+        def ours(row: dict) -> bool:
+            cases = row.get("cases") or ()
+            return any(inside(c.split(":")[0]) for c in cases) if cases else inside(row["module"])
+
+        rows = [r for r in self.rows if ours(r)]
+        return dataclasses.replace(self, rows=rows)
+
     def format(self) -> str:
         return format_rows(self.rows)
