@@ -36,6 +36,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+    # longest first: the compile check's one default-set run (minutes on one core) would otherwise
+    # start near the end of the order and run on alone after the other worker has finished
+    items.sort(key=lambda item: "runs_first" not in item.keywords)
 
 
 @pytest.fixture

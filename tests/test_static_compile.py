@@ -103,6 +103,7 @@ def test_fixture_full_plan_covers_every_config():
     assert all(r["problems"] == [] for r in rows)
 
 
+@pytest.mark.runs_first
 def test_ops_kernels_compile_check():
     """Every kernel variant in vitkern.ops, once per arch (plus the configs marked bench), and
     each op's own checks over its package's rows (tests/_compile_rows.py): one run compiles
