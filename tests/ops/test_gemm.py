@@ -187,7 +187,7 @@ def test_config_selection_covers_every_key():
 
 
 # The default set's GEMM rows are checked in tests/test_static_compile.py, from its one run over
-# all of vitkern.ops (the same jobs: compiling them here too cost CI minutes).
+# all of vitkern.ops (the same jobs: one run compiles each once).
 
 
 @pytest.mark.slow
